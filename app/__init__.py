@@ -1,0 +1,126 @@
+"""Runyard's HTTP API. `create_app()` is what gunicorn serves."""
+
+from __future__ import annotations
+
+import time
+
+import swagger_ui_bundle
+from flask import Flask, Response, send_from_directory
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from sqlalchemy import text
+
+from app import http
+from app.config import Config, current_config, use_config
+from app.db import db
+
+REQUESTS = Counter(
+    "runyard_http_requests_total", "HTTP requests answered", ["method", "endpoint", "status"]
+)
+LATENCY = Histogram("runyard_http_request_seconds", "HTTP request latency", ["endpoint"])
+
+
+def create_app(config: Config | None = None) -> Flask:
+    if config is not None:
+        use_config(config)
+    cfg = current_config()
+    db.configure(cfg.require_database())
+
+    app = Flask(__name__)
+    app.config.update(
+        MAX_CONTENT_LENGTH=cfg.max_body_bytes,
+        API_TITLE="Runyard",
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/api/v1",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="docs",
+        # Served from the swagger-ui-bundle package, so the docs work without internet access.
+        OPENAPI_SWAGGER_UI_URL="/api/v1/swagger-ui/",
+        API_SPEC_OPTIONS={
+            "info": {
+                "description": "Run versioned, typed agents on a pool of Celery workers. "
+                "Every /api/v1 route but this spec and the docs takes "
+                "`Authorization: Bearer <token>`. Errors share one shape: "
+                "`{code, status, message, errors}`, `errors` keyed by JSON pointer "
+                "(body fields) or parameter name (query). Lists take `page` and `page_size` "
+                "(default 20, max 100) and answer an `X-Pagination` header.",
+            },
+            "components": {"securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
+            "security": [{"bearerAuth": []}],
+        },
+    )
+    api = http.RunyardApi(app)
+    from app.agents.routes import blp as agents_blp
+    from app.executions.routes import blp as executions_blp
+    from app.orgs.routes import blp as orgs_blp
+
+    for blueprint in (orgs_blp, agents_blp, executions_blp):
+        api.register_blueprint(blueprint)
+    http.install(app, api)
+    app.teardown_appcontext(http.close_request_session)
+    _operational_routes(app)
+    return app
+
+
+def _operational_routes(app: Flask) -> None:
+    @app.get("/api/v1/swagger-ui/<path:filename>")
+    def swagger_ui_asset(filename: str):
+        return send_from_directory(swagger_ui_bundle.swagger_ui_path, filename)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz():
+        checks = {"database": _check_database(), "broker": _check_broker()}
+        ready = all(value == "ok" for value in checks.values())
+        if ready:
+            return {"status": "ready", "checks": checks}
+        failed = ", ".join(name for name, value in checks.items() if value != "ok")
+        return {
+            "code": 503,
+            "status": "Service Unavailable",
+            "message": f"not ready: {failed} unreachable",
+            "errors": checks,
+        }, 503
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.before_request
+    def start_timer():
+        from flask import g
+
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def count(response):
+        from flask import g, request
+
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        REQUESTS.labels(request.method, endpoint, response.status_code).inc()
+        if "started" in g:
+            LATENCY.labels(endpoint).observe(time.perf_counter() - g.started)
+        return response
+
+
+def _check_database() -> str:
+    try:
+        with db.hot() as conn:
+            conn.execute(text("SELECT 1"))
+        return "ok"
+    except Exception as exc:
+        return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+
+def _check_broker() -> str:
+    from workers import app as celery_app
+
+    try:
+        with celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        return "ok"
+    except Exception as exc:
+        return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"

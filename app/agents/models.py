@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import (
+    ARRAY,
+    Computed,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import TSVECTOR
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base, now_column, uuid_pk
+
+# The `q` filter searches words of the name and description; pg_trgm is not in every PostgreSQL
+# build (the embedded one lacks it), full-text search is. A stored generated column keeps the
+# index on a plain column, which Alembic can compare with the models.
+SEARCH_VECTOR = "to_tsvector('simple', name || ' ' || coalesce(description, ''))"
+
+
+class Agent(Base):
+    __tablename__ = "agents"
+    __table_args__ = (
+        UniqueConstraint("org_id", "name", name="uq_agents_org_id_name"),
+        Index("ix_agents_org_id_created_at", "org_id", "created_at"),
+        Index("ix_agents_tags", "tags", postgresql_using="gin"),
+        Index("ix_agents_capabilities", "capabilities", postgresql_using="gin"),
+        Index("ix_agents_search", "search", postgresql_using="gin"),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(63))
+    description: Mapped[str | None] = mapped_column(Text)
+    tags: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default="{}")
+    # Copied from the current version so the capability filter can use an index.
+    capabilities: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default="{}")
+    current_version_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("agent_versions.id", use_alter=True, ondelete="SET NULL")
+    )
+    current_version: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = now_column()
+    updated_at: Mapped[dt.datetime] = now_column()
+    archived_at: Mapped[dt.datetime | None]
+    search: Mapped[str] = mapped_column(TSVECTOR, Computed(SEARCH_VECTOR, persisted=True))
+
+
+class AgentVersion(Base):
+    """An immutable definition. Rows are inserted, never updated."""
+
+    __tablename__ = "agent_versions"
+    __table_args__ = (
+        UniqueConstraint("agent_id", "version", name="uq_agent_versions_agent_id_version"),
+        Index("ix_agent_versions_agent_id_semver", "agent_id", "major", "minor", "patch"),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    agent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id", ondelete="CASCADE"))
+    org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+    version: Mapped[str] = mapped_column(String(32))
+    major: Mapped[int] = mapped_column(Integer)
+    minor: Mapped[int] = mapped_column(Integer)
+    patch: Mapped[int] = mapped_column(Integer)
+    runtime: Mapped[dict[str, Any]]
+    input_schema: Mapped[dict[str, Any]]
+    output_schema: Mapped[dict[str, Any]]
+    timeout_seconds: Mapped[int] = mapped_column(Integer)
+    retry: Mapped[dict[str, Any]]
+    limits: Mapped[dict[str, Any]]
+    queue: Mapped[str] = mapped_column(String(63))
+    capabilities: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    config: Mapped[dict[str, Any]]
+    created_at: Mapped[dt.datetime] = now_column()

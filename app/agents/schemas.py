@@ -1,0 +1,70 @@
+"""Request and response bodies. The definition's deeper rules live in schemas/agent.json."""
+
+from marshmallow import Schema, fields
+
+
+class AgentDefinitionFields(Schema):
+    description = fields.String(allow_none=True)
+    runtime = fields.Dict(
+        metadata={
+            "description": "`{type: python, entrypoint: module:function}` or "
+            "`{type: script, language: python, source}`"
+        }
+    )
+    input_schema = fields.Dict(metadata={"description": "JSON Schema Draft 2020-12"})
+    output_schema = fields.Dict(metadata={"description": "JSON Schema Draft 2020-12"})
+    timeout_seconds = fields.Integer(strict=True, metadata={"minimum": 1, "maximum": 86400})
+    retry = fields.Dict(metadata={"description": "`{max_retries, backoff_seconds, ...}`"})
+    limits = fields.Dict(
+        metadata={"description": "`{memory_mb, cpu_seconds, max_output_bytes, max_log_lines}`"}
+    )
+    queue = fields.String(metadata={"description": "Celery queue its executions go to"})
+    capabilities = fields.List(fields.String())
+    tags = fields.List(fields.String())
+    config = fields.Dict(metadata={"description": "given to the agent as ctx.config"})
+
+
+class AgentCreateSchema(AgentDefinitionFields):
+    name = fields.String(required=True, metadata={"pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"})
+    runtime = fields.Dict(required=True)
+    version = fields.String(metadata={"description": "first version, default 1.0.0"})
+
+
+class AgentPatchSchema(AgentDefinitionFields):
+    version = fields.String(
+        metadata={"description": "number of the new version; default: next patch number"}
+    )
+
+
+class AgentSchema(AgentDefinitionFields):
+    id = fields.UUID()
+    name = fields.String()
+    current_version = fields.String()
+    created_at = fields.DateTime()
+    updated_at = fields.DateTime()
+    archived_at = fields.DateTime(allow_none=True)
+
+
+class AgentVersionSchema(Schema):
+    id = fields.UUID()
+    agent_id = fields.UUID()
+    version = fields.String()
+    runtime = fields.Dict()
+    input_schema = fields.Dict()
+    output_schema = fields.Dict()
+    timeout_seconds = fields.Integer()
+    retry = fields.Dict()
+    limits = fields.Dict()
+    queue = fields.String()
+    capabilities = fields.List(fields.String())
+    config = fields.Dict()
+    created_at = fields.DateTime()
+
+
+class AgentQuerySchema(Schema):
+    q = fields.String(metadata={"description": "words (prefixes) of the name or description"})
+    tag = fields.String()
+    capability = fields.String()
+    archived = fields.Boolean(
+        load_default=False, metadata={"description": "include archived agents"}
+    )

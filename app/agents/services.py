@@ -1,0 +1,301 @@
+"""Agents and their immutable versions."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import jsonschemas
+from app.agents.models import Agent, AgentVersion
+from app.config import current_config
+from app.db import utcnow
+from app.errors import Conflict, NotFound, ValidationFailed
+from app.orgs.services import Principal
+
+FIRST_VERSION = "1.0.0"
+DEFAULT_SCHEMA: dict[str, Any] = {"type": "object"}
+DEFAULT_RETRY: dict[str, Any] = {
+    "max_retries": 0,
+    "backoff_seconds": 1,
+    "backoff_max_seconds": 300,
+    "jitter": True,
+    "retry_on": ["runtime_error", "timeout", "lost"],
+}
+# A change to any of these makes a new immutable version; the rest of an agent changes in place.
+VERSIONED_FIELDS = (
+    "runtime",
+    "input_schema",
+    "output_schema",
+    "timeout_seconds",
+    "retry",
+    "limits",
+    "queue",
+    "capabilities",
+    "config",
+)
+
+
+def parse_semver(version: str) -> tuple[int, int, int]:
+    major, minor, patch = (int(part) for part in version.split("."))
+    return major, minor, patch
+
+
+def _check_definition(document: dict[str, Any]) -> None:
+    jsonschemas.validate_definition(document, "agent")
+    cfg = current_config()
+    for field in ("input_schema", "output_schema"):
+        if field in document:
+            jsonschemas.check_user_schema(
+                document[field],
+                field,
+                max_bytes=cfg.schema_max_bytes,
+                max_depth=cfg.schema_max_depth,
+            )
+    runtime = document.get("runtime")
+    if runtime and runtime.get("type") == "python":
+        module = runtime["entrypoint"].partition(":")[0]
+        allowed = cfg.agent_modules
+        if not any(module == prefix or module.startswith(prefix + ".") for prefix in allowed):
+            raise ValidationFailed(
+                f"module {module!r} is not under an allowed prefix",
+                errors={"/runtime/entrypoint": [f"module must lie under one of: {list(allowed)}"]},
+                hint="add the module's package to RUNYARD_AGENT_MODULES on the API and workers",
+            )
+
+
+def resolve(session: Session, principal: Principal, ref: str) -> Agent:
+    """An agent of the caller's organization by id or name; anything else is 404."""
+    query = select(Agent).where(Agent.org_id == principal.org_id)
+    try:
+        query = query.where(Agent.id == uuid.UUID(ref))
+    except ValueError:
+        query = query.where(Agent.name == ref)
+    agent = session.scalar(query)
+    if agent is None:
+        raise NotFound(f"no agent {ref!r}", hint="GET /api/v1/agents lists your agents")
+    return agent
+
+
+def current_version(session: Session, agent: Agent) -> AgentVersion:
+    version = session.get(AgentVersion, agent.current_version_id)
+    assert version is not None, "every agent has a current version"
+    return version
+
+
+def create(session: Session, principal: Principal, data: dict[str, Any]) -> Agent:
+    principal.require("agents:write")
+    _check_definition(data)
+    agent = Agent(
+        org_id=principal.org_id,
+        name=data["name"],
+        description=data.get("description"),
+        tags=data.get("tags", []),
+    )
+    session.add(agent)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        session.rollback()
+        raise Conflict(
+            f"an agent named {data['name']!r} exists already",
+            hint="choose another name, or PATCH the existing agent to change it",
+        ) from exc
+    definition = {
+        "runtime": data["runtime"],
+        "input_schema": data.get("input_schema", DEFAULT_SCHEMA),
+        "output_schema": data.get("output_schema", DEFAULT_SCHEMA),
+        "timeout_seconds": data.get("timeout_seconds", 300),
+        "retry": {**DEFAULT_RETRY, **data.get("retry", {})},
+        "limits": data.get("limits", {}),
+        "queue": data.get("queue", "default"),
+        "capabilities": data.get("capabilities", []),
+        "config": data.get("config", {}),
+    }
+    _add_version(session, agent, definition, data.get("version", FIRST_VERSION))
+    return agent
+
+
+def _add_version(
+    session: Session, agent: Agent, definition: dict[str, Any], version: str
+) -> AgentVersion:
+    major, minor, patch = parse_semver(version)
+    row = AgentVersion(
+        agent_id=agent.id,
+        org_id=agent.org_id,
+        version=version,
+        major=major,
+        minor=minor,
+        patch=patch,
+        **definition,
+    )
+    session.add(row)
+    session.flush()
+    agent.current_version_id = row.id
+    agent.current_version = version
+    agent.capabilities = definition["capabilities"]
+    agent.updated_at = utcnow()
+    session.flush()
+    return row
+
+
+def _latest_semver(session: Session, agent: Agent) -> tuple[int, int, int]:
+    row = session.execute(
+        select(AgentVersion.major, AgentVersion.minor, AgentVersion.patch)
+        .where(AgentVersion.agent_id == agent.id)
+        .order_by(AgentVersion.major.desc(), AgentVersion.minor.desc(), AgentVersion.patch.desc())
+        .limit(1)
+    ).one()
+    return tuple(row)
+
+
+def update(session: Session, principal: Principal, ref: str, data: dict[str, Any]) -> Agent:
+    principal.require("agents:write")
+    agent = resolve(session, principal, ref)
+    if agent.archived_at is not None:
+        raise Conflict(f"agent {agent.name!r} is archived", hint="archived agents cannot change")
+    _check_definition(data)
+    if "description" in data:
+        agent.description = data["description"]
+        agent.updated_at = utcnow()
+    if "tags" in data:
+        agent.tags = data["tags"]
+        agent.updated_at = utcnow()
+    current = current_version(session, agent)
+    definition = {field: getattr(current, field) for field in VERSIONED_FIELDS}
+    changed = {
+        field: ({**DEFAULT_RETRY, **data[field]} if field == "retry" else data[field])
+        for field in VERSIONED_FIELDS
+        if field in data
+    }
+    changed = {field: value for field, value in changed.items() if definition[field] != value}
+    if not changed:
+        if "version" in data and data["version"] != current.version:
+            raise ValidationFailed(
+                "nothing versioned changed, so there is no new version to number",
+                errors={
+                    "/version": [
+                        "only given with a change to the runtime, schemas, "
+                        "limits, retry, queue, capabilities or config"
+                    ]
+                },
+            )
+        session.flush()
+        return agent
+    latest = _latest_semver(session, agent)
+    if "version" in data:
+        wanted = parse_semver(data["version"])
+        if wanted <= latest:
+            raise ValidationFailed(
+                f"version {data['version']} is not above the latest, {'.'.join(map(str, latest))}",
+                errors={"/version": ["must be greater than every existing version"]},
+            )
+        version = data["version"]
+    else:
+        version = f"{latest[0]}.{latest[1]}.{latest[2] + 1}"
+    _add_version(session, agent, {**definition, **changed}, version)
+    return agent
+
+
+def archive(session: Session, principal: Principal, ref: str) -> None:
+    principal.require("agents:write")
+    agent = resolve(session, principal, ref)
+    if agent.archived_at is None:
+        agent.archived_at = utcnow()
+        agent.updated_at = agent.archived_at
+        session.flush()
+
+
+def list_agents(
+    session: Session,
+    principal: Principal,
+    *,
+    q: str | None,
+    tag: str | None,
+    capability: str | None,
+    include_archived: bool,
+    offset: int,
+    limit: int,
+) -> tuple[list[Agent], int]:
+    query = select(Agent).where(Agent.org_id == principal.org_id)
+    if not include_archived:
+        query = query.where(Agent.archived_at.is_(None))
+    if tag:
+        query = query.where(Agent.tags.contains([tag]))
+    if capability:
+        query = query.where(Agent.capabilities.contains([capability]))
+    if q:
+        words = [w for w in "".join(c if c.isalnum() else " " for c in q).split() if w]
+        if words:
+            # Each word matches as a prefix of a word of the name or description.
+            tsquery = " & ".join(f"{w.lower()}:*" for w in words)
+            query = query.where(Agent.search.op("@@")(func.to_tsquery("simple", tsquery)))
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    items = session.scalars(
+        query.order_by(Agent.created_at.desc(), Agent.id).offset(offset).limit(limit)
+    ).all()
+    # Load the page's current versions in one query; describe() then finds them in the session.
+    version_ids = [agent.current_version_id for agent in items]
+    session.scalars(select(AgentVersion).where(AgentVersion.id.in_(version_ids))).all()
+    return list(items), total or 0
+
+
+def list_versions(
+    session: Session, principal: Principal, ref: str, *, offset: int, limit: int
+) -> tuple[list[AgentVersion], int]:
+    agent = resolve(session, principal, ref)
+    query = select(AgentVersion).where(AgentVersion.agent_id == agent.id)
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    items = session.scalars(
+        query.order_by(
+            AgentVersion.major.desc(), AgentVersion.minor.desc(), AgentVersion.patch.desc()
+        )
+        .offset(offset)
+        .limit(limit)
+    ).all()
+    return list(items), total or 0
+
+
+def get_version(session: Session, principal: Principal, ref: str, version: str) -> AgentVersion:
+    agent = resolve(session, principal, ref)
+    row = session.scalar(
+        select(AgentVersion).where(
+            AgentVersion.agent_id == agent.id, AgentVersion.version == version
+        )
+    )
+    if row is None:
+        raise NotFound(
+            f"agent {agent.name!r} has no version {version!r}",
+            hint=f"GET /api/v1/agents/{agent.name}/versions lists them",
+        )
+    return row
+
+
+def describe(session: Session, agent: Agent) -> dict[str, Any]:
+    """The agent as the API shows it: its fields and its current version's definition."""
+    version = current_version(session, agent)
+    return {
+        "id": agent.id,
+        "name": agent.name,
+        "description": agent.description,
+        "tags": agent.tags,
+        **{field: getattr(version, field) for field in VERSIONED_FIELDS},
+        "current_version": agent.current_version,
+        "created_at": agent.created_at,
+        "updated_at": agent.updated_at,
+        "archived_at": agent.archived_at,
+    }
+
+
+def ensure(session: Session, principal: Principal, definition: dict[str, Any]) -> Agent:
+    """Create the agent, or bring an existing one to this definition (a new version if needed)."""
+    existing = session.scalar(
+        select(Agent).where(Agent.org_id == principal.org_id, Agent.name == definition["name"])
+    )
+    if existing is None:
+        return create(session, principal, definition)
+    changes = {key: value for key, value in definition.items() if key != "name"}
+    return update(session, principal, str(existing.id), changes)

@@ -1,0 +1,154 @@
+"""The `runyard` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from app.config import current_config
+
+
+def _database_url() -> str:
+    from app.db import db
+
+    url = current_config().require_database()
+    db.configure(url)
+    return url
+
+
+def cmd_db_upgrade(_args: argparse.Namespace) -> int:
+    from app.migrate import upgrade
+
+    upgrade(_database_url())
+    print("database at head")
+    return 0
+
+
+def cmd_orgs_create(args: argparse.Namespace) -> int:
+    from app.db import db
+    from app.orgs import services
+
+    _database_url()
+    with db.session() as session:
+        org, token = services.create_org(session, args.name)
+        session.commit()
+    if args.json:
+        print(json.dumps({"org": {"id": str(org.id), "name": org.name}, "token": token}))
+    else:
+        print(f"organization {org.name} ({org.id})")
+        print(f"admin token (shown once): {token}")
+    return 0
+
+
+def cmd_tokens_create(args: argparse.Namespace) -> int:
+    from app.db import db
+    from app.errors import NotFound
+    from app.orgs import services
+
+    _database_url()
+    with db.session() as session:
+        org = services.get_org_by_name(session, args.org)
+        if org is None:
+            raise NotFound(f"no organization {args.org!r}")
+        token = services.create_token(session, org.id, name=args.name, role=args.role)
+        session.commit()
+    if args.json:
+        print(
+            json.dumps(
+                {"org": {"id": str(org.id), "name": org.name}, "role": args.role, "token": token}
+            )
+        )
+    else:
+        print(f"{args.role} token for {org.name} (shown once): {token}")
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    cfg = current_config()
+    cfg.require_database()
+
+    class Server(BaseApplication):
+        def load_config(self):
+            self.cfg.set("bind", f"{args.host or cfg.api_host}:{args.port or cfg.api_port}")
+            self.cfg.set("workers", cfg.api_workers)
+            self.cfg.set("threads", cfg.api_threads)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("accesslog", "-" if args.access_log else None)
+            self.cfg.set("graceful_timeout", 10)
+            # Two servers on one host would fight over the default control socket path.
+            self.cfg.set("control_socket_disable", True)
+
+        def load(self):
+            from app import create_app
+
+            return create_app()
+
+    Server().run()
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from app.up import up
+
+    return up(with_examples=not args.no_examples)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runyard", description="Run versioned, typed agents.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    db_parser = commands.add_parser("db", help="database schema")
+    db_commands = db_parser.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("upgrade", help="apply the migrations to head").set_defaults(
+        func=cmd_db_upgrade
+    )
+
+    orgs = commands.add_parser("orgs", help="organizations")
+    orgs_commands = orgs.add_subparsers(dest="orgs_command", required=True)
+    create = orgs_commands.add_parser("create", help="create one and print its admin token")
+    create.add_argument("name")
+    create.add_argument("--json", action="store_true", help="print JSON")
+    create.set_defaults(func=cmd_orgs_create)
+
+    tokens = commands.add_parser("tokens", help="API tokens")
+    tokens_commands = tokens.add_subparsers(dest="tokens_command", required=True)
+    token = tokens_commands.add_parser("create", help="create a token and print it once")
+    token.add_argument("org", help="organization name")
+    token.add_argument(
+        "--role", default="developer", choices=["admin", "developer", "operator", "viewer"]
+    )
+    token.add_argument("--name", default="cli")
+    token.add_argument("--json", action="store_true", help="print JSON")
+    token.set_defaults(func=cmd_tokens_create)
+
+    api = commands.add_parser("api", help="serve the HTTP API (gunicorn)")
+    api.add_argument("--host")
+    api.add_argument("--port", type=int)
+    api.add_argument("--access-log", action="store_true")
+    api.set_defaults(func=cmd_api)
+
+    up_parser = commands.add_parser("up", help="every process for one machine")
+    up_parser.add_argument("--no-examples", action="store_true", help="skip the example agents")
+    up_parser.set_defaults(func=cmd_up)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from app.errors import RunyardError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RunyardError, RuntimeError) as exc:
+        print(f"runyard: {exc}", file=sys.stderr)
+        hint = getattr(exc, "hint", None)
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

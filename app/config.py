@@ -1,0 +1,199 @@
+"""Every setting Runyard reads, from the environment, in one place.
+
+The README's configuration table is generated from the same names; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _list(name: str, default: str) -> tuple[str, ...]:
+    raw = os.environ.get(name, default)
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Use psycopg 3 whatever scheme the operator wrote (postgres://, postgresql://)."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: str = ""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str = ""
+    result_backend: str = ""
+    home: Path = Path(".runyard")
+    max_body_bytes: int = 1024 * 1024
+    agent_modules: tuple[str, ...] = ("runyard_examples",)
+    token_cache_seconds: float = 5.0
+    schema_max_bytes: int = 64 * 1024
+    schema_max_depth: int = 32
+    max_timeout_seconds: int = 86400
+    lease_grace_seconds: int = 60
+    dispatch_grace_seconds: int = 30
+    sweep_interval_seconds: float = 15.0
+    log_batch_lines: int = 200
+    log_flush_seconds: float = 0.5
+    log_line_max_chars: int = 8192
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_workers: int = 2
+    api_threads: int = 4
+    flower_port: int = 5555
+    flower_user: str = "runyard"
+    flower_password: str = ""
+    worker_concurrency: int = 0
+
+    @classmethod
+    def from_env(cls) -> Config:
+        redis_url = os.environ.get("REDIS_URL") or cls.redis_url
+        return cls(
+            database_url=sqlalchemy_url(os.environ.get("DATABASE_URL", "")),
+            redis_url=redis_url,
+            broker_url=os.environ.get("RUNYARD_BROKER_URL") or redis_url,
+            result_backend=os.environ.get("RUNYARD_RESULT_BACKEND") or redis_url,
+            home=Path(os.environ.get("RUNYARD_HOME", ".runyard")),
+            max_body_bytes=_int("RUNYARD_MAX_BODY_BYTES", cls.max_body_bytes),
+            agent_modules=_list("RUNYARD_AGENT_MODULES", "runyard_examples"),
+            token_cache_seconds=_float("RUNYARD_TOKEN_CACHE_SECONDS", cls.token_cache_seconds),
+            schema_max_bytes=_int("RUNYARD_SCHEMA_MAX_BYTES", cls.schema_max_bytes),
+            schema_max_depth=_int("RUNYARD_SCHEMA_MAX_DEPTH", cls.schema_max_depth),
+            max_timeout_seconds=_int("RUNYARD_MAX_TIMEOUT_SECONDS", cls.max_timeout_seconds),
+            lease_grace_seconds=_int("RUNYARD_LEASE_GRACE_SECONDS", cls.lease_grace_seconds),
+            dispatch_grace_seconds=_int(
+                "RUNYARD_DISPATCH_GRACE_SECONDS", cls.dispatch_grace_seconds
+            ),
+            sweep_interval_seconds=_float(
+                "RUNYARD_SWEEP_INTERVAL_SECONDS", cls.sweep_interval_seconds
+            ),
+            log_batch_lines=_int("RUNYARD_LOG_BATCH_LINES", cls.log_batch_lines),
+            log_flush_seconds=_float("RUNYARD_LOG_FLUSH_SECONDS", cls.log_flush_seconds),
+            log_line_max_chars=_int("RUNYARD_LOG_LINE_MAX_CHARS", cls.log_line_max_chars),
+            api_host=os.environ.get("RUNYARD_API_HOST", cls.api_host),
+            api_port=_int("RUNYARD_API_PORT", cls.api_port),
+            api_workers=_int("RUNYARD_API_WORKERS", cls.api_workers),
+            api_threads=_int("RUNYARD_API_THREADS", cls.api_threads),
+            flower_port=_int("RUNYARD_FLOWER_PORT", cls.flower_port),
+            flower_user=os.environ.get("RUNYARD_FLOWER_USER", cls.flower_user),
+            flower_password=os.environ.get("RUNYARD_FLOWER_PASSWORD", ""),
+            worker_concurrency=_int("RUNYARD_WORKER_CONCURRENCY", 0),
+        )
+
+    def require_database(self) -> str:
+        if not self.database_url:
+            raise RuntimeError(
+                "DATABASE_URL is not set. Set it to a PostgreSQL URL "
+                "(postgresql://user@host:5432/db), or use `runyard up`, "
+                "which starts an embedded PostgreSQL when it is unset."
+            )
+        return self.database_url
+
+
+# (environment variable, default, meaning): the README's configuration table.
+DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
+    (
+        "DATABASE_URL",
+        "unset: embedded PostgreSQL under `.runyard/` (runyard up, tests)",
+        "PostgreSQL URL, the system of record",
+    ),
+    (
+        "REDIS_URL",
+        "unset: embedded Redis under `.runyard/` (runyard up, tests)",
+        "Redis URL: Celery broker and canvas result backend",
+    ),
+    ("RUNYARD_BROKER_URL", "REDIS_URL", "Celery broker, e.g. amqp://guest:guest@host:5672//"),
+    ("RUNYARD_RESULT_BACKEND", "REDIS_URL", "Celery result backend (canvas bookkeeping only)"),
+    ("RUNYARD_HOME", ".runyard", "where `runyard up` keeps embedded data, the dev token, logs"),
+    ("RUNYARD_MAX_BODY_BYTES", "1048576", "largest request body; larger answers 413"),
+    (
+        "RUNYARD_AGENT_MODULES",
+        "runyard_examples",
+        "comma-separated module prefixes a `python` runtime entrypoint may name",
+    ),
+    (
+        "RUNYARD_TOKEN_CACHE_SECONDS",
+        "5",
+        "how long an API process trusts a token lookup (a revoked token works at most this long)",
+    ),
+    ("RUNYARD_SCHEMA_MAX_BYTES", "65536", "largest input/output JSON Schema of an agent"),
+    ("RUNYARD_SCHEMA_MAX_DEPTH", "32", "deepest nesting of an agent's JSON Schema"),
+    (
+        "RUNYARD_MAX_TIMEOUT_SECONDS",
+        "86400",
+        "longest agent timeout; the Redis visibility timeout is set above it",
+    ),
+    ("RUNYARD_LEASE_GRACE_SECONDS", "60", "lease on a running execution beyond its timeout"),
+    (
+        "RUNYARD_DISPATCH_GRACE_SECONDS",
+        "30",
+        "age after which the sweeper republishes a committed but undispatched execution",
+    ),
+    ("RUNYARD_SWEEP_INTERVAL_SECONDS", "15", "how often beat runs the sweeper"),
+    ("RUNYARD_LOG_BATCH_LINES", "200", "log lines a worker buffers before writing a batch"),
+    ("RUNYARD_LOG_FLUSH_SECONDS", "0.5", "longest a log line waits in the buffer"),
+    ("RUNYARD_LOG_LINE_MAX_CHARS", "8192", "longer log lines are cut, with a marker"),
+    (
+        "RUNYARD_API_HOST / RUNYARD_API_PORT",
+        "127.0.0.1 / 8000",
+        "where `runyard up` serves the API",
+    ),
+    (
+        "RUNYARD_API_WORKERS / RUNYARD_API_THREADS",
+        "2 / 4",
+        "gunicorn processes and threads of `runyard api`",
+    ),
+    ("RUNYARD_FLOWER_PORT", "5555", "where `runyard up` serves Flower"),
+    (
+        "RUNYARD_FLOWER_USER / RUNYARD_FLOWER_PASSWORD",
+        "runyard / random, kept in .runyard/",
+        "Flower basic auth",
+    ),
+    (
+        "RUNYARD_WORKER_CONCURRENCY",
+        "number of CPUs",
+        "pool processes of the worker `runyard up` starts",
+    ),
+)
+
+
+_current: Config | None = None
+
+
+def current_config() -> Config:
+    """The process's settings: from the environment unless `use_config` set them."""
+    global _current
+    if _current is None:
+        _current = Config.from_env()
+    return _current
+
+
+def use_config(config: Config) -> None:
+    global _current
+    _current = config

@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import (
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+    text,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base
+
+STATUSES = ("queued", "running", "succeeded", "failed", "timed_out", "cancelled")
+TERMINAL_STATUSES = ("succeeded", "failed", "timed_out", "cancelled")
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+LEVEL_NAMES = {number: name for name, number in LEVELS.items()}
+
+
+class Execution(Base):
+    __tablename__ = "executions"
+    __table_args__ = (
+        CheckConstraint(f"status IN {STATUSES!r}", name="status"),
+        CheckConstraint("priority BETWEEN 0 AND 9", name="priority"),
+        Index("ix_executions_org_id_queued_at", "org_id", text("queued_at DESC")),
+        Index(
+            "ix_executions_org_id_agent_id_queued_at", "org_id", "agent_id", text("queued_at DESC")
+        ),
+        Index("ix_executions_org_id_status_queued_at", "org_id", "status", text("queued_at DESC")),
+        # The sweeper's two questions: what was committed but never published, whose lease ran out.
+        Index(
+            "ix_executions_undispatched",
+            "queued_at",
+            postgresql_where=text("status = 'queued' AND dispatched_at IS NULL"),
+        ),
+        Index(
+            "ix_executions_running_lease",
+            "lease_until",
+            postgresql_where=text("status = 'running'"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+    agent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id", ondelete="CASCADE"))
+    version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agent_versions.id"))
+    agent_name: Mapped[str] = mapped_column(String(63))
+    agent_version: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(SmallInteger, server_default="5")
+    input: Mapped[dict[str, Any]]
+    output: Mapped[dict[str, Any] | None]
+    error: Mapped[dict[str, Any] | None]
+    attempt: Mapped[int] = mapped_column(Integer, server_default="0")
+    max_attempts: Mapped[int] = mapped_column(Integer, server_default="1")
+    worker: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[dt.datetime | None]
+    queued_at: Mapped[dt.datetime] = mapped_column(server_default=text("now()"))
+    dispatched_at: Mapped[dt.datetime | None]
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+    cancel_requested_at: Mapped[dt.datetime | None]
+    resource_usage: Mapped[dict[str, Any] | None]
+
+
+class ExecutionLog(Base):
+    __tablename__ = "execution_logs"
+
+    execution_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("executions.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    ts: Mapped[dt.datetime]
+    level: Mapped[int] = mapped_column(SmallInteger)
+    message: Mapped[str] = mapped_column(Text)
+    fields: Mapped[dict[str, Any] | None]

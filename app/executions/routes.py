@@ -1,0 +1,89 @@
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from app.executions import services
+from app.executions.schemas import (
+    ExecutionQuerySchema,
+    ExecutionSchema,
+    LogLineSchema,
+    LogQuerySchema,
+    SubmitSchema,
+)
+from app.http import PAGINATION, current_principal, request_session
+
+blp = Blueprint("executions", __name__, url_prefix="/api/v1", description="Executions")
+
+
+@blp.route("/agents/<ref>/executions")
+class Submit(MethodView):
+    @blp.arguments(SubmitSchema)
+    @blp.response(202, ExecutionSchema)
+    @blp.alt_response(404, description="no such agent or version")
+    @blp.alt_response(409, description="the agent is archived")
+    def post(self, data, ref):
+        """Run an agent: the execution is stored, queued and answered at once"""
+        return services.submit(
+            current_principal(),
+            ref,
+            data["input"],
+            version=data.get("version"),
+            priority=data["priority"],
+        )
+
+
+@blp.route("/executions")
+class Executions(MethodView):
+    @blp.arguments(ExecutionQuerySchema, location="query")
+    @blp.response(200, ExecutionSchema(many=True))
+    @blp.paginate(**PAGINATION)
+    def get(self, args, pagination_parameters):
+        """List executions, newest first"""
+        items, total = services.list_executions(
+            request_session(),
+            current_principal(),
+            agent=args.get("agent"),
+            status=args.get("status"),
+            since=args.get("since"),
+            until=args.get("until"),
+            offset=pagination_parameters.first_item,
+            limit=pagination_parameters.page_size,
+        )
+        pagination_parameters.item_count = total
+        return [services.present(item) for item in items]
+
+
+@blp.route("/executions/<execution_id>")
+class ExecutionById(MethodView):
+    @blp.response(200, ExecutionSchema)
+    @blp.alt_response(404, description="no such execution in your organization")
+    def get(self, execution_id):
+        """Read an execution"""
+        return services.present(services.get(request_session(), current_principal(), execution_id))
+
+
+@blp.route("/executions/<execution_id>/cancel")
+class Cancel(MethodView):
+    @blp.response(202, ExecutionSchema)
+    @blp.alt_response(409, description="the execution has finished")
+    def post(self, execution_id):
+        """Cancel: a queued execution never starts, a running one is asked to stop"""
+        return services.present(
+            services.cancel(request_session(), current_principal(), execution_id)
+        )
+
+
+@blp.route("/executions/<execution_id>/logs")
+class Logs(MethodView):
+    @blp.arguments(LogQuerySchema, location="query")
+    @blp.response(200, LogLineSchema(many=True))
+    def get(self, args, execution_id):
+        """Log lines in seq order: what the agent printed and logged through ctx.log"""
+        return services.logs(
+            request_session(),
+            current_principal(),
+            execution_id,
+            level=args.get("level"),
+            q=args.get("q"),
+            after_seq=args.get("after_seq"),
+            limit=args["limit"],
+        )

@@ -1,0 +1,76 @@
+import datetime as dt
+
+from marshmallow import Schema, fields, validate
+
+from app.executions.models import LEVELS, STATUSES
+
+
+class SubmitSchema(Schema):
+    input = fields.Dict(required=True, metadata={"description": "checked against input_schema"})
+    version = fields.String(metadata={"description": "pin a version; default: the current one"})
+    priority = fields.Integer(
+        strict=True,
+        load_default=5,
+        validate=validate.Range(min=0, max=9),
+        metadata={"description": "0..9, higher runs first"},
+    )
+
+
+class ErrorInfoSchema(Schema):
+    type = fields.String()
+    message = fields.String()
+    hint = fields.String()
+
+
+class ResourceUsageSchema(Schema):
+    cpu_seconds = fields.Float()
+    max_rss_mb = fields.Float()
+    wall_ms = fields.Integer()
+
+
+class ExecutionSchema(Schema):
+    id = fields.UUID()
+    agent_id = fields.UUID()
+    agent_name = fields.String()
+    agent_version = fields.String()
+    status = fields.String(metadata={"enum": list(STATUSES)})
+    priority = fields.Integer()
+    input = fields.Dict()
+    output = fields.Dict(allow_none=True)
+    error = fields.Nested(ErrorInfoSchema, allow_none=True)
+    attempts = fields.Integer()
+    queued_at = fields.DateTime()
+    started_at = fields.DateTime(allow_none=True)
+    finished_at = fields.DateTime(allow_none=True)
+    duration_ms = fields.Integer(allow_none=True)
+    resource_usage = fields.Nested(ResourceUsageSchema, allow_none=True)
+
+
+class ExecutionQuerySchema(Schema):
+    agent = fields.String(metadata={"description": "agent id or name"})
+    status = fields.String(validate=validate.OneOf(STATUSES))
+    since = fields.AwareDateTime(
+        default_timezone=dt.UTC, metadata={"description": "queued at or after (ISO 8601, UTC)"}
+    )
+    until = fields.AwareDateTime(
+        default_timezone=dt.UTC, metadata={"description": "queued before (ISO 8601, UTC)"}
+    )
+
+
+class LogQuerySchema(Schema):
+    level = fields.String(
+        validate=validate.OneOf(list(LEVELS)), metadata={"description": "minimum level"}
+    )
+    q = fields.String(metadata={"description": "text the message contains (case-insensitive)"})
+    after_seq = fields.Integer(strict=False, validate=validate.Range(min=0))
+    limit = fields.Integer(load_default=1000, validate=validate.Range(min=1, max=10000))
+
+
+class LogLineSchema(Schema):
+    seq = fields.Integer()
+    ts = fields.DateTime()
+    level = fields.String(metadata={"enum": list(LEVELS)})
+    message = fields.String()
+    # `fields` would shadow the marshmallow module inside this class body.
+    fields_ = fields.Dict(data_key="fields", attribute="fields")
+    attempt = fields.Integer()

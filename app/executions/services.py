@@ -1,0 +1,705 @@
+"""Executions: submit, claim, finish, cancel, read, and the sweeper's recovery.
+
+PostgreSQL is the system of record. Submit commits the row and only then publishes a message that
+carries the id; a worker claims the row with one conditional UPDATE and fences every later write
+with the attempt it claimed. The hot steps (submit, claim, finish) are one statement each on an
+autocommit connection.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from sqlalchemy import Connection, bindparam, func, select, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Session
+
+from app import jsonschemas
+from app.agents.models import Agent
+from app.config import current_config
+from app.db import db
+from app.errors import Conflict, NotFound, ValidationFailed
+from app.executions.models import LEVEL_NAMES, LEVELS, Execution, ExecutionLog
+from app.orgs.services import Principal
+
+log = logging.getLogger(__name__)
+
+RUN_TASK = "runyard.run_execution"
+DEFAULT_PRIORITY = 5
+# Beyond the soft limit the runtime gets this long to record `timeout` before Celery kills it.
+HARD_LIMIT_GRACE_SECONDS = 10
+
+HINTS = {
+    "input_invalid": "the input does not match the agent's input_schema",
+    "output_invalid": "the agent returned an output that does not match its output_schema; "
+    "fix the agent or PATCH the schema (a new version)",
+    "runtime_error": "the agent raised an error; its logs hold the traceback",
+    "timeout": "the execution ran past timeout_seconds; raise it or speed the agent up",
+    "cancelled": "cancelled through POST /api/v1/executions/{id}/cancel",
+    "lost": "the worker running it stopped answering and no attempts were left",
+}
+
+
+def error_body(error_type: str, message: str, hint: str | None = None) -> dict[str, str]:
+    return {"type": error_type, "message": message, "hint": hint or HINTS.get(error_type, "")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Versions as the hot path needs them: immutable, so each process caches them for good.
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    id: uuid.UUID
+    agent_id: uuid.UUID
+    agent_name: str
+    version: str
+    runtime: dict[str, Any]
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any]
+    timeout_seconds: int
+    retry: dict[str, Any]
+    limits: dict[str, Any]
+    queue: str
+    config: dict[str, Any]
+
+    @property
+    def max_attempts(self) -> int:
+        return 1 + int(self.retry.get("max_retries", 0))
+
+    @property
+    def input_validator(self) -> Draft202012Validator:
+        return jsonschemas.validator_for(self.input_schema)
+
+    @property
+    def output_validator(self) -> Draft202012Validator:
+        return jsonschemas.validator_for(self.output_schema)
+
+
+_SPEC_SQL = text(
+    """
+    SELECT v.id, v.agent_id, a.name AS agent_name, v.version, v.runtime, v.input_schema,
+           v.output_schema, v.timeout_seconds, v.retry, v.limits, v.queue, v.config
+    FROM agent_versions v JOIN agents a ON a.id = v.agent_id
+    WHERE v.id = :id
+    """
+)
+
+
+class SpecCache:
+    def __init__(self, max_entries: int = 1024) -> None:
+        self._entries: OrderedDict[uuid.UUID, VersionSpec] = OrderedDict()
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def get(self, conn: Connection, version_id: uuid.UUID) -> VersionSpec:
+        spec = self._entries.get(version_id)
+        if spec is None:
+            row = conn.execute(_SPEC_SQL, {"id": version_id}).mappings().one()
+            spec = VersionSpec(**row)
+            with self._lock:
+                self._entries[version_id] = spec
+                if len(self._entries) > self._max:
+                    self._entries.popitem(last=False)
+        return spec
+
+
+specs = SpecCache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Submit
+
+
+@dataclass(frozen=True)
+class Target:
+    agent_id: uuid.UUID
+    version_id: uuid.UUID
+    pinned: bool
+
+
+class TargetCache:
+    """(org, agent ref, version) -> ids. May be stale: the INSERT re-checks what it relies on."""
+
+    def __init__(self, ttl_seconds: float = 30.0) -> None:
+        self.ttl_seconds = ttl_seconds
+        self._entries: dict[tuple, tuple[float, Target]] = {}
+
+    def get(self, key: tuple) -> Target | None:
+        entry = self._entries.get(key)
+        if entry and entry[0] > time.monotonic():
+            return entry[1]
+        return None
+
+    def put(self, key: tuple, target: Target) -> None:
+        if len(self._entries) > 10_000:
+            self._entries.clear()
+        self._entries[key] = (time.monotonic() + self.ttl_seconds, target)
+
+    def forget(self, key: tuple) -> None:
+        self._entries.pop(key, None)
+
+
+targets = TargetCache()
+
+_AGENT_SQL = (
+    "SELECT id, name, current_version_id, archived_at FROM agents WHERE org_id = :org_id AND "
+)
+
+
+def _lookup_target(conn: Connection, principal: Principal, ref: str, version: str | None) -> Target:
+    try:
+        params = {"org_id": principal.org_id, "ref": uuid.UUID(ref)}
+        row = conn.execute(text(_AGENT_SQL + "id = :ref"), params).mappings().first()
+    except ValueError:
+        params = {"org_id": principal.org_id, "ref": ref}
+        row = conn.execute(text(_AGENT_SQL + "name = :ref"), params).mappings().first()
+    if row is None:
+        raise NotFound(f"no agent {ref!r}", hint="GET /api/v1/agents lists your agents")
+    if row["archived_at"] is not None:
+        raise Conflict(
+            f"agent {row['name']!r} is archived and takes no new executions",
+            hint="create a new agent, or run another one",
+        )
+    if version is None:
+        return Target(row["id"], row["current_version_id"], pinned=False)
+    version_id = conn.execute(
+        text("SELECT id FROM agent_versions WHERE agent_id = :agent_id AND version = :version"),
+        {"agent_id": row["id"], "version": version},
+    ).scalar()
+    if version_id is None:
+        raise NotFound(
+            f"agent {row['name']!r} has no version {version!r}",
+            hint=f"GET /api/v1/agents/{row['name']}/versions lists them",
+        )
+    return Target(row["id"], version_id, pinned=True)
+
+
+# One statement: insert only if the agent is still live and (unless pinned) the version we
+# validated against is still its current one. A stale cache shows up as no row, never as a
+# wrong row.
+_INSERT_SQL = text(
+    """
+    INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
+                            priority, input, attempt, max_attempts)
+    SELECT :id, a.org_id, a.id, :version_id, a.name, :version, 'queued', :priority, :input, 0,
+           :max_attempts
+    FROM agents a
+    WHERE a.id = :agent_id AND a.org_id = :org_id AND a.archived_at IS NULL
+      AND (:pinned OR a.current_version_id = :version_id)
+    RETURNING queued_at
+    """
+).bindparams(bindparam("input", type_=JSONB))
+
+
+def submit(
+    principal: Principal,
+    ref: str,
+    payload: dict[str, Any],
+    *,
+    version: str | None = None,
+    priority: int = DEFAULT_PRIORITY,
+) -> dict[str, Any]:
+    principal.require("executions:submit")
+    key = (principal.org_id, ref, version)
+    execution_id = uuid.uuid4()
+    with db.hot() as conn:
+        for fresh in (False, True):
+            target = None if fresh else targets.get(key)
+            if target is None:
+                target = _lookup_target(conn, principal, ref, version)
+                targets.put(key, target)
+            spec = specs.get(conn, target.version_id)
+            errors = jsonschemas.instance_errors(spec.input_validator, payload, "/input")
+            if errors:
+                raise ValidationFailed(
+                    "the input does not match the agent's input_schema",
+                    errors=errors,
+                    hint=f"GET /api/v1/agents/{spec.agent_name} shows the input_schema",
+                )
+            queued_at = conn.execute(
+                _INSERT_SQL,
+                {
+                    "id": execution_id,
+                    "org_id": principal.org_id,
+                    "agent_id": target.agent_id,
+                    "version_id": spec.id,
+                    "version": spec.version,
+                    "priority": priority,
+                    "input": payload,
+                    "max_attempts": spec.max_attempts,
+                    "pinned": target.pinned,
+                },
+            ).scalar()
+            if queued_at is not None:
+                break
+            targets.forget(key)
+        else:
+            raise Conflict("the agent changed while submitting", hint="submit again")
+    # Committed (autocommit) before publishing: a worker never sees an id the database lacks.
+    publish(execution_id, spec, priority)
+    return {
+        "id": execution_id,
+        "agent_id": target.agent_id,
+        "agent_name": spec.agent_name,
+        "agent_version": spec.version,
+        "status": "queued",
+        "priority": priority,
+        "input": payload,
+        "output": None,
+        "error": None,
+        "attempts": 0,
+        "queued_at": queued_at,
+        "started_at": None,
+        "finished_at": None,
+        "duration_ms": None,
+        "resource_usage": None,
+    }
+
+
+def publish(
+    execution_id: uuid.UUID, spec: VersionSpec, priority: int, countdown: float | None = None
+) -> bool:
+    """Send the message; on a broker outage leave it to the sweeper (the row is safe)."""
+    from workers import app as celery_app
+
+    try:
+        celery_app.send_task(
+            RUN_TASK,
+            args=[str(execution_id)],
+            task_id=str(execution_id),
+            queue=spec.queue,
+            # Redis serves the lowest priority number first; the API's 9 is the most urgent.
+            priority=9 - priority,
+            countdown=countdown,
+            soft_time_limit=spec.timeout_seconds,
+            time_limit=spec.timeout_seconds + HARD_LIMIT_GRACE_SECONDS,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
+        )
+    except Exception:  # a broker outage must not fail a submit whose row is committed
+        log.warning(
+            "publish of execution %s failed; the sweeper will retry", execution_id, exc_info=True
+        )
+        return False
+    dispatch_stamper.add(execution_id)
+    return True
+
+
+class DispatchStamper:
+    """Stamps `dispatched_at` in batches, off the request path.
+
+    A row left unstamped (the process died first) is only republished by the sweeper, and the
+    duplicate message is dropped by the claim, so batching costs nothing in correctness.
+    """
+
+    def __init__(self, interval_seconds: float = 0.2) -> None:
+        self.interval_seconds = interval_seconds
+        self._pending: list[uuid.UUID] = []
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+
+    def add(self, execution_id: uuid.UUID) -> None:
+        if db.bound_for_tests:
+            # Tests run inside one transaction on one connection; no second thread may touch it.
+            self.stamp([execution_id])
+            return
+        with self._lock:
+            self._pending.append(execution_id)
+            self._ensure_thread()
+
+    def _ensure_thread(self) -> None:
+        import os
+
+        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._run, name="dispatch-stamper", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval_seconds)
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if batch:
+            try:
+                self.stamp(batch)
+            except Exception:
+                log.warning(
+                    "could not stamp dispatched_at on %d executions", len(batch), exc_info=True
+                )
+
+    @staticmethod
+    def stamp(ids: list[uuid.UUID]) -> None:
+        with db.hot() as conn:
+            conn.execute(
+                text("UPDATE executions SET dispatched_at = now() WHERE id = ANY(:ids)"),
+                {"ids": ids},
+            )
+
+
+dispatch_stamper = DispatchStamper()
+
+
+# ---------------------------------------------------------------------------------------------
+# Claim and finish (the worker side)
+
+
+@dataclass(frozen=True)
+class Claim:
+    execution_id: uuid.UUID
+    attempt: int
+    version_id: uuid.UUID
+    input: dict[str, Any]
+    priority: int
+    last_seq: int
+
+
+_CLAIM_SQL = text(
+    """
+    UPDATE executions
+    SET status = 'running', attempt = attempt + 1, started_at = now(), worker = :worker,
+        dispatched_at = coalesce(dispatched_at, now()),
+        lease_until = now() + make_interval(secs => :lease_grace + (
+            SELECT timeout_seconds FROM agent_versions v WHERE v.id = executions.version_id))
+    WHERE id = :id AND status = 'queued'
+    RETURNING attempt, version_id, input, priority,
+              (SELECT coalesce(max(seq), 0) FROM execution_logs WHERE execution_id = :id)
+              AS last_seq
+    """
+)
+
+
+def claim(
+    conn: Connection, execution_id: uuid.UUID, worker: str, lease_grace_seconds: float
+) -> Claim | None:
+    """Take a queued execution. None means the message is a duplicate or stale: drop it.
+
+    The lease runs for the version's timeout plus a grace; past it the sweeper takes the
+    execution back."""
+    row = conn.execute(
+        _CLAIM_SQL, {"id": execution_id, "worker": worker, "lease_grace": lease_grace_seconds}
+    ).first()
+    if row is None:
+        return None
+    return Claim(
+        execution_id, row.attempt, row.version_id, row.input, row.priority, row.last_seq
+    )
+
+
+_FINISH_SQL = text(
+    """
+    UPDATE executions
+    SET status = :status, output = :output, error = :error, resource_usage = :usage,
+        finished_at = now(), lease_until = NULL
+    WHERE id = :id AND attempt = :attempt AND status = 'running'
+    """
+).bindparams(
+    bindparam("output", type_=JSONB),
+    bindparam("error", type_=JSONB),
+    bindparam("usage", type_=JSONB),
+)
+
+
+def finish(
+    conn: Connection,
+    claimed: Claim,
+    *,
+    status: str,
+    output: dict[str, Any] | None,
+    error: dict[str, Any] | None,
+    usage: dict[str, Any],
+) -> bool:
+    """Record the outcome, fenced by the attempt: False means a newer attempt owns the row."""
+    result = conn.execute(
+        _FINISH_SQL,
+        {
+            "id": claimed.execution_id,
+            "attempt": claimed.attempt,
+            "status": status,
+            "output": output,
+            "error": error,
+            "usage": usage,
+        },
+    )
+    return result.rowcount == 1
+
+
+_RETRY_SQL = text(
+    """
+    UPDATE executions
+    SET status = 'queued', error = :error, resource_usage = :usage, lease_until = NULL,
+        dispatched_at = NULL
+    WHERE id = :id AND attempt = :attempt AND status = 'running' AND cancel_requested_at IS NULL
+    """
+).bindparams(bindparam("error", type_=JSONB), bindparam("usage", type_=JSONB))
+
+
+def requeue_for_retry(
+    conn: Connection, claimed: Claim, *, error: dict[str, Any], usage: dict[str, Any]
+) -> bool:
+    """Put a failed attempt back in the queue; the caller publishes it with its backoff."""
+    result = conn.execute(
+        _RETRY_SQL,
+        {"id": claimed.execution_id, "attempt": claimed.attempt, "error": error, "usage": usage},
+    )
+    return result.rowcount == 1
+
+
+_LOG_INSERT = text(
+    """
+    INSERT INTO execution_logs (execution_id, seq, attempt, ts, level, message, fields)
+    VALUES (:execution_id, :seq, :attempt, :ts, :level, :message, :fields)
+    ON CONFLICT DO NOTHING
+    """
+).bindparams(bindparam("fields", type_=JSONB))
+
+
+def write_logs(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        conn.execute(_LOG_INSERT, rows)
+
+
+def cancel_requested(conn: Connection, execution_id: uuid.UUID) -> bool:
+    return bool(
+        conn.execute(
+            text("SELECT cancel_requested_at IS NOT NULL FROM executions WHERE id = :id"),
+            {"id": execution_id},
+        ).scalar()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and cancelling (the API side)
+
+COLUMNS = Execution.__table__.c
+
+
+def present(row: Mapping[str, Any] | Execution) -> dict[str, Any]:
+    get = row.__getitem__ if isinstance(row, Mapping) else lambda name: getattr(row, name)
+    started, finished = get("started_at"), get("finished_at")
+    return {
+        "id": get("id"),
+        "agent_id": get("agent_id"),
+        "agent_name": get("agent_name"),
+        "agent_version": get("agent_version"),
+        "status": get("status"),
+        "priority": get("priority"),
+        "input": get("input"),
+        "output": get("output"),
+        "error": get("error"),
+        "attempts": get("attempt"),
+        "queued_at": get("queued_at"),
+        "started_at": started,
+        "finished_at": finished,
+        "duration_ms": (
+            round((finished - started).total_seconds() * 1000) if started and finished else None
+        ),
+        "resource_usage": get("resource_usage"),
+    }
+
+
+def _parse_id(execution_id: str | uuid.UUID) -> uuid.UUID:
+    try:
+        return execution_id if isinstance(execution_id, uuid.UUID) else uuid.UUID(execution_id)
+    except ValueError as exc:
+        raise NotFound(f"no execution {execution_id!r}") from exc
+
+
+def get(session: Session, principal: Principal, execution_id: str | uuid.UUID) -> Execution:
+    found = session.scalar(
+        select(Execution).where(
+            Execution.id == _parse_id(execution_id), Execution.org_id == principal.org_id
+        )
+    )
+    if found is None:
+        raise NotFound(f"no execution {execution_id}", hint="GET /api/v1/executions lists them")
+    return found
+
+
+def list_executions(
+    session: Session,
+    principal: Principal,
+    *,
+    agent: str | None,
+    status: str | None,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    offset: int,
+    limit: int,
+) -> tuple[list[Execution], int]:
+    query = select(Execution).where(Execution.org_id == principal.org_id)
+    if agent:
+        try:
+            query = query.where(Execution.agent_id == uuid.UUID(agent))
+        except ValueError:
+            agent_ids = select(Agent.id).where(
+                Agent.org_id == principal.org_id, Agent.name == agent
+            )
+            query = query.where(Execution.agent_id.in_(agent_ids))
+    if status:
+        query = query.where(Execution.status == status)
+    if since:
+        query = query.where(Execution.queued_at >= since)
+    if until:
+        query = query.where(Execution.queued_at < until)
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    items = session.scalars(
+        query.order_by(Execution.queued_at.desc(), Execution.id.desc()).offset(offset).limit(limit)
+    ).all()
+    return list(items), total or 0
+
+
+def logs(
+    session: Session,
+    principal: Principal,
+    execution_id: str,
+    *,
+    level: str | None,
+    q: str | None,
+    after_seq: int | None,
+    limit: int,
+) -> list[dict[str, Any]]:
+    execution = get(session, principal, execution_id)
+    query = select(ExecutionLog).where(ExecutionLog.execution_id == execution.id)
+    if level:
+        query = query.where(ExecutionLog.level >= LEVELS[level])
+    if q:
+        escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(ExecutionLog.message.ilike(f"%{escaped}%", escape="\\"))
+    if after_seq is not None:
+        query = query.where(ExecutionLog.seq > after_seq)
+    rows = session.scalars(query.order_by(ExecutionLog.seq).limit(limit)).all()
+    return [
+        {
+            "seq": r.seq,
+            "ts": r.ts,
+            "level": LEVEL_NAMES.get(r.level, str(r.level)),
+            "message": r.message,
+            "fields": r.fields or {},
+            "attempt": r.attempt,
+        }
+        for r in rows
+    ]
+
+
+_CANCEL_QUEUED = text(
+    """
+    UPDATE executions
+    SET status = 'cancelled', cancel_requested_at = now(), finished_at = now(), lease_until = NULL,
+        error = :error
+    WHERE id = :id AND org_id = :org_id AND status = 'queued'
+    RETURNING id
+    """
+).bindparams(bindparam("error", type_=JSONB))
+
+_CANCEL_RUNNING = text(
+    """
+    UPDATE executions SET cancel_requested_at = coalesce(cancel_requested_at, now())
+    WHERE id = :id AND org_id = :org_id AND status = 'running'
+    RETURNING id
+    """
+)
+
+
+def cancel(session: Session, principal: Principal, execution_id: str) -> Execution:
+    """Cancel is a row change first, so it holds across restarts: a queued execution's claim
+    then finds nothing to take, and a running one's worker sees the request and stops it."""
+    principal.require("executions:cancel")
+    params = {
+        "id": _parse_id(execution_id),
+        "org_id": principal.org_id,
+        "error": error_body("cancelled", "cancelled before it started"),
+    }
+    with db.hot() as conn:
+        done = (
+            conn.execute(_CANCEL_QUEUED, params).first()
+            or conn.execute(_CANCEL_RUNNING, params).first()
+        )
+    execution = get(session, principal, execution_id)
+    if done is None:
+        raise Conflict(
+            f"execution {execution.id} has finished ({execution.status}); nothing to cancel"
+        )
+    session.refresh(execution)
+    return execution
+
+
+# ---------------------------------------------------------------------------------------------
+# Recovery (run by beat)
+
+
+@dataclass
+class SweepReport:
+    republished: int = 0
+    requeued: int = 0
+    lost: int = 0
+
+
+_UNDISPATCHED = text(
+    """
+    SELECT id, version_id, priority FROM executions
+    WHERE status = 'queued' AND dispatched_at IS NULL
+      AND queued_at < now() - make_interval(secs => :grace)
+    ORDER BY queued_at LIMIT :batch
+    """
+)
+
+_EXPIRED_REQUEUE = text(
+    """
+    UPDATE executions SET status = 'queued', lease_until = NULL, dispatched_at = NULL
+    WHERE status = 'running' AND lease_until < now() AND attempt < max_attempts
+      AND cancel_requested_at IS NULL
+    RETURNING id
+    """
+)
+
+_EXPIRED_LOST = text(
+    """
+    UPDATE executions
+    SET status = CASE WHEN cancel_requested_at IS NULL THEN 'failed' ELSE 'cancelled' END,
+        finished_at = now(), lease_until = NULL,
+        error = CASE WHEN cancel_requested_at IS NULL THEN :lost ELSE :cancelled END
+    WHERE status = 'running' AND lease_until < now()
+    RETURNING id
+    """
+).bindparams(bindparam("lost", type_=JSONB), bindparam("cancelled", type_=JSONB))
+
+
+def sweep(batch: int = 500) -> SweepReport:
+    """Requeue or fail executions whose lease ran out; republish what was never published."""
+    report = SweepReport()
+    cfg = current_config()
+    with db.hot() as conn:
+        report.requeued = len(conn.execute(_EXPIRED_REQUEUE).all())
+        report.lost = len(
+            conn.execute(
+                _EXPIRED_LOST,
+                {
+                    "lost": error_body("lost", "the worker's lease expired on the last attempt"),
+                    "cancelled": error_body("cancelled", "cancelled while its worker was lost"),
+                },
+            ).all()
+        )
+        rows = conn.execute(
+            _UNDISPATCHED, {"grace": cfg.dispatch_grace_seconds, "batch": batch}
+        ).all()
+        for row in rows:
+            if publish(row.id, specs.get(conn, row.version_id), row.priority):
+                report.republished += 1
+    dispatch_stamper.flush()
+    return report

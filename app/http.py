@@ -1,0 +1,159 @@
+"""The HTTP edge: authentication, the one error shape, JSON parsing limits."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, g, jsonify, request
+from flask_smorest import Api
+from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.http import HTTP_STATUS_CODES
+
+from app.errors import RunyardError, Unavailable
+from app.orgs.services import Principal, authenticate
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PREFIXES = ("/api/v1/openapi.json", "/api/v1/docs", "/api/v1/swagger-ui")
+SERVER_OWNED = {
+    "id",
+    "org_id",
+    "status",
+    "attempt",
+    "attempts",
+    "created_at",
+    "updated_at",
+    "queued_at",
+    "started_at",
+    "finished_at",
+    "archived_at",
+    "current_version",
+    "agent_id",
+    "agent_name",
+    "agent_version",
+    "output",
+    "error",
+    "resource_usage",
+}
+
+
+def current_principal() -> Principal:
+    return g.principal
+
+
+def _pointer_errors(messages: Any) -> dict[str, Any]:
+    """webargs/marshmallow errors ({"json": {"a": {"b": [...]}}}) keyed by JSON pointer."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, path: list[str]) -> None:
+        if isinstance(node, dict):
+            for key, child in node.items():
+                walk(child, [*path, str(key)])
+        else:
+            key = "/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in path)
+            if path and path[-1] in SERVER_OWNED and node == ["Unknown field."]:
+                node = ["Server-owned field: set by Runyard, not by the client."]
+            flat[key] = node
+
+    for location, errors in (messages or {}).items():
+        if location == "json":
+            walk(errors, [])
+        else:  # query string, headers: keyed by parameter name
+            for name, problem in errors.items():
+                flat[name] = problem
+    return flat
+
+
+def _body(code: int, status: str, message: str, errors: dict | None = None, hint=None) -> dict:
+    body: dict[str, Any] = {"code": code, "status": status, "message": message}
+    body["errors"] = errors or {}
+    if hint:
+        body["hint"] = hint
+    return body
+
+
+class RunyardApi(Api):
+    def handle_http_exception(self, error: HTTPException):
+        data = getattr(error, "data", None) or {}
+        headers = data.get("headers") or {}
+        errors = data.get("errors") or _pointer_errors(data.get("messages"))
+        message = data.get("message") or _default_message(error, errors)
+        return _body(error.code, error.name, message, errors), error.code, headers
+
+
+def _default_message(error: HTTPException, errors: dict) -> str:
+    if error.code == 422 and errors:
+        return "the request does not fit the schema: see errors"
+    if error.code == 400 and errors:
+        return "malformed request body: it is not valid JSON"
+    if error.code == 413:
+        return "request body too large (RUNYARD_MAX_BODY_BYTES)"
+    return error.description or error.name
+
+
+def install(app: Flask, api: RunyardApi) -> None:
+    @app.before_request
+    def require_token():
+        path = request.path
+        if path.startswith("/api/v1") and not path.startswith(PUBLIC_PREFIXES):
+            g.principal = authenticate(request.headers.get("Authorization"))
+
+    @app.errorhandler(RunyardError)
+    def domain_error(error: RunyardError):
+        body = _body(
+            error.status_code,
+            HTTP_STATUS_CODES.get(error.status_code, "Error"),
+            error.message,
+            error.errors,
+            error.hint,
+        )
+        headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else {}
+        return jsonify(body), error.status_code, headers
+
+    @app.errorhandler(RecursionError)
+    def too_deep(_error: RecursionError):
+        return jsonify(_body(400, "Bad Request", "JSON nested too deeply")), 400
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception):
+        if isinstance(error, HTTPException):
+            return api.handle_http_exception(error)
+        if _is_database_down(error):
+            return domain_error(
+                Unavailable(
+                    "the database cannot be reached",
+                    hint="check DATABASE_URL and that PostgreSQL is up; GET /readyz tells more",
+                )
+            )
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify(_body(500, InternalServerError.name, "internal error; see server logs")), 500
+
+
+def _is_database_down(error: Exception) -> bool:
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    return isinstance(error, OperationalError) or (
+        isinstance(error, DBAPIError) and error.connection_invalidated
+    )
+
+
+def request_session():
+    """The request's ORM session, opened on first use and closed when the request ends."""
+    if "session" not in g:
+        from app.db import db
+
+        g.session = db.session()
+    return g.session
+
+
+def close_request_session(_exc: BaseException | None = None) -> None:
+    session = g.pop("session", None)
+    if session is not None:
+        session.close()
+
+
+PAGINATION = {"page_size": 20, "max_page_size": 100}
+
+# Documented on every authenticated route.
+AUTH_RESPONSES = (401, 403, 404)

@@ -1,0 +1,18 @@
+"""Every model in one import, so the metadata is complete for Alembic and its tests."""
+
+from app.agents.models import Agent, AgentVersion
+from app.db import Base
+from app.executions.models import Execution, ExecutionLog
+from app.orgs.models import ApiToken, Organization
+
+metadata = Base.metadata
+
+__all__ = [
+    "Agent",
+    "AgentVersion",
+    "ApiToken",
+    "Execution",
+    "ExecutionLog",
+    "Organization",
+    "metadata",
+]

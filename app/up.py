@@ -1,0 +1,254 @@
+"""`runyard up`: every process for one machine, on embedded servers unless told otherwise."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.config import Config, current_config, use_config
+from app.db import db
+from app.embedded import EmbeddedPostgres, EmbeddedRedis
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+
+class Supervisor:
+    def __init__(self, home: Path, env: dict[str, str]) -> None:
+        self.home = home
+        self.env = env
+        self.children: list[Child] = []
+        (home / "logs").mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, argv: list[str]) -> None:
+        log_path = self.home / "logs" / f"{name}.log"
+        log_file = open(log_path, "ab")  # noqa: SIM115 - held open for the child's lifetime
+        # Own session: Ctrl-C reaches only this supervisor, which stops the children in order.
+        process = subprocess.Popen(
+            argv, env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log_file.close()
+        self.children.append(Child(name, process, log_path))
+
+    def dead(self) -> Child | None:
+        return next((c for c in self.children if c.process.poll() is not None), None)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for child in reversed(self.children):
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.process.pid, signal.SIGKILL)
+                child.process.wait()
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _wait_http(url: str, supervisor: Supervisor, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
+        dead = supervisor.dead()
+        if dead:
+            raise RuntimeError(f"{dead.name} exited early:\n{_tail(dead.log_path)}")
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
+
+
+def _secret(path: Path) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    value = secrets.token_urlsafe(18)
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return value
+
+
+def _dev_token(home: Path) -> str:
+    """The `default` organization's admin token: reused while it still works."""
+    from app.errors import Unauthorized
+    from app.orgs import services
+
+    token_file = home / "dev-token"
+    if token_file.exists():
+        token = token_file.read_text().strip()
+        with contextlib.suppress(Unauthorized):
+            services.authenticate(f"Bearer {token}")
+            return token
+    with db.session() as session:
+        org = services.get_org_by_name(session, "default")
+        if org is None:
+            _, token = services.create_org(session, "default")
+        else:
+            token = services.create_token(session, org.id, name="dev", role="admin")
+        session.commit()
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    return token
+
+
+def load_examples(org_name: str = "default") -> list[str]:
+    from sqlalchemy import select
+
+    from app.agents import services
+    from app.orgs.models import ApiToken
+    from app.orgs.services import Principal, get_org_by_name
+    from runyard_examples import AGENTS
+
+    with db.session() as session:
+        org = get_org_by_name(session, org_name)
+        token = session.scalar(select(ApiToken).where(ApiToken.org_id == org.id).limit(1))
+        principal = Principal(org.id, org.name, token.id, "examples", "admin")
+        names = [services.ensure(session, principal, definition).name for definition in AGENTS]
+        session.commit()
+    return names
+
+
+def up(with_examples: bool = True) -> int:
+    cfg = current_config()
+    home = cfg.home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    postgres = redis_server = supervisor = None
+    stopping = False
+
+    def request_stop(_signum, _frame):
+        nonlocal stopping
+        stopping = True
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, request_stop)
+    try:
+        database_url = cfg.database_url
+        if not database_url:
+            print("starting embedded PostgreSQL ...", flush=True)
+            postgres = EmbeddedPostgres(home / "pgdata")
+            database_url = postgres.start()
+        redis_url = os.environ.get("REDIS_URL", "")
+        if not redis_url:
+            print("starting embedded Redis ...", flush=True)
+            redis_server = EmbeddedRedis(home / "redis")
+            redis_url = redis_server.start()
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "RUNYARD_HOME": str(home),
+        }
+        os.environ.update({"DATABASE_URL": database_url, "REDIS_URL": redis_url})
+        cfg = Config.from_env()
+        use_config(cfg)
+        db.configure(cfg.database_url)
+
+        from app.migrate import upgrade
+
+        upgrade(cfg.database_url)
+        token = _dev_token(home)
+        flower_password = cfg.flower_password or _secret(home / "flower-password")
+
+        bin_dir = Path(sys.executable).parent
+        celery = [str(bin_dir / "celery"), "-A", "workers"]
+        concurrency = cfg.worker_concurrency or os.cpu_count() or 2
+        supervisor = Supervisor(home, env)
+        supervisor.start("api", [str(bin_dir / "runyard"), "api"])
+        supervisor.start(
+            "worker",
+            [
+                *celery,
+                "worker",
+                "-l",
+                "INFO",
+                "-c",
+                str(concurrency),
+                "-n",
+                "runyard@%h",
+                "-Q",
+                "default",
+            ],
+        )
+        supervisor.start(
+            "beat", [*celery, "beat", "-l", "INFO", "-s", str(home / "celerybeat-schedule")]
+        )
+        supervisor.start(
+            "flower",
+            [
+                *celery,
+                "flower",
+                f"--port={cfg.flower_port}",
+                "--address=127.0.0.1",
+                f"--basic-auth={cfg.flower_user}:{flower_password}",
+            ],
+        )
+        api_url = f"http://{cfg.api_host}:{cfg.api_port}"
+        _wait_http(f"{api_url}/healthz", supervisor)
+        examples = load_examples() if with_examples else []
+
+        print(
+            f"""
+Runyard is up.
+  API          {api_url}/api/v1
+  API docs     {api_url}/api/v1/docs
+  Flower       http://127.0.0.1:{cfg.flower_port}
+               user {cfg.flower_user}, password {flower_password}
+  dev token    {token}   (also in {home / "dev-token"})
+  examples     {", ".join(examples) or "not loaded"}
+  logs         {home / "logs"}
+
+Try:
+  curl -s -H "Authorization: Bearer {token}" -H "Content-Type: application/json" \\
+       -d '{{"input": {{"title": "Hello, Runyard!"}}}}' {api_url}/api/v1/agents/slugify/executions
+
+Ctrl-C stops everything.""",
+            flush=True,
+        )
+        while not stopping:
+            dead = supervisor.dead()
+            if dead:
+                print(
+                    f"\n{dead.name} exited (code {dead.process.returncode}); stopping.\n"
+                    f"{_tail(dead.log_path)}",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(0.5)
+        print("\nstopping ...", flush=True)
+        return 0
+    except RuntimeError as exc:
+        print(f"runyard up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if supervisor:
+            supervisor.stop()
+        db.dispose()
+        if redis_server:
+            redis_server.stop()
+        if postgres:
+            postgres.stop()
+        print("stopped.", flush=True)

@@ -1,0 +1,128 @@
+"""Example agents that `runyard up` loads into the `default` organization."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TEXT_INPUT = {
+    "type": "object",
+    "required": ["text"],
+    "properties": {"text": {"type": "string", "minLength": 1}},
+}
+
+SLUGIFY_SOURCE = '''\
+import re
+import unicodedata
+
+
+def main(input, ctx):
+    """Turns a title into a URL slug."""
+    text = unicodedata.normalize("NFKD", input["title"]).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    ctx.log.info("slugified", length=len(slug))
+    return {"slug": slug[: ctx.config.get("max_length", 80)]}
+'''
+
+INVOICE_SOURCE = '''\
+def main(input, ctx):
+    """Totals invoice lines with a tax rate; refuses negative quantities."""
+    subtotal = 0.0
+    for number, line in enumerate(input["lines"], start=1):
+        if line["quantity"] < 0:
+            raise ValueError(f"line {number}: negative quantity")
+        amount = round(line["quantity"] * line["unit_price"], 2)
+        print(f"line {number}: {line['quantity']} x {line['unit_price']} = {amount}")
+        subtotal += amount
+    tax = round(subtotal * input.get("tax_rate", 0), 2)
+    return {"subtotal": round(subtotal, 2), "tax": tax, "total": round(subtotal + tax, 2)}
+'''
+
+AGENTS: list[dict[str, Any]] = [
+    {
+        "name": "summarize-ticket",
+        "description": "First sentences and keywords of a support ticket",
+        "runtime": {"type": "python", "entrypoint": "runyard_examples.text:summarize"},
+        "input_schema": TEXT_INPUT,
+        "output_schema": {
+            "type": "object",
+            "required": ["summary", "keywords"],
+            "properties": {
+                "summary": {"type": "string"},
+                "keywords": {"type": "array", "items": {"type": "string"}},
+                "words": {"type": "integer"},
+            },
+        },
+        "timeout_seconds": 30,
+        "capabilities": ["nlp"],
+        "tags": ["support", "example"],
+        "config": {"max_sentences": 2},
+    },
+    {
+        "name": "word-count",
+        "description": "Word count and most frequent words of a text",
+        "runtime": {"type": "python", "entrypoint": "runyard_examples.text:word_count"},
+        "input_schema": {
+            **TEXT_INPUT,
+            "properties": {
+                **TEXT_INPUT["properties"],
+                "top": {"type": "integer", "minimum": 1, "maximum": 50},
+            },
+        },
+        "output_schema": {"type": "object", "required": ["words", "top"]},
+        "timeout_seconds": 30,
+        "tags": ["example"],
+    },
+    {
+        "name": "slugify",
+        "description": "URL slug of a title (a script agent: runs in a child process)",
+        "runtime": {"type": "script", "language": "python", "source": SLUGIFY_SOURCE},
+        "input_schema": {
+            "type": "object",
+            "required": ["title"],
+            "properties": {"title": {"type": "string"}},
+        },
+        "output_schema": {
+            "type": "object",
+            "required": ["slug"],
+            "properties": {"slug": {"type": "string", "pattern": "^[a-z0-9-]*$"}},
+        },
+        "timeout_seconds": 30,
+        "tags": ["web", "example"],
+        "config": {"max_length": 80},
+    },
+    {
+        "name": "invoice-total",
+        "description": "Subtotal, tax and total of invoice lines (a script agent)",
+        "runtime": {"type": "script", "language": "python", "source": INVOICE_SOURCE},
+        "input_schema": {
+            "type": "object",
+            "required": ["lines"],
+            "properties": {
+                "tax_rate": {"type": "number", "minimum": 0, "maximum": 1},
+                "lines": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["quantity", "unit_price"],
+                        "properties": {
+                            "quantity": {"type": "number"},
+                            "unit_price": {"type": "number", "minimum": 0},
+                        },
+                    },
+                },
+            },
+        },
+        "output_schema": {
+            "type": "object",
+            "required": ["subtotal", "tax", "total"],
+            "properties": {
+                "subtotal": {"type": "number"},
+                "tax": {"type": "number"},
+                "total": {"type": "number"},
+            },
+        },
+        "timeout_seconds": 30,
+        "tags": ["finance", "example"],
+    },
+]

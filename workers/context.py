@@ -1,0 +1,144 @@
+"""What an agent receives as `ctx`, and the buffer its log lines go through."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Connection
+
+from app.executions import services
+from app.executions.models import LEVELS
+
+
+def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(fields, default=repr))
+
+
+class LogBuffer:
+    """Numbers log lines and writes them in batches.
+
+    Lines may come from any thread the agent starts; only the thread that owns the connection
+    writes, so a batch waits for that thread's next add() or the final flush().
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        execution_id: uuid.UUID,
+        attempt: int,
+        last_seq: int,
+        *,
+        batch_lines: int,
+        flush_seconds: float,
+        max_chars: int,
+    ) -> None:
+        self._conn = conn
+        self._execution_id = execution_id
+        self._attempt = attempt
+        self._seq = last_seq
+        self._batch_lines = batch_lines
+        self._flush_seconds = flush_seconds
+        self._max_chars = max_chars
+        self._pending: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._owner = threading.get_ident()
+        self._last_flush = time.monotonic()
+        self.count = 0
+
+    def add(self, level: int, message: str, fields: dict[str, Any] | None = None) -> None:
+        if len(message) > self._max_chars:
+            message = message[: self._max_chars] + f" [cut: {len(message)} characters in all]"
+        with self._lock:
+            self._seq += 1
+            self.count += 1
+            self._pending.append(
+                {
+                    "execution_id": self._execution_id,
+                    "seq": self._seq,
+                    "attempt": self._attempt,
+                    "ts": dt.datetime.now(dt.UTC),
+                    "level": level,
+                    "message": message,
+                    "fields": _jsonable(fields) if fields else None,
+                }
+            )
+            due = (
+                len(self._pending) >= self._batch_lines
+                or time.monotonic() - self._last_flush >= self._flush_seconds
+            )
+        if due and threading.get_ident() == self._owner:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+            self._last_flush = time.monotonic()
+        services.write_logs(self._conn, batch)
+
+
+class AgentLog:
+    """`ctx.log`: `ctx.log.info("message", key=value, ...)`."""
+
+    def __init__(self, buffer: LogBuffer) -> None:
+        self._buffer = buffer
+
+    def _emit(self, level: str, message: Any, fields: dict[str, Any]) -> None:
+        self._buffer.add(LEVELS[level], str(message), fields)
+
+    def debug(self, message: Any, **fields: Any) -> None:
+        self._emit("debug", message, fields)
+
+    def info(self, message: Any, **fields: Any) -> None:
+        self._emit("info", message, fields)
+
+    def warning(self, message: Any, **fields: Any) -> None:
+        self._emit("warning", message, fields)
+
+    def error(self, message: Any, **fields: Any) -> None:
+        self._emit("error", message, fields)
+
+
+class Context:
+    """The `ctx` argument of an agent: who it is, its config, its log, and cancellation."""
+
+    CANCEL_CHECK_SECONDS = 1.0
+
+    def __init__(
+        self,
+        *,
+        execution_id: uuid.UUID,
+        attempt: int,
+        agent: dict[str, str],
+        config: dict[str, Any],
+        log: AgentLog,
+        check_cancel: Callable[[], bool],
+    ) -> None:
+        self.execution_id = str(execution_id)
+        self.attempt = attempt
+        self.agent = agent
+        self.config = config
+        self.log = log
+        self._check_cancel = check_cancel
+        self._cancelled = False
+        self._checked_at = 0.0
+
+    def cancelled(self) -> bool:
+        """True once a cancel was asked; asks the database at most once a second."""
+        if not self._cancelled and time.monotonic() - self._checked_at >= self.CANCEL_CHECK_SECONDS:
+            self._checked_at = time.monotonic()
+            self._cancelled = self._check_cancel()
+        return self._cancelled
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "execution_id": self.execution_id,
+            "attempt": self.attempt,
+            "agent": self.agent,
+            "config": self.config,
+        }

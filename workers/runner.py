@@ -1,0 +1,122 @@
+"""One execution, from claim to finish, in a worker's pool process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import uuid
+from typing import Any
+
+from app.config import current_config
+from app.db import db
+from app.executions import services
+from app.executions.services import Claim, VersionSpec, error_body
+from workers.context import AgentLog, Context, LogBuffer
+from workers.runtimes import Outcome, runtime_for
+
+log = logging.getLogger(__name__)
+
+
+def run_execution(execution_id: uuid.UUID, worker: str) -> None:
+    cfg = current_config()
+    with db.hot() as conn:
+        claimed = services.claim(conn, execution_id, worker, cfg.lease_grace_seconds)
+        if claimed is None:
+            log.info(
+                "execution %s is not queued (duplicate or cancelled message): skipped", execution_id
+            )
+            return
+        spec = services.specs.get(conn, claimed.version_id)
+        buffer = LogBuffer(
+            conn,
+            execution_id,
+            claimed.attempt,
+            claimed.last_seq,
+            batch_lines=cfg.log_batch_lines,
+            flush_seconds=cfg.log_flush_seconds,
+            max_chars=cfg.log_line_max_chars,
+        )
+        ctx = Context(
+            execution_id=execution_id,
+            attempt=claimed.attempt,
+            agent={"name": spec.agent_name, "version": spec.version},
+            config=spec.config,
+            log=AgentLog(buffer),
+            check_cancel=lambda: services.cancel_requested(conn, execution_id),
+        )
+        outcome = runtime_for(spec.runtime["type"]).run(spec, claimed.input, ctx, buffer)
+        if outcome.ok:
+            _check_output(spec, outcome)
+        buffer.flush()
+        _record(conn, claimed, spec, outcome)
+
+
+def _check_output(spec: VersionSpec, outcome: Outcome) -> None:
+    output = outcome.output
+    if not isinstance(output, dict):
+        outcome.error_type = "output_invalid"
+        outcome.error_message = f"the agent returned {type(output).__name__}, not a JSON object"
+        return
+    try:
+        json.dumps(output)
+    except (TypeError, ValueError) as exc:
+        outcome.error_type = "output_invalid"
+        outcome.error_message = f"the output is not JSON: {exc}"
+        return
+    errors = services.jsonschemas.instance_errors(spec.output_validator, output, "")
+    if errors:
+        details = "; ".join(
+            f"{pointer or '/'}: {', '.join(msgs)}" for pointer, msgs in errors.items()
+        )
+        outcome.error_type = "output_invalid"
+        outcome.error_message = f"the output does not match the output_schema: {details}"
+
+
+def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> None:
+    if outcome.ok:
+        services.finish(
+            conn,
+            claimed,
+            status="succeeded",
+            output=outcome.output,
+            error=None,
+            usage=outcome.usage,
+        )
+        return
+    error = error_body(outcome.error_type, outcome.error_message)
+    if outcome.cancelled:
+        services.finish(
+            conn,
+            claimed,
+            status="cancelled",
+            output=None,
+            error=error_body("cancelled", outcome.error_message),
+            usage=outcome.usage,
+        )
+        return
+    if _should_retry(spec, claimed, outcome.error_type) and services.requeue_for_retry(
+        conn, claimed, error=error, usage=outcome.usage
+    ):
+        delay = backoff_seconds(spec.retry, claimed.attempt)
+        services.publish(claimed.execution_id, spec, claimed.priority, countdown=delay)
+        return
+    status = "timed_out" if outcome.error_type == "timeout" else "failed"
+    services.finish(conn, claimed, status=status, output=None, error=error, usage=outcome.usage)
+
+
+def _should_retry(spec: VersionSpec, claimed: Claim, error_type: str) -> bool:
+    # A bad input or output fails the same way every time.
+    if error_type in ("input_invalid", "output_invalid"):
+        return False
+    return error_type in spec.retry.get("retry_on", ()) and claimed.attempt < spec.max_attempts
+
+
+def backoff_seconds(policy: dict[str, Any], attempt: int) -> float:
+    """Exponential backoff from the agent's retry policy, with 'equal jitter' when asked."""
+    base = float(policy.get("backoff_seconds", 1))
+    ceiling = float(policy.get("backoff_max_seconds", 300))
+    delay = min(ceiling, base * 2 ** (attempt - 1))
+    if policy.get("jitter", True):
+        delay = delay / 2 + random.uniform(0, delay / 2)
+    return delay

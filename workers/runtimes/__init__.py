@@ -1,0 +1,37 @@
+"""Agent runtimes: each runs a version spec on an input with a ctx and returns an Outcome.
+
+`logs` takes what the agent prints; `ctx.log` writes to the same buffer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from app.executions.services import VersionSpec
+from workers.context import Context, LogBuffer
+
+
+@dataclass
+class Outcome:
+    output: Any = None
+    error_type: str | None = None
+    error_message: str = ""
+    cancelled: bool = False
+    usage: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error_type is None
+
+
+class Runtime(Protocol):
+    def run(
+        self, spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffer
+    ) -> Outcome: ...
+
+
+def runtime_for(kind: str) -> Runtime:
+    from workers.runtimes import python, script
+
+    runtimes: dict[str, Runtime] = {"python": python, "script": script}
+    return runtimes[kind]

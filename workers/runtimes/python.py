@@ -1,0 +1,80 @@
+"""The `python` runtime: `module:function` from an allowed package, called in the pool process.
+
+It runs inside the Celery pool process, so what it can bound is limited: the soft time limit
+raises SoftTimeLimitExceeded in the agent (recorded as `timeout`), the hard limit kills the pool
+process (the sweeper then recovers the execution). Memory, CPU seconds and child processes are
+not bounded per execution here; use the `script` runtime for untrusted or heavy code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import resource
+import time
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from app.config import current_config
+from app.executions.models import LEVELS
+from app.executions.services import VersionSpec
+from workers.context import Context, LogBuffer
+from workers.runtimes import Outcome
+from workers.runtimes.lines import LineWriter
+
+
+def _allowed(module: str) -> bool:
+    return any(
+        module == prefix or module.startswith(prefix + ".")
+        for prefix in current_config().agent_modules
+    )
+
+
+def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffer) -> Outcome:
+    module_name, _, function_name = spec.runtime["entrypoint"].partition(":")
+    if not _allowed(module_name):
+        return Outcome(
+            error_type="runtime_error",
+            error_message=f"module {module_name!r} is outside RUNYARD_AGENT_MODULES here",
+        )
+    stdout = LineWriter(lambda line: logs.add(LEVELS["info"], line))
+    stderr = LineWriter(lambda line: logs.add(LEVELS["warning"], line))
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    outcome = Outcome()
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            try:
+                function = getattr(importlib.import_module(module_name), function_name)
+            except (ImportError, AttributeError) as exc:
+                outcome = Outcome(
+                    error_type="runtime_error",
+                    error_message=f"cannot load {spec.runtime['entrypoint']}: {exc}",
+                )
+            else:
+                outcome.output = function(payload, ctx)
+    except SoftTimeLimitExceeded:
+        outcome = Outcome(
+            error_type="timeout",
+            error_message=f"did not finish within timeout_seconds={spec.timeout_seconds}",
+        )
+    except Exception as exc:
+        ctx.log.error("".join(traceback.format_exception(exc)).rstrip())
+        outcome = Outcome(error_type="runtime_error", error_message=f"{type(exc).__name__}: {exc}")
+    finally:
+        stdout.flush()
+        stderr.flush()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    outcome.usage = {
+        "cpu_seconds": round(
+            (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 4
+        ),
+        # The pool process's peak: the python runtime shares its process with the worker.
+        "max_rss_mb": round(after.ru_maxrss / 1024, 1),
+        "wall_ms": round((time.perf_counter() - started) * 1000),
+    }
+    if not outcome.ok and ctx.cancelled():
+        outcome.cancelled = True
+    return outcome

@@ -1,0 +1,90 @@
+"""Runs a `script` agent's source in a child process. Started by workers/runtimes/script.py.
+
+Standalone on purpose: it imports nothing of Runyard, so the child starts fast and sees none of
+the worker's settings or secrets. Protocol: the request (source, input, ctx) arrives as JSON on
+stdin; JSON lines go back on the file descriptor named by RUNYARD_CONTROL_FD:
+{"log": [level, message, fields]}, then {"output": ...} or {"error": {"type", "message"}}.
+"""
+
+import json
+import os
+import signal
+import sys
+import traceback
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+def main() -> None:
+    control = os.fdopen(int(os.environ["RUNYARD_CONTROL_FD"]), "w", buffering=1)
+    request = json.loads(sys.stdin.buffer.read())
+    sys.stdin = open(os.devnull)  # noqa: SIM115 - the agent gets an empty stdin for its lifetime
+
+    def send(message: dict, strict: bool = False) -> None:
+        # Log fields are best effort (repr of what JSON cannot hold); the output is not.
+        control.write(json.dumps(message, default=None if strict else repr) + "\n")
+
+    class Log:
+        def _emit(self, level, message, fields):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            send({"log": [LEVELS[level], str(message), fields]})
+
+        def debug(self, message, **fields):
+            self._emit("debug", message, fields)
+
+        def info(self, message, **fields):
+            self._emit("info", message, fields)
+
+        def warning(self, message, **fields):
+            self._emit("warning", message, fields)
+
+        def error(self, message, **fields):
+            self._emit("error", message, fields)
+
+    cancelled = []
+    signal.signal(signal.SIGUSR1, lambda *_: cancelled.append(True))
+
+    class Ctx:
+        execution_id = request["ctx"]["execution_id"]
+        attempt = request["ctx"]["attempt"]
+        agent = request["ctx"]["agent"]
+        config = request["ctx"]["config"]
+        log = Log()
+
+        @staticmethod
+        def cancelled():
+            return bool(cancelled)
+
+    namespace = {"__name__": "runyard_script"}
+    try:
+        exec(compile(request["source"], "<agent script>", "exec"), namespace)
+        entry = namespace.get("main")
+        if not callable(entry):
+            send(
+                {
+                    "error": {
+                        "type": "runtime_error",
+                        "message": "the script defines no main(input, ctx) function",
+                    }
+                }
+            )
+            return
+        output = entry(request["input"], Ctx())
+    except BaseException as exc:
+        sys.stdout.flush()
+        # Drop this runner's own frame: the user's traceback starts in their script.
+        trace = traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next)
+        Ctx.log.error("".join(trace).rstrip())
+        send({"error": {"type": "runtime_error", "message": f"{type(exc).__name__}: {exc}"}})
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        send({"output": output}, strict=True)
+    except (TypeError, ValueError) as exc:
+        send({"error": {"type": "output_invalid", "message": f"output is not JSON: {exc}"}})
+
+
+if __name__ == "__main__":
+    main()

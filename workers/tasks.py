@@ -1,0 +1,47 @@
+"""Thin tasks: they take ids and call the services."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from celery import Task
+from celery.signals import worker_process_init
+
+from app.config import current_config
+from app.db import db
+from app.executions import services
+from workers import app
+from workers.runner import run_execution as run
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseTask(Task):
+    """Makes sure the process has its database configured; engines are per process."""
+
+    abstract = True
+
+    def before_start(self, task_id, args, kwargs):
+        if not db.configured:
+            db.configure(current_config().require_database())
+
+
+@worker_process_init.connect
+def _fresh_engine_after_fork(**_kwargs) -> None:
+    # A forked pool process must not share the parent's sockets.
+    db.dispose()
+    db.configure(current_config().require_database())
+
+
+@app.task(name=services.RUN_TASK, base=DatabaseTask, bind=True)
+def run_execution(self, execution_id: str) -> None:
+    run(uuid.UUID(execution_id), worker=self.request.hostname or "worker")
+
+
+@app.task(name="runyard.sweep", base=DatabaseTask)
+def sweep() -> dict:
+    report = services.sweep()
+    if report.republished or report.requeued or report.lost:
+        log.warning("sweeper: %s", report)
+    return report.__dict__
