@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Flask, g, jsonify, request
 from flask_smorest import Api
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
 from app.errors import RunyardError, Unavailable
@@ -127,7 +127,7 @@ def install(app: Flask, api: RunyardApi) -> None:
                 )
             )
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return jsonify(_body(500, InternalServerError.name, "internal error; see server logs")), 500
+        return jsonify(_body(500, "Internal Server Error", "internal error; see server logs")), 500
 
 
 def _is_database_down(error: Exception) -> bool:

@@ -5,7 +5,6 @@ import uuid
 from typing import Any
 
 from sqlalchemy import (
-    ARRAY,
     Computed,
     ForeignKey,
     Index,
@@ -14,7 +13,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.dialects.postgresql import TSVECTOR
+from sqlalchemy.dialects.postgresql import ARRAY, TSVECTOR
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, now_column, uuid_pk

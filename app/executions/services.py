@@ -396,9 +396,7 @@ def claim(
     ).first()
     if row is None:
         return None
-    return Claim(
-        execution_id, row.attempt, row.version_id, row.input, row.priority, row.last_seq
-    )
+    return Claim(execution_id, row.attempt, row.version_id, row.input, row.priority, row.last_seq)
 
 
 _FINISH_SQL = text(

@@ -1,0 +1,50 @@
+"""Python agents the tests run (RUNYARD_AGENT_MODULES includes `tests.agents` in the suite)."""
+
+import time
+
+
+def echo(payload, ctx):
+    return {"echo": payload, "attempt": ctx.attempt, "agent": ctx.agent, "config": ctx.config}
+
+
+def chatty(payload, ctx):
+    print("first printed")
+    ctx.log.info("then logged", step=2)
+    print("then printed again")
+    ctx.log.warning("a warning", step=4)
+    ctx.log.debug("a debug line")
+    return {"ok": True}
+
+
+def boom(payload, ctx):
+    raise RuntimeError("the agent blew up")
+
+
+def not_an_object(payload, ctx):
+    return ["a", "list"]
+
+
+def wrong_output(payload, ctx):
+    return {"count": "three"}
+
+
+def flaky(payload, ctx):
+    """Fails on the first attempts, succeeds on the attempt named in the input."""
+    if ctx.attempt < payload["succeed_on"]:
+        raise ConnectionError(f"transient failure on attempt {ctx.attempt}")
+    return {"attempt": ctx.attempt}
+
+
+def wait_for_cancel(payload, ctx):
+    deadline = time.monotonic() + payload.get("seconds", 20)
+    while time.monotonic() < deadline:
+        if ctx.cancelled():
+            ctx.log.info("saw the cancel")
+            raise RuntimeError("stopped on request")
+        time.sleep(0.05)
+    return {"finished": True}
+
+
+def sleepy(payload, ctx):
+    time.sleep(payload.get("seconds", 5))
+    return {}

@@ -1,0 +1,276 @@
+"""Test fixtures on real servers.
+
+pytest_configure picks the servers before anything imports Celery's config: DATABASE_URL and
+REDIS_URL when set (CI points them at the machine's services), else embedded PostgreSQL and Redis
+under .runyard/. Each run gets a database of its own, built by `alembic upgrade head`, and a Redis
+database number of its own.
+
+Two kinds of test:
+- `client` tests run inside one transaction per test, rolled back at the end (savepoints absorb
+  the code's own commits). No worker can see their rows.
+- `live_client` tests commit for real, in an organization of their own that is deleted after, and
+  are served by a real Celery worker (a subprocess with a prefork pool) started once per session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_ID = f"{os.getpid()}"
+TEST_AGENT_MODULES = "runyard_examples,tests.agents"
+
+_embedded: list = []
+
+
+def _fresh_database(server_url: str, name: str) -> str:
+    url = make_url(server_url).set(drivername="postgresql+psycopg")
+    admin = url.set(drivername="postgresql", database="postgres")
+    dsn = admin.render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_database(database_url: str) -> None:
+    url = make_url(database_url)
+    dsn = url.set(drivername="postgresql", database="postgres").render_as_string(
+        hide_password=False
+    )
+    with contextlib.suppress(psycopg.Error), psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)')
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from app.embedded import EmbeddedPostgres, EmbeddedRedis
+
+    server_url = os.environ.get("DATABASE_URL")
+    if server_url:
+        database_url = _fresh_database(server_url, f"runyard_test_{RUN_ID}")
+    else:
+        postgres = EmbeddedPostgres(ROOT / ".runyard" / "test-pgdata", database="postgres")
+        _embedded.append(postgres)
+        database_url = _fresh_database(postgres.start(), f"runyard_test_{RUN_ID}")
+    redis_url = os.environ.get("REDIS_URL")
+    if redis_url:
+        # A database number of this run's own, so parallel runs on one Redis do not share queues.
+        redis_url = make_url_with_db(redis_url, 1 + int(RUN_ID) % 15)
+    else:
+        redis = EmbeddedRedis(ROOT / ".runyard" / "test-redis")
+        _embedded.append(redis)
+        redis_url = redis.start()
+    import redis as redis_client
+
+    redis_client.Redis.from_url(redis_url).flushdb()
+    os.environ.update(
+        {
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "RUNYARD_AGENT_MODULES": TEST_AGENT_MODULES,
+            "RUNYARD_TOKEN_CACHE_SECONDS": "0",
+            "RUNYARD_LOG_FLUSH_SECONDS": "0.2",
+        }
+    )
+    from app.migrate import upgrade
+
+    upgrade(database_url)
+    config.stash[DATABASE_KEY] = database_url
+
+
+def make_url_with_db(redis_url: str, number: int) -> str:
+    return urlunsplit(urlsplit(redis_url)._replace(path=f"/{number}"))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from app.db import db
+
+    db.dispose()
+    database_url = config.stash.get(DATABASE_KEY, None)
+    if database_url:
+        _drop_database(database_url)
+    for server in reversed(_embedded):
+        server.stop()
+
+
+DATABASE_KEY = pytest.StashKey[str]()
+
+
+@pytest.fixture(scope="session")
+def database_url(pytestconfig) -> str:
+    return pytestconfig.stash[DATABASE_KEY]
+
+
+@pytest.fixture(scope="session")
+def app(database_url):
+    from app import create_app
+    from app.config import Config
+
+    return create_app(Config.from_env())
+
+
+@pytest.fixture
+def connection(app) -> Iterator:
+    """One connection, one outer transaction per test, rolled back at the end."""
+    from app.db import db
+
+    conn = db.engine.connect()
+    outer = conn.begin()
+    with db.bind_for_tests(conn):
+        yield conn
+    outer.rollback()
+    conn.close()
+
+
+@dataclass
+class Org:
+    id: uuid.UUID
+    name: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+def _new_org(prefix: str) -> Org:
+    from app.db import db
+    from app.orgs import services
+
+    with db.session() as session:
+        org, token = services.create_org(session, f"{prefix}-{uuid.uuid4().hex[:10]}")
+        session.commit()
+    return Org(org.id, org.name, token)
+
+
+@pytest.fixture
+def client(app, connection):
+    return app.test_client()
+
+
+@pytest.fixture
+def org(connection) -> Org:
+    return _new_org("org")
+
+
+@pytest.fixture
+def other_org(connection) -> Org:
+    return _new_org("other")
+
+
+def make_token(org: Org, role: str, **kwargs) -> str:
+    from app.db import db
+    from app.orgs import services
+
+    with db.session() as session:
+        token = services.create_token(session, org.id, name=role, role=role, **kwargs)
+        session.commit()
+    return token
+
+
+# ---------------------------------------------------------------------------------------------
+# Live: real commits and a real worker
+
+
+@pytest.fixture(scope="session")
+def worker(app, tmp_path_factory) -> Iterator[Path]:
+    """A Celery worker subprocess (prefork, 2 processes) serving the `default` queue."""
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    celery = Path(sys.executable).parent / "celery"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [
+                str(celery),
+                "-A",
+                "workers",
+                "worker",
+                "-P",
+                "prefork",
+                "-c",
+                "2",
+                "-Q",
+                "default",
+                "--without-gossip",
+                "--without-mingle",
+                "-l",
+                "INFO",
+                "-n",
+                f"test-{RUN_ID}@%h",
+            ],
+            cwd=ROOT,
+            env=os.environ.copy(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while b" ready." not in log_path.read_bytes():
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"worker did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield log_path
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture
+def live_org(app) -> Iterator[Org]:
+    from app.db import db
+
+    org = _new_org("live")
+    yield org
+    with db.engine.begin() as conn:
+        conn.execute(text("DELETE FROM organizations WHERE id = :id"), {"id": org.id})
+
+
+@pytest.fixture
+def live_client(app, worker):
+    return app.test_client()
+
+
+def wait_for(client, org: Org, execution_id: str, timeout: float = 20.0) -> dict:
+    """Poll an execution until it reaches a terminal status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body = client.get(f"/api/v1/executions/{execution_id}", headers=org.headers).get_json()
+        if body["status"] in ("succeeded", "failed", "timed_out", "cancelled"):
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"execution still {body['status']} after {timeout}s: {body}")
+        time.sleep(0.05)
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
