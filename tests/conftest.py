@@ -213,7 +213,8 @@ def worker(app, tmp_path_factory) -> Iterator[Path]:
                 f"test-{RUN_ID}@%h",
             ],
             cwd=ROOT,
-            env=os.environ.copy(),
+            # tests.agents must be importable in the pool processes.
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -37,6 +37,7 @@ RUN_TASK = "runyard.run_execution"
 DEFAULT_PRIORITY = 5
 # Beyond the soft limit the runtime gets this long to record `timeout` before Celery kills it.
 HARD_LIMIT_GRACE_SECONDS = 10
+CHILD_RUNTIME_BACKSTOP_SECONDS = 5
 
 HINTS = {
     "input_invalid": "the input does not match the agent's input_schema",
@@ -75,6 +76,14 @@ class VersionSpec:
     @property
     def max_attempts(self) -> int:
         return 1 + int(self.retry.get("max_retries", 0))
+
+    @property
+    def soft_time_limit(self) -> float:
+        """Celery's soft limit. Runtimes with a child process enforce timeout_seconds themselves
+        and kill it; Celery's limit is then only a backstop, set a little later."""
+        if self.runtime["type"] == "python":
+            return self.timeout_seconds
+        return self.timeout_seconds + CHILD_RUNTIME_BACKSTOP_SECONDS
 
     @property
     def input_validator(self) -> Draft202012Validator:
@@ -281,8 +290,8 @@ def publish(
             # Redis serves the lowest priority number first; the API's 9 is the most urgent.
             priority=9 - priority,
             countdown=countdown,
-            soft_time_limit=spec.timeout_seconds,
-            time_limit=spec.timeout_seconds + HARD_LIMIT_GRACE_SECONDS,
+            soft_time_limit=spec.soft_time_limit,
+            time_limit=spec.soft_time_limit + HARD_LIMIT_GRACE_SECONDS,
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
         )

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from app.executions.models import LEVELS
 from app.executions.services import VersionSpec
 from workers.context import Context, LogBuffer
@@ -83,7 +85,15 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffe
             process.stdin.close()
         except BrokenPipeError:
             pass
-        outcome = _pump(process, streams, spec, ctx, started)
+        try:
+            outcome = _pump(process, streams, spec, ctx, started)
+        except SoftTimeLimitExceeded:
+            # Celery's backstop fired before our own deadline did (a stalled read, say).
+            _kill_group(process.pid)
+            outcome = Outcome(
+                error_type="timeout",
+                error_message=f"killed after timeout_seconds={spec.timeout_seconds}",
+            )
         for lines in streams.values():
             lines.close()
         os.close(control_read)

@@ -1,0 +1,137 @@
+"""Claim and fencing rules, and the sweeper's recovery of work the broker never delivered."""
+
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from app.db import db
+from app.executions import services
+from tests.conftest import wait_for
+
+
+def _execution(client, org, name="echo"):
+    client.post(
+        "/api/v1/agents",
+        json={
+            "name": name,
+            "runtime": {"type": "python", "entrypoint": "tests.agents:echo"},
+            "retry": {"max_retries": 1},
+        },
+        headers=org.headers,
+    )
+    return uuid.UUID(
+        client.post(
+            f"/api/v1/agents/{name}/executions", json={"input": {}}, headers=org.headers
+        ).get_json()["id"]
+    )
+
+
+def test_claim_is_taken_once_and_stale_attempts_are_fenced(client, org, connection):
+    execution_id = _execution(client, org)
+    first = services.claim(connection, execution_id, "worker-a", 60)
+    assert first is not None and first.attempt == 1
+    assert services.claim(connection, execution_id, "worker-b", 60) is None, "a duplicate message"
+    # The sweeper gives the execution back (lease expired) and a second worker takes it.
+    connection.execute(
+        text("UPDATE executions SET lease_until = now() - interval '1 second' WHERE id = :id"),
+        {"id": execution_id},
+    )
+    connection.execute(
+        text("UPDATE executions SET status = 'queued' WHERE id = :id"), {"id": execution_id}
+    )
+    second = services.claim(connection, execution_id, "worker-b", 60)
+    assert second.attempt == 2
+    usage = {"cpu_seconds": 0, "max_rss_mb": 0, "wall_ms": 0}
+    assert not services.finish(
+        connection, first, status="succeeded", output={"stale": True}, error=None, usage=usage
+    )
+    assert services.finish(
+        connection, second, status="succeeded", output={"fresh": True}, error=None, usage=usage
+    )
+    assert not services.finish(
+        connection, second, status="failed", output=None, error=None, usage=usage
+    ), "terminal states never change"
+    row = connection.execute(
+        text("SELECT status, output, worker FROM executions WHERE id = :id"), {"id": execution_id}
+    ).one()
+    assert (row.status, row.output, row.worker) == ("succeeded", {"fresh": True}, "worker-b")
+
+
+@pytest.mark.worker
+def test_duplicate_messages_run_once(live_client, live_org):
+    execution_id = _execution(live_client, live_org)
+    with db.hot() as conn:
+        spec = services.specs.get(
+            conn,
+            conn.execute(
+                text("SELECT version_id FROM executions WHERE id = :id"), {"id": execution_id}
+            ).scalar(),
+        )
+    for _ in range(3):
+        services.publish(execution_id, spec, 5)
+    result = wait_for(live_client, live_org, str(execution_id))
+    assert result["status"] == "succeeded" and result["attempts"] == 1, (
+        result["error"],
+        result["attempts"],
+    )
+
+
+@pytest.mark.worker
+def test_sweeper_republishes_what_was_never_published(live_client, live_org):
+    live_client.post(
+        "/api/v1/agents",
+        json={"name": "echo", "runtime": {"type": "python", "entrypoint": "tests.agents:echo"}},
+        headers=live_org.headers,
+    )
+    agent = live_client.get("/api/v1/agents/echo", headers=live_org.headers).get_json()
+    execution_id = uuid.uuid4()
+    with db.hot() as conn:
+        # As if the API committed the row and died before publishing.
+        conn.execute(
+            text(
+                "INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, "
+                "agent_version, status, input, queued_at) "
+                "SELECT :id, a.org_id, a.id, a.current_version_id, a.name, a.current_version, "
+                "'queued', '{\"lost\": true}', now() - interval '5 minutes' "
+                "FROM agents a WHERE a.id = :agent"
+            ),
+            {"id": execution_id, "agent": agent["id"]},
+        )
+    report = services.sweep()
+    assert report.republished >= 1
+    result = wait_for(live_client, live_org, str(execution_id))
+    assert result["status"] == "succeeded" and result["output"]["echo"] == {"lost": True}
+
+
+@pytest.mark.worker
+def test_sweeper_requeues_an_expired_lease_then_fails_it_as_lost(live_client, live_org):
+    execution_id = _execution(live_client, live_org)
+    wait_for(live_client, live_org, str(execution_id))
+    with db.hot() as conn:
+        # As if the worker running attempt 1 died: running, lease expired, one retry left.
+        conn.execute(
+            text(
+                "UPDATE executions SET status = 'running', attempt = 1, output = NULL, "
+                "lease_until = now() - interval '1 second', queued_at = queued_at - "
+                "interval '5 minutes' WHERE id = :id"
+            ),
+            {"id": execution_id},
+        )
+    report = services.sweep()
+    assert report.requeued >= 1 and report.republished >= 1
+    result = wait_for(live_client, live_org, str(execution_id))
+    assert result["status"] == "succeeded" and result["attempts"] == 2
+    with db.hot() as conn:
+        conn.execute(
+            text(
+                "UPDATE executions SET status = 'running', "
+                "lease_until = now() - interval '1 second' WHERE id = :id"
+            ),
+            {"id": execution_id},
+        )
+    assert services.sweep().lost >= 1
+    result = live_client.get(
+        f"/api/v1/executions/{execution_id}", headers=live_org.headers
+    ).get_json()
+    assert result["status"] == "failed" and result["error"]["type"] == "lost"
