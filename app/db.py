@@ -89,7 +89,8 @@ class Database:
                         pool_size=5,
                         max_overflow=10,
                         # A dead database must answer 503 quickly, never hang a request.
-                        connect_args={"connect_timeout": 5},
+                        # Timestamps leave the database in UTC whatever the server's zone.
+                        connect_args={"connect_timeout": 5, "options": "-c timezone=UTC"},
                     )
                     self._autocommit = self._engine.execution_options(isolation_level="AUTOCOMMIT")
                     self._sessionmaker = sessionmaker(self._engine, expire_on_commit=False)

@@ -75,6 +75,10 @@ class LogBuffer:
         if due and threading.get_ident() == self._owner:
             self.flush()
 
+    def flush_if_due(self) -> None:
+        if self._pending and time.monotonic() - self._last_flush >= self._flush_seconds:
+            self.flush()
+
     def flush(self) -> None:
         with self._lock:
             batch, self._pending = self._pending, []

@@ -86,7 +86,7 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffe
         except BrokenPipeError:
             pass
         try:
-            outcome = _pump(process, streams, spec, ctx, started)
+            outcome = _pump(process, streams, spec, ctx, logs, started)
         except SoftTimeLimitExceeded:
             # Celery's backstop fired before our own deadline did (a stalled read, say).
             _kill_group(process.pid)
@@ -129,6 +129,7 @@ def _pump(
     streams: dict[int, ByteLines],
     spec: VersionSpec,
     ctx: Context,
+    logs: LogBuffer,
     started: float,
 ) -> Outcome:
     """Read the child's pipes until they close, enforcing the timeout and cancellation."""
@@ -146,6 +147,8 @@ def _pump(
                     streams[key.fd].feed(chunk)
                 else:
                     selector.unregister(key.fd)
+            # Lines show up while a long script runs, not only when it ends.
+            logs.flush_if_due()
             now = time.perf_counter()
             if outcome.ok and not outcome.cancelled:
                 if now >= deadline:

@@ -1,0 +1,54 @@
+"""The `runyard` command line, run as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from sqlalchemy import text
+
+from app.db import db
+
+RUNYARD = str(Path(sys.executable).parent / "runyard")
+
+
+def runyard(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [RUNYARD, *args], capture_output=True, text=True, timeout=60, env=env or os.environ.copy()
+    )
+
+
+def test_orgs_create_json_prints_the_org_and_a_working_token(client):
+    name = f"cli-{uuid.uuid4().hex[:8]}"
+    result = runyard("orgs", "create", name, "--json")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    try:
+        assert printed["org"]["name"] == name and uuid.UUID(printed["org"]["id"])
+        me = client.get("/api/v1/me", headers={"Authorization": f"Bearer {printed['token']}"})
+        assert me.status_code == 200 and me.get_json()["org"]["name"] == name
+        again = runyard("orgs", "create", name)
+        assert again.returncode == 2 and "exists already" in again.stderr
+
+        viewer = runyard("tokens", "create", name, "--role", "viewer", "--json")
+        token = json.loads(viewer.stdout)["token"]
+        me = client.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"})
+        assert me.get_json()["token"]["role"] == "viewer"
+    finally:
+        with db.engine.begin() as conn:
+            conn.execute(text("DELETE FROM organizations WHERE name = :name"), {"name": name})
+
+
+def test_db_upgrade_is_idempotent():
+    result = runyard("db", "upgrade")
+    assert result.returncode == 0, result.stderr
+    assert "database at head" in result.stdout
+
+
+def test_a_missing_database_url_says_what_to_do():
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    result = runyard("db", "upgrade", env=env)
+    assert result.returncode == 2
+    assert "DATABASE_URL is not set" in result.stderr and "runyard up" in result.stderr
