@@ -10,9 +10,22 @@ from app.config import current_config
 
 
 def _database_url() -> str:
+    """DATABASE_URL, or else the embedded PostgreSQL that `runyard up` keeps under RUNYARD_HOME."""
     from app.db import db
 
-    url = current_config().require_database()
+    cfg = current_config()
+    url = cfg.database_url
+    pgdata = cfg.home / "pgdata"
+    if not url and pgdata.exists():
+        from app.embedded import EmbeddedPostgres
+
+        print(
+            f"runyard: DATABASE_URL is unset; using the embedded PostgreSQL in {pgdata}",
+            file=sys.stderr,
+        )
+        url = EmbeddedPostgres(pgdata).start()
+    if not url:
+        url = cfg.require_database()
     db.configure(url)
     return url
 
@@ -61,6 +74,53 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
         )
     else:
         print(f"{args.role} token for {org.name} (shown once): {token}")
+    return 0
+
+
+def cmd_tokens_list(args: argparse.Namespace) -> int:
+    from app.db import db
+    from app.orgs import services
+
+    _database_url()
+    with db.session() as session:
+        tokens = services.list_tokens(session, args.org)
+        rows = [
+            {
+                "id": str(t.id),
+                "name": t.name,
+                "role": t.role,
+                "prefix": t.prefix,
+                "created_at": t.created_at.isoformat(),
+                "expires_at": t.expires_at.isoformat() if t.expires_at else None,
+                "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None,
+            }
+            for t in tokens
+        ]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            state = "revoked" if row["revoked_at"] else "active"
+            print(f"{row['id']}  {row['prefix']}...  {row['role']:<9}  {state:<7}  {row['name']}")
+    return 0
+
+
+def cmd_tokens_revoke(args: argparse.Namespace) -> int:
+    import uuid
+
+    from app.db import db
+    from app.errors import NotFound
+    from app.orgs import services
+
+    _database_url()
+    try:
+        token_id = uuid.UUID(args.token_id)
+    except ValueError as exc:
+        raise NotFound(f"no token {args.token_id!r}", hint="`runyard tokens list ORG`") from exc
+    with db.session() as session:
+        services.revoke_token(session, token_id)
+        session.commit()
+    print(f"revoked {token_id} (API processes forget it within RUNYARD_TOKEN_CACHE_SECONDS)")
     return 0
 
 
@@ -123,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--name", default="cli")
     token.add_argument("--json", action="store_true", help="print JSON")
     token.set_defaults(func=cmd_tokens_create)
+    listing = tokens_commands.add_parser("list", help="an organization's tokens (never the secret)")
+    listing.add_argument("org", help="organization name")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=cmd_tokens_list)
+    revoke = tokens_commands.add_parser("revoke", help="revoke a token by id")
+    revoke.add_argument("token_id")
+    revoke.set_defaults(func=cmd_tokens_revoke)
 
     api = commands.add_parser("api", help="serve the HTTP API (gunicorn)")
     api.add_argument("--host")

@@ -10,6 +10,7 @@ import contextlib
 import socket
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import redis
@@ -30,7 +31,10 @@ class EmbeddedPostgres:
     def start(self) -> str:
         """Start (or join) the server and return a SQLAlchemy URL to `database` on it."""
         try:
-            import pgserver
+            with warnings.catch_warnings():
+                # platformdirs warns when XDG_RUNTIME_DIR is unset; its /tmp fallback is fine.
+                warnings.simplefilter("ignore")
+                import pgserver
         except ImportError as exc:
             raise RuntimeError(
                 "embedded PostgreSQL needs the `embedded` extra: pip install -e '.[embedded]', "

@@ -33,6 +33,10 @@ class Conflict(RunyardError):
     status_code = 409
 
 
+class UnsupportedMediaType(RunyardError):
+    status_code = 415
+
+
 class ValidationFailed(RunyardError):
     """422: well-formed JSON that breaks a rule; ``errors`` is keyed by JSON pointer."""
 

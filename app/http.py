@@ -5,16 +5,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import flask_smorest
 from flask import Flask, g, jsonify, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
-from app.errors import RunyardError, Unavailable
+from app.errors import RunyardError, Unavailable, UnsupportedMediaType
 from app.orgs.services import Principal, authenticate
 
 log = logging.getLogger(__name__)
 
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 PUBLIC_PREFIXES = ("/api/v1/openapi.json", "/api/v1/docs", "/api/v1/swagger-ui")
 SERVER_OWNED = {
     "id",
@@ -99,6 +101,17 @@ def install(app: Flask, api: RunyardApi) -> None:
         if path.startswith("/api/v1") and not path.startswith(PUBLIC_PREFIXES):
             g.principal = authenticate(request.headers.get("Authorization"))
 
+    @app.before_request
+    def require_json_body():
+        if request.method not in BODY_METHODS or not request.path.startswith("/api/v1"):
+            return
+        chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+        if ((request.content_length or 0) > 0 or chunked) and not request.is_json:
+            raise UnsupportedMediaType(
+                f"the body must be JSON, not {request.mimetype or 'untyped'}",
+                hint="send the header 'Content-Type: application/json'",
+            )
+
     @app.errorhandler(RunyardError)
     def domain_error(error: RunyardError):
         body = _body(
@@ -153,7 +166,24 @@ def close_request_session(_exc: BaseException | None = None) -> None:
         session.close()
 
 
-PAGINATION = {"page_size": 20, "max_page_size": 100}
+PAGINATION_KEYS = (
+    "total",
+    "total_pages",
+    "first_page",
+    "last_page",
+    "page",
+    "previous_page",
+    "next_page",
+)
 
-# Documented on every authenticated route.
-AUTH_RESPONSES = (401, 403, 404)
+
+class Blueprint(flask_smorest.Blueprint):
+    """Lists page by 20 up to 100, and X-Pagination always carries all seven keys (null where
+    there is no such page), so clients need not test for their presence."""
+
+    DEFAULT_PAGINATION_PARAMETERS = {"page": 1, "page_size": 20, "max_page_size": 100}
+
+    @staticmethod
+    def _make_pagination_metadata(page, page_size, item_count):
+        metadata = flask_smorest.Blueprint._make_pagination_metadata(page, page_size, item_count)
+        return {key: metadata.get(key) for key in PAGINATION_KEYS}

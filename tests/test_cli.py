@@ -47,8 +47,26 @@ def test_db_upgrade_is_idempotent():
     assert "database at head" in result.stdout
 
 
-def test_a_missing_database_url_says_what_to_do():
+def test_a_missing_database_url_says_what_to_do(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["RUNYARD_HOME"] = str(tmp_path)  # no embedded database there to fall back on
     result = runyard("db", "upgrade", env=env)
     assert result.returncode == 2
     assert "DATABASE_URL is not set" in result.stderr and "runyard up" in result.stderr
+
+
+def test_tokens_list_and_revoke(client):
+    name = f"cli-{uuid.uuid4().hex[:8]}"
+    created = json.loads(runyard("orgs", "create", name, "--json").stdout)
+    try:
+        listed = json.loads(runyard("tokens", "list", name, "--json").stdout)
+        assert [t["role"] for t in listed] == ["admin"] and listed[0]["revoked_at"] is None
+        assert created["token"] not in json.dumps(listed)
+        revoked = runyard("tokens", "revoke", listed[0]["id"])
+        assert revoked.returncode == 0, revoked.stderr
+        me = client.get("/api/v1/me", headers={"Authorization": f"Bearer {created['token']}"})
+        assert me.status_code == 401
+        assert runyard("tokens", "revoke", "not-an-id").returncode == 2
+    finally:
+        with db.engine.begin() as conn:
+            conn.execute(text("DELETE FROM organizations WHERE name = :name"), {"name": name})

@@ -1,5 +1,4 @@
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
 from app.agents import services
 from app.agents.schemas import (
@@ -9,7 +8,7 @@ from app.agents.schemas import (
     AgentSchema,
     AgentVersionSchema,
 )
-from app.http import PAGINATION, current_principal, request_session
+from app.http import Blueprint, current_principal, request_session
 
 blp = Blueprint("agents", __name__, url_prefix="/api/v1/agents", description="Agents and versions")
 
@@ -18,7 +17,7 @@ blp = Blueprint("agents", __name__, url_prefix="/api/v1/agents", description="Ag
 class Agents(MethodView):
     @blp.arguments(AgentQuerySchema, location="query")
     @blp.response(200, AgentSchema(many=True))
-    @blp.paginate(**PAGINATION)
+    @blp.paginate()
     def get(self, args, pagination_parameters):
         """List agents, newest first"""
         session = request_session()
@@ -78,7 +77,7 @@ class AgentByRef(MethodView):
 @blp.route("/<ref>/versions")
 class AgentVersions(MethodView):
     @blp.response(200, AgentVersionSchema(many=True))
-    @blp.paginate(**PAGINATION)
+    @blp.paginate()
     def get(self, ref, pagination_parameters):
         """List an agent's versions, newest first"""
         items, total = services.list_versions(

@@ -45,26 +45,68 @@ def parse_semver(version: str) -> tuple[int, int, int]:
 
 
 def _check_definition(document: dict[str, Any]) -> None:
-    jsonschemas.validate_definition(document, "agent")
+    """Every check at once, so one answer lists every problem of a definition."""
     cfg = current_config()
+    problems: list[ValidationFailed] = []
+    try:
+        jsonschemas.validate_definition(document, "agent")
+    except ValidationFailed as exc:
+        problems.append(exc)
     for field in ("input_schema", "output_schema"):
-        if field in document:
-            jsonschemas.check_user_schema(
-                document[field],
-                field,
-                max_bytes=cfg.schema_max_bytes,
-                max_depth=cfg.schema_max_depth,
-            )
+        if isinstance(document.get(field), dict):
+            try:
+                jsonschemas.check_user_schema(
+                    document[field],
+                    field,
+                    max_bytes=cfg.schema_max_bytes,
+                    max_depth=cfg.schema_max_depth,
+                )
+            except ValidationFailed as exc:
+                problems.append(exc)
     runtime = document.get("runtime")
-    if runtime and runtime.get("type") == "python":
-        module = runtime["entrypoint"].partition(":")[0]
-        allowed = cfg.agent_modules
+    if isinstance(runtime, dict):
+        problems.extend(_check_runtime(runtime, cfg.agent_modules))
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        errors: dict[str, list[str]] = {}
+        for problem in problems:
+            for pointer, messages in problem.errors.items():
+                errors.setdefault(pointer, []).extend(messages)
+        raise ValidationFailed(
+            f"the agent definition has {len(problems)} problems: "
+            + "; ".join(problem.message for problem in problems),
+            errors=errors,
+            hint=next((problem.hint for problem in problems if problem.hint), None),
+        )
+
+
+def _check_runtime(runtime: dict[str, Any], allowed: tuple[str, ...]) -> list[ValidationFailed]:
+    entrypoint, source = runtime.get("entrypoint"), runtime.get("source")
+    if runtime.get("type") == "python" and isinstance(entrypoint, str):
+        module = entrypoint.partition(":")[0]
         if not any(module == prefix or module.startswith(prefix + ".") for prefix in allowed):
-            raise ValidationFailed(
-                f"module {module!r} is not under an allowed prefix",
-                errors={"/runtime/entrypoint": [f"module must lie under one of: {list(allowed)}"]},
-                hint="add the module's package to RUNYARD_AGENT_MODULES on the API and workers",
-            )
+            return [
+                ValidationFailed(
+                    f"module {module!r} is not under an allowed prefix",
+                    errors={
+                        "/runtime/entrypoint": [f"module must lie under one of: {list(allowed)}"]
+                    },
+                    hint="add the module's package to RUNYARD_AGENT_MODULES on the API and workers",
+                )
+            ]
+    if runtime.get("type") == "script" and isinstance(source, str):
+        try:
+            compile(source, "<agent script>", "exec")
+        except (SyntaxError, ValueError) as exc:
+            where = f"line {exc.lineno}: " if getattr(exc, "lineno", None) else ""
+            return [
+                ValidationFailed(
+                    "the script does not compile",
+                    errors={"/runtime/source": [f"{where}{getattr(exc, 'msg', exc)}"]},
+                )
+            ]
+    return []
 
 
 def resolve(session: Session, principal: Principal, ref: str) -> Agent:

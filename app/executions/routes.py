@@ -1,5 +1,4 @@
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
 from app.executions import services
 from app.executions.schemas import (
@@ -9,7 +8,7 @@ from app.executions.schemas import (
     LogQuerySchema,
     SubmitSchema,
 )
-from app.http import PAGINATION, current_principal, request_session
+from app.http import Blueprint, current_principal, request_session
 
 blp = Blueprint("executions", __name__, url_prefix="/api/v1", description="Executions")
 
@@ -35,7 +34,7 @@ class Submit(MethodView):
 class Executions(MethodView):
     @blp.arguments(ExecutionQuerySchema, location="query")
     @blp.response(200, ExecutionSchema(many=True))
-    @blp.paginate(**PAGINATION)
+    @blp.paginate()
     def get(self, args, pagination_parameters):
         """List executions, newest first"""
         items, total = services.list_executions(

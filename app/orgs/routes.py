@@ -1,7 +1,6 @@
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
-from app.http import current_principal
+from app.http import Blueprint, current_principal
 from app.orgs.schemas import MeSchema
 
 blp = Blueprint("orgs", __name__, url_prefix="/api/v1", description="The caller")

@@ -104,6 +104,17 @@ def revoke_token(session: Session, token_id: uuid.UUID) -> None:
     token_cache.clear()
 
 
+def list_tokens(session: Session, org_name: str) -> list[ApiToken]:
+    org = get_org_by_name(session, org_name)
+    if org is None:
+        raise NotFound(f"no organization {org_name!r}")
+    return list(
+        session.scalars(
+            select(ApiToken).where(ApiToken.org_id == org.id).order_by(ApiToken.created_at)
+        )
+    )
+
+
 def get_org_by_name(session: Session, name: str) -> Organization | None:
     return session.scalar(select(Organization).where(Organization.name == name))
 

@@ -274,3 +274,22 @@ def test_unknown_agent_is_404(client, org):
         ).status_code
         == 404
     )
+
+
+def test_every_problem_of_a_definition_is_reported_at_once(client, org):
+    body = agent(
+        name="Bad Name",
+        runtime={"type": "python", "entrypoint": "os:system"},
+        input_schema={"type": "strin"},
+    )
+    response = client.post("/api/v1/agents", json=body, headers=org.headers)
+    errors = response.get_json()["errors"]
+    assert response.status_code == 422
+    assert {"/name", "/runtime/entrypoint", "/input_schema/type"} <= set(errors)
+
+
+def test_a_script_that_does_not_compile_is_refused(client, org):
+    body = agent(runtime={"type": "script", "language": "python", "source": "def main(:\n"})
+    response = client.post("/api/v1/agents", json=body, headers=org.headers)
+    assert response.status_code == 422
+    assert response.get_json()["errors"]["/runtime/source"][0].startswith("line 1")

@@ -81,3 +81,26 @@ def test_unknown_route_and_method_use_the_error_shape(client, org):
 def test_a_body_that_is_not_an_object_is_422(client, org):
     response = client.post("/api/v1/agents", json=[1, 2], headers=org.headers)
     assert response.status_code == 422
+
+
+def test_a_body_that_is_not_json_is_415(client, org):
+    response = client.post(
+        "/api/v1/agents",
+        data='{"name": "x"}',
+        headers={**org.headers, "Content-Type": "text/plain"},
+    )
+    assert response.status_code == 415
+    assert "application/json" in response.get_json()["hint"]
+
+
+def test_pagination_header_always_has_seven_keys(client, org):
+    response = client.get("/api/v1/agents", headers=org.headers)
+    assert set(json.loads(response.headers["X-Pagination"])) == {
+        "total",
+        "total_pages",
+        "first_page",
+        "last_page",
+        "page",
+        "previous_page",
+        "next_page",
+    }

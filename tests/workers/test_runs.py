@@ -264,3 +264,26 @@ def test_example_agents_run(live_client, live_org):
     assert outputs["invoice-total"] == {"subtotal": 7.0, "tax": 1.4, "total": 8.4}
     assert outputs["word-count"]["words"] == 5
     assert outputs["summarize-ticket"]["summary"] == "The printer is on fire. Please help."
+
+
+def test_script_output_is_in_order_and_usage_is_the_childs_own(live_client, live_org):
+    source = (
+        "import sys\n"
+        "def main(input, ctx):\n"
+        "    print('one')\n"
+        "    print('two', file=sys.stderr)\n"
+        "    ctx.log.info('three')\n"
+        "    print('four')\n"
+        "    return {}\n"
+    )
+    script_agent(live_client, live_org, "ordered", source)
+    execution_id = run(live_client, live_org, "ordered")
+    result = wait_for(live_client, live_org, execution_id)
+    assert [line["message"] for line in logs(live_client, live_org, execution_id)] == [
+        "one",
+        "two",
+        "three",
+        "four",
+    ]
+    # A bare interpreter, not the worker's (larger) pool process that forked it.
+    assert result["resource_usage"]["max_rss_mb"] < 60

@@ -49,11 +49,12 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffe
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "LANG": "C.UTF-8",
             "HOME": workdir,
-            "PYTHONUNBUFFERED": "1",
             "RUNYARD_CONTROL_FD": str(control_write),
         }
         process = subprocess.Popen(
-            [sys.executable, "-I", str(CHILD)],
+            # -I: isolated from the worker's environment; -u: prints reach us line by line, in
+            # order with ctx.log (-I makes Python ignore PYTHONUNBUFFERED).
+            [sys.executable, "-I", "-u", str(CHILD)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -105,7 +106,7 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffe
         _kill_group(process.pid)
     outcome.usage = {
         "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 4),
-        "max_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "max_rss_mb": round(result.get("usage", {}).get("max_rss_kb", usage.ru_maxrss) / 1024, 1),
         "wall_ms": round((time.perf_counter() - started) * 1000),
     }
     if outcome.error_type or outcome.cancelled:

@@ -15,8 +15,19 @@ import traceback
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
+def peak_rss_kb() -> int:
+    """This process's peak resident size. Read here, because the parent's wait4() figure carries
+    over the worker's own peak from before the exec."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
 def main() -> None:
-    control = os.fdopen(int(os.environ["RUNYARD_CONTROL_FD"]), "w", buffering=1)
+    # closefd=False: the usage line is written on this descriptor after main() returns.
+    control = os.fdopen(int(os.environ["RUNYARD_CONTROL_FD"]), "w", buffering=1, closefd=False)
     request = json.loads(sys.stdin.buffer.read())
     sys.stdin = open(os.devnull)  # noqa: SIM115 - the agent gets an empty stdin for its lifetime
 
@@ -42,6 +53,32 @@ def main() -> None:
         def error(self, message, **fields):
             self._emit("error", message, fields)
 
+    class LogLines:
+        """sys.stdout / sys.stderr: each printed line travels on the control channel, so prints
+        and ctx.log arrive in the order they happened. Output of subprocesses the script starts
+        still goes to the real descriptors 1 and 2, which the worker also reads."""
+
+        def __init__(self, level):
+            self.level = level
+            self.partial = ""
+
+        def write(self, text):
+            self.partial += text
+            *lines, self.partial = self.partial.split("\n")
+            for line in lines:
+                send({"log": [self.level, line, None]})
+            return len(text)
+
+        def flush(self):
+            if self.partial:
+                send({"log": [self.level, self.partial, None]})
+                self.partial = ""
+
+        def isatty(self):
+            return False
+
+    sys.stdout = LogLines(LEVELS["info"])
+    sys.stderr = LogLines(LEVELS["warning"])
     cancelled = []
     signal.signal(signal.SIGUSR1, lambda *_: cancelled.append(True))
 
@@ -87,4 +124,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        with open(int(os.environ["RUNYARD_CONTROL_FD"]), "w", closefd=False) as control_fd:
+            control_fd.write(json.dumps({"usage": {"max_rss_kb": peak_rss_kb()}}) + "\n")
