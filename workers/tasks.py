@@ -7,6 +7,7 @@ import uuid
 
 from celery import Task
 from celery.signals import worker_process_init
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.config import current_config
 from app.db import db
@@ -34,7 +35,17 @@ def _fresh_engine_after_fork(**_kwargs) -> None:
     db.configure(current_config().require_database())
 
 
-@app.task(name=services.RUN_TASK, base=DatabaseTask, bind=True)
+@app.task(
+    name=services.RUN_TASK,
+    base=DatabaseTask,
+    bind=True,
+    # The database was unreachable (or a pooled connection had died): try again shortly. The
+    # claim makes a retry after a successful claim harmless; the sweeper covers the rest.
+    autoretry_for=(OperationalError, InterfaceError),
+    retry_backoff=1,
+    retry_backoff_max=30,
+    max_retries=10,
+)
 def run_execution(self, execution_id: str) -> None:
     run(uuid.UUID(execution_id), worker=self.request.hostname or "worker")
 

@@ -290,6 +290,8 @@ def publish(
             # Redis serves the lowest priority number first; the API's 9 is the most urgent.
             priority=9 - priority,
             countdown=countdown,
+            # Results live in PostgreSQL: no result channel to subscribe to per submit.
+            ignore_result=True,
             soft_time_limit=spec.soft_time_limit,
             time_limit=spec.soft_time_limit + HARD_LIMIT_GRACE_SECONDS,
             retry=True,
@@ -311,7 +313,7 @@ class DispatchStamper:
     duplicate message is dropped by the claim, so batching costs nothing in correctness.
     """
 
-    def __init__(self, interval_seconds: float = 0.2) -> None:
+    def __init__(self, interval_seconds: float = 1.0) -> None:
         self.interval_seconds = interval_seconds
         self._pending: list[uuid.UUID] = []
         self._lock = threading.Lock()
@@ -356,7 +358,11 @@ class DispatchStamper:
     def stamp(ids: list[uuid.UUID]) -> None:
         with db.hot() as conn:
             conn.execute(
-                text("UPDATE executions SET dispatched_at = now() WHERE id = ANY(:ids)"),
+                # Rows a worker claimed meanwhile carry the stamp already: skip the write.
+                text(
+                    "UPDATE executions SET dispatched_at = now() "
+                    "WHERE id = ANY(:ids) AND dispatched_at IS NULL"
+                ),
                 {"ids": ids},
             )
 
