@@ -57,6 +57,7 @@ def create_app(config: Config | None = None) -> Flask:
     for blueprint in (orgs_blp, agents_blp, executions_blp):
         api.register_blueprint(blueprint)
     http.install(app, api)
+    app.wsgi_app = http.ChunkedBodyLimit(app.wsgi_app, cfg.max_body_bytes)
     app.teardown_appcontext(http.close_request_session)
     _operational_routes(app)
     return app

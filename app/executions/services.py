@@ -16,6 +16,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -85,11 +86,12 @@ class VersionSpec:
             return self.timeout_seconds
         return self.timeout_seconds + CHILD_RUNTIME_BACKSTOP_SECONDS
 
-    @property
+    # Built once per cached spec, not once per execution.
+    @cached_property
     def input_validator(self) -> Draft202012Validator:
         return jsonschemas.validator_for(self.input_schema)
 
-    @property
+    @cached_property
     def output_validator(self) -> Draft202012Validator:
         return jsonschemas.validator_for(self.output_schema)
 

@@ -104,3 +104,26 @@ def test_pagination_header_always_has_seven_keys(client, org):
         "previous_page",
         "next_page",
     }
+
+
+def test_oversized_chunked_body_is_413_and_a_small_one_works(client, org):
+    import io
+
+    def post_chunked(body: bytes):
+        return client.post(
+            "/api/v1/agents",
+            input_stream=io.BytesIO(body),
+            headers={
+                **org.headers,
+                "Content-Type": "application/json",
+                "Transfer-Encoding": "chunked",
+            },
+        )
+
+    big = json.dumps({"name": "x", "description": "y" * (1024 * 1024 + 1)}).encode()
+    response = post_chunked(big)
+    assert response.status_code == 413 and response.get_json()["code"] == 413
+    small = json.dumps(
+        {"name": "chunked", "runtime": {"type": "python", "entrypoint": "tests.agents:echo"}}
+    ).encode()
+    assert post_chunked(small).status_code == 201
