@@ -81,6 +81,19 @@ def _wait_http(url: str, supervisor: Supervisor, timeout: float = 60.0) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
 
 
+def _wait_log(supervisor: Supervisor, name: str, marker: str, timeout: float = 60.0) -> None:
+    """Wait until a child writes `marker` to its log (Celery's worker says "ready.")."""
+    child = next(c for c in supervisor.children if c.name == name)
+    start = child.log_path.stat().st_size if child.log_path.exists() else 0
+    deadline = time.monotonic() + timeout
+    while marker not in child.log_path.read_text(errors="replace")[start:]:
+        if child.process.poll() is not None:
+            raise RuntimeError(f"{name} exited early:\n{_tail(child.log_path)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} was not ready within {timeout:.0f}s; see {child.log_path}")
+        time.sleep(0.2)
+
+
 def _secret(path: Path) -> str:
     if path.exists():
         return path.read_text().strip()
@@ -206,6 +219,7 @@ def up(with_examples: bool = True) -> int:
         )
         api_url = f"http://{cfg.api_host}:{cfg.api_port}"
         _wait_http(f"{api_url}/healthz", supervisor)
+        _wait_log(supervisor, "worker", "ready.")
         examples = load_examples() if with_examples else []
 
         print(

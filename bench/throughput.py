@@ -552,14 +552,15 @@ def phase_runyard(args, children: Children, env: dict[str, str], database_url: s
     last = state["last"]
     # The stored finished_at is exact; poll-detection time is the fallback if clocks disagree.
     end = last if last and batch.t0 < last <= seen + 1 else seen
-    seconds = end - batch.t0
-    log(
-        f"  submitted {args.count} in {batch.t_submitted - batch.t0:.2f} s "
-        f"({args.count / (batch.t_submitted - batch.t0):.1f}/s over HTTP)"
+    return report_phase(
+        "runyard",
+        "executions",
+        "over HTTP",
+        args.count,
+        batch,
+        end,
+        cpu_report(before, after, sessions, args.count, seen - batch.t0),
     )
-    log(cpu_report(before, after, sessions, args.count, seen - batch.t0))
-    log(rate_line("runyard", "executions", args.count, seconds))
-    return args.count / seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,14 +650,24 @@ def phase_plain(args, children: Children, env: dict[str, str], redis_url: str) -
         with contextlib.suppress(Exception):
             plain_app.pool.force_close_all()
     end = last if batch.t0 < last <= seen + 1 else seen
-    seconds = end - batch.t0
-    log(
-        f"  submitted {args.count} in {batch.t_submitted - batch.t0:.2f} s "
-        f"({args.count / (batch.t_submitted - batch.t0):.1f}/s with apply_async)"
+    return report_phase(
+        "plain celery",
+        "tasks",
+        "with apply_async",
+        args.count,
+        batch,
+        end,
+        cpu_report(before, after, sessions, args.count, seen - batch.t0),
     )
-    log(cpu_report(before, after, sessions, args.count, seen - batch.t0))
-    log(rate_line("plain celery", "tasks", args.count, seconds))
-    return args.count / seconds
+
+
+def report_phase(name, noun, how, count, batch, end, cpu_line) -> float:
+    """Print a phase's submit rate, CPU per item and end-to-end rate; return the rate."""
+    submit_seconds = batch.t_submitted - batch.t0
+    log(f"  submitted {count} in {submit_seconds:.2f} s ({count / submit_seconds:.1f}/s {how})")
+    log(cpu_line)
+    log(rate_line(name, noun, count, end - batch.t0))
+    return count / (end - batch.t0)
 
 
 # ---------------------------------------------------------------------------------------------
