@@ -15,7 +15,7 @@ blp = Blueprint("agents", __name__, url_prefix="/api/v1/agents", description="Ag
 
 @blp.route("")
 class Agents(MethodView):
-    @blp.arguments(AgentQuerySchema, location="query")
+    @blp.arguments(AgentQuerySchema(), location="query")
     @blp.response(200, AgentSchema(many=True))
     @blp.paginate()
     def get(self, args, pagination_parameters):
@@ -34,8 +34,8 @@ class Agents(MethodView):
         pagination_parameters.item_count = total
         return [services.describe(session, agent) for agent in items]
 
-    @blp.arguments(AgentCreateSchema)
-    @blp.response(201, AgentSchema)
+    @blp.arguments(AgentCreateSchema())
+    @blp.response(201, AgentSchema())
     @blp.alt_response(409, description="an agent of that name exists")
     def post(self, data):
         """Create an agent and its first version"""
@@ -47,15 +47,15 @@ class Agents(MethodView):
 
 @blp.route("/<ref>")
 class AgentByRef(MethodView):
-    @blp.response(200, AgentSchema)
+    @blp.response(200, AgentSchema())
     @blp.alt_response(404, description="no such agent in your organization")
     def get(self, ref):
         """Read an agent by id or name"""
         session = request_session()
         return services.describe(session, services.resolve(session, current_principal(), ref))
 
-    @blp.arguments(AgentPatchSchema)
-    @blp.response(200, AgentSchema)
+    @blp.arguments(AgentPatchSchema())
+    @blp.response(200, AgentSchema())
     @blp.alt_response(404, description="no such agent in your organization")
     @blp.alt_response(409, description="the agent is archived")
     def patch(self, data, ref):
@@ -93,7 +93,7 @@ class AgentVersions(MethodView):
 
 @blp.route("/<ref>/versions/<version>")
 class AgentVersionByNumber(MethodView):
-    @blp.response(200, AgentVersionSchema)
+    @blp.response(200, AgentVersionSchema())
     @blp.alt_response(404, description="no such agent or version")
     def get(self, ref, version):
         """Read one version with its full definition"""

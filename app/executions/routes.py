@@ -15,8 +15,8 @@ blp = Blueprint("executions", __name__, url_prefix="/api/v1", description="Execu
 
 @blp.route("/agents/<ref>/executions")
 class Submit(MethodView):
-    @blp.arguments(SubmitSchema)
-    @blp.response(202, ExecutionSchema)
+    @blp.arguments(SubmitSchema())
+    @blp.response(202, ExecutionSchema())
     @blp.alt_response(404, description="no such agent or version")
     @blp.alt_response(409, description="the agent is archived")
     def post(self, data, ref):
@@ -32,7 +32,7 @@ class Submit(MethodView):
 
 @blp.route("/executions")
 class Executions(MethodView):
-    @blp.arguments(ExecutionQuerySchema, location="query")
+    @blp.arguments(ExecutionQuerySchema(), location="query")
     @blp.response(200, ExecutionSchema(many=True))
     @blp.paginate()
     def get(self, args, pagination_parameters):
@@ -53,7 +53,7 @@ class Executions(MethodView):
 
 @blp.route("/executions/<execution_id>")
 class ExecutionById(MethodView):
-    @blp.response(200, ExecutionSchema)
+    @blp.response(200, ExecutionSchema())
     @blp.alt_response(404, description="no such execution in your organization")
     def get(self, execution_id):
         """Read an execution"""
@@ -62,7 +62,7 @@ class ExecutionById(MethodView):
 
 @blp.route("/executions/<execution_id>/cancel")
 class Cancel(MethodView):
-    @blp.response(202, ExecutionSchema)
+    @blp.response(202, ExecutionSchema())
     @blp.alt_response(409, description="the execution has finished")
     def post(self, execution_id):
         """Cancel: a queued execution never starts, a running one is asked to stop"""
@@ -73,7 +73,7 @@ class Cancel(MethodView):
 
 @blp.route("/executions/<execution_id>/logs")
 class Logs(MethodView):
-    @blp.arguments(LogQuerySchema, location="query")
+    @blp.arguments(LogQuerySchema(), location="query")
     @blp.response(200, LogLineSchema(many=True))
     def get(self, args, execution_id):
         """Log lines in seq order: what the agent printed and logged through ctx.log"""

@@ -7,7 +7,7 @@ from sqlalchemy import text
 
 from app.db import db
 from app.executions import services
-from tests.conftest import wait_for
+from tests.conftest import wait_for, wait_until
 
 
 def _execution(client, org, name="echo"):
@@ -135,3 +135,32 @@ def test_sweeper_requeues_an_expired_lease_then_fails_it_as_lost(live_client, li
         f"/api/v1/executions/{execution_id}", headers=live_org.headers
     ).get_json()
     assert result["status"] == "failed" and result["error"]["type"] == "lost"
+
+
+@pytest.mark.worker
+def test_submits_are_published_in_the_background_and_stamped(live_client, live_org):
+    live_client.post(
+        "/api/v1/agents",
+        json={"name": "echo", "runtime": {"type": "python", "entrypoint": "tests.agents:echo"}},
+        headers=live_org.headers,
+    )
+    ids = [
+        live_client.post(
+            "/api/v1/agents/echo/executions", json={"input": {"n": n}}, headers=live_org.headers
+        ).get_json()["id"]
+        for n in range(20)
+    ]
+    for execution_id in ids:
+        assert wait_for(live_client, live_org, execution_id)["status"] == "succeeded"
+
+    def all_stamped():
+        with db.hot() as conn:
+            return conn.execute(
+                text(
+                    "SELECT count(*) FROM executions WHERE id = ANY(:ids) "
+                    "AND dispatched_at IS NOT NULL"
+                ),
+                {"ids": [uuid.UUID(i) for i in ids]},
+            ).scalar() == len(ids)
+
+    wait_until(all_stamped, timeout=5)
