@@ -8,6 +8,8 @@ autocommit connection.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -386,6 +388,7 @@ class Dispatcher:
                 self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
                 self._thread.start()
+                atexit.register(self.drain)
             self._wakeup.notify()
 
     def _run(self) -> None:
@@ -406,6 +409,17 @@ class Dispatcher:
                     log.warning(
                         "could not stamp %d executions as dispatched", len(stamped), exc_info=True
                     )
+
+    def drain(self) -> None:
+        """At a clean exit, publish and stamp what is still waiting, rather than leave it to
+        the sweeper's grace period."""
+        with self._wakeup:
+            batch, self._pending = self._pending, []
+        published = self._publish(batch) if batch else []
+        stamped, self._published = self._published + published, []
+        if stamped:
+            with contextlib.suppress(Exception):
+                _stamp(stamped)
 
     @staticmethod
     def _publish(batch: list[Dispatch]) -> list[uuid.UUID]:

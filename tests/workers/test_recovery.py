@@ -164,3 +164,27 @@ def test_submits_are_published_in_the_background_and_stamped(live_client, live_o
             ).scalar() == len(ids)
 
     wait_until(all_stamped, timeout=5)
+
+
+@pytest.mark.worker
+def test_dispatcher_drains_what_is_waiting_at_exit(live_client, live_org):
+    execution_id = _execution(live_client, live_org, name="drained")
+    wait_for(live_client, live_org, str(execution_id))
+    with db.hot() as conn:
+        # As if committed and queued in memory when the process began to exit.
+        conn.execute(
+            text(
+                "UPDATE executions SET status = 'queued', attempt = 0, dispatched_at = NULL "
+                "WHERE id = :id"
+            ),
+            {"id": execution_id},
+        )
+        version_id = conn.execute(
+            text("SELECT version_id FROM executions WHERE id = :id"), {"id": execution_id}
+        ).scalar()
+        spec = services.specs.get(conn, version_id)
+    dispatcher = services.Dispatcher()
+    dispatcher._pending.append(services.Dispatch(execution_id, spec, 5))
+    dispatcher.drain()
+    result = wait_for(live_client, live_org, str(execution_id))
+    assert result["status"] == "succeeded" and result["attempts"] == 1
