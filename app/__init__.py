@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import swagger_ui_bundle
-from flask import Flask, Response, send_from_directory
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from flask import Flask, send_from_directory
 from sqlalchemy import text
 
 from app import http
 from app.config import Config, current_config, use_config
 from app.db import db
-
-REQUESTS = Counter(
-    "runyard_http_requests_total", "HTTP requests answered", ["method", "endpoint", "status"]
-)
-LATENCY = Histogram("runyard_http_request_seconds", "HTTP request latency", ["endpoint"])
 
 
 def create_app(config: Config | None = None) -> Flask:
@@ -60,6 +52,11 @@ def create_app(config: Config | None = None) -> Flask:
     app.wsgi_app = http.ChunkedBodyLimit(app.wsgi_app, cfg.max_body_bytes)
     app.teardown_appcontext(http.close_request_session)
     _operational_routes(app)
+    # Imported here, not at the top: prometheus_client fixes its (multiprocess) mode on import,
+    # and `runyard api` sets PROMETHEUS_MULTIPROC_DIR only after this package is loaded.
+    from app import metrics
+
+    metrics.install(app)
     return app
 
 
@@ -85,26 +82,6 @@ def _operational_routes(app: Flask) -> None:
             "message": f"not ready: {failed} unreachable",
             "errors": checks,
         }, 503
-
-    @app.get("/metrics")
-    def metrics():
-        return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
-
-    @app.before_request
-    def start_timer():
-        from flask import g
-
-        g.started = time.perf_counter()
-
-    @app.after_request
-    def count(response):
-        from flask import g, request
-
-        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        REQUESTS.labels(request.method, endpoint, response.status_code).inc()
-        if "started" in g:
-            LATENCY.labels(endpoint).observe(time.perf_counter() - g.started)
-        return response
 
 
 def _check_database() -> str:

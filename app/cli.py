@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 
 from app.config import current_config
 
@@ -129,6 +132,17 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     cfg = current_config()
     cfg.require_database()
+    # /metrics must add up every gunicorn worker, not answer for whichever took the scrape:
+    # prometheus_client's multiprocess mode, with a directory of this server's own.
+    metrics_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics_dir = tempfile.mkdtemp(prefix="runyard-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
+    def child_exit(_server, worker) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
 
     class Server(BaseApplication):
         def load_config(self):
@@ -138,6 +152,7 @@ def cmd_api(args: argparse.Namespace) -> int:
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("accesslog", "-" if args.access_log else None)
             self.cfg.set("graceful_timeout", 10)
+            self.cfg.set("child_exit", child_exit)
             # Two servers on one host would fight over the default control socket path.
             self.cfg.set("control_socket_disable", True)
 
@@ -146,7 +161,11 @@ def cmd_api(args: argparse.Namespace) -> int:
 
             return create_app()
 
-    Server().run()
+    try:
+        Server().run()
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
