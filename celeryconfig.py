@@ -4,6 +4,10 @@ The settings ARCHITECTURE.md fixes are here and asserted by tests/workers/test_c
 """
 
 from app.config import current_config
+from app.hardening import make_undumpable
+
+# Worker, beat and flower all load this module: none may be readable by an agent's process.
+make_undumpable()
 
 _cfg = current_config()
 

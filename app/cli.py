@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from app.errors import RunyardError
+    from app.hardening import make_undumpable
 
+    make_undumpable()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -88,9 +88,20 @@ class Database:
                     options = {
                         "pool_size": 5,
                         "max_overflow": 10,
-                        # A dead database must answer 503 quickly, never hang a request.
-                        # Timestamps leave the database in UTC whatever the server's zone.
-                        "connect_args": {"connect_timeout": 5, "options": "-c timezone=UTC"},
+                        # A dead or stalled database must answer 503 within seconds, never
+                        # hang a request: bounded waits for a pooled connection, for connecting,
+                        # for a statement, and for a peer that stopped answering (keepalives,
+                        # tcp_user_timeout). Timestamps leave the database in UTC.
+                        "pool_timeout": 5,
+                        "connect_args": {
+                            "connect_timeout": 5,
+                            "options": "-c timezone=UTC -c statement_timeout=8000",
+                            "keepalives": 1,
+                            "keepalives_idle": 5,
+                            "keepalives_interval": 2,
+                            "keepalives_count": 2,
+                            "tcp_user_timeout": 8000,
+                        },
                     }
                     self._engine = create_engine(self._url, **options)
                     # A pool of its own, set to autocommit once per connection rather than

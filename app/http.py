@@ -80,7 +80,11 @@ def _body(code: int, status: str, message: str, errors: dict | None = None, hint
 class RunyardApi(Api):
     def handle_http_exception(self, error: HTTPException):
         data = getattr(error, "data", None) or {}
-        headers = data.get("headers") or {}
+        # Keep what the exception itself says in headers (Allow on a 405, for one).
+        headers = {
+            name: value for name, value in error.get_headers() if name.lower() != "content-type"
+        }
+        headers.update(data.get("headers") or {})
         errors = data.get("errors") or _pointer_errors(data.get("messages"))
         message = data.get("message") or _default_message(error, errors)
         return _body(error.code, error.name, message, errors), error.code, headers
@@ -146,9 +150,11 @@ def install(app: Flask, api: RunyardApi) -> None:
 
 
 def _is_database_down(error: Exception) -> bool:
+    """Also psycopg's own errors: the hot statements run on the driver connection directly."""
+    import psycopg
     from sqlalchemy.exc import DBAPIError, OperationalError
 
-    return isinstance(error, OperationalError) or (
+    return isinstance(error, OperationalError | psycopg.OperationalError) or (
         isinstance(error, DBAPIError) and error.connection_invalidated
     )
 

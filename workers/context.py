@@ -17,7 +17,7 @@ from app.executions.models import LEVELS
 
 
 def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(fields, default=repr))
+    return json.loads(json.dumps(fields, default=repr).replace("\\u0000", "\\\\x00"))
 
 
 class LogBuffer:
@@ -52,6 +52,8 @@ class LogBuffer:
         self.count = 0
 
     def add(self, level: int, message: str, fields: dict[str, Any] | None = None) -> None:
+        # PostgreSQL text and jsonb cannot hold NUL: show it, do not fail the execution on it.
+        message = message.replace("\x00", "\\x00")
         if len(message) > self._max_chars:
             message = message[: self._max_chars] + f" [cut: {len(message)} characters in all]"
         with self._lock:

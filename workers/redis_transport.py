@@ -27,6 +27,11 @@ class Channel(redis.Channel):
             self._shared_client = self._create_client()
         yield self._shared_client
 
+    def _disconnect_pools(self) -> None:
+        # After a fork or a lost connection the pool is rebuilt: the client must follow it.
+        self._shared_client = None
+        super()._disconnect_pools()
+
 
 class Transport(redis.Transport):
     Channel = Channel

@@ -8,12 +8,23 @@ import random
 import uuid
 from typing import Any
 
+import psycopg
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from app.config import current_config
 from app.db import db
 from app.executions import services
 from app.executions.services import Claim, VersionSpec, error_body
 from workers.context import AgentLog, Context, LogBuffer
 from workers.runtimes import Outcome, runtime_for
+
+DATABASE_ERRORS = (
+    OperationalError,
+    InterfaceError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +56,29 @@ def run_execution(execution_id: uuid.UUID, worker: str) -> None:
             log=AgentLog(buffer),
             check_cancel=lambda: services.cancel_requested(conn, execution_id),
         )
-        outcome = runtime_for(spec.runtime["type"]).run(spec, claimed.input, ctx, buffer)
-        if outcome.ok:
-            _check_output(spec, outcome)
-        buffer.flush()
+        try:
+            outcome = runtime_for(spec.runtime["type"]).run(spec, claimed.input, ctx, buffer)
+            if outcome.ok:
+                _check_output(spec, outcome)
+            buffer.flush()
+        # Whatever broke around the agent, the claimed row must not stay `running`.
+        except SoftTimeLimitExceeded:
+            outcome = Outcome(
+                error_type="timeout",
+                error_message=f"did not finish within timeout_seconds={spec.timeout_seconds}",
+            )
+        except Exception as exc:
+            if isinstance(exc, DATABASE_ERRORS):
+                raise  # the task retries; the lease brings the row back if the database lost it
+            log.exception("execution %s: the worker failed around the agent", execution_id)
+            outcome = Outcome(
+                error_type="runtime_error",
+                error_message=f"the worker failed while running the agent: "
+                f"{type(exc).__name__}: {exc}",
+            )
+        if not outcome.ok and services.cancel_requested(conn, execution_id):
+            # It failed after a cancel was asked (often because of it): report the cancel.
+            outcome.cancelled = True
         _record(conn, claimed, spec, outcome)
 
 
@@ -59,10 +89,14 @@ def _check_output(spec: VersionSpec, outcome: Outcome) -> None:
         outcome.error_message = f"the agent returned {type(output).__name__}, not a JSON object"
         return
     try:
-        json.dumps(output)
+        text = json.dumps(output)
     except (TypeError, ValueError) as exc:
         outcome.error_type = "output_invalid"
         outcome.error_message = f"the output is not JSON: {exc}"
+        return
+    if "\\u0000" in text:
+        outcome.error_type = "output_invalid"
+        outcome.error_message = "the output holds a NUL character (\\u0000), which cannot be stored"
         return
     errors = services.jsonschemas.instance_errors(spec.output_validator, output, "")
     if errors:

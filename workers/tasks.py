@@ -7,12 +7,12 @@ import uuid
 
 from celery import Task
 from celery.signals import worker_process_init
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.config import current_config
 from app.db import db
 from app.executions import services
 from workers import app
+from workers.runner import DATABASE_ERRORS
 from workers.runner import run_execution as run
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,12 @@ def _fresh_engine_after_fork(**_kwargs) -> None:
     bind=True,
     # The database was unreachable (or a pooled connection had died): try again shortly. The
     # claim makes a retry after a successful claim harmless; the sweeper covers the rest.
-    autoretry_for=(OperationalError, InterfaceError),
+    autoretry_for=DATABASE_ERRORS,
     retry_backoff=1,
     retry_backoff_max=30,
-    max_retries=10,
+    # For as long as the database is away: the message is the only thing that knows this
+    # execution still has to run once the row can be claimed.
+    max_retries=None,
 )
 def run_execution(self, execution_id: str) -> None:
     run(uuid.UUID(execution_id), worker=self.request.hostname or "worker")

@@ -247,24 +247,31 @@ def submit(
                     errors=errors,
                     hint=f"GET /api/v1/agents/{spec.agent_name} shows the input_schema",
                 )
-            row = (
-                _driver(conn)
-                .execute(
-                    _INSERT_SQL,
-                    {
-                        "id": execution_id,
-                        "org_id": principal.org_id,
-                        "agent_id": target.agent_id,
-                        "version_id": spec.id,
-                        "version": spec.version,
-                        "priority": priority,
-                        "input": Jsonb(payload),
-                        "max_attempts": spec.max_attempts,
-                        "pinned": target.pinned,
-                    },
+            try:
+                row = (
+                    _driver(conn)
+                    .execute(
+                        _INSERT_SQL,
+                        {
+                            "id": execution_id,
+                            "org_id": principal.org_id,
+                            "agent_id": target.agent_id,
+                            "version_id": spec.id,
+                            "version": spec.version,
+                            "priority": priority,
+                            "input": Jsonb(payload),
+                            "max_attempts": spec.max_attempts,
+                            "pinned": target.pinned,
+                        },
+                    )
+                    .fetchone()
                 )
-                .fetchone()
-            )
+            except psycopg.errors.UntranslatableCharacter as exc:
+                raise ValidationFailed(
+                    "the input holds a NUL character (\\u0000), which cannot be stored",
+                    errors={"/input": ["contains \\u0000"]},
+                    hint="remove or escape the NUL characters",
+                ) from exc
             if row is not None:
                 queued_at = row[0]
                 break
@@ -370,11 +377,16 @@ class Dispatcher:
     STAMP_INTERVAL_SECONDS = 1.0
 
     def __init__(self) -> None:
+        self._reset()
+        self._drain_at_exit = False
+        # gunicorn and Celery fork: a child starts empty, with a lock nobody holds.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
         self._pending: list[Dispatch] = []
         self._published: list[uuid.UUID] = []
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._pid: int | None = None
 
     def submit(self, execution_id: uuid.UUID, spec: VersionSpec, priority: int) -> None:
         if db.bound_for_tests:
@@ -383,12 +395,12 @@ class Dispatcher:
             return
         with self._wakeup:
             self._pending.append(Dispatch(execution_id, spec, priority))
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                # First use in this process (gunicorn forks after import): start the thread here.
-                self._pid = os.getpid()
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
                 self._thread.start()
-                atexit.register(self.drain)
+                if not self._drain_at_exit:
+                    self._drain_at_exit = True
+                    atexit.register(self.drain)
             self._wakeup.notify()
 
     def _run(self) -> None:
@@ -543,7 +555,9 @@ def requeue_for_retry(
 _LOG_INSERT = text(
     """
     INSERT INTO execution_logs (execution_id, seq, attempt, ts, level, message, fields)
-    VALUES (:execution_id, :seq, :attempt, :ts, :level, :message, :fields)
+    SELECT :execution_id, :seq, :attempt, :ts, :level, :message, :fields
+    -- Fenced like every write after the claim: a stale attempt's lines are dropped.
+    WHERE EXISTS (SELECT 1 FROM executions WHERE id = :execution_id AND attempt = :attempt)
     ON CONFLICT DO NOTHING
     """
 ).bindparams(bindparam("fields", type_=JSONB))
@@ -741,10 +755,15 @@ _UNDISPATCHED = text(
 
 _EXPIRED_REQUEUE = text(
     """
-    UPDATE executions SET status = 'queued', lease_until = NULL, dispatched_at = NULL
-    WHERE status = 'running' AND lease_until < now() AND attempt < max_attempts
-      AND cancel_requested_at IS NULL
-    RETURNING id
+    UPDATE executions e SET status = 'queued', lease_until = NULL, dispatched_at = NULL
+    FROM agent_versions v
+    WHERE v.id = e.version_id
+      AND e.status = 'running' AND e.lease_until < now() AND e.attempt < e.max_attempts
+      AND e.cancel_requested_at IS NULL
+      -- A lost worker may have done part of the work: run it again only where the agent's
+      -- retry policy says `lost` is safe to retry.
+      AND v.retry -> 'retry_on' ? 'lost'
+    RETURNING e.id
     """
 )
 

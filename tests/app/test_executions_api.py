@@ -180,3 +180,10 @@ def test_logs_filters(client, org, connection):
     line = client.get(path, headers=org.headers).get_json()[1]
     assert set(line) >= {"seq", "ts", "level", "message", "fields"} and line["level"] == "info"
     assert client.get(path + "?level=loud", headers=org.headers).status_code == 422
+
+
+def test_a_nul_character_in_the_input_is_422(client, org):
+    make_agent(client, org, {**ECHO, "input_schema": {"type": "object"}})
+    response = submit(client, org, {"text": "a\u0000b"})
+    assert response.status_code == 422
+    assert "/input" in response.get_json()["errors"]

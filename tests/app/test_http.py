@@ -76,6 +76,7 @@ def test_unknown_route_and_method_use_the_error_shape(client, org):
     wrong = client.put("/api/v1/agents", headers=org.headers)
     assert wrong.status_code == 405
     assert wrong.get_json()["code"] == 405
+    assert set(wrong.headers["Allow"].split(", ")) >= {"GET", "POST"}
 
 
 def test_a_body_that_is_not_an_object_is_422(client, org):

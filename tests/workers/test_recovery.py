@@ -188,3 +188,34 @@ def test_dispatcher_drains_what_is_waiting_at_exit(live_client, live_org):
     dispatcher.drain()
     result = wait_for(live_client, live_org, str(execution_id))
     assert result["status"] == "succeeded" and result["attempts"] == 1
+
+
+@pytest.mark.worker
+def test_sweeper_does_not_rerun_lost_work_unless_the_policy_allows(live_client, live_org):
+    live_client.post(
+        "/api/v1/agents",
+        json={
+            "name": "once",
+            "runtime": {"type": "python", "entrypoint": "tests.agents:echo"},
+            "retry": {"max_retries": 3, "retry_on": ["runtime_error"]},
+        },
+        headers=live_org.headers,
+    )
+    execution_id = live_client.post(
+        "/api/v1/agents/once/executions", json={"input": {}}, headers=live_org.headers
+    ).get_json()["id"]
+    wait_for(live_client, live_org, execution_id)
+    with db.hot() as conn:
+        conn.execute(
+            text(
+                "UPDATE executions SET status = 'running', attempt = 1, "
+                "lease_until = now() - interval '1 second' WHERE id = :id"
+            ),
+            {"id": execution_id},
+        )
+    report = services.sweep()
+    assert report.requeued == 0 and report.lost >= 1
+    result = live_client.get(
+        f"/api/v1/executions/{execution_id}", headers=live_org.headers
+    ).get_json()
+    assert result["status"] == "failed" and result["error"]["type"] == "lost"

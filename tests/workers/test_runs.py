@@ -1,5 +1,6 @@
 """Executions run end to end: HTTP submit, a real Celery worker, results and logs in PostgreSQL."""
 
+import os
 import time
 
 import pytest
@@ -287,3 +288,48 @@ def test_script_output_is_in_order_and_usage_is_the_childs_own(live_client, live
     ]
     # A bare interpreter, not the worker's (larger) pool process that forked it.
     assert result["resource_usage"]["max_rss_mb"] < 60
+
+
+def test_nul_characters_neither_break_logs_nor_reach_the_output(live_client, live_org):
+    source = "def main(input, ctx):\n    print('a\\x00b')\n    return {'ok': True}\n"
+    script_agent(live_client, live_org, "nul-log", source)
+    execution_id = run(live_client, live_org, "nul-log")
+    assert wait_for(live_client, live_org, execution_id)["status"] == "succeeded"
+    assert logs(live_client, live_org, execution_id)[0]["message"] == "a\\x00b"
+    source = "def main(input, ctx):\n    return {'text': 'a\\x00b'}\n"
+    script_agent(live_client, live_org, "nul-output", source)
+    result = wait_for(live_client, live_org, run(live_client, live_org, "nul-output"))
+    assert result["status"] == "failed" and result["error"]["type"] == "output_invalid"
+
+
+def test_a_script_writing_on_the_control_channel_cannot_break_the_worker(live_client, live_org):
+    source = (
+        "import os\n"
+        "def main(input, ctx):\n"
+        "    os.write(int(os.environ['RUNYARD_CONTROL_FD']), b'garbage\\n')\n"
+        "    return {'ok': True}\n"
+    )
+    script_agent(live_client, live_org, "scribbler", source)
+    execution_id = run(live_client, live_org, "scribbler")
+    result = wait_for(live_client, live_org, execution_id)
+    assert result["status"] == "succeeded" and result["output"] == {"ok": True}
+    assert "garbage" in [line["message"] for line in logs(live_client, live_org, execution_id)]
+
+
+def test_what_a_script_leaves_running_is_killed_when_it_returns(live_client, live_org):
+    source = (
+        "import subprocess\n"
+        "def main(input, ctx):\n"
+        "    child = subprocess.Popen(['sleep', '30'])\n"
+        "    return {'pid': child.pid}\n"
+    )
+    script_agent(live_client, live_org, "leaver", source, timeout_seconds=20)
+    started = time.monotonic()
+    result = wait_for(live_client, live_org, run(live_client, live_org, "leaver"))
+    assert result["status"] == "succeeded", result["error"]
+    assert time.monotonic() - started < 10, "the background child must not hold the run open"
+    pid = result["output"]["pid"]
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}"), "the script's background process was left behind"

@@ -30,15 +30,22 @@ class LineWriter(io.TextIOBase):
 
 
 class ByteLines:
-    """Splits raw bytes from a pipe into decoded lines."""
+    """Splits raw bytes from a pipe into decoded lines.
 
-    def __init__(self, emit: Callable[[str], None]) -> None:
+    A line longer than `max_bytes` is emitted in pieces, so output without newlines cannot grow
+    the worker's memory without bound."""
+
+    def __init__(self, emit: Callable[[str], None], max_bytes: int = 64 * 1024) -> None:
         self._emit = emit
+        self._max_bytes = max_bytes
         self._partial = b""
 
     def feed(self, chunk: bytes) -> None:
         self._partial += chunk
         *lines, self._partial = self._partial.split(b"\n")
+        while len(self._partial) > self._max_bytes:
+            lines.append(self._partial[: self._max_bytes])
+            self._partial = self._partial[self._max_bytes :]
         for line in lines:
             self._emit(line.decode("utf-8", "replace"))
 

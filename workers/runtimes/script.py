@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import selectors
 import signal
 import subprocess
@@ -30,6 +31,8 @@ CHILD = Path(__file__).with_name("script_child.py")
 # After a cancel the script gets this long to notice ctx.cancelled() before it is killed.
 CANCEL_GRACE_SECONDS = 1.0
 POLL_SECONDS = 0.2
+# Above the largest `limits.max_output_bytes` schemas/agent.json allows (64 MiB).
+CONTROL_LINE_MAX_BYTES = 80 * 1024 * 1024
 
 
 def _kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
@@ -44,6 +47,22 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffe
         {"source": spec.runtime["source"], "input": payload, "ctx": ctx.as_dict()}
     ).encode()
     started = time.perf_counter()
+    result: dict[str, Any] = {}
+
+    def on_control(line: str) -> None:
+        if not line:
+            return
+        try:
+            message = json.loads(line)
+            if "log" in message:
+                level, text, fields = message["log"]
+                add(int(level), str(text), fields or None)
+            else:
+                result.update(message)
+        except (ValueError, TypeError, AttributeError):
+            # The script wrote on our descriptor itself: keep what it said, as a log line.
+            add(LEVELS["warning"], line)
+
     with tempfile.TemporaryDirectory(prefix="runyard-script-") as workdir:
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -51,59 +70,48 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffe
             "HOME": workdir,
             "RUNYARD_CONTROL_FD": str(control_write),
         }
-        process = subprocess.Popen(
-            # -I: isolated from the worker's environment; -u: prints reach us line by line, in
-            # order with ctx.log (-I makes Python ignore PYTHONUNBUFFERED).
-            [sys.executable, "-I", "-u", str(CHILD)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(control_write,),
-            cwd=workdir,
-            env=env,
-            start_new_session=True,
-        )
-        os.close(control_write)
-        result: dict[str, Any] = {}
-
-        def on_control(line: str) -> None:
-            if not line:
-                return
-            message = json.loads(line)
-            if "log" in message:
-                level, text, fields = message["log"]
-                add(level, text, fields or None)
-            else:
-                result.update(message)
-
+        try:
+            process = subprocess.Popen(
+                # -I: isolated from the worker's environment; -u: prints reach us line by line,
+                # in order with ctx.log (-I makes Python ignore PYTHONUNBUFFERED).
+                [sys.executable, "-I", "-u", str(CHILD)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(control_write,),
+                cwd=workdir,
+                env=env,
+                start_new_session=True,
+            )
+        finally:
+            os.close(control_write)
+        child = Child(process)
         streams = {
             process.stdout.fileno(): ByteLines(lambda line: add(LEVELS["info"], line)),
             process.stderr.fileno(): ByteLines(lambda line: add(LEVELS["warning"], line)),
-            control_read: ByteLines(on_control),
+            # The control channel carries the output as one line: allow it its whole size.
+            control_read: ByteLines(on_control, max_bytes=CONTROL_LINE_MAX_BYTES),
         }
         try:
-            process.stdin.write(request)
-            process.stdin.close()
-        except BrokenPipeError:
-            pass
-        try:
-            outcome = _pump(process, streams, spec, ctx, logs, started)
+            with contextlib.suppress(BrokenPipeError):
+                process.stdin.write(request)
+                process.stdin.close()
+            outcome = _pump(child, streams, spec, ctx, logs, started)
         except SoftTimeLimitExceeded:
             # Celery's backstop fired before our own deadline did (a stalled read, say).
-            _kill_group(process.pid)
             outcome = Outcome(
                 error_type="timeout",
                 error_message=f"killed after timeout_seconds={spec.timeout_seconds}",
             )
-        for lines in streams.values():
-            lines.close()
-        os.close(control_read)
-        process.stdout.close()
-        process.stderr.close()
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        # Whatever the script left running in its group goes with it.
-        _kill_group(process.pid)
+        finally:
+            # Whatever happened, nothing of the script outlives this call.
+            _kill_group(process.pid)
+            for lines in streams.values():
+                lines.close()
+            os.close(control_read)
+            process.stdout.close()
+            process.stderr.close()
+            usage = child.reap()
     outcome.usage = {
         "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 4),
         "max_rss_mb": round(result.get("usage", {}).get("max_rss_kb", usage.ru_maxrss) / 1024, 1),
@@ -125,8 +133,30 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffe
     return outcome
 
 
+class Child:
+    """The script's process, reaped with wait4 so its own resource usage comes back."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self.usage: resource.struct_rusage | None = None
+
+    def exited(self) -> bool:
+        if self.usage is None:
+            pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+            if pid:
+                self.process.returncode = os.waitstatus_to_exitcode(status)
+                self.usage = usage
+        return self.usage is not None
+
+    def reap(self) -> resource.struct_rusage:
+        if self.usage is None:
+            _, status, self.usage = os.wait4(self.process.pid, 0)
+            self.process.returncode = os.waitstatus_to_exitcode(status)
+        return self.usage
+
+
 def _pump(
-    process: subprocess.Popen,
+    child: Child,
     streams: dict[int, ByteLines],
     spec: VersionSpec,
     ctx: Context,
@@ -134,8 +164,10 @@ def _pump(
     started: float,
 ) -> Outcome:
     """Read the child's pipes until they close, enforcing the timeout and cancellation."""
+    pid = child.process.pid
     deadline = started + spec.timeout_seconds
     kill_at: float | None = None
+    group_killed = False
     outcome = Outcome()
     with selectors.DefaultSelector() as selector:
         for fd in streams:
@@ -150,16 +182,21 @@ def _pump(
                     selector.unregister(key.fd)
             # Lines show up while a long script runs, not only when it ends.
             logs.flush_if_due()
+            if not group_killed and child.exited():
+                # The script is done; what it started in the background would hold the pipes
+                # open until the timeout. The group goes with the script.
+                _kill_group(pid)
+                group_killed = True
             now = time.perf_counter()
             if outcome.ok and not outcome.cancelled:
                 if now >= deadline:
-                    _kill_group(process.pid)
+                    _kill_group(pid)
                     outcome = Outcome(
                         error_type="timeout",
                         error_message=f"killed after timeout_seconds={spec.timeout_seconds}",
                     )
                 elif ctx.cancelled():
-                    _kill_group(process.pid, signal.SIGUSR1)
+                    _kill_group(pid, signal.SIGUSR1)
                     kill_at = now + CANCEL_GRACE_SECONDS
                     outcome = Outcome(
                         error_type="cancelled",
@@ -167,6 +204,6 @@ def _pump(
                         cancelled=True,
                     )
             if kill_at is not None and now >= kill_at:
-                _kill_group(process.pid)
+                _kill_group(pid)
                 kill_at = None
     return outcome
