@@ -10,6 +10,14 @@ from app.executions import services
 from tests.conftest import wait_for, wait_until
 
 
+def force(execution_id, assignments: str) -> None:
+    """Put a row in the state a failure would have left it in."""
+    with db.hot() as conn:
+        conn.execute(
+            text(f"UPDATE executions SET {assignments} WHERE id = :id"), {"id": execution_id}
+        )
+
+
 def _execution(client, org, name="echo"):
     client.post(
         "/api/v1/agents",
@@ -108,28 +116,17 @@ def test_sweeper_republishes_what_was_never_published(live_client, live_org):
 def test_sweeper_requeues_an_expired_lease_then_fails_it_as_lost(live_client, live_org):
     execution_id = _execution(live_client, live_org)
     wait_for(live_client, live_org, str(execution_id))
-    with db.hot() as conn:
-        # As if the worker running attempt 1 died: running, lease expired, one retry left.
-        conn.execute(
-            text(
-                "UPDATE executions SET status = 'running', attempt = 1, output = NULL, "
-                "lease_until = now() - interval '1 second', queued_at = queued_at - "
-                "interval '5 minutes' WHERE id = :id"
-            ),
-            {"id": execution_id},
-        )
+    # As if the worker running attempt 1 died: running, lease expired, one retry left.
+    force(
+        execution_id,
+        "status = 'running', attempt = 1, output = NULL, lease_until = now() - interval '1 second',"
+        " queued_at = queued_at - interval '5 minutes'",
+    )
     report = services.sweep()
     assert report.requeued >= 1 and report.republished >= 1
     result = wait_for(live_client, live_org, str(execution_id))
     assert result["status"] == "succeeded" and result["attempts"] == 2
-    with db.hot() as conn:
-        conn.execute(
-            text(
-                "UPDATE executions SET status = 'running', "
-                "lease_until = now() - interval '1 second' WHERE id = :id"
-            ),
-            {"id": execution_id},
-        )
+    force(execution_id, "status = 'running', lease_until = now() - interval '1 second'")
     assert services.sweep().lost >= 1
     result = live_client.get(
         f"/api/v1/executions/{execution_id}", headers=live_org.headers
@@ -170,15 +167,9 @@ def test_submits_are_published_in_the_background_and_stamped(live_client, live_o
 def test_dispatcher_drains_what_is_waiting_at_exit(live_client, live_org):
     execution_id = _execution(live_client, live_org, name="drained")
     wait_for(live_client, live_org, str(execution_id))
+    # As if committed and queued in memory when the process began to exit.
+    force(execution_id, "status = 'queued', attempt = 0, dispatched_at = NULL")
     with db.hot() as conn:
-        # As if committed and queued in memory when the process began to exit.
-        conn.execute(
-            text(
-                "UPDATE executions SET status = 'queued', attempt = 0, dispatched_at = NULL "
-                "WHERE id = :id"
-            ),
-            {"id": execution_id},
-        )
         version_id = conn.execute(
             text("SELECT version_id FROM executions WHERE id = :id"), {"id": execution_id}
         ).scalar()
@@ -205,14 +196,9 @@ def test_sweeper_does_not_rerun_lost_work_unless_the_policy_allows(live_client, 
         "/api/v1/agents/once/executions", json={"input": {}}, headers=live_org.headers
     ).get_json()["id"]
     wait_for(live_client, live_org, execution_id)
-    with db.hot() as conn:
-        conn.execute(
-            text(
-                "UPDATE executions SET status = 'running', attempt = 1, "
-                "lease_until = now() - interval '1 second' WHERE id = :id"
-            ),
-            {"id": execution_id},
-        )
+    force(
+        execution_id, "status = 'running', attempt = 1, lease_until = now() - interval '1 second'"
+    )
     report = services.sweep()
     assert report.requeued == 0 and report.lost >= 1
     result = live_client.get(
