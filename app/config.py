@@ -106,6 +106,10 @@ class Config:
             worker_concurrency=_int("RUNYARD_WORKER_CONCURRENCY", 0),
         )
 
+    def allows_module(self, module: str) -> bool:
+        """May a `python` agent's entrypoint name this module (RUNYARD_AGENT_MODULES)?"""
+        return any(module == p or module.startswith(p + ".") for p in self.agent_modules)
+
     def require_database(self) -> str:
         if not self.database_url:
             raise RuntimeError(

@@ -49,7 +49,6 @@ class LogBuffer:
         self._lock = threading.Lock()
         self._owner = threading.get_ident()
         self._last_flush = time.monotonic()
-        self.count = 0
 
     def add(self, level: int, message: str, fields: dict[str, Any] | None = None) -> None:
         # PostgreSQL text and jsonb cannot hold NUL: show it, do not fail the execution on it.
@@ -58,7 +57,6 @@ class LogBuffer:
             message = message[: self._max_chars] + f" [cut: {len(message)} characters in all]"
         with self._lock:
             self._seq += 1
-            self.count += 1
             self._pending.append(
                 {
                     "execution_id": self._execution_id,

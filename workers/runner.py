@@ -12,6 +12,7 @@ import psycopg
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from app import jsonschemas
 from app.config import current_config
 from app.db import db
 from app.executions import services
@@ -98,7 +99,7 @@ def _check_output(spec: VersionSpec, outcome: Outcome) -> None:
         outcome.error_type = "output_invalid"
         outcome.error_message = "the output holds a NUL character (\\u0000), which cannot be stored"
         return
-    errors = services.jsonschemas.instance_errors(spec.output_validator, output, "")
+    errors = jsonschemas.instance_errors(spec.output_validator, output, "")
     if errors:
         details = "; ".join(
             f"{pointer or '/'}: {', '.join(msgs)}" for pointer, msgs in errors.items()

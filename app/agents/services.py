@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app import jsonschemas
 from app.agents.models import Agent, AgentVersion
-from app.config import current_config
+from app.config import Config, current_config
 from app.db import utcnow
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.orgs.services import Principal
@@ -65,7 +65,7 @@ def _check_definition(document: dict[str, Any]) -> None:
                 problems.append(exc)
     runtime = document.get("runtime")
     if isinstance(runtime, dict):
-        problems.extend(_check_runtime(runtime, cfg.agent_modules))
+        problems.extend(_check_runtime(runtime, cfg))
     if len(problems) == 1:
         raise problems[0]
     if problems:
@@ -81,11 +81,12 @@ def _check_definition(document: dict[str, Any]) -> None:
         )
 
 
-def _check_runtime(runtime: dict[str, Any], allowed: tuple[str, ...]) -> list[ValidationFailed]:
+def _check_runtime(runtime: dict[str, Any], cfg: Config) -> list[ValidationFailed]:
     entrypoint, source = runtime.get("entrypoint"), runtime.get("source")
+    allowed = cfg.agent_modules
     if runtime.get("type") == "python" and isinstance(entrypoint, str):
         module = entrypoint.partition(":")[0]
-        if not any(module == prefix or module.startswith(prefix + ".") for prefix in allowed):
+        if not cfg.allows_module(module):
             return [
                 ValidationFailed(
                     f"module {module!r} is not under an allowed prefix",

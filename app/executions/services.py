@@ -362,6 +362,25 @@ class Dispatch:
     priority: int
 
 
+def publish_batch(batch: list[Dispatch]) -> list[uuid.UUID]:
+    """Publish messages through one Redis pipeline; the ids sent, or none on a broker outage
+    (the rows stay unstamped and the sweeper tries again)."""
+    from workers import app as celery_app
+
+    if not batch:
+        return []
+    try:
+        with celery_app.producer_or_acquire() as producer, producer.batch():
+            for item in batch:
+                _send(item.execution_id, item.spec, item.priority, producer=producer)
+    except Exception:  # a broker outage: the sweeper publishes these rows later
+        log.warning(
+            "publishing %d executions failed; the sweeper will retry", len(batch), exc_info=True
+        )
+        return []
+    return [item.execution_id for item in batch]
+
+
 class Dispatcher:
     """Publishes submitted executions from a background thread, in batches, and stamps
     `dispatched_at` once they are out.
@@ -411,7 +430,7 @@ class Dispatcher:
                     self._wakeup.wait(timeout=self.STAMP_INTERVAL_SECONDS)
                 batch, self._pending = self._pending, []
             if batch:
-                self._published.extend(self._publish(batch))
+                self._published.extend(publish_batch(batch))
             if self._published and time.monotonic() - last_stamp >= self.STAMP_INTERVAL_SECONDS:
                 last_stamp = time.monotonic()
                 stamped, self._published = self._published, []
@@ -427,26 +446,11 @@ class Dispatcher:
         the sweeper's grace period."""
         with self._wakeup:
             batch, self._pending = self._pending, []
-        published = self._publish(batch) if batch else []
+        published = publish_batch(batch) if batch else []
         stamped, self._published = self._published + published, []
         if stamped:
             with contextlib.suppress(Exception):
                 _stamp(stamped)
-
-    @staticmethod
-    def _publish(batch: list[Dispatch]) -> list[uuid.UUID]:
-        from workers import app as celery_app
-
-        try:
-            with celery_app.producer_or_acquire() as producer, producer.batch():
-                for item in batch:
-                    _send(item.execution_id, item.spec, item.priority, producer=producer)
-        except Exception:  # a broker outage: the sweeper publishes these rows later
-            log.warning(
-                "publishing %d executions failed; the sweeper will retry", len(batch), exc_info=True
-            )
-            return []
-        return [item.execution_id for item in batch]
 
 
 dispatcher = Dispatcher()
@@ -579,8 +583,6 @@ def cancel_requested(conn: Connection, execution_id: uuid.UUID) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Reading and cancelling (the API side)
-
-COLUMNS = Execution.__table__.c
 
 
 def present(row: Mapping[str, Any] | Execution) -> dict[str, Any]:
@@ -797,7 +799,10 @@ def sweep(batch: int = 500) -> SweepReport:
         rows = conn.execute(
             _UNDISPATCHED, {"grace": cfg.dispatch_grace_seconds, "batch": batch}
         ).all()
-        for row in rows:
-            if publish(row.id, specs.get(conn, row.version_id), row.priority):
-                report.republished += 1
+        republished = publish_batch(
+            [Dispatch(row.id, specs.get(conn, row.version_id), row.priority) for row in rows]
+        )
+    if republished:
+        _stamp(republished)
+    report.republished = len(republished)
     return report

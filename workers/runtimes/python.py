@@ -25,16 +25,9 @@ from workers.runtimes import Outcome
 from workers.runtimes.lines import LineWriter
 
 
-def _allowed(module: str) -> bool:
-    return any(
-        module == prefix or module.startswith(prefix + ".")
-        for prefix in current_config().agent_modules
-    )
-
-
 def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffer) -> Outcome:
     module_name, _, function_name = spec.runtime["entrypoint"].partition(":")
-    if not _allowed(module_name):
+    if not current_config().allows_module(module_name):
         return Outcome(
             error_type="runtime_error",
             error_message=f"module {module_name!r} is outside RUNYARD_AGENT_MODULES here",
