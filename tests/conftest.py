@@ -69,15 +69,14 @@ def pytest_configure(config: pytest.Config) -> None:
         database_url = _fresh_database(postgres.start(), f"runyard_test_{RUN_ID}")
     redis_url = os.environ.get("REDIS_URL")
     if redis_url:
-        # A database number of this run's own, so parallel runs on one Redis do not share queues.
-        redis_url = make_url_with_db(redis_url, 1 + int(RUN_ID) % 15)
+        redis_url = _claim_redis_database(redis_url)
     else:
         redis = EmbeddedRedis(ROOT / ".runyard" / "test-redis")
         _embedded.append(redis)
         redis_url = redis.start()
-    import redis as redis_client
+        import redis as redis_client
 
-    redis_client.Redis.from_url(redis_url).flushdb()
+        redis_client.Redis.from_url(redis_url).flushdb()
     os.environ.update(
         {
             "DATABASE_URL": database_url,
@@ -97,6 +96,30 @@ def make_url_with_db(redis_url: str, number: int) -> str:
     return urlunsplit(urlsplit(redis_url)._replace(path=f"/{number}"))
 
 
+REDIS_CLAIM_KEY = "runyard:test-run"
+
+
+def _claim_redis_database(redis_url: str) -> str:
+    """A Redis database number of this run's own (1..15), so parallel runs never share queues.
+
+    The claim is a key set with NX and an expiry, so a crashed run frees its number within an hour.
+    """
+    import redis as redis_client
+
+    for offset in range(15):
+        url = make_url_with_db(redis_url, 1 + (int(RUN_ID) + offset) % 15)
+        client = redis_client.Redis.from_url(url)
+        if client.set(REDIS_CLAIM_KEY, RUN_ID, nx=True, ex=3600):
+            client.flushdb()
+            client.set(REDIS_CLAIM_KEY, RUN_ID, ex=3600)
+            _claimed_redis.append(url)
+            return url
+    raise pytest.UsageError("every Redis database 1..15 is claimed by another test run")
+
+
+_claimed_redis: list[str] = []
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     from app.db import db
 
@@ -104,6 +127,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     database_url = config.stash.get(DATABASE_KEY, None)
     if database_url:
         _drop_database(database_url)
+    for url in _claimed_redis:
+        import redis as redis_client
+
+        with contextlib.suppress(redis_client.RedisError):
+            client = redis_client.Redis.from_url(url)
+            client.flushdb()
     for server in reversed(_embedded):
         server.stop()
 
