@@ -62,6 +62,13 @@ class Config:
     log_batch_lines: int = 200
     log_flush_seconds: float = 0.5
     log_line_max_chars: int = 8192
+    allowed_commands: tuple[str, ...] = ()
+    max_output_bytes: int = 4 * 1024 * 1024
+    max_log_lines: int = 10000
+    child_max_file_mb: int = 64
+    child_max_processes: int = 64
+    kill_grace_seconds: float = 2.0
+    python_cancel_grace_seconds: float = 5.0
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_workers: int = 2
@@ -96,6 +103,15 @@ class Config:
             log_batch_lines=_int("RUNYARD_LOG_BATCH_LINES", cls.log_batch_lines),
             log_flush_seconds=_float("RUNYARD_LOG_FLUSH_SECONDS", cls.log_flush_seconds),
             log_line_max_chars=_int("RUNYARD_LOG_LINE_MAX_CHARS", cls.log_line_max_chars),
+            allowed_commands=_list("RUNYARD_ALLOWED_COMMANDS", ""),
+            max_output_bytes=_int("RUNYARD_MAX_OUTPUT_BYTES", cls.max_output_bytes),
+            max_log_lines=_int("RUNYARD_MAX_LOG_LINES", cls.max_log_lines),
+            child_max_file_mb=_int("RUNYARD_CHILD_MAX_FILE_MB", cls.child_max_file_mb),
+            child_max_processes=_int("RUNYARD_CHILD_MAX_PROCESSES", cls.child_max_processes),
+            kill_grace_seconds=_float("RUNYARD_KILL_GRACE_SECONDS", cls.kill_grace_seconds),
+            python_cancel_grace_seconds=_float(
+                "RUNYARD_PYTHON_CANCEL_GRACE_SECONDS", cls.python_cancel_grace_seconds
+            ),
             api_host=os.environ.get("RUNYARD_API_HOST", cls.api_host),
             api_port=_int("RUNYARD_API_PORT", cls.api_port),
             api_workers=_int("RUNYARD_API_WORKERS", cls.api_workers),
@@ -163,6 +179,41 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
     ("RUNYARD_LOG_BATCH_LINES", "200", "log lines a worker buffers before writing a batch"),
     ("RUNYARD_LOG_FLUSH_SECONDS", "0.5", "longest a log line waits in the buffer"),
     ("RUNYARD_LOG_LINE_MAX_CHARS", "8192", "longer log lines are cut, with a marker"),
+    (
+        "RUNYARD_ALLOWED_COMMANDS",
+        "empty: no `command` agent may run",
+        "comma-separated programs a `command` runtime's argv[0] may name, exactly as written",
+    ),
+    (
+        "RUNYARD_MAX_OUTPUT_BYTES",
+        "4194304",
+        "largest output (as JSON) when an agent sets no `limits.max_output_bytes`",
+    ),
+    (
+        "RUNYARD_MAX_LOG_LINES",
+        "10000",
+        "log lines kept per attempt when an agent sets no `limits.max_log_lines`",
+    ),
+    (
+        "RUNYARD_CHILD_MAX_FILE_MB",
+        "64",
+        "largest file a `script`/`command` process may write (RLIMIT_FSIZE)",
+    ),
+    (
+        "RUNYARD_CHILD_MAX_PROCESSES",
+        "64",
+        "most processes a `script`/`command` execution may run at once",
+    ),
+    (
+        "RUNYARD_KILL_GRACE_SECONDS",
+        "2",
+        "between SIGTERM and SIGKILL when a `script`/`command` execution times out",
+    ),
+    (
+        "RUNYARD_PYTHON_CANCEL_GRACE_SECONDS",
+        "5",
+        "how long a cancelled `python` agent may run on after ctx.cancelled() turns true",
+    ),
     (
         "RUNYARD_API_HOST / RUNYARD_API_PORT",
         "127.0.0.1 / 8000",

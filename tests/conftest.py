@@ -34,6 +34,7 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = f"{os.getpid()}"
 TEST_AGENT_MODULES = "runyard_examples,tests.agents"
+TEST_ALLOWED_COMMANDS = "python3,sh"
 
 _embedded: list = []
 
@@ -84,6 +85,7 @@ def pytest_configure(config: pytest.Config) -> None:
             "RUNYARD_AGENT_MODULES": TEST_AGENT_MODULES,
             "RUNYARD_TOKEN_CACHE_SECONDS": "0",
             "RUNYARD_LOG_FLUSH_SECONDS": "0.2",
+            "RUNYARD_ALLOWED_COMMANDS": TEST_ALLOWED_COMMANDS,
         }
     )
     from app.migrate import upgrade

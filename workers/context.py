@@ -37,6 +37,7 @@ class LogBuffer:
         batch_lines: int,
         flush_seconds: float,
         max_chars: int,
+        max_lines: int,
     ) -> None:
         self._conn = conn
         self._execution_id = execution_id
@@ -45,6 +46,9 @@ class LogBuffer:
         self._batch_lines = batch_lines
         self._flush_seconds = flush_seconds
         self._max_chars = max_chars
+        self._max_lines = max_lines
+        self._kept = 0
+        self._dropped = 0
         self._pending: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._owner = threading.get_ident()
@@ -56,18 +60,12 @@ class LogBuffer:
         if len(message) > self._max_chars:
             message = message[: self._max_chars] + f" [cut: {len(message)} characters in all]"
         with self._lock:
-            self._seq += 1
-            self._pending.append(
-                {
-                    "execution_id": self._execution_id,
-                    "seq": self._seq,
-                    "attempt": self._attempt,
-                    "ts": dt.datetime.now(dt.UTC),
-                    "level": level,
-                    "message": message,
-                    "fields": _jsonable(fields) if fields else None,
-                }
-            )
+            # A log flood is cut, not stored: the count of what was dropped closes the log.
+            if self._kept >= self._max_lines:
+                self._dropped += 1
+                return
+            self._kept += 1
+            self._append(level, message, _jsonable(fields) if fields else None)
             due = (
                 len(self._pending) >= self._batch_lines
                 or time.monotonic() - self._last_flush >= self._flush_seconds
@@ -75,9 +73,35 @@ class LogBuffer:
         if due and threading.get_ident() == self._owner:
             self.flush()
 
+    def _append(self, level: int, message: str, fields: dict[str, Any] | None) -> None:
+        self._seq += 1
+        self._pending.append(
+            {
+                "execution_id": self._execution_id,
+                "seq": self._seq,
+                "attempt": self._attempt,
+                "ts": dt.datetime.now(dt.UTC),
+                "level": level,
+                "message": message,
+                "fields": fields,
+            }
+        )
+
     def flush_if_due(self) -> None:
         if self._pending and time.monotonic() - self._last_flush >= self._flush_seconds:
             self.flush()
+
+    def close(self) -> None:
+        """The final flush, with the line that says how much of a flood was dropped."""
+        if self._dropped:
+            with self._lock:
+                self._append(
+                    LEVELS["warning"],
+                    f"dropped {self._dropped} log lines beyond max_log_lines={self._max_lines}",
+                    {"dropped_lines": self._dropped},
+                )
+                self._dropped = 0
+        self.flush()
 
     def flush(self) -> None:
         with self._lock:
@@ -111,7 +135,8 @@ class AgentLog:
 class Context:
     """The `ctx` argument of an agent: who it is, its config, its log, and cancellation."""
 
-    CANCEL_CHECK_SECONDS = 1.0
+    # With the child runtimes' 1 s grace, a cancelled script or command is gone within 2 s.
+    CANCEL_CHECK_SECONDS = 0.5
 
     def __init__(
         self,
@@ -133,11 +158,15 @@ class Context:
         self._checked_at = 0.0
 
     def cancelled(self) -> bool:
-        """True once a cancel was asked; asks the database at most once a second."""
+        """True once a cancel was asked; asks the database at most every CANCEL_CHECK_SECONDS."""
         if not self._cancelled and time.monotonic() - self._checked_at >= self.CANCEL_CHECK_SECONDS:
             self._checked_at = time.monotonic()
             self._cancelled = self._check_cancel()
         return self._cancelled
+
+    def mark_cancelled(self) -> None:
+        """The watchdog saw the cancel request: no need to ask the database again."""
+        self._cancelled = True
 
     def as_dict(self) -> dict[str, Any]:
         return {

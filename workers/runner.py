@@ -19,6 +19,7 @@ from app.executions import services
 from app.executions.services import Claim, VersionSpec, error_body
 from workers.context import AgentLog, Context, LogBuffer
 from workers.runtimes import Outcome, runtime_for
+from workers.watchdog import watchdog
 
 DATABASE_ERRORS = (
     OperationalError,
@@ -48,6 +49,7 @@ def run_execution(execution_id: uuid.UUID, worker: str) -> None:
             batch_lines=cfg.log_batch_lines,
             flush_seconds=cfg.log_flush_seconds,
             max_chars=cfg.log_line_max_chars,
+            max_lines=spec.limits.get("max_log_lines", cfg.max_log_lines),
         )
         ctx = Context(
             execution_id=execution_id,
@@ -58,10 +60,12 @@ def run_execution(execution_id: uuid.UUID, worker: str) -> None:
             check_cancel=lambda: services.cancel_requested(conn, execution_id),
         )
         try:
-            outcome = runtime_for(spec.runtime["type"]).run(spec, claimed.input, ctx, buffer)
+            outcome = _run_runtime(claimed, spec, ctx, buffer)
             if outcome.ok:
-                _check_output(spec, outcome)
-            buffer.flush()
+                _check_output(
+                    spec, outcome, spec.limits.get("max_output_bytes", cfg.max_output_bytes)
+                )
+            buffer.close()
         # Whatever broke around the agent, the claimed row must not stay `running`.
         except SoftTimeLimitExceeded:
             outcome = Outcome(
@@ -83,7 +87,16 @@ def run_execution(execution_id: uuid.UUID, worker: str) -> None:
         _record(conn, claimed, spec, outcome)
 
 
-def _check_output(spec: VersionSpec, outcome: Outcome) -> None:
+def _run_runtime(claimed: Claim, spec: VersionSpec, ctx: Context, buffer: LogBuffer) -> Outcome:
+    runtime = runtime_for(spec.runtime["type"])
+    if spec.runtime["type"] != "python":
+        # Child runtimes supervise their own process: timeout, limits and cancel.
+        return runtime.run(spec, claimed.input, ctx, buffer)
+    with watchdog.watching(claimed, spec, ctx):
+        return runtime.run(spec, claimed.input, ctx, buffer)
+
+
+def _check_output(spec: VersionSpec, outcome: Outcome, max_bytes: int) -> None:
     output = outcome.output
     if not isinstance(output, dict):
         outcome.error_type = "output_invalid"
@@ -94,6 +107,10 @@ def _check_output(spec: VersionSpec, outcome: Outcome) -> None:
     except (TypeError, ValueError) as exc:
         outcome.error_type = "output_invalid"
         outcome.error_message = f"the output is not JSON: {exc}"
+        return
+    if len(text) > max_bytes:
+        outcome.error_type = "output_too_large"
+        outcome.error_message = f"the output is {len(text)} bytes as JSON, over {max_bytes}"
         return
     if "\\u0000" in text:
         outcome.error_type = "output_invalid"
@@ -130,21 +147,23 @@ def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> None:
             usage=outcome.usage,
         )
         return
-    if _should_retry(spec, claimed, outcome.error_type) and services.requeue_for_retry(
-        conn, claimed, error=error, usage=outcome.usage
+    status = "timed_out" if outcome.error_type == "timeout" else "failed"
+    if _should_retry(spec, claimed, outcome) and services.requeue_for_retry(
+        conn, claimed, attempt_status=status, error=error, usage=outcome.usage
     ):
         delay = backoff_seconds(spec.retry, claimed.attempt)
         services.publish(claimed.execution_id, spec, claimed.priority, countdown=delay)
         return
-    status = "timed_out" if outcome.error_type == "timeout" else "failed"
     services.finish(conn, claimed, status=status, output=None, error=error, usage=outcome.usage)
 
 
-def _should_retry(spec: VersionSpec, claimed: Claim, error_type: str) -> bool:
-    # A bad input or output fails the same way every time.
-    if error_type in ("input_invalid", "output_invalid"):
+def _should_retry(spec: VersionSpec, claimed: Claim, outcome: Outcome) -> bool:
+    # A bad input or output, or a failure the runtime calls final, fails the same way every time.
+    if outcome.error_type in ("input_invalid", "output_invalid") or not outcome.retryable:
         return False
-    return error_type in spec.retry.get("retry_on", ()) and claimed.attempt < spec.max_attempts
+    return (
+        outcome.error_type in spec.retry.get("retry_on", ()) and claimed.attempt < spec.max_attempts
+    )
 
 
 def backoff_seconds(policy: dict[str, Any], attempt: int) -> float:

@@ -107,6 +107,22 @@ def _check_runtime(runtime: dict[str, Any], cfg: Config) -> list[ValidationFaile
                     errors={"/runtime/source": [f"{where}{getattr(exc, 'msg', exc)}"]},
                 )
             ]
+    argv = runtime.get("argv")
+    is_command = runtime.get("type") == "command" and isinstance(argv, list) and argv
+    command = argv[0] if is_command else None
+    if command is not None and command not in cfg.allowed_commands:
+        return [
+            ValidationFailed(
+                f"command {command!r} is not allowed",
+                errors={
+                    "/runtime/argv/0": [
+                        f"must be one of RUNYARD_ALLOWED_COMMANDS: {list(cfg.allowed_commands)}"
+                    ]
+                },
+                hint="list the program, exactly as argv[0] names it, in "
+                "RUNYARD_ALLOWED_COMMANDS on the API and the workers",
+            )
+        ]
     return []
 
 

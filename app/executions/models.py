@@ -71,6 +71,27 @@ class Execution(Base):
     resource_usage: Mapped[dict[str, Any] | None]
 
 
+class ExecutionAttempt(Base):
+    """One finished attempt of an execution: its own outcome, error and worker.
+
+    Written in the same statement that ends the attempt (finish, retry, or the sweeper taking a
+    lost one back); the attempt still running is read from the execution row itself."""
+
+    __tablename__ = "execution_attempts"
+    __table_args__ = (CheckConstraint(f"status IN {STATUSES!r}", name="status"),)
+
+    execution_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("executions.id", ondelete="CASCADE"), primary_key=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[dict[str, Any] | None]
+    worker: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime]
+    resource_usage: Mapped[dict[str, Any] | None]
+
+
 class ExecutionLog(Base):
     __tablename__ = "execution_logs"
 

@@ -2,6 +2,7 @@ from flask.views import MethodView
 
 from app.executions import services
 from app.executions.schemas import (
+    AttemptSchema,
     ExecutionQuerySchema,
     ExecutionSchema,
     LogLineSchema,
@@ -69,6 +70,15 @@ class Cancel(MethodView):
         return services.present(
             services.cancel(request_session(), current_principal(), execution_id)
         )
+
+
+@blp.route("/executions/<execution_id>/attempts")
+class Attempts(MethodView):
+    @blp.response(200, AttemptSchema(many=True))
+    @blp.alt_response(404, description="no such execution in your organization")
+    def get(self, execution_id):
+        """Every attempt of an execution, oldest first, each with its own error and worker"""
+        return services.attempts(request_session(), current_principal(), execution_id)
 
 
 @blp.route("/executions/<execution_id>/logs")

@@ -46,6 +46,22 @@ class ExecutionSchema(Schema):
     resource_usage = fields.Nested(ResourceUsageSchema, allow_none=True)
 
 
+class AttemptSchema(Schema):
+    attempt = fields.Integer(metadata={"description": "1 for the first run"})
+    status = fields.String(
+        metadata={
+            "enum": list(STATUSES),
+            "description": "how this attempt ended (`running` for the current one); a retried "
+            "attempt reads `failed` or `timed_out` with its own error",
+        }
+    )
+    error = fields.Nested(ErrorInfoSchema, allow_none=True)
+    worker = fields.String(allow_none=True, metadata={"description": "the Celery worker's name"})
+    started_at = fields.DateTime(allow_none=True)
+    finished_at = fields.DateTime(allow_none=True)
+    resource_usage = fields.Nested(ResourceUsageSchema, allow_none=True)
+
+
 class ExecutionQuerySchema(Schema):
     agent = fields.String(metadata={"description": "agent id or name"})
     status = fields.String(validate=validate.OneOf(STATUSES))

@@ -34,7 +34,7 @@ from app.agents.models import Agent
 from app.config import current_config
 from app.db import db
 from app.errors import Conflict, NotFound, ValidationFailed
-from app.executions.models import LEVEL_NAMES, LEVELS, Execution, ExecutionLog
+from app.executions.models import LEVEL_NAMES, LEVELS, Execution, ExecutionAttempt, ExecutionLog
 from app.orgs.services import Principal
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,14 @@ HINTS = {
     "timeout": "the execution ran past timeout_seconds; raise it or speed the agent up",
     "cancelled": "cancelled through POST /api/v1/executions/{id}/cancel",
     "lost": "the worker running it stopped answering and no attempts were left",
+    "memory_limit": "the agent's processes used more memory than limits.memory_mb; raise the "
+    "limit (a new version) or make the agent use less",
+    "cpu_limit": "the agent's processes used more CPU time than limits.cpu_seconds; raise the "
+    "limit (a new version) or make the agent do less",
+    "output_too_large": "the output is over limits.max_output_bytes (or RUNYARD_MAX_OUTPUT_BYTES "
+    "when unset); return less, or store large results elsewhere and return a reference",
+    "file_size_limit": "the agent wrote a file over RUNYARD_CHILD_MAX_FILE_MB",
+    "process_limit": "the agent ran more processes at once than RUNYARD_CHILD_MAX_PROCESSES",
 }
 
 
@@ -499,12 +507,26 @@ def claim(
     return None if row is None else Claim(execution_id, *row)
 
 
-_FINISH_SQL = """
-    UPDATE executions
-    SET status = %(status)s, output = %(output)s, error = %(error)s, resource_usage = %(usage)s,
-        finished_at = now(), lease_until = NULL
-    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+# Every statement that ends an attempt also records it in execution_attempts, in one round trip.
+_RECORD_ATTEMPT = """
+    INSERT INTO execution_attempts
+        (execution_id, attempt, status, error, worker, started_at, finished_at, resource_usage)
+    SELECT id, attempt, {status}, error, worker, started_at, now(), resource_usage FROM ended
+    ON CONFLICT (execution_id, attempt) DO UPDATE
+    SET status = excluded.status, error = excluded.error, worker = excluded.worker,
+        started_at = excluded.started_at, finished_at = excluded.finished_at,
+        resource_usage = excluded.resource_usage
 """
+
+_FINISH_SQL = """
+    WITH ended AS (
+        UPDATE executions
+        SET status = %(status)s, output = %(output)s, error = %(error)s,
+            resource_usage = %(usage)s, finished_at = now(), lease_until = NULL
+        WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+        RETURNING id, attempt, status, error, worker, started_at, resource_usage
+    )
+    """ + _RECORD_ATTEMPT.format(status="status")
 
 
 def _jsonb(value: Any) -> Jsonb | None:
@@ -537,21 +559,37 @@ def finish(
 
 _RETRY_SQL = text(
     """
-    UPDATE executions
-    SET status = 'queued', error = :error, resource_usage = :usage, lease_until = NULL,
-        dispatched_at = NULL
-    WHERE id = :id AND attempt = :attempt AND status = 'running' AND cancel_requested_at IS NULL
+    WITH ended AS (
+        UPDATE executions
+        SET status = 'queued', error = :error, resource_usage = :usage, lease_until = NULL,
+            dispatched_at = NULL
+        WHERE id = :id AND attempt = :attempt AND status = 'running'
+          AND cancel_requested_at IS NULL
+        RETURNING id, attempt, error, worker, started_at, resource_usage
+    )
     """
+    + _RECORD_ATTEMPT.format(status=":attempt_status")
 ).bindparams(bindparam("error", type_=JSONB), bindparam("usage", type_=JSONB))
 
 
 def requeue_for_retry(
-    conn: Connection, claimed: Claim, *, error: dict[str, Any], usage: dict[str, Any]
+    conn: Connection,
+    claimed: Claim,
+    *,
+    attempt_status: str,
+    error: dict[str, Any],
+    usage: dict[str, Any],
 ) -> bool:
     """Put a failed attempt back in the queue; the caller publishes it with its backoff."""
     result = conn.execute(
         _RETRY_SQL,
-        {"id": claimed.execution_id, "attempt": claimed.attempt, "error": error, "usage": usage},
+        {
+            "id": claimed.execution_id,
+            "attempt": claimed.attempt,
+            "attempt_status": attempt_status,
+            "error": error,
+            "usage": usage,
+        },
     )
     return result.rowcount == 1
 
@@ -693,6 +731,41 @@ def logs(
     ]
 
 
+def attempts(session: Session, principal: Principal, execution_id: str) -> list[dict[str, Any]]:
+    """Every attempt, oldest first: the finished ones as recorded, then the one running now."""
+    execution = get(session, principal, execution_id)
+    rows = session.scalars(
+        select(ExecutionAttempt)
+        .where(ExecutionAttempt.execution_id == execution.id)
+        .order_by(ExecutionAttempt.attempt)
+    ).all()
+    listed = [
+        {
+            "attempt": row.attempt,
+            "status": row.status,
+            "error": row.error,
+            "worker": row.worker,
+            "started_at": row.started_at,
+            "finished_at": row.finished_at,
+            "resource_usage": row.resource_usage,
+        }
+        for row in rows
+    ]
+    if execution.status == "running":
+        listed.append(
+            {
+                "attempt": execution.attempt,
+                "status": "running",
+                "error": None,
+                "worker": execution.worker,
+                "started_at": execution.started_at,
+                "finished_at": None,
+                "resource_usage": None,
+            }
+        )
+    return listed
+
+
 _CANCEL_QUEUED = text(
     """
     UPDATE executions
@@ -757,27 +830,36 @@ _UNDISPATCHED = text(
 
 _EXPIRED_REQUEUE = text(
     """
-    UPDATE executions e SET status = 'queued', lease_until = NULL, dispatched_at = NULL
-    FROM agent_versions v
-    WHERE v.id = e.version_id
-      AND e.status = 'running' AND e.lease_until < now() AND e.attempt < e.max_attempts
-      AND e.cancel_requested_at IS NULL
-      -- A lost worker may have done part of the work: run it again only where the agent's
-      -- retry policy says `lost` is safe to retry.
-      AND v.retry -> 'retry_on' ? 'lost'
-    RETURNING e.id
+    WITH ended AS (
+        UPDATE executions e
+        SET status = 'queued', lease_until = NULL, dispatched_at = NULL, error = :lost
+        FROM agent_versions v
+        WHERE v.id = e.version_id
+          AND e.status = 'running' AND e.lease_until < now() AND e.attempt < e.max_attempts
+          AND e.cancel_requested_at IS NULL
+          -- A lost worker may have done part of the work: run it again only where the agent's
+          -- retry policy says `lost` is safe to retry.
+          AND v.retry -> 'retry_on' ? 'lost'
+        RETURNING e.id, e.attempt, e.error, e.worker, e.started_at, e.resource_usage
+    )
     """
-)
+    + _RECORD_ATTEMPT.format(status="'failed'")
+    + "RETURNING execution_id"
+).bindparams(bindparam("lost", type_=JSONB))
 
 _EXPIRED_LOST = text(
     """
-    UPDATE executions
-    SET status = CASE WHEN cancel_requested_at IS NULL THEN 'failed' ELSE 'cancelled' END,
-        finished_at = now(), lease_until = NULL,
-        error = CASE WHEN cancel_requested_at IS NULL THEN :lost ELSE :cancelled END
-    WHERE status = 'running' AND lease_until < now()
-    RETURNING id
+    WITH ended AS (
+        UPDATE executions
+        SET status = CASE WHEN cancel_requested_at IS NULL THEN 'failed' ELSE 'cancelled' END,
+            finished_at = now(), lease_until = NULL,
+            error = CASE WHEN cancel_requested_at IS NULL THEN :lost ELSE :cancelled END
+        WHERE status = 'running' AND lease_until < now()
+        RETURNING id, attempt, status, error, worker, started_at, resource_usage
+    )
     """
+    + _RECORD_ATTEMPT.format(status="status")
+    + "RETURNING execution_id"
 ).bindparams(bindparam("lost", type_=JSONB), bindparam("cancelled", type_=JSONB))
 
 
@@ -786,7 +868,12 @@ def sweep(batch: int = 500) -> SweepReport:
     report = SweepReport()
     cfg = current_config()
     with db.hot() as conn:
-        report.requeued = len(conn.execute(_EXPIRED_REQUEUE).all())
+        report.requeued = len(
+            conn.execute(
+                _EXPIRED_REQUEUE,
+                {"lost": error_body("lost", "the worker's lease expired; attempt requeued")},
+            ).all()
+        )
         report.lost = len(
             conn.execute(
                 _EXPIRED_LOST,

@@ -17,6 +17,9 @@ class Outcome:
     error_type: str | None = None
     error_message: str = ""
     cancelled: bool = False
+    # False for a failure that would fail the same way again (a refused address, a missing
+    # program): it is not retried whatever the retry policy says.
+    retryable: bool = True
     usage: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -31,7 +34,7 @@ class Runtime(Protocol):
 
 
 def runtime_for(kind: str) -> Runtime:
-    from workers.runtimes import python, script
+    from workers.runtimes import command, python, script
 
-    runtimes: dict[str, Runtime] = {"python": python, "script": script}
+    runtimes: dict[str, Runtime] = {"python": python, "script": script, "command": command}
     return runtimes[kind]

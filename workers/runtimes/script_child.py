@@ -6,6 +6,7 @@ stdin; JSON lines go back on the file descriptor named by RUNYARD_CONTROL_FD:
 {"log": [level, message, fields]}, then {"output": ...} or {"error": {"type", "message"}}.
 """
 
+import errno
 import json
 import os
 import signal
@@ -113,14 +114,32 @@ def main() -> None:
         # Drop this runner's own frame: the user's traceback starts in their script.
         trace = traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next)
         Ctx.log.error("".join(trace).rstrip())
-        send({"error": {"type": "runtime_error", "message": f"{type(exc).__name__}: {exc}"}})
+        send(
+            {"error": {"type": error_type(exc, request), "message": f"{type(exc).__name__}: {exc}"}}
+        )
         return
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        send({"output": output}, strict=True)
+        text = json.dumps({"output": output})
     except (TypeError, ValueError) as exc:
         send({"error": {"type": "output_invalid", "message": f"output is not JSON: {exc}"}})
+        return
+    # The output line is bounded here, before it crosses the pipe.
+    if len(text) > request["max_output_bytes"]:
+        message = f"the output is {len(text)} bytes, over {request['max_output_bytes']}"
+        send({"error": {"type": "output_too_large", "message": message}})
+        return
+    control.write(text + "\n")
+
+
+def error_type(exc: BaseException, request: dict) -> str:
+    """A limit the kernel enforced shows up in Python as an exception: name the limit."""
+    if isinstance(exc, MemoryError) and request.get("memory_limited"):
+        return "memory_limit"
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+        return "file_size_limit"
+    return "runtime_error"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,103 @@
+"""The `command` runtime: a program named by `argv`, run in a child process of the worker.
+
+API.md: the input JSON arrives on stdin, RUNYARD_OUTPUT_PATH names the file the program writes
+its output JSON object to, every stdout line is logged at info and every stderr line at warning.
+argv[0] must be in RUNYARD_ALLOWED_COMMANDS here, on the worker, as well as where the agent was
+defined. Limits, timeout and cancel are those of workers/runtimes/child.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from app.config import current_config
+from app.executions.models import LEVELS
+from app.executions.services import VersionSpec
+from workers.context import Context, LogBuffer
+from workers.runtimes import Outcome
+from workers.runtimes.child import run_child
+
+STDERR_TAIL_LINES = 5
+
+
+def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffer) -> Outcome:
+    cfg = current_config()
+    argv = list(spec.runtime["argv"])
+    if argv[0] not in cfg.allowed_commands:
+        return Outcome(
+            error_type="runtime_error",
+            error_message=f"command {argv[0]!r} is not in RUNYARD_ALLOWED_COMMANDS on this worker",
+            retryable=False,
+        )
+    stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+
+    def on_stderr(line: str) -> None:
+        stderr_tail.append(line)
+        logs.add(LEVELS["warning"], line)
+
+    with tempfile.TemporaryDirectory(prefix="runyard-command-") as workdir:
+        output_path = Path(workdir) / "output.json"
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            "HOME": workdir,
+            **spec.runtime.get("env", {}),
+            # After the agent's env: schemas/agent.json reserves these names anyway.
+            "RUNYARD_OUTPUT_PATH": str(output_path),
+            "RUNYARD_EXECUTION_ID": ctx.execution_id,
+            "RUNYARD_ATTEMPT": str(ctx.attempt),
+        }
+        run = run_child(
+            argv,
+            env=env,
+            cwd=spec.runtime.get("cwd") or workdir,
+            stdin=json.dumps(payload).encode(),
+            spec=spec,
+            ctx=ctx,
+            logs=logs,
+            on_stdout=lambda line: logs.add(LEVELS["info"], line),
+            on_stderr=on_stderr,
+        )
+        outcome = run.outcome
+        outcome.usage = run.usage
+        if outcome.error_type or outcome.cancelled:
+            return outcome
+        if run.returncode != 0:
+            last = " | ".join(stderr_tail) or "(nothing on stderr)"
+            how = (
+                f"was killed by signal {-run.returncode}"
+                if run.returncode is not None and run.returncode < 0
+                else f"exited with code {run.returncode}"
+            )
+            outcome.error_type = "runtime_error"
+            outcome.error_message = f"{argv[0]} {how}; last stderr lines: {last}"
+            return outcome
+        return _read_output(output_path, spec, cfg.max_output_bytes, outcome)
+
+
+def _read_output(path: Path, spec: VersionSpec, default_cap: int, outcome: Outcome) -> Outcome:
+    cap = spec.limits.get("max_output_bytes", default_cap)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        outcome.error_type = "runtime_error"
+        outcome.error_message = (
+            "the command exited 0 without writing its output to $RUNYARD_OUTPUT_PATH"
+        )
+        return outcome
+    # Checked before reading: the worker never loads an oversized output into memory.
+    if size > cap:
+        outcome.error_type = "output_too_large"
+        outcome.error_message = f"the output file is {size} bytes, over {cap}"
+        return outcome
+    try:
+        outcome.output = json.loads(path.read_bytes())
+    except ValueError as exc:
+        outcome.error_type = "output_invalid"
+        outcome.error_message = f"$RUNYARD_OUTPUT_PATH does not hold JSON: {exc}"
+    return outcome
