@@ -48,3 +48,30 @@ def wait_for_cancel(payload, ctx):
 def sleepy(payload, ctx):
     time.sleep(payload.get("seconds", 5))
     return {}
+
+
+def ignores_cancel(payload, ctx):
+    """Never looks at ctx.cancelled(): only the watchdog's interruption stops it."""
+    time.sleep(payload.get("seconds", 30))
+    return {"finished": True}
+
+
+def stubborn(payload, ctx):
+    """Swallows every interruption: only the watchdog's kill of its process ends it."""
+    deadline = time.monotonic() + payload.get("seconds", 60)
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except BaseException:  # the point of this agent
+            ctx.log.warning("swallowed an interruption")
+    return {"finished": True}
+
+
+def big_output(payload, ctx):
+    return {"blob": "x" * payload["size"]}
+
+
+def flood(payload, ctx):
+    for number in range(payload["lines"]):
+        print(f"line {number}")
+    return {}

@@ -86,6 +86,11 @@ def pytest_configure(config: pytest.Config) -> None:
             "RUNYARD_TOKEN_CACHE_SECONDS": "0",
             "RUNYARD_LOG_FLUSH_SECONDS": "0.2",
             "RUNYARD_ALLOWED_COMMANDS": TEST_ALLOWED_COMMANDS,
+            # Short graces and a small process cap keep the limit and cancel tests quick.
+            "RUNYARD_KILL_GRACE_SECONDS": "1",
+            "RUNYARD_PYTHON_CANCEL_GRACE_SECONDS": "1",
+            "RUNYARD_CHILD_MAX_PROCESSES": "16",
+            "RUNYARD_CHILD_MAX_FILE_MB": "8",
         }
     )
     from app.migrate import upgrade
@@ -218,10 +223,12 @@ def make_token(org: Org, role: str, **kwargs) -> str:
 # Live: real commits and a real worker
 
 
-@pytest.fixture(scope="session")
-def worker(app, tmp_path_factory) -> Iterator[Path]:
-    """A Celery worker subprocess (prefork, 2 processes) serving the `default` queue."""
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+@contextlib.contextmanager
+def celery_worker(
+    log_path: Path, queues: str = "default", concurrency: int = 2, name: str = "test"
+) -> Iterator[subprocess.Popen]:
+    """A real Celery worker subprocess (prefork), ready when this yields; stopped (warm, then
+    killed with its whole group) when the block ends."""
     celery = Path(sys.executable).parent / "celery"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
@@ -233,15 +240,15 @@ def worker(app, tmp_path_factory) -> Iterator[Path]:
                 "-P",
                 "prefork",
                 "-c",
-                "2",
+                str(concurrency),
                 "-Q",
-                "default",
+                queues,
                 "--without-gossip",
                 "--without-mingle",
                 "-l",
                 "INFO",
                 "-n",
-                f"test-{RUN_ID}@%h",
+                f"{name}-{RUN_ID}@%h",
             ],
             cwd=ROOT,
             # tests.agents must be importable in the pool processes.
@@ -256,24 +263,47 @@ def worker(app, tmp_path_factory) -> Iterator[Path]:
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"worker did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.1)
-        yield log_path
+        yield process
     finally:
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            process.kill()
             process.wait()
+        # Pool processes and anything an agent left behind share the worker's session.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def worker(app, tmp_path_factory) -> Iterator[Path]:
+    """A Celery worker subprocess (prefork, 2 processes) serving the `default` queue."""
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    with celery_worker(log_path):
+        yield log_path
+
+
+@contextlib.contextmanager
+def _committed_org(prefix: str) -> Iterator[Org]:
+    from app.db import db
+
+    org = _new_org(prefix)
+    yield org
+    with db.engine.begin() as conn:
+        conn.execute(text("DELETE FROM organizations WHERE id = :id"), {"id": org.id})
 
 
 @pytest.fixture
 def live_org(app) -> Iterator[Org]:
-    from app.db import db
+    with _committed_org("live") as org:
+        yield org
 
-    org = _new_org("live")
-    yield org
-    with db.engine.begin() as conn:
-        conn.execute(text("DELETE FROM organizations WHERE id = :id"), {"id": org.id})
+
+@pytest.fixture
+def other_live_org(app) -> Iterator[Org]:
+    with _committed_org("other-live") as org:
+        yield org
 
 
 @pytest.fixture

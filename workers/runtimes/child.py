@@ -221,15 +221,19 @@ def run_child(
 
 
 def _limit_from_exit(returncode: int | None, limits: ChildLimits, cpu: float) -> Outcome | None:
-    """The kernel's own limits end a process with a signal: name the limit it crossed."""
-    if returncode == -signal.SIGXFSZ:
+    """The kernel's own limits end a process with a signal: name the limit it crossed. A shell
+    whose child died so exits with 128 + the signal number, which counts too."""
+
+    def ended_by(sig: int) -> bool:
+        return returncode in (-sig, 128 + sig)
+
+    if ended_by(signal.SIGXFSZ):
         return Outcome(
             error_type="file_size_limit",
             error_message=f"wrote a file over {limits.file_size_mb} MB and was stopped (SIGXFSZ)",
         )
     if limits.cpu_seconds and (
-        returncode == -signal.SIGXCPU
-        or (returncode == -signal.SIGKILL and cpu >= limits.cpu_seconds)
+        ended_by(signal.SIGXCPU) or (ended_by(signal.SIGKILL) and cpu >= limits.cpu_seconds)
     ):
         return Outcome(
             error_type="cpu_limit",
