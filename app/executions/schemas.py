@@ -17,7 +17,13 @@ class SubmitSchema(Schema):
 
 
 class ErrorInfoSchema(Schema):
-    type = fields.String()
+    type = fields.String(
+        metadata={
+            "description": "input_invalid, output_invalid, runtime_error, timeout, cancelled, "
+            "lost, and the limits: memory_limit, cpu_limit, output_too_large, file_size_limit "
+            "(RUNYARD_CHILD_MAX_FILE_MB), process_limit (RUNYARD_CHILD_MAX_PROCESSES)"
+        }
+    )
     message = fields.String()
     hint = fields.String()
 

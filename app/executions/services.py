@@ -786,8 +786,12 @@ _CANCEL_RUNNING = text(
 
 
 def cancel(session: Session, principal: Principal, execution_id: str) -> Execution:
-    """Cancel is a row change first, so it holds across restarts: a queued execution's claim
-    then finds nothing to take, and a running one's worker sees the request and stops it."""
+    """Cancel is a row change, so it holds across restarts: a queued execution's claim then
+    finds nothing to take (the message is dropped), and a running one's worker sees the request
+    within CANCEL_CHECK_SECONDS and stops it (workers/runtimes/child.py, workers/watchdog.py).
+
+    No Celery revoke is sent: it would add nothing the claim does not already guarantee, and
+    its broadcast retries without bound while the broker is away, which would hang the cancel."""
     principal.require("executions:cancel")
     params = {
         "id": _parse_id(execution_id),
