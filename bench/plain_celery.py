@@ -46,3 +46,15 @@ app.conf.update(
 @app.task(name="bench.noop")
 def noop(payload: dict) -> dict:
     return {}
+
+
+@app.task(name="bench.spawn")
+def spawn(argv: list[str], payload: dict) -> dict:
+    """What a trivial `command` execution does, as plain Celery would: run the program with the
+    input on stdin and take its JSON output; returns when it ended (for bench/overhead.py)."""
+    import json
+    import subprocess
+    import time
+
+    done = subprocess.run(argv, input=json.dumps(payload).encode(), capture_output=True, check=True)
+    return {"output": json.loads(done.stdout), "ended": time.time()}
