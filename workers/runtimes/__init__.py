@@ -18,6 +18,11 @@ class Outcome:
     error_message: str = ""
     cancelled: bool = False
     usage: dict[str, Any] = field(default_factory=dict)
+    # False when trying again cannot help (an http agent's 404, a refused address): the runner
+    # then records the error without a retry, whatever the agent's retry policy says.
+    retryable: bool = True
+    # Shown as the error's `hint` instead of the generic hint of its type, when set.
+    hint: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -31,7 +36,7 @@ class Runtime(Protocol):
 
 
 def runtime_for(kind: str) -> Runtime:
-    from workers.runtimes import python, script
+    from workers.runtimes import http, python, script
 
-    runtimes: dict[str, Runtime] = {"python": python, "script": script}
+    runtimes: dict[str, Runtime] = {"python": python, "script": script, "http": http}
     return runtimes[kind]
