@@ -84,6 +84,8 @@ def pytest_configure(config: pytest.Config) -> None:
             "RUNYARD_AGENT_MODULES": TEST_AGENT_MODULES,
             "RUNYARD_TOKEN_CACHE_SECONDS": "0",
             "RUNYARD_LOG_FLUSH_SECONDS": "0.2",
+            # http agents in tests call a server on 127.0.0.1; other loopback names stay refused.
+            "RUNYARD_HTTP_ALLOW_HOSTS": "127.0.0.1",
         }
     )
     from app.migrate import upgrade

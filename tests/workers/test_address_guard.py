@@ -89,7 +89,7 @@ def test_a_name_resolving_to_a_private_address_is_refused():
         checked_addresses("intranet.example", 443, allow_hosts=(), resolver=resolver)
     assert refused.value.message == (
         "intranet.example resolves to 10.1.2.3, which is a private address: "
-        "the request was not sent"
+        "the request was not sent (only hosts listed in RUNYARD_HTTP_ALLOW_HOSTS may be non-public)"
     )
 
 

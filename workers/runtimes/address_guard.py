@@ -118,5 +118,8 @@ def checked_addresses(
         reason = refusal_reason(address)
         if reason:
             shown = host if str(address) == name else f"{host} resolves to {address}, which"
-            raise AddressRefused(f"{shown} is a {reason} address: the request was not sent")
+            raise AddressRefused(
+                f"{shown} is a {reason} address: the request was not sent "
+                f"(only hosts listed in {ALLOW_SETTING} may be non-public)"
+            )
     return addresses
