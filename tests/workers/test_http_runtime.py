@@ -4,6 +4,9 @@ Every request goes to a server on 127.0.0.1 started by the test. The session's w
 RUNYARD_HTTP_ALLOW_HOSTS=127.0.0.1 (tests/conftest.py), so `localhost` stays refused.
 """
 
+import shutil
+import ssl
+import subprocess
 import threading
 import time
 
@@ -117,6 +120,44 @@ def test_a_cancel_stops_the_wait_for_the_answer(server):
     with pytest.raises(CallFailed, match="cancelled while waiting") as failed:
         call(server.url("/slow"), cancelled=cancel.is_set)
     assert failed.value.error_type == "cancelled" and time.monotonic() - started < 2
+
+
+@pytest.fixture
+def tls_pair(tmp_path):
+    """A self-signed certificate for svc.test: the server's context and a client trusting it."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    key_options = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    files = ["-keyout", str(key), "-out", str(cert), "-days", "1"]
+    subject = ["-subj", "/CN=svc.test", "-addext", "subjectAltName=DNS:svc.test"]
+    subprocess.run(
+        ["openssl", "req", "-x509", *key_options, *files, *subject],
+        check=True,
+        capture_output=True,
+    )
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    return server_context, ssl.create_default_context(cafile=str(cert))
+
+
+def test_https_to_a_pinned_address_checks_the_certificate_of_the_url_host(tls_pair):
+    server_context, client_context = tls_pair
+    with local_server(tls=server_context) as server:
+        server.route("/x", Reply(200, {"secure": True}))
+        options = {
+            "allow_hosts": ("svc.test", "other.test"),
+            "resolver": lambda host, port: ["127.0.0.1"],
+            "tls_context": client_context,
+        }
+        answer = call(server.url("/x", host="svc.test"), **options)
+        assert answer.body == b'{"secure": true}'
+        assert server.server_names == ["svc.test"]
+        assert server.requests[0].headers["Host"] == f"svc.test:{server.port}"
+        # The same address under a name the certificate does not carry: refused, final.
+        with pytest.raises(CallFailed, match=r"TLS certificate of other\.test refused") as failed:
+            call(server.url("/x", host="other.test"), **options)
+        assert not failed.value.retryable and len(server.requests) == 1
 
 
 # ---------------------------------------------------------------------------------------------
