@@ -25,6 +25,7 @@ from typing import Any
 from app.db import utcnow
 from app.errors import Unavailable
 from app.executions.services import RUN_TASK
+from app.orgs.services import Principal
 
 INSPECT_TIMEOUT_SECONDS = 1.0
 CACHE_SECONDS = 3.0
@@ -55,10 +56,13 @@ def ask_workers(timeout: float = INSPECT_TIMEOUT_SECONDS) -> tuple[Replies, dict
         for name in reply:
             answered_at[name] = utcnow()
 
-    inspector = celery_app.control.inspect(timeout=timeout, callback=note)
-    with ThreadPoolExecutor(len(QUESTIONS), thread_name_prefix="inspect") as pool:
-        futures = {question: pool.submit(getattr(inspector, question)) for question in QUESTIONS}
     try:
+        # One quick try first: a broadcast to a broker that is down retries for seconds.
+        with celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=0, timeout=timeout)
+        inspector = celery_app.control.inspect(timeout=timeout, callback=note)
+        with ThreadPoolExecutor(len(QUESTIONS), thread_name_prefix="inspect") as pool:
+            futures = {q: pool.submit(getattr(inspector, q)) for q in QUESTIONS}
         replies = {question: future.result() or {} for question, future in futures.items()}
     except Exception as exc:  # kombu raises the transport's own connection errors
         raise Unavailable(
@@ -121,7 +125,7 @@ class FleetCache:
 _fleet = FleetCache(ask_workers, CACHE_SECONDS)
 
 
-def list_workers(principal, *, offset: int, limit: int) -> tuple[list[Worker], int]:
+def list_workers(principal: Principal, *, offset: int, limit: int) -> tuple[list[Worker], int]:
     principal.require("read")
     workers = _fleet.workers()
     return workers[offset : offset + limit], len(workers)
