@@ -91,6 +91,8 @@ def pytest_configure(config: pytest.Config) -> None:
             "RUNYARD_PYTHON_CANCEL_GRACE_SECONDS": "1",
             "RUNYARD_CHILD_MAX_PROCESSES": "16",
             "RUNYARD_CHILD_MAX_FILE_MB": "8",
+            # http agents in tests call a server on 127.0.0.1; other loopback names stay refused.
+            "RUNYARD_HTTP_ALLOW_HOSTS": "127.0.0.1",
         }
     )
     from app.migrate import upgrade

@@ -136,7 +136,7 @@ def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> None:
             usage=outcome.usage,
         )
         return
-    error = error_body(outcome.error_type, outcome.error_message)
+    error = error_body(outcome.error_type, outcome.error_message, outcome.hint)
     if outcome.cancelled:
         services.finish(
             conn,

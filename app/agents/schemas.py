@@ -8,7 +8,8 @@ class AgentDefinitionFields(Schema):
     runtime = fields.Dict(
         metadata={
             "description": "`{type: python, entrypoint: module:function}` or "
-            "`{type: script, language: python, source}`"
+            "`{type: script, language: python, source}` or "
+            "`{type: http, url, headers, timeout_seconds}`"
         }
     )
     input_schema = fields.Dict(metadata={"description": "JSON Schema Draft 2020-12"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -96,6 +97,8 @@ def _check_runtime(runtime: dict[str, Any], cfg: Config) -> list[ValidationFaile
                     hint="add the module's package to RUNYARD_AGENT_MODULES on the API and workers",
                 )
             ]
+    if runtime.get("type") == "http":
+        return _check_http_runtime(runtime)
     if runtime.get("type") == "script" and isinstance(source, str):
         try:
             compile(source, "<agent script>", "exec")
@@ -126,6 +129,52 @@ def _check_runtime(runtime: dict[str, Any], cfg: Config) -> list[ValidationFaile
     return []
 
 
+# Framing and routing headers the http runtime sets itself.
+HTTP_RUNTIME_OWNED_HEADERS = frozenset(
+    {"host", "content-length", "content-type", "transfer-encoding", "connection"}
+)
+HTTP_RUNTIME_DEFAULT_TIMEOUT = 30
+
+
+def _check_http_runtime(runtime: dict[str, Any]) -> list[ValidationFailed]:
+    """What schemas/agent.json cannot say about an http runtime: a parseable host and port."""
+    errors: dict[str, list[str]] = {}
+    url = runtime.get("url")
+    if isinstance(url, str):
+        try:
+            parts = urlsplit(url)
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError as exc:
+            errors["/runtime/url"] = [f"not a usable URL: {exc}"]
+        else:
+            if not parts.hostname or not port_ok:
+                errors["/runtime/url"] = ["needs a host name or IP address, and a port in 1..65535"]
+    headers = runtime.get("headers")
+    if isinstance(headers, dict):
+        for name in headers:
+            if isinstance(name, str) and name.lower() in HTTP_RUNTIME_OWNED_HEADERS:
+                errors[f"/runtime/headers/{name.replace('~', '~0')}"] = [
+                    "set by the http runtime itself"
+                ]
+    if not errors:
+        return []
+    return [ValidationFailed("the http runtime cannot call this URL as given", errors=errors)]
+
+
+def _check_http_timeout(runtime: Any, agent_timeout: Any) -> None:
+    """An http call may not be allowed longer than the execution it belongs to."""
+    if not isinstance(runtime, dict) or runtime.get("type") != "http":
+        return
+    timeout = runtime.get("timeout_seconds", HTTP_RUNTIME_DEFAULT_TIMEOUT)
+    if "timeout_seconds" in runtime and timeout > agent_timeout:
+        raise ValidationFailed(
+            f"the http runtime's timeout_seconds ({timeout}) is above the agent's "
+            f"timeout_seconds ({agent_timeout})",
+            errors={"/runtime/timeout_seconds": [f"at most the agent's {agent_timeout}"]},
+            hint="lower runtime.timeout_seconds or raise the agent's timeout_seconds",
+        )
+
+
 def resolve(session: Session, principal: Principal, ref: str) -> Agent:
     """An agent of the caller's organization by id or name; anything else is 404."""
     query = select(Agent).where(Agent.org_id == principal.org_id)
@@ -148,6 +197,7 @@ def current_version(session: Session, agent: Agent) -> AgentVersion:
 def create(session: Session, principal: Principal, data: dict[str, Any]) -> Agent:
     principal.require("agents:write")
     _check_definition(data)
+    _check_http_timeout(data["runtime"], data.get("timeout_seconds", 300))
     agent = Agent(
         org_id=principal.org_id,
         name=data["name"],
@@ -231,6 +281,8 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
         if field in data
     }
     changed = {field: value for field, value in changed.items() if definition[field] != value}
+    merged = {**definition, **changed}
+    _check_http_timeout(merged["runtime"], merged["timeout_seconds"])
     if not changed:
         if "version" in data and data["version"] != current.version:
             raise ValidationFailed(

@@ -17,10 +17,12 @@ class Outcome:
     error_type: str | None = None
     error_message: str = ""
     cancelled: bool = False
-    # False for a failure that would fail the same way again (a refused address, a missing
-    # program): it is not retried whatever the retry policy says.
-    retryable: bool = True
     usage: dict[str, Any] = field(default_factory=dict)
+    # False when trying again cannot help (an http agent's 404, a refused address): the runner
+    # then records the error without a retry, whatever the agent's retry policy says.
+    retryable: bool = True
+    # Shown as the error's `hint` instead of the generic hint of its type, when set.
+    hint: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -34,7 +36,12 @@ class Runtime(Protocol):
 
 
 def runtime_for(kind: str) -> Runtime:
-    from workers.runtimes import command, python, script
+    from workers.runtimes import command, http, python, script
 
-    runtimes: dict[str, Runtime] = {"python": python, "script": script, "command": command}
+    runtimes: dict[str, Runtime] = {
+        "python": python,
+        "script": script,
+        "command": command,
+        "http": http,
+    }
     return runtimes[kind]
