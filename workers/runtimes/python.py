@@ -1,9 +1,10 @@
 """The `python` runtime: `module:function` from an allowed package, called in the pool process.
 
 It runs inside the Celery pool process, so what it can bound is limited: the soft time limit
-raises SoftTimeLimitExceeded in the agent (recorded as `timeout`), the hard limit kills the pool
-process (the sweeper then recovers the execution). Memory, CPU seconds and child processes are
-not bounded per execution here; use the `script` runtime for untrusted or heavy code.
+raises SoftTimeLimitExceeded in the agent (recorded as `timeout`); a cancel, or an agent that
+ignores the soft limit, is handled by workers/watchdog.py (interrupt, then kill the pool process).
+Memory, CPU seconds and child processes are not bounded per execution here; use the `script` or
+`command` runtime for untrusted or heavy code.
 """
 
 from __future__ import annotations
