@@ -78,7 +78,6 @@ class Config:
     flower_password: str = ""
     worker_concurrency: int = 0
     http_allow_hosts: tuple[str, ...] = ()
-    http_max_response_bytes: int = 8 * 1024 * 1024
 
     @classmethod
     def from_env(cls) -> Config:
@@ -123,9 +122,6 @@ class Config:
             flower_password=os.environ.get("RUNYARD_FLOWER_PASSWORD", ""),
             worker_concurrency=_int("RUNYARD_WORKER_CONCURRENCY", 0),
             http_allow_hosts=_list("RUNYARD_HTTP_ALLOW_HOSTS", ""),
-            http_max_response_bytes=_int(
-                "RUNYARD_HTTP_MAX_RESPONSE_BYTES", cls.http_max_response_bytes
-            ),
         )
 
     def allows_module(self, module: str) -> bool:
@@ -246,11 +242,6 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "empty",
         "comma-separated host names or IP literals an `http` agent may call even though they "
         "resolve to loopback, private or link-local addresses (exact match, per redirect hop)",
-    ),
-    (
-        "RUNYARD_HTTP_MAX_RESPONSE_BYTES",
-        "8388608",
-        "largest response body an `http` agent may return when its limits set no max_output_bytes",
     ),
 )
 

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from resource import RUSAGE_SELF
 
 from app.config import current_config
 from app.db import db
@@ -46,9 +48,20 @@ class Watch:
     spec: VersionSpec
     ctx: Context
     started: float
+    rusage_at_start: resource.struct_rusage
     cancel_seen_at: float | None = None
     interrupted_at: float | None = None
     next_check: float = 0.0
+
+    def usage(self) -> dict[str, float]:
+        """What the agent used until now, as the python runtime reports it."""
+        before, after = self.rusage_at_start, resource.getrusage(RUSAGE_SELF)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return {
+            "cpu_seconds": round(cpu, 4),
+            "max_rss_mb": round(after.ru_maxrss / 1024, 1),
+            "wall_ms": round((time.monotonic() - self.started) * 1000),
+        }
 
     @property
     def hard_deadline(self) -> float:
@@ -61,6 +74,9 @@ class Watchdog:
         self._watch: Watch | None = None
         self._thread: threading.Thread | None = None
         self._pid = 0
+        # Held by the watchdog while it signals or records, and taken by the main thread on its
+        # way out of `watching`: no interruption or kill can land after the agent returned.
+        self._lock = threading.Lock()
 
     @contextmanager
     def watching(self, claimed: Claim, spec: VersionSpec, ctx: Context) -> Iterator[Watch]:
@@ -69,12 +85,17 @@ class Watchdog:
             self._pid = os.getpid()
             self._thread = threading.Thread(target=self._run, name="runyard-watchdog", daemon=True)
             self._thread.start()
-        watch = Watch(claimed, spec, ctx, time.monotonic())
+        watch = Watch(claimed, spec, ctx, time.monotonic(), resource.getrusage(RUSAGE_SELF))
         self._watch = watch
         try:
             yield watch
         finally:
+            # Cleared first (an atomic write) so the watchdog's next look sees it; then wait
+            # out an interruption being sent right now. If one is, SoftTimeLimitExceeded is
+            # raised here, still inside the runner's handler for it.
             self._watch = None
+            with self._lock:
+                pass
 
     def _run(self) -> None:
         while True:
@@ -100,15 +121,19 @@ class Watchdog:
         due = (
             watch.cancel_seen_at is not None and now >= watch.cancel_seen_at + grace
         ) or now >= watch.hard_deadline
-        if not due or self._watch is not watch:
+        if not due:
             return
-        if watch.interrupted_at is None:
-            watch.interrupted_at = now
-            _interrupt()
-        elif now >= watch.interrupted_at + LAST_RESORT_SECONDS:
-            self._give_up(watch)
+        with self._lock:
+            if self._watch is not watch:
+                return  # the agent returned meanwhile
+            if watch.interrupted_at is None:
+                watch.interrupted_at = now
+                _interrupt()
+            elif now >= watch.interrupted_at + LAST_RESORT_SECONDS:
+                self._give_up(watch)
 
     def _give_up(self, watch: Watch) -> None:
+        """Record the outcome and kill this process (under the lock, the agent still running)."""
         if watch.cancel_seen_at is not None:
             status, error = (
                 "cancelled",
@@ -126,7 +151,14 @@ class Watchdog:
                 ),
             )
         with db.hot() as conn:
-            services.finish(conn, watch.claimed, status=status, output=None, error=error, usage={})
+            recorded = services.finish(
+                conn, watch.claimed, status=status, output=None, error=error, usage=watch.usage()
+            )
+        if not recorded:
+            # The sweeper took the attempt back meanwhile: the row is not ours to end, and
+            # the process is left alone.
+            self._watch = None
+            return
         log.warning("watchdog: killing pool process %s (%s)", os.getpid(), status)
         os.kill(os.getpid(), signal.SIGKILL)
 

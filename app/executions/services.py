@@ -49,10 +49,11 @@ HINTS = {
     "input_invalid": "the input does not match the agent's input_schema",
     "output_invalid": "the agent returned an output that does not match its output_schema; "
     "fix the agent or PATCH the schema (a new version)",
-    "runtime_error": "the agent raised an error; its logs hold the traceback",
+    "runtime_error": "the agent failed; its logs hold the traceback or the program's stderr",
     "timeout": "the execution ran past timeout_seconds; raise it or speed the agent up",
     "cancelled": "cancelled through POST /api/v1/executions/{id}/cancel",
-    "lost": "the worker running it stopped answering and no attempts were left",
+    "lost": "the worker running the attempt stopped answering (killed, or its host lost); "
+    "`lost` in retry.retry_on lets such an attempt run again",
     "memory_limit": "the agent's processes used more memory than limits.memory_mb; raise the "
     "limit (a new version) or make the agent use less",
     "cpu_limit": "the agent's processes used more CPU time than limits.cpu_seconds; raise the "
@@ -481,6 +482,7 @@ class Claim:
 _CLAIM_SQL = """
     UPDATE executions
     SET status = 'running', attempt = attempt + 1, started_at = now(), worker = %(worker)s,
+        resource_usage = NULL,
         dispatched_at = coalesce(dispatched_at, now()),
         lease_until = now() + make_interval(secs => %(lease_grace)s + (
             SELECT timeout_seconds FROM agent_versions v WHERE v.id = executions.version_id))

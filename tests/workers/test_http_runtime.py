@@ -78,7 +78,7 @@ def test_credentials_are_not_carried_to_another_origin(server):
     )
     first, second = server.requests
     assert first.headers["Authorization"] == "Bearer secret"
-    assert "Authorization" not in second.headers and second.headers["X-Trace"] == "1"
+    assert "Authorization" not in second.headers and "X-Trace" not in second.headers
 
 
 def test_redirect_loops_are_cut(server):

@@ -36,6 +36,22 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
+def seconds_from_cancel_to_finish(execution_id: str) -> float:
+    """Measured on the database's clock, so a slow test client does not count."""
+    from sqlalchemy import text
+
+    from app.db import db
+
+    with db.hot() as conn:
+        return conn.execute(
+            text(
+                "SELECT extract(epoch FROM finished_at - cancel_requested_at) "
+                "FROM executions WHERE id = :id"
+            ),
+            {"id": execution_id},
+        ).scalar_one()
+
+
 # ---------------------------------------------------------------------------------------------
 # command
 
@@ -133,6 +149,54 @@ def test_command_outside_the_allow_list_is_refused_at_creation(live_client, live
     )
     assert reserved.status_code == 422
     assert set(reserved.get_json()["errors"]) >= {"/runtime/env", "/runtime/cwd"}
+
+
+def test_the_agents_env_cannot_choose_which_program_an_allowed_name_runs(
+    live_client, live_org, tmp_path
+):
+    fake = tmp_path / "sh"
+    fake.write_text('#!/bin/sh\necho \'{"fake": true}\' > "$RUNYARD_OUTPUT_PATH"\n')
+    fake.chmod(0o755)
+    # Shell builtins only: the agent's PATH holds nothing but the fake.
+    script = 'echo \'{"real": true}\' > "$RUNYARD_OUTPUT_PATH"'
+    define(
+        live_client,
+        live_org,
+        "pathed",
+        {"type": "command", "argv": ["sh", "-c", script], "env": {"PATH": str(tmp_path)}},
+    )
+    result = wait_for(live_client, live_org, run(live_client, live_org, "pathed"))
+    assert result["output"] == {"real": True}, result["error"]
+    preload = live_client.post(
+        "/api/v1/agents",
+        json={
+            "name": "preload",
+            "runtime": {"type": "command", "argv": ["sh"], "env": {"LD_PRELOAD": "/tmp/x.so"}},
+        },
+        headers=live_org.headers,
+    )
+    assert preload.status_code == 422 and "/runtime/env" in preload.get_json()["errors"]
+
+
+def test_a_command_that_never_reads_its_input_is_still_bounded(live_client, live_org):
+    # 900 kB of input against a 64 kB pipe: the write must not hold up the timeout.
+    command_agent(live_client, live_org, "deaf-cmd", ["sh", "-c", "sleep 30"], timeout_seconds=1)
+    execution_id = run(live_client, live_org, "deaf-cmd", {"blob": "x" * 900_000})
+    result = wait_for(live_client, live_org, execution_id)
+    assert result["status"] == "timed_out"
+    assert result["resource_usage"]["wall_ms"] < 5000
+
+
+def test_a_process_that_leaves_the_group_does_not_hold_the_execution(live_client, live_org):
+    code = (
+        "import json, os, subprocess\n"
+        "subprocess.Popen(['setsid', 'sleep', '20'])\n"
+        "json.dump({}, open(os.environ['RUNYARD_OUTPUT_PATH'], 'w'))\n"
+    )
+    command_agent(live_client, live_org, "escapee", py_command(code), timeout_seconds=10)
+    result = wait_for(live_client, live_org, run(live_client, live_org, "escapee"))
+    assert result["status"] == "succeeded", result
+    assert result["resource_usage"]["wall_ms"] < 5000
 
 
 def test_a_missing_program_is_a_runtime_error(live_client, live_org):
@@ -300,14 +364,13 @@ def test_cancel_stops_a_running_child_within_two_seconds(live_client, live_org, 
             == "running"
         )
     )
-    asked = time.monotonic()
     response = live_client.post(
         f"/api/v1/executions/{execution_id}/cancel", headers=live_org.headers
     )
     assert response.status_code == 202
     result = wait_for(live_client, live_org, execution_id)
     assert result["status"] == "cancelled"
-    assert time.monotonic() - asked < 2.0
+    assert seconds_from_cancel_to_finish(execution_id) < 2.0
 
 
 def test_python_agent_that_ignores_cancel_is_interrupted_after_the_grace(live_client, live_org):
@@ -321,12 +384,11 @@ def test_python_agent_that_ignores_cancel_is_interrupted_after_the_grace(live_cl
             == "running"
         )
     )
-    asked = time.monotonic()
     live_client.post(f"/api/v1/executions/{execution_id}/cancel", headers=live_org.headers)
     result = wait_for(live_client, live_org, execution_id)
-    # Seen within a second, interrupted after the suite's 1 s grace.
+    # Seen within about a second, interrupted after the suite's 1 s grace.
     assert result["status"] == "cancelled"
-    assert time.monotonic() - asked < 4
+    assert seconds_from_cancel_to_finish(execution_id) < 4
 
 
 def test_python_agent_that_swallows_the_interruption_is_killed(live_client, live_org):

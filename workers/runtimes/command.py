@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections import deque
 from pathlib import Path
@@ -23,6 +24,14 @@ from workers.runtimes import Outcome
 from workers.runtimes.child import run_child
 
 STDERR_TAIL_LINES = 5
+# What programs print when an allocation fails (Python, C, C++, Go, Node, the JVM).
+OUT_OF_MEMORY_SIGNS = (
+    "MemoryError",
+    "Cannot allocate memory",
+    "out of memory",
+    "std::bad_alloc",
+    "OutOfMemoryError",
+)
 
 
 def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffer) -> Outcome:
@@ -33,7 +42,19 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffe
             error_type="runtime_error",
             error_message=f"command {argv[0]!r} is not in RUNYARD_ALLOWED_COMMANDS on this worker",
             retryable=False,
+            hint="list it in RUNYARD_ALLOWED_COMMANDS on every worker of the agent's queue",
         )
+    # Resolved here, on the worker's own PATH: the agent's env may set PATH for the program, but
+    # must not choose which program the allowed name runs.
+    program = shutil.which(argv[0])
+    if program is None:
+        return Outcome(
+            error_type="runtime_error",
+            error_message=f"command {argv[0]!r} is not installed on this worker (PATH)",
+            retryable=False,
+            hint="install the program on every worker of the agent's queue",
+        )
+    argv[0] = program
     stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
 
     def on_stderr(line: str) -> None:
@@ -76,6 +97,12 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffe
             )
             outcome.error_type = "runtime_error"
             outcome.error_message = f"{argv[0]} {how}; last stderr lines: {last}"
+            if spec.limits.get("memory_mb") and any(
+                sign in line for line in stderr_tail for sign in OUT_OF_MEMORY_SIGNS
+            ):
+                # The kernel's data limit (2 x memory_mb) refused an allocation before the
+                # watchdog's next sample saw the memory: the same limit, reached sooner.
+                outcome.error_type = "memory_limit"
             return outcome
         return _read_output(output_path, spec, cfg.max_output_bytes, outcome)
 

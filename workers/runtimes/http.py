@@ -7,11 +7,11 @@ The worker POSTs `{"input", "execution_id", "attempt", "agent"}` as JSON. How an
 - 2xx with a body that is not JSON (or not UTF-8): `runtime_error`, final.
 - 301/302/303 (followed as GET, no body) and 307/308 (followed as POST, same body), at most
   MAX_REDIRECTS hops, each hop checked by the address guard; https never downgrades to http, and
-  Authorization, Cookie and Proxy-Authorization are dropped when a hop changes origin.
+  the agent's headers are dropped when a hop changes origin (any may carry a credential).
 - 5xx, 429, and failures to resolve, connect or read: `runtime_error`, retryable.
 - any other status: `runtime_error`, final.
 - no full answer within the runtime's timeout_seconds (at most the agent's): `timeout`.
-- a body over the agent's limits.max_output_bytes (else RUNYARD_HTTP_MAX_RESPONSE_BYTES):
+- a body over the agent's limits.max_output_bytes (else RUNYARD_MAX_OUTPUT_BYTES):
   `output_too_large`.
 - a host the address guard refuses: `runtime_error`, final, and the request is never sent.
 
@@ -51,9 +51,8 @@ DEFAULT_TIMEOUT_SECONDS = 30
 MAX_REDIRECTS = 5
 READ_CHUNK_BYTES = 64 * 1024
 # How often a wait for the remote's answer looks at ctx.cancelled() (which itself asks the
-# database at most once a second).
+# database at most every Context.CANCEL_CHECK_SECONDS).
 CANCEL_POLL_SECONDS = 0.5
-CROSS_ORIGIN_DROPPED = frozenset({"authorization", "cookie", "proxy-authorization"})
 USER_AGENT = "runyard-http-runtime/1"
 
 
@@ -161,9 +160,8 @@ def post_json(
             method, payload = "GET", b""
             sent_headers = {k: v for k, v in sent_headers.items() if k.lower() != "content-type"}
         if _origin(next_url) != _origin(url):
-            sent_headers = {
-                k: v for k, v in sent_headers.items() if k.lower() not in CROSS_ORIGIN_DROPPED
-            }
+            # Any header the agent set may carry a credential (X-Api-Key, ...): none crosses.
+            sent_headers = {k: v for k, v in sent_headers.items() if k.lower() == "content-type"}
         url = next_url
     raise CallFailed(
         "runtime_error", f"more than {MAX_REDIRECTS} redirects, last to {url}", retryable=False
@@ -362,7 +360,7 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffe
     cfg = current_config()
     runtime = spec.runtime
     timeout = min(runtime.get("timeout_seconds", DEFAULT_TIMEOUT_SECONDS), spec.timeout_seconds)
-    max_bytes = spec.limits.get("max_output_bytes") or cfg.http_max_response_bytes
+    max_bytes = spec.limits.get("max_output_bytes") or cfg.max_output_bytes
     body = json.dumps(
         {
             "input": payload,

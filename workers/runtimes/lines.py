@@ -33,23 +33,31 @@ class ByteLines:
     """Splits raw bytes from a pipe into decoded lines.
 
     A line longer than `max_bytes` is emitted in pieces, so output without newlines cannot grow
-    the worker's memory without bound."""
+    the worker's memory without bound. Only each new chunk is searched for newlines, so a long
+    line arriving in many chunks costs linear time."""
 
     def __init__(self, emit: Callable[[str], None], max_bytes: int = 64 * 1024) -> None:
         self._emit = emit
         self._max_bytes = max_bytes
-        self._partial = b""
+        self._partial = bytearray()
 
     def feed(self, chunk: bytes) -> None:
-        self._partial += chunk
-        *lines, self._partial = self._partial.split(b"\n")
+        start = 0
+        while (end := chunk.find(b"\n", start)) != -1:
+            self._partial += chunk[start:end]
+            self._emit_partial()
+            start = end + 1
+        self._partial += chunk[start:]
         while len(self._partial) > self._max_bytes:
-            lines.append(self._partial[: self._max_bytes])
-            self._partial = self._partial[self._max_bytes :]
-        for line in lines:
-            self._emit(line.decode("utf-8", "replace"))
+            piece = bytes(self._partial[: self._max_bytes])
+            del self._partial[: self._max_bytes]
+            self._emit(piece.decode("utf-8", "replace"))
+
+    def _emit_partial(self) -> None:
+        line = self._partial.decode("utf-8", "replace")
+        self._partial = bytearray()
+        self._emit(line)
 
     def close(self) -> None:
         if self._partial:
-            self._emit(self._partial.decode("utf-8", "replace"))
-            self._partial = b""
+            self._emit_partial()
