@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -80,7 +81,16 @@ def run_execution(execution_id: uuid.UUID, worker: str) -> None:
         if not outcome.ok and services.cancel_requested(conn, execution_id):
             # It failed after a cancel was asked (often because of it): report the cancel.
             outcome.cancelled = True
-        _record(conn, claimed, spec, outcome)
+        status = _record(conn, claimed, spec, outcome)
+        if status is not None and claimed.chain_execution_id is not None:
+            for hook in settled_hooks:
+                hook(conn, claimed, status)
+
+
+# Called as hook(conn, claimed, status) once a chain step's outcome is recorded: `status` is the
+# terminal status written, or "queued" when the step was put back for a retry. workers/chains.py
+# registers the hook that moves the chain on.
+settled_hooks: list[Callable[[Any, Claim, str], None]] = []
 
 
 def _check_output(spec: VersionSpec, outcome: Outcome) -> None:
@@ -108,9 +118,10 @@ def _check_output(spec: VersionSpec, outcome: Outcome) -> None:
         outcome.error_message = f"the output does not match the output_schema: {details}"
 
 
-def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> None:
+def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> str | None:
+    """Write the outcome; the status written ("queued" for a retry), None if fenced out."""
     if outcome.ok:
-        services.finish(
+        done = services.finish(
             conn,
             claimed,
             status="succeeded",
@@ -118,10 +129,10 @@ def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> None:
             error=None,
             usage=outcome.usage,
         )
-        return
+        return "succeeded" if done else None
     error = error_body(outcome.error_type, outcome.error_message)
     if outcome.cancelled:
-        services.finish(
+        done = services.finish(
             conn,
             claimed,
             status="cancelled",
@@ -129,15 +140,18 @@ def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> None:
             error=error_body("cancelled", outcome.error_message),
             usage=outcome.usage,
         )
-        return
+        return "cancelled" if done else None
     if _should_retry(spec, claimed, outcome.error_type) and services.requeue_for_retry(
         conn, claimed, error=error, usage=outcome.usage
     ):
         delay = backoff_seconds(spec.retry, claimed.attempt)
         services.publish(claimed.execution_id, spec, claimed.priority, countdown=delay)
-        return
+        return "queued"
     status = "timed_out" if outcome.error_type == "timeout" else "failed"
-    services.finish(conn, claimed, status=status, output=None, error=error, usage=outcome.usage)
+    done = services.finish(
+        conn, claimed, status=status, output=None, error=error, usage=outcome.usage
+    )
+    return status if done else None
 
 
 def _should_retry(spec: VersionSpec, claimed: Claim, error_type: str) -> bool:

@@ -44,6 +44,9 @@ class ExecutionSchema(Schema):
     finished_at = fields.DateTime(allow_none=True)
     duration_ms = fields.Integer(allow_none=True)
     resource_usage = fields.Nested(ResourceUsageSchema, allow_none=True)
+    chain_execution_id = fields.UUID(
+        allow_none=True, metadata={"description": "the chain execution this step belongs to"}
+    )
 
 
 class ExecutionQuerySchema(Schema):

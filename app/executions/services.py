@@ -296,6 +296,7 @@ def submit(
         "finished_at": None,
         "duration_ms": None,
         "resource_usage": None,
+        "chain_execution_id": None,
     }
 
 
@@ -468,6 +469,8 @@ class Claim:
     input: dict[str, Any]
     priority: int
     last_seq: int
+    # Set for a chain step: the runner then tells the chain when the step settles.
+    chain_execution_id: uuid.UUID | None = None
 
 
 _CLAIM_SQL = """
@@ -478,7 +481,8 @@ _CLAIM_SQL = """
             SELECT timeout_seconds FROM agent_versions v WHERE v.id = executions.version_id))
     WHERE id = %(id)s AND status = 'queued'
     RETURNING attempt, version_id, input, priority,
-              (SELECT coalesce(max(seq), 0) FROM execution_logs WHERE execution_id = %(id)s)
+              (SELECT coalesce(max(seq), 0) FROM execution_logs WHERE execution_id = %(id)s),
+              chain_execution_id
 """
 
 
@@ -606,6 +610,7 @@ def present(row: Mapping[str, Any] | Execution) -> dict[str, Any]:
             round((finished - started).total_seconds() * 1000) if started and finished else None
         ),
         "resource_usage": get("resource_usage"),
+        "chain_execution_id": get("chain_execution_id"),
     }
 
 
