@@ -48,3 +48,12 @@ def wait_for_cancel(payload, ctx):
 def sleepy(payload, ctx):
     time.sleep(payload.get("seconds", 5))
     return {}
+
+
+def add(payload, ctx):
+    return {"value": payload["value"] + payload.get("by", 1)}
+
+
+def pause_then_echo(payload, ctx):
+    time.sleep(payload.get("seconds", 1))
+    return {"echo": payload}

@@ -562,7 +562,7 @@ def _flow(source: Any, present: bool, target: Any, where: str) -> list[tuple[str
             return [
                 (
                     where,
-                    f"may be {'/'.join(wrong)}, but the input accepts {'/'.join(sorted(accepted))}",
+                    f"gives {'/'.join(wrong)}, but the input accepts {'/'.join(sorted(accepted))}",
                 )
             ]
     problems: list[tuple[str, str]] = []

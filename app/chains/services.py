@@ -438,6 +438,9 @@ def _signature(
         args=[str(chain_execution_id), str(chain_version_id), stage, index],
         queue=spec.queue,
         immutable=True,
+        # Results live in PostgreSQL: no result channel to subscribe to per message. A chord
+        # still counts its header tasks in the result backend.
+        ignore_result=True,
         soft_time_limit=spec.soft_time_limit,
         time_limit=spec.soft_time_limit + executions.HARD_LIMIT_GRACE_SECONDS,
     )
@@ -544,7 +547,7 @@ _START_SQL = """
                             finished_at, chain_execution_id, chain_step, chain_stage, chain_role)
     SELECT %(id)s, ce.org_id, %(agent_id)s, %(version_id)s, %(agent_name)s, %(agent_version)s,
            %(status)s, ce.priority, %(input)s, 0, %(max_attempts)s, now(), %(error)s,
-           CASE WHEN %(status)s = 'failed' THEN now() END, ce.id, %(step)s, %(stage)s, %(role)s
+           CASE WHEN %(refused)s THEN now() END, ce.id, %(step)s, %(stage)s, %(role)s
     FROM chain_executions ce
     WHERE ce.id = %(chain_execution_id)s AND ce.status = ANY(%(statuses)s)
     ON CONFLICT (id) DO NOTHING
@@ -639,6 +642,7 @@ def start_step(
                 "agent_name": spec.agent_name,
                 "agent_version": spec.version,
                 "status": "failed" if error else "queued",
+                "refused": error is not None,
                 "input": Jsonb(payload),
                 "max_attempts": spec.max_attempts,
                 "error": Jsonb(error) if error else None,
