@@ -13,7 +13,6 @@ import threading
 import uuid
 
 from app.chains import services
-from app.db import db
 from app.executions.services import Claim
 from workers import app
 from workers.runner import DATABASE_ERRORS, run_execution, settled_hooks
@@ -74,16 +73,15 @@ def run_step(self, chain_execution_id: str, chain_version_id: str, stage: int, i
             status, _in_canvas.execution_id = _in_canvas.status, None
     proceed = False
     if status is not None:
-        with db.hot() as conn:
-            proceed = services.step_settled(
-                conn,
-                chain_execution,
-                chain_version,
-                stage,
-                services.step_execution_id(chain_execution, stage, index),
-                status,
-                in_canvas=True,
-            )
+        proceed = services.step_settled(
+            None,
+            chain_execution,
+            chain_version,
+            stage,
+            services.step_execution_id(chain_execution, stage, index),
+            status,
+            in_canvas=True,
+        )
     if not proceed:
         # The chain does not go on from this task (it ended, it is retrying this step, or
         # another task holds the step): drop the rest of the canvas this message carries.

@@ -576,6 +576,14 @@ def start_step(
         step = plan.steps[index]
         compensating = stage >= last
         template = (step.compensate or {}).get("input") if compensating else step.input
+        if (
+            not compensating
+            and template is None
+            and (stage == 0 or len(plan.stages[stage - 1]) == 1)
+        ):
+            started = _start_plain_step(conn, chain_execution_id, plan, stage, index, execution_id)
+            if started is not None:
+                return started
         # A compensation without `input` reads the output of the step it undoes.
         needed = [index] if compensating and template is None else plan.needed_steps(step, template)
         driver = executions._driver(conn)
@@ -659,6 +667,85 @@ def start_step(
         return StepStart(execution_id)
 
 
+# The common step (no `input`: it takes the chain input or the one step before it) in one
+# statement: ready, input and row at once. The agent version's details come with it.
+_START_PLAIN_SQL = """
+    INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
+                            priority, input, attempt, max_attempts, dispatched_at,
+                            chain_execution_id, chain_step, chain_stage, chain_role)
+    SELECT %(id)s, ce.org_id, v.agent_id, v.id, a.name, v.version, 'queued', ce.priority,
+           CASE WHEN %(stage)s = 0 THEN ce.input ELSE coalesce(p.output, '{}'::jsonb) END,
+           0, 1 + coalesce((v.retry ->> 'max_retries')::int, 0), now(),
+           ce.id, %(step)s, %(stage)s, 'step'
+    FROM chain_executions ce
+    JOIN agent_versions v ON v.id = (ce.step_versions ->> %(step)s)::uuid
+    JOIN agents a ON a.id = v.agent_id
+    LEFT JOIN executions p ON p.id = %(previous)s
+    WHERE ce.id = %(chain_execution_id)s AND ce.status IN ('queued', 'running')
+      AND (%(stage)s = 0 OR p.status IN ('succeeded', 'failed', 'timed_out', 'cancelled'))
+    ON CONFLICT (id) DO NOTHING
+    RETURNING version_id, input
+"""
+
+
+def _start_plain_step(
+    conn: Connection,
+    chain_execution_id: uuid.UUID,
+    plan: Plan,
+    stage: int,
+    index: int,
+    execution_id: uuid.UUID,
+) -> StepStart | None:
+    """None when the one statement did not start it: the general path then finds out why."""
+    if stage == 0:
+        conn.execute(
+            text(
+                "UPDATE chain_executions SET status = 'running', started_at = now() "
+                "WHERE id = :id AND status = 'queued'"
+            ),
+            {"id": chain_execution_id},
+        )
+    previous = plan.stages[stage - 1][0] if stage else None
+    row = (
+        executions._driver(conn)
+        .execute(
+            _START_PLAIN_SQL,
+            {
+                "id": execution_id,
+                "chain_execution_id": chain_execution_id,
+                "stage": stage,
+                "step": index,
+                "previous": (
+                    step_execution_id(chain_execution_id, stage - 1, previous) if stage else None
+                ),
+            },
+        )
+        .fetchone()
+    )
+    if row is None:
+        return None
+    version_id, payload = row
+    errors = jsonschemas.instance_errors(
+        executions.specs.get(conn, version_id).input_validator, payload, "/input"
+    )
+    if not errors:
+        return StepStart(execution_id)
+    details = "; ".join(f"{p}: {', '.join(m)}" for p, m in errors.items())
+    error = error_body(
+        "input_invalid",
+        f"the input step {plan.steps[index].name!r} received does not match the agent's "
+        f"input_schema: {details}",
+    )
+    conn.execute(
+        text(
+            "UPDATE executions SET status = 'failed', error = CAST(:error AS jsonb), "
+            "finished_at = now() WHERE id = :id AND status = 'queued'"
+        ),
+        {"id": execution_id, "error": _json(error)},
+    )
+    return StepStart(None, proceed=True, settled="failed")
+
+
 _FINISH_FAST_SQL = """
     UPDATE chain_executions ce
     SET status = 'succeeded', finished_at = now(),
@@ -670,7 +757,7 @@ _FINISH_FAST_SQL = """
 
 
 def step_settled(
-    conn: Connection,
+    conn: Connection | None,
     chain_execution_id: uuid.UUID,
     chain_version_id: uuid.UUID | None,
     stage: int | None,
@@ -680,22 +767,47 @@ def step_settled(
     in_canvas: bool,
 ) -> bool:
     """A step's outcome is recorded: move the chain on. True when the canvas the step ran in
-    may carry on with its next task; outside a canvas the rest is published from here."""
+    may carry on with its next task; outside a canvas the rest is published from here.
+    `conn` None: a connection is taken only if a statement is needed."""
     if status not in TERMINAL_STATUSES:
         return False  # back in the queue for a retry: whoever records its end moves on
     if in_canvas and status == "succeeded" and chain_version_id is not None and stage is not None:
-        plan = plans.get(conn, chain_version_id)
-        last = len(plan.stages) - 1
-        if stage < last and len(plan.stages[stage]) == 1:
-            return True  # the common case costs no statement: the next task is the next step
-        if stage == last and len(plan.stages[stage]) == 1:
-            cursor = executions._driver(conn).execute(
-                _FINISH_FAST_SQL,
-                {"chain_execution_id": chain_execution_id, "execution_id": execution_id},
-            )
-            if cursor.rowcount == 1:
-                return False
+        with _connection(conn) as usable:
+            plan = plans.get(usable, chain_version_id)
+            last = len(plan.stages) - 1
+            if stage < last and len(plan.stages[stage]) == 1:
+                return True  # the common case costs no statement: the next task is the next step
+            if stage == last and len(plan.stages[stage]) == 1:
+                cursor = executions._driver(usable).execute(
+                    _FINISH_FAST_SQL,
+                    {"chain_execution_id": chain_execution_id, "execution_id": execution_id},
+                )
+                if cursor.rowcount == 1:
+                    return False
     return reconcile(chain_execution_id, in_canvas=in_canvas)
+
+
+class _LazyConnection:
+    """Checks a connection out of the pool only when a statement needs one."""
+
+    def __init__(self) -> None:
+        self._scope = contextlib.ExitStack()
+        self._conn: Connection | None = None
+
+    def __getattr__(self, name: str):
+        if self._conn is None:
+            self._conn = self._scope.enter_context(db.hot())
+        return getattr(self._conn, name)
+
+
+@contextlib.contextmanager
+def _connection(conn: Connection | None):
+    if conn is not None:
+        yield conn
+        return
+    lazy = _LazyConnection()
+    with lazy._scope:
+        yield lazy
 
 
 @dataclass
