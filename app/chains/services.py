@@ -929,11 +929,13 @@ def _reconcile(
         _update(
             conn,
             chain_execution_id,
-            "status = 'failed', finished_at = now(), "
-            "error = jsonb_set(error, '{compensation}', to_jsonb(CAST(:note AS text)))",
-            note=f"{len(failed)} of {len(done)} compensations failed"
+            "status = 'failed', finished_at = now(), error = jsonb_set(error, '{message}', "
+            "to_jsonb(concat(error ->> 'message', CAST(:note AS text))))",
+            note=f" (compensations: {len(failed)} of {len(done)} failed, "
+            + ", ".join(repr(plan.steps[row.step].name) for row in failed)
+            + ")"
             if failed
-            else f"{len(done)} compensations succeeded",
+            else f" (compensations: all {len(done)} succeeded)",
         )
         return False
     if position in done:

@@ -58,6 +58,7 @@ class ExecutionQuerySchema(Schema):
     until = fields.AwareDateTime(
         default_timezone=dt.UTC, metadata={"description": "queued before (ISO 8601, UTC)"}
     )
+    chain_execution_id = fields.UUID(metadata={"description": "the steps of one chain execution"})
 
 
 class LogQuerySchema(Schema):

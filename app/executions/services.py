@@ -642,8 +642,11 @@ def list_executions(
     until: dt.datetime | None,
     offset: int,
     limit: int,
+    chain_execution_id: uuid.UUID | None = None,
 ) -> tuple[list[Execution], int]:
     query = select(Execution).where(Execution.org_id == principal.org_id)
+    if chain_execution_id:
+        query = query.where(Execution.chain_execution_id == chain_execution_id)
     if agent:
         try:
             query = query.where(Execution.agent_id == uuid.UUID(agent))

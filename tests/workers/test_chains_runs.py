@@ -122,8 +122,11 @@ def test_linear_chain_with_mapping(live_client, live_org):
         f"/api/v1/executions/{body['steps'][0]['execution_id']}", headers=live_org.headers
     ).get_json()
     assert one["chain_execution_id"] == ce and one["output"] == {"value": 2}
-    listed = live_client.get("/api/v1/executions?agent=adder", headers=live_org.headers)
-    assert {e["chain_execution_id"] for e in listed.get_json()} == {ce}
+    listed = live_client.get(
+        f"/api/v1/executions?chain_execution_id={ce}", headers=live_org.headers
+    ).get_json()
+    assert len(listed) == 4 and {e["chain_execution_id"] for e in listed} == {ce}
+    assert {e["id"] for e in listed} == {s["execution_id"] for s in body["steps"]}
 
 
 def test_parallel_fans_out_and_back_in(live_client, live_org):
@@ -200,6 +203,7 @@ def test_stop_skips_the_rest_and_compensates_in_reverse(live_client, live_org):
     wait_until(lambda: read(live_client, live_org, ce)["status"] == "failed", timeout=30)
     body = read(live_client, live_org, ce)
     assert body["error"]["type"] == "step_failed" and "'bad'" in body["error"]["message"]
+    assert "compensations: all 2 succeeded" in body["error"]["message"]
     steps = steps_of(body)
     assert steps[("step", "bad")]["status"] == "failed"
     assert steps[("step", "never")]["status"] == "skipped"
