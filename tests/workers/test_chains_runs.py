@@ -221,22 +221,53 @@ def test_stop_skips_the_rest_and_compensates_in_reverse(live_client, live_org):
 
 def test_continue_goes_on_after_a_failure(live_client, live_org):
     adder(live_client, live_org)
-    agent(live_client, live_org, "boom", "tests.agents:boom")
+    # Declares the adder's output, so the step after it type-checks, then fails at runtime.
+    agent(live_client, live_org, "boom", "tests.agents:boom", output_schema=NUMBER)
     chain(
         live_client,
         live_org,
         [
             {"name": "a", "agent": "adder"},
             {"name": "bad", "agent": "boom"},
-            {"name": "c", "agent": "adder", "input": {"value": "$.steps.a.output.value"}},
+            {"name": "orphan", "agent": "adder"},
+            {"name": "d", "agent": "adder", "input": {"value": "$.steps.a.output.value"}},
         ],
         on_failure="continue",
     )
     ce = run(live_client, live_org, {"value": 1})
     body = wait_chain(live_client, live_org, ce)
-    assert [s["status"] for s in body["steps"]] == ["succeeded", "failed", "succeeded"]
-    assert body["status"] == "failed" and "'bad'" in body["error"]["message"]
+    assert [s["status"] for s in body["steps"]] == ["succeeded", "failed", "failed", "succeeded"]
+    assert body["status"] == "failed" and "'bad', 'orphan'" in body["error"]["message"]
     assert body["output"] == {"value": 3}
+    # The step after the failed one got no output to read: its input is refused, not run.
+    orphan = live_client.get(
+        f"/api/v1/executions/{body['steps'][2]['execution_id']}", headers=live_org.headers
+    ).get_json()
+    assert orphan["error"]["type"] == "input_invalid" and orphan["attempts"] == 0
+    assert "'orphan'" in orphan["error"]["message"]
+
+
+def test_a_chain_that_is_one_parallel_group(live_client, live_org):
+    adder(live_client, live_org)
+    chain(
+        live_client,
+        live_org,
+        [
+            {
+                "name": "both",
+                "parallel": [
+                    {"name": "x", "agent": "adder"},
+                    {"name": "y", "agent": "adder", "input": {"value": "$.input.value", "by": 2}},
+                ],
+            }
+        ],
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    body = wait_chain(live_client, live_org, ce)
+    assert body["status"] == "succeeded" and body["output"] == {
+        "x": {"value": 2},
+        "y": {"value": 3},
+    }
 
 
 def test_cancel_mid_chain_stops_the_running_step_and_skips_the_rest(live_client, live_org):
