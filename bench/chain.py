@@ -6,11 +6,13 @@
 Runyard: `runyard api` (gunicorn) and `celery -A workers worker`; a chain of `--steps` steps of a
 `python` agent that sleeps `--sleep-ms`, each step reading the previous step's output. Time =
 the client's clock just before POST /api/v1/chains/.../executions -> the chain execution's
-stored `finished_at`. Plain Celery: `celery -A bench.plain_chain worker` with the same pool;
-a `chain()` of `--steps` immutable signatures of a task that sleeps as long; time = just before
-apply_async -> the last task's stored `date_done`. Each side runs once to warm up, then
-`--runs` times; the median and the best are printed, with the overhead per step and the CPU
-each process group spent per step.
+stored `finished_at`. Plain Celery: `celery -A bench.plain_chain worker` with the same pool, on
+a Redis database of its own; a `chain()` of `--steps` immutable signatures of a task that sleeps
+as long; time = just before apply_async -> the last task's stored `date_done`. Both sides are up
+at once and their chains alternate (one warm-up each, then `--runs` each), so load from
+elsewhere on the machine falls on both alike. It prints every run, the medians and the best,
+the overhead per step, the CPU each process group spent per step (`other` is everything else
+on the machine), and where a Runyard step's time went, from the stored timestamps.
 
 Servers: DATABASE_URL set -> a fresh database `runyard_bench_chain` on that server (dropped at
 the end); unset -> embedded PostgreSQL. Redis is always an embedded instance of its own on a
@@ -113,13 +115,6 @@ def create_org(database_url: str) -> str:
         db.dispose()
 
 
-def cpu_per_step(before, after, sessions, steps: int) -> str:
-    groups = cpu_groups(before, after, sessions)
-    parts = [f"{name} {seconds * 1000 / steps:.2f}" for name, seconds in groups.items()]
-    total = sum(groups.values()) * 1000 / steps
-    return f"  cpu ms/step: {', '.join(parts)}; sum {total:.2f}"
-
-
 def loadavg() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -144,36 +139,77 @@ class Api:
         return data
 
 
-def phase_runyard(args, children: Children, env, database_url: str) -> tuple[list[float], str]:
-    import psycopg
-    from sqlalchemy.engine import make_url
+class Side:
+    """One side of the comparison: `one()` runs a chain and returns its seconds."""
 
-    token = create_org(database_url)
-    port = free_port()
-    children.start("api", [BIN / "runyard", "api", "--port", str(port)], env)
-    wait_http(children, "api", f"http://127.0.0.1:{port}/healthz", timeout=30)
-    api = Api(port, token)
-    api.post(
-        "/api/v1/agents",
-        {
-            "name": AGENT,
-            "runtime": {"type": "python", "entrypoint": ENTRYPOINT},
-            "config": {"sleep_ms": args.sleep_ms},
-        },
-    )
-    steps = [{"name": f"s{i}", "agent": AGENT} for i in range(args.steps)]
-    api.post("/api/v1/chains", {"name": "bench", "steps": steps})
-    children.start("runyard-worker", worker_argv("workers", args.concurrency, "bench-chain"), env)
-    sessions = {"api": children.procs["api"].pid, "worker": children.procs["runyard-worker"].pid}
-    time.sleep(2)  # the worker's pool processes are up before the first run
-    poll = psycopg.connect(libpq_url(make_url(database_url)), autocommit=True)
+    name = ""
+    sessions: dict[str, int]
 
-    def one() -> float:
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.cpu: dict[str, float] = {}
+
+    def measured(self) -> None:
+        before = cpu_snapshot()
+        self.times.append(self.one())
+        for group, seconds in cpu_groups(before, cpu_snapshot(), self.sessions).items():
+            self.cpu[group] = self.cpu.get(group, 0.0) + seconds
+
+    def one(self) -> float:
+        raise NotImplementedError
+
+    def report(self, steps: int) -> str:
+        per = {
+            group: seconds * 1000 / (steps * len(self.times)) for group, seconds in self.cpu.items()
+        }
+        mine = sum(value for group, value in per.items() if group != "other")
+        return (
+            "  runs: " + ", ".join(f"{t:.3f}" for t in self.times) + " s\n"
+            "  cpu ms/step: "
+            + ", ".join(f"{g} {v:.2f}" for g, v in per.items())
+            + f"; sum without other {mine:.2f}"
+        )
+
+
+class Runyard(Side):
+    name = "runyard"
+
+    def __init__(self, args, children: Children, env, database_url: str) -> None:
+        import psycopg
+        from sqlalchemy.engine import make_url
+
+        super().__init__()
+        self.args, self.children = args, children
+        token = create_org(database_url)
+        port = free_port()
+        children.start("api", [BIN / "runyard", "api", "--port", str(port)], env)
+        wait_http(children, "api", f"http://127.0.0.1:{port}/healthz", timeout=30)
+        self.api = Api(port, token)
+        self.api.post(
+            "/api/v1/agents",
+            {
+                "name": AGENT,
+                "runtime": {"type": "python", "entrypoint": ENTRYPOINT},
+                "config": {"sleep_ms": args.sleep_ms},
+            },
+        )
+        steps = [{"name": f"s{i}", "agent": AGENT} for i in range(args.steps)]
+        self.api.post("/api/v1/chains", {"name": "bench", "steps": steps})
+        children.start(
+            "runyard-worker", worker_argv("workers", args.concurrency, "bench-chain"), env
+        )
+        self.sessions = {
+            "api": children.procs["api"].pid,
+            "worker": children.procs["runyard-worker"].pid,
+        }
+        self.poll = psycopg.connect(libpq_url(make_url(database_url)), autocommit=True)
+
+    def one(self) -> float:
         t0 = time.time()
-        chain_execution = api.post("/api/v1/chains/bench/executions", {"input": {"n": 0}})
-        deadline = time.monotonic() + args.timeout
+        chain_execution = self.api.post("/api/v1/chains/bench/executions", {"input": {"n": 0}})
+        deadline = time.monotonic() + self.args.timeout
         while True:
-            status, finished = poll.execute(
+            status, finished = self.poll.execute(
                 "SELECT status, extract(epoch FROM finished_at)::float8 "
                 "FROM chain_executions WHERE id = %s",
                 (chain_execution["id"],),
@@ -182,29 +218,26 @@ def phase_runyard(args, children: Children, env, database_url: str) -> tuple[lis
                 return finished - t0
             if status in ("failed", "cancelled"):
                 raise BenchError(f"the chain execution {chain_execution['id']} ended {status}")
-            children.check("runyard-worker")
+            self.children.check("runyard-worker")
             if time.monotonic() > deadline:
-                raise BenchError(f"the chain did not finish within {args.timeout} s")
+                raise BenchError(f"the chain did not finish within {self.args.timeout} s")
             time.sleep(POLL_SECONDS)
 
-    try:
-        one()  # warm-up: version caches, connections, imports
-        before = cpu_snapshot()
-        times = [one() for _ in range(args.runs)]
-        after = cpu_snapshot()
-        rows = poll.execute(
+    def check(self, chains: int) -> str:
+        """Every step ran once; where a step's time went, from the stored timestamps."""
+        rows = self.poll.execute(
             "SELECT count(*), count(DISTINCT id), max(attempt) FROM executions"
         ).fetchone()
-        breakdown = poll.execute(BREAKDOWN_SQL).fetchone()
-    finally:
-        poll.close()
-    expected = args.steps * (args.runs + 1)
-    if rows[0] != expected or rows[2] != 1:
-        raise BenchError(f"expected {expected} step executions run once each, found {rows}")
-    cpu = cpu_per_step(before, after, sessions, args.steps * args.runs)
-    return times, cpu + "\n  ms/step from the stored timestamps: " + ", ".join(
-        f"{name} {value:.1f}" for name, value in zip(BREAKDOWN_NAMES, breakdown, strict=True)
-    )
+        expected = self.args.steps * chains
+        if rows[0] != expected or rows[2] != 1:
+            raise BenchError(f"expected {expected} step executions run once each, found {rows}")
+        breakdown = self.poll.execute(BREAKDOWN_SQL).fetchone()
+        return "  ms/step from the stored timestamps: " + ", ".join(
+            f"{name} {value:.1f}" for name, value in zip(BREAKDOWN_NAMES, breakdown, strict=True)
+        )
+
+    def close(self) -> None:
+        self.poll.close()
 
 
 # Where a step's time goes, from the rows: the previous step's end -> this step's row created
@@ -221,30 +254,39 @@ BREAKDOWN_SQL = """
 """
 
 
-def phase_plain(args, children: Children, env, redis_url: str) -> tuple[list[float], str]:
-    import redis
-    from celery import chain
+class Plain(Side):
+    name = "plain celery"
 
-    from bench.plain_chain import app as plain_app
-    from bench.plain_chain import sleep_task
+    def __init__(self, args, children: Children, env, redis_url: str) -> None:
+        import redis
 
-    plain_app.conf.broker_url = redis_url
-    plain_app.conf.result_backend = redis_url
-    children.start(
-        "plain-worker", worker_argv("bench.plain_chain", args.concurrency, "bench-plain"), env
-    )
-    sessions = {"worker": children.procs["plain-worker"].pid}
-    time.sleep(2)
-    client = redis.Redis.from_url(redis_url)
+        from bench.plain_chain import app as plain_app
 
-    def one() -> float:
-        signatures = [sleep_task.si(args.sleep_ms) for _ in range(args.steps)]
+        super().__init__()
+        self.args, self.children = args, children
+        self.app = plain_app
+        plain_app.conf.broker_url = redis_url
+        plain_app.conf.result_backend = redis_url
+        children.start(
+            "plain-worker",
+            worker_argv("bench.plain_chain", args.concurrency, "bench-plain"),
+            {**env, "REDIS_URL": redis_url},
+        )
+        self.sessions = {"worker": children.procs["plain-worker"].pid}
+        self.client = redis.Redis.from_url(redis_url)
+
+    def one(self) -> float:
+        from celery import chain
+
+        from bench.plain_chain import sleep_task
+
+        signatures = [sleep_task.si(self.args.sleep_ms) for _ in range(self.args.steps)]
         t0 = time.time()
         result = chain(*signatures).apply_async()
         key = f"celery-task-meta-{result.id}"  # the last task's id
-        deadline = time.monotonic() + args.timeout
+        deadline = time.monotonic() + self.args.timeout
         while True:
-            raw = client.get(key)
+            raw = self.client.get(key)
             if raw:
                 meta = json.loads(raw)
                 if meta["status"] != "SUCCESS":
@@ -253,21 +295,15 @@ def phase_plain(args, children: Children, env, redis_url: str) -> tuple[list[flo
                 if done.tzinfo is None:
                     done = done.replace(tzinfo=dt.UTC)
                 return done.timestamp() - t0
-            children.check("plain-worker")
+            self.children.check("plain-worker")
             if time.monotonic() > deadline:
-                raise BenchError(f"the plain chain did not finish within {args.timeout} s")
+                raise BenchError(f"the plain chain did not finish within {self.args.timeout} s")
             time.sleep(POLL_SECONDS)
 
-    try:
-        one()
-        before = cpu_snapshot()
-        times = [one() for _ in range(args.runs)]
-        after = cpu_snapshot()
-    finally:
-        client.close()
+    def close(self) -> None:
+        self.client.close()
         with contextlib.suppress(Exception):
-            plain_app.pool.force_close_all()
-    return times, cpu_per_step(before, after, sessions, args.steps * args.runs)
+            self.app.pool.force_close_all()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,7 +322,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     cleanups: list[Callable[[], None]] = []
     children = Children()
-    results: dict[str, list[float]] = {}
     status = 0
     try:
         log(
@@ -310,39 +345,35 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(
             {"REDIS_URL": redis_url, "RUNYARD_AGENT_MODULES": env["RUNYARD_AGENT_MODULES"]}
         )
-        phases = [
-            (
-                "runyard",
-                lambda: phase_runyard(args, children, env, database_url),
-                ["api", "runyard-worker"],
-            ),
-            ("plain celery", lambda: phase_plain(args, children, env, redis_url), ["plain-worker"]),
-        ]
-        for name, run, procs in phases:
-            log(f"phase {name}:")
-            try:
-                times, cpu = run()
-                results[name] = times
-                log("  runs: " + ", ".join(f"{t:.3f}" for t in times) + " s")
-                log(cpu)
-            except BenchError as exc:
-                log(f"  {name} FAILED: {exc}")
-                status = 1
-            finally:
-                for proc in reversed(procs):
-                    children.stop(proc)
+        # Both sides are up at once, on Redis databases of their own, and their chains alternate:
+        # a change in the machine's load (2 shared cores) falls on both alike.
+        runyard = Runyard(args, children, env, database_url)
+        plain = Plain(args, children, env, redis_url.rsplit("/", 1)[0] + "/1")
+        sides = (runyard, plain)
+        try:
+            time.sleep(3)  # both workers' pools are up
+            for side in sides:
+                side.one()  # warm-up: caches, connections, imports
+            for _ in range(args.runs):
+                for side in sides:
+                    side.measured()
+            breakdown = runyard.check(args.runs + 1)
+        finally:
+            for side in sides:
+                side.close()
+        for side in sides:
+            log(f"{side.name}:")
+            log(side.report(args.steps))
+            if side is runyard:
+                log(breakdown)
         log("")
-        if len(results) == 2:
-            ours, plain = (
-                statistics.median(results["runyard"]),
-                statistics.median(results["plain celery"]),
-            )
-            log(f"runyard      median {ours:.3f} s, best {min(results['runyard']):.3f} s")
-            log(f"plain celery median {plain:.3f} s, best {min(results['plain celery']):.3f} s")
-            log(
-                f"ratio {ours / plain:.2f} (target <= 1.5); overhead per step "
-                f"{(ours - plain) * 1000 / args.steps:.1f} ms; load average now {loadavg()}"
-            )
+        ours, theirs = statistics.median(runyard.times), statistics.median(plain.times)
+        log(f"runyard      median {ours:.3f} s, best {min(runyard.times):.3f} s")
+        log(f"plain celery median {theirs:.3f} s, best {min(plain.times):.3f} s")
+        log(
+            f"ratio {ours / theirs:.2f} (target <= 1.5); overhead per step "
+            f"{(ours - theirs) * 1000 / args.steps:.1f} ms; load average now {loadavg()}"
+        )
     except KeyboardInterrupt:
         log("\ninterrupted")
         status = 130
