@@ -446,7 +446,9 @@ def _signature(
     )
 
 
-def _canvas(celery_app, conn: Connection, stages: list[list[Any]]):
+def _canvas(stages: list[list[Any]]):
+    """A Celery chain of the stages; a stage of several steps is a group, and Celery makes the
+    step after a group its chord body."""
     from celery import chain, group
 
     parts = [members[0] if len(members) == 1 else group(members) for members in stages if members]
@@ -461,7 +463,7 @@ def publish_from(
     chain_version_id: uuid.UUID,
     stage: int,
     *,
-    skip: set[tuple[int, int]] = frozenset(),
+    skip: frozenset[tuple[int, int]] = frozenset(),
     declare: bool = False,
 ) -> bool:
     """Publish the rest of a chain execution's canvas from `stage`: its remaining steps, or its
@@ -504,7 +506,7 @@ def publish_from(
             queues.add(signature.options["queue"])
             signatures.append(signature)
         stages.append(signatures)
-    canvas = _canvas(celery_app, conn, stages)
+    canvas = _canvas(stages)
     if canvas is None:
         return False
     if declare:
@@ -520,7 +522,6 @@ def _declare(celery_app, queues: set[str]) -> None:
     with celery_app.connection_for_write() as connection:
         channel = connection.default_channel
         for name in queues:
-            celery_app.amqp.queues.select_add(name)
             celery_app.amqp.queues[name](channel).declare()
 
 
@@ -529,8 +530,7 @@ def _declare(celery_app, queues: set[str]) -> None:
 
 
 _STATE_SQL = """
-    SELECT ce.status, ce.input, ce.priority, ce.step_versions, ce.compensate_versions,
-           ce.compensation,
+    SELECT ce.status, ce.input, ce.step_versions, ce.compensate_versions,
            (SELECT count(*) FROM executions p
             WHERE p.chain_execution_id = ce.id AND p.chain_stage = %(previous)s
               AND p.status IN ('succeeded', 'failed', 'timed_out', 'cancelled')) AS previous_done,
@@ -557,11 +557,10 @@ _START_SQL = """
 
 @dataclass(frozen=True)
 class StepStart:
-    """What a step task does next: run `execution_id`, or (None) stop here; `proceed` says
-    whether the canvas may carry on (the step had been recorded already)."""
+    """What a step task does next: run `execution_id`; or, with None, nothing, unless `settled`
+    says the step was recorded at once (its input was refused) and the chain moves on from it."""
 
     execution_id: uuid.UUID | None
-    proceed: bool = False
     settled: str | None = None
 
 
@@ -598,8 +597,8 @@ def start_step(
         ).fetchone()
         if state is None:
             return StepStart(None)
-        status, chain_input, _priority, step_versions, compensate_versions, _order = state[:6]
-        previous_done, own_status, outputs = state[6:]
+        status, chain_input, step_versions, compensate_versions = state[:4]
+        previous_done, own_status, outputs = state[4:]
         if own_status is not None:
             # A message that arrives again: run what is still queued (the claim decides), leave
             # the rest to whoever holds it.
@@ -663,7 +662,7 @@ def start_step(
         if started is None:
             return StepStart(None)
         if error:
-            return StepStart(None, proceed=True, settled="failed")
+            return StepStart(None, settled="failed")
         return StepStart(execution_id)
 
 
@@ -743,7 +742,7 @@ def _start_plain_step(
         ),
         {"id": execution_id, "error": _json(error)},
     )
-    return StepStart(None, proceed=True, settled="failed")
+    return StepStart(None, settled="failed")
 
 
 _FINISH_FAST_SQL = """
