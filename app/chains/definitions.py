@@ -406,7 +406,7 @@ def _check_template(
 ) -> None:
     if is_ref(template):
         ref = parse_ref(template)
-        if ref is None or (ref.step is not None and ref.step == ""):
+        if ref is None:
             return
         try:
             schema, guaranteed = source_schema(ref)
