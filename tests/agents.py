@@ -52,8 +52,3 @@ def sleepy(payload, ctx):
 
 def add(payload, ctx):
     return {"value": payload["value"] + payload.get("by", 1)}
-
-
-def pause_then_echo(payload, ctx):
-    time.sleep(payload.get("seconds", 1))
-    return {"echo": payload}
