@@ -52,3 +52,8 @@ def sleepy(payload, ctx):
 
 def add(payload, ctx):
     return {"value": payload["value"] + payload.get("by", 1)}
+
+
+def late_boom(payload, ctx):
+    time.sleep(payload.get("seconds", 0.3))
+    raise RuntimeError("the agent blew up late")

@@ -219,6 +219,45 @@ def test_stop_skips_the_rest_and_compensates_in_reverse(live_client, live_org):
     assert ("step", 4) not in rows
 
 
+def test_stop_waits_for_a_running_sibling_before_compensating(live_client, live_org):
+    adder(live_client, live_org)
+    agent(live_client, live_org, "undo", "tests.agents:echo")
+    agent(live_client, live_org, "late-boom", "tests.agents:late_boom")
+    agent(live_client, live_org, "sleepy", "tests.agents:sleepy")
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "a", "agent": "adder", "compensate": {"agent": "undo"}},
+            {
+                "name": "fan",
+                "parallel": [
+                    # Fails while its sibling still runs.
+                    {"name": "bad", "agent": "late-boom", "input": {"seconds": 0.3}},
+                    {
+                        "name": "slow",
+                        "agent": "sleepy",
+                        "input": {"seconds": 1.2},
+                        "compensate": {"agent": "undo"},
+                    },
+                ],
+            },
+            {"name": "never", "agent": "adder", "input": {"value": 1}},
+        ],
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    wait_until(lambda: read(live_client, live_org, ce)["status"] == "failed", timeout=30)
+    body = read(live_client, live_org, ce)
+    steps = steps_of(body)
+    assert steps[("step", "bad")]["status"] == "failed"
+    assert steps[("step", "slow")]["status"] == "succeeded", "the sibling was let finish"
+    assert steps[("step", "never")]["status"] == "skipped"
+    compensations = [s for s in body["steps"] if s["role"] == "compensate"]
+    assert [s["name"] for s in compensations] == ["slow", "a"]
+    assert compensations[0]["started_at"] >= steps[("step", "slow")]["finished_at"]
+    assert all(s["status"] == "succeeded" for s in compensations)
+
+
 def test_continue_goes_on_after_a_failure(live_client, live_org):
     adder(live_client, live_org)
     # Declares the adder's output, so the step after it type-checks, then fails at runtime.
