@@ -550,6 +550,7 @@ _START_SQL = """
            CASE WHEN %(refused)s THEN now() END, ce.id, %(step)s, %(stage)s, %(role)s
     FROM chain_executions ce
     WHERE ce.id = %(chain_execution_id)s AND ce.status = ANY(%(statuses)s)
+    FOR KEY SHARE OF ce
     ON CONFLICT (id) DO NOTHING
     RETURNING id
 """
@@ -668,6 +669,10 @@ def start_step(
 
 # The common step (no `input`: it takes the chain input or the one step before it) in one
 # statement: ready, input and row at once. The agent version's details come with it.
+#
+# Both inserts lock the chain execution's row FOR KEY SHARE (the lock the foreign key takes
+# anyway): a reconcile or a cancel holds it FOR UPDATE while it stops the chain, so an insert
+# either lands before (and is seen as under way) or waits and then finds the chain stopped.
 _START_PLAIN_SQL = """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
                             priority, input, attempt, max_attempts, dispatched_at,
@@ -682,6 +687,7 @@ _START_PLAIN_SQL = """
     LEFT JOIN executions p ON p.id = %(previous)s
     WHERE ce.id = %(chain_execution_id)s AND ce.status IN ('queued', 'running')
       AND (%(stage)s = 0 OR p.status IN ('succeeded', 'failed', 'timed_out', 'cancelled'))
+    FOR KEY SHARE OF ce
     ON CONFLICT (id) DO NOTHING
     RETURNING version_id, input
 """
@@ -1173,13 +1179,18 @@ def list_executions(
     return list(items), total or 0
 
 
+# FOR UPDATE first: a step insert under way finishes before (and its row is then cancelled
+# below), a later one finds the chain cancelled.
 _CANCEL_CHAIN = text(
     """
-    UPDATE chain_executions
+    WITH locked AS (SELECT id FROM chain_executions WHERE id = :id AND org_id = :org_id
+                    FOR UPDATE)
+    UPDATE chain_executions ce
     SET status = 'cancelled', cancel_requested_at = now(), finished_at = now(),
         error = CAST(:error AS jsonb)
-    WHERE id = :id AND org_id = :org_id AND status IN ('queued', 'running', 'compensating')
-    RETURNING id
+    FROM locked
+    WHERE ce.id = locked.id AND ce.status IN ('queued', 'running', 'compensating')
+    RETURNING ce.id
     """
 )
 
