@@ -59,4 +59,9 @@ beat_schedule = {
         "schedule": _cfg.sweep_interval_seconds,
         "options": {"expires": _cfg.sweep_interval_seconds},
     },
+    "runyard-chains-resume": {
+        "task": "runyard.chains_resume",
+        "schedule": _cfg.sweep_interval_seconds,
+        "options": {"expires": _cfg.sweep_interval_seconds},
+    },
 }

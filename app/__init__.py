@@ -43,11 +43,12 @@ def create_app(config: Config | None = None) -> Flask:
     )
     api = http.RunyardApi(app)
     from app.agents.routes import blp as agents_blp
+    from app.chains.routes import blp as chains_blp
     from app.executions.routes import blp as executions_blp
     from app.fleet.routes import blp as fleet_blp
     from app.orgs.routes import blp as orgs_blp
 
-    for blueprint in (orgs_blp, agents_blp, executions_blp, fleet_blp):
+    for blueprint in (orgs_blp, agents_blp, executions_blp, chains_blp, fleet_blp):
         api.register_blueprint(blueprint)
     http.install(app, api)
     app.wsgi_app = http.ChunkedBodyLimit(app.wsgi_app, cfg.max_body_bytes)

@@ -1,6 +1,7 @@
 """Every model in one import, so the metadata is complete for Alembic and its tests."""
 
 from app.agents.models import Agent, AgentVersion
+from app.chains.models import Chain, ChainExecution, ChainVersion
 from app.db import Base
 from app.executions.models import Execution, ExecutionLog
 from app.orgs.models import ApiToken, Organization
@@ -11,6 +12,9 @@ __all__ = [
     "Agent",
     "AgentVersion",
     "ApiToken",
+    "Chain",
+    "ChainExecution",
+    "ChainVersion",
     "Execution",
     "ExecutionLog",
     "Organization",

@@ -75,3 +75,12 @@ def flood(payload, ctx):
     for number in range(payload["lines"]):
         print(f"line {number}")
     return {}
+
+
+def add(payload, ctx):
+    return {"value": payload["value"] + payload.get("by", 1)}
+
+
+def late_boom(payload, ctx):
+    time.sleep(payload.get("seconds", 0.3))
+    raise RuntimeError("the agent blew up late")

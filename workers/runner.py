@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -84,7 +85,16 @@ def run_execution(execution_id: uuid.UUID, worker: str) -> None:
         if not outcome.ok and services.cancel_requested(conn, execution_id):
             # It failed after a cancel was asked (often because of it): report the cancel.
             outcome.cancelled = True
-        _record(conn, claimed, spec, outcome)
+        status = _record(conn, claimed, spec, outcome)
+        if status is not None and claimed.chain_execution_id is not None:
+            for hook in settled_hooks:
+                hook(conn, claimed, status)
+
+
+# Called as hook(conn, claimed, status) once a chain step's outcome is recorded: `status` is the
+# terminal status written, or "queued" when the step was put back for a retry. workers/chains.py
+# registers the hook that moves the chain on.
+settled_hooks: list[Callable[[Any, Claim, str], None]] = []
 
 
 def _run_runtime(claimed: Claim, spec: VersionSpec, ctx: Context, buffer: LogBuffer) -> Outcome:
@@ -125,9 +135,10 @@ def _check_output(spec: VersionSpec, outcome: Outcome, max_bytes: int) -> None:
         outcome.error_message = f"the output does not match the output_schema: {details}"
 
 
-def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> None:
+def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> str | None:
+    """Write the outcome; the status written ("queued" for a retry), None if fenced out."""
     if outcome.ok:
-        services.finish(
+        done = services.finish(
             conn,
             claimed,
             status="succeeded",
@@ -135,10 +146,10 @@ def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> None:
             error=None,
             usage=outcome.usage,
         )
-        return
+        return "succeeded" if done else None
     error = error_body(outcome.error_type, outcome.error_message, outcome.hint)
     if outcome.cancelled:
-        services.finish(
+        done = services.finish(
             conn,
             claimed,
             status="cancelled",
@@ -146,15 +157,18 @@ def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> None:
             error=error_body("cancelled", outcome.error_message),
             usage=outcome.usage,
         )
-        return
+        return "cancelled" if done else None
     status = "timed_out" if outcome.error_type == "timeout" else "failed"
     if _should_retry(spec, claimed, outcome) and services.requeue_for_retry(
         conn, claimed, attempt_status=status, error=error, usage=outcome.usage
     ):
         delay = backoff_seconds(spec.retry, claimed.attempt)
         services.publish(claimed.execution_id, spec, claimed.priority, countdown=delay)
-        return
-    services.finish(conn, claimed, status=status, output=None, error=error, usage=outcome.usage)
+        return "queued"
+    done = services.finish(
+        conn, claimed, status=status, output=None, error=error, usage=outcome.usage
+    )
+    return status if done else None
 
 
 def _should_retry(spec: VersionSpec, claimed: Claim, outcome: Outcome) -> bool:

@@ -154,6 +154,12 @@ class Watchdog:
             recorded = services.finish(
                 conn, watch.claimed, status=status, output=None, error=error, usage=watch.usage()
             )
+            if recorded and watch.claimed.chain_execution_id is not None:
+                # The chain moves on now, not at the next resume check.
+                from workers.runner import settled_hooks
+
+                for hook in settled_hooks:
+                    hook(conn, watch.claimed, status)
         if not recorded:
             # The sweeper took the attempt back meanwhile: the row is not ours to end, and
             # the process is left alone.

@@ -46,6 +46,12 @@ class Execution(Base):
             "lease_until",
             postgresql_where=text("status = 'running'"),
         ),
+        Index(
+            "ix_executions_chain_execution_id_chain_stage",
+            "chain_execution_id",
+            "chain_stage",
+            postgresql_where=text("chain_execution_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
@@ -69,6 +75,15 @@ class Execution(Base):
     finished_at: Mapped[dt.datetime | None]
     cancel_requested_at: Mapped[dt.datetime | None]
     resource_usage: Mapped[dict[str, Any] | None]
+    # Chain steps (app/chains): the chain execution, the step's index in the chain version's
+    # flattened steps, the stage that orders it (compensations come after the chain's stages),
+    # and whether it is the step itself or its compensation.
+    chain_execution_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("chain_executions.id", ondelete="CASCADE")
+    )
+    chain_step: Mapped[int | None] = mapped_column(SmallInteger)
+    chain_stage: Mapped[int | None] = mapped_column(SmallInteger)
+    chain_role: Mapped[str | None] = mapped_column(String(16))
 
 
 class ExecutionAttempt(Base):

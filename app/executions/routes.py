@@ -45,6 +45,7 @@ class Executions(MethodView):
             status=args.get("status"),
             since=args.get("since"),
             until=args.get("until"),
+            chain_execution_id=args.get("chain_execution_id"),
             offset=pagination_parameters.first_item,
             limit=pagination_parameters.page_size,
         )

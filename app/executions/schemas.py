@@ -50,6 +50,9 @@ class ExecutionSchema(Schema):
     finished_at = fields.DateTime(allow_none=True)
     duration_ms = fields.Integer(allow_none=True)
     resource_usage = fields.Nested(ResourceUsageSchema, allow_none=True)
+    chain_execution_id = fields.UUID(
+        allow_none=True, metadata={"description": "the chain execution this step belongs to"}
+    )
 
 
 class AttemptSchema(Schema):
@@ -77,6 +80,7 @@ class ExecutionQuerySchema(Schema):
     until = fields.AwareDateTime(
         default_timezone=dt.UTC, metadata={"description": "queued before (ISO 8601, UTC)"}
     )
+    chain_execution_id = fields.UUID(metadata={"description": "the steps of one chain execution"})
 
 
 class LogQuerySchema(Schema):

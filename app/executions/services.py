@@ -305,6 +305,7 @@ def submit(
         "finished_at": None,
         "duration_ms": None,
         "resource_usage": None,
+        "chain_execution_id": None,
     }
 
 
@@ -477,6 +478,8 @@ class Claim:
     input: dict[str, Any]
     priority: int
     last_seq: int
+    # Set for a chain step: the runner then tells the chain when the step settles.
+    chain_execution_id: uuid.UUID | None = None
 
 
 _CLAIM_SQL = """
@@ -488,7 +491,8 @@ _CLAIM_SQL = """
             SELECT timeout_seconds FROM agent_versions v WHERE v.id = executions.version_id))
     WHERE id = %(id)s AND status = 'queued'
     RETURNING attempt, version_id, input, priority,
-              (SELECT coalesce(max(seq), 0) FROM execution_logs WHERE execution_id = %(id)s)
+              (SELECT coalesce(max(seq), 0) FROM execution_logs WHERE execution_id = %(id)s),
+              chain_execution_id
 """
 
 
@@ -646,6 +650,7 @@ def present(row: Mapping[str, Any] | Execution) -> dict[str, Any]:
             round((finished - started).total_seconds() * 1000) if started and finished else None
         ),
         "resource_usage": get("resource_usage"),
+        "chain_execution_id": get("chain_execution_id"),
     }
 
 
@@ -677,8 +682,11 @@ def list_executions(
     until: dt.datetime | None,
     offset: int,
     limit: int,
+    chain_execution_id: uuid.UUID | None = None,
 ) -> tuple[list[Execution], int]:
     query = select(Execution).where(Execution.org_id == principal.org_id)
+    if chain_execution_id:
+        query = query.where(Execution.chain_execution_id == chain_execution_id)
     if agent:
         try:
             query = query.where(Execution.agent_id == uuid.UUID(agent))

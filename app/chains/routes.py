@@ -1,0 +1,167 @@
+from flask.views import MethodView
+
+from app.chains import services
+from app.chains.schemas import (
+    ChainCreateSchema,
+    ChainExecutionQuerySchema,
+    ChainExecutionSchema,
+    ChainPatchSchema,
+    ChainQuerySchema,
+    ChainSchema,
+    ChainSubmitSchema,
+    ChainVersionSchema,
+)
+from app.http import Blueprint, current_principal, request_session
+
+blp = Blueprint("chains", __name__, url_prefix="/api/v1", description="Chains and their executions")
+
+
+@blp.route("/chains")
+class Chains(MethodView):
+    @blp.arguments(ChainQuerySchema(), location="query")
+    @blp.response(200, ChainSchema(many=True))
+    @blp.paginate()
+    def get(self, args, pagination_parameters):
+        """List chains, newest first"""
+        session = request_session()
+        items, total = services.list_chains(
+            session,
+            current_principal(),
+            include_archived=args["archived"],
+            offset=pagination_parameters.first_item,
+            limit=pagination_parameters.page_size,
+        )
+        pagination_parameters.item_count = total
+        return [services.describe(session, chain) for chain in items]
+
+    @blp.arguments(ChainCreateSchema())
+    @blp.response(201, ChainSchema())
+    @blp.alt_response(409, description="a chain of that name exists")
+    @blp.alt_response(
+        422, description="the definition does not check; `errors` names the step and the field"
+    )
+    def post(self, data):
+        """Create a chain and its first version, checked before anything runs"""
+        session = request_session()
+        chain = services.create(session, current_principal(), data)
+        session.commit()
+        return services.describe(session, chain)
+
+
+@blp.route("/chains/<ref>")
+class ChainByRef(MethodView):
+    @blp.response(200, ChainSchema())
+    @blp.alt_response(404, description="no such chain in your organization")
+    def get(self, ref):
+        """Read a chain by id or name"""
+        session = request_session()
+        return services.describe(session, services.resolve(session, current_principal(), ref))
+
+    @blp.arguments(ChainPatchSchema())
+    @blp.response(200, ChainSchema())
+    @blp.alt_response(404, description="no such chain in your organization")
+    @blp.alt_response(409, description="the chain is archived")
+    def patch(self, data, ref):
+        """Change a chain; a change to input_schema, steps or on_failure makes a new version"""
+        session = request_session()
+        chain = services.update(session, current_principal(), ref, data)
+        session.commit()
+        return services.describe(session, chain)
+
+    @blp.response(204)
+    @blp.alt_response(404, description="no such chain in your organization")
+    def delete(self, ref):
+        """Archive a chain: its executions stay readable, new ones answer 409"""
+        session = request_session()
+        services.archive(session, current_principal(), ref)
+        session.commit()
+
+
+@blp.route("/chains/<ref>/versions")
+class ChainVersions(MethodView):
+    @blp.response(200, ChainVersionSchema(many=True))
+    @blp.paginate()
+    def get(self, ref, pagination_parameters):
+        """List a chain's versions, newest first"""
+        items, total = services.list_versions(
+            request_session(),
+            current_principal(),
+            ref,
+            offset=pagination_parameters.first_item,
+            limit=pagination_parameters.page_size,
+        )
+        pagination_parameters.item_count = total
+        return items
+
+
+@blp.route("/chains/<ref>/versions/<version>")
+class ChainVersionByNumber(MethodView):
+    @blp.response(200, ChainVersionSchema())
+    @blp.alt_response(404, description="no such chain or version")
+    def get(self, ref, version):
+        """Read one chain version"""
+        return services.get_version(request_session(), current_principal(), ref, version)
+
+
+@blp.route("/chains/<ref>/executions")
+class ChainSubmit(MethodView):
+    @blp.arguments(ChainSubmitSchema())
+    @blp.response(202, ChainExecutionSchema())
+    @blp.alt_response(404, description="no such chain or version")
+    @blp.alt_response(409, description="the chain, or an agent of a step, is archived")
+    def post(self, data, ref):
+        """Run a chain: the chain execution is stored and its canvas published"""
+        session = request_session()
+        execution = services.submit(
+            session,
+            current_principal(),
+            ref,
+            data["input"],
+            version=data.get("version"),
+            priority=data["priority"],
+        )
+        return services.present(session, execution)
+
+
+@blp.route("/chain-executions")
+class ChainExecutions(MethodView):
+    @blp.arguments(ChainExecutionQuerySchema(), location="query")
+    @blp.response(200, ChainExecutionSchema(many=True))
+    @blp.paginate()
+    def get(self, args, pagination_parameters):
+        """List chain executions, newest first"""
+        session = request_session()
+        items, total = services.list_executions(
+            session,
+            current_principal(),
+            chain=args.get("chain"),
+            status=args.get("status"),
+            offset=pagination_parameters.first_item,
+            limit=pagination_parameters.page_size,
+        )
+        pagination_parameters.item_count = total
+        return [services.present(session, item) for item in items]
+
+
+@blp.route("/chain-executions/<execution_id>")
+class ChainExecutionById(MethodView):
+    @blp.response(200, ChainExecutionSchema())
+    @blp.alt_response(404, description="no such chain execution in your organization")
+    def get(self, execution_id):
+        """Read a chain execution with the status of every step"""
+        session = request_session()
+        return services.present(
+            session, services.get_execution(session, current_principal(), execution_id)
+        )
+
+
+@blp.route("/chain-executions/<execution_id>/cancel")
+class ChainCancel(MethodView):
+    @blp.response(202, ChainExecutionSchema())
+    @blp.alt_response(409, description="the chain execution has finished")
+    def post(self, execution_id):
+        """Cancel: running steps are stopped, steps not started are skipped"""
+        session = request_session()
+        return services.present(
+            session, services.cancel(session, current_principal(), execution_id)
+        )

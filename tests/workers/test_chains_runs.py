@@ -1,0 +1,464 @@
+"""Chains run by a real worker: data flow, fan-out and fan-in, failure, cancel, retry, and a
+chain that finishes after the broker lost its next message."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import text
+
+from app.chains import services as chains
+from app.db import db
+from tests.conftest import REDIS_CLAIM_KEY, ROOT, RUN_ID, wait_until
+
+pytestmark = pytest.mark.worker
+
+ADD = {"type": "python", "entrypoint": "tests.agents:add"}
+NUMBER = {"type": "object", "required": ["value"], "properties": {"value": {"type": "integer"}}}
+ADD_IN = {**NUMBER, "properties": {"value": {"type": "integer"}, "by": {"type": "integer"}}}
+
+
+def agent(client, org, name, entrypoint, **extra):
+    body = {"name": name, "runtime": {"type": "python", "entrypoint": entrypoint}, **extra}
+    response = client.post("/api/v1/agents", json=body, headers=org.headers)
+    assert response.status_code == 201, response.get_json()
+
+
+def adder(client, org, name="adder", **extra):
+    agent(
+        client,
+        org,
+        name,
+        "tests.agents:add",
+        input_schema=ADD_IN,
+        output_schema=NUMBER,
+        **extra,
+    )
+
+
+def chain(client, org, steps, **extra):
+    body = {"name": "c", "input_schema": ADD_IN, "steps": steps, **extra}
+    response = client.post("/api/v1/chains", json=body, headers=org.headers)
+    assert response.status_code == 201, response.get_json()
+
+
+def run(client, org, payload, name="c"):
+    response = client.post(
+        f"/api/v1/chains/{name}/executions", json={"input": payload}, headers=org.headers
+    )
+    assert response.status_code == 202, response.get_json()
+    return response.get_json()["id"]
+
+
+def read(client, org, chain_execution_id):
+    return client.get(
+        f"/api/v1/chain-executions/{chain_execution_id}", headers=org.headers
+    ).get_json()
+
+
+def wait_chain(client, org, chain_execution_id, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        body = read(client, org, chain_execution_id)
+        if body["status"] in ("succeeded", "failed", "cancelled"):
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"chain still {body['status']} after {timeout}s: {body}")
+        time.sleep(0.05)
+
+
+def steps_of(body):
+    return {(s["role"], s["name"]): s for s in body["steps"]}
+
+
+def step_rows(chain_execution_id):
+    with db.hot() as conn:
+        return conn.execute(
+            text(
+                "SELECT chain_role, chain_step, status, attempt, input, output FROM executions "
+                "WHERE chain_execution_id = :id ORDER BY chain_stage, chain_step"
+            ),
+            {"id": chain_execution_id},
+        ).all()
+
+
+def test_linear_chain_with_mapping(live_client, live_org):
+    adder(live_client, live_org)
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "one", "agent": "adder"},
+            {
+                "name": "two",
+                "agent": "adder",
+                "input": {"value": "$.steps.one.output.value", "by": 10},
+            },
+            {"name": "three", "agent": "adder", "input": {"value": "$.input.value", "by": 100}},
+            {"name": "four", "agent": "adder"},
+        ],
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    body = wait_chain(live_client, live_org, ce)
+    assert body["status"] == "succeeded", body
+    assert body["output"] == {"value": 102}
+    assert [s["status"] for s in body["steps"]] == ["succeeded"] * 4
+    rows = step_rows(ce)
+    assert [r.input for r in rows] == [
+        {"value": 1},
+        {"value": 2, "by": 10},
+        {"value": 1, "by": 100},
+        {"value": 101},
+    ]
+    assert all(r.attempt == 1 for r in rows)
+    # Steps are ordinary executions that name their chain execution.
+    one = live_client.get(
+        f"/api/v1/executions/{body['steps'][0]['execution_id']}", headers=live_org.headers
+    ).get_json()
+    assert one["chain_execution_id"] == ce and one["output"] == {"value": 2}
+    listed = live_client.get(
+        f"/api/v1/executions?chain_execution_id={ce}", headers=live_org.headers
+    ).get_json()
+    assert len(listed) == 4 and {e["chain_execution_id"] for e in listed} == {ce}
+    assert {e["id"] for e in listed} == {s["execution_id"] for s in body["steps"]}
+
+
+def test_parallel_fans_out_and_back_in(live_client, live_org):
+    adder(live_client, live_org)
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "start", "agent": "adder"},
+            {
+                "name": "fan",
+                "parallel": [
+                    {
+                        "name": "left",
+                        "agent": "adder",
+                        "input": {"value": "$.steps.start.output.value", "by": 10},
+                    },
+                    {
+                        "name": "right",
+                        "agent": "adder",
+                        "input": {"value": "$.steps.start.output.value", "by": 20},
+                    },
+                    {"name": "middle", "agent": "adder"},
+                ],
+            },
+            {
+                "name": "merge",
+                "agent": "adder",
+                "input": {"value": "$.steps.left.output.value", "by": "$.steps.right.output.value"},
+            },
+        ],
+    )
+    ce = run(live_client, live_org, {"value": 0})
+    body = wait_chain(live_client, live_org, ce)
+    assert body["status"] == "succeeded", body
+    assert body["output"] == {"value": 32}  # (1 + 10) + (1 + 20)
+    assert {s["name"]: s["stage"] for s in body["steps"]} == {
+        "start": 0,
+        "left": 1,
+        "right": 1,
+        "middle": 1,
+        "merge": 2,
+    }
+    rows = step_rows(ce)
+    assert len(rows) == 5 and all(r.status == "succeeded" and r.attempt == 1 for r in rows)
+    merge = next(s for s in body["steps"] if s["name"] == "merge")
+    fanned = [s for s in body["steps"] if s["stage"] == 1]
+    assert merge["started_at"] >= max(s["finished_at"] for s in fanned), "fan-in waited"
+
+
+def test_stop_skips_the_rest_and_compensates_in_reverse(live_client, live_org):
+    adder(live_client, live_org)
+    agent(live_client, live_org, "undo", "tests.agents:echo")
+    agent(live_client, live_org, "boom", "tests.agents:boom")
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "a", "agent": "adder", "compensate": {"agent": "undo"}},
+            {
+                "name": "b",
+                "agent": "adder",
+                "compensate": {
+                    "agent": "undo",
+                    "input": {"was": "$.steps.b.output.value", "chain": "$.input.value"},
+                },
+            },
+            {"name": "c", "agent": "adder"},
+            {"name": "bad", "agent": "boom", "compensate": {"agent": "undo"}},
+            {"name": "never", "agent": "adder", "input": {"value": 1}},
+        ],
+    )
+    ce = run(live_client, live_org, {"value": 5})
+    wait_until(lambda: read(live_client, live_org, ce)["status"] == "failed", timeout=30)
+    body = read(live_client, live_org, ce)
+    assert body["error"]["type"] == "step_failed" and "'bad'" in body["error"]["message"]
+    assert "compensations: all 2 succeeded" in body["error"]["message"]
+    steps = steps_of(body)
+    assert steps[("step", "bad")]["status"] == "failed"
+    assert steps[("step", "never")]["status"] == "skipped"
+    assert steps[("step", "never")]["execution_id"] is None
+    compensations = [s for s in body["steps"] if s["role"] == "compensate"]
+    # Only steps that succeeded and have a compensate agent, latest first.
+    assert [s["name"] for s in compensations] == ["b", "a"]
+    assert all(s["status"] == "succeeded" for s in compensations)
+    assert compensations[0]["finished_at"] <= compensations[1]["started_at"]
+    rows = {(r.chain_role, r.chain_step): r for r in step_rows(ce)}
+    assert rows[("compensate", 1)].input == {"was": 7, "chain": 5}
+    assert rows[("compensate", 0)].input == {"value": 6}  # a's own output by default
+    assert ("step", 4) not in rows
+
+
+def test_stop_waits_for_a_running_sibling_before_compensating(live_client, live_org):
+    adder(live_client, live_org)
+    agent(live_client, live_org, "undo", "tests.agents:echo")
+    agent(live_client, live_org, "late-boom", "tests.agents:late_boom")
+    agent(live_client, live_org, "sleepy", "tests.agents:sleepy")
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "a", "agent": "adder", "compensate": {"agent": "undo"}},
+            {
+                "name": "fan",
+                "parallel": [
+                    # Fails while its sibling still runs.
+                    {"name": "bad", "agent": "late-boom", "input": {"seconds": 0.3}},
+                    {
+                        "name": "slow",
+                        "agent": "sleepy",
+                        "input": {"seconds": 1.2},
+                        "compensate": {"agent": "undo"},
+                    },
+                ],
+            },
+            {"name": "never", "agent": "adder", "input": {"value": 1}},
+        ],
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    wait_until(lambda: read(live_client, live_org, ce)["status"] == "failed", timeout=30)
+    body = read(live_client, live_org, ce)
+    steps = steps_of(body)
+    assert steps[("step", "bad")]["status"] == "failed"
+    assert steps[("step", "slow")]["status"] == "succeeded", "the sibling was let finish"
+    assert steps[("step", "never")]["status"] == "skipped"
+    compensations = [s for s in body["steps"] if s["role"] == "compensate"]
+    assert [s["name"] for s in compensations] == ["slow", "a"]
+    assert compensations[0]["started_at"] >= steps[("step", "slow")]["finished_at"]
+    assert all(s["status"] == "succeeded" for s in compensations)
+
+
+def test_continue_goes_on_after_a_failure(live_client, live_org):
+    adder(live_client, live_org)
+    # Declares the adder's output, so the step after it type-checks, then fails at runtime.
+    agent(live_client, live_org, "boom", "tests.agents:boom", output_schema=NUMBER)
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "a", "agent": "adder"},
+            {"name": "bad", "agent": "boom"},
+            {"name": "orphan", "agent": "adder"},
+            {"name": "d", "agent": "adder", "input": {"value": "$.steps.a.output.value"}},
+        ],
+        on_failure="continue",
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    body = wait_chain(live_client, live_org, ce)
+    assert [s["status"] for s in body["steps"]] == ["succeeded", "failed", "failed", "succeeded"]
+    assert body["status"] == "failed" and "'bad', 'orphan'" in body["error"]["message"]
+    assert body["output"] == {"value": 3}
+    # The step after the failed one got no output to read: its input is refused, not run.
+    orphan = live_client.get(
+        f"/api/v1/executions/{body['steps'][2]['execution_id']}", headers=live_org.headers
+    ).get_json()
+    assert orphan["error"]["type"] == "input_invalid" and orphan["attempts"] == 0
+    assert "'orphan'" in orphan["error"]["message"]
+
+
+def test_a_chain_that_is_one_parallel_group(live_client, live_org):
+    adder(live_client, live_org)
+    chain(
+        live_client,
+        live_org,
+        [
+            {
+                "name": "both",
+                "parallel": [
+                    {"name": "x", "agent": "adder"},
+                    {"name": "y", "agent": "adder", "input": {"value": "$.input.value", "by": 2}},
+                ],
+            }
+        ],
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    body = wait_chain(live_client, live_org, ce)
+    assert body["status"] == "succeeded" and body["output"] == {
+        "x": {"value": 2},
+        "y": {"value": 3},
+    }
+
+
+def test_cancel_mid_chain_stops_the_running_step_and_skips_the_rest(live_client, live_org):
+    adder(live_client, live_org)
+    agent(live_client, live_org, "waiter", "tests.agents:wait_for_cancel")
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "a", "agent": "adder"},
+            {"name": "wait", "agent": "waiter", "input": {"seconds": 20}},
+            {"name": "after", "agent": "adder", "input": {"value": 1}},
+        ],
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    wait_until(
+        lambda: steps_of(read(live_client, live_org, ce))[("step", "wait")]["status"] == "running",
+        timeout=15,
+    )
+    response = live_client.post(f"/api/v1/chain-executions/{ce}/cancel", headers=live_org.headers)
+    assert response.status_code == 202 and response.get_json()["status"] == "cancelled"
+    wait_until(
+        lambda: (
+            steps_of(read(live_client, live_org, ce))[("step", "wait")]["status"] == "cancelled"
+        ),
+        timeout=10,
+    )
+    body = read(live_client, live_org, ce)
+    assert body["status"] == "cancelled"
+    assert [s["status"] for s in body["steps"]] == ["succeeded", "cancelled", "skipped"]
+    time.sleep(0.5)
+    assert len(step_rows(ce)) == 2, "nothing started after the cancel"
+    again = live_client.post(f"/api/v1/chain-executions/{ce}/cancel", headers=live_org.headers)
+    assert again.status_code == 409
+
+
+def test_a_step_retries_by_its_agents_policy_inside_a_parallel_group(live_client, live_org):
+    adder(live_client, live_org)
+    agent(
+        live_client,
+        live_org,
+        "flaky",
+        "tests.agents:flaky",
+        retry={"max_retries": 3, "backoff_seconds": 0.2, "jitter": False},
+    )
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "a", "agent": "adder"},
+            {
+                "name": "fan",
+                "parallel": [
+                    {"name": "shaky", "agent": "flaky", "input": {"succeed_on": 3}},
+                    {"name": "steady", "agent": "adder"},
+                ],
+            },
+            {"name": "z", "agent": "adder", "input": {"value": "$.steps.steady.output.value"}},
+        ],
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    body = wait_chain(live_client, live_org, ce)
+    assert body["status"] == "succeeded", body
+    steps = steps_of(body)
+    assert steps[("step", "shaky")]["attempts"] == 3
+    assert steps[("step", "z")]["started_at"] >= steps[("step", "shaky")]["finished_at"]
+    rows = step_rows(ce)
+    assert len(rows) == 4 and body["output"] == {"value": 4}
+
+
+def _bindings(client: redis.Redis) -> dict[bytes, set[bytes]]:
+    return {key: client.smembers(key) for key in client.scan_iter("_kombu.binding.*")}
+
+
+@contextlib.contextmanager
+def worker_on(queue: str, log_path):
+    """A worker of this test's own, serving one queue; always stopped at the end."""
+    celery = Path(sys.executable).parent / "celery"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [
+                str(celery),
+                "-A",
+                "workers",
+                "worker",
+                "-P",
+                "solo",
+                "-Q",
+                queue,
+                "--without-gossip",
+                "--without-mingle",
+                "-l",
+                "INFO",
+                "-n",
+                f"held-{RUN_ID}@%h",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until(lambda: b" ready." in log_path.read_bytes() or process.poll() is not None, 30)
+        assert process.poll() is None, log_path.read_text()[-3000:]
+        yield
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_a_chain_finishes_after_the_broker_lost_its_next_message(live_client, live_org, tmp_path):
+    held = f"held-{RUN_ID}"
+    adder(live_client, live_org)
+    # No worker serves this queue yet: the next step's message waits in Redis.
+    adder(live_client, live_org, "held-adder", queue=held)
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "first", "agent": "adder"},
+            {"name": "next", "agent": "held-adder"},
+            {"name": "last", "agent": "adder"},
+        ],
+    )
+    url = os.environ["REDIS_URL"]
+    assert not url.endswith("/0"), "this test flushes the run's own Redis database, never 0"
+    broker = redis.Redis.from_url(url)
+    ce = run(live_client, live_org, {"value": 1})
+    wait_until(lambda: any(broker.scan_iter(f"{held}*")), timeout=15)
+    bindings = _bindings(broker)
+    # The run's own database: every queued message goes, the next step's with them.
+    broker.flushdb()
+    broker.set(REDIS_CLAIM_KEY, RUN_ID, ex=3600)
+    for key, members in bindings.items():
+        broker.sadd(key, *members)  # the session worker's routing (remote control) stays usable
+    with worker_on(held, tmp_path / "held-worker.log"):
+        time.sleep(0.5)
+        body = read(live_client, live_org, ce)
+        assert body["status"] == "running"
+        assert [s["status"] for s in body["steps"]] == ["succeeded", "pending", "pending"]
+        assert chains.resume_stalled(grace_seconds=0.2) == 1
+        body = wait_chain(live_client, live_org, ce)
+    assert body["status"] == "succeeded" and body["output"] == {"value": 4}
+    rows = step_rows(ce)
+    assert [(r.chain_step, r.status, r.attempt) for r in rows] == [
+        (0, "succeeded", 1),
+        (1, "succeeded", 1),
+        (2, "succeeded", 1),
+    ], "each step ran once"
+    assert chains.resume_stalled(grace_seconds=0) == 0, "nothing left to resume"
