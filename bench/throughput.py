@@ -17,7 +17,8 @@ process, and this client), so a low ratio points at where the time goes.
 
 Servers: DATABASE_URL set -> a fresh database `runyard_bench` on that server (dropped at the end
 unless --keep-db); unset -> embedded PostgreSQL under .runyard/bench-pg. REDIS_URL set -> its
-server with database --redis-db (FLUSHDB before each phase); unset -> embedded Redis. Every
+server with database --redis-db or the next one no test run or benchmark holds (FLUSHDB before
+each phase); unset -> embedded Redis. Every
 process it starts runs in its own session and is killed with its process group at exit.
 """
 
@@ -251,25 +252,40 @@ def setup_database(cleanups: list[Callable[[], None]], keep: bool) -> str:
     return server_url.set(database=DATABASE).render_as_string(hide_password=False)
 
 
+# The key test runs (tests/conftest.py) and benchmarks set, with NX, on the database they use:
+# nobody flushes a database another run is using.
+REDIS_CLAIM_KEY = "runyard:test-run"
+
+
 def setup_redis(cleanups: list[Callable[[], None]], db_number: int) -> str:
+    import redis
+
     given = os.environ.get("REDIS_URL", "")
-    if given:
-        log(f"redis: database {db_number} on {urlsplit(given).netloc.rpartition('@')[2]}")
-    else:
+    if not given:
         from app.embedded import EmbeddedRedis
 
         log(f"redis: embedded under {HOME / 'bench-redis'}")
         server = EmbeddedRedis(HOME / "bench-redis")
         given = server.start()
         cleanups.append(server.stop)
-    return urlunsplit(urlsplit(given)._replace(path=f"/{db_number}"))
+    for offset in range(15):
+        number = 1 + (db_number - 1 + offset) % 15
+        url = urlunsplit(urlsplit(given)._replace(path=f"/{number}"))
+        client = redis.Redis.from_url(url)
+        if client.set(REDIS_CLAIM_KEY, f"bench-{os.getpid()}", nx=True, ex=3600):
+            cleanups.append(lambda url=url: flushdb(url, claim=False))
+            log(f"redis: database {number} on {urlsplit(given).netloc.rpartition('@')[2]}")
+            return url
+    raise BenchError("every Redis database 1..15 is in use by a test run or benchmark")
 
 
-def flushdb(redis_url: str) -> None:
+def flushdb(redis_url: str, claim: bool = True) -> None:
     import redis
 
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
+    if claim:
+        client.set(REDIS_CLAIM_KEY, f"bench-{os.getpid()}", ex=3600)
     client.close()
 
 
