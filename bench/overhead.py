@@ -5,9 +5,10 @@
 
 One execution at a time (so nothing queues), each of:
 - `script`: `def main(input, ctx): return input`;
-- `command`: `python3 -c` reading the input on stdin and writing it to $RUNYARD_OUTPUT_PATH;
-- plain Celery: a task that runs the same `python3 -c` program with subprocess.run (input on
-  stdin, output on stdout) and returns.
+- `command`: this interpreter (`python -c`, by absolute path) reading the input on stdin and
+  writing it to $RUNYARD_OUTPUT_PATH;
+- plain Celery: a task that runs the same program with subprocess.run (input on stdin, output on
+  stdout) and returns.
 Latency = from just before the client's POST (or apply_async) to the stored end: the execution's
 `finished_at` in PostgreSQL, or the time the plain task returned. It also prints the runtime's own
 wall time (`resource_usage.wall_ms`: the child from spawn to reap) to show where the rest goes.
@@ -60,7 +61,9 @@ AGENTS = {
         "language": "python",
         "source": "def main(input, ctx):\n    return input\n",
     },
-    "trivial-command": {"type": "command", "argv": ["python3", "-c", PROGRAM]},
+    # The interpreter by absolute path: a shim on PATH (pyenv's) would add its own startup to
+    # both sides and blur the comparison.
+    "trivial-command": {"type": "command", "argv": [sys.executable, "-c", PROGRAM]},
 }
 
 
@@ -140,7 +143,7 @@ def phase_plain(args, children: Children, env: dict[str, str]) -> list[float]:
     latencies = []
     for number in range(args.warmup + args.count):
         started = time.time()
-        result = spawn.apply_async(args=[["python3", "-c", PROGRAM], {"n": number}])
+        result = spawn.apply_async(args=[[sys.executable, "-c", PROGRAM], {"n": number}])
         ended = result.get(timeout=30)["ended"]
         if number >= args.warmup:
             latencies.append((ended - started) * 1000)
@@ -166,14 +169,14 @@ def main(argv: list[str] | None = None) -> int:
             **os.environ,
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
-            "RUNYARD_ALLOWED_COMMANDS": "python3",
+            "RUNYARD_ALLOWED_COMMANDS": sys.executable,
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
             ),
         }
         for name in ("RUNYARD_BROKER_URL", "RUNYARD_RESULT_BACKEND"):
             env.pop(name, None)
-        os.environ.update({"REDIS_URL": redis_url, "RUNYARD_ALLOWED_COMMANDS": "python3"})
+        os.environ.update({"REDIS_URL": redis_url, "RUNYARD_ALLOWED_COMMANDS": sys.executable})
         flushdb(redis_url)
         try:
             runyard = phase_runyard(args, children, env, database_url)
