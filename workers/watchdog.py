@@ -155,11 +155,7 @@ class Watchdog:
                 conn, watch.claimed, status=status, output=None, error=error, usage=watch.usage()
             )
             if recorded and watch.claimed.chain_execution_id is not None:
-                # The chain moves on now, not at the next resume check.
-                from workers.runner import settled_hooks
-
-                for hook in settled_hooks:
-                    hook(conn, watch.claimed, status)
+                _move_chain_on(conn, watch, status)
         if not recorded:
             # The sweeper took the attempt back meanwhile: the row is not ours to end, and
             # the process is left alone.
@@ -167,6 +163,20 @@ class Watchdog:
             return
         log.warning("watchdog: killing pool process %s (%s)", os.getpid(), status)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _move_chain_on(conn, watch: Watch, status: str) -> None:
+    """The chain moves on now rather than at its next resume check; if that fails, the resume
+    check still will, and the kill that follows must happen regardless."""
+    from workers.runner import settled_hooks
+
+    try:
+        for hook in settled_hooks:
+            hook(conn, watch.claimed, status)
+    except Exception:
+        log.warning(
+            "watchdog: moving chain %s on failed", watch.claimed.chain_execution_id, exc_info=1
+        )
 
 
 def _interrupt() -> None:
