@@ -513,7 +513,9 @@ def claim(
     return None if row is None else Claim(execution_id, *row)
 
 
-# Every statement that ends an attempt also records it in execution_attempts, in one round trip.
+# A statement that ends an attempt the execution goes on from (a retry, a lost worker) records
+# it in execution_attempts in the same round trip. The final attempt is the execution row
+# itself, so the common finish stays one UPDATE (see `attempts`).
 _RECORD_ATTEMPT = """
     INSERT INTO execution_attempts
         (execution_id, attempt, status, error, worker, started_at, finished_at, resource_usage)
@@ -525,14 +527,11 @@ _RECORD_ATTEMPT = """
 """
 
 _FINISH_SQL = """
-    WITH ended AS (
-        UPDATE executions
-        SET status = %(status)s, output = %(output)s, error = %(error)s,
-            resource_usage = %(usage)s, finished_at = now(), lease_until = NULL
-        WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-        RETURNING id, attempt, status, error, worker, started_at, resource_usage
-    )
-    """ + _RECORD_ATTEMPT.format(status="status")
+    UPDATE executions
+    SET status = %(status)s, output = %(output)s, error = %(error)s, resource_usage = %(usage)s,
+        finished_at = now(), lease_until = NULL
+    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+"""
 
 
 def _jsonb(value: Any) -> Jsonb | None:
@@ -742,7 +741,8 @@ def logs(
 
 
 def attempts(session: Session, principal: Principal, execution_id: str) -> list[dict[str, Any]]:
-    """Every attempt, oldest first: the finished ones as recorded, then the one running now."""
+    """Every attempt, oldest first: those the execution went on from, as recorded, then the
+    latest one (running or final), which is the execution row itself."""
     execution = get(session, principal, execution_id)
     rows = session.scalars(
         select(ExecutionAttempt)
@@ -761,16 +761,17 @@ def attempts(session: Session, principal: Principal, execution_id: str) -> list[
         }
         for row in rows
     ]
-    if execution.status == "running":
+    recorded = {row.attempt for row in rows}
+    if execution.attempt >= 1 and execution.attempt not in recorded:
         listed.append(
             {
                 "attempt": execution.attempt,
-                "status": "running",
-                "error": None,
+                "status": execution.status,
+                "error": execution.error,
                 "worker": execution.worker,
                 "started_at": execution.started_at,
-                "finished_at": None,
-                "resource_usage": None,
+                "finished_at": execution.finished_at,
+                "resource_usage": execution.resource_usage,
             }
         )
     return listed

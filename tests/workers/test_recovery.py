@@ -132,6 +132,12 @@ def test_sweeper_requeues_an_expired_lease_then_fails_it_as_lost(live_client, li
         f"/api/v1/executions/{execution_id}", headers=live_org.headers
     ).get_json()
     assert result["status"] == "failed" and result["error"]["type"] == "lost"
+    attempts = live_client.get(
+        f"/api/v1/executions/{execution_id}/attempts", headers=live_org.headers
+    ).get_json()
+    # Attempt 1 was taken back from its lost worker; attempt 2 is the final, lost one.
+    assert [(a["attempt"], a["status"]) for a in attempts] == [(1, "failed"), (2, "failed")]
+    assert all(a["error"]["type"] == "lost" and a["worker"] for a in attempts)
 
 
 @pytest.mark.worker
