@@ -91,7 +91,7 @@ def run_step(self, chain_execution_id: str, chain_version_id: str, stage: int, i
 
 @app.task(name="runyard.chains_resume", base=DatabaseTask)
 def resume_stalled() -> int:
-    resumed = services.resume_stalled()
+    resumed = len(services.resume_stalled())
     if resumed:
         log.warning("chains: resumed %d stalled chain executions", resumed)
     return resumed

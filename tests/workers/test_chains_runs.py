@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -452,7 +453,7 @@ def test_a_chain_finishes_after_the_broker_lost_its_next_message(live_client, li
         body = read(live_client, live_org, ce)
         assert body["status"] == "running"
         assert [s["status"] for s in body["steps"]] == ["succeeded", "pending", "pending"]
-        assert chains.resume_stalled(grace_seconds=0.2) == 1
+        assert uuid.UUID(ce) in chains.resume_stalled(grace_seconds=0.2)
         body = wait_chain(live_client, live_org, ce)
     assert body["status"] == "succeeded" and body["output"] == {"value": 4}
     rows = step_rows(ce)
@@ -461,4 +462,78 @@ def test_a_chain_finishes_after_the_broker_lost_its_next_message(live_client, li
         (1, "succeeded", 1),
         (2, "succeeded", 1),
     ], "each step ran once"
-    assert chains.resume_stalled(grace_seconds=0) == 0, "nothing left to resume"
+    assert uuid.UUID(ce) not in chains.resume_stalled(grace_seconds=0), "nothing left to resume"
+
+
+def _version_of(chain_execution_id):
+    with db.hot() as conn:
+        return conn.execute(
+            text("SELECT chain_version_id FROM chain_executions WHERE id = :id"),
+            {"id": chain_execution_id},
+        ).scalar_one()
+
+
+def test_under_stop_a_late_message_never_runs_the_step_after_a_failure(live_client, live_org):
+    """The chain's move to `compensating` did not happen (its reconcile hit a database error,
+    say) and the next stage's message arrives anyway: the step must not run."""
+    adder(live_client, live_org)
+    agent(live_client, live_org, "undo", "tests.agents:echo")
+    agent(live_client, live_org, "boom", "tests.agents:boom", output_schema=NUMBER)
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "a", "agent": "adder", "compensate": {"agent": "undo"}},
+            {"name": "bad", "agent": "boom"},
+            {"name": "never", "agent": "adder"},
+        ],
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    wait_chain(live_client, live_org, ce)
+    with db.hot() as conn:
+        # Back to how the chain stood had nothing acted on the failure.
+        conn.execute(
+            text("DELETE FROM executions WHERE chain_execution_id = :id AND chain_role <> 'step'"),
+            {"id": ce},
+        )
+        conn.execute(
+            text(
+                "UPDATE chain_executions SET status = 'running', error = NULL, "
+                "compensation = NULL, finished_at = NULL WHERE id = :id"
+            ),
+            {"id": ce},
+        )
+        assert chains.publish_from(conn, uuid.UUID(ce), _version_of(ce), 2)
+    body = wait_chain(live_client, live_org, ce)
+    assert body["status"] == "failed" and "'bad'" in body["error"]["message"]
+    assert steps_of(body)[("step", "never")]["status"] == "skipped"
+    assert [(r.chain_role, r.chain_step) for r in step_rows(ce)] == [
+        ("step", 0),
+        ("step", 1),
+        ("compensate", 0),
+    ], "the step after the failure never ran; the compensation did"
+
+
+def test_the_resume_check_leaves_a_chain_it_just_resumed_alone(live_client, live_org):
+    held = f"stalled-{RUN_ID}"
+    adder(live_client, live_org)
+    # No worker serves this queue: the second step's message waits, as behind a backlog.
+    adder(live_client, live_org, "held-adder", queue=held)
+    chain(
+        live_client,
+        live_org,
+        [{"name": "first", "agent": "adder"}, {"name": "next", "agent": "held-adder"}],
+    )
+    ce = uuid.UUID(run(live_client, live_org, {"value": 1}))
+    wait_until(lambda: len(step_rows(ce)) == 1 and step_rows(ce)[0].status == "succeeded", 15)
+    time.sleep(0.3)
+    try:
+        assert ce in chains.resume_stalled(grace_seconds=0.2)
+        # Within the grace period the same chain is not published again ...
+        assert ce not in chains.resume_stalled(grace_seconds=0.2)
+        assert ce not in chains.resume_stalled(grace_seconds=0.2, batch=1)
+        time.sleep(0.3)
+        # ... after it, it is (still nothing under way).
+        assert ce in chains.resume_stalled(grace_seconds=0.2)
+    finally:
+        live_client.post(f"/api/v1/chain-executions/{ce}/cancel", headers=live_org.headers)
