@@ -806,7 +806,6 @@ _FINISH_FAST_SQL = """
 
 
 def step_settled(
-    conn: Connection | None,
     chain_execution_id: uuid.UUID,
     chain_version_id: uuid.UUID | None,
     stage: int | None,
@@ -817,11 +816,11 @@ def step_settled(
 ) -> bool:
     """A step's outcome is recorded: move the chain on. True when the canvas the step ran in
     may carry on with its next task; outside a canvas the rest is published from here.
-    `conn` None: a connection is taken only if a statement is needed."""
+    A connection is taken only if a statement is needed."""
     if status not in TERMINAL_STATUSES:
         return False  # back in the queue for a retry: whoever records its end moves on
     if in_canvas and status == "succeeded" and chain_version_id is not None and stage is not None:
-        with _connection(conn) as usable:
+        with _lazy_connection() as usable:
             plan = plans.get(usable, chain_version_id)
             last = len(plan.stages) - 1
             if stage < last and len(plan.stages[stage]) == 1:
@@ -850,10 +849,7 @@ class _LazyConnection:
 
 
 @contextlib.contextmanager
-def _connection(conn: Connection | None):
-    if conn is not None:
-        yield conn
-        return
+def _lazy_connection():
     lazy = _LazyConnection()
     with lazy._scope:
         yield lazy
@@ -1302,6 +1298,8 @@ def cancel(session: Session, principal: Principal, chain_execution_id: str) -> C
         )
     for execution_id in live:
         with contextlib.suppress(Conflict):  # it finished meanwhile
-            executions.cancel(session, principal, str(execution_id))
+            executions.cancel(
+                session, principal, str(execution_id), reason="cancelled with its chain"
+            )
     session.refresh(execution)
     return execution

@@ -16,6 +16,7 @@ from sqlalchemy import text
 
 from app.chains import services as chains
 from app.db import db
+from app.executions import services as executions
 from tests.conftest import REDIS_CLAIM_KEY, ROOT, RUN_ID, wait_until
 
 pytestmark = pytest.mark.worker
@@ -537,3 +538,66 @@ def test_the_resume_check_leaves_a_chain_it_just_resumed_alone(live_client, live
         assert ce in chains.resume_stalled(grace_seconds=0.2)
     finally:
         live_client.post(f"/api/v1/chain-executions/{ce}/cancel", headers=live_org.headers)
+
+
+def test_cancelling_a_step_through_the_executions_api_moves_the_chain_on(live_client, live_org):
+    adder(live_client, live_org)
+    agent(
+        live_client,
+        live_org,
+        "flaky",
+        "tests.agents:flaky",
+        # Its retry waits long: the step sits queued, with no worker holding it, when cancelled.
+        retry={"max_retries": 3, "backoff_seconds": 60, "jitter": False},
+    )
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "shaky", "agent": "flaky", "input": {"succeed_on": 3}},
+            {"name": "after", "agent": "adder", "input": {"value": 1}},
+        ],
+        on_failure="continue",
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    wait_until(
+        lambda: [(r.status, r.attempt) for r in step_rows(ce)] == [("queued", 1)], timeout=15
+    )
+    shaky = steps_of(read(live_client, live_org, ce))[("step", "shaky")]["execution_id"]
+    response = live_client.post(f"/api/v1/executions/{shaky}/cancel", headers=live_org.headers)
+    assert response.status_code == 202, response.get_json()
+    # Promptly, not at the next resume check (a minute) or when the retry message arrives.
+    body = wait_chain(live_client, live_org, ce, timeout=10)
+    assert [s["status"] for s in body["steps"]] == ["cancelled", "succeeded"]
+    assert body["status"] == "failed" and "'shaky'" in body["error"]["message"]
+
+
+def test_the_sweeper_moves_the_chain_of_a_lost_step_on(live_client, live_org):
+    """A step whose worker vanished on its last attempt is failed `lost` by the sweeper, which
+    then moves its chain on (here: stops it) instead of leaving it to the resume check."""
+    adder(live_client, live_org)
+    agent(live_client, live_org, "waiter", "tests.agents:wait_for_cancel")
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "wait", "agent": "waiter", "input": {"seconds": 3}},
+            {"name": "after", "agent": "adder", "input": {"value": 1}},
+        ],
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    wait_until(lambda: [r.status for r in step_rows(ce)] == ["running"], timeout=15)
+    with db.hot() as conn:
+        # As if its worker died: the lease runs out while the row still says running.
+        conn.execute(
+            text(
+                "UPDATE executions SET lease_until = now() - interval '1 second' "
+                "WHERE chain_execution_id = :id"
+            ),
+            {"id": ce},
+        )
+    executions.sweep()
+    body = read(live_client, live_org, ce)
+    assert body["status"] == "failed", body
+    assert steps_of(body)[("step", "wait")]["status"] == "failed"
+    assert steps_of(body)[("step", "after")]["status"] == "skipped"
