@@ -1172,20 +1172,26 @@ def present(session: Session, execution: ChainExecution) -> dict[str, Any]:
     ).all()
     by_key = {(row.chain_role, row.chain_step): row for row in rows}
     active = execution.status in ("queued", "running")
-    steps = []
-    for step in plan.steps:
-        row = by_key.get(("step", step.index))
-        steps.append(
-            _step_entry(step.name, "step", step.stage, row, "pending" if active else "skipped")
+    steps = [
+        _step_entry(
+            step.name,
+            step.stage,
+            by_key.get(("step", step.index)),
+            "pending" if active else "skipped",
         )
-    for position, index in enumerate(execution.compensation or []):
-        row = by_key.get(("compensate", index))
-        pending = "pending" if execution.status == "compensating" else "skipped"
-        steps.append(
-            _step_entry(
-                plan.steps[index].name, "compensate", len(plan.stages) + position, row, pending
-            )
+        for step in plan.steps
+    ]
+    # Apart from the steps, so a client reading a step by its name never finds its compensation.
+    pending = "pending" if execution.status == "compensating" else "skipped"
+    compensations = [
+        _step_entry(
+            plan.steps[index].name,
+            len(plan.stages) + position,
+            by_key.get(("compensate", index)),
+            pending,
         )
+        for position, index in enumerate(execution.compensation or [])
+    ]
     started, finished = execution.started_at, execution.finished_at
     return {
         "id": execution.id,
@@ -1198,6 +1204,7 @@ def present(session: Session, execution: ChainExecution) -> dict[str, Any]:
         "output": execution.output,
         "error": execution.error,
         "steps": steps,
+        "compensations": compensations,
         "queued_at": execution.queued_at,
         "started_at": started,
         "finished_at": finished,
@@ -1207,10 +1214,9 @@ def present(session: Session, execution: ChainExecution) -> dict[str, Any]:
     }
 
 
-def _step_entry(name: str, role: str, stage: int, row: Execution | None, missing: str) -> dict:
+def _step_entry(name: str, stage: int, row: Execution | None, missing: str) -> dict:
     return {
         "name": name,
-        "role": role,
         "stage": stage,
         "status": row.status if row else missing,
         "execution_id": row.id if row else None,
