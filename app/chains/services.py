@@ -369,7 +369,11 @@ def submit(
     principal.require("executions:submit")
     chain = resolve(session, principal, ref)
     if chain.archived_at is not None:
-        raise Conflict(f"chain {chain.name!r} is archived and takes no new executions")
+        raise Conflict(
+            f"chain {chain.name!r} is archived and takes no new executions",
+            hint="GET /api/v1/chains lists the chains that take executions; an archived "
+            "chain's past executions stay readable",
+        )
     chain_version = (
         get_version(session, principal, ref, version)
         if version
@@ -400,7 +404,11 @@ def submit(
                 session, principal, step.compensate["agent"], step.compensate.get("version")
             )
             if compensator is None:
-                raise Conflict(f"the compensation of step {step.name!r} cannot run: {why}")
+                raise Conflict(
+                    f"the compensation of step {step.name!r} cannot run: {why}",
+                    hint="PATCH the chain (a new version) to give the step another compensate "
+                    "agent or version",
+                )
         compensate_versions.append(str(compensator.id) if compensator else None)
     execution = ChainExecution(
         id=uuid.uuid4(),
@@ -1149,7 +1157,10 @@ def get_execution(
     try:
         parsed = uuid.UUID(chain_execution_id)
     except ValueError as exc:
-        raise NotFound(f"no chain execution {chain_execution_id!r}") from exc
+        raise NotFound(
+            f"no chain execution {chain_execution_id!r}: not a chain execution id",
+            hint="chain execution ids are UUIDs; GET /api/v1/chain-executions lists them",
+        ) from exc
     found = session.scalar(
         select(ChainExecution).where(
             ChainExecution.id == parsed, ChainExecution.org_id == principal.org_id
@@ -1289,7 +1300,8 @@ def cancel(session: Session, principal: Principal, chain_execution_id: str) -> C
         if done is None:
             raise Conflict(
                 f"chain execution {execution.id} has finished ({execution.status}); "
-                "nothing to cancel"
+                "nothing to cancel",
+                hint=f"GET /api/v1/chain-executions/{execution.id} shows how it ended",
             )
         live = (
             conn.execute(

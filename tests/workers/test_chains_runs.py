@@ -91,7 +91,7 @@ def step_rows(chain_execution_id):
         ).all()
 
 
-def test_linear_chain_with_mapping(live_client, live_org):
+def test_linear_chain_with_mapping(live_client, live_org, other_live_org):
     adder(live_client, live_org)
     chain(
         live_client,
@@ -130,6 +130,20 @@ def test_linear_chain_with_mapping(live_client, live_org):
     ).get_json()
     assert len(listed) == 4 and {e["chain_execution_id"] for e in listed} == {ce}
     assert {e["id"] for e in listed} == {s["execution_id"] for s in body["steps"]}
+    # Another organization sees none of its steps, whichever way it asks.
+    assert (
+        live_client.get(
+            f"/api/v1/executions?chain_execution_id={ce}", headers=other_live_org.headers
+        ).get_json()
+        == []
+    )
+    assert all(
+        live_client.get(
+            f"/api/v1/executions/{s['execution_id']}", headers=other_live_org.headers
+        ).status_code
+        == 404
+        for s in body["steps"]
+    )
 
 
 def test_parallel_fans_out_and_back_in(live_client, live_org):
@@ -354,7 +368,7 @@ def test_cancel_mid_chain_stops_the_running_step_and_skips_the_rest(live_client,
     time.sleep(0.5)
     assert len(step_rows(ce)) == 2, "nothing started after the cancel"
     again = live_client.post(f"/api/v1/chain-executions/{ce}/cancel", headers=live_org.headers)
-    assert again.status_code == 409
+    assert again.status_code == 409 and ce in again.get_json()["hint"]
 
 
 def test_a_step_retries_by_its_agents_policy_inside_a_parallel_group(live_client, live_org):
