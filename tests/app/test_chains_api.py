@@ -154,6 +154,42 @@ def test_references_must_name_an_earlier_step(client, org):
         }
     )
     assert_422(create(client, org, sibling), "/steps/0/parallel/1/input/value", "'y'", "'x'")
+    undo = {"name": "undo", "runtime": {"type": "python", "entrypoint": "tests.agents:echo"}}
+    assert client.post("/api/v1/agents", json=undo, headers=org.headers).status_code == 201
+    own = {"compensate": {"agent": "undo", "input": {"mine": "$.steps.y.output.value"}}}
+    sibling_compensation = with_steps(
+        {"name": "a", "agent": "adder"},
+        {
+            "name": "fan",
+            "parallel": [
+                {"name": "x", "agent": "adder"},
+                {
+                    "name": "y",
+                    "agent": "adder",
+                    "compensate": {
+                        "agent": "undo",
+                        "input": {
+                            "mine": "$.steps.y.output.value",
+                            "before": "$.steps.a.output.value",
+                            "sibling": "$.steps.x.output.value",
+                        },
+                    },
+                },
+            ],
+        },
+    )
+    assert_422(
+        create(client, org, sibling_compensation),
+        "/steps/1/parallel/1/compensate/input/sibling",
+        "compensation of step 'y'",
+        "'x'",
+    )
+    fine = with_steps(
+        {"name": "a", "agent": "adder"},
+        {"name": "fan", "parallel": [{"name": "x", "agent": "adder"}, {"name": "y", **own}]},
+    )
+    fine["steps"][1]["parallel"][1]["agent"] = "adder"
+    assert create(client, org, fine).status_code == 201, "its own output may be read"
     malformed = with_steps({"name": "a", "agent": "adder", "input": {"value": "$.outputs.a"}})
     assert_422(create(client, org, malformed), "/steps/0/input/value", "not a reference")
 
