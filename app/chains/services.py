@@ -709,6 +709,9 @@ def _insert_step(
     return StepStart(execution_id)
 
 
+_JSON_TYPES = {list: "array", str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
 def _input_error(
     plan: Plan, step: Step, stage: int, spec: executions.VersionSpec, payload: Any
 ) -> dict | None:
@@ -726,8 +729,7 @@ def _input_error(
         return error_body(
             "input_invalid",
             f"the input built for the {what} {step.name!r} is a JSON "
-            f"{type(payload).__name__.replace('str', 'string').replace('list', 'array')}, "
-            "not an object",
+            f"{_JSON_TYPES.get(type(payload), type(payload).__name__)}, not an object",
             "an agent's input is a JSON object: reference an object, or build one in `input`",
         )
     errors = jsonschemas.instance_errors(spec.input_validator, payload, "/input")

@@ -627,3 +627,68 @@ def test_the_sweeper_moves_the_chain_of_a_lost_step_on(live_client, live_org):
     assert body["status"] == "failed", body
     assert steps_of(body)[("step", "wait")]["status"] == "failed"
     assert steps_of(body)[("step", "after")]["status"] == "skipped"
+
+
+def test_a_step_whose_input_is_not_an_object_fails_and_says_why(live_client, live_org):
+    # The output declares `echo.value` but not its type: creation cannot rule a scalar out.
+    echoes = {"type": "object", "required": ["value"], "properties": {"value": {}}}
+    agent(
+        live_client,
+        live_org,
+        "echoer",
+        "tests.agents:echo",
+        output_schema={"type": "object", "required": ["echo"], "properties": {"echo": echoes}},
+    )
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "e", "agent": "echoer"},
+            {"name": "scalar", "agent": "echoer", "input": "$.steps.e.output.echo.value"},
+        ],
+        on_failure="continue",
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    body = wait_chain(live_client, live_org, ce)
+    assert [s["status"] for s in body["steps"]] == ["succeeded", "failed"]
+    scalar = live_client.get(
+        f"/api/v1/executions/{body['steps'][1]['execution_id']}", headers=live_org.headers
+    ).get_json()
+    assert scalar["error"]["type"] == "input_invalid" and scalar["attempts"] == 0
+    assert "'scalar'" in scalar["error"]["message"]
+    assert "JSON integer, not an object" in scalar["error"]["message"]
+    assert scalar["error"]["hint"]
+
+
+def test_under_continue_a_failed_steps_output_reads_as_absent(live_client, live_org):
+    adder(live_client, live_org)
+    agent(live_client, live_org, "echoer", "tests.agents:echo")
+    agent(live_client, live_org, "boom", "tests.agents:boom")
+    chain(
+        live_client,
+        live_org,
+        [
+            {
+                "name": "fan",
+                "parallel": [
+                    {"name": "ok", "agent": "adder"},
+                    {"name": "bad", "agent": "boom"},
+                ],
+            },
+            {"name": "after", "agent": "echoer"},
+            {
+                "name": "tail",
+                "parallel": [
+                    {"name": "t1", "agent": "adder", "input": {"value": 1}},
+                    {"name": "t2", "agent": "boom"},
+                ],
+            },
+        ],
+        on_failure="continue",
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    body = wait_chain(live_client, live_org, ce)
+    assert body["status"] == "failed", body
+    rows = {(r.chain_role, r.chain_step): r for r in step_rows(ce)}
+    assert rows[("step", 2)].input == {"ok": {"value": 2}}, "no `bad` key, not a null"
+    assert body["output"] == {"t1": {"value": 2}}
