@@ -547,6 +547,9 @@ _STATE_SQL = """
             WHERE p.chain_execution_id = ce.id AND p.chain_stage = %(previous)s
               AND p.status = 'succeeded') AS previous_succeeded,
            (SELECT e.status FROM executions e WHERE e.id = %(id)s) AS own_status,
+           (SELECT a.archived_at IS NOT NULL FROM agent_versions v
+            JOIN agents a ON a.id = v.agent_id
+            WHERE v.id = (ce.step_versions ->> %(index)s)::uuid) AS archived,
            -- Only outputs of steps that succeeded: a failed step's output reads as absent.
            (SELECT jsonb_object_agg(p.chain_step, p.output) FROM executions p
             WHERE p.chain_execution_id = ce.id AND p.chain_role = 'step'
@@ -607,12 +610,13 @@ def start_step(
                 "id": execution_id,
                 "previous": stage - 1,
                 "needed": needed,
+                "index": index,
             },
         ).fetchone()
         if state is None:
             return StepStart(None)
         status, chain_input, step_versions, compensate_versions = state[:4]
-        previous_done, previous_succeeded, own_status, outputs = state[4:]
+        previous_done, previous_succeeded, own_status, archived, outputs = state[4:]
         if own_status is not None:
             # A message that arrives again: run what is still queued (the claim decides), leave
             # the rest to whoever holds it.
@@ -647,6 +651,8 @@ def start_step(
                 outputs.get(index)
                 if compensating and template is None
                 else definitions.step_input(plan, step, template, chain_input, outputs),
+                # A compensation runs even so: it undoes work done, which must not stay.
+                archived=archived and not compensating,
             )
     # A step before this one failed under on_failure=stop and nothing has acted on it yet (the
     # reconcile after it failed, say): this step must not run. Stop the chain now instead.
@@ -665,11 +671,23 @@ def _insert_step(
     allowed: tuple[str, ...],
     version_id: uuid.UUID,
     payload: Any,
+    *,
+    archived: bool = False,
 ) -> StepStart:
-    """Insert the step's row, `queued` to run or already `failed` when its input is refused:
-    one statement, so no crash leaves a refused input queued for a redelivered message to run."""
+    """Insert the step's row, `queued` to run or already `failed` when it is refused (its
+    input, or its agent archived since the chain started): one statement, so no crash leaves a
+    refused step queued for a redelivered message to run."""
     spec = executions.specs.get(conn, version_id)
-    error = _input_error(plan, step, stage, spec, payload)
+    if archived:
+        error = error_body(
+            "agent_archived",
+            f"step {step.name!r} did not run: agent {spec.agent_name!r} was archived after the "
+            "chain execution started, and an archived agent takes no new executions",
+            "restore the agent or PATCH the chain (a new version) to use another one, then "
+            "submit the chain again",
+        )
+    else:
+        error = _input_error(plan, step, stage, spec, payload)
     if stage == 0 and chain_status == "queued":
         conn.execute(
             text(
@@ -752,9 +770,11 @@ def _input_error(
 # anyway): a reconcile or a cancel holds it FOR UPDATE while it stops the chain, so an insert
 # either lands before (and is seen as under way) or waits and then finds the chain stopped.
 _PLAIN_INPUT_SQL = """
-    SELECT ce.status, (ce.step_versions ->> %(step)s)::uuid,
-           CASE WHEN %(stage)s = 0 THEN ce.input ELSE p.output END
+    SELECT ce.status, v.id, CASE WHEN %(stage)s = 0 THEN ce.input ELSE p.output END,
+           a.archived_at IS NOT NULL
     FROM chain_executions ce
+    JOIN agent_versions v ON v.id = (ce.step_versions ->> %(step)s)::uuid
+    JOIN agents a ON a.id = v.agent_id
     LEFT JOIN executions p ON p.id = %(previous)s
     WHERE ce.id = %(chain_execution_id)s AND ce.status IN ('queued', 'running')
       AND (%(stage)s = 0 OR p.status = 'succeeded')
@@ -790,7 +810,7 @@ def _start_plain_step(
     )
     if row is None:
         return None
-    chain_status, version_id, payload = row
+    chain_status, version_id, payload, archived = row
     return _insert_step(
         conn,
         plan,
@@ -802,6 +822,7 @@ def _start_plain_step(
         ("queued", "running"),
         version_id,
         payload,
+        archived=archived,
     )
 
 

@@ -692,3 +692,35 @@ def test_under_continue_a_failed_steps_output_reads_as_absent(live_client, live_
     rows = {(r.chain_role, r.chain_step): r for r in step_rows(ce)}
     assert rows[("step", 2)].input == {"ok": {"value": 2}}, "no `bad` key, not a null"
     assert body["output"] == {"t1": {"value": 2}}
+
+
+def test_a_step_of_an_agent_archived_mid_chain_fails_with_a_hint(live_client, live_org):
+    agent(live_client, live_org, "sleepy", "tests.agents:sleepy")
+    agent(live_client, live_org, "echoer", "tests.agents:echo")
+    agent(live_client, live_org, "echoer2", "tests.agents:echo")
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "nap", "agent": "sleepy", "input": {"seconds": 1.0}},
+            {"name": "plain", "agent": "echoer"},
+            {"name": "mapped", "agent": "echoer2", "input": {"x": 1}},
+        ],
+        on_failure="continue",
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    wait_until(lambda: [r.status for r in step_rows(ce)] == ["running"], timeout=15)
+    for name in ("echoer", "echoer2"):
+        assert (
+            live_client.delete(f"/api/v1/agents/{name}", headers=live_org.headers).status_code
+            == 204
+        )
+    body = wait_chain(live_client, live_org, ce)
+    assert [s["status"] for s in body["steps"]] == ["succeeded", "failed", "failed"]
+    for step in body["steps"][1:]:
+        refused = live_client.get(
+            f"/api/v1/executions/{step['execution_id']}", headers=live_org.headers
+        ).get_json()
+        assert refused["error"]["type"] == "agent_archived" and refused["attempts"] == 0
+        assert f"'{step['name']}'" in refused["error"]["message"]
+        assert "archived" in refused["error"]["message"] and refused["error"]["hint"]
