@@ -956,6 +956,8 @@ def _reconcile(
         ),
         {"id": chain_execution_id},
     ).one_or_none()
+    if ce is not None and ce.status == "cancelled":
+        _note_cancelled_with_chain(conn, chain_execution_id)
     if ce is None or ce.status not in ACTIVE_CHAIN_STATUSES:
         return False
     plan = plans.get(conn, ce.chain_version_id)
@@ -1033,6 +1035,22 @@ def _reconcile(
         return True
     continuations.append(Continuation(ce.chain_version_id, last + position))
     return False
+
+
+def _note_cancelled_with_chain(conn: Connection, chain_execution_id: uuid.UUID) -> None:
+    """A step that was running when its chain was cancelled was stopped by its worker, which
+    tells how (the chain is not its business): say why, keeping how."""
+    conn.execute(
+        text(
+            "UPDATE executions SET error = jsonb_set(error, '{message}', to_jsonb("
+            "concat('cancelled with its chain (', error ->> 'message', ')'))) "
+            "WHERE chain_execution_id = :id AND status = 'cancelled' "
+            "AND error ->> 'message' NOT LIKE 'cancelled with its chain%' "
+            # Not a step cancelled on its own before the chain was.
+            "AND finished_at >= (SELECT finished_at FROM chain_executions WHERE id = :id)"
+        ),
+        {"id": chain_execution_id},
+    )
 
 
 def _compensate(

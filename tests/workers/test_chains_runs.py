@@ -365,6 +365,13 @@ def test_cancel_mid_chain_stops_the_running_step_and_skips_the_rest(live_client,
     body = read(live_client, live_org, ce)
     assert body["status"] == "cancelled"
     assert [s["status"] for s in body["steps"]] == ["succeeded", "cancelled", "skipped"]
+    waited = body["steps"][1]["execution_id"]
+
+    def error_of_wait():
+        path = f"/api/v1/executions/{waited}"
+        return live_client.get(path, headers=live_org.headers).get_json()["error"]
+
+    wait_until(lambda: error_of_wait()["message"].startswith("cancelled with its chain ("), 10)
     time.sleep(0.5)
     assert len(step_rows(ce)) == 2, "nothing started after the cancel"
     again = live_client.post(f"/api/v1/chain-executions/{ce}/cancel", headers=live_org.headers)
