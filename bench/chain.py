@@ -13,6 +13,7 @@ at once and their chains alternate (one warm-up each, then `--runs` each), so lo
 elsewhere on the machine falls on both alike. It prints every run, the medians and the best,
 the overhead per step, the CPU each process group spent per step (`other` is everything else
 on the machine), and where a Runyard step's time went, from the stored timestamps.
+It exits 2 when the ratio of the medians misses the target (<= 1.5), 1 when a run failed.
 
 Servers: DATABASE_URL set -> a fresh database `runyard_bench_chain` on that server (dropped at
 the end); unset -> embedded PostgreSQL. Redis is always an embedded instance of its own on a
@@ -58,6 +59,7 @@ DATABASE = "runyard_bench_chain"
 AGENT = "sleeper"
 ENTRYPOINT = "bench.plain_chain:sleep_step"
 POLL_SECONDS = 0.01
+TARGET_RATIO = 1.5  # Runyard's median over plain Celery's; above it the run exits 2
 
 
 def setup_database(cleanups: list[Callable[[], None]]) -> str:
@@ -371,9 +373,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"runyard      median {ours:.3f} s, best {min(runyard.times):.3f} s")
         log(f"plain celery median {theirs:.3f} s, best {min(plain.times):.3f} s")
         log(
-            f"ratio {ours / theirs:.2f} (target <= 1.5); overhead per step "
+            f"ratio {ours / theirs:.2f} (target <= {TARGET_RATIO}); overhead per step "
             f"{(ours - theirs) * 1000 / args.steps:.1f} ms; load average now {loadavg()}"
         )
+        if ours / theirs > TARGET_RATIO:
+            log(f"MISSED: the ratio is above the target {TARGET_RATIO}")
+            status = 2
     except KeyboardInterrupt:
         log("\ninterrupted")
         status = 130

@@ -31,20 +31,16 @@ class _InCanvas(threading.local):
 _in_canvas = _InCanvas()
 
 
-def _on_settled(conn, claimed: Claim, status: str) -> None:
+def _on_settled(_conn, claimed: Claim, status: str) -> None:
+    """The runner's (and the watchdog's) hook; the chain takes its own connection."""
     if claimed.execution_id == _in_canvas.execution_id:
         _in_canvas.status = status  # the step task moves the chain on itself
         return
-    # A retry that ran as a plain execution, or a step the sweeper recovered: nothing carries
-    # the chain on from here unless this does.
+    # A retry that ran as a plain execution, or a step the watchdog ended: nothing carries the
+    # chain on from here unless this does. (Steps ended outside a worker, by a cancel of a
+    # queued step or by the sweeper, move their chain on in app/executions/services.py.)
     services.step_settled(
-        conn,
-        claimed.chain_execution_id,
-        None,
-        None,
-        claimed.execution_id,
-        status,
-        in_canvas=False,
+        claimed.chain_execution_id, None, None, claimed.execution_id, status, in_canvas=False
     )
 
 
@@ -74,7 +70,6 @@ def run_step(self, chain_execution_id: str, chain_version_id: str, stage: int, i
     proceed = False
     if status is not None:
         proceed = services.step_settled(
-            None,
             chain_execution,
             chain_version,
             stage,
@@ -91,7 +86,7 @@ def run_step(self, chain_execution_id: str, chain_version_id: str, stage: int, i
 
 @app.task(name="runyard.chains_resume", base=DatabaseTask)
 def resume_stalled() -> int:
-    resumed = services.resume_stalled()
+    resumed = len(services.resume_stalled())
     if resumed:
         log.warning("chains: resumed %d stalled chain executions", resumed)
     return resumed

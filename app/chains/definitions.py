@@ -262,14 +262,16 @@ def check_structure(plan: Plan, document: dict[str, Any], problems: Problems) ->
         _check_refs(plan, step, step.input, step.pointer + "/input", step.stage, problems)
         if step.compensate is not None:
             # A compensation runs after the chain stopped: it may read this step's output and
-            # any earlier step's, never a later one's.
+            # any earlier stage's, never a sibling's in its parallel group (that one may have
+            # failed, or not be compensated) nor a later step's.
             _check_refs(
                 plan,
                 step,
                 step.compensate.get("input"),
                 step.pointer + "/compensate/input",
-                step.stage + 1,
+                step.stage,
                 problems,
+                also=step.name,
             )
 
 
@@ -281,7 +283,14 @@ def _unique(name: str, pointer: str, seen: dict[str, str], problems: Problems) -
 
 
 def _check_refs(
-    plan: Plan, step: Step, template: Any, pointer: str, before_stage: int, problems: Problems
+    plan: Plan,
+    step: Step,
+    template: Any,
+    pointer: str,
+    before_stage: int,
+    problems: Problems,
+    *,
+    also: str | None = None,
 ) -> None:
     for where, value in refs_in(template, pointer):
         ref = parse_ref(value)
@@ -292,11 +301,17 @@ def _check_refs(
                 "or $.steps.<name>.output[.path]",
             )
             continue
-        if ref.step is None:
+        if ref.step is None or ref.step == also:
             continue
         stage = plan.stage_of_name(ref.step)
         if stage is None:
             problems.add(where, f"step {step.name!r} refers to an unknown step {ref.step!r}")
+        elif stage >= before_stage and also is not None:
+            problems.add(
+                where,
+                f"the compensation of step {step.name!r} refers to step {ref.step!r}; a "
+                "compensation reads only its own step's output and earlier steps' outputs",
+            )
         elif stage >= before_stage:
             problems.add(
                 where,

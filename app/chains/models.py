@@ -101,4 +101,5 @@ class ChainExecution(Base):
     queued_at: Mapped[dt.datetime] = now_column()
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
-    cancel_requested_at: Mapped[dt.datetime | None]
+    # When the resume check last looked at it: it leaves the chain alone for the grace period.
+    resume_checked_at: Mapped[dt.datetime | None]

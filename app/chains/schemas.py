@@ -77,9 +77,6 @@ class ChainSubmitSchema(Schema):
 
 class ChainStepSchema(Schema):
     name = fields.String()
-    role = fields.String(
-        metadata={"enum": ["step", "compensate"], "description": "the step, or its compensation"}
-    )
     stage = fields.Integer(metadata={"description": "steps of one stage run at once"})
     status = fields.String(
         metadata={
@@ -105,7 +102,18 @@ class ChainExecutionSchema(Schema):
     input = fields.Dict()
     output = fields.Dict(allow_none=True, metadata={"description": "the last step's output"})
     error = fields.Nested(ErrorInfoSchema, allow_none=True)
-    steps = fields.List(fields.Nested(ChainStepSchema))
+    steps = fields.List(
+        fields.Nested(ChainStepSchema),
+        metadata={"description": "the chain's steps, in definition order; steps only"},
+    )
+    compensations = fields.List(
+        fields.Nested(ChainStepSchema),
+        metadata={
+            "description": "after a `stop` failure, the compensations in the order they run "
+            "(latest succeeded step first); `name` is the step each one undoes. Empty unless "
+            "the chain stopped on a failure"
+        },
+    )
     queued_at = fields.DateTime()
     started_at = fields.DateTime(allow_none=True)
     finished_at = fields.DateTime(allow_none=True)

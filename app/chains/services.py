@@ -8,7 +8,8 @@ PostgreSQL, not the canvas, knows where a chain stands:
   from the chain's state in PostgreSQL. Its id is derived from (chain execution, stage, step),
   so a duplicate message finds the row taken and does nothing. Rows of steps that may not run
   yet do not exist, so the executions sweeper never sees them.
-- A step starts only once every step of the stage before it has finished.
+- A step starts only once every step of the stage before it has finished; under
+  on_failure=stop, only once they all succeeded (otherwise it stops the chain instead).
 - Whoever records a step's last outcome moves the chain on: inside the canvas the next task is
   already on its way; outside it (a retry ran as a plain execution, a message was lost) the
   rest of the canvas is published again from the first stage that has not run
@@ -36,7 +37,7 @@ from app import jsonschemas
 from app.agents.models import Agent, AgentVersion
 from app.agents.services import FIRST_VERSION, parse_semver
 from app.chains import definitions
-from app.chains.definitions import AgentSchemas, Plan, Problems
+from app.chains.definitions import AgentSchemas, Plan, Problems, Step
 from app.chains.models import ACTIVE_CHAIN_STATUSES, Chain, ChainExecution, ChainVersion
 from app.config import current_config
 from app.db import db, utcnow
@@ -368,7 +369,11 @@ def submit(
     principal.require("executions:submit")
     chain = resolve(session, principal, ref)
     if chain.archived_at is not None:
-        raise Conflict(f"chain {chain.name!r} is archived and takes no new executions")
+        raise Conflict(
+            f"chain {chain.name!r} is archived and takes no new executions",
+            hint="GET /api/v1/chains lists the chains that take executions; an archived "
+            "chain's past executions stay readable",
+        )
     chain_version = (
         get_version(session, principal, ref, version)
         if version
@@ -399,7 +404,11 @@ def submit(
                 session, principal, step.compensate["agent"], step.compensate.get("version")
             )
             if compensator is None:
-                raise Conflict(f"the compensation of step {step.name!r} cannot run: {why}")
+                raise Conflict(
+                    f"the compensation of step {step.name!r} cannot run: {why}",
+                    hint="PATCH the chain (a new version) to give the step another compensate "
+                    "agent or version",
+                )
         compensate_versions.append(str(compensator.id) if compensator else None)
     execution = ChainExecution(
         id=uuid.uuid4(),
@@ -534,10 +543,17 @@ _STATE_SQL = """
            (SELECT count(*) FROM executions p
             WHERE p.chain_execution_id = ce.id AND p.chain_stage = %(previous)s
               AND p.status IN ('succeeded', 'failed', 'timed_out', 'cancelled')) AS previous_done,
+           (SELECT count(*) FROM executions p
+            WHERE p.chain_execution_id = ce.id AND p.chain_stage = %(previous)s
+              AND p.status = 'succeeded') AS previous_succeeded,
            (SELECT e.status FROM executions e WHERE e.id = %(id)s) AS own_status,
+           (SELECT a.archived_at IS NOT NULL FROM agent_versions v
+            JOIN agents a ON a.id = v.agent_id
+            WHERE v.id = (ce.step_versions ->> %(index)s)::uuid) AS archived,
+           -- Only outputs of steps that succeeded: a failed step's output reads as absent.
            (SELECT jsonb_object_agg(p.chain_step, p.output) FROM executions p
             WHERE p.chain_execution_id = ce.id AND p.chain_role = 'step'
-              AND p.chain_step = ANY(%(needed)s)) AS outputs
+              AND p.status = 'succeeded' AND p.chain_step = ANY(%(needed)s)) AS outputs
     FROM chain_executions ce WHERE ce.id = %(chain_execution_id)s
 """
 
@@ -594,12 +610,13 @@ def start_step(
                 "id": execution_id,
                 "previous": stage - 1,
                 "needed": needed,
+                "index": index,
             },
         ).fetchone()
         if state is None:
             return StepStart(None)
         status, chain_input, step_versions, compensate_versions = state[:4]
-        previous_done, own_status, outputs = state[4:]
+        previous_done, previous_succeeded, own_status, archived, outputs = state[4:]
         if own_status is not None:
             # A message that arrives again: run what is still queued (the claim decides), leave
             # the rest to whoever holds it.
@@ -613,34 +630,75 @@ def start_step(
             ready = stage == 0 or previous_done == len(plan.stages[stage - 1])
         if not ready:
             return StepStart(None)
-        outputs = {int(key): value for key, value in (outputs or {}).items()}
-        if compensating and template is None:
-            payload = outputs.get(index)
-        else:
-            payload = definitions.step_input(plan, step, template, chain_input, outputs)
-        if not isinstance(payload, dict):
-            # The output it reads is absent (a failed step under on_failure=continue).
-            payload = {}
-        version_id = uuid.UUID(compensate_versions[index] if compensating else step_versions[index])
-        spec = executions.specs.get(conn, version_id)
-        errors = jsonschemas.instance_errors(spec.input_validator, payload, "/input")
-        error = None
-        if errors:
-            details = "; ".join(f"{p}: {', '.join(m)}" for p, m in errors.items())
-            error = error_body(
-                "input_invalid",
-                f"the input built for step {step.name!r} does not match the agent's "
-                f"input_schema: {details}",
+        stopped = (
+            not compensating
+            and stage > 0
+            and plan.on_failure == "stop"
+            and previous_succeeded < previous_done
+        )
+        if not stopped:
+            outputs = {int(key): value for key, value in (outputs or {}).items()}
+            return _insert_step(
+                conn,
+                plan,
+                step,
+                stage,
+                execution_id,
+                chain_execution_id,
+                status,
+                allowed,
+                uuid.UUID(compensate_versions[index] if compensating else step_versions[index]),
+                outputs.get(index)
+                if compensating and template is None
+                else definitions.step_input(plan, step, template, chain_input, outputs),
+                # A compensation runs even so: it undoes work done, which must not stay.
+                archived=archived and not compensating,
             )
-        if stage == 0 and status == "queued":
-            conn.execute(
-                text(
-                    "UPDATE chain_executions SET status = 'running', started_at = now() "
-                    "WHERE id = :id AND status = 'queued'"
-                ),
-                {"id": chain_execution_id},
-            )
-        started = driver.execute(
+    # A step before this one failed under on_failure=stop and nothing has acted on it yet (the
+    # reconcile after it failed, say): this step must not run. Stop the chain now instead.
+    reconcile(chain_execution_id, in_canvas=False)
+    return StepStart(None)
+
+
+def _insert_step(
+    conn: Connection,
+    plan: Plan,
+    step: Step,
+    stage: int,
+    execution_id: uuid.UUID,
+    chain_execution_id: uuid.UUID,
+    chain_status: str,
+    allowed: tuple[str, ...],
+    version_id: uuid.UUID,
+    payload: Any,
+    *,
+    archived: bool = False,
+) -> StepStart:
+    """Insert the step's row, `queued` to run or already `failed` when it is refused (its
+    input, or its agent archived since the chain started): one statement, so no crash leaves a
+    refused step queued for a redelivered message to run."""
+    spec = executions.specs.get(conn, version_id)
+    if archived:
+        error = error_body(
+            "agent_archived",
+            f"step {step.name!r} did not run: agent {spec.agent_name!r} was archived after the "
+            "chain execution started, and an archived agent takes no new executions",
+            "restore the agent or PATCH the chain (a new version) to use another one, then "
+            "submit the chain again",
+        )
+    else:
+        error = _input_error(plan, step, stage, spec, payload)
+    if stage == 0 and chain_status == "queued":
+        conn.execute(
+            text(
+                "UPDATE chain_executions SET status = 'running', started_at = now() "
+                "WHERE id = :id AND status = 'queued'"
+            ),
+            {"id": chain_execution_id},
+        )
+    started = (
+        executions._driver(conn)
+        .execute(
             _START_SQL,
             {
                 "id": execution_id,
@@ -651,45 +709,76 @@ def start_step(
                 "agent_version": spec.version,
                 "status": "failed" if error else "queued",
                 "refused": error is not None,
-                "input": Jsonb(payload),
+                "input": Jsonb(payload if isinstance(payload, dict) else {}),
                 "max_attempts": spec.max_attempts,
                 "error": Jsonb(error) if error else None,
-                "step": index,
+                "step": step.index,
                 "stage": stage,
-                "role": "compensate" if compensating else "step",
+                "role": "compensate" if stage >= len(plan.stages) else "step",
                 "statuses": list(allowed),
             },
-        ).fetchone()
-        if started is None:
-            return StepStart(None)
-        if error:
-            return StepStart(None, settled="failed")
-        return StepStart(execution_id)
+        )
+        .fetchone()
+    )
+    if started is None:
+        return StepStart(None)
+    if error:
+        return StepStart(None, settled="failed")
+    return StepStart(execution_id)
 
 
-# The common step (no `input`: it takes the chain input or the one step before it) in one
-# statement: ready, input and row at once. The agent version's details come with it.
+_JSON_TYPES = {list: "array", str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+def _input_error(
+    plan: Plan, step: Step, stage: int, spec: executions.VersionSpec, payload: Any
+) -> dict | None:
+    """Why the input built for a step cannot be run, or None."""
+    what = "compensation of step" if stage >= len(plan.stages) else "step"
+    if payload is None:
+        return error_body(
+            "input_invalid",
+            f"the {what} {step.name!r} has no input: the output it reads is absent "
+            "(the step that produces it did not succeed)",
+            "under on_failure=continue a failed step's output reads as absent; give the step "
+            "an `input` that does not need it, or use on_failure=stop",
+        )
+    if not isinstance(payload, dict):
+        return error_body(
+            "input_invalid",
+            f"the input built for the {what} {step.name!r} is a JSON "
+            f"{_JSON_TYPES.get(type(payload), type(payload).__name__)}, not an object",
+            "an agent's input is a JSON object: reference an object, or build one in `input`",
+        )
+    errors = jsonschemas.instance_errors(spec.input_validator, payload, "/input")
+    if not errors:
+        return None
+    details = "; ".join(f"{p}: {', '.join(m)}" for p, m in errors.items())
+    return error_body(
+        "input_invalid",
+        f"the input built for the {what} {step.name!r} does not match the agent's "
+        f"input_schema: {details}",
+        "the step's execution shows the input it was given",
+    )
+
+
+# The common step (no `input`: it takes the chain input or the one step before it, which
+# succeeded): ready and input in one statement, with the agent version it runs. Anything else
+# (the step before failed, the row exists already) goes the general way, which finds out why.
 #
-# Both inserts lock the chain execution's row FOR KEY SHARE (the lock the foreign key takes
+# The insert locks the chain execution's row FOR KEY SHARE (the lock the foreign key takes
 # anyway): a reconcile or a cancel holds it FOR UPDATE while it stops the chain, so an insert
 # either lands before (and is seen as under way) or waits and then finds the chain stopped.
-_START_PLAIN_SQL = """
-    INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
-                            priority, input, attempt, max_attempts, dispatched_at,
-                            chain_execution_id, chain_step, chain_stage, chain_role)
-    SELECT %(id)s, ce.org_id, v.agent_id, v.id, a.name, v.version, 'queued', ce.priority,
-           CASE WHEN %(stage)s = 0 THEN ce.input ELSE coalesce(p.output, '{}'::jsonb) END,
-           0, 1 + coalesce((v.retry ->> 'max_retries')::int, 0), now(),
-           ce.id, %(step)s, %(stage)s, 'step'
+_PLAIN_INPUT_SQL = """
+    SELECT ce.status, v.id, CASE WHEN %(stage)s = 0 THEN ce.input ELSE p.output END,
+           a.archived_at IS NOT NULL
     FROM chain_executions ce
     JOIN agent_versions v ON v.id = (ce.step_versions ->> %(step)s)::uuid
     JOIN agents a ON a.id = v.agent_id
     LEFT JOIN executions p ON p.id = %(previous)s
     WHERE ce.id = %(chain_execution_id)s AND ce.status IN ('queued', 'running')
-      AND (%(stage)s = 0 OR p.status IN ('succeeded', 'failed', 'timed_out', 'cancelled'))
-    FOR KEY SHARE OF ce
-    ON CONFLICT (id) DO NOTHING
-    RETURNING version_id, input
+      AND (%(stage)s = 0 OR p.status = 'succeeded')
+      AND NOT EXISTS (SELECT 1 FROM executions e WHERE e.id = %(id)s)
 """
 
 
@@ -701,20 +790,12 @@ def _start_plain_step(
     index: int,
     execution_id: uuid.UUID,
 ) -> StepStart | None:
-    """None when the one statement did not start it: the general path then finds out why."""
-    if stage == 0:
-        conn.execute(
-            text(
-                "UPDATE chain_executions SET status = 'running', started_at = now() "
-                "WHERE id = :id AND status = 'queued'"
-            ),
-            {"id": chain_execution_id},
-        )
+    """None when the step is not plainly ready: the general path then finds out why."""
     previous = plan.stages[stage - 1][0] if stage else None
     row = (
         executions._driver(conn)
         .execute(
-            _START_PLAIN_SQL,
+            _PLAIN_INPUT_SQL,
             {
                 "id": execution_id,
                 "chain_execution_id": chain_execution_id,
@@ -729,26 +810,20 @@ def _start_plain_step(
     )
     if row is None:
         return None
-    version_id, payload = row
-    errors = jsonschemas.instance_errors(
-        executions.specs.get(conn, version_id).input_validator, payload, "/input"
+    chain_status, version_id, payload, archived = row
+    return _insert_step(
+        conn,
+        plan,
+        plan.steps[index],
+        stage,
+        execution_id,
+        chain_execution_id,
+        chain_status,
+        ("queued", "running"),
+        version_id,
+        payload,
+        archived=archived,
     )
-    if not errors:
-        return StepStart(execution_id)
-    details = "; ".join(f"{p}: {', '.join(m)}" for p, m in errors.items())
-    error = error_body(
-        "input_invalid",
-        f"the input step {plan.steps[index].name!r} received does not match the agent's "
-        f"input_schema: {details}",
-    )
-    conn.execute(
-        text(
-            "UPDATE executions SET status = 'failed', error = CAST(:error AS jsonb), "
-            "finished_at = now() WHERE id = :id AND status = 'queued'"
-        ),
-        {"id": execution_id, "error": _json(error)},
-    )
-    return StepStart(None, settled="failed")
 
 
 _FINISH_FAST_SQL = """
@@ -762,7 +837,6 @@ _FINISH_FAST_SQL = """
 
 
 def step_settled(
-    conn: Connection | None,
     chain_execution_id: uuid.UUID,
     chain_version_id: uuid.UUID | None,
     stage: int | None,
@@ -773,11 +847,11 @@ def step_settled(
 ) -> bool:
     """A step's outcome is recorded: move the chain on. True when the canvas the step ran in
     may carry on with its next task; outside a canvas the rest is published from here.
-    `conn` None: a connection is taken only if a statement is needed."""
+    A connection is taken only if a statement is needed."""
     if status not in TERMINAL_STATUSES:
         return False  # back in the queue for a retry: whoever records its end moves on
     if in_canvas and status == "succeeded" and chain_version_id is not None and stage is not None:
-        with _connection(conn) as usable:
+        with _lazy_connection() as usable:
             plan = plans.get(usable, chain_version_id)
             last = len(plan.stages) - 1
             if stage < last and len(plan.stages[stage]) == 1:
@@ -806,10 +880,7 @@ class _LazyConnection:
 
 
 @contextlib.contextmanager
-def _connection(conn: Connection | None):
-    if conn is not None:
-        yield conn
-        return
+def _lazy_connection():
     lazy = _LazyConnection()
     with lazy._scope:
         yield lazy
@@ -842,13 +913,26 @@ def reconcile(chain_execution_id: uuid.UUID, *, in_canvas: bool) -> bool:
     One transaction holding the chain execution's row lock, so two steps finishing at once
     decide one after the other; what it publishes goes out after the commit, so a step task
     always sees the state that sent it."""
+    return _reconcile_and_publish(chain_execution_id, in_canvas=in_canvas)[0]
+
+
+def _reconcile_and_publish(
+    chain_execution_id: uuid.UUID, *, in_canvas: bool, resuming: bool = False
+) -> tuple[bool, bool]:
+    """(whether the canvas may carry on, whether anything was published)."""
     continuations: list[Continuation] = []
     with db.engine.begin() as conn:
         proceed = _reconcile(conn, chain_execution_id, in_canvas, continuations)
+        if resuming:
+            conn.execute(
+                text("UPDATE chain_executions SET resume_checked_at = now() WHERE id = :id"),
+                {"id": chain_execution_id},
+            )
+    published = False
     if continuations:
         with db.hot() as conn:
             for item in continuations:
-                publish_from(
+                published |= publish_from(
                     conn,
                     chain_execution_id,
                     item.chain_version_id,
@@ -856,7 +940,7 @@ def reconcile(chain_execution_id: uuid.UUID, *, in_canvas: bool) -> bool:
                     skip=item.skip,
                     declare=True,
                 )
-    return proceed
+    return proceed, published
 
 
 def _reconcile(
@@ -872,6 +956,8 @@ def _reconcile(
         ),
         {"id": chain_execution_id},
     ).one_or_none()
+    if ce is not None and ce.status == "cancelled":
+        _note_cancelled_with_chain(conn, chain_execution_id)
     if ce is None or ce.status not in ACTIVE_CHAIN_STATUSES:
         return False
     plan = plans.get(conn, ce.chain_version_id)
@@ -951,6 +1037,22 @@ def _reconcile(
     return False
 
 
+def _note_cancelled_with_chain(conn: Connection, chain_execution_id: uuid.UUID) -> None:
+    """A step that was running when its chain was cancelled was stopped by its worker, which
+    tells how (the chain is not its business): say why, keeping how."""
+    conn.execute(
+        text(
+            "UPDATE executions SET error = jsonb_set(error, '{message}', to_jsonb("
+            "concat('cancelled with its chain (', error ->> 'message', ')'))) "
+            "WHERE chain_execution_id = :id AND status = 'cancelled' "
+            "AND error ->> 'message' NOT LIKE 'cancelled with its chain%' "
+            # Not a step cancelled on its own before the chain was.
+            "AND finished_at >= (SELECT finished_at FROM chain_executions WHERE id = :id)"
+        ),
+        {"id": chain_execution_id},
+    )
+
+
 def _compensate(
     conn: Connection,
     chain_execution_id: uuid.UUID,
@@ -1012,7 +1114,10 @@ def _finish(conn: Connection, chain_execution_id: uuid.UUID, plan: Plan, steps) 
     if len(last) == 1:
         output = steps[last[0]].output
     else:
-        output = {plan.steps[i].name: steps[i].output for i in last}
+        # A failed step's output reads as absent, as it does for the steps after it.
+        output = {
+            plan.steps[i].name: steps[i].output for i in last if steps[i].status == "succeeded"
+        }
     failed = [plan.steps[i].name for i, row in sorted(steps.items()) if row.status != "succeeded"]
     if failed:
         _update(
@@ -1041,35 +1146,45 @@ def _finish(conn: Connection, chain_execution_id: uuid.UUID, plan: Plan, steps) 
 # Resumption (run by beat)
 
 
+# A chain the check looked at within the grace period is left alone: its republished messages
+# may only wait behind a backlog, and a duplicate every tick would add to it. The longest unchecked
+# go first, so a batch never holds the same chains tick after tick.
 _STALLED_SQL = text(
     """
     SELECT ce.id FROM chain_executions ce
     WHERE ce.status IN ('queued', 'running', 'compensating')
       AND ce.queued_at < now() - make_interval(secs => :grace)
+      AND (ce.resume_checked_at IS NULL
+           OR ce.resume_checked_at < now() - make_interval(secs => :grace))
       AND NOT EXISTS (
           SELECT 1 FROM executions e
           WHERE e.chain_execution_id = ce.id
             AND (e.status IN ('queued', 'running')
                  OR e.finished_at > now() - make_interval(secs => :grace)))
-    ORDER BY ce.queued_at LIMIT :batch
+    ORDER BY coalesce(ce.resume_checked_at, ce.queued_at) LIMIT :batch
     """
 )
 
 
-def resume_stalled(grace_seconds: float | None = None, batch: int = 100) -> int:
-    """Continue chains whose next step never arrived (a lost message, a publish that failed):
-    nothing under way and nothing finished for `grace_seconds`. A step message that was only
-    slow makes a duplicate, which finds its row taken and does nothing."""
+def resume_stalled(grace_seconds: float | None = None, batch: int = 100) -> list[uuid.UUID]:
+    """Continue chains whose next step never arrived (a lost message, a failed publish):
+    nothing under way and nothing finished for `grace_seconds`, and not checked within it.
+    A step message that was only slow makes a duplicate, which finds its row taken and does
+    nothing. Returns the chain executions for which something was published."""
     grace = current_config().chain_stall_seconds if grace_seconds is None else grace_seconds
-    resumed = 0
+    resumed = []
     with db.hot() as conn:
         ids = conn.execute(_STALLED_SQL, {"grace": grace, "batch": batch}).scalars().all()
     for chain_execution_id in ids:
         try:
-            reconcile(chain_execution_id, in_canvas=False)
-            resumed += 1
+            _, published = _reconcile_and_publish(
+                chain_execution_id, in_canvas=False, resuming=True
+            )
         except Exception:
             log.warning("resuming chain execution %s failed", chain_execution_id, exc_info=True)
+            continue
+        if published:
+            resumed.append(chain_execution_id)
     return resumed
 
 
@@ -1083,7 +1198,10 @@ def get_execution(
     try:
         parsed = uuid.UUID(chain_execution_id)
     except ValueError as exc:
-        raise NotFound(f"no chain execution {chain_execution_id!r}") from exc
+        raise NotFound(
+            f"no chain execution {chain_execution_id!r}: not a chain execution id",
+            hint="chain execution ids are UUIDs; GET /api/v1/chain-executions lists them",
+        ) from exc
     found = session.scalar(
         select(ChainExecution).where(
             ChainExecution.id == parsed, ChainExecution.org_id == principal.org_id
@@ -1106,20 +1224,26 @@ def present(session: Session, execution: ChainExecution) -> dict[str, Any]:
     ).all()
     by_key = {(row.chain_role, row.chain_step): row for row in rows}
     active = execution.status in ("queued", "running")
-    steps = []
-    for step in plan.steps:
-        row = by_key.get(("step", step.index))
-        steps.append(
-            _step_entry(step.name, "step", step.stage, row, "pending" if active else "skipped")
+    steps = [
+        _step_entry(
+            step.name,
+            step.stage,
+            by_key.get(("step", step.index)),
+            "pending" if active else "skipped",
         )
-    for position, index in enumerate(execution.compensation or []):
-        row = by_key.get(("compensate", index))
-        pending = "pending" if execution.status == "compensating" else "skipped"
-        steps.append(
-            _step_entry(
-                plan.steps[index].name, "compensate", len(plan.stages) + position, row, pending
-            )
+        for step in plan.steps
+    ]
+    # Apart from the steps, so a client reading a step by its name never finds its compensation.
+    pending = "pending" if execution.status == "compensating" else "skipped"
+    compensations = [
+        _step_entry(
+            plan.steps[index].name,
+            len(plan.stages) + position,
+            by_key.get(("compensate", index)),
+            pending,
         )
+        for position, index in enumerate(execution.compensation or [])
+    ]
     started, finished = execution.started_at, execution.finished_at
     return {
         "id": execution.id,
@@ -1132,6 +1256,7 @@ def present(session: Session, execution: ChainExecution) -> dict[str, Any]:
         "output": execution.output,
         "error": execution.error,
         "steps": steps,
+        "compensations": compensations,
         "queued_at": execution.queued_at,
         "started_at": started,
         "finished_at": finished,
@@ -1141,10 +1266,9 @@ def present(session: Session, execution: ChainExecution) -> dict[str, Any]:
     }
 
 
-def _step_entry(name: str, role: str, stage: int, row: Execution | None, missing: str) -> dict:
+def _step_entry(name: str, stage: int, row: Execution | None, missing: str) -> dict:
     return {
         "name": name,
-        "role": role,
         "stage": stage,
         "status": row.status if row else missing,
         "execution_id": row.id if row else None,
@@ -1186,7 +1310,7 @@ _CANCEL_CHAIN = text(
     WITH locked AS (SELECT id FROM chain_executions WHERE id = :id AND org_id = :org_id
                     FOR UPDATE)
     UPDATE chain_executions ce
-    SET status = 'cancelled', cancel_requested_at = now(), finished_at = now(),
+    SET status = 'cancelled', finished_at = now(),
         error = CAST(:error AS jsonb)
     FROM locked
     WHERE ce.id = locked.id AND ce.status IN ('queued', 'running', 'compensating')
@@ -1217,7 +1341,8 @@ def cancel(session: Session, principal: Principal, chain_execution_id: str) -> C
         if done is None:
             raise Conflict(
                 f"chain execution {execution.id} has finished ({execution.status}); "
-                "nothing to cancel"
+                "nothing to cancel",
+                hint=f"GET /api/v1/chain-executions/{execution.id} shows how it ended",
             )
         live = (
             conn.execute(
@@ -1232,6 +1357,8 @@ def cancel(session: Session, principal: Principal, chain_execution_id: str) -> C
         )
     for execution_id in live:
         with contextlib.suppress(Conflict):  # it finished meanwhile
-            executions.cancel(session, principal, str(execution_id))
+            executions.cancel(
+                session, principal, str(execution_id), reason="cancelled with its chain"
+            )
     session.refresh(execution)
     return execution

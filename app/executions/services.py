@@ -783,7 +783,7 @@ _CANCEL_QUEUED = text(
     SET status = 'cancelled', cancel_requested_at = now(), finished_at = now(), lease_until = NULL,
         error = :error
     WHERE id = :id AND org_id = :org_id AND status = 'queued'
-    RETURNING id
+    RETURNING id, chain_execution_id
     """
 ).bindparams(bindparam("error", type_=JSONB))
 
@@ -796,7 +796,13 @@ _CANCEL_RUNNING = text(
 )
 
 
-def cancel(session: Session, principal: Principal, execution_id: str) -> Execution:
+def cancel(
+    session: Session,
+    principal: Principal,
+    execution_id: str,
+    *,
+    reason: str = "cancelled before it started",
+) -> Execution:
     """Cancel is a row change, so it holds across restarts: a queued execution's claim then
     finds nothing to take (the message is dropped), and a running one's worker sees the request
     within CANCEL_CHECK_SECONDS and stops it (workers/runtimes/child.py, workers/watchdog.py).
@@ -807,13 +813,15 @@ def cancel(session: Session, principal: Principal, execution_id: str) -> Executi
     params = {
         "id": _parse_id(execution_id),
         "org_id": principal.org_id,
-        "error": error_body("cancelled", "cancelled before it started"),
+        "error": error_body("cancelled", reason),
     }
     with db.hot() as conn:
-        done = (
-            conn.execute(_CANCEL_QUEUED, params).first()
-            or conn.execute(_CANCEL_RUNNING, params).first()
-        )
+        ended = conn.execute(_CANCEL_QUEUED, params).first()
+        done = ended or conn.execute(_CANCEL_RUNNING, params).first()
+    if ended is not None and ended.chain_execution_id is not None:
+        # No worker records this step's end: its chain moves on from here. (A running step's
+        # worker records the cancel and moves the chain on itself.)
+        _move_chains_on([ended.chain_execution_id])
     execution = get(session, principal, execution_id)
     if done is None:
         raise Conflict(
@@ -870,11 +878,12 @@ _EXPIRED_LOST = text(
             finished_at = now(), lease_until = NULL,
             error = CASE WHEN cancel_requested_at IS NULL THEN :lost ELSE :cancelled END
         WHERE status = 'running' AND lease_until < now()
-        RETURNING id, attempt, status, error, worker, started_at, resource_usage
-    )
+        RETURNING id, attempt, status, error, worker, started_at, resource_usage,
+                  chain_execution_id
+    ), recorded AS (
     """
     + _RECORD_ATTEMPT.format(status="status")
-    + "RETURNING execution_id"
+    + ") SELECT id, chain_execution_id FROM ended"
 ).bindparams(bindparam("lost", type_=JSONB), bindparam("cancelled", type_=JSONB))
 
 
@@ -889,15 +898,14 @@ def sweep(batch: int = 500) -> SweepReport:
                 {"lost": error_body("lost", "the worker's lease expired; attempt requeued")},
             ).all()
         )
-        report.lost = len(
-            conn.execute(
-                _EXPIRED_LOST,
-                {
-                    "lost": error_body("lost", "the worker's lease expired on the last attempt"),
-                    "cancelled": error_body("cancelled", "cancelled while its worker was lost"),
-                },
-            ).all()
-        )
+        lost = conn.execute(
+            _EXPIRED_LOST,
+            {
+                "lost": error_body("lost", "the worker's lease expired on the last attempt"),
+                "cancelled": error_body("cancelled", "cancelled while its worker was lost"),
+            },
+        ).all()
+        report.lost = len(lost)
         rows = conn.execute(
             _UNDISPATCHED, {"grace": cfg.dispatch_grace_seconds, "batch": batch}
         ).all()
@@ -907,4 +915,21 @@ def sweep(batch: int = 500) -> SweepReport:
     if republished:
         _stamp(republished)
     report.republished = len(republished)
+    # No worker records these ends: their chains move on from here.
+    _move_chains_on([row.chain_execution_id for row in lost if row.chain_execution_id])
     return report
+
+
+def _move_chains_on(chain_execution_ids: list[uuid.UUID]) -> None:
+    """Let the chains of steps ended outside a worker move on now, not at the next resume
+    check. Imported here: chains build on executions, not the other way round."""
+    if not chain_execution_ids:
+        return
+    from app.chains.services import reconcile
+
+    for chain_execution_id in dict.fromkeys(chain_execution_ids):
+        try:
+            reconcile(chain_execution_id, in_canvas=False)
+        except Exception:
+            # The step's end is recorded; the resume check moves the chain on later.
+            log.warning("moving chain execution %s on failed", chain_execution_id, exc_info=True)

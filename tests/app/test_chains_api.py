@@ -100,7 +100,7 @@ def test_create_read_list_and_version_a_chain(client, org):
     archived = client.post(
         "/api/v1/chains/sums/executions", json={"input": {"value": 1}}, headers=org.headers
     )
-    assert archived.status_code == 409
+    assert archived.status_code == 409 and archived.get_json()["hint"]
 
 
 def test_unknown_agent_or_version_names_the_step(client, org):
@@ -154,6 +154,42 @@ def test_references_must_name_an_earlier_step(client, org):
         }
     )
     assert_422(create(client, org, sibling), "/steps/0/parallel/1/input/value", "'y'", "'x'")
+    undo = {"name": "undo", "runtime": {"type": "python", "entrypoint": "tests.agents:echo"}}
+    assert client.post("/api/v1/agents", json=undo, headers=org.headers).status_code == 201
+    own = {"compensate": {"agent": "undo", "input": {"mine": "$.steps.y.output.value"}}}
+    sibling_compensation = with_steps(
+        {"name": "a", "agent": "adder"},
+        {
+            "name": "fan",
+            "parallel": [
+                {"name": "x", "agent": "adder"},
+                {
+                    "name": "y",
+                    "agent": "adder",
+                    "compensate": {
+                        "agent": "undo",
+                        "input": {
+                            "mine": "$.steps.y.output.value",
+                            "before": "$.steps.a.output.value",
+                            "sibling": "$.steps.x.output.value",
+                        },
+                    },
+                },
+            ],
+        },
+    )
+    assert_422(
+        create(client, org, sibling_compensation),
+        "/steps/1/parallel/1/compensate/input/sibling",
+        "compensation of step 'y'",
+        "'x'",
+    )
+    fine = with_steps(
+        {"name": "a", "agent": "adder"},
+        {"name": "fan", "parallel": [{"name": "x", "agent": "adder"}, {"name": "y", **own}]},
+    )
+    fine["steps"][1]["parallel"][1]["agent"] = "adder"
+    assert create(client, org, fine).status_code == 201, "its own output may be read"
     malformed = with_steps({"name": "a", "agent": "adder", "input": {"value": "$.outputs.a"}})
     assert_422(create(client, org, malformed), "/steps/0/input/value", "not a reference")
 
@@ -268,3 +304,41 @@ def test_other_organizations_see_nothing(client, org, other_org):
     )
     assert cancel.status_code == 404
     assert client.get("/api/v1/chain-executions", headers=other_org.headers).get_json() == []
+
+
+def test_other_organizations_cannot_read_change_or_run_a_chain(client, org, other_org):
+    make_agents(client, org)
+    chain = create(client, org, CHAIN).get_json()
+    for ref in ("sums", chain["id"]):
+        for method, path, body in (
+            ("get", f"/api/v1/chains/{ref}/versions", None),
+            ("get", f"/api/v1/chains/{ref}/versions/1.0.0", None),
+            ("patch", f"/api/v1/chains/{ref}", {"description": "mine now"}),
+            ("delete", f"/api/v1/chains/{ref}", None),
+            ("post", f"/api/v1/chains/{ref}/executions", {"input": {"value": 1}}),
+            ("get", f"/api/v1/chain-executions?chain={ref}", None),
+        ):
+            response = getattr(client, method)(path, json=body, headers=other_org.headers)
+            assert response.status_code == 404, (method, path, response.get_json())
+            assert response.get_json()["hint"], (method, path)
+    # Untouched for its own organization.
+    mine = client.get("/api/v1/chains/sums", headers=org.headers).get_json()
+    assert mine["archived_at"] is None and mine["description"] == chain["description"]
+    assert client.get("/api/v1/chain-executions", headers=org.headers).get_json() == []
+
+
+def test_errors_of_chain_executions_carry_hints(client, org):
+    make_agents(client, org)
+    undo = {"name": "undo", "runtime": {"type": "python", "entrypoint": "tests.agents:echo"}}
+    assert client.post("/api/v1/agents", json=undo, headers=org.headers).status_code == 201
+    compensated = with_steps({"name": "a", "agent": "adder", "compensate": {"agent": "undo"}})
+    assert create(client, org, compensated).status_code == 201
+    assert client.delete("/api/v1/agents/undo", headers=org.headers).status_code == 204
+    refused = client.post(
+        "/api/v1/chains/sums/executions", json={"input": {"value": 1}}, headers=org.headers
+    )
+    body = refused.get_json()
+    assert refused.status_code == 409 and "compensation of step 'a'" in body["message"], body
+    assert "PATCH" in body["hint"]
+    malformed = client.get("/api/v1/chain-executions/not-a-uuid", headers=org.headers)
+    assert malformed.status_code == 404 and "UUID" in malformed.get_json()["hint"]

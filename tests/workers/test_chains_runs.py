@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from sqlalchemy import text
 
 from app.chains import services as chains
 from app.db import db
+from app.executions import services as executions
 from tests.conftest import REDIS_CLAIM_KEY, ROOT, RUN_ID, wait_until
 
 pytestmark = pytest.mark.worker
@@ -74,7 +76,8 @@ def wait_chain(client, org, chain_execution_id, timeout=30.0):
 
 
 def steps_of(body):
-    return {(s["role"], s["name"]): s for s in body["steps"]}
+    steps = {("step", s["name"]): s for s in body["steps"]}
+    return steps | {("compensate", s["name"]): s for s in body["compensations"]}
 
 
 def step_rows(chain_execution_id):
@@ -88,7 +91,7 @@ def step_rows(chain_execution_id):
         ).all()
 
 
-def test_linear_chain_with_mapping(live_client, live_org):
+def test_linear_chain_with_mapping(live_client, live_org, other_live_org):
     adder(live_client, live_org)
     chain(
         live_client,
@@ -127,6 +130,20 @@ def test_linear_chain_with_mapping(live_client, live_org):
     ).get_json()
     assert len(listed) == 4 and {e["chain_execution_id"] for e in listed} == {ce}
     assert {e["id"] for e in listed} == {s["execution_id"] for s in body["steps"]}
+    # Another organization sees none of its steps, whichever way it asks.
+    assert (
+        live_client.get(
+            f"/api/v1/executions?chain_execution_id={ce}", headers=other_live_org.headers
+        ).get_json()
+        == []
+    )
+    assert all(
+        live_client.get(
+            f"/api/v1/executions/{s['execution_id']}", headers=other_live_org.headers
+        ).status_code
+        == 404
+        for s in body["steps"]
+    )
 
 
 def test_parallel_fans_out_and_back_in(live_client, live_org):
@@ -208,7 +225,15 @@ def test_stop_skips_the_rest_and_compensates_in_reverse(live_client, live_org):
     assert steps[("step", "bad")]["status"] == "failed"
     assert steps[("step", "never")]["status"] == "skipped"
     assert steps[("step", "never")]["execution_id"] is None
-    compensations = [s for s in body["steps"] if s["role"] == "compensate"]
+    # The steps list holds the steps only: a step read by its name is the step, not its undoing.
+    assert [(s["name"], s["status"]) for s in body["steps"]] == [
+        ("a", "succeeded"),
+        ("b", "succeeded"),
+        ("c", "succeeded"),
+        ("bad", "failed"),
+        ("never", "skipped"),
+    ]
+    compensations = body["compensations"]
     # Only steps that succeeded and have a compensate agent, latest first.
     assert [s["name"] for s in compensations] == ["b", "a"]
     assert all(s["status"] == "succeeded" for s in compensations)
@@ -251,8 +276,11 @@ def test_stop_waits_for_a_running_sibling_before_compensating(live_client, live_
     steps = steps_of(body)
     assert steps[("step", "bad")]["status"] == "failed"
     assert steps[("step", "slow")]["status"] == "succeeded", "the sibling was let finish"
+    assert steps[("step", "bad")]["finished_at"] < steps[("step", "slow")]["finished_at"], (
+        "the failure came while the sibling still ran"
+    )
     assert steps[("step", "never")]["status"] == "skipped"
-    compensations = [s for s in body["steps"] if s["role"] == "compensate"]
+    compensations = body["compensations"]
     assert [s["name"] for s in compensations] == ["slow", "a"]
     assert compensations[0]["started_at"] >= steps[("step", "slow")]["finished_at"]
     assert all(s["status"] == "succeeded" for s in compensations)
@@ -337,10 +365,17 @@ def test_cancel_mid_chain_stops_the_running_step_and_skips_the_rest(live_client,
     body = read(live_client, live_org, ce)
     assert body["status"] == "cancelled"
     assert [s["status"] for s in body["steps"]] == ["succeeded", "cancelled", "skipped"]
+    waited = body["steps"][1]["execution_id"]
+
+    def error_of_wait():
+        path = f"/api/v1/executions/{waited}"
+        return live_client.get(path, headers=live_org.headers).get_json()["error"]
+
+    wait_until(lambda: error_of_wait()["message"].startswith("cancelled with its chain ("), 10)
     time.sleep(0.5)
     assert len(step_rows(ce)) == 2, "nothing started after the cancel"
     again = live_client.post(f"/api/v1/chain-executions/{ce}/cancel", headers=live_org.headers)
-    assert again.status_code == 409
+    assert again.status_code == 409 and ce in again.get_json()["hint"]
 
 
 def test_a_step_retries_by_its_agents_policy_inside_a_parallel_group(live_client, live_org):
@@ -452,7 +487,7 @@ def test_a_chain_finishes_after_the_broker_lost_its_next_message(live_client, li
         body = read(live_client, live_org, ce)
         assert body["status"] == "running"
         assert [s["status"] for s in body["steps"]] == ["succeeded", "pending", "pending"]
-        assert chains.resume_stalled(grace_seconds=0.2) == 1
+        assert uuid.UUID(ce) in chains.resume_stalled(grace_seconds=0.2)
         body = wait_chain(live_client, live_org, ce)
     assert body["status"] == "succeeded" and body["output"] == {"value": 4}
     rows = step_rows(ce)
@@ -461,4 +496,238 @@ def test_a_chain_finishes_after_the_broker_lost_its_next_message(live_client, li
         (1, "succeeded", 1),
         (2, "succeeded", 1),
     ], "each step ran once"
-    assert chains.resume_stalled(grace_seconds=0) == 0, "nothing left to resume"
+    assert uuid.UUID(ce) not in chains.resume_stalled(grace_seconds=0), "nothing left to resume"
+
+
+def _version_of(chain_execution_id):
+    with db.hot() as conn:
+        return conn.execute(
+            text("SELECT chain_version_id FROM chain_executions WHERE id = :id"),
+            {"id": chain_execution_id},
+        ).scalar_one()
+
+
+def test_under_stop_a_late_message_never_runs_the_step_after_a_failure(live_client, live_org):
+    """The chain's move to `compensating` did not happen (its reconcile hit a database error,
+    say) and the next stage's message arrives anyway: the step must not run."""
+    adder(live_client, live_org)
+    agent(live_client, live_org, "undo", "tests.agents:echo")
+    agent(live_client, live_org, "boom", "tests.agents:boom", output_schema=NUMBER)
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "a", "agent": "adder", "compensate": {"agent": "undo"}},
+            {"name": "bad", "agent": "boom"},
+            {"name": "never", "agent": "adder"},
+        ],
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    wait_chain(live_client, live_org, ce)
+    with db.hot() as conn:
+        # Back to how the chain stood had nothing acted on the failure.
+        conn.execute(
+            text("DELETE FROM executions WHERE chain_execution_id = :id AND chain_role <> 'step'"),
+            {"id": ce},
+        )
+        conn.execute(
+            text(
+                "UPDATE chain_executions SET status = 'running', error = NULL, "
+                "compensation = NULL, finished_at = NULL WHERE id = :id"
+            ),
+            {"id": ce},
+        )
+        assert chains.publish_from(conn, uuid.UUID(ce), _version_of(ce), 2)
+    body = wait_chain(live_client, live_org, ce)
+    assert body["status"] == "failed" and "'bad'" in body["error"]["message"]
+    assert steps_of(body)[("step", "never")]["status"] == "skipped"
+    assert [(r.chain_role, r.chain_step) for r in step_rows(ce)] == [
+        ("step", 0),
+        ("step", 1),
+        ("compensate", 0),
+    ], "the step after the failure never ran; the compensation did"
+
+
+def test_the_resume_check_leaves_a_chain_it_just_resumed_alone(live_client, live_org):
+    held = f"stalled-{RUN_ID}"
+    adder(live_client, live_org)
+    # No worker serves this queue: the second step's message waits, as behind a backlog.
+    adder(live_client, live_org, "held-adder", queue=held)
+    chain(
+        live_client,
+        live_org,
+        [{"name": "first", "agent": "adder"}, {"name": "next", "agent": "held-adder"}],
+    )
+    ce = uuid.UUID(run(live_client, live_org, {"value": 1}))
+    wait_until(lambda: len(step_rows(ce)) == 1 and step_rows(ce)[0].status == "succeeded", 15)
+    time.sleep(0.3)
+    try:
+        assert ce in chains.resume_stalled(grace_seconds=0.2)
+        # Within the grace period the same chain is not published again ...
+        assert ce not in chains.resume_stalled(grace_seconds=0.2)
+        assert ce not in chains.resume_stalled(grace_seconds=0.2, batch=1)
+        time.sleep(0.3)
+        # ... after it, it is (still nothing under way).
+        assert ce in chains.resume_stalled(grace_seconds=0.2)
+    finally:
+        live_client.post(f"/api/v1/chain-executions/{ce}/cancel", headers=live_org.headers)
+
+
+def test_cancelling_a_step_through_the_executions_api_moves_the_chain_on(live_client, live_org):
+    adder(live_client, live_org)
+    agent(
+        live_client,
+        live_org,
+        "flaky",
+        "tests.agents:flaky",
+        # Its retry waits long: the step sits queued, with no worker holding it, when cancelled.
+        retry={"max_retries": 3, "backoff_seconds": 60, "jitter": False},
+    )
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "shaky", "agent": "flaky", "input": {"succeed_on": 3}},
+            {"name": "after", "agent": "adder", "input": {"value": 1}},
+        ],
+        on_failure="continue",
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    wait_until(
+        lambda: [(r.status, r.attempt) for r in step_rows(ce)] == [("queued", 1)], timeout=15
+    )
+    shaky = steps_of(read(live_client, live_org, ce))[("step", "shaky")]["execution_id"]
+    response = live_client.post(f"/api/v1/executions/{shaky}/cancel", headers=live_org.headers)
+    assert response.status_code == 202, response.get_json()
+    # Promptly, not at the next resume check (a minute) or when the retry message arrives.
+    body = wait_chain(live_client, live_org, ce, timeout=10)
+    assert [s["status"] for s in body["steps"]] == ["cancelled", "succeeded"]
+    assert body["status"] == "failed" and "'shaky'" in body["error"]["message"]
+
+
+def test_the_sweeper_moves_the_chain_of_a_lost_step_on(live_client, live_org):
+    """A step whose worker vanished on its last attempt is failed `lost` by the sweeper, which
+    then moves its chain on (here: stops it) instead of leaving it to the resume check."""
+    adder(live_client, live_org)
+    agent(live_client, live_org, "waiter", "tests.agents:wait_for_cancel")
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "wait", "agent": "waiter", "input": {"seconds": 3}},
+            {"name": "after", "agent": "adder", "input": {"value": 1}},
+        ],
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    wait_until(lambda: [r.status for r in step_rows(ce)] == ["running"], timeout=15)
+    with db.hot() as conn:
+        # As if its worker died: the lease runs out while the row still says running.
+        conn.execute(
+            text(
+                "UPDATE executions SET lease_until = now() - interval '1 second' "
+                "WHERE chain_execution_id = :id"
+            ),
+            {"id": ce},
+        )
+    executions.sweep()
+    body = read(live_client, live_org, ce)
+    assert body["status"] == "failed", body
+    assert steps_of(body)[("step", "wait")]["status"] == "failed"
+    assert steps_of(body)[("step", "after")]["status"] == "skipped"
+
+
+def test_a_step_whose_input_is_not_an_object_fails_and_says_why(live_client, live_org):
+    # The output declares `echo.value` but not its type: creation cannot rule a scalar out.
+    echoes = {"type": "object", "required": ["value"], "properties": {"value": {}}}
+    agent(
+        live_client,
+        live_org,
+        "echoer",
+        "tests.agents:echo",
+        output_schema={"type": "object", "required": ["echo"], "properties": {"echo": echoes}},
+    )
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "e", "agent": "echoer"},
+            {"name": "scalar", "agent": "echoer", "input": "$.steps.e.output.echo.value"},
+        ],
+        on_failure="continue",
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    body = wait_chain(live_client, live_org, ce)
+    assert [s["status"] for s in body["steps"]] == ["succeeded", "failed"]
+    scalar = live_client.get(
+        f"/api/v1/executions/{body['steps'][1]['execution_id']}", headers=live_org.headers
+    ).get_json()
+    assert scalar["error"]["type"] == "input_invalid" and scalar["attempts"] == 0
+    assert "'scalar'" in scalar["error"]["message"]
+    assert "JSON integer, not an object" in scalar["error"]["message"]
+    assert scalar["error"]["hint"]
+
+
+def test_under_continue_a_failed_steps_output_reads_as_absent(live_client, live_org):
+    adder(live_client, live_org)
+    agent(live_client, live_org, "echoer", "tests.agents:echo")
+    agent(live_client, live_org, "boom", "tests.agents:boom")
+    chain(
+        live_client,
+        live_org,
+        [
+            {
+                "name": "fan",
+                "parallel": [
+                    {"name": "ok", "agent": "adder"},
+                    {"name": "bad", "agent": "boom"},
+                ],
+            },
+            {"name": "after", "agent": "echoer"},
+            {
+                "name": "tail",
+                "parallel": [
+                    {"name": "t1", "agent": "adder", "input": {"value": 1}},
+                    {"name": "t2", "agent": "boom"},
+                ],
+            },
+        ],
+        on_failure="continue",
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    body = wait_chain(live_client, live_org, ce)
+    assert body["status"] == "failed", body
+    rows = {(r.chain_role, r.chain_step): r for r in step_rows(ce)}
+    assert rows[("step", 2)].input == {"ok": {"value": 2}}, "no `bad` key, not a null"
+    assert body["output"] == {"t1": {"value": 2}}
+
+
+def test_a_step_of_an_agent_archived_mid_chain_fails_with_a_hint(live_client, live_org):
+    agent(live_client, live_org, "sleepy", "tests.agents:sleepy")
+    agent(live_client, live_org, "echoer", "tests.agents:echo")
+    agent(live_client, live_org, "echoer2", "tests.agents:echo")
+    chain(
+        live_client,
+        live_org,
+        [
+            {"name": "nap", "agent": "sleepy", "input": {"seconds": 1.0}},
+            {"name": "plain", "agent": "echoer"},
+            {"name": "mapped", "agent": "echoer2", "input": {"x": 1}},
+        ],
+        on_failure="continue",
+    )
+    ce = run(live_client, live_org, {"value": 1})
+    wait_until(lambda: [r.status for r in step_rows(ce)] == ["running"], timeout=15)
+    for name in ("echoer", "echoer2"):
+        assert (
+            live_client.delete(f"/api/v1/agents/{name}", headers=live_org.headers).status_code
+            == 204
+        )
+    body = wait_chain(live_client, live_org, ce)
+    assert [s["status"] for s in body["steps"]] == ["succeeded", "failed", "failed"]
+    for step in body["steps"][1:]:
+        refused = live_client.get(
+            f"/api/v1/executions/{step['execution_id']}", headers=live_org.headers
+        ).get_json()
+        assert refused["error"]["type"] == "agent_archived" and refused["attempts"] == 0
+        assert f"'{step['name']}'" in refused["error"]["message"]
+        assert "archived" in refused["error"]["message"] and refused["error"]["hint"]
