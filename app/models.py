@@ -4,6 +4,8 @@ from app.agents.models import Agent, AgentVersion
 from app.db import Base
 from app.executions.models import Execution, ExecutionLog
 from app.orgs.models import ApiToken, Organization
+from app.schedules.models import Schedule, ScheduleFire
+from app.triggers.models import Trigger, TriggerDelivery
 
 metadata = Base.metadata
 
@@ -14,5 +16,9 @@ __all__ = [
     "Execution",
     "ExecutionLog",
     "Organization",
+    "Schedule",
+    "ScheduleFire",
+    "Trigger",
+    "TriggerDelivery",
     "metadata",
 ]
