@@ -59,6 +59,7 @@ class Config:
     lease_grace_seconds: int = 60
     dispatch_grace_seconds: int = 30
     sweep_interval_seconds: float = 15.0
+    schedule_poll_seconds: float = 0.5
     log_batch_lines: int = 200
     log_flush_seconds: float = 0.5
     log_line_max_chars: int = 8192
@@ -92,6 +93,9 @@ class Config:
             ),
             sweep_interval_seconds=_float(
                 "RUNYARD_SWEEP_INTERVAL_SECONDS", cls.sweep_interval_seconds
+            ),
+            schedule_poll_seconds=_float(
+                "RUNYARD_SCHEDULE_POLL_SECONDS", cls.schedule_poll_seconds
             ),
             log_batch_lines=_int("RUNYARD_LOG_BATCH_LINES", cls.log_batch_lines),
             log_flush_seconds=_float("RUNYARD_LOG_FLUSH_SECONDS", cls.log_flush_seconds),
@@ -160,6 +164,11 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "age after which the sweeper republishes a committed but undispatched execution",
     ),
     ("RUNYARD_SWEEP_INTERVAL_SECONDS", "15", "how often beat runs the sweeper"),
+    (
+        "RUNYARD_SCHEDULE_POLL_SECONDS",
+        "0.5",
+        "longest beat sleeps between looks at the schedules table (edits apply within it)",
+    ),
     ("RUNYARD_LOG_BATCH_LINES", "200", "log lines a worker buffers before writing a batch"),
     ("RUNYARD_LOG_FLUSH_SECONDS", "0.5", "longest a log line waits in the buffer"),
     ("RUNYARD_LOG_LINE_MAX_CHARS", "8192", "longer log lines are cut, with a marker"),

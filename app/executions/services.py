@@ -457,6 +457,79 @@ dispatcher = Dispatcher()
 
 
 # ---------------------------------------------------------------------------------------------
+# Many at once, inside a caller's transaction (schedules and webhook triggers)
+
+
+@dataclass(frozen=True)
+class NewExecution:
+    id: uuid.UUID
+    org_id: uuid.UUID
+    spec: VersionSpec
+    input: dict[str, Any]
+    priority: int = DEFAULT_PRIORITY
+
+
+_INSERT_MANY_SQL = """
+    INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
+                            priority, input, attempt, max_attempts)
+    SELECT r.id, r.org_id, r.agent_id, r.version_id, r.agent_name, r.agent_version, 'queued',
+           r.priority, r.input, 0, r.max_attempts
+    FROM unnest(%(ids)s::uuid[], %(org_ids)s::uuid[], %(agent_ids)s::uuid[],
+                %(version_ids)s::uuid[], %(agent_names)s::text[], %(versions)s::text[],
+                %(priorities)s::smallint[], %(inputs)s::jsonb[], %(max_attempts)s::int[])
+         AS r(id, org_id, agent_id, version_id, agent_name, agent_version, priority, input,
+              max_attempts)
+"""
+
+
+def insert_queued(conn: Connection, rows: list[NewExecution]) -> list[Dispatch]:
+    """Insert queued executions with one statement, in the caller's transaction (no commit
+    here). The caller checked the inputs; once it has committed, it hands the returned
+    dispatches to `publish_committed`."""
+    if not rows:
+        return []
+    _driver(conn).execute(
+        _INSERT_MANY_SQL,
+        {
+            "ids": [row.id for row in rows],
+            "org_ids": [row.org_id for row in rows],
+            "agent_ids": [row.spec.agent_id for row in rows],
+            "version_ids": [row.spec.id for row in rows],
+            "agent_names": [row.spec.agent_name for row in rows],
+            "versions": [row.spec.version for row in rows],
+            "priorities": [row.priority for row in rows],
+            "inputs": [Jsonb(row.input) for row in rows],
+            "max_attempts": [row.spec.max_attempts for row in rows],
+        },
+    )
+    return [Dispatch(row.id, row.spec, row.priority) for row in rows]
+
+
+def publish_committed(batch: list[Dispatch]) -> list[uuid.UUID]:
+    """Publish committed rows now, through one pipeline, and stamp them; on a broker outage
+    nothing is stamped and the sweeper publishes them later."""
+    sent = publish_batch(batch)
+    if sent:
+        _stamp(sent)
+    return sent
+
+
+def request_cancel(
+    conn: Connection, org_id: uuid.UUID, execution_ids: list[uuid.UUID], message: str
+) -> None:
+    """Cancel from inside a caller's transaction (a schedule's overlap policy cancel_other):
+    the same row changes as `cancel`, for executions that have not finished."""
+    for execution_id in execution_ids:
+        params = {
+            "id": execution_id,
+            "org_id": org_id,
+            "error": error_body("cancelled", message),
+        }
+        if conn.execute(_CANCEL_QUEUED, params).first() is None:
+            conn.execute(_CANCEL_RUNNING, params)
+
+
+# ---------------------------------------------------------------------------------------------
 # Claim and finish (the worker side)
 
 

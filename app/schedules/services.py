@@ -1,0 +1,811 @@
+"""Schedules: definitions (the API side) and firing (what beat runs every tick).
+
+Firing is set-based so that thousands of schedules due in the same second cost a handful of
+statements: one SELECT ... FOR UPDATE SKIP LOCKED of the due schedules, one INSERT of their fire
+records, one INSERT of the executions, one UPDATE of the schedules, one commit, then one
+pipelined publish. The fire record's unique key (schedule_id, fire_time) and the row lock decide
+which beat fires a time when several run; the losers find nothing due or insert nothing.
+
+The policies, per schedule and tick, over the fire times that came due since its last tick:
+- on time: a fire time at most MISFIRE_GRACE old. Older ones were missed (no beat was running).
+- catchup: `none` fires no missed time; `latest` fires the newest missed one unless an on-time
+  one fires anyway; `all` fires each missed one inside catchup_window_seconds. Missed times
+  that do not fire are summed up in one `skipped` record per tick, with the range and the count.
+- overlap, against the schedule's last execution (and the fires of this same tick): `allow`
+  fires regardless; `skip` fires only when the last execution has finished; `buffer_one` keeps
+  one `buffered` fire that runs when the last execution finishes, skipping the rest;
+  `cancel_other` cancels the last execution if unfinished and fires the newest time.
+- pause_after_failures: each failed execution (failed, timed_out) or failed fire adds one to
+  consecutive_failures, a success resets it; at the threshold the schedule pauses itself.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, func, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.db import db, utcnow
+from app.errors import Conflict, NotFound, ValidationFailed
+from app.executions import services as executions
+from app.executions.models import TERMINAL_STATUSES
+from app.orgs.services import Principal
+from app.schedules import cron, targets
+from app.schedules.models import Schedule, ScheduleFire
+
+MISFIRE_GRACE = dt.timedelta(seconds=5)
+# A schedule that missed more fire times than this (a per-second cron after a long outage)
+# works through them over several ticks.
+MAX_TIMES_PER_TICK = 1000
+FIRE_BATCH = 5000
+FAILED_OUTCOMES = ("failed", "timed_out")
+TERMINAL = tuple(TERMINAL_STATUSES)
+EDITABLE = (
+    "name",
+    "target",
+    "cron",
+    "timezone",
+    "input",
+    "enabled",
+    "overlap",
+    "catchup",
+    "catchup_window_seconds",
+    "pause_after_failures",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Definitions
+
+
+def _parse_id(ref: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(ref)
+    except ValueError:
+        return None
+
+
+def get(session: Session, principal: Principal, ref: str, *, lock: bool = False) -> Schedule:
+    """A schedule of the caller's organization, by id or name; anything else is 404."""
+    query = select(Schedule).where(Schedule.org_id == principal.org_id)
+    ref_id = _parse_id(ref)
+    query = query.where(Schedule.id == ref_id if ref_id else Schedule.name == ref)
+    if lock:
+        query = query.with_for_update()
+    found = session.scalar(query)
+    if found is None:
+        raise NotFound(f"no schedule {ref!r}", hint="GET /api/v1/schedules lists them")
+    return found
+
+
+def _target_of(schedule: Schedule) -> dict[str, Any]:
+    body: dict[str, Any] = {schedule.target_kind: schedule.target_name}
+    if schedule.target_version:
+        body["version"] = schedule.target_version
+    return body
+
+
+def _apply_target(session: Session, schedule: Schedule, target: dict, payload: dict) -> None:
+    conn = session.connection()
+    resolved = targets.resolve(conn, schedule.org_id, target)
+    targets.check_input(conn, resolved, payload)
+    schedule.target_kind = resolved.kind
+    schedule.target_name = resolved.name
+    schedule.target_version = resolved.version
+    schedule.agent_id = resolved.agent_id
+    schedule.version_id = resolved.version_id
+
+
+def _check_catchup_window(data: dict[str, Any]) -> None:
+    if data.get("catchup") == "all" and data.get("catchup_window_seconds") == 0:
+        raise ValidationFailed(
+            "catchup 'all' with a window of 0 seconds would never catch up",
+            errors={"/catchup_window_seconds": ["must be above 0 with catchup 'all'"]},
+        )
+
+
+def create(session: Session, principal: Principal, data: dict[str, Any]) -> Schedule:
+    principal.require("agents:write")
+    cron.check(data["cron"], data["timezone"])
+    _check_catchup_window(data)
+    schedule = Schedule(
+        org_id=principal.org_id,
+        name=data["name"],
+        cron=data["cron"],
+        timezone=data["timezone"],
+        input=data["input"],
+        enabled=data["enabled"],
+        overlap=data["overlap"],
+        catchup=data["catchup"],
+        catchup_window_seconds=data["catchup_window_seconds"],
+        pause_after_failures=data["pause_after_failures"],
+        consecutive_failures=0,
+    )
+    _apply_target(session, schedule, data["target"], data["input"])
+    if schedule.enabled:
+        schedule.next_fire_at = cron.next_after(schedule.cron, schedule.timezone, utcnow())
+    session.add(schedule)
+    _flush_or_conflict(session, schedule.name)
+    return schedule
+
+
+def _flush_or_conflict(session: Session, name: str) -> None:
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        session.rollback()
+        raise Conflict(
+            f"a schedule named {name!r} exists already",
+            hint="choose another name, or PATCH the existing schedule",
+        ) from exc
+
+
+def update(session: Session, principal: Principal, ref: str, data: dict[str, Any]) -> Schedule:
+    principal.require("agents:write")
+    # Locked: beat skips a schedule being edited (SKIP LOCKED) and sees the edit next tick.
+    schedule = get(session, principal, ref, lock=True)
+    was_enabled = schedule.enabled
+    merged = {field: getattr(schedule, field, None) for field in EDITABLE}
+    merged["target"] = _target_of(schedule)
+    merged.update(data)
+    if "cron" in data or "timezone" in data:
+        cron.check(merged["cron"], merged["timezone"])
+    _check_catchup_window(merged)
+    if "target" in data or "input" in data:
+        _apply_target(session, schedule, merged["target"], merged["input"])
+    for name in EDITABLE:
+        if name in data and name != "target":
+            setattr(schedule, name, data[name])
+    if "enabled" in data and data["enabled"] != was_enabled:
+        _set_enabled(session, schedule, data["enabled"], reason="disabled through the API")
+    elif schedule.enabled and ("cron" in data or "timezone" in data):
+        schedule.next_fire_at = cron.next_after(schedule.cron, schedule.timezone, utcnow())
+    schedule.updated_at = utcnow()
+    _flush_or_conflict(session, schedule.name)
+    return schedule
+
+
+def _set_enabled(session: Session, schedule: Schedule, enabled: bool, reason: str) -> None:
+    schedule.enabled = enabled
+    if enabled:
+        # Resuming never catches up the paused time: the next fire is the next one from now.
+        schedule.next_fire_at = cron.next_after(schedule.cron, schedule.timezone, utcnow())
+        schedule.paused_reason = None
+        schedule.consecutive_failures = 0
+    else:
+        schedule.next_fire_at = None
+        schedule.paused_reason = reason
+        session.execute(_DROP_BUFFERED, {"ids": [schedule.id], "reason": f"schedule {reason}"})
+
+
+_DROP_BUFFERED = text(
+    """
+    UPDATE schedule_fires SET status = 'skipped', skipped_reason = :reason
+    WHERE schedule_id = ANY(:ids) AND status = 'buffered'
+    """
+)
+
+
+def pause(session: Session, principal: Principal, ref: str) -> Schedule:
+    principal.require("executions:submit")
+    schedule = get(session, principal, ref, lock=True)
+    if schedule.enabled:
+        _set_enabled(session, schedule, False, reason="paused through the API")
+        schedule.updated_at = utcnow()
+        session.flush()
+    return schedule
+
+
+def resume(session: Session, principal: Principal, ref: str) -> Schedule:
+    principal.require("executions:submit")
+    schedule = get(session, principal, ref, lock=True)
+    if not schedule.enabled:
+        _set_enabled(session, schedule, True, reason="")
+        schedule.updated_at = utcnow()
+        session.flush()
+    return schedule
+
+
+def delete(session: Session, principal: Principal, ref: str) -> None:
+    principal.require("agents:write")
+    session.delete(get(session, principal, ref, lock=True))
+    session.flush()
+
+
+def list_schedules(
+    session: Session, principal: Principal, *, offset: int, limit: int
+) -> tuple[list[Schedule], int]:
+    query = select(Schedule).where(Schedule.org_id == principal.org_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    items = session.scalars(
+        query.order_by(Schedule.created_at.desc(), Schedule.id).offset(offset).limit(limit)
+    ).all()
+    return list(items), total or 0
+
+
+def present(schedule: Schedule) -> dict[str, Any]:
+    return {
+        "id": schedule.id,
+        "name": schedule.name,
+        "target": _target_of(schedule),
+        "cron": schedule.cron,
+        "timezone": schedule.timezone,
+        "input": schedule.input,
+        "enabled": schedule.enabled,
+        "overlap": schedule.overlap,
+        "catchup": schedule.catchup,
+        "catchup_window_seconds": schedule.catchup_window_seconds,
+        "pause_after_failures": schedule.pause_after_failures,
+        "consecutive_failures": schedule.consecutive_failures,
+        "next_fire_at": schedule.next_fire_at,
+        "last_fire_at": schedule.last_fire_at,
+        "last_execution_id": schedule.last_execution_id,
+        "paused_reason": schedule.paused_reason,
+        "created_at": schedule.created_at,
+        "updated_at": schedule.updated_at,
+    }
+
+
+_HISTORY = text(
+    """
+    SELECT f.fire_time, f.fired_at, f.kind, f.status, f.skipped_reason, f.execution_id,
+           f.chain_execution_id, e.status AS execution_status
+    FROM schedule_fires f LEFT JOIN executions e ON e.id = f.execution_id
+    WHERE f.schedule_id = :id
+    ORDER BY f.fire_time DESC
+    OFFSET :offset LIMIT :limit
+    """
+)
+
+
+def history(
+    session: Session, principal: Principal, ref: str, *, offset: int, limit: int
+) -> tuple[list[dict[str, Any]], int]:
+    schedule = get(session, principal, ref)
+    total = session.scalar(select(func.count()).where(ScheduleFire.schedule_id == schedule.id))
+    rows = session.execute(
+        _HISTORY, {"id": schedule.id, "offset": offset, "limit": limit}
+    ).mappings()
+    return [dict(row) for row in rows], total or 0
+
+
+def trigger_now(session: Session, principal: Principal, ref: str) -> tuple[dict, targets.Launched]:
+    """Fire once, now, whatever the cron, the overlap policy or a pause say. The caller commits,
+    then publishes what this returns."""
+    principal.require("executions:submit")
+    schedule = get(session, principal, ref, lock=True)
+    conn = session.connection()
+    if schedule.target_kind != "agent":
+        raise targets.chains_unavailable()
+    spec = targets.spec_for(conn, schedule.agent_id, schedule.version_id)
+    errors = targets.input_errors(spec, schedule.input)
+    if errors:
+        raise ValidationFailed(
+            "the schedule's input no longer matches the agent's input_schema",
+            errors=errors,
+            hint=f"PATCH the schedule's input; GET /api/v1/agents/{spec.agent_name} shows "
+            "the input_schema",
+        )
+    execution_id = uuid.uuid4()
+    launched = targets.launch(
+        conn, [targets.Launch(execution_id, schedule.org_id, spec, schedule.input)]
+    )
+    now = utcnow()
+    fire = ScheduleFire(
+        schedule_id=schedule.id,
+        org_id=schedule.org_id,
+        fire_time=now,
+        fired_at=now,
+        kind="manual",
+        status="fired",
+        execution_id=execution_id,
+        fired_by="api",
+    )
+    session.add(fire)
+    schedule.last_execution_id = execution_id
+    schedule.last_fire_at = now
+    session.flush()
+    entry = {
+        "fire_time": now,
+        "fired_at": now,
+        "kind": "manual",
+        "status": "fired",
+        "skipped_reason": None,
+        "execution_id": execution_id,
+        "chain_execution_id": None,
+        "execution_status": "queued",
+    }
+    return entry, launched
+
+
+# ---------------------------------------------------------------------------------------------
+# Firing (beat)
+
+
+@dataclass
+class TickReport:
+    fired: int = 0
+    skipped: int = 0
+    buffered: int = 0
+    failed: int = 0
+    released: int = 0
+    paused: int = 0
+    seconds_to_next: float | None = None
+
+    def count(self, status: str) -> None:
+        setattr(self, status, getattr(self, status) + 1)
+
+
+@contextmanager
+def _transaction() -> Iterator[Connection]:
+    with db.session() as session, session.begin():
+        yield session.connection()
+
+
+class _TimesCache:
+    """Fire times are a pure function of (cron, timezone, after): schedules sharing an
+    expression, the common case at scale, compute each step once per tick."""
+
+    def __init__(self) -> None:
+        self._next: dict[tuple[str, str, dt.datetime], dt.datetime] = {}
+
+    def next_after(self, expression: str, timezone: str, after: dt.datetime) -> dt.datetime:
+        key = (expression, timezone, after)
+        found = self._next.get(key)
+        if found is None:
+            found = self._next[key] = cron.next_after(expression, timezone, after)
+        return found
+
+
+@dataclass
+class _Batch:
+    """What one transaction writes: built in Python, then written set-based."""
+
+    fires: list[dict[str, Any]] = field(default_factory=list)
+    launches: dict[uuid.UUID, targets.Launch] = field(default_factory=dict)
+    cancels: dict[uuid.UUID, tuple[uuid.UUID, uuid.UUID]] = field(default_factory=dict)
+    updates: list[dict[str, Any]] = field(default_factory=list)
+
+
+_DUE = text(
+    """
+    SELECT s.id, s.org_id, s.cron, s.timezone, s.input, s.overlap, s.catchup,
+           s.catchup_window_seconds, s.next_fire_at, s.agent_id, s.target_kind,
+           s.last_execution_id,
+           coalesce(s.version_id, a.current_version_id) AS run_version_id,
+           a.archived_at IS NOT NULL AS agent_archived,
+           e.status AS last_status,
+           EXISTS (SELECT 1 FROM schedule_fires b
+                   WHERE b.schedule_id = s.id AND b.status = 'buffered') AS has_buffered
+    FROM schedules s
+    LEFT JOIN agents a ON a.id = s.agent_id
+    LEFT JOIN executions e ON e.id = s.last_execution_id
+    WHERE s.enabled AND s.next_fire_at <= :now
+    ORDER BY s.next_fire_at
+    LIMIT :limit
+    FOR UPDATE OF s SKIP LOCKED
+    """
+)
+
+_INSERT_FIRES = """
+    INSERT INTO schedule_fires (id, schedule_id, org_id, fire_time, kind, status, skipped_reason,
+                                execution_id, outcome, fired_by)
+    SELECT * FROM unnest(%(ids)s::uuid[], %(schedule_ids)s::uuid[], %(org_ids)s::uuid[],
+                         %(fire_times)s::timestamptz[], %(kinds)s::text[], %(statuses)s::text[],
+                         %(reasons)s::text[], %(execution_ids)s::uuid[], %(outcomes)s::text[],
+                         %(fired_by)s::text[])
+    ON CONFLICT (schedule_id, fire_time) DO NOTHING
+    RETURNING execution_id
+"""
+
+_UPDATE_SCHEDULES = """
+    UPDATE schedules s
+    SET next_fire_at = u.next_fire_at,
+        last_fire_at = coalesce(u.last_fire_at, s.last_fire_at),
+        last_execution_id = coalesce(u.last_execution_id, s.last_execution_id),
+        consecutive_failures = s.consecutive_failures + u.failures
+    FROM unnest(%(ids)s::uuid[], %(next)s::timestamptz[], %(last_fire)s::timestamptz[],
+                %(last_execution)s::uuid[], %(failures)s::int[])
+         AS u(id, next_fire_at, last_fire_at, last_execution_id, failures)
+    WHERE s.id = u.id
+"""
+
+_PAUSE_FAILING = text(
+    """
+    UPDATE schedules
+    SET enabled = false, next_fire_at = NULL,
+        paused_reason = 'paused itself after ' || consecutive_failures || ' failed fires in a row'
+    WHERE id = ANY(:ids) AND enabled AND pause_after_failures > 0
+      AND consecutive_failures >= pause_after_failures
+    RETURNING id
+    """
+)
+
+
+def _span(times: list[dt.datetime]) -> str:
+    if len(times) == 1:
+        return f"fire time {times[0].isoformat()}"
+    return f"{len(times)} fire times from {times[0].isoformat()} to {times[-1].isoformat()}"
+
+
+class _Planner:
+    def __init__(self, conn: Connection, now: dt.datetime, fired_by: str) -> None:
+        self.conn = conn
+        self.now = now
+        self.fired_by = fired_by
+        self.times = _TimesCache()
+        self.batch = _Batch()
+        self._validity: dict[tuple[uuid.UUID, uuid.UUID], str | None] = {}
+
+    def record(
+        self,
+        row: Any,
+        fire_time: dt.datetime,
+        kind: str,
+        status: str,
+        reason: str | None = None,
+        execution_id: uuid.UUID | None = None,
+    ) -> None:
+        self.batch.fires.append(
+            {
+                "id": uuid.uuid4(),
+                "schedule_id": row.id,
+                "org_id": row.org_id,
+                "fire_time": fire_time,
+                "kind": kind,
+                "status": status,
+                "reason": reason,
+                "execution_id": execution_id,
+                "outcome": "failed" if status == "failed" else None,
+            }
+        )
+
+    def refusal(self, row: Any) -> str | None:
+        """Why the target cannot run this schedule's input now, or None."""
+        if row.target_kind != "agent":
+            return "chain targets are not available yet"
+        if row.agent_archived:
+            return "the agent is archived"
+        key = (row.id, row.run_version_id)
+        if key not in self._validity:
+            spec = executions.specs.get(self.conn, row.run_version_id)
+            errors = targets.input_errors(spec, row.input)
+            self._validity[key] = (
+                f"the input no longer matches the agent's input_schema ({errors})"
+                if errors
+                else None
+            )
+        return self._validity[key]
+
+    def fire(self, row: Any, fire_time: dt.datetime, kind: str) -> uuid.UUID | None:
+        reason = self.refusal(row)
+        if reason:
+            self.record(row, fire_time, kind, "failed", reason)
+            return None
+        execution_id = uuid.uuid4()
+        spec = executions.specs.get(self.conn, row.run_version_id)
+        self.batch.launches[execution_id] = targets.Launch(
+            execution_id, row.org_id, spec, row.input
+        )
+        self.record(row, fire_time, kind, "fired", execution_id=execution_id)
+        return execution_id
+
+    def plan(self, row: Any) -> None:
+        expression, zone, now = row.cron, row.timezone, self.now
+        first_record = len(self.batch.fires)
+        window_start = now - dt.timedelta(seconds=row.catchup_window_seconds)
+        start = row.next_fire_at
+        # Fire times before the horizon cannot run under any policy: one record covers them
+        # all, without walking through them.
+        horizon = now - MISFIRE_GRACE
+        if row.catchup != "none":
+            horizon = min(horizon, window_start)
+        if start < horizon:
+            self.record(
+                row,
+                start,
+                "catchup",
+                "skipped",
+                f"missed from {start.isoformat()} until {horizon.isoformat()} while no "
+                "scheduler ran"
+                + (
+                    " (catchup none)"
+                    if row.catchup == "none"
+                    else f": before the catch-up window ({row.catchup_window_seconds} s)"
+                ),
+            )
+            start = self.times.next_after(expression, zone, horizon - dt.timedelta(microseconds=1))
+        due: list[dt.datetime] = []
+        cursor = start
+        while cursor <= now and len(due) < MAX_TIMES_PER_TICK:
+            due.append(cursor)
+            cursor = self.times.next_after(expression, zone, cursor)
+        reached_now = cursor > now
+        missed = [t for t in due if now - t > MISFIRE_GRACE]
+        on_time = [t for t in due if now - t <= MISFIRE_GRACE]
+
+        chosen: list[dt.datetime] = []
+        if row.catchup == "all":
+            chosen = missed
+        elif row.catchup == "latest" and missed and not on_time and reached_now:
+            chosen = missed[-1:]
+        passed_over = [t for t in missed if t not in chosen]
+        if passed_over:
+            why = {
+                "none": "catchup none",
+                "latest": "catchup latest: only the newest missed fire time runs",
+                "all": "",
+            }[row.catchup]
+            self.record(
+                row,
+                passed_over[0],
+                "catchup",
+                "skipped",
+                f"{_span(passed_over)} missed while no scheduler ran ({why})",
+            )
+        to_fire = [(t, "catchup") for t in chosen] + [(t, "scheduled") for t in on_time]
+
+        last_execution = self.overlap(row, to_fire)
+        fired = self.batch.fires[first_record:]
+        self.batch.updates.append(
+            {
+                "id": row.id,
+                "next": cursor,
+                "last_fire": max(
+                    (f["fire_time"] for f in fired if f["status"] == "fired"), default=None
+                ),
+                "last_execution": last_execution,
+                "failures": sum(1 for f in fired if f["status"] == "failed"),
+            }
+        )
+
+    def overlap(self, row: Any, to_fire: list[tuple[dt.datetime, str]]) -> uuid.UUID | None:
+        """Apply the overlap policy; the id of the newest execution created, if any."""
+        if not to_fire:
+            return None
+        running = row.last_status is not None and row.last_status not in TERMINAL
+        busy = f"execution {row.last_execution_id} is still {row.last_status}"
+        newest: uuid.UUID | None = None
+        if row.overlap == "allow":
+            for fire_time, kind in to_fire:
+                newest = self.fire(row, fire_time, kind) or newest
+            return newest
+        if row.overlap == "cancel_other":
+            *older, (fire_time, kind) = to_fire
+            for skipped_time, skipped_kind in older:
+                self.record(
+                    row,
+                    skipped_time,
+                    skipped_kind,
+                    "skipped",
+                    f"overlap cancel_other: superseded by the fire at {fire_time.isoformat()}",
+                )
+            newest = self.fire(row, fire_time, kind)
+            if newest and running:
+                self.batch.cancels[newest] = (row.org_id, row.last_execution_id)
+            return newest
+        # skip and buffer_one
+        buffer_free = row.overlap == "buffer_one" and not row.has_buffered
+        for fire_time, kind in to_fire:
+            if not running:
+                newest = self.fire(row, fire_time, kind)
+                running = newest is not None
+                busy = f"the fire at {fire_time.isoformat()} is still queued"
+            elif buffer_free:
+                self.record(row, fire_time, kind, "buffered", f"waiting: {busy}")
+                buffer_free = False
+            else:
+                reason = (
+                    f"overlap skip: {busy}"
+                    if row.overlap == "skip"
+                    else f"overlap buffer_one: one fire already waits and {busy}"
+                )
+                self.record(row, fire_time, kind, "skipped", reason)
+        return newest
+
+
+def _write(conn: Connection, planner: _Planner) -> targets.Launched:
+    batch = planner.batch
+    if not batch.fires and not batch.updates:
+        return targets.Launched()
+    driver = conn.connection.driver_connection
+    fires = batch.fires
+    inserted = {
+        row[0]
+        for row in driver.execute(
+            _INSERT_FIRES,
+            {
+                "ids": [f["id"] for f in fires],
+                "schedule_ids": [f["schedule_id"] for f in fires],
+                "org_ids": [f["org_id"] for f in fires],
+                "fire_times": [f["fire_time"] for f in fires],
+                "kinds": [f["kind"] for f in fires],
+                "statuses": [f["status"] for f in fires],
+                "reasons": [f["reason"] for f in fires],
+                "execution_ids": [f["execution_id"] for f in fires],
+                "outcomes": [f["outcome"] for f in fires],
+                "fired_by": [planner.fired_by] * len(fires),
+            },
+        ).fetchall()
+        if row[0] is not None
+    }
+    # A fire time another beat recorded first inserts nothing here: its execution is not made.
+    launched = targets.launch(
+        conn, [launch for eid, launch in batch.launches.items() if eid in inserted]
+    )
+    for new_id, (org_id, previous) in batch.cancels.items():
+        if new_id in inserted:
+            executions.request_cancel(
+                conn,
+                org_id,
+                [previous],
+                f"cancelled by schedule overlap policy cancel_other: execution {new_id} "
+                "replaces it",
+            )
+    updates = batch.updates
+    driver.execute(
+        _UPDATE_SCHEDULES,
+        {
+            "ids": [u["id"] for u in updates],
+            "next": [u["next"] for u in updates],
+            "last_fire": [u["last_fire"] for u in updates],
+            "last_execution": [
+                u["last_execution"] if u["last_execution"] in inserted else None for u in updates
+            ],
+            "failures": [u["failures"] for u in updates],
+        },
+    )
+    failing = [u["id"] for u in updates if u["failures"]]
+    if failing:
+        conn.execute(_PAUSE_FAILING, {"ids": failing})
+    return launched
+
+
+def fire_due(now: dt.datetime, fired_by: str, report: TickReport) -> None:
+    """Fire every schedule due at `now`, FIRE_BATCH at a time, each batch one transaction
+    published after its commit."""
+    while True:
+        with _transaction() as conn:
+            rows = conn.execute(_DUE, {"now": now, "limit": FIRE_BATCH}).all()
+            if not rows:
+                return
+            planner = _Planner(conn, now, fired_by)
+            for row in rows:
+                planner.plan(row)
+            launched = _write(conn, planner)
+        targets.publish(launched)
+        for fire in planner.batch.fires:
+            report.count(fire["status"])
+        if len(rows) < FIRE_BATCH:
+            return
+
+
+_BUFFERED_READY = text(
+    f"""
+    SELECT f.id AS fire_id, f.fire_time, s.id, s.org_id, s.input, s.target_kind,
+           coalesce(s.version_id, a.current_version_id) AS run_version_id,
+           a.archived_at IS NOT NULL AS agent_archived
+    FROM schedule_fires f
+    JOIN schedules s ON s.id = f.schedule_id
+    LEFT JOIN agents a ON a.id = s.agent_id
+    LEFT JOIN executions e ON e.id = s.last_execution_id
+    WHERE f.status = 'buffered' AND s.enabled
+      AND (e.id IS NULL OR e.status IN {TERMINAL!r})
+    FOR UPDATE OF f, s SKIP LOCKED
+    """
+)
+
+_RELEASE = text(
+    """
+    UPDATE schedule_fires
+    SET status = :status, execution_id = :execution_id, skipped_reason = :reason,
+        outcome = :outcome, fired_at = now(), fired_by = :fired_by
+    WHERE id = :fire_id AND status = 'buffered'
+    """
+)
+
+_LAST_EXECUTION = text(
+    "UPDATE schedules SET last_execution_id = :execution_id, "
+    "consecutive_failures = consecutive_failures + :failures WHERE id = :id"
+)
+
+
+def release_buffered(fired_by: str, report: TickReport) -> None:
+    """Run the buffered fires (overlap buffer_one) whose blocking execution has finished."""
+    with _transaction() as conn:
+        rows = conn.execute(_BUFFERED_READY).all()
+        if not rows:
+            return
+        planner = _Planner(conn, utcnow(), fired_by)
+        for row in rows:
+            reason = planner.refusal(row)
+            execution_id = None if reason else uuid.uuid4()
+            if execution_id:
+                spec = executions.specs.get(conn, row.run_version_id)
+                planner.batch.launches[execution_id] = targets.Launch(
+                    execution_id, row.org_id, spec, row.input
+                )
+            conn.execute(
+                _RELEASE,
+                {
+                    "fire_id": row.fire_id,
+                    "status": "failed" if reason else "fired",
+                    "execution_id": execution_id,
+                    "reason": reason,
+                    "outcome": "failed" if reason else None,
+                    "fired_by": fired_by,
+                },
+            )
+            conn.execute(
+                _LAST_EXECUTION,
+                {"id": row.id, "execution_id": execution_id, "failures": 1 if reason else 0},
+            )
+            report.released += 1
+        launched = targets.launch(conn, list(planner.batch.launches.values()))
+        conn.execute(_PAUSE_FAILING, {"ids": [row.id for row in rows]})
+    targets.publish(launched)
+
+
+_SETTLE = text(
+    f"""
+    UPDATE schedule_fires f SET outcome = e.status
+    FROM schedules s, executions e
+    WHERE s.pause_after_failures > 0 AND s.enabled AND f.schedule_id = s.id
+      AND f.status = 'fired' AND f.outcome IS NULL
+      AND e.id = f.execution_id AND e.status IN {TERMINAL!r}
+    RETURNING f.schedule_id, f.fire_time, e.status
+    """
+)
+
+_COUNT_FAILURES = text(
+    """
+    UPDATE schedules
+    SET consecutive_failures = CASE WHEN :reset THEN 0 ELSE consecutive_failures END + :failures
+    WHERE id = :id
+    """
+)
+
+
+def settle_outcomes(report: TickReport) -> None:
+    """Count the finished executions of schedules that pause after failures; pause those that
+    reached their threshold."""
+    with _transaction() as conn:
+        rows = conn.execute(_SETTLE).all()
+        if not rows:
+            return
+        outcomes: dict[uuid.UUID, list[tuple[dt.datetime, str]]] = {}
+        for schedule_id, fire_time, status in rows:
+            outcomes.setdefault(schedule_id, []).append((fire_time, status))
+        for schedule_id, settled in outcomes.items():
+            settled.sort()
+            successes = [i for i, (_, status) in enumerate(settled) if status == "succeeded"]
+            tail = settled[successes[-1] + 1 :] if successes else settled
+            failures = sum(1 for _, status in tail if status in FAILED_OUTCOMES)
+            conn.execute(
+                _COUNT_FAILURES,
+                {"id": schedule_id, "reset": bool(successes), "failures": failures},
+            )
+        report.paused += len(conn.execute(_PAUSE_FAILING, {"ids": list(outcomes)}).all())
+
+
+_NEXT_DUE = text("SELECT min(next_fire_at) FROM schedules WHERE enabled")
+
+
+def tick(fired_by: str, now: dt.datetime | None = None) -> TickReport:
+    """One beat tick: release buffered fires, count outcomes, fire what is due."""
+    report = TickReport()
+    release_buffered(fired_by, report)
+    settle_outcomes(report)
+    fire_due(now or utcnow(), fired_by, report)
+    with db.hot() as conn:
+        next_due = conn.execute(_NEXT_DUE).scalar()
+    if next_due is not None:
+        report.seconds_to_next = max(0.0, (next_due - utcnow()).total_seconds())
+    return report
