@@ -93,7 +93,9 @@ class ScheduleFire(Base):
 
     id: Mapped[uuid.UUID] = uuid_pk()
     schedule_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"))
-    org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+    # No foreign key: the schedule's cascade removes these rows with their organization, and
+    # one check fewer per row counts when 10,000 fire in the same second.
+    org_id: Mapped[uuid.UUID]
     fire_time: Mapped[dt.datetime]
     fired_at: Mapped[dt.datetime] = now_column()
     kind: Mapped[str] = mapped_column(String(16))

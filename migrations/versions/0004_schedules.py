@@ -161,12 +161,6 @@ def upgrade() -> None:
             name=op.f("ck_schedule_fires_status"),
         ),
         sa.ForeignKeyConstraint(
-            ["org_id"],
-            ["organizations.id"],
-            name=op.f("fk_schedule_fires_org_id_organizations"),
-            ondelete="CASCADE",
-        ),
-        sa.ForeignKeyConstraint(
             ["schedule_id"],
             ["schedules.id"],
             name=op.f("fk_schedule_fires_schedule_id_schedules"),
