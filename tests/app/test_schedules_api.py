@@ -187,3 +187,12 @@ def test_roles_and_delete(client, org):
         client.delete(f"/api/v1/schedules/{created['id']}", headers=org.headers).status_code == 204
     )
     assert client.get(f"/api/v1/schedules/{created['id']}", headers=org.headers).status_code == 404
+
+
+def test_beat_finds_due_schedules_through_the_next_fire_time_index(connection):
+    from app.schedules.services import _DUE
+
+    connection.execute(text("SET LOCAL enable_seqscan = off"))
+    sql = str(_DUE.compile(compile_kwargs={"literal_binds": False})).replace(":now", "now()")
+    plan = connection.execute(text("EXPLAIN " + sql.replace(":limit", "100"))).scalars().all()
+    assert any("ix_schedules_due" in line for line in plan), plan
