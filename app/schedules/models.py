@@ -68,14 +68,11 @@ class Schedule(Base):
 
 
 class ScheduleFire(Base):
-    """One row per schedule and fire time: the unique key is what makes a fire happen once,
+    """One row per schedule and fire time: the primary key is what makes a fire happen once,
     whatever number of beat processes race for it."""
 
     __tablename__ = "schedule_fires"
     __table_args__ = (
-        UniqueConstraint(
-            "schedule_id", "fire_time", name="uq_schedule_fires_schedule_id_fire_time"
-        ),
         CheckConstraint(f"status IN {FIRE_STATUSES!r}", name="status"),
         CheckConstraint(f"kind IN {FIRE_KINDS!r}", name="kind"),
         Index(
@@ -91,12 +88,13 @@ class ScheduleFire(Base):
         ),
     )
 
-    id: Mapped[uuid.UUID] = uuid_pk()
-    schedule_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"))
+    schedule_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("schedules.id", ondelete="CASCADE"), primary_key=True
+    )
+    fire_time: Mapped[dt.datetime] = mapped_column(primary_key=True)
     # No foreign key: the schedule's cascade removes these rows with their organization, and
     # one check fewer per row counts when 10,000 fire in the same second.
     org_id: Mapped[uuid.UUID]
-    fire_time: Mapped[dt.datetime]
     fired_at: Mapped[dt.datetime] = now_column()
     kind: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))

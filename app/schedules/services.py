@@ -400,12 +400,12 @@ _DUE = text(
 # Bulk statements take one JSON document each (json_to_recordset): unpacked by PostgreSQL in C,
 # far cheaper for 10,000 rows than one bound array per column.
 _INSERT_FIRES = """
-    INSERT INTO schedule_fires (id, schedule_id, org_id, fire_time, kind, status, skipped_reason,
+    INSERT INTO schedule_fires (schedule_id, org_id, fire_time, kind, status, skipped_reason,
                                 execution_id, outcome, fired_by)
-    SELECT r.id, r.schedule_id, r.org_id, r.fire_time, r.kind, r.status, r.reason,
+    SELECT r.schedule_id, r.org_id, r.fire_time, r.kind, r.status, r.reason,
            r.execution_id, r.outcome, %(fired_by)s
     FROM json_to_recordset(%(rows)s::json)
-         AS r(id uuid, schedule_id uuid, org_id uuid, fire_time timestamptz, kind text,
+         AS r(schedule_id uuid, org_id uuid, fire_time timestamptz, kind text,
               status text, reason text, execution_id uuid, outcome text)
     ON CONFLICT (schedule_id, fire_time) DO NOTHING
     RETURNING execution_id
@@ -486,7 +486,6 @@ class _Planner:
     ) -> None:
         self.batch.fires.append(
             {
-                "id": self.new_id(),
                 "schedule_id": row.id,
                 "org_id": row.org_id,
                 "fire_time": fire_time,
@@ -734,7 +733,7 @@ def fire_due(now: dt.datetime, fired_by: str, report: TickReport) -> None:
 
 _BUFFERED_READY = text(
     f"""
-    SELECT f.id AS fire_id, f.fire_time, s.id, s.org_id, s.input, s.target_kind,
+    SELECT f.fire_time, s.id, s.org_id, s.input, s.target_kind,
            coalesce(s.version_id, a.current_version_id) AS run_version_id,
            a.archived_at IS NOT NULL AS agent_archived
     FROM schedule_fires f
@@ -752,7 +751,7 @@ _RELEASE = text(
     UPDATE schedule_fires
     SET status = :status, execution_id = :execution_id, skipped_reason = :reason,
         outcome = :outcome, fired_at = now(), fired_by = :fired_by
-    WHERE id = :fire_id AND status = 'buffered'
+    WHERE schedule_id = :schedule_id AND fire_time = :fire_time AND status = 'buffered'
     """
 )
 
@@ -780,7 +779,8 @@ def release_buffered(fired_by: str, report: TickReport) -> None:
             conn.execute(
                 _RELEASE,
                 {
-                    "fire_id": row.fire_id,
+                    "schedule_id": row.id,
+                    "fire_time": row.fire_time,
                     "status": "failed" if reason else "fired",
                     "execution_id": execution_id,
                     "reason": reason,

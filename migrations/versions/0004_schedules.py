@@ -139,7 +139,6 @@ def upgrade() -> None:
     )
     op.create_table(
         "schedule_fires",
-        sa.Column("id", sa.UUID(), nullable=False),
         sa.Column("schedule_id", sa.UUID(), nullable=False),
         sa.Column("org_id", sa.UUID(), nullable=False),
         sa.Column("fire_time", sa.DateTime(timezone=True), nullable=False),
@@ -166,10 +165,7 @@ def upgrade() -> None:
             name=op.f("fk_schedule_fires_schedule_id_schedules"),
             ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_schedule_fires")),
-        sa.UniqueConstraint(
-            "schedule_id", "fire_time", name="uq_schedule_fires_schedule_id_fire_time"
-        ),
+        sa.PrimaryKeyConstraint("schedule_id", "fire_time", name=op.f("pk_schedule_fires")),
     )
     op.create_index(
         "ix_schedule_fires_buffered",
