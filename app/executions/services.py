@@ -587,6 +587,13 @@ def publish_many(batch: list[Dispatch]) -> list[uuid.UUID]:
     return [item.execution_id for item in batch]
 
 
+def stamp_dispatched(execution_ids: list[uuid.UUID]) -> None:
+    """Mark published rows, so the sweeper does not publish them again (a caller that stamps
+    later than it publishes, as the Dispatcher does)."""
+    if execution_ids:
+        _stamp(execution_ids)
+
+
 def publish_committed(batch: list[Dispatch]) -> list[uuid.UUID]:
     """Publish committed rows now, in bulk, and stamp them; on a broker outage nothing is
     stamped and the sweeper publishes them later."""

@@ -701,34 +701,58 @@ def _write(conn: Connection, planner: _Planner) -> targets.Launched:
     return launched
 
 
-def fire_due(now: dt.datetime, fired_by: str, report: TickReport) -> None:
-    """Fire every schedule due at `now`, FIRE_BATCH at a time, each batch one transaction.
+def _write_and_publish(session: Session, planner: _Planner) -> tuple[_Batch, list[uuid.UUID]]:
+    """Write a planned batch, commit, then publish it (the writer thread of fire_due)."""
+    try:
+        launched = _write(session.connection(), planner)
+        session.commit()
+    finally:
+        session.close()  # rolls back what was not committed
+    return planner.batch, targets.publish_unstamped(launched)
 
-    A committed batch is published from a second thread while the next one is written: the
-    publishing is Python work, the writing mostly PostgreSQL's, so on two cores they overlap.
-    Each batch is still published only after its own commit. (Two threads writing batches at
-    once measured slower: they contend for the interpreter lock.)"""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="schedule-publish") as publisher:
-        published = []
+
+def fire_due(now: dt.datetime, fired_by: str, report: TickReport) -> None:
+    """Fire every schedule due at `now`, FIRE_BATCH at a time, each batch one transaction
+    published only after its own commit.
+
+    This thread locks and plans a batch, then hands its open transaction to a writer thread,
+    which writes, commits and publishes it while this thread plans the next (SKIP LOCKED passes
+    over the rows still locked by a batch being written); dispatched_at is stamped at the end.
+    Planning is Python work; writing is mostly PostgreSQL's, waiting on which releases the
+    interpreter lock: on two cores they overlap. (Two threads each planning and writing
+    measured slower: they contend for the interpreter lock.)"""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="schedule-write") as writer:
+        pending = []
         try:
             while True:
-                with _transaction() as conn:
+                session = db.session()
+                try:
+                    session.begin()
+                    conn = session.connection()
                     rows = conn.execute(_DUE, {"now": now, "limit": FIRE_BATCH}).all()
-                    if not rows:
-                        break
                     planner = _Planner(conn, now, fired_by)
                     for row in rows:
                         planner.plan(row)
-                    launched = _write(conn, planner)
-                if launched.dispatches:
-                    published.append(publisher.submit(targets.publish, launched))
-                for fire in planner.batch.fires:
-                    report.count(fire["status"])
+                except BaseException:
+                    session.close()
+                    raise
+                if not rows:
+                    session.close()
+                    break
+                pending.append(writer.submit(_write_and_publish, session, planner))
                 if len(rows) < FIRE_BATCH:
                     break
         finally:
-            for done in published:
-                done.result()
+            published: list[uuid.UUID] = []
+            for done in pending:
+                batch, sent = done.result()
+                published.extend(sent)
+                for fire in batch.fires:
+                    report.count(fire["status"])
+            # Once for the whole tick: each batch's publishing need not wait on the previous
+            # one's stamps. Until stamped, a row is only at risk of a second, harmless message
+            # from the sweeper (a duplicate finds nothing to claim).
+            targets.stamp(published)
 
 
 _BUFFERED_READY = text(

@@ -137,3 +137,13 @@ def launch(conn: Connection, launches: list[Launch]) -> Launched:
 
 def publish(launched: Launched) -> None:
     executions.publish_committed(launched.dispatches)
+
+
+def publish_unstamped(launched: Launched) -> list[uuid.UUID]:
+    """Publish now, stamp later with `stamp`: for a caller publishing many batches in a row,
+    whose next batch should not wait behind the previous one's stamping."""
+    return executions.publish_many(launched.dispatches)
+
+
+def stamp(execution_ids: list[uuid.UUID]) -> None:
+    executions.stamp_dispatched(execution_ids)
