@@ -98,17 +98,3 @@ def next_after(expression: str, timezone: str, after: dt.datetime) -> dt.datetim
                 drop = max(local.utcoffset() - found.utcoffset(), dt.timedelta(0))
                 horizon = found.replace(tzinfo=None) + drop
                 break
-
-
-def times_between(
-    expression: str, timezone: str, after: dt.datetime, until: dt.datetime, limit: int
-) -> list[dt.datetime]:
-    """Fire times in (after, until], at most `limit` of them (the earliest)."""
-    found: list[dt.datetime] = []
-    current = after
-    while len(found) < limit:
-        current = next_after(expression, timezone, current)
-        if current > until:
-            break
-        found.append(current)
-    return found

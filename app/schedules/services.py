@@ -1,10 +1,11 @@
 """Schedules: definitions (the API side) and firing (what beat runs every tick).
 
 Firing is set-based so that thousands of schedules due in the same second cost a handful of
-statements: one SELECT ... FOR UPDATE SKIP LOCKED of the due schedules, one INSERT of their fire
-records, one INSERT of the executions, one UPDATE of the schedules, one commit, then one
-pipelined publish. The fire record's unique key (schedule_id, fire_time) and the row lock decide
-which beat fires a time when several run; the losers find nothing due or insert nothing.
+statements per batch of FIRE_BATCH: one SELECT ... FOR UPDATE SKIP LOCKED of the due schedules,
+one INSERT of their fire records, one INSERT of the executions, one UPDATE of the schedules, a
+commit, then one LPUSH per queue (see fire_due for the threads). The fire record's primary key
+(schedule_id, fire_time) and the row lock decide which beat fires a time when several run; the
+losers find nothing due or insert nothing.
 
 The policies, per schedule and tick, over the fire times that came due since its last tick:
 - on time: a fire time at most MISFIRE_GRACE old. Older ones were missed (no beat was running).

@@ -34,12 +34,6 @@ class Target:
     # Set when the target pins a version; otherwise each run takes the current version.
     version_id: uuid.UUID | None
 
-    def as_json(self) -> dict[str, Any]:
-        body = {self.kind: self.name}
-        if self.version:
-            body["version"] = self.version
-        return body
-
 
 def chains_unavailable(pointer: str = "/target/chain") -> ValidationFailed:
     return ValidationFailed(

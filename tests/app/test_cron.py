@@ -7,9 +7,19 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from app.errors import ValidationFailed
-from app.schedules.cron import check, next_after, times_between
+from app.schedules.cron import check, next_after
 
 UTC = dt.UTC
+
+
+def times_between(expression, zone, after, until, limit):
+    found, current = [], after
+    while len(found) < limit:
+        current = next_after(expression, zone, current)
+        if current > until:
+            break
+        found.append(current)
+    return found
 
 
 def local_times(expression, zone, start_utc, end_utc):
