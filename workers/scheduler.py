@@ -5,7 +5,7 @@ and docker compose all run it. The static entries of `beat_schedule` (the sweepe
 through the stock PersistentScheduler underneath; each tick then asks the database:
 
 - one indexed query (ix_schedules_due) for the schedules due now, locked with SKIP LOCKED,
-  fired set-based (app/schedules/services.py);
+  fired set-based (app/schedules/firing.py);
 - it sleeps until the next fire time, but never longer than RUNYARD_SCHEDULE_POLL_SECONDS, so
   a schedule created, edited, paused or deleted through the API takes effect within that time
   without a restart.
@@ -24,7 +24,7 @@ from celery.beat import PersistentScheduler
 
 from app.config import current_config
 from app.db import db
-from app.schedules import services
+from app.schedules import firing
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class DatabaseScheduler(PersistentScheduler):
     def tick(self, *args, **kwargs) -> float:
         static_delay = super().tick(*args, **kwargs)
         try:
-            report = services.tick(self.fired_by)
+            report = firing.tick(self.fired_by)
         except Exception:  # the database may be away: keep beat (and the sweeper) alive
             log.exception("firing schedules failed; retrying in %ss", self.poll_seconds)
             return min(static_delay, self.poll_seconds)

@@ -6,9 +6,13 @@
     publish(launched)                      -> after the caller has committed
 
 Agent targets are complete. Chain targets ({"chain": name}) are refused with 422 until chains
-(issue 4) land: `resolve` is where a chain is looked up, `check_input` checks against the chain's
-input_schema, and `launch` inserts the chain executions beside the agent ones and returns their
-ids for `Launched.chain_execution_ids` and publishing.
+(issue 4) land. Where they plug in: `resolve` looks the chain up (its id goes in a new
+schedules/triggers column beside agent_id), `check_input` checks against the chain's
+input_schema, `Launch`/`launch` insert chain executions beside the agent ones in the same
+statement set and `Launched` carries their ids (schedule_fires.chain_execution_id exists
+already) to `publish`. The places that refuse a chain today and would call these instead:
+firing.py `_Planner.refusal` and `_Planner.fire`, services.py `trigger_now`, and
+app/triggers/services.py `deliver`.
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ def test_roles_and_delete(client, org):
 
 
 def test_beat_finds_due_schedules_through_the_next_fire_time_index(connection):
-    from app.schedules.services import _DUE
+    from app.schedules.firing import _DUE
 
     connection.execute(text("SET LOCAL enable_seqscan = off"))
     sql = str(_DUE.compile(compile_kwargs={"literal_binds": False})).replace(":now", "now()")
