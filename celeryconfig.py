@@ -53,6 +53,8 @@ worker_send_task_events = False
 task_send_sent_event = False
 worker_hijack_root_logger = False
 
+# Schedules live in PostgreSQL (app/schedules); the static entries below run beside them.
+beat_scheduler = "workers.scheduler:DatabaseScheduler"
 beat_schedule = {
     "runyard-sweep": {
         "task": "runyard.sweep",

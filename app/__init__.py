@@ -47,8 +47,20 @@ def create_app(config: Config | None = None) -> Flask:
     from app.executions.routes import blp as executions_blp
     from app.fleet.routes import blp as fleet_blp
     from app.orgs.routes import blp as orgs_blp
+    from app.schedules.routes import blp as schedules_blp
+    from app.triggers.routes import blp as triggers_blp
+    from app.triggers.routes import hooks as hooks_blp
 
-    for blueprint in (orgs_blp, agents_blp, executions_blp, chains_blp, fleet_blp):
+    for blueprint in (
+        orgs_blp,
+        agents_blp,
+        executions_blp,
+        chains_blp,
+        fleet_blp,
+        schedules_blp,
+        triggers_blp,
+        hooks_blp,
+    ):
         api.register_blueprint(blueprint)
     http.install(app, api)
     app.wsgi_app = http.ChunkedBodyLimit(app.wsgi_app, cfg.max_body_bytes)

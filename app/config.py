@@ -60,6 +60,7 @@ class Config:
     dispatch_grace_seconds: int = 30
     sweep_interval_seconds: float = 15.0
     chain_stall_seconds: float = 60.0
+    schedule_poll_seconds: float = 0.5
     log_batch_lines: int = 200
     log_flush_seconds: float = 0.5
     log_line_max_chars: int = 8192
@@ -103,6 +104,9 @@ class Config:
                 "RUNYARD_SWEEP_INTERVAL_SECONDS", cls.sweep_interval_seconds
             ),
             chain_stall_seconds=_float("RUNYARD_CHAIN_STALL_SECONDS", cls.chain_stall_seconds),
+            schedule_poll_seconds=_float(
+                "RUNYARD_SCHEDULE_POLL_SECONDS", cls.schedule_poll_seconds
+            ),
             log_batch_lines=_int("RUNYARD_LOG_BATCH_LINES", cls.log_batch_lines),
             log_flush_seconds=_float("RUNYARD_LOG_FLUSH_SECONDS", cls.log_flush_seconds),
             log_line_max_chars=_int("RUNYARD_LOG_LINE_MAX_CHARS", cls.log_line_max_chars),
@@ -184,6 +188,11 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "RUNYARD_CHAIN_STALL_SECONDS",
         "60",
         "a chain with no step under way or finished for this long is continued from PostgreSQL",
+    ),
+    (
+        "RUNYARD_SCHEDULE_POLL_SECONDS",
+        "0.5",
+        "longest beat sleeps between looks at the schedules table (edits apply within it)",
     ),
     ("RUNYARD_LOG_BATCH_LINES", "200", "log lines a worker buffers before writing a batch"),
     ("RUNYARD_LOG_FLUSH_SECONDS", "0.5", "longest a log line waits in the buffer"),

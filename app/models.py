@@ -5,6 +5,8 @@ from app.chains.models import Chain, ChainExecution, ChainVersion
 from app.db import Base
 from app.executions.models import Execution, ExecutionLog
 from app.orgs.models import ApiToken, Organization
+from app.schedules.models import Schedule, ScheduleFire
+from app.triggers.models import Trigger, TriggerDelivery
 
 metadata = Base.metadata
 
@@ -18,5 +20,9 @@ __all__ = [
     "Execution",
     "ExecutionLog",
     "Organization",
+    "Schedule",
+    "ScheduleFire",
+    "Trigger",
+    "TriggerDelivery",
     "metadata",
 ]

@@ -27,6 +27,27 @@ class Channel(redis.Channel):
             self._shared_client = self._create_client()
         yield self._shared_client
 
+    def publish_bulk(
+        self, queue: str, priority: int, messages: list[tuple[str, dict, dict]]
+    ) -> None:
+        """Many messages to one queue with a single LPUSH (Runyard's bulk publish of scheduled
+        executions, app/executions/services.py:publish_many). Each (body, headers, properties)
+        becomes the envelope basic_publish writes, built by kombu's own prepare_message and
+        _inplace_augment_message; only Producer.publish's per-message layers are skipped."""
+        payloads = []
+        for body, headers, properties in messages:
+            message = self.prepare_message(
+                body, priority, "application/json", "utf-8", headers, properties
+            )
+            # The default exchange: the routing key is the queue.
+            self._inplace_augment_message(message, "", queue)
+            payloads.append(redis.dumps(message))
+        if payloads:
+            key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+            with self.conn_or_acquire() as client:
+                # LPUSH a b c leaves a rightmost: consumers (BRPOP) still take them in order.
+                client.lpush(key, *payloads)
+
     def _disconnect_pools(self) -> None:
         # After a fork or a lost connection the pool is rebuilt: the client must follow it.
         self._shared_client = None

@@ -13,3 +13,12 @@ def test_settings_that_are_not_up_for_debate():
     assert conf.worker_prefetch_multiplier == 1
     longest_timeout = current_config().max_timeout_seconds
     assert conf.broker_transport_options["visibility_timeout"] > longest_timeout
+
+
+def test_beat_reads_schedules_from_postgresql_and_keeps_the_sweeper():
+    from celery.utils.imports import symbol_by_name
+
+    from workers.scheduler import DatabaseScheduler
+
+    assert symbol_by_name(app.conf.beat_scheduler) is DatabaseScheduler
+    assert app.conf.beat_schedule["runyard-sweep"]["task"] == "runyard.sweep"

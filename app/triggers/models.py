@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base, now_column, uuid_pk
+
+
+class Trigger(Base):
+    """A webhook that starts its target. The secret is kept in clear because checking an
+    HMAC needs it; it is shown once, at creation, and never again."""
+
+    __tablename__ = "triggers"
+    __table_args__ = (
+        UniqueConstraint("org_id", "name", name="uq_triggers_org_id_name"),
+        CheckConstraint("target_kind IN ('agent', 'chain')", name="target_kind"),
+        Index("ix_triggers_org_id_created_at", "org_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(63))
+    target_kind: Mapped[str] = mapped_column(String(8))
+    target_name: Mapped[str] = mapped_column(String(63))
+    target_version: Mapped[str | None] = mapped_column(String(32))
+    agent_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("agents.id", ondelete="CASCADE"))
+    version_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("agent_versions.id"))
+    input: Mapped[dict[str, Any]]
+    secret: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = now_column()
+
+
+class TriggerDelivery(Base):
+    """Signatures already accepted: a second request with the same one is a replay (401).
+    Written in the same transaction as the execution it starts."""
+
+    __tablename__ = "trigger_deliveries"
+    __table_args__ = (
+        Index("ix_trigger_deliveries_trigger_id_received_at", "trigger_id", "received_at"),
+    )
+
+    trigger_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("triggers.id", ondelete="CASCADE"), primary_key=True
+    )
+    signature: Mapped[str] = mapped_column(String(64), primary_key=True)
+    received_at: Mapped[dt.datetime] = now_column()
+    execution_id: Mapped[uuid.UUID | None]

@@ -1,0 +1,100 @@
+from flask import request
+from flask.views import MethodView
+
+from app.http import Blueprint, current_principal, request_session
+from app.schedules import targets
+from app.triggers import services
+from app.triggers.schemas import DeliverySchema, TriggerCreateSchema, TriggerSchema
+
+blp = Blueprint("triggers", __name__, url_prefix="/api/v1/triggers", description="Webhook triggers")
+hooks = Blueprint(
+    "hooks",
+    __name__,
+    url_prefix="/hooks",
+    description="Webhook deliveries: signed with the trigger's secret, no token",
+)
+
+
+@blp.route("")
+class Triggers(MethodView):
+    @blp.response(200, TriggerSchema(many=True))
+    @blp.paginate()
+    def get(self, pagination_parameters):
+        """List webhook triggers, newest first (never their secrets)"""
+        items, total = services.list_triggers(
+            request_session(),
+            current_principal(),
+            offset=pagination_parameters.first_item,
+            limit=pagination_parameters.page_size,
+        )
+        pagination_parameters.item_count = total
+        return [services.present(item) for item in items]
+
+    @blp.arguments(TriggerCreateSchema())
+    @blp.response(201, TriggerSchema())
+    @blp.alt_response(409, description="a trigger of that name exists")
+    @blp.alt_response(422, description="unknown target, malformed reference or invalid input")
+    def post(self, data):
+        """Create a webhook trigger; the answer holds its secret, shown this once"""
+        session = request_session()
+        trigger, secret = services.create(session, current_principal(), data)
+        session.commit()
+        return services.present(trigger, secret)
+
+
+@blp.route("/<ref>")
+class TriggerByRef(MethodView):
+    @blp.response(200, TriggerSchema())
+    @blp.alt_response(404, description="no such trigger in your organization")
+    def get(self, ref):
+        """Read a trigger by id or name (without its secret)"""
+        return services.present(services.get(request_session(), current_principal(), ref))
+
+    @blp.response(204)
+    @blp.alt_response(404, description="no such trigger in your organization")
+    def delete(self, ref):
+        """Delete a trigger: its URL answers 404 from then on"""
+        session = request_session()
+        services.delete(session, current_principal(), ref)
+        session.commit()
+
+
+@hooks.route("/<trigger_id>")
+class Hook(MethodView):
+    @hooks.response(202, DeliverySchema())
+    @hooks.alt_response(400, description="the body is not JSON")
+    @hooks.alt_response(401, description="bad or missing signature, stale timestamp, or a replay")
+    @hooks.alt_response(404, description="no such trigger")
+    @hooks.alt_response(422, description="the event lacks a referenced value, or the input fails")
+    @hooks.doc(
+        security=[],
+        parameters=[
+            {
+                "in": "header",
+                "name": services.SIGNATURE_HEADER,
+                "required": True,
+                "schema": {"type": "string"},
+                "description": "sha256=<hex HMAC-SHA256 of the raw body with the secret>",
+            },
+            {
+                "in": "header",
+                "name": services.TIMESTAMP_HEADER,
+                "required": True,
+                "schema": {"type": "string"},
+                "description": "Unix seconds (or ISO 8601), within 5 minutes of the server",
+            },
+        ],
+    )
+    def post(self, trigger_id):
+        """Deliver an event: the JSON body is `$.event` for the trigger's input"""
+        session = request_session()
+        body, launched = services.deliver(
+            session,
+            trigger_id,
+            request.get_data(cache=True),
+            request.headers.get(services.SIGNATURE_HEADER),
+            request.headers.get(services.TIMESTAMP_HEADER),
+        )
+        session.commit()
+        targets.publish(launched)
+        return body

@@ -1,0 +1,306 @@
+"""Webhook triggers: outside systems start a target with a signed POST /hooks/<id>.
+
+A delivery is accepted when:
+- `X-Runyard-Signature: sha256=<hex>` is the HMAC-SHA256 of the raw body with the trigger's
+  secret (compared in constant time),
+- `X-Runyard-Timestamp` (Unix seconds, or ISO 8601) lies within TIMESTAMP_TOLERANCE of now,
+- the signature was not accepted before. Seen signatures are rows of trigger_deliveries,
+  written in the same transaction as the execution they start: a delivery is either fully
+  accepted (remembered and run) or not at all, so a sender may retry a request that failed.
+  They are kept for REPLAY_MEMORY, much longer than the timestamp window, because the signature
+  covers the body only: a captured request re-sent later with a fresh timestamp still carries
+  an old signature and is refused. Send an event id in the body so that two genuine events
+  never share a body.
+
+Everything else answers 401 (bad or missing signature, stale timestamp, replay), 400 (a body
+that is not JSON) or 422 (a `$.event...` reference that finds nothing, an input that fails the
+target's input_schema), and starts nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import uuid
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.db import utcnow
+from app.errors import (
+    Conflict,
+    NotFound,
+    RunyardError,
+    Unauthorized,
+    ValidationFailed,
+    json_pointer,
+)
+from app.orgs.services import Principal
+from app.schedules import targets
+from app.triggers.models import Trigger
+
+SIGNATURE_HEADER = "X-Runyard-Signature"
+TIMESTAMP_HEADER = "X-Runyard-Timestamp"
+TIMESTAMP_TOLERANCE = dt.timedelta(minutes=5)
+REPLAY_MEMORY = dt.timedelta(hours=24)
+SECRET_PREFIX = "whsec_"
+_SEGMENT = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]")
+SIGNING_HINT = (
+    "send X-Runyard-Signature: sha256=<hex HMAC-SHA256 of the raw body with the trigger's "
+    "secret> and X-Runyard-Timestamp: <Unix seconds>, within 5 minutes of the server's clock"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# `$.event...` references
+
+
+def _parse_reference(reference: str) -> list[str | int]:
+    """`$.event.a.b[0]` -> ["a", "b", 0]; ValueError for anything else."""
+    if not (reference == "$.event" or reference.startswith(("$.event.", "$.event["))):
+        raise ValueError("references start with $.event")
+    rest = reference[len("$.event") :]
+    path: list[str | int] = []
+    position = 0
+    while position < len(rest):
+        match = _SEGMENT.match(rest, position)
+        if match is None:
+            raise ValueError(f"cannot read {rest[position:]!r}: use .key or [index]")
+        path.append(match.group(1) if match.group(1) is not None else int(match.group(2)))
+        position = match.end()
+    return path
+
+
+def _references(template: Any, path: tuple = ()) -> list[tuple[tuple, str]]:
+    if isinstance(template, str) and template.startswith("$."):
+        return [(path, template)]
+    if isinstance(template, dict):
+        return [ref for key, value in template.items() for ref in _references(value, (*path, key))]
+    if isinstance(template, list):
+        return [ref for i, value in enumerate(template) for ref in _references(value, (*path, i))]
+    return []
+
+
+def check_template(template: dict[str, Any]) -> bool:
+    """422 for a malformed reference; True when the template has references at all."""
+    errors: dict[str, list[str]] = {}
+    found = _references(template)
+    for path, reference in found:
+        try:
+            _parse_reference(reference)
+        except ValueError as exc:
+            errors[json_pointer(("input", *path))] = [f"{reference!r}: {exc}"]
+    if errors:
+        raise ValidationFailed(
+            "the input holds malformed references",
+            errors=errors,
+            hint="a string starting with $. reads the delivered body, e.g. $.event.ticket.id",
+        )
+    return bool(found)
+
+
+def render(template: Any, event: Any) -> Any:
+    """The input for one delivery: every reference replaced by what it names in the event."""
+    errors: dict[str, list[str]] = {}
+
+    def walk(node: Any, path: tuple) -> Any:
+        if isinstance(node, str) and node.startswith("$."):
+            value = event
+            for segment in _parse_reference(node):
+                try:
+                    value = value[segment]
+                except (KeyError, IndexError, TypeError):
+                    errors[json_pointer(("input", *path))] = [
+                        f"{node}: the event has nothing at {segment!r}"
+                    ]
+                    return None
+            return value
+        if isinstance(node, dict):
+            return {key: walk(value, (*path, key)) for key, value in node.items()}
+        if isinstance(node, list):
+            return [walk(value, (*path, i)) for i, value in enumerate(node)]
+        return node
+
+    rendered = walk(template, ())
+    if errors:
+        raise ValidationFailed(
+            "the delivered event lacks what the trigger's input references",
+            errors=errors,
+            hint="GET /api/v1/triggers/{id} shows the input and its references",
+        )
+    return rendered
+
+
+# ---------------------------------------------------------------------------------------------
+# Definitions
+
+
+def create(session: Session, principal: Principal, data: dict[str, Any]) -> tuple[Trigger, str]:
+    """The trigger and its secret, returned once."""
+    principal.require("agents:write")
+    conn = session.connection()
+    target = targets.resolve(conn, principal.org_id, data["target"])
+    if not check_template(data["input"]):
+        targets.check_input(conn, target, data["input"])
+    secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+    trigger = Trigger(
+        org_id=principal.org_id,
+        name=data["name"],
+        target_kind=target.kind,
+        target_name=target.name,
+        target_version=target.version,
+        agent_id=target.agent_id,
+        version_id=target.version_id,
+        input=data["input"],
+        secret=secret,
+    )
+    session.add(trigger)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        session.rollback()
+        raise Conflict(
+            f"a trigger named {data['name']!r} exists already", hint="choose another name"
+        ) from exc
+    return trigger, secret
+
+
+def get(session: Session, principal: Principal, ref: str) -> Trigger:
+    query = select(Trigger).where(Trigger.org_id == principal.org_id)
+    try:
+        query = query.where(Trigger.id == uuid.UUID(ref))
+    except ValueError:
+        query = query.where(Trigger.name == ref)
+    found = session.scalar(query)
+    if found is None:
+        raise NotFound(f"no trigger {ref!r}", hint="GET /api/v1/triggers lists them")
+    return found
+
+
+def list_triggers(
+    session: Session, principal: Principal, *, offset: int, limit: int
+) -> tuple[list[Trigger], int]:
+    query = select(Trigger).where(Trigger.org_id == principal.org_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    items = session.scalars(
+        query.order_by(Trigger.created_at.desc(), Trigger.id).offset(offset).limit(limit)
+    ).all()
+    return list(items), total or 0
+
+
+def delete(session: Session, principal: Principal, ref: str) -> None:
+    principal.require("agents:write")
+    session.delete(get(session, principal, ref))
+    session.flush()
+
+
+def present(trigger: Trigger, secret: str | None = None) -> dict[str, Any]:
+    target: dict[str, Any] = {trigger.target_kind: trigger.target_name}
+    if trigger.target_version:
+        target["version"] = trigger.target_version
+    body = {
+        "id": trigger.id,
+        "name": trigger.name,
+        "target": target,
+        "input": trigger.input,
+        "url": f"/hooks/{trigger.id}",
+        "created_at": trigger.created_at,
+    }
+    if secret is not None:
+        body["secret"] = secret
+    return body
+
+
+# ---------------------------------------------------------------------------------------------
+# Deliveries
+
+
+def _parse_timestamp(raw: str) -> dt.datetime:
+    try:
+        return dt.datetime.fromtimestamp(float(raw), dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        parsed = dt.datetime.fromisoformat(raw)
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def verify(secret: str, body: bytes, signature: str | None, timestamp: str | None) -> str:
+    """The signature's hex digest when the request is authentic and fresh; else 401."""
+    if not signature or not signature.startswith("sha256="):
+        raise Unauthorized(f"missing or malformed {SIGNATURE_HEADER}", hint=SIGNING_HINT)
+    expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    given = signature.removeprefix("sha256=").strip().lower()
+    if not hmac.compare_digest(expected, given):
+        raise Unauthorized("bad signature", hint=SIGNING_HINT)
+    try:
+        sent_at = _parse_timestamp(timestamp or "")
+    except ValueError:
+        raise Unauthorized(f"missing or malformed {TIMESTAMP_HEADER}", hint=SIGNING_HINT) from None
+    if abs(utcnow() - sent_at) > TIMESTAMP_TOLERANCE:
+        raise Unauthorized(
+            f"{TIMESTAMP_HEADER} is more than 5 minutes away from the server's clock",
+            hint="sign and send each request when it is made; check the sender's clock",
+        )
+    return expected
+
+
+_REMEMBER = text(
+    """
+    INSERT INTO trigger_deliveries (trigger_id, signature, execution_id)
+    VALUES (:trigger_id, :signature, :execution_id)
+    ON CONFLICT DO NOTHING
+    RETURNING trigger_id
+    """
+)
+_FORGET_OLD = text(
+    "DELETE FROM trigger_deliveries WHERE trigger_id = :trigger_id AND received_at < :before"
+)
+
+
+def deliver(
+    session: Session, trigger_ref: str, body: bytes, signature: str | None, timestamp: str | None
+) -> tuple[dict[str, Any], targets.Launched]:
+    """Check and run one delivery; the caller commits, then publishes what this returns."""
+    try:
+        trigger = session.get(Trigger, uuid.UUID(trigger_ref))
+    except ValueError:
+        trigger = None
+    if trigger is None:
+        raise NotFound(f"no trigger {trigger_ref!r}")
+    digest = verify(trigger.secret, body, signature, timestamp)
+    try:
+        event = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunyardError(
+            "the body is not JSON", hint="send a JSON document; it becomes $.event"
+        ) from exc
+    payload = render(trigger.input, event)
+    conn = session.connection()
+    if trigger.target_kind != "agent":
+        raise targets.chains_unavailable()
+    spec = targets.spec_for(conn, trigger.agent_id, trigger.version_id)
+    errors = targets.input_errors(spec, payload)
+    if errors:
+        raise ValidationFailed(
+            "the rendered input does not match the agent's input_schema",
+            errors=errors,
+            hint=f"GET /api/v1/agents/{spec.agent_name} shows the input_schema",
+        )
+    execution_id = uuid.uuid4()
+    conn.execute(_FORGET_OLD, {"trigger_id": trigger.id, "before": utcnow() - REPLAY_MEMORY})
+    remembered = conn.execute(
+        _REMEMBER,
+        {"trigger_id": trigger.id, "signature": digest, "execution_id": execution_id},
+    ).first()
+    if remembered is None:
+        raise Unauthorized(
+            "this request was delivered before (replay)",
+            hint="each delivery needs a body of its own, e.g. with an event id",
+        )
+    launched = targets.launch(conn, [targets.Launch(execution_id, trigger.org_id, spec, payload)])
+    return {"execution_id": execution_id, "trigger_id": trigger.id}, launched
