@@ -17,7 +17,7 @@ import datetime as dt
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from app.errors import ValidationFailed
 
@@ -39,6 +39,12 @@ def check(expression: str, timezone: str) -> None:
         zone(timezone)
     except ValueError:
         errors["/timezone"] = [f"{timezone!r} is not an IANA timezone name"]
+    if not errors:
+        try:
+            next_after(expression, timezone, dt.datetime.now(UTC))
+        except CroniterBadDateError:
+            # Valid fields that never meet, as `0 0 30 2 *` (February 30th).
+            errors["/cron"] = [f"{expression!r} never fires: no date matches it"]
     if errors:
         raise ValidationFailed(
             "invalid cron expression or timezone",
@@ -58,7 +64,8 @@ def zone(name: str) -> ZoneInfo:
 
 @lru_cache(maxsize=4096)
 def _every_hour(expression: str) -> bool:
-    hours = croniter(expression, second_at_beginning=True).expanded[-4]
+    # croniter moves a 6-field expression's seconds to the end: the hour is field 1 either way.
+    hours = croniter(expression, second_at_beginning=True).expanded[1]
     return hours == ["*"] or len(hours) == 24
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from app import jsonschemas
-from app.errors import ValidationFailed
+from app.errors import Conflict, ValidationFailed
 from app.executions import services as executions
 from app.executions.services import Dispatch, NewExecution, VersionSpec
 
@@ -81,13 +81,18 @@ def resolve(conn: Connection, org_id: uuid.UUID, target: dict[str, Any]) -> Targ
     return Target("agent", name, version, row["id"], version_id)
 
 
-_CURRENT = text("SELECT current_version_id FROM agents WHERE id = :id")
+_CURRENT = text("SELECT name, current_version_id, archived_at FROM agents WHERE id = :id")
 
 
 def spec_for(conn: Connection, agent_id: uuid.UUID, version_id: uuid.UUID | None) -> VersionSpec:
-    if version_id is None:
-        version_id = conn.execute(_CURRENT, {"id": agent_id}).scalar_one()
-    return executions.specs.get(conn, version_id)
+    """The version a run of the agent takes; 409 when the agent is archived, as for a submit."""
+    agent = conn.execute(_CURRENT, {"id": agent_id}).one()
+    if agent.archived_at is not None:
+        raise Conflict(
+            f"agent {agent.name!r} is archived and takes no new executions",
+            hint="point the schedule or trigger at a live agent (PATCH it), or delete it",
+        )
+    return executions.specs.get(conn, version_id or agent.current_version_id)
 
 
 def input_errors(spec: VersionSpec, payload: Any, pointer: str = "/input") -> dict[str, Any]:

@@ -235,7 +235,8 @@ def verify(secret: str, body: bytes, signature: str | None, timestamp: str | Non
         raise Unauthorized(f"missing or malformed {SIGNATURE_HEADER}", hint=SIGNING_HINT)
     expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     given = signature.removeprefix("sha256=").strip().lower()
-    if not hmac.compare_digest(expected, given):
+    # Bytes: compare_digest refuses a str with characters outside ASCII (a 500, not a 401).
+    if not hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace")):
         raise Unauthorized("bad signature", hint=SIGNING_HINT)
     try:
         sent_at = _parse_timestamp(timestamp or "")

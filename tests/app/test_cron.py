@@ -121,3 +121,17 @@ def test_six_fields_put_seconds_first():
 def test_invalid_expressions_and_zones(expression, zone):
     with pytest.raises(ValidationFailed):
         check(expression, zone)
+
+
+def test_six_field_daily_job_runs_once_in_the_repeated_hour():
+    # 2026-10-25 in Paris: 02:00-03:00 happens twice; seconds first must not change the rule.
+    assert local_times("0 30 2 * * *", "Europe/Paris", utc(2026, 10, 24), utc(2026, 10, 26)) == [
+        "10-24 02:30+0200",
+        "10-25 02:30+0200",
+    ]
+
+
+def test_an_expression_no_date_matches_is_refused():
+    with pytest.raises(ValidationFailed) as refused:
+        check("0 0 30 2 *", "UTC")
+    assert "never fires" in refused.value.errors["/cron"][0]

@@ -168,6 +168,14 @@ def test_trigger_now_refuses_an_input_the_agent_no_longer_takes(client, org):
     assert response.status_code == 422 and "/input" in response.get_json()["errors"]
 
 
+def test_trigger_now_refuses_an_archived_agent(client, org):
+    make_agent(client, org)
+    created = create(client, org).get_json()
+    client.delete("/api/v1/agents/echo", headers=org.headers)
+    response = client.post(f"/api/v1/schedules/{created['id']}/trigger", headers=org.headers)
+    assert response.status_code == 409 and response.get_json()["hint"]
+
+
 def test_roles_and_delete(client, org):
     from tests.conftest import bearer, make_token
 

@@ -139,3 +139,19 @@ def test_unknown_or_deleted_trigger_is_404(client, org):
         client.delete(f"/api/v1/triggers/{trigger['id']}", headers=org.headers).status_code == 204
     )
     assert deliver(client, trigger, {"ticket": {"title": "x"}}).status_code == 404
+
+
+def test_a_signature_outside_ascii_is_401_not_500(client, org):
+    make_agent(client, org)
+    trigger = make_trigger(client, org)
+    raw = json.dumps({"ticket": {"title": "x"}}).encode()
+    headers = {**signed(trigger["secret"], raw), "X-Runyard-Signature": "sha256=\u00e9\u00e9"}
+    assert client.post(trigger["url"], data=raw, headers=headers).status_code == 401
+
+
+def test_an_archived_agent_is_not_started_by_its_trigger(client, org):
+    make_agent(client, org)
+    trigger = make_trigger(client, org)
+    client.delete("/api/v1/agents/echo", headers=org.headers)
+    response = deliver(client, trigger, {"ticket": {"title": "late"}})
+    assert response.status_code == 409 and "archived" in response.get_json()["message"]
