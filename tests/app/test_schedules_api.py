@@ -67,12 +67,77 @@ def test_invalid_cron_timezone_target_and_input_are_422_with_pointers(client, or
         assert pointer in response.get_json()["errors"], (overrides, response.get_json())
 
 
-def test_chain_targets_answer_422_with_a_hint(client, org):
-    response = create(client, org, target={"chain": "triage"})
+ADD = {
+    "name": "adder",
+    "runtime": {"type": "python", "entrypoint": "tests.agents:add"},
+    "input_schema": {
+        "type": "object",
+        "required": ["value"],
+        "properties": {"value": {"type": "integer"}, "by": {"type": "integer"}},
+    },
+    "output_schema": {
+        "type": "object",
+        "required": ["value"],
+        "properties": {"value": {"type": "integer"}},
+    },
+}
+
+
+def make_chain(client, org, name="pair"):
+    make_agent(client, org, ADD)
+    body = {
+        "name": name,
+        "input_schema": ADD["input_schema"],
+        "steps": [{"name": "one", "agent": "adder"}, {"name": "two", "agent": "adder"}],
+    }
+    response = client.post("/api/v1/chains", json=body, headers=org.headers)
+    assert response.status_code == 201, response.get_json()
+
+
+def test_a_chain_target_is_stored_with_its_version(client, org, connection):
+    make_chain(client, org)
+    response = create(client, org, target={"chain": "pair", "version": "1.0.0"}, input={"value": 1})
+    assert response.status_code == 201, response.get_json()
     body = response.get_json()
-    assert response.status_code == 422
-    assert "chain" in body["message"] and "/target/chain" in body["errors"]
+    assert body["target"] == {"chain": "pair", "version": "1.0.0"}
+    row = connection.execute(
+        text("SELECT agent_id, chain_id FROM schedules WHERE id = :id"), {"id": body["id"]}
+    ).one()
+    assert row.agent_id is None and row.chain_id is not None
+    patched = client.patch(
+        f"/api/v1/schedules/{body['id']}", json={"input": {"value": "x"}}, headers=org.headers
+    )
+    assert patched.status_code == 422 and "/input/value" in patched.get_json()["errors"]
+
+
+def test_bad_chain_name_version_or_input_is_422_with_a_hint(client, org):
+    make_chain(client, org)
+    cases = [
+        ({"target": {"chain": "nope"}, "input": {"value": 1}}, "/target/chain"),
+        (
+            {"target": {"chain": "pair", "version": "9.9.9"}, "input": {"value": 1}},
+            "/target/version",
+        ),
+        ({"target": {"chain": "pair"}, "input": {}}, "/input"),
+        ({"target": {"chain": "pair"}, "input": {"value": "one"}}, "/input/value"),
+        ({"target": {"chain": "pair", "agent": "adder"}, "input": {"value": 1}}, "/target/agent"),
+    ]
+    for overrides, pointer in cases:
+        response = create(client, org, **overrides)
+        body = response.get_json()
+        assert response.status_code == 422, (overrides, body)
+        assert pointer in body["errors"], (overrides, body)
+    client.delete("/api/v1/chains/pair", headers=org.headers)
+    archived = create(client, org, target={"chain": "pair"}, input={"value": 1})
+    body = archived.get_json()
+    assert archived.status_code == 422 and body["errors"] == {"/target/chain": ["archived"]}
     assert body["hint"]
+
+
+def test_a_chain_of_another_organization_is_unknown(client, org, other_org):
+    make_chain(client, other_org)
+    response = create(client, org, target={"chain": "pair"}, input={"value": 1})
+    assert response.status_code == 422 and "/target/chain" in response.get_json()["errors"]
 
 
 def test_six_fields_take_seconds_first(client, org):

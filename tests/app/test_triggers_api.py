@@ -118,7 +118,7 @@ def test_creation_checks_target_references_and_literal_input(client, org):
     make_agent(client, org)
     cases = [
         ({"target": {"agent": "nope"}}, "/target/agent"),
-        ({"target": {"chain": "triage"}}, "/target/chain"),
+        ({"target": {"chain": "nope"}}, "/target/chain"),
         ({"input": {"text": "$.input.text"}}, "/input/text"),
         ({"input": {"text": "$.event..x"}}, "/input/text"),
         ({"input": {"count": 3}}, "/input"),
