@@ -191,6 +191,12 @@ class ChainLaunch:
         return self.execution.id
 
 
+def _joined(conn: Connection) -> Session:
+    """An ORM session inside the caller's transaction: it neither commits nor, on close, rolls
+    back that transaction (nor opens a savepoint of its own when the caller is in one)."""
+    return Session(bind=conn, join_transaction_mode="rollback_only")
+
+
 def chain_launch(
     conn: Connection,
     org_id: uuid.UUID,
@@ -201,18 +207,18 @@ def chain_launch(
 ) -> ChainLaunch:
     """Check and build a chain run the way the chains API does (chains.new_execution): 422 for
     an input its chain version refuses, 409 when the chain is archived or a step cannot run."""
-    session = Session(bind=conn)
-    chain = session.get(Chain, chain_id)
-    assert chain is not None, "the chain's rows cascade away with it"
-    if chain.archived_at is not None:
-        raise chains.archived(chain)
-    chain_version = session.get(ChainVersion, chain_version_id(conn, chain_id, version))
-    assert chain_version is not None
-    return ChainLaunch(
-        chains.new_execution(
-            session, org_id, chain, chain_version, payload, execution_id=execution_id
+    with _joined(conn) as session:
+        chain = session.get(Chain, chain_id)
+        assert chain is not None, "the chain's rows cascade away with it"
+        if chain.archived_at is not None:
+            raise chains.archived(chain)
+        chain_version = session.get(ChainVersion, chain_version_id(conn, chain_id, version))
+        assert chain_version is not None
+        return ChainLaunch(
+            chains.new_execution(
+                session, org_id, chain, chain_version, payload, execution_id=execution_id
+            )
         )
-    )
 
 
 @dataclass
@@ -233,9 +239,9 @@ def launch(conn: Connection, launches: list[Launch | ChainLaunch]) -> Launched:
     launched = Launched(executions.insert_queued(conn, rows))
     chain_rows = [item.execution for item in launches if isinstance(item, ChainLaunch)]
     if chain_rows:
-        session = Session(bind=conn)
-        session.add_all(chain_rows)
-        session.flush()
+        with _joined(conn) as session:
+            session.add_all(chain_rows)
+            session.flush()
         launched.chain_runs = [(row.id, row.chain_version_id) for row in chain_rows]
     return launched
 

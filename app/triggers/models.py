@@ -51,4 +51,5 @@ class TriggerDelivery(Base):
     )
     signature: Mapped[str] = mapped_column(String(64), primary_key=True)
     received_at: Mapped[dt.datetime] = now_column()
+    # The run it started: an execution, or a chain execution for a chain target.
     execution_id: Mapped[uuid.UUID | None]

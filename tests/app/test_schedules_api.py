@@ -261,3 +261,37 @@ def test_beat_finds_due_schedules_through_the_next_fire_time_index(connection):
     sql = str(_DUE.compile(compile_kwargs={"literal_binds": False})).replace(":now", "now()")
     plan = connection.execute(text("EXPLAIN " + sql.replace(":limit", "100"))).scalars().all()
     assert any("ix_schedules_due" in line for line in plan), plan
+
+
+def test_trigger_now_inserts_a_chain_execution_and_409s_once_the_chain_is_archived(
+    client, org, connection
+):
+    make_chain(client, org)
+    created = create(client, org, target={"chain": "pair"}, input={"value": 1}).get_json()
+    response = client.post(f"/api/v1/schedules/{created['id']}/trigger", headers=org.headers)
+    assert response.status_code == 202, response.get_json()
+    fired = response.get_json()
+    assert fired["execution_id"] is None and fired["execution_status"] == "queued"
+    row = connection.execute(
+        text("SELECT chain_name, status, input FROM chain_executions WHERE id = :id"),
+        {"id": fired["chain_execution_id"]},
+    ).one()
+    assert tuple(row) == ("pair", "queued", {"value": 1})
+    [entry] = client.get(
+        f"/api/v1/schedules/{created['id']}/history", headers=org.headers
+    ).get_json()
+    assert entry["chain_execution_id"] == fired["chain_execution_id"]
+
+    client.delete("/api/v1/agents/adder", headers=org.headers)
+    refused = client.post(f"/api/v1/schedules/{created['id']}/trigger", headers=org.headers)
+    assert refused.status_code == 409 and "step 'one'" in refused.get_json()["message"]
+    client.delete("/api/v1/chains/pair", headers=org.headers)
+    refused = client.post(f"/api/v1/schedules/{created['id']}/trigger", headers=org.headers)
+    assert refused.status_code == 409 and "archived" in refused.get_json()["message"]
+    assert refused.get_json()["hint"]
+    assert (
+        len(
+            client.get(f"/api/v1/schedules/{created['id']}/history", headers=org.headers).get_json()
+        )
+        == 1
+    )

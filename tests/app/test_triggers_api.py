@@ -139,3 +139,31 @@ def test_unknown_or_deleted_trigger_is_404(client, org):
         client.delete(f"/api/v1/triggers/{trigger['id']}", headers=org.headers).status_code == 204
     )
     assert deliver(client, trigger, {"ticket": {"title": "x"}}).status_code == 404
+
+
+def test_a_chain_target_is_checked_and_stored(client, org, connection):
+    from tests.app.test_schedules_api import make_chain
+
+    make_chain(client, org)
+    body = {"name": "t", "target": {"chain": "pair"}, "input": {"value": "x"}}
+    refused = client.post("/api/v1/triggers", json=body, headers=org.headers)
+    assert refused.status_code == 422 and "/input/value" in refused.get_json()["errors"]
+    body["target"]["version"] = "2.0.0"
+    body["input"] = {"value": "$.event.n"}
+    refused = client.post("/api/v1/triggers", json=body, headers=org.headers)
+    assert refused.status_code == 422 and "/target/version" in refused.get_json()["errors"]
+    body["target"]["version"] = "1.0.0"
+    created = client.post("/api/v1/triggers", json=body, headers=org.headers)
+    assert created.status_code == 201, created.get_json()
+    trigger = created.get_json()
+    row = connection.execute(
+        text("SELECT agent_id, chain_id FROM triggers WHERE id = :id"), {"id": trigger["id"]}
+    ).one()
+    assert row.agent_id is None and row.chain_id is not None
+    delivered = deliver(client, trigger, {"n": 4})
+    assert delivered.status_code == 202, delivered.get_json()
+    run = connection.execute(
+        text("SELECT input FROM chain_executions WHERE id = :id"),
+        {"id": delivered.get_json()["chain_execution_id"]},
+    ).scalar_one()
+    assert run == {"value": 4}

@@ -89,6 +89,9 @@ def test_beat_fires_chain_schedules_and_counts_failed_chains(live_client, live_o
     failing = chain_schedule(
         client, org, "failing", "doomed", overlap="allow", pause_after_failures=2
     )
+    define_chain(client, org, "retired", [{"name": "one", "agent": "adder"}])
+    orphan = chain_schedule(client, org, "orphan", "retired", input={"value": 1})
+    client.delete("/api/v1/chains/retired", headers=org.headers)
 
     def a_succeeded_fire():
         entries = history(client, org, ticking["id"])
@@ -107,6 +110,14 @@ def test_beat_fires_chain_schedules_and_counts_failed_chains(live_client, live_o
     assert paused["paused_reason"] == "paused itself after 2 failed fires in a row"
     failed = [e for e in history(client, org, failing["id"]) if e["execution_status"] == "failed"]
     assert len(failed) >= 2 and all(e["chain_execution_id"] for e in failed)
+
+    client.post(f"/api/v1/schedules/{orphan['id']}/pause", headers=org.headers)
+    refused = history(client, org, orphan["id"])
+    assert refused and all(e["status"] == "failed" for e in refused)
+    assert refused[0]["chain_execution_id"] is None
+    assert refused[0]["skipped_reason"] == (
+        "the chain cannot run: chain 'retired' is archived and takes no new executions"
+    )
 
 
 def test_overlap_skip_and_cancel_other_see_a_running_chain(live_client, live_org, beats):
