@@ -58,14 +58,16 @@ _CHAIN_VERSION = text(
 )
 
 
-def chain_version_id(conn: Connection, chain_id: uuid.UUID, version: str | None) -> uuid.UUID:
+def chain_version_id(
+    conn: Connection, chain_id: uuid.UUID, name: str, version: str | None
+) -> uuid.UUID:
     """The chain version a run takes: the pinned one, else the current one."""
     found = conn.execute(_CHAIN_VERSION, {"chain_id": chain_id, "version": version}).scalar()
     if found is None:
         raise ValidationFailed(
-            f"the chain has no version {version!r}",
+            f"chain {name!r} has no version {version!r}",
             errors={"/target/version": ["no such version"]},
-            hint="GET /api/v1/chains/{name}/versions lists them",
+            hint=f"GET /api/v1/chains/{name}/versions lists them",
         )
     return found
 
@@ -87,13 +89,7 @@ def _resolve_chain(conn: Connection, org_id: uuid.UUID, target: dict[str, Any]) 
         )
     version = target.get("version")
     if version is not None:
-        found = conn.execute(_CHAIN_VERSION, {"chain_id": row["id"], "version": version}).scalar()
-        if found is None:
-            raise ValidationFailed(
-                f"chain {name!r} has no version {version!r}",
-                errors={"/target/version": ["no such version"]},
-                hint=f"GET /api/v1/chains/{name}/versions lists them",
-            )
+        chain_version_id(conn, row["id"], name, version)
     return Target("chain", name, version, None, None, row["id"])
 
 
@@ -149,7 +145,7 @@ _CHAIN_INPUT_SCHEMA = text("SELECT input_schema FROM chain_versions WHERE id = :
 
 def check_input(conn: Connection, target: Target, payload: Any, pointer: str = "/input") -> None:
     if target.chain_id is not None:
-        version_id = chain_version_id(conn, target.chain_id, target.version)
+        version_id = chain_version_id(conn, target.chain_id, target.name, target.version)
         schema = conn.execute(_CHAIN_INPUT_SCHEMA, {"id": version_id}).scalar_one()
         errors = jsonschemas.instance_errors(jsonschemas.validator_for(schema), payload, pointer)
         if errors:
@@ -212,7 +208,9 @@ def chain_launch(
         assert chain is not None, "the chain's rows cascade away with it"
         if chain.archived_at is not None:
             raise chains.archived(chain)
-        chain_version = session.get(ChainVersion, chain_version_id(conn, chain_id, version))
+        chain_version = session.get(
+            ChainVersion, chain_version_id(conn, chain_id, chain.name, version)
+        )
         assert chain_version is not None
         return ChainLaunch(
             chains.new_execution(

@@ -120,18 +120,47 @@ def test_beat_fires_chain_schedules_and_counts_failed_chains(live_client, live_o
     )
 
 
-def test_overlap_skip_and_cancel_other_see_a_running_chain(live_client, live_org, beats):
+def test_overlap_skip_buffer_one_and_cancel_other_see_a_running_chain(live_client, live_org, beats):
     client, org = live_client, live_org
     beats.start()
     agent(client, org, "idler", "tests.agents:echo", queue="idle")
     define_chain(client, org, "held", [{"name": "wait", "agent": "idler"}], input_schema={})
     skip = chain_schedule(client, org, "skip", "held")
     cancel = chain_schedule(client, org, "cancel", "held", overlap="cancel_other")
+    buffer = chain_schedule(client, org, "buffer", "held", overlap="buffer_one")
     wait_until(
-        lambda: all(len(history(client, org, s["id"])) >= 3 for s in (skip, cancel)), timeout=10
+        lambda: all(len(history(client, org, s["id"])) >= 3 for s in (skip, cancel, buffer)),
+        timeout=10,
     )
     for created in (skip, cancel):
         client.post(f"/api/v1/schedules/{created['id']}/pause", headers=org.headers)
+
+    # buffer_one: one fire waits for the chain execution, and runs once that has finished.
+    blocking, waiting, *_ = history(client, org, buffer["id"])[::-1]
+    assert waiting["status"] == "buffered"
+    assert waiting["skipped_reason"] == (
+        f"waiting: chain execution {blocking['chain_execution_id']} is still queued"
+    )
+    client.post(
+        f"/api/v1/chain-executions/{blocking['chain_execution_id']}/cancel", headers=org.headers
+    )
+
+    def released():
+        entries = history(client, org, buffer["id"])
+        entry = next(e for e in entries if e["fire_time"] == waiting["fire_time"])
+        return entry["status"] == "fired" and entry
+
+    released_entry = wait_until(released, timeout=5)
+    client.post(f"/api/v1/schedules/{buffer['id']}/pause", headers=org.headers)
+    assert released_entry["chain_execution_id"] and released_entry["execution_id"] is None
+    assert (
+        read(client, org, buffer["id"])["last_execution_id"]
+        == (released_entry["chain_execution_id"])
+    )
+    client.post(
+        f"/api/v1/chain-executions/{released_entry['chain_execution_id']}/cancel",
+        headers=org.headers,
+    )
 
     first, *later = history(client, org, skip["id"])[::-1]
     assert first["status"] == "fired" and first["chain_execution_id"]
