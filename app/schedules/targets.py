@@ -2,7 +2,8 @@
 
     resolve(conn, org_id, target)          -> Target   (422 when it names nothing runnable)
     check_input(conn, target, payload)     -> None     (422 keyed by JSON pointer)
-    launch(conn, [Launch, ...])            -> Launched (rows inserted in the caller's transaction)
+    chain_launch(conn, org_id, chain_id, version, payload, id) -> ChainLaunch (422 or 409)
+    launch(conn, [Launch | ChainLaunch])   -> Launched (rows inserted in the caller's transaction)
     publish(launched)                      -> after the caller has committed
 
 A target is an agent ({"agent": name}) or a chain ({"chain": name}), each optionally pinning a
