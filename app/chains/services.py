@@ -84,12 +84,10 @@ def current_version(session: Session, chain: Chain) -> ChainVersion:
 
 
 def _agent_version(
-    session: Session, principal: Principal, name: str, version: str | None
+    session: Session, org_id: uuid.UUID, name: str, version: str | None
 ) -> tuple[AgentVersion | None, str | None]:
     """The agent version a step runs (its pinned one, else the current), or why there is none."""
-    agent = session.scalar(
-        select(Agent).where(Agent.org_id == principal.org_id, Agent.name == name)
-    )
+    agent = session.scalar(select(Agent).where(Agent.org_id == org_id, Agent.name == name))
     if agent is None:
         return None, f"no agent named {name!r}"
     if agent.archived_at is not None:
@@ -131,7 +129,7 @@ def _check_definition(session: Session, principal: Principal, document: dict[str
     step_versions: list[AgentVersion | None] = []
     compensate_versions: list[AgentVersion | None] = []
     for step in plan.steps:
-        row, why = _agent_version(session, principal, step.agent, step.version)
+        row, why = _agent_version(session, principal.org_id, step.agent, step.version)
         if row is None:
             field = "/version" if step.version and why and "no version" in why else "/agent"
             problems.add(step.pointer + field, f"step {step.name!r}: {why}")
@@ -143,7 +141,9 @@ def _check_definition(session: Session, principal: Principal, document: dict[str
         compensator = None
         if step.compensate is not None:
             wanted = step.compensate.get("version")
-            compensator, why = _agent_version(session, principal, step.compensate["agent"], wanted)
+            compensator, why = _agent_version(
+                session, principal.org_id, step.compensate["agent"], wanted
+            )
             if compensator is None:
                 field = "/version" if wanted and why and "no version" in why else "/agent"
                 problems.add(
@@ -357,6 +357,14 @@ plans = PlanCache()
 # Submit
 
 
+def archived(chain: Chain) -> Conflict:
+    return Conflict(
+        f"chain {chain.name!r} is archived and takes no new executions",
+        hint="GET /api/v1/chains lists the chains that take executions; an archived "
+        "chain's past executions stay readable",
+    )
+
+
 def submit(
     session: Session,
     principal: Principal,
@@ -369,16 +377,34 @@ def submit(
     principal.require("executions:submit")
     chain = resolve(session, principal, ref)
     if chain.archived_at is not None:
-        raise Conflict(
-            f"chain {chain.name!r} is archived and takes no new executions",
-            hint="GET /api/v1/chains lists the chains that take executions; an archived "
-            "chain's past executions stay readable",
-        )
+        raise archived(chain)
     chain_version = (
         get_version(session, principal, ref, version)
         if version
         else current_version(session, chain)
     )
+    execution = new_execution(
+        session, principal.org_id, chain, chain_version, payload, priority=priority
+    )
+    session.add(execution)
+    session.commit()
+    publish_committed(session.connection(), execution.id, chain_version.id)
+    return execution
+
+
+def new_execution(
+    session: Session,
+    org_id: uuid.UUID,
+    chain: Chain,
+    chain_version: ChainVersion,
+    payload: Any,
+    *,
+    execution_id: uuid.UUID | None = None,
+    priority: int = executions.DEFAULT_PRIORITY,
+) -> ChainExecution:
+    """A queued chain execution, checked (input 422, a step that cannot run 409) but not added
+    to any session: the caller inserts it in its own transaction, commits, then calls
+    publish_committed. submit does this; so do schedules and webhook triggers."""
     errors = jsonschemas.instance_errors(
         jsonschemas.validator_for(chain_version.input_schema), payload, "/input"
     )
@@ -391,7 +417,7 @@ def submit(
     plan = definitions.plan_for(chain_version.steps, chain_version.on_failure)
     step_versions, compensate_versions = [], []
     for step in plan.steps:
-        row, why = _agent_version(session, principal, step.agent, step.version)
+        row, why = _agent_version(session, org_id, step.agent, step.version)
         if row is None:
             raise Conflict(
                 f"step {step.name!r} cannot run: {why}",
@@ -401,7 +427,7 @@ def submit(
         compensator = None
         if step.compensate is not None:
             compensator, why = _agent_version(
-                session, principal, step.compensate["agent"], step.compensate.get("version")
+                session, org_id, step.compensate["agent"], step.compensate.get("version")
             )
             if compensator is None:
                 raise Conflict(
@@ -410,9 +436,9 @@ def submit(
                     "agent or version",
                 )
         compensate_versions.append(str(compensator.id) if compensator else None)
-    execution = ChainExecution(
-        id=uuid.uuid4(),
-        org_id=principal.org_id,
+    return ChainExecution(
+        id=execution_id or uuid.uuid4(),
+        org_id=org_id,
         chain_id=chain.id,
         chain_version_id=chain_version.id,
         chain_name=chain.name,
@@ -423,15 +449,18 @@ def submit(
         step_versions=step_versions,
         compensate_versions=compensate_versions,
     )
-    session.add(execution)
-    session.commit()
-    # Committed before publishing: a step task never sees a chain the database lacks. A failed
-    # publish loses nothing: resume_stalled publishes the chain once it has been quiet a while.
+
+
+def publish_committed(
+    conn: Connection, chain_execution_id: uuid.UUID, chain_version_id: uuid.UUID
+) -> None:
+    """Publish a chain execution whose row is committed: a step task never sees a chain the
+    database lacks. A failed publish loses nothing: resume_stalled publishes the chain once it
+    has been quiet a while."""
     try:
-        publish_from(session.connection(), execution.id, chain_version.id, 0)
+        publish_from(conn, chain_execution_id, chain_version_id, 0)
     except Exception:
-        log.warning("publishing chain execution %s failed; it will be resumed", execution.id)
-    return execution
+        log.warning("publishing chain execution %s failed; it will be resumed", chain_execution_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1319,6 +1348,27 @@ _CANCEL_CHAIN = text(
 )
 
 
+_LIVE_STEPS = text(
+    "SELECT id FROM executions WHERE chain_execution_id = :id AND status IN ('queued', 'running')"
+)
+
+
+def request_cancel(
+    conn: Connection, org_id: uuid.UUID, chain_execution_id: uuid.UUID, message: str
+) -> None:
+    """Cancel from inside a caller's transaction (a schedule's overlap policy cancel_other): the
+    chain first, as `cancel` does, then its live steps; nothing for a finished chain."""
+    params = {
+        "id": chain_execution_id,
+        "org_id": org_id,
+        "error": _json(error_body("cancelled", message, "steps that had not started are skipped")),
+    }
+    if conn.execute(_CANCEL_CHAIN, params).first() is None:
+        return
+    live = conn.execute(_LIVE_STEPS, {"id": chain_execution_id}).scalars().all()
+    executions.request_cancel(conn, org_id, list(live), "cancelled with its chain")
+
+
 def cancel(session: Session, principal: Principal, chain_execution_id: str) -> ChainExecution:
     """The chain first (no step starts after this), then its running steps."""
     principal.require("executions:cancel")
@@ -1344,17 +1394,7 @@ def cancel(session: Session, principal: Principal, chain_execution_id: str) -> C
                 "nothing to cancel",
                 hint=f"GET /api/v1/chain-executions/{execution.id} shows how it ended",
             )
-        live = (
-            conn.execute(
-                text(
-                    "SELECT id FROM executions WHERE chain_execution_id = :id "
-                    "AND status IN ('queued', 'running')"
-                ),
-                {"id": execution.id},
-            )
-            .scalars()
-            .all()
-        )
+        live = conn.execute(_LIVE_STEPS, {"id": execution.id}).scalars().all()
     for execution_id in live:
         with contextlib.suppress(Conflict):  # it finished meanwhile
             executions.cancel(

@@ -18,6 +18,12 @@ The policies, per schedule and tick, over the fire times that came due since its
   `cancel_other` cancels the last execution if unfinished and fires the newest time.
 - pause_after_failures: each failed execution (failed, timed_out) or failed fire adds one to
   consecutive_failures, a success resets it; at the threshold the schedule pauses itself.
+
+A chain target's fire creates a chain execution instead (schedule_fires.chain_execution_id, and
+schedules.last_execution_id names it for the overlap policies: a chain not yet succeeded,
+failed or cancelled is still running). Chain runs are built one by one while planning (the
+chain services check their steps), and inserted in the batch's transaction after the fire
+records, like the agent runs.
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ from typing import Any
 from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
+from app.chains import services as chains
 from app.db import db, utcnow
+from app.errors import RunyardError
 from app.executions import services as executions
 from app.executions.models import TERMINAL_STATUSES
 from app.schedules import cron, targets
@@ -91,8 +99,9 @@ class _Batch:
     """What one transaction writes: built in Python, then written set-based."""
 
     fires: list[dict[str, Any]] = field(default_factory=list)
-    launches: dict[uuid.UUID, targets.Launch] = field(default_factory=dict)
-    cancels: dict[uuid.UUID, tuple[uuid.UUID, uuid.UUID]] = field(default_factory=dict)
+    launches: dict[uuid.UUID, targets.Launch | targets.ChainLaunch] = field(default_factory=dict)
+    # new run id -> (org, the unfinished run it replaces, whether that one is a chain run)
+    cancels: dict[uuid.UUID, tuple[uuid.UUID, uuid.UUID, bool]] = field(default_factory=dict)
     updates: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -100,15 +109,17 @@ _DUE = text(
     """
     SELECT s.id, s.org_id, s.cron, s.timezone, s.input, s.overlap, s.catchup,
            s.catchup_window_seconds, s.next_fire_at, s.agent_id, s.target_kind,
-           s.last_execution_id,
+           s.chain_id, s.target_version, s.last_execution_id,
            coalesce(s.version_id, a.current_version_id) AS run_version_id,
            a.archived_at IS NOT NULL AS agent_archived,
-           e.status AS last_status,
+           coalesce(e.status, ce.status) AS last_status,
+           ce.id IS NOT NULL AS last_is_chain,
            EXISTS (SELECT 1 FROM schedule_fires b
                    WHERE b.schedule_id = s.id AND b.status = 'buffered') AS has_buffered
     FROM schedules s
     LEFT JOIN agents a ON a.id = s.agent_id
     LEFT JOIN executions e ON e.id = s.last_execution_id
+    LEFT JOIN chain_executions ce ON ce.id = s.last_execution_id
     WHERE s.enabled AND s.next_fire_at <= :now
     ORDER BY s.next_fire_at
     LIMIT :limit
@@ -120,14 +131,15 @@ _DUE = text(
 # far cheaper for 10,000 rows than one bound array per column.
 _INSERT_FIRES = """
     INSERT INTO schedule_fires (schedule_id, org_id, fire_time, kind, status, skipped_reason,
-                                execution_id, outcome, fired_by)
+                                execution_id, chain_execution_id, outcome, fired_by)
     SELECT r.schedule_id, r.org_id, r.fire_time, r.kind, r.status, r.reason,
-           r.execution_id, r.outcome, %(fired_by)s
+           r.execution_id, r.chain_execution_id, r.outcome, %(fired_by)s
     FROM json_to_recordset(%(rows)s::json)
          AS r(schedule_id uuid, org_id uuid, fire_time timestamptz, kind text,
-              status text, reason text, execution_id uuid, outcome text)
+              status text, reason text, execution_id uuid, chain_execution_id uuid,
+              outcome text)
     ON CONFLICT (schedule_id, fire_time) DO NOTHING
-    RETURNING execution_id
+    RETURNING coalesce(execution_id, chain_execution_id)
 """
 
 _UPDATE_SCHEDULES = """
@@ -203,6 +215,7 @@ class _Planner:
         reason: str | None = None,
         execution_id: uuid.UUID | None = None,
     ) -> None:
+        chain = row.target_kind == "chain"
         self.batch.fires.append(
             {
                 "schedule_id": row.id,
@@ -211,15 +224,31 @@ class _Planner:
                 "kind": kind,
                 "status": status,
                 "reason": reason,
-                "execution_id": execution_id,
+                "execution_id": None if chain else execution_id,
+                "chain_execution_id": execution_id if chain else None,
                 "outcome": "failed" if status == "failed" else None,
             }
         )
 
+    def prepare(self, row: Any, run_id: uuid.UUID) -> str | None:
+        """Add the run to the batch's launches; or why the target cannot run this schedule's
+        input now."""
+        if row.chain_id is not None:
+            try:
+                self.batch.launches[run_id] = targets.chain_launch(
+                    self.conn, row.org_id, row.chain_id, row.target_version, row.input, run_id
+                )
+            except RunyardError as exc:
+                return f"the chain cannot run: {exc.message}"
+            return None
+        reason = self.refusal(row)
+        if reason is None:
+            spec = executions.specs.get(self.conn, row.run_version_id)
+            self.batch.launches[run_id] = targets.Launch(run_id, row.org_id, spec, row.input)
+        return reason
+
     def refusal(self, row: Any) -> str | None:
-        """Why the target cannot run this schedule's input now, or None."""
-        if row.target_kind != "agent":
-            return "chain targets are not available yet"
+        """Why the agent target cannot run this schedule's input now, or None."""
         if row.agent_archived:
             return "the agent is archived"
         key = (row.id, row.run_version_id)
@@ -234,15 +263,11 @@ class _Planner:
         return self._validity[key]
 
     def fire(self, row: Any, fire_time: dt.datetime, kind: str) -> uuid.UUID | None:
-        reason = self.refusal(row)
+        execution_id = self.new_id()
+        reason = self.prepare(row, execution_id)
         if reason:
             self.record(row, fire_time, kind, "failed", reason)
             return None
-        execution_id = self.new_id()
-        spec = executions.specs.get(self.conn, row.run_version_id)
-        self.batch.launches[execution_id] = targets.Launch(
-            execution_id, row.org_id, spec, row.input
-        )
         self.record(row, fire_time, kind, "fired", execution_id=execution_id)
         return execution_id
 
@@ -343,7 +368,8 @@ class _Planner:
         if not to_fire:
             return None
         running = row.last_status is not None and row.last_status not in TERMINAL
-        busy = f"execution {row.last_execution_id} is still {row.last_status}"
+        run = "chain execution" if row.last_is_chain else "execution"
+        busy = f"{run} {row.last_execution_id} is still {row.last_status}"
         newest: uuid.UUID | None = None
         if row.overlap == "allow":
             for fire_time, kind in to_fire:
@@ -361,7 +387,7 @@ class _Planner:
                 )
             newest = self.fire(row, fire_time, kind)
             if newest and running:
-                self.batch.cancels[newest] = (row.org_id, row.last_execution_id)
+                self.batch.cancels[newest] = (row.org_id, row.last_execution_id, row.last_is_chain)
             return newest
         # skip and buffer_one
         buffer_free = row.overlap == "buffer_one" and not row.has_buffered
@@ -400,15 +426,13 @@ def _write(conn: Connection, planner: _Planner) -> targets.Launched:
     launched = targets.launch(
         conn, [launch for eid, launch in batch.launches.items() if eid in inserted]
     )
-    for new_id, (org_id, previous) in batch.cancels.items():
+    for new_id, (org_id, previous, is_chain) in batch.cancels.items():
         if new_id in inserted:
-            executions.request_cancel(
-                conn,
-                org_id,
-                [previous],
-                f"cancelled by schedule overlap policy cancel_other: execution {new_id} "
-                "replaces it",
-            )
+            message = f"cancelled by schedule overlap policy cancel_other: {new_id} replaces it"
+            if is_chain:
+                chains.request_cancel(conn, org_id, previous, message)
+            else:
+                executions.request_cancel(conn, org_id, [previous], message)
     updates = batch.updates
     for update in updates:
         if update["last_execution_id"] not in inserted:
@@ -477,15 +501,16 @@ def fire_due(now: dt.datetime, fired_by: str, report: TickReport) -> None:
 
 _BUFFERED_READY = text(
     f"""
-    SELECT f.fire_time, s.id, s.org_id, s.input, s.target_kind,
+    SELECT f.fire_time, s.id, s.org_id, s.input, s.target_kind, s.chain_id, s.target_version,
            coalesce(s.version_id, a.current_version_id) AS run_version_id,
            a.archived_at IS NOT NULL AS agent_archived
     FROM schedule_fires f
     JOIN schedules s ON s.id = f.schedule_id
     LEFT JOIN agents a ON a.id = s.agent_id
     LEFT JOIN executions e ON e.id = s.last_execution_id
+    LEFT JOIN chain_executions ce ON ce.id = s.last_execution_id
     WHERE f.status = 'buffered' AND s.enabled
-      AND (e.id IS NULL OR e.status IN {TERMINAL!r})
+      AND coalesce(e.status, ce.status, 'succeeded') IN {TERMINAL!r}
     FOR UPDATE OF f, s SKIP LOCKED
     """
 )
@@ -493,7 +518,8 @@ _BUFFERED_READY = text(
 _RELEASE = text(
     """
     UPDATE schedule_fires
-    SET status = :status, execution_id = :execution_id, skipped_reason = :reason,
+    SET status = :status, execution_id = :execution_id,
+        chain_execution_id = :chain_execution_id, skipped_reason = :reason,
         outcome = :outcome, fired_at = now(), fired_by = :fired_by
     WHERE schedule_id = :schedule_id AND fire_time = :fire_time AND status = 'buffered'
     """
@@ -513,20 +539,18 @@ def release_buffered(fired_by: str, report: TickReport) -> None:
             return
         planner = _Planner(conn, utcnow(), fired_by)
         for row in rows:
-            reason = planner.refusal(row)
-            execution_id = None if reason else uuid.uuid4()
-            if execution_id:
-                spec = executions.specs.get(conn, row.run_version_id)
-                planner.batch.launches[execution_id] = targets.Launch(
-                    execution_id, row.org_id, spec, row.input
-                )
+            run_id = uuid.uuid4()
+            reason = planner.prepare(row, run_id)
+            execution_id = None if reason else run_id
+            chain = row.chain_id is not None
             conn.execute(
                 _RELEASE,
                 {
                     "schedule_id": row.id,
                     "fire_time": row.fire_time,
                     "status": "failed" if reason else "fired",
-                    "execution_id": execution_id,
+                    "execution_id": None if chain else execution_id,
+                    "chain_execution_id": execution_id if chain else None,
                     "reason": reason,
                     "outcome": "failed" if reason else None,
                     "fired_by": fired_by,
@@ -544,12 +568,20 @@ def release_buffered(fired_by: str, report: TickReport) -> None:
 
 _SETTLE = text(
     f"""
-    UPDATE schedule_fires f SET outcome = e.status
-    FROM schedules s, executions e
-    WHERE s.pause_after_failures > 0 AND s.enabled AND f.schedule_id = s.id
-      AND f.status = 'fired' AND f.outcome IS NULL
-      AND e.id = f.execution_id AND e.status IN {TERMINAL!r}
-    RETURNING f.schedule_id, f.fire_time, e.status
+    WITH settled AS (
+        SELECT f.schedule_id, f.fire_time, coalesce(e.status, ce.status) AS status
+        FROM schedule_fires f
+        JOIN schedules s ON s.id = f.schedule_id
+        LEFT JOIN executions e ON e.id = f.execution_id
+        LEFT JOIN chain_executions ce ON ce.id = f.chain_execution_id
+        WHERE s.pause_after_failures > 0 AND s.enabled
+          AND f.status = 'fired' AND f.outcome IS NULL
+          AND coalesce(e.status, ce.status) IN {TERMINAL!r}
+    )
+    UPDATE schedule_fires f SET outcome = settled.status
+    FROM settled
+    WHERE f.schedule_id = settled.schedule_id AND f.fire_time = settled.fire_time
+    RETURNING f.schedule_id, f.fire_time, settled.status
     """
 )
 

@@ -35,6 +35,8 @@ class Schedule(Base):
         CheckConstraint(f"overlap IN {OVERLAP!r}", name="overlap"),
         CheckConstraint(f"catchup IN {CATCHUP!r}", name="catchup"),
         CheckConstraint("target_kind IN ('agent', 'chain')", name="target_kind"),
+        # Exactly one target: an agent or a chain.
+        CheckConstraint("(agent_id IS NULL) <> (chain_id IS NULL)", name="one_target"),
         # What beat asks every tick: the enabled schedules due first.
         Index("ix_schedules_due", "next_fire_at", postgresql_where=text("enabled")),
         Index("ix_schedules_org_id_created_at", "org_id", "created_at"),
@@ -47,6 +49,7 @@ class Schedule(Base):
     target_name: Mapped[str] = mapped_column(String(63))
     target_version: Mapped[str | None] = mapped_column(String(32))
     agent_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("agents.id", ondelete="CASCADE"))
+    chain_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("chains.id", ondelete="CASCADE"))
     # Set only when the target pins a version; otherwise each fire runs the current version.
     version_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("agent_versions.id"))
     cron: Mapped[str] = mapped_column(String(200))

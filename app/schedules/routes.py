@@ -92,9 +92,15 @@ class Resume(MethodView):
 @blp.route("/<ref>/trigger")
 class Trigger(MethodView):
     @blp.response(202, FireSchema())
+    @blp.alt_response(
+        409, description="the target chain, or the agent of one of its steps, is archived"
+    )
     @blp.alt_response(422, description="the input no longer fits the target")
     def post(self, ref):
-        """Fire now, whatever the cron, overlap policy or pause; recorded as kind `manual`"""
+        """Fire now, whatever the cron, overlap policy or pause; recorded as kind `manual`
+
+        A chain target starts a chain execution: the answer and the history name it by
+        `chain_execution_id` (`execution_id` is then null)."""
         session = request_session()
         entry, launched = services.trigger_now(session, current_principal(), ref)
         session.commit()

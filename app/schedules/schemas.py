@@ -9,8 +9,12 @@ NAME = validate.Regexp(r"^[a-z0-9][a-z0-9_-]{0,62}$", error="lowercase letters, 
 
 class TargetSchema(Schema):
     agent = fields.String(metadata={"description": "agent name"})
-    chain = fields.String(metadata={"description": "chain name (not available in this build)"})
-    version = fields.String(metadata={"description": "pin a version; default: the current one"})
+    chain = fields.String(
+        metadata={"description": "chain name: each fire or delivery starts a chain execution"}
+    )
+    version = fields.String(
+        metadata={"description": "pin the agent's or chain's version; default: the current one"}
+    )
 
     @validates_schema
     def one_kind(self, data, **_kwargs):
@@ -28,7 +32,10 @@ class ScheduleFields(Schema):
     enabled = fields.Boolean()
     overlap = fields.String(
         validate=validate.OneOf(OVERLAP),
-        metadata={"description": "while the previous fire's execution has not finished"},
+        metadata={
+            "description": "while the previous fire's execution (or chain execution) has not "
+            "finished"
+        },
     )
     catchup = fields.String(
         validate=validate.OneOf(CATCHUP),
@@ -73,7 +80,12 @@ class ScheduleSchema(ScheduleFields):
     consecutive_failures = fields.Integer()
     next_fire_at = fields.DateTime(allow_none=True, metadata={"description": "null while paused"})
     last_fire_at = fields.DateTime(allow_none=True)
-    last_execution_id = fields.UUID(allow_none=True)
+    last_execution_id = fields.UUID(
+        allow_none=True,
+        metadata={
+            "description": "the last fire's execution, or chain execution for a chain target"
+        },
+    )
     paused_reason = fields.String(allow_none=True)
     created_at = fields.DateTime()
     updated_at = fields.DateTime()
@@ -87,6 +99,8 @@ class FireSchema(Schema):
     skipped_reason = fields.String(
         allow_none=True, metadata={"description": "why it was skipped, buffered or failed"}
     )
-    execution_id = fields.UUID(allow_none=True)
-    chain_execution_id = fields.UUID(allow_none=True)
-    execution_status = fields.String(allow_none=True)
+    execution_id = fields.UUID(allow_none=True, metadata={"description": "agent targets"})
+    chain_execution_id = fields.UUID(allow_none=True, metadata={"description": "chain targets"})
+    execution_status = fields.String(
+        allow_none=True, metadata={"description": "the execution's or chain execution's status"}
+    )

@@ -71,6 +71,7 @@ def _apply_target(session: Session, schedule: Schedule, target: dict, payload: d
     schedule.target_version = resolved.version
     schedule.agent_id = resolved.agent_id
     schedule.version_id = resolved.version_id
+    schedule.chain_id = resolved.chain_id
 
 
 def _check_catchup_window(data: dict[str, Any]) -> None:
@@ -226,8 +227,10 @@ def present(schedule: Schedule) -> dict[str, Any]:
 _HISTORY = text(
     """
     SELECT f.fire_time, f.fired_at, f.kind, f.status, f.skipped_reason, f.execution_id,
-           f.chain_execution_id, e.status AS execution_status
-    FROM schedule_fires f LEFT JOIN executions e ON e.id = f.execution_id
+           f.chain_execution_id, coalesce(e.status, ce.status) AS execution_status
+    FROM schedule_fires f
+    LEFT JOIN executions e ON e.id = f.execution_id
+    LEFT JOIN chain_executions ce ON ce.id = f.chain_execution_id
     WHERE f.schedule_id = :id
     ORDER BY f.fire_time DESC
     OFFSET :offset LIMIT :limit
@@ -252,21 +255,29 @@ def trigger_now(session: Session, principal: Principal, ref: str) -> tuple[dict,
     principal.require("executions:submit")
     schedule = get(session, principal, ref, lock=True)
     conn = session.connection()
-    if schedule.target_kind != "agent":
-        raise targets.chains_unavailable()
-    spec = targets.spec_for(conn, schedule.agent_id, schedule.version_id)
-    errors = targets.input_errors(spec, schedule.input)
-    if errors:
-        raise ValidationFailed(
-            "the schedule's input no longer matches the agent's input_schema",
-            errors=errors,
-            hint=f"PATCH the schedule's input; GET /api/v1/agents/{spec.agent_name} shows "
-            "the input_schema",
+    run_id = uuid.uuid4()
+    if schedule.chain_id is not None:
+        launch: targets.Launch | targets.ChainLaunch = targets.chain_launch(
+            conn,
+            schedule.org_id,
+            schedule.chain_id,
+            schedule.target_version,
+            schedule.input,
+            run_id,
         )
-    execution_id = uuid.uuid4()
-    launched = targets.launch(
-        conn, [targets.Launch(execution_id, schedule.org_id, spec, schedule.input)]
-    )
+    else:
+        spec = targets.spec_for(conn, schedule.agent_id, schedule.version_id)
+        errors = targets.input_errors(spec, schedule.input)
+        if errors:
+            raise ValidationFailed(
+                "the schedule's input no longer matches the agent's input_schema",
+                errors=errors,
+                hint=f"PATCH the schedule's input; GET /api/v1/agents/{spec.agent_name} shows "
+                "the input_schema",
+            )
+        launch = targets.Launch(run_id, schedule.org_id, spec, schedule.input)
+    launched = targets.launch(conn, [launch])
+    chain = isinstance(launch, targets.ChainLaunch)
     now = utcnow()
     fire = ScheduleFire(
         schedule_id=schedule.id,
@@ -275,11 +286,12 @@ def trigger_now(session: Session, principal: Principal, ref: str) -> tuple[dict,
         fired_at=now,
         kind="manual",
         status="fired",
-        execution_id=execution_id,
+        execution_id=None if chain else run_id,
+        chain_execution_id=run_id if chain else None,
         fired_by="api",
     )
     session.add(fire)
-    schedule.last_execution_id = execution_id
+    schedule.last_execution_id = run_id
     schedule.last_fire_at = now
     session.flush()
     entry = {
@@ -288,8 +300,8 @@ def trigger_now(session: Session, principal: Principal, ref: str) -> tuple[dict,
         "kind": "manual",
         "status": "fired",
         "skipped_reason": None,
-        "execution_id": execution_id,
-        "chain_execution_id": None,
+        "execution_id": fire.execution_id,
+        "chain_execution_id": fire.chain_execution_id,
         "execution_status": "queued",
     }
     return entry, launched

@@ -2,17 +2,16 @@
 
     resolve(conn, org_id, target)          -> Target   (422 when it names nothing runnable)
     check_input(conn, target, payload)     -> None     (422 keyed by JSON pointer)
-    launch(conn, [Launch, ...])            -> Launched (rows inserted in the caller's transaction)
+    chain_launch(conn, org_id, chain_id, version, payload, id) -> ChainLaunch (422 or 409)
+    launch(conn, [Launch | ChainLaunch])   -> Launched (rows inserted in the caller's transaction)
     publish(launched)                      -> after the caller has committed
 
-Agent targets are complete. Chain targets ({"chain": name}) are refused with 422 until chains
-(issue 4) land. Where they plug in: `resolve` looks the chain up (its id goes in a new
-schedules/triggers column beside agent_id), `check_input` checks against the chain's
-input_schema, `Launch`/`launch` insert chain executions beside the agent ones in the same
-statement set and `Launched` carries their ids (schedule_fires.chain_execution_id exists
-already) to `publish`. The places that refuse a chain today and would call these instead:
-firing.py `_Planner.refusal` and `_Planner.fire`, services.py `trigger_now`, and
-app/triggers/services.py `deliver`.
+A target is an agent ({"agent": name}) or a chain ({"chain": name}), each optionally pinning a
+`version`; schedules and triggers store the agent's or the chain's id (exactly one is set).
+Agent runs are inserted set-based, many in one statement (`Launch`); chain runs one by one
+through the chain services (`chain_launch` checks and builds one, `ChainLaunch`), which is the
+path the chains API takes too. Either way the rows go in the caller's transaction and are
+published after it commits.
 """
 
 from __future__ import annotations
@@ -22,8 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, text
+from sqlalchemy.orm import Session
 
 from app import jsonschemas
+from app.chains import services as chains
+from app.chains.models import Chain, ChainExecution, ChainVersion
+from app.db import db
 from app.errors import Conflict, ValidationFailed
 from app.executions import services as executions
 from app.executions.services import Dispatch, NewExecution, VersionSpec
@@ -31,29 +34,69 @@ from app.executions.services import Dispatch, NewExecution, VersionSpec
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # "agent" ("chain" once issue 4 lands)
+    kind: str  # "agent" or "chain"
     name: str
     version: str | None
-    agent_id: uuid.UUID
-    # Set when the target pins a version; otherwise each run takes the current version.
+    agent_id: uuid.UUID | None
+    # Set when the target pins an agent version; otherwise each run takes the current version.
+    # A chain's pinned version is found by `version` (chain versions never change).
     version_id: uuid.UUID | None
-
-
-def chains_unavailable(pointer: str = "/target/chain") -> ValidationFailed:
-    return ValidationFailed(
-        "chain targets are not available yet",
-        errors={pointer: ["chains are not part of this build"]},
-        hint='target an agent for now: {"agent": "<name>"}',
-    )
+    chain_id: uuid.UUID | None = None
 
 
 _AGENT = text("SELECT id, name, archived_at FROM agents WHERE org_id = :org_id AND name = :name")
 _VERSION = text("SELECT id FROM agent_versions WHERE agent_id = :agent_id AND version = :version")
 
 
+_CHAIN = text("SELECT id, name, archived_at FROM chains WHERE org_id = :org_id AND name = :name")
+_CHAIN_VERSION = text(
+    """
+    SELECT CASE WHEN CAST(:version AS text) IS NULL THEN c.current_version_id
+                ELSE (SELECT v.id FROM chain_versions v
+                      WHERE v.chain_id = c.id AND v.version = :version) END
+    FROM chains c WHERE c.id = :chain_id
+    """
+)
+
+
+def chain_version_id(
+    conn: Connection, chain_id: uuid.UUID, name: str, version: str | None
+) -> uuid.UUID:
+    """The chain version a run takes: the pinned one, else the current one."""
+    found = conn.execute(_CHAIN_VERSION, {"chain_id": chain_id, "version": version}).scalar()
+    if found is None:
+        raise ValidationFailed(
+            f"chain {name!r} has no version {version!r}",
+            errors={"/target/version": ["no such version"]},
+            hint=f"GET /api/v1/chains/{name}/versions lists them",
+        )
+    return found
+
+
+def _resolve_chain(conn: Connection, org_id: uuid.UUID, target: dict[str, Any]) -> Target:
+    name = target.get("chain")
+    row = conn.execute(_CHAIN, {"org_id": org_id, "name": name}).mappings().first()
+    if row is None:
+        raise ValidationFailed(
+            f"no chain {name!r}",
+            errors={"/target/chain": ["no such chain in your organization"]},
+            hint="GET /api/v1/chains lists your chains",
+        )
+    if row["archived_at"] is not None:
+        raise ValidationFailed(
+            f"chain {name!r} is archived and takes no new executions",
+            errors={"/target/chain": ["archived"]},
+            hint="target a live chain; GET /api/v1/chains lists them",
+        )
+    version = target.get("version")
+    if version is not None:
+        chain_version_id(conn, row["id"], name, version)
+    return Target("chain", name, version, None, None, row["id"])
+
+
 def resolve(conn: Connection, org_id: uuid.UUID, target: dict[str, Any]) -> Target:
     if "chain" in target:
-        raise chains_unavailable()
+        return _resolve_chain(conn, org_id, target)
     name = target.get("agent")
     row = conn.execute(_AGENT, {"org_id": org_id, "name": name}).mappings().first()
     if row is None:
@@ -103,7 +146,21 @@ def input_errors(spec: VersionSpec, payload: Any, pointer: str = "/input") -> di
     return jsonschemas.instance_errors(spec.input_validator, payload, pointer)
 
 
+_CHAIN_INPUT_SCHEMA = text("SELECT input_schema FROM chain_versions WHERE id = :id")
+
+
 def check_input(conn: Connection, target: Target, payload: Any, pointer: str = "/input") -> None:
+    if target.chain_id is not None:
+        version_id = chain_version_id(conn, target.chain_id, target.name, target.version)
+        schema = conn.execute(_CHAIN_INPUT_SCHEMA, {"id": version_id}).scalar_one()
+        errors = jsonschemas.instance_errors(jsonschemas.validator_for(schema), payload, pointer)
+        if errors:
+            raise ValidationFailed(
+                "the input does not match the target chain's input_schema",
+                errors=errors,
+                hint=f"GET /api/v1/chains/{target.name} shows the input_schema",
+            )
+        return
     spec = spec_for(conn, target.agent_id, target.version_id)
     errors = input_errors(spec, payload, pointer)
     if errors:
@@ -125,26 +182,91 @@ class Launch:
     input: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class ChainLaunch:
+    """One chain run to start: the chain execution row, checked and built, not yet inserted."""
+
+    execution: ChainExecution
+
+    @property
+    def execution_id(self) -> uuid.UUID:
+        return self.execution.id
+
+
+def _joined(conn: Connection) -> Session:
+    """An ORM session inside the caller's transaction: it neither commits nor, on close, rolls
+    back that transaction (nor opens a savepoint of its own when the caller is in one)."""
+    return Session(bind=conn, join_transaction_mode="rollback_only")
+
+
+def chain_launch(
+    conn: Connection,
+    org_id: uuid.UUID,
+    chain_id: uuid.UUID,
+    version: str | None,
+    payload: Any,
+    execution_id: uuid.UUID,
+) -> ChainLaunch:
+    """Check and build a chain run the way the chains API does (chains.new_execution): 422 for
+    an input its chain version refuses, 409 when the chain is archived or a step cannot run."""
+    with _joined(conn) as session:
+        chain = session.get(Chain, chain_id)
+        assert chain is not None, "the chain's rows cascade away with it"
+        if chain.archived_at is not None:
+            raise chains.archived(chain)
+        chain_version = session.get(
+            ChainVersion, chain_version_id(conn, chain_id, chain.name, version)
+        )
+        assert chain_version is not None
+        return ChainLaunch(
+            chains.new_execution(
+                session, org_id, chain, chain_version, payload, execution_id=execution_id
+            )
+        )
+
+
 @dataclass
 class Launched:
     dispatches: list[Dispatch] = field(default_factory=list)
+    # (chain execution id, chain version id) of each chain run inserted.
+    chain_runs: list[tuple[uuid.UUID, uuid.UUID]] = field(default_factory=list)
 
 
-def launch(conn: Connection, launches: list[Launch]) -> Launched:
-    """Insert the runs in the caller's transaction with one statement; publish after commit."""
+def launch(conn: Connection, launches: list[Launch | ChainLaunch]) -> Launched:
+    """Insert the runs in the caller's transaction (the agent runs with one statement); publish
+    after commit."""
     rows = [
-        NewExecution(item.execution_id, item.org_id, item.spec, item.input) for item in launches
+        NewExecution(item.execution_id, item.org_id, item.spec, item.input)
+        for item in launches
+        if isinstance(item, Launch)
     ]
-    return Launched(executions.insert_queued(conn, rows))
+    launched = Launched(executions.insert_queued(conn, rows))
+    chain_rows = [item.execution for item in launches if isinstance(item, ChainLaunch)]
+    if chain_rows:
+        with _joined(conn) as session:
+            session.add_all(chain_rows)
+            session.flush()
+        launched.chain_runs = [(row.id, row.chain_version_id) for row in chain_rows]
+    return launched
+
+
+def _publish_chain_runs(launched: Launched) -> None:
+    if launched.chain_runs:
+        with db.hot() as conn:
+            for chain_execution_id, version_id in launched.chain_runs:
+                chains.publish_committed(conn, chain_execution_id, version_id)
 
 
 def publish(launched: Launched) -> None:
     executions.publish_committed(launched.dispatches)
+    _publish_chain_runs(launched)
 
 
 def publish_unstamped(launched: Launched) -> list[uuid.UUID]:
     """Publish now, stamp later with `stamp`: for a caller publishing many batches in a row,
-    whose next batch should not wait behind the previous one's stamping."""
+    whose next batch should not wait behind the previous one's stamping. (Chain runs carry
+    no dispatch stamp: resume_stalled finds one whose publish was lost.)"""
+    _publish_chain_runs(launched)
     return executions.publish_many(launched.dispatches)
 
 

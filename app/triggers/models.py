@@ -18,6 +18,8 @@ class Trigger(Base):
     __table_args__ = (
         UniqueConstraint("org_id", "name", name="uq_triggers_org_id_name"),
         CheckConstraint("target_kind IN ('agent', 'chain')", name="target_kind"),
+        # Exactly one target: an agent or a chain.
+        CheckConstraint("(agent_id IS NULL) <> (chain_id IS NULL)", name="one_target"),
         Index("ix_triggers_org_id_created_at", "org_id", "created_at"),
     )
 
@@ -28,6 +30,7 @@ class Trigger(Base):
     target_name: Mapped[str] = mapped_column(String(63))
     target_version: Mapped[str | None] = mapped_column(String(32))
     agent_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("agents.id", ondelete="CASCADE"))
+    chain_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("chains.id", ondelete="CASCADE"))
     version_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("agent_versions.id"))
     input: Mapped[dict[str, Any]]
     secret: Mapped[str] = mapped_column(Text)
@@ -48,4 +51,5 @@ class TriggerDelivery(Base):
     )
     signature: Mapped[str] = mapped_column(String(64), primary_key=True)
     received_at: Mapped[dt.datetime] = now_column()
+    # The run it started: an execution, or a chain execution for a chain target.
     execution_id: Mapped[uuid.UUID | None]

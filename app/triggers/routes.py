@@ -65,6 +65,9 @@ class Hook(MethodView):
     @hooks.alt_response(400, description="the body is not JSON")
     @hooks.alt_response(401, description="bad or missing signature, stale timestamp, or a replay")
     @hooks.alt_response(404, description="no such trigger")
+    @hooks.alt_response(
+        409, description="the target chain, or the agent of one of its steps, is archived"
+    )
     @hooks.alt_response(422, description="the event lacks a referenced value, or the input fails")
     @hooks.doc(
         security=[],
@@ -86,7 +89,9 @@ class Hook(MethodView):
         ],
     )
     def post(self, trigger_id):
-        """Deliver an event: the JSON body is `$.event` for the trigger's input"""
+        """Deliver an event: the JSON body is `$.event` for the trigger's input
+
+        Answers with `execution_id` for an agent target, `chain_execution_id` for a chain."""
         session = request_session()
         body, launched = services.deliver(
             session,

@@ -26,5 +26,8 @@ class TriggerSchema(Schema):
 
 
 class DeliverySchema(Schema):
-    execution_id = fields.UUID()
+    execution_id = fields.UUID(metadata={"description": "the execution started (agent targets)"})
+    chain_execution_id = fields.UUID(
+        metadata={"description": "the chain execution started (chain targets)"}
+    )
     trigger_id = fields.UUID()

@@ -157,6 +157,7 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> tupl
         target_version=target.version,
         agent_id=target.agent_id,
         version_id=target.version_id,
+        chain_id=target.chain_id,
         input=data["input"],
         secret=secret,
     )
@@ -282,26 +283,31 @@ def deliver(
         ) from exc
     payload = render(trigger.input, event)
     conn = session.connection()
-    if trigger.target_kind != "agent":
-        raise targets.chains_unavailable()
-    spec = targets.spec_for(conn, trigger.agent_id, trigger.version_id)
-    errors = targets.input_errors(spec, payload)
-    if errors:
-        raise ValidationFailed(
-            "the rendered input does not match the agent's input_schema",
-            errors=errors,
-            hint=f"GET /api/v1/agents/{spec.agent_name} shows the input_schema",
+    run_id = uuid.uuid4()
+    if trigger.chain_id is not None:
+        launch: targets.Launch | targets.ChainLaunch = targets.chain_launch(
+            conn, trigger.org_id, trigger.chain_id, trigger.target_version, payload, run_id
         )
-    execution_id = uuid.uuid4()
+    else:
+        spec = targets.spec_for(conn, trigger.agent_id, trigger.version_id)
+        errors = targets.input_errors(spec, payload)
+        if errors:
+            raise ValidationFailed(
+                "the rendered input does not match the agent's input_schema",
+                errors=errors,
+                hint=f"GET /api/v1/agents/{spec.agent_name} shows the input_schema",
+            )
+        launch = targets.Launch(run_id, trigger.org_id, spec, payload)
     conn.execute(_FORGET_OLD, {"trigger_id": trigger.id, "before": utcnow() - REPLAY_MEMORY})
     remembered = conn.execute(
         _REMEMBER,
-        {"trigger_id": trigger.id, "signature": digest, "execution_id": execution_id},
+        {"trigger_id": trigger.id, "signature": digest, "execution_id": run_id},
     ).first()
     if remembered is None:
         raise Unauthorized(
             "this request was delivered before (replay)",
             hint="each delivery needs a body of its own, e.g. with an event id",
         )
-    launched = targets.launch(conn, [targets.Launch(execution_id, trigger.org_id, spec, payload)])
-    return {"execution_id": execution_id, "trigger_id": trigger.id}, launched
+    launched = targets.launch(conn, [launch])
+    run = "chain_execution_id" if trigger.chain_id is not None else "execution_id"
+    return {run: run_id, "trigger_id": trigger.id}, launched

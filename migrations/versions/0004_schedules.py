@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("target_name", sa.String(length=63), nullable=False),
         sa.Column("target_version", sa.String(length=32), nullable=True),
         sa.Column("agent_id", sa.UUID(), nullable=True),
+        sa.Column("chain_id", sa.UUID(), nullable=True),
         sa.Column("version_id", sa.UUID(), nullable=True),
         sa.Column("cron", sa.String(length=200), nullable=False),
         sa.Column("timezone", sa.String(length=64), nullable=False),
@@ -62,6 +63,15 @@ def upgrade() -> None:
         ),
         sa.CheckConstraint(
             "target_kind IN ('agent', 'chain')", name=op.f("ck_schedules_target_kind")
+        ),
+        sa.CheckConstraint(
+            "(agent_id IS NULL) <> (chain_id IS NULL)", name=op.f("ck_schedules_one_target")
+        ),
+        sa.ForeignKeyConstraint(
+            ["chain_id"],
+            ["chains.id"],
+            name=op.f("fk_schedules_chain_id_chains"),
+            ondelete="CASCADE",
         ),
         sa.ForeignKeyConstraint(
             ["agent_id"],
@@ -102,6 +112,7 @@ def upgrade() -> None:
         sa.Column("target_name", sa.String(length=63), nullable=False),
         sa.Column("target_version", sa.String(length=32), nullable=True),
         sa.Column("agent_id", sa.UUID(), nullable=True),
+        sa.Column("chain_id", sa.UUID(), nullable=True),
         sa.Column("version_id", sa.UUID(), nullable=True),
         sa.Column("input", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
         sa.Column("secret", sa.Text(), nullable=False),
@@ -113,6 +124,15 @@ def upgrade() -> None:
         ),
         sa.CheckConstraint(
             "target_kind IN ('agent', 'chain')", name=op.f("ck_triggers_target_kind")
+        ),
+        sa.CheckConstraint(
+            "(agent_id IS NULL) <> (chain_id IS NULL)", name=op.f("ck_triggers_one_target")
+        ),
+        sa.ForeignKeyConstraint(
+            ["chain_id"],
+            ["chains.id"],
+            name=op.f("fk_triggers_chain_id_chains"),
+            ondelete="CASCADE",
         ),
         sa.ForeignKeyConstraint(
             ["agent_id"],

@@ -67,12 +67,77 @@ def test_invalid_cron_timezone_target_and_input_are_422_with_pointers(client, or
         assert pointer in response.get_json()["errors"], (overrides, response.get_json())
 
 
-def test_chain_targets_answer_422_with_a_hint(client, org):
-    response = create(client, org, target={"chain": "triage"})
+ADD = {
+    "name": "adder",
+    "runtime": {"type": "python", "entrypoint": "tests.agents:add"},
+    "input_schema": {
+        "type": "object",
+        "required": ["value"],
+        "properties": {"value": {"type": "integer"}, "by": {"type": "integer"}},
+    },
+    "output_schema": {
+        "type": "object",
+        "required": ["value"],
+        "properties": {"value": {"type": "integer"}},
+    },
+}
+
+
+def make_chain(client, org, name="pair"):
+    make_agent(client, org, ADD)
+    body = {
+        "name": name,
+        "input_schema": ADD["input_schema"],
+        "steps": [{"name": "one", "agent": "adder"}, {"name": "two", "agent": "adder"}],
+    }
+    response = client.post("/api/v1/chains", json=body, headers=org.headers)
+    assert response.status_code == 201, response.get_json()
+
+
+def test_a_chain_target_is_stored_with_its_version(client, org, connection):
+    make_chain(client, org)
+    response = create(client, org, target={"chain": "pair", "version": "1.0.0"}, input={"value": 1})
+    assert response.status_code == 201, response.get_json()
     body = response.get_json()
-    assert response.status_code == 422
-    assert "chain" in body["message"] and "/target/chain" in body["errors"]
+    assert body["target"] == {"chain": "pair", "version": "1.0.0"}
+    row = connection.execute(
+        text("SELECT agent_id, chain_id FROM schedules WHERE id = :id"), {"id": body["id"]}
+    ).one()
+    assert row.agent_id is None and row.chain_id is not None
+    patched = client.patch(
+        f"/api/v1/schedules/{body['id']}", json={"input": {"value": "x"}}, headers=org.headers
+    )
+    assert patched.status_code == 422 and "/input/value" in patched.get_json()["errors"]
+
+
+def test_bad_chain_name_version_or_input_is_422_with_a_hint(client, org):
+    make_chain(client, org)
+    cases = [
+        ({"target": {"chain": "nope"}, "input": {"value": 1}}, "/target/chain"),
+        (
+            {"target": {"chain": "pair", "version": "9.9.9"}, "input": {"value": 1}},
+            "/target/version",
+        ),
+        ({"target": {"chain": "pair"}, "input": {}}, "/input"),
+        ({"target": {"chain": "pair"}, "input": {"value": "one"}}, "/input/value"),
+        ({"target": {"chain": "pair", "agent": "adder"}, "input": {"value": 1}}, "/target/agent"),
+    ]
+    for overrides, pointer in cases:
+        response = create(client, org, **overrides)
+        body = response.get_json()
+        assert response.status_code == 422, (overrides, body)
+        assert pointer in body["errors"], (overrides, body)
+    client.delete("/api/v1/chains/pair", headers=org.headers)
+    archived = create(client, org, target={"chain": "pair"}, input={"value": 1})
+    body = archived.get_json()
+    assert archived.status_code == 422 and body["errors"] == {"/target/chain": ["archived"]}
     assert body["hint"]
+
+
+def test_a_chain_of_another_organization_is_unknown(client, org, other_org):
+    make_chain(client, other_org)
+    response = create(client, org, target={"chain": "pair"}, input={"value": 1})
+    assert response.status_code == 422 and "/target/chain" in response.get_json()["errors"]
 
 
 def test_six_fields_take_seconds_first(client, org):
@@ -204,3 +269,37 @@ def test_beat_finds_due_schedules_through_the_next_fire_time_index(connection):
     sql = str(_DUE.compile(compile_kwargs={"literal_binds": False})).replace(":now", "now()")
     plan = connection.execute(text("EXPLAIN " + sql.replace(":limit", "100"))).scalars().all()
     assert any("ix_schedules_due" in line for line in plan), plan
+
+
+def test_trigger_now_inserts_a_chain_execution_and_409s_once_the_chain_is_archived(
+    client, org, connection
+):
+    make_chain(client, org)
+    created = create(client, org, target={"chain": "pair"}, input={"value": 1}).get_json()
+    response = client.post(f"/api/v1/schedules/{created['id']}/trigger", headers=org.headers)
+    assert response.status_code == 202, response.get_json()
+    fired = response.get_json()
+    assert fired["execution_id"] is None and fired["execution_status"] == "queued"
+    row = connection.execute(
+        text("SELECT chain_name, status, input FROM chain_executions WHERE id = :id"),
+        {"id": fired["chain_execution_id"]},
+    ).one()
+    assert tuple(row) == ("pair", "queued", {"value": 1})
+    [entry] = client.get(
+        f"/api/v1/schedules/{created['id']}/history", headers=org.headers
+    ).get_json()
+    assert entry["chain_execution_id"] == fired["chain_execution_id"]
+
+    client.delete("/api/v1/agents/adder", headers=org.headers)
+    refused = client.post(f"/api/v1/schedules/{created['id']}/trigger", headers=org.headers)
+    assert refused.status_code == 409 and "step 'one'" in refused.get_json()["message"]
+    client.delete("/api/v1/chains/pair", headers=org.headers)
+    refused = client.post(f"/api/v1/schedules/{created['id']}/trigger", headers=org.headers)
+    assert refused.status_code == 409 and "archived" in refused.get_json()["message"]
+    assert refused.get_json()["hint"]
+    assert (
+        len(
+            client.get(f"/api/v1/schedules/{created['id']}/history", headers=org.headers).get_json()
+        )
+        == 1
+    )

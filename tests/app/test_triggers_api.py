@@ -118,7 +118,7 @@ def test_creation_checks_target_references_and_literal_input(client, org):
     make_agent(client, org)
     cases = [
         ({"target": {"agent": "nope"}}, "/target/agent"),
-        ({"target": {"chain": "triage"}}, "/target/chain"),
+        ({"target": {"chain": "nope"}}, "/target/chain"),
         ({"input": {"text": "$.input.text"}}, "/input/text"),
         ({"input": {"text": "$.event..x"}}, "/input/text"),
         ({"input": {"count": 3}}, "/input"),
@@ -155,3 +155,31 @@ def test_an_archived_agent_is_not_started_by_its_trigger(client, org):
     client.delete("/api/v1/agents/echo", headers=org.headers)
     response = deliver(client, trigger, {"ticket": {"title": "late"}})
     assert response.status_code == 409 and "archived" in response.get_json()["message"]
+
+
+def test_a_chain_target_is_checked_and_stored(client, org, connection):
+    from tests.app.test_schedules_api import make_chain
+
+    make_chain(client, org)
+    body = {"name": "t", "target": {"chain": "pair"}, "input": {"value": "x"}}
+    refused = client.post("/api/v1/triggers", json=body, headers=org.headers)
+    assert refused.status_code == 422 and "/input/value" in refused.get_json()["errors"]
+    body["target"]["version"] = "2.0.0"
+    body["input"] = {"value": "$.event.n"}
+    refused = client.post("/api/v1/triggers", json=body, headers=org.headers)
+    assert refused.status_code == 422 and "/target/version" in refused.get_json()["errors"]
+    body["target"]["version"] = "1.0.0"
+    created = client.post("/api/v1/triggers", json=body, headers=org.headers)
+    assert created.status_code == 201, created.get_json()
+    trigger = created.get_json()
+    row = connection.execute(
+        text("SELECT agent_id, chain_id FROM triggers WHERE id = :id"), {"id": trigger["id"]}
+    ).one()
+    assert row.agent_id is None and row.chain_id is not None
+    delivered = deliver(client, trigger, {"n": 4})
+    assert delivered.status_code == 202, delivered.get_json()
+    run = connection.execute(
+        text("SELECT input FROM chain_executions WHERE id = :id"),
+        {"id": delivered.get_json()["chain_execution_id"]},
+    ).scalar_one()
+    assert run == {"value": 4}
