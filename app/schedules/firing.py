@@ -488,8 +488,15 @@ def fire_due(now: dt.datetime, fired_by: str, report: TickReport) -> None:
                     break
         finally:
             published: list[uuid.UUID] = []
+            failure: BaseException | None = None
             for done in pending:
-                batch, sent = done.result()
+                # Every batch that went out is counted and stamped, even when another failed:
+                # an unstamped one would be sent again by the sweeper.
+                try:
+                    batch, sent = done.result()
+                except BaseException as exc:
+                    failure = failure or exc
+                    continue
                 published.extend(sent)
                 for fire in batch.fires:
                     report.count(fire["status"])
@@ -497,6 +504,8 @@ def fire_due(now: dt.datetime, fired_by: str, report: TickReport) -> None:
             # one's stamps. Until stamped, a row is only at risk of a second, harmless message
             # from the sweeper (a duplicate finds nothing to claim).
             targets.stamp(published)
+            if failure is not None:
+                raise failure
 
 
 _BUFFERED_READY = text(
