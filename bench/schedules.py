@@ -83,15 +83,6 @@ def setup_database(cleanups: list[Callable[[], None]]) -> str:
     return server_url.set(database=DATABASE).render_as_string(hide_password=False)
 
 
-def claim_redis(redis_url: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    if not client.set("runyard:test-run", f"bench-{os.getpid()}", nx=True, ex=600):
-        raise BenchError(f"{redis_url} is claimed by a test run; pick another --redis-db")
-    client.close()
-
-
 def next_boundary() -> dt.datetime:
     now = dt.datetime.now(dt.UTC)
     boundary = now.replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
@@ -167,7 +158,6 @@ def runyard_phase(args, children: Children, database_url: str, redis_url: str) -
     from sqlalchemy.engine import make_url
 
     flushdb(redis_url)
-    claim_redis(redis_url)
     boundary = next_boundary()
     seed(database_url, args.count, boundary)
     env = {
@@ -238,7 +228,6 @@ def plain_phase(args, children: Children, redis_url: str) -> dict:
     import redis
 
     flushdb(redis_url)
-    claim_redis(redis_url)
     boundary = next_boundary()
     env = {**os.environ, "REDIS_URL": redis_url, "BENCH_SCHEDULES": str(args.count)}
     beat = children.start(
