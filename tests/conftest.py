@@ -69,15 +69,11 @@ def pytest_configure(config: pytest.Config) -> None:
         _embedded.append(postgres)
         database_url = _fresh_database(postgres.start(), f"runyard_test_{RUN_ID}")
     redis_url = os.environ.get("REDIS_URL")
-    if redis_url:
-        redis_url = _claim_redis_database(redis_url)
-    else:
+    if not redis_url:
         redis = EmbeddedRedis(ROOT / ".runyard" / "test-redis")
         _embedded.append(redis)
         redis_url = redis.start()
-        import redis as redis_client
-
-        redis_client.Redis.from_url(redis_url).flushdb()
+    redis_url = _claim_redis_database(redis_url)
     os.environ.update(
         {
             "DATABASE_URL": database_url,
