@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, func
+from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, func, select
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -50,6 +50,13 @@ def now_column() -> Mapped[dt.datetime]:
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def page(session: Session, query: Any, *order_by: Any, offset: int, limit: int) -> tuple[list, int]:
+    """One page of a list query, in the given order, and the total it was cut from."""
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    items = session.scalars(query.order_by(*order_by).offset(offset).limit(limit)).all()
+    return list(items), total
 
 
 class Database:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app import jsonschemas
 from app.agents.models import Agent, AgentVersion
 from app.config import Config, current_config
-from app.db import utcnow
+from app.db import page, utcnow
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.orgs.services import Principal
 
@@ -344,14 +344,13 @@ def list_agents(
             # Each word matches as a prefix of a word of the name or description.
             tsquery = " & ".join(f"{w.lower()}:*" for w in words)
             query = query.where(Agent.search.op("@@")(func.to_tsquery("simple", tsquery)))
-    total = session.scalar(select(func.count()).select_from(query.subquery()))
-    items = session.scalars(
-        query.order_by(Agent.created_at.desc(), Agent.id).offset(offset).limit(limit)
-    ).all()
+    items, total = page(
+        session, query, Agent.created_at.desc(), Agent.id, offset=offset, limit=limit
+    )
     # Load the page's current versions in one query; describe() then finds them in the session.
     version_ids = [agent.current_version_id for agent in items]
     session.scalars(select(AgentVersion).where(AgentVersion.id.in_(version_ids))).all()
-    return list(items), total or 0
+    return items, total
 
 
 def list_versions(
@@ -359,15 +358,15 @@ def list_versions(
 ) -> tuple[list[AgentVersion], int]:
     agent = resolve(session, principal, ref)
     query = select(AgentVersion).where(AgentVersion.agent_id == agent.id)
-    total = session.scalar(select(func.count()).select_from(query.subquery()))
-    items = session.scalars(
-        query.order_by(
-            AgentVersion.major.desc(), AgentVersion.minor.desc(), AgentVersion.patch.desc()
-        )
-        .offset(offset)
-        .limit(limit)
-    ).all()
-    return list(items), total or 0
+    return page(
+        session,
+        query,
+        AgentVersion.major.desc(),
+        AgentVersion.minor.desc(),
+        AgentVersion.patch.desc(),
+        offset=offset,
+        limit=limit,
+    )
 
 
 def get_version(session: Session, principal: Principal, ref: str, version: str) -> AgentVersion:

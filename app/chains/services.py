@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from psycopg.types.json import Jsonb
-from sqlalchemy import Connection, func, select, text
+from sqlalchemy import Connection, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -40,7 +40,7 @@ from app.chains import definitions
 from app.chains.definitions import AgentSchemas, Plan, Problems, Step
 from app.chains.models import ACTIVE_CHAIN_STATUSES, Chain, ChainExecution, ChainVersion
 from app.config import current_config
-from app.db import db, utcnow
+from app.db import db, page, utcnow
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.executions import services as executions
 from app.executions.models import TERMINAL_STATUSES, Execution
@@ -273,11 +273,7 @@ def list_chains(
     query = select(Chain).where(Chain.org_id == principal.org_id)
     if not include_archived:
         query = query.where(Chain.archived_at.is_(None))
-    total = session.scalar(select(func.count()).select_from(query.subquery()))
-    items = session.scalars(
-        query.order_by(Chain.created_at.desc(), Chain.id).offset(offset).limit(limit)
-    ).all()
-    return list(items), total or 0
+    return page(session, query, Chain.created_at.desc(), Chain.id, offset=offset, limit=limit)
 
 
 def list_versions(
@@ -285,15 +281,15 @@ def list_versions(
 ) -> tuple[list[ChainVersion], int]:
     chain = resolve(session, principal, ref)
     query = select(ChainVersion).where(ChainVersion.chain_id == chain.id)
-    total = session.scalar(select(func.count()).select_from(query.subquery()))
-    items = session.scalars(
-        query.order_by(
-            ChainVersion.major.desc(), ChainVersion.minor.desc(), ChainVersion.patch.desc()
-        )
-        .offset(offset)
-        .limit(limit)
-    ).all()
-    return list(items), total or 0
+    return page(
+        session,
+        query,
+        ChainVersion.major.desc(),
+        ChainVersion.minor.desc(),
+        ChainVersion.patch.desc(),
+        offset=offset,
+        limit=limit,
+    )
 
 
 def get_version(session: Session, principal: Principal, ref: str, version: str) -> ChainVersion:
@@ -1323,13 +1319,14 @@ def list_executions(
         query = query.where(ChainExecution.chain_id == resolve(session, principal, chain).id)
     if status:
         query = query.where(ChainExecution.status == status)
-    total = session.scalar(select(func.count()).select_from(query.subquery()))
-    items = session.scalars(
-        query.order_by(ChainExecution.queued_at.desc(), ChainExecution.id.desc())
-        .offset(offset)
-        .limit(limit)
-    ).all()
-    return list(items), total or 0
+    return page(
+        session,
+        query,
+        ChainExecution.queued_at.desc(),
+        ChainExecution.id.desc(),
+        offset=offset,
+        limit=limit,
+    )
 
 
 # FOR UPDATE first: a step insert under way finishes before (and its row is then cancelled

@@ -26,14 +26,14 @@ from typing import Any
 import psycopg
 from jsonschema import Draft202012Validator
 from psycopg.types.json import Jsonb
-from sqlalchemy import Connection, bindparam, func, select, text
+from sqlalchemy import Connection, bindparam, select, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from app import jsonschemas
 from app.agents.models import Agent
 from app.config import current_config
-from app.db import db
+from app.db import db, page
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.executions.models import LEVEL_NAMES, LEVELS, Execution, ExecutionAttempt, ExecutionLog
 from app.orgs.services import Principal
@@ -862,11 +862,9 @@ def list_executions(
         query = query.where(Execution.queued_at >= since)
     if until:
         query = query.where(Execution.queued_at < until)
-    total = session.scalar(select(func.count()).select_from(query.subquery()))
-    items = session.scalars(
-        query.order_by(Execution.queued_at.desc(), Execution.id.desc()).offset(offset).limit(limit)
-    ).all()
-    return list(items), total or 0
+    return page(
+        session, query, Execution.queued_at.desc(), Execution.id.desc(), offset=offset, limit=limit
+    )
 
 
 def logs(

@@ -11,7 +11,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db import utcnow
+from app.db import page, utcnow
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.orgs.services import Principal
 from app.schedules import cron, targets
@@ -194,11 +194,7 @@ def list_schedules(
     session: Session, principal: Principal, *, offset: int, limit: int
 ) -> tuple[list[Schedule], int]:
     query = select(Schedule).where(Schedule.org_id == principal.org_id)
-    total = session.scalar(select(func.count()).select_from(query.subquery()))
-    items = session.scalars(
-        query.order_by(Schedule.created_at.desc(), Schedule.id).offset(offset).limit(limit)
-    ).all()
-    return list(items), total or 0
+    return page(session, query, Schedule.created_at.desc(), Schedule.id, offset=offset, limit=limit)
 
 
 def present(schedule: Schedule) -> dict[str, Any]:

@@ -28,11 +28,11 @@ import secrets
 import uuid
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db import utcnow
+from app.db import page, utcnow
 from app.errors import (
     Conflict,
     NotFound,
@@ -188,11 +188,7 @@ def list_triggers(
     session: Session, principal: Principal, *, offset: int, limit: int
 ) -> tuple[list[Trigger], int]:
     query = select(Trigger).where(Trigger.org_id == principal.org_id)
-    total = session.scalar(select(func.count()).select_from(query.subquery()))
-    items = session.scalars(
-        query.order_by(Trigger.created_at.desc(), Trigger.id).offset(offset).limit(limit)
-    ).all()
-    return list(items), total or 0
+    return page(session, query, Trigger.created_at.desc(), Trigger.id, offset=offset, limit=limit)
 
 
 def delete(session: Session, principal: Principal, ref: str) -> None:
