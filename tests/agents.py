@@ -84,3 +84,12 @@ def add(payload, ctx):
 def late_boom(payload, ctx):
     time.sleep(payload.get("seconds", 0.3))
     raise RuntimeError("the agent blew up late")
+
+
+def ledger(payload, ctx):
+    """Sleeps, then appends `execution_id attempt` to the file named in the input: one line per
+    time the agent's work ran to its end (tests/faults counts them)."""
+    time.sleep(payload.get("seconds", 0.05))
+    with open(payload["ledger"], "a") as ledger_file:
+        ledger_file.write(f"{ctx.execution_id} {ctx.attempt}\n")
+    return {"n": payload.get("n", 0)}
