@@ -17,7 +17,7 @@ POLL_SECONDS = "0.2"
 
 
 class BeatProcess:
-    def __init__(self, directory: Path, name: str) -> None:
+    def __init__(self, directory: Path, name: str, env: dict[str, str] | None = None) -> None:
         self.log_path = directory / f"{name}.log"
         celery = Path(sys.executable).parent / "celery"
         with open(self.log_path, "wb") as log_file:
@@ -38,6 +38,7 @@ class BeatProcess:
                     **os.environ,
                     "PYTHONPATH": str(ROOT),
                     "RUNYARD_SCHEDULE_POLL_SECONDS": POLL_SECONDS,
+                    **(env or {}),
                 },
                 stdout=log_file,
                 stderr=subprocess.STDOUT,

@@ -223,10 +223,15 @@ def make_token(org: Org, role: str, **kwargs) -> str:
 
 @contextlib.contextmanager
 def celery_worker(
-    log_path: Path, queues: str = "default", concurrency: int = 2, name: str = "test"
+    log_path: Path,
+    queues: str = "default",
+    concurrency: int = 2,
+    name: str = "test",
+    env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen]:
     """A real Celery worker subprocess (prefork), ready when this yields; stopped (warm, then
-    killed with its whole group) when the block ends."""
+    killed with its whole group) when the block ends. `env` overrides the test environment
+    (another broker or database, shorter leases)."""
     celery = Path(sys.executable).parent / "celery"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
@@ -250,7 +255,7 @@ def celery_worker(
             ],
             cwd=ROOT,
             # tests.agents must be importable in the pool processes.
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
