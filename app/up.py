@@ -143,6 +143,23 @@ def load_examples(org_name: str = "default") -> list[str]:
     return names
 
 
+def flower_command(port: int, user: str, password: str) -> list[str]:
+    """Flower on loopback, behind HTTP basic auth: its pages and API show task arguments and
+    can shut workers down, so it never runs open."""
+    if not password:
+        raise ValueError("Flower needs a password (RUNYARD_FLOWER_PASSWORD)")
+    celery = Path(sys.executable).parent / "celery"
+    return [
+        str(celery),
+        "-A",
+        "workers",
+        "flower",
+        f"--port={port}",
+        "--address=127.0.0.1",
+        f"--basic-auth={user}:{password}",
+    ]
+
+
 def up(with_examples: bool = True) -> int:
     cfg = current_config()
     home = cfg.home.resolve()
@@ -208,14 +225,7 @@ def up(with_examples: bool = True) -> int:
             "beat", [*celery, "beat", "-l", "INFO", "-s", str(home / "celerybeat-schedule")]
         )
         supervisor.start(
-            "flower",
-            [
-                *celery,
-                "flower",
-                f"--port={cfg.flower_port}",
-                "--address=127.0.0.1",
-                f"--basic-auth={cfg.flower_user}:{flower_password}",
-            ],
+            "flower", flower_command(cfg.flower_port, cfg.flower_user, flower_password)
         )
         api_url = f"http://{cfg.api_host}:{cfg.api_port}"
         _wait_http(f"{api_url}/healthz", supervisor)

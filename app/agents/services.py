@@ -67,6 +67,18 @@ def _check_definition(document: dict[str, Any]) -> None:
     runtime = document.get("runtime")
     if isinstance(runtime, dict):
         problems.extend(_check_runtime(runtime, cfg))
+    timeout = document.get("timeout_seconds")
+    if isinstance(timeout, int) and timeout > cfg.max_timeout_seconds:
+        # The broker's visibility timeout is set above this bound: a longer execution would
+        # have its message handed to a second worker while the first still runs it.
+        problems.append(
+            ValidationFailed(
+                f"timeout_seconds {timeout} is above this installation's longest timeout",
+                errors={"/timeout_seconds": [f"at most {cfg.max_timeout_seconds}"]},
+                hint="lower timeout_seconds, or raise RUNYARD_MAX_TIMEOUT_SECONDS on the API "
+                "and every worker",
+            )
+        )
     if len(problems) == 1:
         raise problems[0]
     if problems:

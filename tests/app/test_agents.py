@@ -1,5 +1,6 @@
 """Agents and versions through the API: create, list, read, patch, archive, and every refusal."""
 
+import dataclasses
 import json
 
 import pytest
@@ -293,3 +294,27 @@ def test_a_script_that_does_not_compile_is_refused(client, org):
     response = client.post("/api/v1/agents", json=body, headers=org.headers)
     assert response.status_code == 422
     assert response.get_json()["errors"]["/runtime/source"][0].startswith("line 1")
+
+
+@pytest.fixture
+def longest_timeout_600():
+    from app.config import current_config, use_config
+
+    cfg = current_config()
+    use_config(dataclasses.replace(cfg, max_timeout_seconds=600))
+    yield
+    use_config(cfg)
+
+
+def test_a_timeout_above_the_installations_longest_is_refused(client, org, longest_timeout_600):
+    response = client.post("/api/v1/agents", json=agent(timeout_seconds=601), headers=org.headers)
+    assert response.status_code == 422
+    body = response.get_json()
+    assert body["errors"] == {"/timeout_seconds": ["at most 600"]}
+    assert "RUNYARD_MAX_TIMEOUT_SECONDS" in body["hint"]
+    create(client, org, timeout_seconds=600)
+    patched = client.patch(
+        "/api/v1/agents/summarize-ticket", json={"timeout_seconds": 601}, headers=org.headers
+    )
+    assert patched.status_code == 422
+    assert patched.get_json()["errors"] == {"/timeout_seconds": ["at most 600"]}

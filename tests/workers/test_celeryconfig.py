@@ -22,3 +22,27 @@ def test_beat_reads_schedules_from_postgresql_and_keeps_the_sweeper():
 
     assert symbol_by_name(app.conf.beat_scheduler) is DatabaseScheduler
     assert app.conf.beat_schedule["runyard-sweep"]["task"] == "runyard.sweep"
+
+
+def test_the_agent_schema_allows_no_timeout_above_the_visibility_timeout():
+    import json
+    from pathlib import Path
+
+    schema = json.loads((Path(__file__).parents[2] / "schemas" / "agent.json").read_text())
+    allowed = schema["properties"]["timeout_seconds"]["maximum"]
+    assert allowed <= current_config().max_timeout_seconds
+    assert app.conf.broker_transport_options["visibility_timeout"] > allowed
+
+
+def test_a_running_worker_uses_these_settings(worker):
+    """What a live worker reports over the broker, not only what this process imported."""
+    replies = app.control.inspect(timeout=5).conf(with_defaults=True) or {}
+    worker_conf = next(conf for name, conf in replies.items() if name.startswith("test-"))
+    assert worker_conf["task_acks_late"] is True
+    assert worker_conf["task_reject_on_worker_lost"] is True
+    assert worker_conf["worker_prefetch_multiplier"] == 1
+    assert worker_conf["accept_content"] == ["json"]
+    assert worker_conf["task_serializer"] == "json"
+    assert worker_conf["result_serializer"] == "json"
+    visibility = worker_conf["broker_transport_options"]["visibility_timeout"]
+    assert visibility > current_config().max_timeout_seconds
