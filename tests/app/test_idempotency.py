@@ -115,9 +115,7 @@ def test_keys_belong_to_one_organization(client, org, other_org, connection):
     make_echo(client, org)
     make_echo(client, other_org)
     mine = client.post(SUBMIT, json={"input": {"text": "hi"}}, headers=keyed(org, "shared"))
-    theirs = client.post(
-        SUBMIT, json={"input": {"text": "hi"}}, headers=keyed(other_org, "shared")
-    )
+    theirs = client.post(SUBMIT, json={"input": {"text": "hi"}}, headers=keyed(other_org, "shared"))
     assert mine.status_code == theirs.status_code == 202
     assert "Idempotency-Replayed" not in theirs.headers
     assert mine.json["id"] != theirs.json["id"]
