@@ -318,3 +318,28 @@ def test_request_hash_is_canonical():
     assert same != idempotency.request_hash("POST", "/p", b'{"a": 2, "b": [1, 2]}')
     assert idempotency.request_hash("POST", "/p", b"{not json") != same
     assert len(same) == 64  # sha256, in hex
+
+
+def test_trigger_now_with_a_key_fires_once_and_publishes_after_commit(client, org, connection):
+    make_echo(client, org)
+    schedule = {
+        "name": "nightly",
+        "target": {"agent": "echo"},
+        "cron": "0 2 * * *",
+        "timezone": "UTC",
+        "input": {"text": "report"},
+        "enabled": False,
+    }
+    created = client.post("/api/v1/schedules", json=schedule, headers=org.headers).json
+    path = f"/api/v1/schedules/{created['id']}/trigger"
+    fired = client.post(path, headers=keyed(org, "fire-once"))
+    again = client.post(path, headers=keyed(org, "fire-once"))
+    assert fired.status_code == again.status_code == 202
+    assert again.get_json() == fired.get_json() and again.headers["Idempotency-Replayed"]
+    assert count(connection, "executions", org) == 1
+    # The publish held back for the commit did run: it stamps the row it sent.
+    dispatched = connection.execute(
+        text("SELECT dispatched_at FROM executions WHERE id = :id"),
+        {"id": fired.json["execution_id"]},
+    ).scalar()
+    assert dispatched is not None
