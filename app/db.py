@@ -26,6 +26,7 @@ from typing import Any
 
 from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, func, select
 from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.engine import Transaction
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,9 @@ class RequestTransaction:
     ``Database.begin_request``). Ends once, by ``commit`` or ``rollback``; the connection goes
     back to the pool either way."""
 
-    def __init__(self, connection: Connection, transaction: Any, owns_connection: bool) -> None:
+    def __init__(
+        self, connection: Connection, transaction: Transaction, owns_connection: bool
+    ) -> None:
         self.connection = connection
         self._transaction = transaction
         self._owns_connection = owns_connection
