@@ -53,6 +53,8 @@ worker_send_task_events = False
 task_send_sent_event = False
 worker_hijack_root_logger = False
 
+_idempotency_prune_seconds = 600.0
+
 # Schedules live in PostgreSQL (app/schedules); the static entries below run beside them.
 beat_scheduler = "workers.scheduler:DatabaseScheduler"
 beat_schedule = {
@@ -65,5 +67,11 @@ beat_schedule = {
         "task": "runyard.chains_resume",
         "schedule": _cfg.sweep_interval_seconds,
         "options": {"expires": _cfg.sweep_interval_seconds},
+    },
+    # Expired keys already count as absent; pruning only keeps the table small.
+    "runyard-idempotency-prune": {
+        "task": "runyard.idempotency_prune",
+        "schedule": _idempotency_prune_seconds,
+        "options": {"expires": _idempotency_prune_seconds},
     },
 }

@@ -7,20 +7,29 @@ Two ways in:
 
 Tests bind both to one connection inside an outer transaction (``bind_for_tests``), so every test
 rolls back while the code under test still commits.
+
+A request sent with an Idempotency-Key runs in one transaction of its own (``begin_request``):
+until it ends, ``session()``, ``hot()`` and ``begin()`` in that context join it with savepoints,
+and ``after_commit`` holds back what must not happen before the commit (publishing to the broker).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar, Token
 from typing import Any
 
 from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, func, select
 from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.engine import Transaction
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+log = logging.getLogger(__name__)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -57,6 +66,62 @@ def page(session: Session, query: Any, *order_by: Any, offset: int, limit: int) 
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     items = session.scalars(query.order_by(*order_by).offset(offset).limit(limit)).all()
     return list(items), total
+
+
+class RequestTransaction:
+    """One transaction on one connection that the code of one request joins (see
+    ``Database.begin_request``). Ends once, by ``commit`` or ``rollback``; the connection goes
+    back to the pool either way."""
+
+    def __init__(
+        self, connection: Connection, transaction: Transaction, owns_connection: bool
+    ) -> None:
+        self.connection = connection
+        self._transaction = transaction
+        self._owns_connection = owns_connection
+        self._after_commit: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self.open = True
+        self._token: Token = _request_transaction.set(self)
+
+    def defer(self, callback: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self._after_commit.append((callback, args))
+
+    def commit(self) -> None:
+        """Commit, then run what waited for the commit. A failed commit raises and runs
+        nothing (the pool rolls the connection back)."""
+        callbacks = self._after_commit
+        try:
+            self._transaction.commit()
+        finally:
+            self._end()
+        for callback, args in callbacks:
+            try:
+                callback(*args)
+            except Exception:
+                # The work is committed: the sweeper and the chains' resume check publish
+                # what could not be published here.
+                log.warning("after-commit %s failed", callback.__qualname__, exc_info=True)
+
+    def rollback(self) -> None:
+        if not self.open:
+            return
+        try:
+            if self._transaction.is_active:
+                self._transaction.rollback()
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        self.open = False
+        self._after_commit = []
+        _request_transaction.reset(self._token)
+        if self._owns_connection:
+            self.connection.close()
+
+
+_request_transaction: ContextVar[RequestTransaction | None] = ContextVar(
+    "runyard_request_transaction", default=None
+)
 
 
 class Database:
@@ -119,12 +184,16 @@ class Database:
                     self._sessionmaker = sessionmaker(self._engine, expire_on_commit=False)
         return self._engine
 
+    def _joined(self) -> Connection | None:
+        """The connection this context's work joins: a request's transaction, else a test's."""
+        request = _request_transaction.get()
+        return request.connection if request is not None else self._test_connection
+
     def session(self) -> Session:
-        if self._test_connection is not None:
+        joined = self._joined()
+        if joined is not None:
             return Session(
-                bind=self._test_connection,
-                join_transaction_mode="create_savepoint",
-                expire_on_commit=False,
+                bind=joined, join_transaction_mode="create_savepoint", expire_on_commit=False
             )
         self.engine  # noqa: B018 - builds the sessionmaker
         assert self._sessionmaker is not None
@@ -133,6 +202,13 @@ class Database:
     @contextmanager
     def hot(self) -> Iterator[Connection]:
         """An autocommit connection: each statement is its own transaction."""
+        request = _request_transaction.get()
+        if request is not None:
+            # A savepoint stands in for autocommit: a failed statement undoes only its own
+            # block and leaves the request's transaction usable (for storing a 4xx answer).
+            with request.connection.begin_nested():
+                yield request.connection
+            return
         if self._test_connection is not None:
             yield self._test_connection
             return
@@ -140,6 +216,41 @@ class Database:
         assert self._autocommit is not None
         with self._autocommit.connect() as conn:
             yield conn
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A transaction of its own: committed when the block ends, rolled back if it raises."""
+        joined = self._joined()
+        if joined is not None:
+            with joined.begin_nested():
+                yield joined
+            return
+        with self.engine.begin() as conn:
+            yield conn
+
+    def begin_request(self) -> RequestTransaction:
+        """Start the transaction that everything in this context joins until it ends. Inside
+        a test's transaction it is a savepoint of that."""
+        if self._test_connection is not None:
+            return RequestTransaction(
+                self._test_connection, self._test_connection.begin_nested(), False
+            )
+        connection = self.engine.connect()
+        try:
+            transaction = connection.begin()
+        except BaseException:
+            connection.close()
+            raise
+        return RequestTransaction(connection, transaction, True)
+
+    def after_commit(self, callback: Callable[..., Any], *args: Any) -> Any:
+        """Run `callback(*args)` now, or once this context's request transaction has committed
+        (never, if it rolls back). Returns the callback's result when it ran now, else None."""
+        request = _request_transaction.get()
+        if request is None:
+            return callback(*args)
+        request.defer(callback, args)
+        return None
 
     @contextmanager
     def bind_for_tests(self, connection: Connection) -> Iterator[None]:
@@ -160,4 +271,14 @@ class Database:
 
 db = Database()
 
-__all__ = ["JSONB", "UUID", "Base", "Database", "db", "now_column", "utcnow", "uuid_pk"]
+__all__ = [
+    "JSONB",
+    "UUID",
+    "Base",
+    "Database",
+    "RequestTransaction",
+    "db",
+    "now_column",
+    "utcnow",
+    "uuid_pk",
+]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from http import HTTPStatus
 from typing import Any
 
 import flask_smorest
@@ -13,7 +14,9 @@ from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
+from app.db import db
 from app.errors import RunyardError, Unavailable, UnsupportedMediaType
+from app.idempotency import services as idempotency
 from app.orgs.services import Principal, authenticate
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,27 @@ def _body(code: int, status: str, message: str, errors: dict | None = None, hint
     return body
 
 
+IDEMPOTENCY_PARAMETER = "IdempotencyKey"
+
+
 class RunyardApi(Api):
+    def _init_spec(self, **kwargs):
+        super()._init_spec(**kwargs)
+        self.spec.components.parameter(
+            IDEMPOTENCY_PARAMETER,
+            "header",
+            {
+                "name": idempotency.HEADER,
+                "required": False,
+                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                "description": "Send the request again with the same key (within 24 hours, "
+                "same body) and get the first answer again, with `Idempotency-Replayed: true`, "
+                "instead of doing it twice. The same key with another body: 422. While the "
+                "first request with the key is still running: 409, try again shortly. Keys "
+                "belong to your organization; a 5xx answer leaves the key free.",
+            },
+        )
+
     def handle_http_exception(self, error: HTTPException):
         data = getattr(error, "data", None) or {}
         # Keep what the exception itself says in headers (Allow on a 405, for one).
@@ -148,6 +171,79 @@ def install(app: Flask, api: RunyardApi) -> None:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return jsonify(_body(500, "Internal Server Error", "internal error; see server logs")), 500
 
+    _install_idempotency(app, unexpected)
+
+
+def _install_idempotency(app: Flask, error_response) -> None:
+    """`Idempotency-Key` on a POST under /api/v1: the request runs in one transaction that holds
+    the key (app/idempotency/services.py) and commits together with its answer; a repeat gets
+    the stored answer. Every POST there takes a key: the creates, and cancel, pause, resume and
+    trigger, where the first answer is the idempotent one. Not /hooks/<id>: deliveries have
+    their own replay protection."""
+
+    @app.before_request
+    def idempotent_begin():
+        key = request.headers.get(idempotency.HEADER)
+        if (
+            key is None
+            or request.method != "POST"
+            or request.url_rule is None
+            or not request.path.startswith("/api/v1/")
+        ):
+            return None
+        idempotency.check_key(key)
+        hashed = idempotency.request_hash(
+            request.method, request.path, request.get_data(cache=True)
+        )
+        org_id = current_principal().org_id
+        transaction = db.begin_request()
+        try:
+            replay = idempotency.claim(transaction.connection, org_id, key, hashed)
+        except BaseException:
+            transaction.rollback()
+            raise
+        if replay is None:
+            g.idempotency = (transaction, org_id, key)
+            return None
+        transaction.rollback()  # it wrote nothing
+        response = jsonify(replay.body) if replay.body is not None else app.response_class()
+        response.status_code = replay.status
+        response.headers[idempotency.REPLAYED_HEADER] = "true"
+        return response
+
+    @app.after_request
+    def idempotent_finish(response):
+        claimed = g.pop("idempotency", None)
+        if claimed is None:
+            return response
+        transaction, org_id, key = claimed
+        # The request's session first: what it did not commit must not ride on our commit.
+        close_request_session()
+        if response.status_code >= 500:
+            transaction.rollback()  # the key stays free for a retry
+            return response
+        try:
+            idempotency.record(
+                transaction.connection,
+                org_id,
+                key,
+                response.status_code,
+                response.get_json(silent=True),
+            )
+            transaction.commit()
+        except Exception as exc:
+            transaction.rollback()
+            return app.make_response(error_response(exc))
+        return response
+
+    @app.teardown_request
+    def idempotent_abandon(_exc: BaseException | None):
+        """An exception no handler turned into an answer: undo the request."""
+        claimed = g.pop("idempotency", None)
+        if claimed is not None:
+            close_request_session()
+            claimed[0].rollback()
+
 
 def _is_database_down(error: Exception) -> bool:
     """Also psycopg's own errors: the hot statements run on the driver connection directly."""
@@ -196,8 +292,6 @@ class ChunkedBodyLimit:
 def request_session():
     """The request's ORM session, opened on first use and closed when the request ends."""
     if "session" not in g:
-        from app.db import db
-
         g.session = db.session()
     return g.session
 
@@ -224,6 +318,21 @@ class Blueprint(flask_smorest.Blueprint):
     there is no such page), so clients need not test for their presence."""
 
     DEFAULT_PAGINATION_PARAMETERS = {"page": 1, "page_size": 20, "max_page_size": 100}
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._prepare_doc_cbks.append(self._prepare_idempotency_doc)
+
+    def _prepare_idempotency_doc(self, doc, _doc_info, *, method, **_kwargs):
+        """Every POST under /api/v1 takes an Idempotency-Key (see _install_idempotency)."""
+        if method != "post" or not (self.url_prefix or "").startswith("/api/v1"):
+            return doc
+        doc.setdefault("parameters", []).append(IDEMPOTENCY_PARAMETER)
+        responses = doc.setdefault("responses", {})
+        for status in HTTPStatus.CONFLICT, HTTPStatus.UNPROCESSABLE_ENTITY:
+            if status.value not in responses and str(status.value) not in responses:
+                responses[status.value] = status.name
+        return doc
 
     @staticmethod
     def _make_pagination_metadata(page, page_size, item_count):

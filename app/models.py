@@ -4,6 +4,7 @@ from app.agents.models import Agent, AgentVersion
 from app.chains.models import Chain, ChainExecution, ChainVersion
 from app.db import Base
 from app.executions.models import Execution, ExecutionLog
+from app.idempotency.models import IdempotencyKey
 from app.orgs.models import ApiToken, Organization
 from app.schedules.models import Schedule, ScheduleFire
 from app.triggers.models import Trigger, TriggerDelivery
@@ -19,6 +20,7 @@ __all__ = [
     "ChainVersion",
     "Execution",
     "ExecutionLog",
+    "IdempotencyKey",
     "Organization",
     "Schedule",
     "ScheduleFire",

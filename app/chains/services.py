@@ -384,8 +384,13 @@ def submit(
     )
     session.add(execution)
     session.commit()
-    publish_committed(session.connection(), execution.id, chain_version.id)
+    db.after_commit(_publish_submitted, execution.id, chain_version.id)
     return execution
+
+
+def _publish_submitted(chain_execution_id: uuid.UUID, chain_version_id: uuid.UUID) -> None:
+    with db.hot() as conn:
+        publish_committed(conn, chain_execution_id, chain_version_id)
 
 
 def new_execution(
@@ -946,26 +951,35 @@ def _reconcile_and_publish(
 ) -> tuple[bool, bool]:
     """(whether the canvas may carry on, whether anything was published)."""
     continuations: list[Continuation] = []
-    with db.engine.begin() as conn:
+    with db.begin() as conn:
         proceed = _reconcile(conn, chain_execution_id, in_canvas, continuations)
         if resuming:
             conn.execute(
                 text("UPDATE chain_executions SET resume_checked_at = now() WHERE id = :id"),
                 {"id": chain_execution_id},
             )
-    published = False
-    if continuations:
-        with db.hot() as conn:
-            for item in continuations:
-                published |= publish_from(
-                    conn,
-                    chain_execution_id,
-                    item.chain_version_id,
-                    item.stage,
-                    skip=item.skip,
-                    declare=True,
-                )
+    # Inside a keyed request (a cancel) the commit is the request's: publish after it.
+    published = bool(
+        continuations and db.after_commit(_publish_continuations, chain_execution_id, continuations)
+    )
     return proceed, published
+
+
+def _publish_continuations(
+    chain_execution_id: uuid.UUID, continuations: list[Continuation]
+) -> bool:
+    published = False
+    with db.hot() as conn:
+        for item in continuations:
+            published |= publish_from(
+                conn,
+                chain_execution_id,
+                item.chain_version_id,
+                item.stage,
+                skip=item.skip,
+                declare=True,
+            )
+    return published
 
 
 def _reconcile(

@@ -289,7 +289,8 @@ def submit(
         else:
             raise Conflict("the agent changed while submitting", hint="submit again")
     # Committed (autocommit) before publishing: a worker never sees an id the database lacks.
-    dispatcher.submit(execution_id, spec, priority)
+    # Inside a keyed request's transaction the commit comes later, and so does the publish.
+    db.after_commit(dispatcher.submit, execution_id, spec, priority)
     return {
         "id": execution_id,
         "agent_id": target.agent_id,

@@ -1,5 +1,6 @@
 from flask.views import MethodView
 
+from app.db import db
 from app.http import Blueprint, current_principal, request_session
 from app.schedules import services, targets
 from app.schedules.schemas import (
@@ -104,7 +105,7 @@ class Trigger(MethodView):
         session = request_session()
         entry, launched = services.trigger_now(session, current_principal(), ref)
         session.commit()
-        targets.publish(launched)
+        db.after_commit(targets.publish, launched)
         return entry
 
 
