@@ -74,6 +74,14 @@ def create_app(config: Config | None = None) -> Flask:
     return app
 
 
+READY_HINTS = {
+    "database": "check DATABASE_URL and that PostgreSQL is up; requests that need it answer 503 "
+    "meanwhile.",
+    "broker": "check REDIS_URL (or RUNYARD_BROKER_URL) and that the broker is up; submits are "
+    "still accepted and run once it is back.",
+}
+
+
 def _operational_routes(app: Flask) -> None:
     @app.get("/api/v1/swagger-ui/<path:filename>")
     def swagger_ui_asset(filename: str):
@@ -89,12 +97,13 @@ def _operational_routes(app: Flask) -> None:
         ready = all(value == "ok" for value in checks.values())
         if ready:
             return {"status": "ready", "checks": checks}
-        failed = ", ".join(name for name, value in checks.items() if value != "ok")
+        failed = [name for name, value in checks.items() if value != "ok"]
         return {
             "code": 503,
             "status": "Service Unavailable",
-            "message": f"not ready: {failed} unreachable",
+            "message": f"not ready: {' and '.join(failed)} unreachable",
             "errors": checks,
+            "hint": " ".join(READY_HINTS[name] for name in failed),
         }, 503
 
 

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from typing import Any
 
+import psycopg
 from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, func, select
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.engine import Transaction
@@ -213,9 +214,19 @@ class Database:
             yield self._test_connection
             return
         self.engine  # noqa: B018
-        assert self._autocommit is not None
-        with self._autocommit.connect() as conn:
-            yield conn
+        autocommit = self._autocommit
+        assert autocommit is not None
+        with autocommit.connect() as conn:
+            try:
+                yield conn
+            except psycopg.OperationalError:
+                # The hot statements run on the driver connection directly, so SQLAlchemy never
+                # learns that the server went away (a restart, a failover) and would hand out the
+                # pool's other dead connections one request at a time. Drop them all at once.
+                if conn.connection.driver_connection.closed:
+                    conn.invalidate()
+                    autocommit.dispose()
+                raise
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,9 @@ DATABASE_ERRORS = (
 )
 
 log = logging.getLogger(__name__)
+
+FIRST_SETTLE_PAUSE_SECONDS = 0.5
+MAX_SETTLE_PAUSE_SECONDS = 5.0
 
 
 def run_execution(execution_id: uuid.UUID, worker: str) -> None:
@@ -82,13 +86,46 @@ def run_execution(execution_id: uuid.UUID, worker: str) -> None:
                 error_message=f"the worker failed while running the agent: "
                 f"{type(exc).__name__}: {exc}",
             )
-        if not outcome.ok and services.cancel_requested(conn, execution_id):
-            # It failed after a cancel was asked (often because of it): report the cancel.
-            outcome.cancelled = True
-        status = _record(conn, claimed, spec, outcome)
-        if status is not None and claimed.chain_execution_id is not None:
-            for hook in settled_hooks:
-                hook(conn, claimed, status)
+        try:
+            _settle(conn, claimed, spec, outcome)
+        except DATABASE_ERRORS:
+            _settle_once_the_database_answers(claimed, spec, outcome)
+
+
+def _settle(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> None:
+    if not outcome.ok and services.cancel_requested(conn, claimed.execution_id):
+        # It failed after a cancel was asked (often because of it): report the cancel.
+        outcome.cancelled = True
+    status = _record(conn, claimed, spec, outcome)
+    if status is not None and claimed.chain_execution_id is not None:
+        for hook in settled_hooks:
+            hook(conn, claimed, status)
+
+
+def _settle_once_the_database_answers(claimed: Claim, spec: VersionSpec, outcome: Outcome) -> None:
+    """The agent's work is done but PostgreSQL cannot take its outcome (down, restarting, a
+    failover). Retrying the task would find the row `running` and drop the outcome, and the
+    sweeper would then run the work a second time: keep the outcome here instead and write it
+    once the database answers, each try on a fresh connection. The write is fenced by the
+    attempt, so a try that committed but lost its answer makes the next one a no-op. Bounded by
+    the lease grace: past it the sweeper owns the row and the raise leaves it to the lease."""
+    deadline = time.monotonic() + current_config().lease_grace_seconds
+    pause = FIRST_SETTLE_PAUSE_SECONDS
+    while True:
+        log.warning(
+            "execution %s: the database cannot record the outcome; trying again in %.1fs",
+            claimed.execution_id,
+            pause,
+        )
+        time.sleep(pause)
+        try:
+            with db.hot() as conn:
+                _settle(conn, claimed, spec, outcome)
+            return
+        except DATABASE_ERRORS:
+            if time.monotonic() + pause > deadline:
+                raise
+        pause = min(pause * 2, MAX_SETTLE_PAUSE_SECONDS)
 
 
 # Called as hook(conn, claimed, status) once a chain step's outcome is recorded: `status` is the

@@ -20,6 +20,7 @@ PostgreSQL, not the canvas, knows where a chain stands:
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import threading
@@ -1194,7 +1195,8 @@ _STALLED_SQL = text(
     WHERE ce.status IN ('queued', 'running', 'compensating')
       AND ce.queued_at < now() - make_interval(secs => :grace)
       AND (ce.resume_checked_at IS NULL
-           OR ce.resume_checked_at < now() - make_interval(secs => :grace))
+           OR ce.resume_checked_at
+              < coalesce(:checked_before, now() - make_interval(secs => :grace)))
       AND NOT EXISTS (
           SELECT 1 FROM executions e
           WHERE e.chain_execution_id = ce.id
@@ -1205,15 +1207,22 @@ _STALLED_SQL = text(
 )
 
 
-def resume_stalled(grace_seconds: float | None = None, batch: int = 100) -> list[uuid.UUID]:
+def resume_stalled(
+    grace_seconds: float | None = None,
+    batch: int = 100,
+    checked_before: dt.datetime | None = None,
+) -> list[uuid.UUID]:
     """Continue chains whose next step never arrived (a lost message, a failed publish):
-    nothing under way and nothing finished for `grace_seconds`, and not checked within it.
-    A step message that was only slow makes a duplicate, which finds its row taken and does
-    nothing. Returns the chain executions for which something was published."""
+    nothing under way and nothing finished for `grace_seconds`, and not checked within it (or,
+    given `checked_before`, not checked since then: the sweeper's check after a broker reset
+    looks at each chain once). A step message that was only slow makes a duplicate, which finds
+    its row taken and does nothing. Returns the chain executions for which something was
+    published."""
     grace = current_config().chain_stall_seconds if grace_seconds is None else grace_seconds
     resumed = []
+    params = {"grace": grace, "batch": batch, "checked_before": checked_before}
     with db.hot() as conn:
-        ids = conn.execute(_STALLED_SQL, {"grace": grace, "batch": batch}).scalars().all()
+        ids = conn.execute(_STALLED_SQL, params).scalars().all()
     for chain_execution_id in ids:
         try:
             _, published = _reconcile_and_publish(

@@ -18,12 +18,13 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import psycopg
+import redis
 from jsonschema import Draft202012Validator
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, bindparam, select, text
@@ -1001,7 +1002,16 @@ class SweepReport:
     republished: int = 0
     requeued: int = 0
     lost: int = 0
+    # Set when the broker's Redis lost its data or restarted since the last sweep.
+    broker_reset: str | None = None
+    # Queued rows published again because the broker may have lost their messages.
+    recovered: int = 0
+    chains_resumed: int = 0
+    # Another sweep (a second beat) held the broker lock: this one published nothing.
+    skipped: bool = False
 
+
+SWEEP_BATCH = 500
 
 _UNDISPATCHED = text(
     """
@@ -1009,6 +1019,18 @@ _UNDISPATCHED = text(
     WHERE status = 'queued' AND dispatched_at IS NULL
       AND queued_at < now() - make_interval(secs => :grace)
     ORDER BY queued_at LIMIT :batch
+    """
+)
+
+# Every queued row up to the moment the broker's loss was noticed, walked in (queued_at, id)
+# order so a recovery cut short by the time budget goes on from where it stopped. Rare enough
+# (a broker reset) that the scan no index serves is acceptable.
+_QUEUED_SINCE_RESET = text(
+    """
+    SELECT id, version_id, priority, queued_at FROM executions
+    WHERE status = 'queued' AND queued_at <= :horizon
+      AND (queued_at, id) > (:after_queued_at, :after_id)
+    ORDER BY queued_at, id LIMIT :batch
     """
 )
 
@@ -1048,10 +1070,35 @@ _EXPIRED_LOST = text(
 ).bindparams(bindparam("lost", type_=JSONB), bindparam("cancelled", type_=JSONB))
 
 
-def sweep(batch: int = 500) -> SweepReport:
-    """Requeue or fail executions whose lease ran out; republish what was never published."""
-    report = SweepReport()
+def sweep(budget_seconds: float | None = None) -> SweepReport:
+    """Requeue or fail executions whose lease ran out; publish again what the broker may not
+    hold: every row still queued after the broker lost its data (see BrokerWatch), and rows
+    committed but never published. Batches of SWEEP_BATCH, one LPUSH per queue and priority,
+    until done or the budget (by default one sweep interval) is spent: the next sweep goes on."""
     cfg = current_config()
+    budget = max(1.0, cfg.sweep_interval_seconds if budget_seconds is None else budget_seconds)
+    deadline = time.monotonic() + budget
+    report = SweepReport()
+    ended_steps = _end_expired_leases(report)
+    watch = BrokerWatch.for_broker(cfg.broker_url)
+    try:
+        with watch.exclusive(budget + LOCK_MARGIN_SECONDS) if watch else _no_lock() as held:
+            if not held:
+                report.skipped = True
+            else:
+                if watch is not None:
+                    _recover_from_broker_reset(watch, report, deadline, cfg.chain_stall_seconds)
+                _republish_undispatched(report, deadline, cfg.dispatch_grace_seconds)
+    except redis.RedisError:
+        # Nothing can be published without the broker; the rows wait, safe, for the next sweep.
+        log.warning("sweeper: the broker cannot be reached; publishing waits", exc_info=True)
+    # No worker records these ends: their chains move on from here.
+    _move_chains_on(ended_steps)
+    return report
+
+
+def _end_expired_leases(report: SweepReport) -> list[uuid.UUID]:
+    """Requeue or fail what lost its worker; the chain executions of the steps it failed."""
     with db.hot() as conn:
         report.requeued = len(
             conn.execute(
@@ -1066,19 +1113,176 @@ def sweep(batch: int = 500) -> SweepReport:
                 "cancelled": error_body("cancelled", "cancelled while its worker was lost"),
             },
         ).all()
-        report.lost = len(lost)
-        rows = conn.execute(
-            _UNDISPATCHED, {"grace": cfg.dispatch_grace_seconds, "batch": batch}
-        ).all()
-        republished = publish_batch(
-            [Dispatch(row.id, specs.get(conn, row.version_id), row.priority) for row in rows]
+    report.lost = len(lost)
+    return [row.chain_execution_id for row in lost if row.chain_execution_id]
+
+
+def _republish_undispatched(report: SweepReport, deadline: float, grace: float) -> None:
+    while time.monotonic() < deadline:
+        with db.hot() as conn:
+            rows = conn.execute(_UNDISPATCHED, {"grace": grace, "batch": SWEEP_BATCH}).all()
+            batch = [
+                Dispatch(row.id, specs.get(conn, row.version_id), row.priority) for row in rows
+            ]
+        sent = publish_many(batch)
+        if sent:
+            _stamp(sent)
+        report.republished += len(sent)
+        if len(rows) < SWEEP_BATCH or not sent:
+            return
+
+
+def _recover_from_broker_reset(
+    watch: BrokerWatch, report: SweepReport, deadline: float, chain_stall_seconds: float
+) -> None:
+    report.broker_reset = watch.check(chains_for_seconds=chain_stall_seconds)
+    if report.broker_reset:
+        log.warning(
+            "sweeper: the broker %s; publishing every queued execution again", report.broker_reset
         )
-    if republished:
-        _stamp(republished)
-    report.republished = len(republished)
-    # No worker records these ends: their chains move on from here.
-    _move_chains_on([row.chain_execution_id for row in lost if row.chain_execution_id])
-    return report
+    state = watch.recovery()
+    if state is None:
+        return
+    with db.hot() as conn:
+        if "horizon" not in state:
+            # Read after the marker was set: every message lost before that belongs to a row
+            # queued before this instant.
+            state["horizon"] = conn.execute(text("SELECT now()")).scalar().isoformat()
+            state["after"] = [RECOVERY_START.isoformat(), str(uuid.UUID(int=0))]
+            state["published_all"] = False
+            watch.save(state)
+        horizon = dt.datetime.fromisoformat(state["horizon"])
+        while not state["published_all"] and time.monotonic() < deadline:
+            after_queued_at, after_id = state["after"]
+            rows = conn.execute(
+                _QUEUED_SINCE_RESET,
+                {
+                    "horizon": horizon,
+                    "after_queued_at": dt.datetime.fromisoformat(after_queued_at),
+                    "after_id": uuid.UUID(after_id),
+                    "batch": SWEEP_BATCH,
+                },
+            ).all()
+            sent = publish_many(
+                [Dispatch(row.id, specs.get(conn, row.version_id), row.priority) for row in rows]
+            )
+            if rows and not sent:
+                return  # the broker went away again: the next sweep goes on from here
+            if sent:
+                _stamp(sent)
+            report.recovered += len(sent)
+            report.republished += len(sent)
+            if rows:
+                state["after"] = [rows[-1].queued_at.isoformat(), str(rows[-1].id)]
+            state["published_all"] = len(rows) < SWEEP_BATCH
+            watch.save(state)
+    if time.time() < state["chains_until"]:
+        # Chain step messages were lost too, and a chord's counter in the result backend: the
+        # resume check runs without its stall grace (each chain once) for one stall period, so
+        # chains whose steps were running at the reset are looked at as soon as those end.
+        from app.chains.services import resume_stalled
+
+        report.chains_resumed = len(resume_stalled(grace_seconds=0, checked_before=horizon))
+    elif state["published_all"]:
+        watch.forget_recovery()
+
+
+@contextlib.contextmanager
+def _no_lock() -> Iterator[bool]:
+    yield True
+
+
+# Keys the sweeper keeps in the broker's Redis database (see BrokerWatch).
+MARKER_KEY = "runyard:broker-marker"
+RECOVERY_KEY = "runyard:sweeper:recovery"
+LOCK_KEY = "runyard:sweeper:lock"
+# A sweep that died holding the lock frees it this long after its budget.
+LOCK_MARGIN_SECONDS = 10.0
+RECOVERY_START = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+# Compare the marker with the server's run_id and, when they differ, set it and open a recovery,
+# as one atomic step: of two sweeps (two beats) only one sees the change.
+_CHECK_MARKER = """
+local old = redis.call('GET', KEYS[1])
+if old == ARGV[1] then return old end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2])
+return old or ''
+"""
+
+
+class BrokerWatch:
+    """Notices that the broker's Redis may have lost messages, and keeps the recovery's place.
+
+    Celery messages exist only in the broker. A Redis flushed, or restarted without its data
+    (or whose last second of appendonly writes died with it), drops the messages of rows that
+    are `queued` and already stamped `dispatched_at`: nothing else would publish them again. A
+    Redis restarted *with* its data strands messages too: those the workers had reserved sit in
+    kombu's `unacked` hash until the visibility timeout, hours away (above the longest agent
+    timeout).
+
+    So each sweep compares a marker key in the broker's Redis database with the server's
+    `run_id` (new at every start of redis-server) and, in the same Lua call, sets it when they
+    differ. A missing marker (data lost) or another run_id (a restart) opens a recovery: every
+    row queued until that moment is published again, in (queued_at, id) order across as many
+    sweeps as it takes, and chains are resumed without their stall grace for the next
+    RUNYARD_CHAIN_STALL_SECONDS. Duplicate messages are harmless: the claim takes a queued row
+    once and drops the rest (a retry waiting out its backoff may start early).
+
+    - The first sweep ever finds no marker: it cannot tell a new Redis from a flushed one and
+      republishes the queued rows once.
+    - Two beats: sweeps take turns on a lock in the same Redis, and the compare-and-set is
+      atomic, so one recovery opens per reset.
+    - Brokers other than `redis://` / `rediss://` are not watched: RabbitMQ keeps persistent
+      messages in durable queues across restarts, and gives back unacknowledged ones at once.
+    - Running executions are unaffected: their workers finish and record them, and the ack of a
+      message the new Redis never held deletes nothing and raises nothing.
+    - The marker must not be evicted: a Celery broker needs `maxmemory-policy noeviction`.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    @classmethod
+    def for_broker(cls, broker_url: str) -> BrokerWatch | None:
+        if not broker_url.startswith(("redis://", "rediss://")):
+            return None
+        return cls(redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5))
+
+    @contextlib.contextmanager
+    def exclusive(self, seconds: float) -> Iterator[bool]:
+        """Whether this sweep holds the sweepers' lock (free again after `seconds` at most)."""
+        lock = self.client.lock(LOCK_KEY, timeout=seconds, blocking=False)
+        held = lock.acquire()
+        try:
+            yield held
+        finally:
+            if held:
+                # Gone already if Redis lost its data meanwhile.
+                with contextlib.suppress(redis.exceptions.LockError, redis.RedisError):
+                    lock.release()
+
+    def check(self, chains_for_seconds: float) -> str | None:
+        """None, or what happened to the broker since the last sweep."""
+        run_id = self.client.info("server")["run_id"]
+        recovery = json.dumps({"chains_until": time.time() + chains_for_seconds})
+        old = self.client.eval(_CHECK_MARKER, 2, MARKER_KEY, RECOVERY_KEY, run_id, recovery)
+        old = old.decode() if isinstance(old, bytes) else old
+        if old == run_id:
+            return None
+        if old:
+            return "restarted"
+        return "lost its data (or this is the first sweep)"
+
+    def recovery(self) -> dict[str, Any] | None:
+        raw = self.client.get(RECOVERY_KEY)
+        return json.loads(raw) if raw else None
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.client.set(RECOVERY_KEY, json.dumps(state))
+
+    def forget_recovery(self) -> None:
+        self.client.delete(RECOVERY_KEY)
 
 
 def _move_chains_on(chain_execution_ids: list[uuid.UUID]) -> None:

@@ -79,12 +79,15 @@ class FaultReport:
     reruns: int
     recovery_seconds: float
     details: dict = field(default_factory=dict)
+    # Measured durations worth printing beside the counts (the outage tests' response times).
+    timings: dict[str, float] = field(default_factory=dict)
 
     def line(self) -> str:
+        measured = "".join(f" {name}={seconds:.2f}s" for name, seconds in self.timings.items())
         return (
             f"{self.name}: accepted={self.accepted} lost={self.lost} "
             f"duplicated={self.duplicated} reruns={self.reruns} "
-            f"recovery={self.recovery_seconds:.1f}s"
+            f"recovery={self.recovery_seconds:.1f}s{measured}"
         )
 
 

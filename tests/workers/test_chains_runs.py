@@ -548,6 +548,41 @@ def test_under_stop_a_late_message_never_runs_the_step_after_a_failure(live_clie
     ], "the step after the failure never ran; the compensation did"
 
 
+def test_the_sweep_that_notices_a_broker_data_loss_resumes_chains_at_once(
+    live_client, live_org, tmp_path
+):
+    """No waiting out RUNYARD_CHAIN_STALL_SECONDS (60 s here) once the sweeper knows messages
+    were lost: the chain whose next step message went with the flush goes on from that sweep."""
+    held = f"held-{RUN_ID}"
+    adder(live_client, live_org)
+    adder(live_client, live_org, "held-adder", queue=held)
+    chain(
+        live_client,
+        live_org,
+        [{"name": "first", "agent": "adder"}, {"name": "next", "agent": "held-adder"}],
+    )
+    url = os.environ["REDIS_URL"]
+    assert not url.endswith("/0"), "this test flushes the run's own Redis database, never 0"
+    broker = redis.Redis.from_url(url)
+    executions.sweep()  # the marker is set: the loss below is the one to notice
+    ce = run(live_client, live_org, {"value": 1})
+    wait_until(lambda: any(broker.scan_iter(f"{held}*")), timeout=15)
+    bindings = _bindings(broker)
+    broker.flushdb()
+    broker.set(REDIS_CLAIM_KEY, RUN_ID, ex=3600)
+    for key, members in bindings.items():
+        broker.sadd(key, *members)
+    with worker_on(held, tmp_path / "held-worker.log"):
+        report = executions.sweep()
+        assert report.broker_reset and report.chains_resumed >= 1, report
+        body = wait_chain(live_client, live_org, ce, timeout=20)
+    assert body["status"] == "succeeded" and body["output"] == {"value": 3}
+    assert [(r.chain_step, r.status, r.attempt) for r in step_rows(ce)] == [
+        (0, "succeeded", 1),
+        (1, "succeeded", 1),
+    ]
+
+
 def test_the_resume_check_leaves_a_chain_it_just_resumed_alone(live_client, live_org):
     held = f"stalled-{RUN_ID}"
     adder(live_client, live_org)

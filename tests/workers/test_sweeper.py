@@ -1,0 +1,170 @@
+"""The sweeper's publishing: batches until done, and the recovery after the broker lost its data.
+
+The agent here routes to a queue no worker serves, so the messages the sweeper publishes stay in
+Redis where the tests count them.
+"""
+
+import json
+import threading
+import uuid
+
+import pytest
+import redis
+from sqlalchemy import text
+
+from app.config import current_config
+from app.db import db
+from app.executions import services
+
+QUEUE = f"sweeper-test-{uuid.uuid4().hex[:8]}"
+
+pytestmark = pytest.mark.worker
+
+
+@pytest.fixture
+def broker():
+    client = redis.Redis.from_url(current_config().broker_url)
+    yield client
+    client.delete(*client.keys(f"{QUEUE}*") or ["-"])
+
+
+@pytest.fixture
+def agent_id(live_client, live_org) -> uuid.UUID:
+    created = live_client.post(
+        "/api/v1/agents",
+        json={
+            "name": "unserved",
+            "runtime": {"type": "python", "entrypoint": "tests.agents:echo"},
+            "queue": QUEUE,
+        },
+        headers=live_org.headers,
+    )
+    assert created.status_code == 201, created.get_json()
+    return uuid.UUID(created.get_json()["id"])
+
+
+def insert_queued(agent_id: uuid.UUID, count: int, *, dispatched: bool) -> list[uuid.UUID]:
+    """Rows as the API leaves them: committed and queued, published (stamped) or not yet."""
+    with db.hot() as conn:
+        return list(
+            conn.execute(
+                text(
+                    "INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, "
+                    "agent_version, status, input, queued_at, dispatched_at) "
+                    "SELECT gen_random_uuid(), a.org_id, a.id, a.current_version_id, a.name, "
+                    "a.current_version, 'queued', '{}', "
+                    "now() - interval '5 minutes' + n * interval '1 millisecond', "
+                    "CASE WHEN :dispatched THEN now() END "
+                    "FROM agents a, generate_series(1, :count) n WHERE a.id = :agent "
+                    "RETURNING id"
+                ),
+                {"agent": agent_id, "count": count, "dispatched": dispatched},
+            ).scalars()
+        )
+
+
+def queued_messages(broker: redis.Redis) -> list[uuid.UUID]:
+    """Execution ids of the messages waiting in QUEUE (every priority list of it)."""
+    ids = []
+    for key in broker.keys(f"{QUEUE}*"):
+        for raw in broker.lrange(key, 0, -1):
+            ids.append(uuid.UUID(json.loads(raw)["headers"]["id"]))
+    return ids
+
+
+def settle_marker() -> None:
+    """A first sweep: after it the marker is set and any recovery it opened is published."""
+    services.sweep()
+
+
+def test_undispatched_rows_are_published_in_batches_until_none_is_left(agent_id, broker):
+    settle_marker()
+    ids = insert_queued(agent_id, services.SWEEP_BATCH * 2 + 37, dispatched=False)
+    report = services.sweep()
+    assert report.republished >= len(ids) and report.recovered == 0
+    assert sorted(queued_messages(broker)) == sorted(ids), "each row once, none left over"
+    with db.hot() as conn:
+        unstamped = conn.execute(
+            text("SELECT count(*) FROM executions WHERE id = ANY(:ids) AND dispatched_at IS NULL"),
+            {"ids": ids},
+        ).scalar()
+    assert unstamped == 0
+    assert services.sweep().republished == 0, "stamped rows are not published again"
+
+
+def test_a_broker_that_lost_its_data_gets_every_queued_row_again(agent_id, broker):
+    settle_marker()
+    ids = insert_queued(agent_id, services.SWEEP_BATCH + 10, dispatched=True)
+    quiet = services.sweep()
+    assert quiet.broker_reset is None and quiet.recovered == 0
+    assert queued_messages(broker) == [], "dispatched rows are left alone while Redis holds data"
+
+    # What FLUSHALL does to the keys that matter here (the test database is shared by the run).
+    broker.delete(services.MARKER_KEY)
+    report = services.sweep()
+    assert report.broker_reset and "lost its data" in report.broker_reset
+    assert report.recovered >= len(ids)
+    assert sorted(queued_messages(broker)) == sorted(ids)
+
+    after = services.sweep()
+    assert after.broker_reset is None and after.recovered == 0, "one recovery per loss"
+
+
+def test_a_restarted_broker_is_noticed_by_its_new_run_id(agent_id, broker):
+    settle_marker()
+    ids = insert_queued(agent_id, 3, dispatched=True)
+    broker.set(services.MARKER_KEY, "run id of the server before the restart")
+    report = services.sweep()
+    assert report.broker_reset == "restarted"
+    assert set(ids) <= set(queued_messages(broker))
+    assert broker.get(services.MARKER_KEY) == broker.info("server")["run_id"].encode()
+
+
+def test_recovery_cut_short_by_its_budget_goes_on_at_the_next_sweep(agent_id, broker):
+    settle_marker()
+    ids = insert_queued(agent_id, 5, dispatched=True)
+    broker.delete(services.MARKER_KEY)
+    watch = services.BrokerWatch.for_broker(current_config().broker_url)
+    report = services.SweepReport()
+    # A budget already spent: the loss is noticed and recorded, nothing is published yet.
+    services._recover_from_broker_reset(watch, report, deadline=0, chain_stall_seconds=60)
+    assert report.broker_reset and report.recovered == 0
+    assert watch.recovery()["published_all"] is False
+    later = services.sweep()
+    assert later.broker_reset is None and later.recovered >= len(ids)
+    assert set(ids) <= set(queued_messages(broker))
+
+
+def test_two_sweeps_at_once_recover_once(agent_id, broker):
+    settle_marker()
+    ids = insert_queued(agent_id, 50, dispatched=True)
+    broker.delete(services.MARKER_KEY)
+    reports = []
+    sweeps = [threading.Thread(target=lambda: reports.append(services.sweep())) for _ in range(2)]
+    for thread in sweeps:
+        thread.start()
+    for thread in sweeps:
+        thread.join()
+    assert sum(1 for report in reports if report.broker_reset) == 1, reports
+    assert sorted(queued_messages(broker)) == sorted(ids)
+
+
+def test_a_sweep_that_finds_the_lock_held_publishes_nothing(agent_id, broker):
+    settle_marker()
+    insert_queued(agent_id, 4, dispatched=False)
+    broker.delete(services.MARKER_KEY)
+    lock = broker.lock(services.LOCK_KEY, timeout=30)
+    assert lock.acquire(blocking=False)
+    try:
+        report = services.sweep()
+    finally:
+        lock.release()
+    assert report.skipped and report.republished == 0 and report.broker_reset is None
+    assert queued_messages(broker) == []
+    assert broker.get(services.MARKER_KEY) is None, "the loss is left for the sweep holding it"
+    assert services.sweep().broker_reset
+
+
+def test_only_redis_brokers_are_watched():
+    assert services.BrokerWatch.for_broker("amqp://guest:guest@127.0.0.1:5672//") is None
+    assert services.BrokerWatch.for_broker("redis://127.0.0.1:6379/3") is not None
