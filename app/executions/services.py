@@ -24,7 +24,7 @@ from functools import cached_property
 from typing import Any
 
 import psycopg
-from jsonschema import Draft202012Validator
+from jsonschema.protocols import Validator
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, bindparam, select, text
 from sqlalchemy.dialects.postgresql import JSONB
@@ -103,11 +103,11 @@ class VersionSpec:
 
     # Built once per cached spec, not once per execution.
     @cached_property
-    def input_validator(self) -> Draft202012Validator:
+    def input_validator(self) -> Validator:
         return jsonschemas.validator_for(self.input_schema)
 
     @cached_property
-    def output_validator(self) -> Draft202012Validator:
+    def output_validator(self) -> Validator:
         return jsonschemas.validator_for(self.output_schema)
 
 
