@@ -77,6 +77,16 @@ def _body(code: int, status: str, message: str, errors: dict | None = None, hint
     return body
 
 
+SPEC_HINT = "GET /api/v1/openapi.json documents every route, its parameters and bodies"
+# Every error carries a hint, also those the framework raises.
+HTTP_HINTS = {
+    400: "send one well-formed JSON document",
+    405: "the Allow header lists the methods this route takes",
+    413: "send a smaller body; the limit is RUNYARD_MAX_BODY_BYTES",
+    422: "`errors` names each offending field; " + SPEC_HINT,
+}
+
+
 class RunyardApi(Api):
     def handle_http_exception(self, error: HTTPException):
         data = getattr(error, "data", None) or {}
@@ -87,7 +97,8 @@ class RunyardApi(Api):
         headers.update(data.get("headers") or {})
         errors = data.get("errors") or _pointer_errors(data.get("messages"))
         message = data.get("message") or _default_message(error, errors)
-        return _body(error.code, error.name, message, errors), error.code, headers
+        hint = data.get("hint") or HTTP_HINTS.get(error.code, SPEC_HINT)
+        return _body(error.code, error.name, message, errors, hint), error.code, headers
 
 
 def _default_message(error: HTTPException, errors: dict) -> str:
@@ -132,7 +143,8 @@ def install(app: Flask, api: RunyardApi) -> None:
 
     @app.errorhandler(RecursionError)
     def too_deep(_error: RecursionError):
-        return jsonify(_body(400, "Bad Request", "JSON nested too deeply")), 400
+        body = _body(400, "Bad Request", "JSON nested too deeply", hint=HTTP_HINTS[400])
+        return jsonify(body), 400
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):
@@ -146,7 +158,13 @@ def install(app: Flask, api: RunyardApi) -> None:
                 )
             )
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return jsonify(_body(500, "Internal Server Error", "internal error; see server logs")), 500
+        body = _body(
+            500,
+            "Internal Server Error",
+            "internal error; see server logs",
+            hint="retry later; if it persists, tell the operators the time of the request",
+        )
+        return jsonify(body), 500
 
 
 def _is_database_down(error: Exception) -> bool:
@@ -180,6 +198,7 @@ class ChunkedBodyLimit:
                         413,
                         "Request Entity Too Large",
                         "request body too large (RUNYARD_MAX_BODY_BYTES)",
+                        hint=HTTP_HINTS[413],
                     )
                 ).encode()
                 start_response(
