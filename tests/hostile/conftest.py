@@ -72,19 +72,20 @@ class World:
     schedule: dict
     trigger: dict
 
-    def values_for(self, route: Route) -> dict[str, str]:
-        """Path values naming this world's objects, chosen by the route's first segment."""
-        segment = route.rule.removeprefix("/api/v1").split("/")[1]
+    def values_for(self, route: Route, by: str = "name") -> dict[str, str]:
+        """Path values naming this world's objects (by name or by id where a route takes
+        either), chosen by the route's first segment."""
+        ref = {kind: getattr(self, kind)[by] for kind in ("agent", "chain", "schedule", "trigger")}
         by_segment = {
-            "agents": {"ref": self.agent["name"], "version": "1.0.1"},
+            "agents": {"ref": ref["agent"], "version": "1.0.1"},
             "executions": {"execution_id": self.execution["id"]},
-            "chains": {"ref": self.chain["name"], "version": "1.0.0"},
+            "chains": {"ref": ref["chain"], "version": "1.0.0"},
             "chain-executions": {"execution_id": self.chain_execution["id"]},
-            "schedules": {"ref": self.schedule["id"]},
-            "triggers": {"ref": self.trigger["name"]},
+            "schedules": {"ref": ref["schedule"]},
+            "triggers": {"ref": ref["trigger"]},
             "hooks": {"trigger_id": self.trigger["id"]},
         }
-        return by_segment[segment]
+        return by_segment[route.rule.removeprefix("/api/v1").split("/")[1]]
 
 
 AGENT = {
