@@ -5,20 +5,25 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from typing import Any
 
 import flask_smorest
+import flask_smorest.error_handler
+import marshmallow as ma
 from flask import Flask, g, jsonify, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
-from app.errors import RunyardError, Unavailable, UnsupportedMediaType
+from app.errors import RunyardError, Unavailable, UnsupportedMediaType, ValidationFailed
 from app.orgs.services import Principal, authenticate
 
 log = logging.getLogger(__name__)
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# `\u0000` in JSON text, unless its backslash is itself escaped (`\\u0000` is six characters).
+ESCAPED_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 PUBLIC_PREFIXES = ("/api/v1/openapi.json", "/api/v1/docs", "/api/v1/swagger-ui")
 SERVER_OWNED = {
     "id",
@@ -87,7 +92,15 @@ HTTP_HINTS = {
 }
 
 
+class ErrorSchema(flask_smorest.error_handler.ErrorSchema):
+    """The one error shape, as documented in the spec (every error answer carries a hint)."""
+
+    hint = ma.fields.String(metadata={"description": "what to do about it"})
+
+
 class RunyardApi(Api):
+    ERROR_SCHEMA = ErrorSchema
+
     def handle_http_exception(self, error: HTTPException):
         data = getattr(error, "data", None) or {}
         # Keep what the exception itself says in headers (Allow on a 405, for one).
@@ -129,6 +142,23 @@ def install(app: Flask, api: RunyardApi) -> None:
                 hint="send the header 'Content-Type: application/json'",
             )
 
+    @app.before_request
+    def refuse_nul_characters():
+        """PostgreSQL text and jsonb cannot hold U+0000: refuse it here, by name, not as a 500."""
+        if not request.path.startswith("/api/v1"):
+            return
+        bad = [name for name, value in request.args.items(multi=True) if "\x00" in value]
+        if request.method in BODY_METHODS:
+            raw = request.get_data(cache=True)
+            if b"\\u0000" in raw and ESCAPED_NUL.search(raw):
+                bad.append("/")
+        if bad:
+            raise ValidationFailed(
+                "text cannot contain the NUL character (U+0000)",
+                errors={name: ["contains U+0000"] for name in bad},
+                hint="remove the NUL characters (\\u0000, %00) from the request",
+            )
+
     @app.errorhandler(RunyardError)
     def domain_error(error: RunyardError):
         body = _body(
@@ -136,7 +166,8 @@ def install(app: Flask, api: RunyardApi) -> None:
             HTTP_STATUS_CODES.get(error.status_code, "Error"),
             error.message,
             error.errors,
-            error.hint,
+            # A service that has nothing specific to say still answers with a hint.
+            error.hint or HTTP_HINTS.get(error.status_code, SPEC_HINT),
         )
         headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else {}
         return jsonify(body), error.status_code, headers
@@ -243,6 +274,22 @@ class Blueprint(flask_smorest.Blueprint):
     there is no such page), so clients need not test for their presence."""
 
     DEFAULT_PAGINATION_PARAMETERS = {"page": 1, "page_size": 20, "max_page_size": 100}
+
+    def _document_pagination_metadata(self, spec, resp_doc):
+        """The header's value is JSON text: documented as such (`content`), not as an object."""
+        metadata = {"type": "integer", "nullable": True}
+        resp_doc.setdefault("headers", {})[self.PAGINATION_HEADER_NAME] = {
+            "description": "Pagination metadata (JSON); keys without such a page are null",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": list(PAGINATION_KEYS),
+                        "properties": {key: metadata for key in PAGINATION_KEYS},
+                    }
+                }
+            },
+        }
 
     @staticmethod
     def _make_pagination_metadata(page, page_size, item_count):

@@ -142,3 +142,17 @@ def test_server_owned_fields_are_422_keyed_by_field(app, client, org, world):
         # The same body without the field is accepted: the field alone was refused.
         accepted = client.open(path, method=route.method, json=body, headers=org.headers)
         assert accepted.status_code < 300, (route, accepted.get_json())
+
+
+def test_nul_characters_are_422_not_500(client, org, world):
+    """PostgreSQL text and jsonb cannot hold U+0000 (found by the schemathesis run)."""
+    query = client.get("/api/v1/agents?q=a%00b&tag=x", headers=org.headers)
+    assert "q" in assert_error_shape(query, 422)["errors"]
+    body = client.patch(
+        "/api/v1/agents/echo", json={"output_schema": {"\u0000": 1}}, headers=org.headers
+    )
+    assert "/" in assert_error_shape(body, 422)["errors"]
+    escaped = client.patch(
+        "/api/v1/agents/echo", json={"description": "a \\u0000 b"}, headers=org.headers
+    )
+    assert escaped.status_code == 200, escaped.get_json()
