@@ -16,7 +16,13 @@ from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
-from app.errors import RunyardError, Unavailable, UnsupportedMediaType, ValidationFailed
+from app.errors import (
+    RunyardError,
+    Unavailable,
+    UnsupportedMediaType,
+    ValidationFailed,
+    json_pointer,
+)
 from app.orgs.services import Principal, authenticate
 
 log = logging.getLogger(__name__)
@@ -151,7 +157,7 @@ def install(app: Flask, api: RunyardApi) -> None:
         if request.method in BODY_METHODS:
             raw = request.get_data(cache=True)
             if b"\\u0000" in raw and ESCAPED_NUL.search(raw):
-                bad.append("/")
+                bad.extend(_nul_pointers(request.get_json(silent=True)))
         if bad:
             raise ValidationFailed(
                 "text cannot contain the NUL character (U+0000)",
@@ -196,6 +202,22 @@ def install(app: Flask, api: RunyardApi) -> None:
             hint="retry later; if it persists, tell the operators the time of the request",
         )
         return jsonify(body), 500
+
+
+def _nul_pointers(document: Any, path: tuple = ()) -> list[str]:
+    """Pointers of the keys and strings holding U+0000 (walked only when the raw body has one)."""
+    if isinstance(document, str):
+        return [json_pointer(path) or "/"] if "\x00" in document else []
+    found: list[str] = []
+    if isinstance(document, dict):
+        for key, child in document.items():
+            if "\x00" in key:
+                found.append(json_pointer((*path, key)))
+            found.extend(_nul_pointers(child, (*path, key)))
+    elif isinstance(document, list):
+        for index, child in enumerate(document):
+            found.extend(_nul_pointers(child, (*path, index)))
+    return found
 
 
 def _is_database_down(error: Exception) -> bool:

@@ -151,7 +151,7 @@ def test_nul_characters_are_422_not_500(client, org, world):
     body = client.patch(
         "/api/v1/agents/echo", json={"output_schema": {"\u0000": 1}}, headers=org.headers
     )
-    assert "/" in assert_error_shape(body, 422)["errors"]
+    assert "/output_schema/\u0000" in assert_error_shape(body, 422)["errors"]
     escaped = client.patch(
         "/api/v1/agents/echo", json={"description": "a \\u0000 b"}, headers=org.headers
     )
