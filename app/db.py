@@ -65,6 +65,8 @@ def utcnow() -> dt.datetime:
 def page(session: Session, query: Any, *order_by: Any, offset: int, limit: int) -> tuple[list, int]:
     """One page of a list query, in the given order, and the total it was cut from."""
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    if offset >= total:  # also a page number past PostgreSQL's bigint OFFSET: no rows, no query
+        return [], total
     items = session.scalars(query.order_by(*order_by).offset(offset).limit(limit)).all()
     return list(items), total
 

@@ -5,23 +5,34 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
 import flask_smorest
+import flask_smorest.error_handler
+import marshmallow as ma
 from flask import Flask, g, jsonify, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
 from app.db import db
-from app.errors import RunyardError, Unavailable, UnsupportedMediaType
+from app.errors import (
+    RunyardError,
+    Unavailable,
+    UnsupportedMediaType,
+    ValidationFailed,
+    json_pointer,
+)
 from app.idempotency import services as idempotency
 from app.orgs.services import Principal, authenticate
 
 log = logging.getLogger(__name__)
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# `\u0000` in JSON text, unless its backslash is itself escaped (`\\u0000` is six characters).
+ESCAPED_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 PUBLIC_PREFIXES = ("/api/v1/openapi.json", "/api/v1/docs", "/api/v1/swagger-ui")
 SERVER_OWNED = {
     "id",
@@ -80,10 +91,28 @@ def _body(code: int, status: str, message: str, errors: dict | None = None, hint
     return body
 
 
+SPEC_HINT = "GET /api/v1/openapi.json documents every route, its parameters and bodies"
+# Every error carries a hint, also those the framework raises.
+HTTP_HINTS = {
+    400: "send one well-formed JSON document",
+    405: "the Allow header lists the methods this route takes",
+    413: "send a smaller body; the limit is RUNYARD_MAX_BODY_BYTES",
+    422: "`errors` names each offending field; " + SPEC_HINT,
+}
+
+
+class ErrorSchema(flask_smorest.error_handler.ErrorSchema):
+    """The one error shape, as documented in the spec (every error answer carries a hint)."""
+
+    hint = ma.fields.String(metadata={"description": "what to do about it"})
+
+
 IDEMPOTENCY_PARAMETER = "IdempotencyKey"
 
 
 class RunyardApi(Api):
+    ERROR_SCHEMA = ErrorSchema
+
     def _init_spec(self, **kwargs):
         super()._init_spec(**kwargs)
         self.spec.components.parameter(
@@ -110,7 +139,8 @@ class RunyardApi(Api):
         headers.update(data.get("headers") or {})
         errors = data.get("errors") or _pointer_errors(data.get("messages"))
         message = data.get("message") or _default_message(error, errors)
-        return _body(error.code, error.name, message, errors), error.code, headers
+        hint = data.get("hint") or HTTP_HINTS.get(error.code, SPEC_HINT)
+        return _body(error.code, error.name, message, errors, hint), error.code, headers
 
 
 def _default_message(error: HTTPException, errors: dict) -> str:
@@ -141,6 +171,23 @@ def install(app: Flask, api: RunyardApi) -> None:
                 hint="send the header 'Content-Type: application/json'",
             )
 
+    @app.before_request
+    def refuse_nul_characters():
+        """PostgreSQL text and jsonb cannot hold U+0000: refuse it here, by name, not as a 500."""
+        if not request.path.startswith("/api/v1"):
+            return
+        bad = [name for name, value in request.args.items(multi=True) if "\x00" in value]
+        if request.method in BODY_METHODS:
+            raw = request.get_data(cache=True)
+            if b"\\u0000" in raw and ESCAPED_NUL.search(raw):
+                bad.extend(_nul_pointers(request.get_json(silent=True)))
+        if bad:
+            raise ValidationFailed(
+                "text cannot contain the NUL character (U+0000)",
+                errors={name: ["contains U+0000"] for name in bad},
+                hint="remove the NUL characters (\\u0000, %00) from the request",
+            )
+
     @app.errorhandler(RunyardError)
     def domain_error(error: RunyardError):
         body = _body(
@@ -148,14 +195,16 @@ def install(app: Flask, api: RunyardApi) -> None:
             HTTP_STATUS_CODES.get(error.status_code, "Error"),
             error.message,
             error.errors,
-            error.hint,
+            # A service that has nothing specific to say still answers with a hint.
+            error.hint or HTTP_HINTS.get(error.status_code, SPEC_HINT),
         )
         headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else {}
         return jsonify(body), error.status_code, headers
 
     @app.errorhandler(RecursionError)
     def too_deep(_error: RecursionError):
-        return jsonify(_body(400, "Bad Request", "JSON nested too deeply")), 400
+        body = _body(400, "Bad Request", "JSON nested too deeply", hint=HTTP_HINTS[400])
+        return jsonify(body), 400
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):
@@ -169,9 +218,31 @@ def install(app: Flask, api: RunyardApi) -> None:
                 )
             )
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return jsonify(_body(500, "Internal Server Error", "internal error; see server logs")), 500
+        body = _body(
+            500,
+            "Internal Server Error",
+            "internal error; see server logs",
+            hint="retry later; if it persists, tell the operators the time of the request",
+        )
+        return jsonify(body), 500
 
     _install_idempotency(app, unexpected)
+
+
+def _nul_pointers(document: Any, path: tuple = ()) -> list[str]:
+    """Pointers of the keys and strings holding U+0000 (walked only when the raw body has one)."""
+    if isinstance(document, str):
+        return [json_pointer(path) or "/"] if "\x00" in document else []
+    found: list[str] = []
+    if isinstance(document, dict):
+        for key, child in document.items():
+            if "\x00" in key:
+                found.append(json_pointer((*path, key)))
+            found.extend(_nul_pointers(child, (*path, key)))
+    elif isinstance(document, list):
+        for index, child in enumerate(document):
+            found.extend(_nul_pointers(child, (*path, index)))
+    return found
 
 
 def _install_idempotency(app: Flask, error_response) -> None:
@@ -276,6 +347,7 @@ class ChunkedBodyLimit:
                         413,
                         "Request Entity Too Large",
                         "request body too large (RUNYARD_MAX_BODY_BYTES)",
+                        hint=HTTP_HINTS[413],
                     )
                 ).encode()
                 start_response(
@@ -333,6 +405,22 @@ class Blueprint(flask_smorest.Blueprint):
             if status.value not in responses and str(status.value) not in responses:
                 responses[status.value] = status.name
         return doc
+
+    def _document_pagination_metadata(self, spec, resp_doc):
+        """The header's value is JSON text: documented as such (`content`), not as an object."""
+        metadata = {"type": "integer", "nullable": True}
+        resp_doc.setdefault("headers", {})[self.PAGINATION_HEADER_NAME] = {
+            "description": "Pagination metadata (JSON); keys without such a page are null",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": list(PAGINATION_KEYS),
+                        "properties": {key: metadata for key in PAGINATION_KEYS},
+                    }
+                }
+            },
+        }
 
     @staticmethod
     def _make_pagination_metadata(page, page_size, item_count):

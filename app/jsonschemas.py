@@ -1,19 +1,30 @@
-"""JSON Schema checks: the product's own definitions, users' schemas, and instances against them.
+r"""JSON Schema checks: the product's own definitions, users' schemas, and instances against them.
 
 Users' schemas are Draft 2020-12, checked against the metaschema, bounded in size and depth, and
 may only reference themselves: no `$ref` is ever fetched from anywhere.
+
+Their regular expressions (`pattern`, `patternProperties`) run on RE2, which matches in time linear
+in the text, never on Python's backtracking `re`: a pattern like `^(a+)+$` must not let one request
+(or one output check in a worker) spin a CPU for minutes. RE2 has no backreferences and no
+lookaround, so a schema using them is refused at creation. Other differences from ECMA-262 (the
+dialect JSON Schema names): `\s` is `[\t\n\f\r ]` only, `.` matches `\r`, U+2028 and U+2029,
+repetition counts stop at 1000, and the text is matched by code point, not UTF-16 unit. `\uXXXX`
+escapes are accepted (rewritten to RE2's `\x{XXXX}`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft202012Validator
+import re2
+from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema.exceptions import ValidationError
+from jsonschema.protocols import Validator
 from referencing import Registry
 from referencing.exceptions import NoSuchResource
 from referencing.jsonschema import DRAFT202012
@@ -94,6 +105,98 @@ def _refs(node: Any, path: tuple = ()) -> Iterable[tuple[tuple, str]]:
             yield from _refs(child, (*path, index))
 
 
+_RE2_OPTIONS = re2.Options()
+# A refused pattern is the client's 422, not a line on the server's stderr.
+_RE2_OPTIONS.log_errors = False
+# `\uXXXX` not preceded by another backslash (an even run of backslashes is escaped backslashes).
+_ECMA_UNICODE_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u([0-9A-Fa-f]{4})")
+
+
+@lru_cache(maxsize=4096)
+def compile_pattern(pattern: str) -> Any:
+    """A user's pattern compiled by RE2; raises `re2.error` for one RE2 cannot run."""
+    return re2.compile(_ECMA_UNICODE_ESCAPE.sub(r"\1\\x{\2}", pattern), _RE2_OPTIONS)
+
+
+def _matches(pattern: str, text: str) -> bool:
+    return compile_pattern(pattern).search(text) is not None
+
+
+# jsonschema calls `re.search` for these three keywords and offers no way to swap the engine, so
+# users' validators replace them. `unevaluatedProperties` matches `patternProperties` through
+# `re` as well and cannot be replaced as simply: check_user_schema refuses the two together.
+def _pattern(validator, pattern, instance, schema):
+    if validator.is_type(instance, "string") and not _matches(pattern, instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _pattern_properties(validator, pattern_properties, instance, schema):
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in pattern_properties.items():
+        for key, value in instance.items():
+            if _matches(pattern, key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _additional_properties(validator, additional, instance, schema):
+    if not validator.is_type(instance, "object"):
+        return
+    properties = schema.get("properties", {})
+    patterns = schema.get("patternProperties", {})
+    extras = [
+        key
+        for key in instance
+        if key not in properties and not any(_matches(pattern, key) for pattern in patterns)
+    ]
+    if validator.is_type(additional, "object"):
+        for extra in extras:
+            yield from validator.descend(instance[extra], additional, path=extra)
+    elif additional is False and extras:
+        unexpected = ", ".join(repr(extra) for extra in sorted(extras))
+        yield ValidationError(f"Additional properties are not allowed ({unexpected} unexpected)")
+
+
+UserSchemaValidator = validators.extend(
+    Draft202012Validator,
+    {
+        "pattern": _pattern,
+        "patternProperties": _pattern_properties,
+        "additionalProperties": _additional_properties,
+    },
+)
+
+_RE2_FORMAT = FormatChecker(formats=())
+_RE2_FORMAT.checks("regex", raises=re2.error)(lambda pattern: bool(compile_pattern(pattern)))
+# The metaschema marks every `pattern` and `patternProperties` key `format: regex`: asserting that
+# one format finds each pattern of a schema, with its place, and nothing that only looks like one.
+_PATTERN_FINDER = Draft202012Validator(Draft202012Validator.META_SCHEMA, format_checker=_RE2_FORMAT)
+
+
+def _pattern_problems(schema: dict[str, Any], pointer: str) -> dict[str, list[str]]:
+    problems: dict[str, list[str]] = {}
+    for error in _PATTERN_FINDER.iter_errors(schema):
+        if error.validator != "format":
+            continue
+        reason = error.cause.args[0] if error.cause and error.cause.args else "refused"
+        if isinstance(reason, bytes):
+            reason = reason.decode(errors="replace")
+        problems.setdefault(pointer + json_pointer(error.absolute_path), []).append(
+            f"{error.instance!r} is not a pattern this server runs (RE2): {reason}"
+        )
+    return problems
+
+
+def _keys(node: Any) -> Iterable[str]:
+    if isinstance(node, dict):
+        for key, child in node.items():
+            yield key
+            yield from _keys(child)
+    elif isinstance(node, list):
+        for child in node:
+            yield from _keys(child)
+
+
 def check_user_schema(schema: Any, field: str, *, max_bytes: int, max_depth: int) -> None:
     """Refuse a user's JSON Schema that is invalid, too large, too deep or refers outside itself."""
     pointer = "/" + field
@@ -132,6 +235,21 @@ def check_user_schema(schema: Any, field: str, *, max_bytes: int, max_depth: int
         raise ValidationFailed(
             f"{field} has a reference that does not resolve", errors=unresolvable
         )
+    bad_patterns = _pattern_problems(schema, pointer)
+    if bad_patterns:
+        raise ValidationFailed(
+            f"{field} has a pattern that cannot run here",
+            errors=bad_patterns,
+            hint="patterns run on RE2 (linear time): no backreferences, no lookahead or "
+            "lookbehind, repetition counts up to 1000",
+        )
+    used = set(_keys(schema))
+    if {"unevaluatedProperties", "patternProperties"} <= used:
+        raise ValidationFailed(
+            f"{field} combines unevaluatedProperties with patternProperties",
+            errors={pointer: ["unevaluatedProperties cannot be used with patternProperties"]},
+            hint="next to patternProperties, use additionalProperties instead",
+        )
 
 
 def _unresolvable_refs(
@@ -148,16 +266,14 @@ def _unresolvable_refs(
 
 
 @lru_cache(maxsize=2048)
-def _validator_for(schema_json: str) -> Draft202012Validator:
-    return Draft202012Validator(json.loads(schema_json), registry=OFFLINE_REGISTRY)
+def _validator_for(schema_json: str) -> Validator:
+    return UserSchemaValidator(json.loads(schema_json), registry=OFFLINE_REGISTRY)
 
 
-def validator_for(schema: dict[str, Any]) -> Draft202012Validator:
+def validator_for(schema: dict[str, Any]) -> Validator:
     """A validator for a user's (already checked) schema, cached by its canonical text."""
     return _validator_for(json.dumps(schema, sort_keys=True, separators=(",", ":")))
 
 
-def instance_errors(
-    validator: Draft202012Validator, instance: Any, prefix: str
-) -> dict[str, list[str]]:
+def instance_errors(validator: Validator, instance: Any, prefix: str) -> dict[str, list[str]]:
     return _errors_by_pointer(validator.iter_errors(instance), prefix=prefix)

@@ -77,6 +77,7 @@ class AgentByRef(MethodView):
 @blp.route("/<ref>/versions")
 class AgentVersions(MethodView):
     @blp.response(200, AgentVersionSchema(many=True))
+    @blp.alt_response(404, description="no such agent in your organization")
     @blp.paginate()
     def get(self, ref, pagination_parameters):
         """List an agent's versions, newest first"""

@@ -2,6 +2,13 @@
 
 from marshmallow import Schema, fields
 
+PATTERNS = (
+    "local `$ref` only (remote ones are refused, never fetched). `pattern` and "
+    "`patternProperties` run on RE2 (linear time, so no pattern can stall a request): "
+    "backreferences and lookaround are refused (422), `unevaluatedProperties` cannot be combined "
+    "with `patternProperties`, `\\s` is ASCII whitespace, repetition counts stop at 1000"
+)
+
 
 class AgentDefinitionFields(Schema):
     description = fields.String(allow_none=True)
@@ -12,8 +19,8 @@ class AgentDefinitionFields(Schema):
             "`{type: http, url, headers, timeout_seconds}`"
         }
     )
-    input_schema = fields.Dict(metadata={"description": "JSON Schema Draft 2020-12"})
-    output_schema = fields.Dict(metadata={"description": "JSON Schema Draft 2020-12"})
+    input_schema = fields.Dict(metadata={"description": "JSON Schema Draft 2020-12; " + PATTERNS})
+    output_schema = fields.Dict(metadata={"description": "JSON Schema Draft 2020-12; " + PATTERNS})
     timeout_seconds = fields.Integer(strict=True, metadata={"minimum": 1, "maximum": 86400})
     retry = fields.Dict(metadata={"description": "`{max_retries, backoff_seconds, ...}`"})
     limits = fields.Dict(

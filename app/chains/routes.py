@@ -80,6 +80,7 @@ class ChainByRef(MethodView):
 @blp.route("/chains/<ref>/versions")
 class ChainVersions(MethodView):
     @blp.response(200, ChainVersionSchema(many=True))
+    @blp.alt_response(404, description="no such chain in your organization")
     @blp.paginate()
     def get(self, ref, pagination_parameters):
         """List a chain's versions, newest first"""
@@ -127,6 +128,7 @@ class ChainSubmit(MethodView):
 class ChainExecutions(MethodView):
     @blp.arguments(ChainExecutionQuerySchema(), location="query")
     @blp.response(200, ChainExecutionSchema(many=True))
+    @blp.alt_response(404, description="the `chain` filter names no chain of yours")
     @blp.paginate()
     def get(self, args, pagination_parameters):
         """List chain executions, newest first"""
@@ -158,6 +160,7 @@ class ChainExecutionById(MethodView):
 @blp.route("/chain-executions/<execution_id>/cancel")
 class ChainCancel(MethodView):
     @blp.response(202, ChainExecutionSchema())
+    @blp.alt_response(404, description="no such chain execution in your organization")
     @blp.alt_response(409, description="the chain execution has finished")
     def post(self, execution_id):
         """Cancel: running steps are stopped, steps not started are skipped"""

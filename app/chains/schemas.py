@@ -2,6 +2,7 @@
 
 from marshmallow import Schema, fields, validate
 
+from app.agents.schemas import PATTERNS
 from app.chains.models import CHAIN_STATUSES
 from app.executions.schemas import ErrorInfoSchema
 
@@ -9,7 +10,7 @@ from app.executions.schemas import ErrorInfoSchema
 class ChainDefinitionFields(Schema):
     description = fields.String(allow_none=True)
     input_schema = fields.Dict(
-        metadata={"description": "JSON Schema Draft 2020-12 of the chain's input"}
+        metadata={"description": "JSON Schema Draft 2020-12 of the chain's input; " + PATTERNS}
     )
     steps = fields.List(
         fields.Dict(),

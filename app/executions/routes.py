@@ -65,6 +65,7 @@ class ExecutionById(MethodView):
 @blp.route("/executions/<execution_id>/cancel")
 class Cancel(MethodView):
     @blp.response(202, ExecutionSchema())
+    @blp.alt_response(404, description="no such execution in your organization")
     @blp.alt_response(409, description="the execution has finished")
     def post(self, execution_id):
         """Cancel: a queued execution never starts, a running one is asked to stop"""
@@ -86,6 +87,7 @@ class Attempts(MethodView):
 class Logs(MethodView):
     @blp.arguments(LogQuerySchema(), location="query")
     @blp.response(200, LogLineSchema(many=True))
+    @blp.alt_response(404, description="no such execution in your organization")
     def get(self, args, execution_id):
         """Log lines in seq order: what the agent printed and logged through ctx.log"""
         return services.logs(

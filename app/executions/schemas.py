@@ -88,7 +88,8 @@ class LogQuerySchema(Schema):
         validate=validate.OneOf(list(LEVELS)), metadata={"description": "minimum level"}
     )
     q = fields.String(metadata={"description": "text the message contains (case-insensitive)"})
-    after_seq = fields.Integer(strict=False, validate=validate.Range(min=0))
+    # seq is a 32-bit column: a larger number would reach PostgreSQL as an error, not a 422.
+    after_seq = fields.Integer(strict=False, validate=validate.Range(min=0, max=2**31 - 1))
     limit = fields.Integer(load_default=1000, validate=validate.Range(min=1, max=10000))
 
 

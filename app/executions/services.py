@@ -25,7 +25,7 @@ from typing import Any
 
 import psycopg
 import redis
-from jsonschema import Draft202012Validator
+from jsonschema.protocols import Validator
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, bindparam, select, text
 from sqlalchemy.dialects.postgresql import JSONB
@@ -104,11 +104,11 @@ class VersionSpec:
 
     # Built once per cached spec, not once per execution.
     @cached_property
-    def input_validator(self) -> Draft202012Validator:
+    def input_validator(self) -> Validator:
         return jsonschemas.validator_for(self.input_schema)
 
     @cached_property
-    def output_validator(self) -> Draft202012Validator:
+    def output_validator(self) -> Validator:
         return jsonschemas.validator_for(self.output_schema)
 
 

@@ -191,7 +191,10 @@ def authenticate(authorization: str | None) -> Principal:
         )
         token_cache.put(token_hash, principal)
     if principal is None:
-        raise Unauthorized("invalid or revoked token")
+        raise Unauthorized(
+            "invalid or revoked token",
+            hint="check the token; an admin of your organization can issue a new one",
+        )
     if principal.expires_at is not None and principal.expires_at <= utcnow():
         raise Unauthorized("token expired", hint="ask an admin of your organization for a new one")
     return principal

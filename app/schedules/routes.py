@@ -71,6 +71,7 @@ class ScheduleByRef(MethodView):
 @blp.route("/<ref>/pause")
 class Pause(MethodView):
     @blp.response(200, ScheduleSchema())
+    @blp.alt_response(404, description="no such schedule in your organization")
     def post(self, ref):
         """Pause: nothing fires until resumed; a buffered fire is dropped"""
         session = request_session()
@@ -82,6 +83,7 @@ class Pause(MethodView):
 @blp.route("/<ref>/resume")
 class Resume(MethodView):
     @blp.response(200, ScheduleSchema())
+    @blp.alt_response(404, description="no such schedule in your organization")
     def post(self, ref):
         """Resume from now (the paused time is not caught up); resets consecutive_failures"""
         session = request_session()
@@ -93,6 +95,7 @@ class Resume(MethodView):
 @blp.route("/<ref>/trigger")
 class Trigger(MethodView):
     @blp.response(202, FireSchema())
+    @blp.alt_response(404, description="no such schedule in your organization")
     @blp.alt_response(
         409, description="the target chain, or the agent of one of its steps, is archived"
     )
@@ -112,6 +115,7 @@ class Trigger(MethodView):
 @blp.route("/<ref>/history")
 class History(MethodView):
     @blp.response(200, FireSchema(many=True))
+    @blp.alt_response(404, description="no such schedule in your organization")
     @blp.paginate()
     def get(self, ref, pagination_parameters):
         """Fire records, newest fire time first: what fired, what was skipped and why"""

@@ -186,4 +186,4 @@ def test_a_nul_character_in_the_input_is_422(client, org):
     make_agent(client, org, {**ECHO, "input_schema": {"type": "object"}})
     response = submit(client, org, {"text": "a\u0000b"})
     assert response.status_code == 422
-    assert "/input" in response.get_json()["errors"]
+    assert "/input/text" in response.get_json()["errors"]

@@ -197,17 +197,19 @@ def test_a_request_that_fails_with_a_5xx_leaves_the_key_free(client, org, connec
     assert count(connection, "executions", org) == 1
 
 
-def test_a_nul_character_422_is_stored_and_replayed(client, org, connection):
-    """PostgreSQL refuses the insert; the savepoint around the hot statement keeps the request's
-    transaction usable, so the 422 is stored like any other."""
+def test_a_nul_character_is_refused_before_the_key_is_taken(client, org, connection):
+    """The edge refuses U+0000 before any work: the repeat gets the same 422, and the key stays
+    free for a corrected body."""
     make_echo(client, org)
     body = {"input": {"text": "a\u0000b"}}
     first = client.post(SUBMIT, json=body, headers=keyed(org, "k-nul"))
     assert first.status_code == 422
     again = client.post(SUBMIT, json=body, headers=keyed(org, "k-nul"))
-    assert again.status_code == 422 and again.headers["Idempotency-Replayed"] == "true"
-    assert again.get_json() == first.get_json()
-    assert count(connection, "executions", org) == 0
+    assert again.status_code == 422 and again.get_json() == first.get_json()
+    assert count(connection, "idempotency_keys", org) == 0
+    fixed = client.post(SUBMIT, json={"input": {"text": "ab"}}, headers=keyed(org, "k-nul"))
+    assert fixed.status_code == 202
+    assert count(connection, "executions", org) == 1
 
 
 def test_agent_and_chain_creates_and_chain_runs_replay(client, org, connection):

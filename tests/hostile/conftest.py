@@ -1,0 +1,149 @@
+"""The hostile-input suite's helpers: the app's routes, one object of every kind, the error shape.
+
+Routes are enumerated from `app.url_map`, so a new route is covered (or makes a test fail) the day
+it appears.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pytest
+
+from tests.app.test_triggers_api import signed
+
+ERROR_KEYS = {"code", "status", "message", "errors", "hint"}
+PUBLIC_PREFIXES = ("/api/v1/openapi.json", "/api/v1/docs", "/api/v1/swagger-ui")
+BODY_METHODS = ("POST", "PATCH", "PUT")
+
+
+@dataclass(frozen=True)
+class Route:
+    rule: str
+    method: str
+
+    @property
+    def arguments(self) -> list[str]:
+        return re.findall(r"<(?:[^:>]+:)?([^>]+)>", self.rule)
+
+
+def app_routes(app) -> list[Route]:
+    """Every (rule, method) the app serves, HEAD and OPTIONS aside."""
+    found = {
+        Route(rule.rule, method)
+        for rule in app.url_map.iter_rules()
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    return sorted(found, key=lambda route: (route.rule, route.method))
+
+
+def api_routes(app) -> list[Route]:
+    """The token-protected ones: /api/v1 but the spec, the docs and their assets."""
+    return [
+        route
+        for route in app_routes(app)
+        if route.rule.startswith("/api/v1") and not route.rule.startswith(PUBLIC_PREFIXES)
+    ]
+
+
+def fill(route: Route, values: dict[str, str]) -> str:
+    """The route's path with each `<argument>` replaced by `values[argument]`."""
+    return re.sub(r"<(?:[^:>]+:)?([^>]+)>", lambda match: values[match.group(1)], route.rule)
+
+
+def assert_error_shape(response, code: int) -> dict:
+    body = response.get_json()
+    assert response.status_code == code, (response.status_code, body)
+    assert body is not None and set(body) >= ERROR_KEYS, body
+    assert body["code"] == code and body["message"] and body["hint"], body
+    assert isinstance(body["errors"], dict), body
+    return body
+
+
+@dataclass
+class World:
+    """One object of every kind in one organization, and the path values that name them."""
+
+    agent: dict
+    execution: dict
+    chain: dict
+    chain_execution: dict
+    schedule: dict
+    trigger: dict
+
+    def values_for(self, route: Route, by: str = "name") -> dict[str, str]:
+        """Path values naming this world's objects (by name or by id where a route takes
+        either), chosen by the route's first segment."""
+        ref = {kind: getattr(self, kind)[by] for kind in ("agent", "chain", "schedule", "trigger")}
+        by_segment = {
+            "agents": {"ref": ref["agent"], "version": "1.0.1"},
+            "executions": {"execution_id": self.execution["id"]},
+            "chains": {"ref": ref["chain"], "version": "1.0.0"},
+            "chain-executions": {"execution_id": self.chain_execution["id"]},
+            "schedules": {"ref": ref["schedule"]},
+            "triggers": {"ref": ref["trigger"]},
+            "hooks": {"trigger_id": self.trigger["id"]},
+        }
+        return by_segment[route.rule.removeprefix("/api/v1").split("/")[1]]
+
+
+AGENT = {
+    "name": "echo",
+    "runtime": {"type": "python", "entrypoint": "tests.agents:echo"},
+    "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}},
+}
+
+
+def _created(response, code: int) -> dict:
+    assert response.status_code == code, response.get_json()
+    return response.get_json()
+
+
+def build_world(client, org) -> World:
+    headers = org.headers
+    agent = _created(client.post("/api/v1/agents", json=AGENT, headers=headers), 201)
+    # A second version, so version routes have one that is not the first.
+    _created(client.patch("/api/v1/agents/echo", json={"config": {"v": 2}}, headers=headers), 200)
+    execution = _created(
+        client.post("/api/v1/agents/echo/executions", json={"input": {}}, headers=headers), 202
+    )
+    chain = _created(
+        client.post(
+            "/api/v1/chains",
+            json={"name": "pipeline", "steps": [{"name": "one", "agent": "echo"}]},
+            headers=headers,
+        ),
+        201,
+    )
+    chain_execution = _created(
+        client.post("/api/v1/chains/pipeline/executions", json={"input": {}}, headers=headers),
+        202,
+    )
+    schedule = _created(
+        client.post(
+            "/api/v1/schedules",
+            json={"name": "nightly", "target": {"agent": "echo"}, "cron": "0 2 * * *"},
+            headers=headers,
+        ),
+        201,
+    )
+    trigger = _created(
+        client.post(
+            "/api/v1/triggers",
+            json={"name": "on-event", "target": {"agent": "echo"}, "input": {}},
+            headers=headers,
+        ),
+        201,
+    )
+    return World(agent, execution, chain, chain_execution, schedule, trigger)
+
+
+@pytest.fixture
+def world(client, org) -> World:
+    return build_world(client, org)
+
+
+def hook_headers(world: World, body: bytes) -> dict[str, str]:
+    """A valid signature, so a delivery gets as far as reading its body."""
+    return signed(world.trigger["secret"], body)

@@ -1,0 +1,158 @@
+"""Hostile bodies on every route that takes one: nesting, size, server-owned fields."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.hostile.conftest import (
+    BODY_METHODS,
+    Route,
+    app_routes,
+    assert_error_shape,
+    fill,
+    hook_headers,
+)
+
+JSON = {"Content-Type": "application/json"}
+DEEP_ARRAYS = "[" * 100_000 + "]" * 100_000
+DEEP_OBJECTS = '{"a":' * 100_000 + "1" + "}" * 100_000
+# Fields every stored object has and no client may set, beside each route's own (see below).
+ALWAYS_SERVER_OWNED = {"id", "org_id", "status", "attempt", "created_at", "updated_at"}
+# POST routes that act and take no body (anything sent is ignored, never parsed).
+BODYLESS = {
+    Route("/api/v1/executions/<execution_id>/cancel", "POST"),
+    Route("/api/v1/chain-executions/<execution_id>/cancel", "POST"),
+    Route("/api/v1/schedules/<ref>/pause", "POST"),
+    Route("/api/v1/schedules/<ref>/resume", "POST"),
+    Route("/api/v1/schedules/<ref>/trigger", "POST"),
+}
+HOOK = Route("/hooks/<trigger_id>", "POST")
+
+
+def spec_path(route: Route) -> str:
+    return route.rule.replace("<", "{").replace(">", "}")
+
+
+def body_routes(app) -> list[Route]:
+    return [
+        route for route in app_routes(app) if route.method in BODY_METHODS and route not in BODYLESS
+    ]
+
+
+def test_every_write_route_is_classified(app, client):
+    """A new POST/PATCH route must say whether it takes a body: the spec and BODYLESS agree."""
+    spec = client.get("/api/v1/openapi.json").get_json()["paths"]
+    for route in app_routes(app):
+        if route.method not in BODY_METHODS:
+            continue
+        operation = spec[spec_path(route)][route.method.lower()]
+        takes_body = "requestBody" in operation or route == HOOK
+        assert takes_body == (route not in BODYLESS), route
+
+
+def _post(client, route, world, org, data: str | bytes):
+    raw = data.encode() if isinstance(data, str) else data
+    headers = hook_headers(world, raw) if route == HOOK else {**org.headers, **JSON}
+    return client.open(
+        fill(route, world.values_for(route)), method=route.method, data=raw, headers=headers
+    )
+
+
+@pytest.mark.parametrize("nested", [DEEP_ARRAYS, DEEP_OBJECTS], ids=["arrays", "objects"])
+def test_deeply_nested_json_is_400_on_every_body_route(app, client, org, world, nested):
+    routes = body_routes(app)
+    assert HOOK in routes and len(routes) >= 9
+    for route in routes:
+        assert_error_shape(_post(client, route, world, org, nested), 400)
+
+
+def test_oversized_body_is_413_on_every_body_route(app, client, org, world):
+    big = json.dumps({"input": {"blob": "x" * (1024 * 1024 + 1)}})
+    for route in body_routes(app):
+        assert_error_shape(_post(client, route, world, org, big), 413)
+
+
+def test_bodyless_routes_never_parse_what_is_sent(client, org, world):
+    """A nested or oversized body on a bodyless action is ignored, never a 500."""
+    for route in sorted(BODYLESS, key=lambda r: r.rule):
+        for data in (DEEP_ARRAYS, "x" * (1024 * 1024 + 1)):
+            response = _post(client, route, world, org, data)
+            assert response.status_code < 500, (route, response.get_json())
+
+
+def valid_bodies(world) -> dict[Route, dict]:
+    """A body each create/update route accepts, so one extra field is the only fault."""
+    target = {"agent": world.agent["name"]}
+    return {
+        Route("/api/v1/agents", "POST"): {
+            "name": "fresh",
+            "runtime": {"type": "python", "entrypoint": "tests.agents:echo"},
+        },
+        Route("/api/v1/agents/<ref>", "PATCH"): {"description": "changed"},
+        Route("/api/v1/agents/<ref>/executions", "POST"): {"input": {}},
+        Route("/api/v1/chains", "POST"): {
+            "name": "fresh-chain",
+            "steps": [{"name": "one", "agent": world.agent["name"]}],
+        },
+        Route("/api/v1/chains/<ref>", "PATCH"): {"description": "changed"},
+        Route("/api/v1/chains/<ref>/executions", "POST"): {"input": {}},
+        Route("/api/v1/schedules", "POST"): {
+            "name": "fresh",
+            "target": target,
+            "cron": "0 3 * * *",
+        },
+        Route("/api/v1/schedules/<ref>", "PATCH"): {"enabled": False},
+        Route("/api/v1/triggers", "POST"): {"name": "fresh", "target": target, "input": {}},
+    }
+
+
+def _schema_fields(spec: dict, schema: dict) -> set[str]:
+    name = schema["$ref"].rsplit("/", 1)[1]
+    return set(spec["components"]["schemas"][name].get("properties", {}))
+
+
+def server_owned_fields(spec: dict, route: Route) -> set[str]:
+    """What the route answers with but does not take, and the fields every object has."""
+    operation = spec["paths"][spec_path(route)][route.method.lower()]
+    taken = _schema_fields(spec, operation["requestBody"]["content"]["application/json"]["schema"])
+    success = next(code for code in operation["responses"] if code.startswith("2"))
+    answered = _schema_fields(
+        spec, operation["responses"][success]["content"]["application/json"]["schema"]
+    )
+    return (answered | ALWAYS_SERVER_OWNED) - taken
+
+
+def test_server_owned_fields_are_422_keyed_by_field(app, client, org, world):
+    """The hook's body is the sender's event, not a Runyard object: it has no such fields."""
+    spec = client.get("/api/v1/openapi.json").get_json()
+    bodies = valid_bodies(world)
+    assert set(bodies) == set(body_routes(app)) - {HOOK}
+    for route, body in bodies.items():
+        path = fill(route, world.values_for(route))
+        owned = server_owned_fields(spec, route)
+        assert {"id", "status", "created_at"} <= owned
+        for field in sorted(owned):
+            response = client.open(
+                path, method=route.method, json={**body, field: "x"}, headers=org.headers
+            )
+            errors = assert_error_shape(response, 422)["errors"]
+            assert f"/{field}" in errors, (route, field, errors)
+        # The same body without the field is accepted: the field alone was refused.
+        accepted = client.open(path, method=route.method, json=body, headers=org.headers)
+        assert accepted.status_code < 300, (route, accepted.get_json())
+
+
+def test_nul_characters_are_422_not_500(client, org, world):
+    """PostgreSQL text and jsonb cannot hold U+0000 (found by the schemathesis run)."""
+    query = client.get("/api/v1/agents?q=a%00b&tag=x", headers=org.headers)
+    assert "q" in assert_error_shape(query, 422)["errors"]
+    body = client.patch(
+        "/api/v1/agents/echo", json={"output_schema": {"\u0000": 1}}, headers=org.headers
+    )
+    assert "/output_schema/\u0000" in assert_error_shape(body, 422)["errors"]
+    escaped = client.patch(
+        "/api/v1/agents/echo", json={"description": "a \\u0000 b"}, headers=org.headers
+    )
+    assert escaped.status_code == 200, escaped.get_json()

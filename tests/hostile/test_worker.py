@@ -1,0 +1,111 @@
+"""Hostile input that reaches a real worker: a pickled message, an output against a catastrophic
+pattern."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from tests.conftest import wait_for, wait_until
+
+pytestmark = pytest.mark.worker
+
+# A queue no worker of the suite serves: the API's own (JSON) message for the execution waits
+# there, so only the hostile message could start it.
+PARKED_QUEUE = "hostile-parked"
+
+
+class WritesAFileWhenUnpickled:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def publish_pickled_run(execution_id: str, marker: str) -> None:
+    """A `runyard.run_execution` message for the execution, pickled, straight on `default`."""
+    from workers import app as celery_app
+
+    queue = celery_app.amqp.queues["default"]
+    task_id = str(uuid.uuid4())
+    headers, _properties, body, _sent_event = celery_app.amqp.as_task_v2(
+        task_id, "runyard.run_execution", args=[execution_id], kwargs={}
+    )
+    args, kwargs, embed = body
+    with celery_app.producer_or_acquire() as producer:
+        producer.publish(
+            ([*args, WritesAFileWhenUnpickled(marker)], kwargs, embed),
+            exchange="",
+            routing_key=queue.name,
+            serializer="pickle",
+            headers=headers,
+            correlation_id=task_id,
+        )
+
+
+def test_a_pickled_message_is_refused_and_runs_nothing(live_client, live_org, worker, tmp_path):
+    headers = live_org.headers
+    agent = {
+        "name": "parked",
+        "runtime": {"type": "python", "entrypoint": "tests.agents:echo"},
+        "queue": PARKED_QUEUE,
+    }
+    assert live_client.post("/api/v1/agents", json=agent, headers=headers).status_code == 201
+    submitted = live_client.post(
+        "/api/v1/agents/parked/executions", json={"input": {}}, headers=headers
+    )
+    assert submitted.status_code == 202
+    execution_id = submitted.get_json()["id"]
+    marker = tmp_path / "unpickled"
+    log_size = worker.stat().st_size
+
+    publish_pickled_run(execution_id, str(marker))
+
+    wait_until(lambda: b"ContentDisallowed" in worker.read_bytes()[log_size:], timeout=20)
+    assert b"pickle" in worker.read_bytes()[log_size:]
+    execution = live_client.get(f"/api/v1/executions/{execution_id}", headers=headers).get_json()
+    assert execution["status"] == "queued" and execution["attempts"] == 0, execution
+    attempts = live_client.get(f"/api/v1/executions/{execution_id}/attempts", headers=headers)
+    assert attempts.get_json() == []
+    assert not marker.exists()
+    # The worker is alive and serving: the refusal was the message's, not a crash.
+    echo = {"name": "echo", "runtime": {"type": "python", "entrypoint": "tests.agents:echo"}}
+    assert live_client.post("/api/v1/agents", json=echo, headers=headers).status_code == 201
+    run = live_client.post("/api/v1/agents/echo/executions", json={"input": {}}, headers=headers)
+    assert wait_for(live_client, live_org, run.get_json()["id"])["status"] == "succeeded"
+    assert not marker.exists()
+
+
+def test_an_output_against_a_catastrophic_pattern_fails_quickly_in_the_worker(
+    live_client, live_org, worker
+):
+    """`echo` returns its input under `echo`: the output schema's pattern sees the hostile text."""
+    agent = {
+        "name": "echo-regex",
+        "runtime": {"type": "python", "entrypoint": "tests.agents:echo"},
+        "output_schema": {
+            "type": "object",
+            "properties": {
+                "echo": {
+                    "type": "object",
+                    "properties": {"text": {"type": "string", "pattern": "^(a+)+$"}},
+                }
+            },
+        },
+        "timeout_seconds": 60,
+    }
+    headers = live_org.headers
+    assert live_client.post("/api/v1/agents", json=agent, headers=headers).status_code == 201
+    submit = "/api/v1/agents/echo-regex/executions"
+    started = time.monotonic()
+    hostile = live_client.post(submit, json={"input": {"text": "a" * 5000 + "!"}}, headers=headers)
+    finished = wait_for(live_client, live_org, hostile.get_json()["id"], timeout=30)
+    assert time.monotonic() - started < 30
+    assert finished["status"] == "failed", finished
+    assert finished["error"]["type"] == "output_invalid", finished["error"]
+    assert "/echo/text" in finished["error"]["message"], finished["error"]
+    fine = live_client.post(submit, json={"input": {"text": "aaaa"}}, headers=headers)
+    assert wait_for(live_client, live_org, fine.get_json()["id"])["status"] == "succeeded"
