@@ -19,6 +19,7 @@ from app.db import db
 from app.executions import services
 from app.executions.services import Claim, VersionSpec, error_body
 from workers.context import AgentLog, Context, LogBuffer
+from workers.lease import lease_keeper
 from workers.runtimes import Outcome, runtime_for
 from workers.watchdog import watchdog
 
@@ -35,60 +36,63 @@ log = logging.getLogger(__name__)
 def run_execution(execution_id: uuid.UUID, worker: str) -> None:
     cfg = current_config()
     with db.hot() as conn:
-        claimed = services.claim(conn, execution_id, worker, cfg.lease_grace_seconds)
+        claimed = services.claim(conn, execution_id, worker, cfg.lease_seconds)
         if claimed is None:
             log.info(
                 "execution %s is not queued (duplicate or cancelled message): skipped", execution_id
             )
             return
-        spec = services.specs.get(conn, claimed.version_id)
-        buffer = LogBuffer(
-            conn,
-            execution_id,
-            claimed.attempt,
-            claimed.last_seq,
-            batch_lines=cfg.log_batch_lines,
-            flush_seconds=cfg.log_flush_seconds,
-            max_chars=cfg.log_line_max_chars,
-            max_lines=spec.limits.get("max_log_lines", cfg.max_log_lines),
+        with lease_keeper.holding(claimed):
+            _run_claimed(conn, claimed, cfg)
+
+
+def _run_claimed(conn, claimed: Claim, cfg) -> None:
+    execution_id = claimed.execution_id
+    spec = services.specs.get(conn, claimed.version_id)
+    buffer = LogBuffer(
+        conn,
+        execution_id,
+        claimed.attempt,
+        claimed.last_seq,
+        batch_lines=cfg.log_batch_lines,
+        flush_seconds=cfg.log_flush_seconds,
+        max_chars=cfg.log_line_max_chars,
+        max_lines=spec.limits.get("max_log_lines", cfg.max_log_lines),
+    )
+    ctx = Context(
+        execution_id=execution_id,
+        attempt=claimed.attempt,
+        agent={"name": spec.agent_name, "version": spec.version},
+        config=spec.config,
+        log=AgentLog(buffer),
+        check_cancel=lambda: services.cancel_requested(conn, execution_id),
+    )
+    try:
+        outcome = _run_runtime(claimed, spec, ctx, buffer)
+        if outcome.ok:
+            _check_output(spec, outcome, spec.limits.get("max_output_bytes", cfg.max_output_bytes))
+        buffer.close()
+    # Whatever broke around the agent, the claimed row must not stay `running`.
+    except SoftTimeLimitExceeded:
+        outcome = Outcome(
+            error_type="timeout",
+            error_message=f"did not finish within timeout_seconds={spec.timeout_seconds}",
         )
-        ctx = Context(
-            execution_id=execution_id,
-            attempt=claimed.attempt,
-            agent={"name": spec.agent_name, "version": spec.version},
-            config=spec.config,
-            log=AgentLog(buffer),
-            check_cancel=lambda: services.cancel_requested(conn, execution_id),
+    except Exception as exc:
+        if isinstance(exc, DATABASE_ERRORS):
+            raise  # the task retries; the lease brings the row back if the database lost it
+        log.exception("execution %s: the worker failed around the agent", execution_id)
+        outcome = Outcome(
+            error_type="runtime_error",
+            error_message=f"the worker failed while running the agent: {type(exc).__name__}: {exc}",
         )
-        try:
-            outcome = _run_runtime(claimed, spec, ctx, buffer)
-            if outcome.ok:
-                _check_output(
-                    spec, outcome, spec.limits.get("max_output_bytes", cfg.max_output_bytes)
-                )
-            buffer.close()
-        # Whatever broke around the agent, the claimed row must not stay `running`.
-        except SoftTimeLimitExceeded:
-            outcome = Outcome(
-                error_type="timeout",
-                error_message=f"did not finish within timeout_seconds={spec.timeout_seconds}",
-            )
-        except Exception as exc:
-            if isinstance(exc, DATABASE_ERRORS):
-                raise  # the task retries; the lease brings the row back if the database lost it
-            log.exception("execution %s: the worker failed around the agent", execution_id)
-            outcome = Outcome(
-                error_type="runtime_error",
-                error_message=f"the worker failed while running the agent: "
-                f"{type(exc).__name__}: {exc}",
-            )
-        if not outcome.ok and services.cancel_requested(conn, execution_id):
-            # It failed after a cancel was asked (often because of it): report the cancel.
-            outcome.cancelled = True
-        status = _record(conn, claimed, spec, outcome)
-        if status is not None and claimed.chain_execution_id is not None:
-            for hook in settled_hooks:
-                hook(conn, claimed, status)
+    if not outcome.ok and services.cancel_requested(conn, execution_id):
+        # It failed after a cancel was asked (often because of it): report the cancel.
+        outcome.cancelled = True
+    status = _record(conn, claimed, spec, outcome)
+    if status is not None and claimed.chain_execution_id is not None:
+        for hook in settled_hooks:
+            hook(conn, claimed, status)
 
 
 # Called as hook(conn, claimed, status) once a chain step's outcome is recorded: `status` is the
