@@ -30,6 +30,13 @@ def _float(name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from exc
 
 
+def _positive_float(name: str, default: float) -> float:
+    value = _float(name, default)
+    if value <= 0:
+        raise ValueError(f"{name} must be above 0, got {value}")
+    return value
+
+
 def _list(name: str, default: str) -> tuple[str, ...]:
     raw = os.environ.get(name, default)
     return tuple(part.strip() for part in raw.split(",") if part.strip())
@@ -56,7 +63,7 @@ class Config:
     schema_max_bytes: int = 64 * 1024
     schema_max_depth: int = 32
     max_timeout_seconds: int = 86400
-    lease_grace_seconds: int = 60
+    lease_seconds: float = 30.0
     dispatch_grace_seconds: int = 30
     sweep_interval_seconds: float = 15.0
     chain_stall_seconds: float = 60.0
@@ -96,7 +103,7 @@ class Config:
             schema_max_bytes=_int("RUNYARD_SCHEMA_MAX_BYTES", cls.schema_max_bytes),
             schema_max_depth=_int("RUNYARD_SCHEMA_MAX_DEPTH", cls.schema_max_depth),
             max_timeout_seconds=_int("RUNYARD_MAX_TIMEOUT_SECONDS", cls.max_timeout_seconds),
-            lease_grace_seconds=_int("RUNYARD_LEASE_GRACE_SECONDS", cls.lease_grace_seconds),
+            lease_seconds=_positive_float("RUNYARD_LEASE_SECONDS", cls.lease_seconds),
             dispatch_grace_seconds=_int(
                 "RUNYARD_DISPATCH_GRACE_SECONDS", cls.dispatch_grace_seconds
             ),
@@ -177,7 +184,12 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "86400",
         "longest agent timeout; the Redis visibility timeout is set above it",
     ),
-    ("RUNYARD_LEASE_GRACE_SECONDS", "60", "lease on a running execution beyond its timeout"),
+    (
+        "RUNYARD_LEASE_SECONDS",
+        "30",
+        "lease on a running attempt, renewed by its worker every third of it: the sweeper takes "
+        "back the execution of a dead worker within this plus RUNYARD_SWEEP_INTERVAL_SECONDS",
+    ),
     (
         "RUNYARD_DISPATCH_GRACE_SECONDS",
         "30",

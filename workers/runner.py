@@ -20,6 +20,7 @@ from app.db import db
 from app.executions import services
 from app.executions.services import Claim, VersionSpec, error_body
 from workers.context import AgentLog, Context, LogBuffer
+from workers.lease import lease_keeper
 from workers.runtimes import Outcome, runtime_for
 from workers.watchdog import watchdog
 
@@ -39,57 +40,60 @@ MAX_SETTLE_PAUSE_SECONDS = 5.0
 def run_execution(execution_id: uuid.UUID, worker: str) -> None:
     cfg = current_config()
     with db.hot() as conn:
-        claimed = services.claim(conn, execution_id, worker, cfg.lease_grace_seconds)
+        claimed = services.claim(conn, execution_id, worker, cfg.lease_seconds)
         if claimed is None:
             log.info(
                 "execution %s is not queued (duplicate or cancelled message): skipped", execution_id
             )
             return
-        spec = services.specs.get(conn, claimed.version_id)
-        buffer = LogBuffer(
-            conn,
-            execution_id,
-            claimed.attempt,
-            claimed.last_seq,
-            batch_lines=cfg.log_batch_lines,
-            flush_seconds=cfg.log_flush_seconds,
-            max_chars=cfg.log_line_max_chars,
-            max_lines=spec.limits.get("max_log_lines", cfg.max_log_lines),
+        with lease_keeper.holding(claimed):
+            _run_claimed(conn, claimed, cfg)
+
+
+def _run_claimed(conn, claimed: Claim, cfg) -> None:
+    execution_id = claimed.execution_id
+    spec = services.specs.get(conn, claimed.version_id)
+    buffer = LogBuffer(
+        conn,
+        execution_id,
+        claimed.attempt,
+        claimed.last_seq,
+        batch_lines=cfg.log_batch_lines,
+        flush_seconds=cfg.log_flush_seconds,
+        max_chars=cfg.log_line_max_chars,
+        max_lines=spec.limits.get("max_log_lines", cfg.max_log_lines),
+    )
+    ctx = Context(
+        execution_id=execution_id,
+        attempt=claimed.attempt,
+        agent={"name": spec.agent_name, "version": spec.version},
+        config=spec.config,
+        log=AgentLog(buffer),
+        check_cancel=lambda: services.cancel_requested(conn, execution_id),
+    )
+    try:
+        outcome = _run_runtime(claimed, spec, ctx, buffer)
+        if outcome.ok:
+            _check_output(spec, outcome, spec.limits.get("max_output_bytes", cfg.max_output_bytes))
+        buffer.close()
+    # Whatever broke around the agent, the claimed row must not stay `running`.
+    except SoftTimeLimitExceeded:
+        outcome = Outcome(
+            error_type="timeout",
+            error_message=f"did not finish within timeout_seconds={spec.timeout_seconds}",
         )
-        ctx = Context(
-            execution_id=execution_id,
-            attempt=claimed.attempt,
-            agent={"name": spec.agent_name, "version": spec.version},
-            config=spec.config,
-            log=AgentLog(buffer),
-            check_cancel=lambda: services.cancel_requested(conn, execution_id),
+    except Exception as exc:
+        if isinstance(exc, DATABASE_ERRORS):
+            raise  # the task retries; the lease brings the row back if the database lost it
+        log.exception("execution %s: the worker failed around the agent", execution_id)
+        outcome = Outcome(
+            error_type="runtime_error",
+            error_message=f"the worker failed while running the agent: {type(exc).__name__}: {exc}",
         )
-        try:
-            outcome = _run_runtime(claimed, spec, ctx, buffer)
-            if outcome.ok:
-                _check_output(
-                    spec, outcome, spec.limits.get("max_output_bytes", cfg.max_output_bytes)
-                )
-            buffer.close()
-        # Whatever broke around the agent, the claimed row must not stay `running`.
-        except SoftTimeLimitExceeded:
-            outcome = Outcome(
-                error_type="timeout",
-                error_message=f"did not finish within timeout_seconds={spec.timeout_seconds}",
-            )
-        except Exception as exc:
-            if isinstance(exc, DATABASE_ERRORS):
-                raise  # the task retries; the lease brings the row back if the database lost it
-            log.exception("execution %s: the worker failed around the agent", execution_id)
-            outcome = Outcome(
-                error_type="runtime_error",
-                error_message=f"the worker failed while running the agent: "
-                f"{type(exc).__name__}: {exc}",
-            )
-        try:
-            _settle(conn, claimed, spec, outcome)
-        except DATABASE_ERRORS:
-            _settle_once_the_database_answers(claimed, spec, outcome)
+    try:
+        _settle(conn, claimed, spec, outcome)
+    except DATABASE_ERRORS:
+        _settle_once_the_database_answers(claimed, spec, outcome)
 
 
 def _settle(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> None:
@@ -108,8 +112,8 @@ def _settle_once_the_database_answers(claimed: Claim, spec: VersionSpec, outcome
     sweeper would then run the work a second time: keep the outcome here instead and write it
     once the database answers, each try on a fresh connection. The write is fenced by the
     attempt, so a try that committed but lost its answer makes the next one a no-op. Bounded by
-    the lease grace: past it the sweeper owns the row and the raise leaves it to the lease."""
-    deadline = time.monotonic() + current_config().lease_grace_seconds
+    the lease: past it the sweeper owns the row and the raise leaves it to the sweeper."""
+    deadline = time.monotonic() + current_config().lease_seconds
     pause = FIRST_SETTLE_PAUSE_SECONDS
     while True:
         log.warning(

@@ -651,8 +651,7 @@ _CLAIM_SQL = """
     SET status = 'running', attempt = attempt + 1, started_at = now(), worker = %(worker)s,
         resource_usage = NULL,
         dispatched_at = coalesce(dispatched_at, now()),
-        lease_until = now() + make_interval(secs => %(lease_grace)s + (
-            SELECT timeout_seconds FROM agent_versions v WHERE v.id = executions.version_id))
+        lease_until = now() + make_interval(secs => %(lease)s)
     WHERE id = %(id)s AND status = 'queued'
     RETURNING attempt, version_id, input, priority,
               (SELECT coalesce(max(seq), 0) FROM execution_logs WHERE execution_id = %(id)s),
@@ -661,20 +660,48 @@ _CLAIM_SQL = """
 
 
 def claim(
-    conn: Connection, execution_id: uuid.UUID, worker: str, lease_grace_seconds: float
+    conn: Connection, execution_id: uuid.UUID, worker: str, lease_seconds: float
 ) -> Claim | None:
     """Take a queued execution. None means the message is a duplicate or stale: drop it.
 
-    The lease runs for the version's timeout plus a grace; past it the sweeper takes the
-    execution back."""
+    The lease is short (RUNYARD_LEASE_SECONDS) and the worker renews it while the attempt runs
+    (`renew_leases`); once it runs out the sweeper takes the execution back."""
     row = (
         _driver(conn)
-        .execute(
-            _CLAIM_SQL, {"id": execution_id, "worker": worker, "lease_grace": lease_grace_seconds}
-        )
+        .execute(_CLAIM_SQL, {"id": execution_id, "worker": worker, "lease": lease_seconds})
         .fetchone()
     )
     return None if row is None else Claim(execution_id, *row)
+
+
+# One statement for every attempt a worker process holds, fenced by the attempt like a finish:
+# an attempt the sweeper took back (or that ended) is not renewed and does not come back.
+_RENEW_LEASES_SQL = """
+    UPDATE executions e
+    SET lease_until = now() + make_interval(secs => %(lease)s)
+    FROM unnest(%(ids)s::uuid[], %(attempts)s::int[]) AS held(id, attempt)
+    WHERE e.id = held.id AND e.attempt = held.attempt AND e.status = 'running'
+    RETURNING e.id
+"""
+
+
+def renew_leases(conn: Connection, held: list[Claim], lease_seconds: float) -> set[uuid.UUID]:
+    """Extend the leases of the attempts a worker runs; the ids whose attempt it still owns."""
+    if not held:
+        return set()
+    rows = (
+        _driver(conn)
+        .execute(
+            _RENEW_LEASES_SQL,
+            {
+                "ids": [claimed.execution_id for claimed in held],
+                "attempts": [claimed.attempt for claimed in held],
+                "lease": lease_seconds,
+            },
+        )
+        .fetchall()
+    )
+    return {row[0] for row in rows}
 
 
 # A statement that ends an attempt the execution goes on from (a retry, a lost worker) records

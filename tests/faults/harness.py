@@ -149,10 +149,14 @@ def tally(
         reruns=ran_again if workers_killed else 0,
         recovery_seconds=recovery_seconds,
         details={
-            "not_succeeded": collections.Counter(
-                statuses.get(execution_id, "missing")
-                for execution_id in ids
-                if statuses.get(execution_id) != "succeeded"
+            # A plain dict: dataclasses.asdict rebuilds a Counter from (key, count) pairs,
+            # counting the pairs, and the report file then fails on tuple keys.
+            "not_succeeded": dict(
+                collections.Counter(
+                    statuses.get(execution_id, "missing")
+                    for execution_id in ids
+                    if statuses.get(execution_id) != "succeeded"
+                )
             ),
             **details,
         },

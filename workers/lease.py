@@ -1,0 +1,107 @@
+"""The lease heartbeat of the attempts a worker process runs.
+
+A claim leases its attempt for RUNYARD_LEASE_SECONDS only. One thread per pool process renews
+the leases of the attempts the process still runs, every third of the lease, with one UPDATE
+fenced by the attempt (services.renew_leases). A process that dies (SIGKILL, the OOM killer, a
+lost host) stops renewing, and the sweeper takes its execution back within the lease plus
+RUNYARD_SWEEP_INTERVAL_SECONDS, whatever the agent's timeout.
+
+Every runtime is covered, because the runner holds the lease around all of them. An attempt that
+ends within a third of the lease is never renewed: short executions pay two dict writes and no
+statement. The thread renews whatever the main thread is doing (a python agent computing, a child
+runtime's supervisor waiting): a process that is alive but stuck is the timeouts' business.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from app.config import current_config
+from app.db import db
+from app.executions import services
+from app.executions.services import Claim
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Held:
+    claimed: Claim
+    renewed_at: float
+
+
+class LeaseKeeper:
+    def __init__(self) -> None:
+        self._reset()
+        # Threads do not survive a fork: a pool process starts empty and builds its own thread.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._held: dict[uuid.UUID, Held] = {}
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def holding(self, claimed: Claim) -> Iterator[None]:
+        """Keep the claimed attempt's lease fresh until the block ends (after its outcome is
+        recorded: a lease must not run out between the agent's return and the finish)."""
+        with self._changed:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="runyard-lease", daemon=True)
+                self._thread.start()
+            self._held[claimed.execution_id] = Held(claimed, time.monotonic())
+            self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._held.pop(claimed.execution_id, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._held:
+                    self._changed.wait()
+            lease = current_config().lease_seconds
+            interval = lease / 3
+            # Looking twice per interval: a lease is renewed at most half a lease after the last.
+            time.sleep(interval / 2)
+            try:
+                self.renew_due(lease, interval)
+            except Exception:
+                # The database may be away for a moment; the next look tries again, and a lease
+                # that runs out meanwhile costs a rerun of the attempt (fenced), never its loss.
+                log.warning("lease renewal failed", exc_info=True)
+
+    def renew_due(self, lease: float, interval: float) -> None:
+        now = time.monotonic()
+        with self._changed:
+            due = [held for held in self._held.values() if now - held.renewed_at >= interval]
+        if not due:
+            return
+        with db.hot() as conn:
+            owned = services.renew_leases(conn, [held.claimed for held in due], lease)
+        with self._changed:
+            for held in due:
+                if held.claimed.execution_id in owned:
+                    held.renewed_at = now
+                elif self._held.get(held.claimed.execution_id) is held:
+                    # Ended a moment ago, or the sweeper took the attempt back: then its outcome
+                    # is fenced out when it comes, and the next attempt runs elsewhere.
+                    del self._held[held.claimed.execution_id]
+                    log.warning(
+                        "execution %s attempt %d: lease not renewed (the attempt ended or was "
+                        "taken back by the sweeper)",
+                        held.claimed.execution_id,
+                        held.claimed.attempt,
+                    )
+
+
+lease_keeper = LeaseKeeper()
