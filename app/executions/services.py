@@ -1036,6 +1036,8 @@ class SweepReport:
     chains_resumed: int = 0
     # Another sweep (a second beat) held the broker lock: this one published nothing.
     skipped: bool = False
+    # Messages a worker took but never claimed, given back to their queues (see _restore_stranded).
+    restored: int = 0
 
 
 SWEEP_BATCH = 500
@@ -1115,6 +1117,7 @@ def sweep(budget_seconds: float | None = None) -> SweepReport:
             else:
                 if watch is not None:
                     _recover_from_broker_reset(watch, report, deadline, cfg.chain_stall_seconds)
+                    _restore_stranded(report, cfg.dispatch_grace_seconds)
                 _republish_undispatched(report, deadline, cfg.dispatch_grace_seconds)
     except redis.RedisError:
         # Nothing can be published without the broker; the rows wait, safe, for the next sweep.
@@ -1157,6 +1160,64 @@ def _republish_undispatched(report: SweepReport, deadline: float, grace: float) 
         report.republished += len(sent)
         if len(rows) < SWEEP_BATCH or not sent:
             return
+
+
+# At most this many taken messages are looked at per sweep (oldest first): running executions
+# hold one each, retries waiting out their backoff one each.
+STRANDED_SCAN_LIMIT = 10_000
+
+
+def _restore_stranded(report: SweepReport, grace_seconds: float) -> None:
+    """Give back to its queue every message a worker took whose execution is still `queued` long
+    after it was taken (or due, for a retry's countdown message).
+
+    A Redis message a worker has taken sits in kombu's `unacked` hash until acknowledged. When
+    the whole worker dies (SIGKILL, a lost host), a message it had taken and not yet claimed (a
+    retry waiting out its backoff, or one caught between fetch and claim) would wait there for
+    the visibility timeout, hours away, while its row is `queued` and stamped dispatched, so
+    nothing else publishes it. A live worker claims what it takes at once (prefetch 1, acks
+    late), except countdown messages before they are due and due ones waiting for a free pool
+    process: giving those back early costs a duplicate at most, which the claim drops. Restored
+    with kombu's own `restore_by_tag` (what the visibility timeout does), one transaction per
+    message, so a message is either still held or back in its queue, never both or neither."""
+    from workers import app as celery_app
+
+    cutoff = time.time() - grace_seconds
+    with celery_app.connection_for_write() as connection:
+        channel = connection.default_channel
+        client = channel.client
+        tags = client.zrangebyscore(
+            channel.unacked_index_key, "-inf", cutoff, start=0, num=STRANDED_SCAN_LIMIT
+        )
+        if not tags:
+            return
+        held: dict[uuid.UUID, bytes] = {}
+        for tag, raw in zip(tags, client.hmget(channel.unacked_key, tags), strict=True):
+            if raw is None:
+                continue  # acknowledged meanwhile
+            headers = json.loads(raw)[0].get("headers") or {}
+            if headers.get("task") != RUN_TASK:
+                continue  # chain steps: the chains' resume check recovers those
+            eta = headers.get("eta")
+            if eta and dt.datetime.fromisoformat(eta).timestamp() > cutoff:
+                continue
+            with contextlib.suppress(KeyError, ValueError, TypeError):
+                held[uuid.UUID(headers["id"])] = tag
+        if not held:
+            return
+        with db.hot() as conn:
+            stranded = conn.execute(
+                text("SELECT id FROM executions WHERE id = ANY(:ids) AND status = 'queued'"),
+                {"ids": list(held)},
+            ).scalars()
+            for execution_id in stranded:
+                channel.qos.restore_by_tag(held[execution_id], client=client)
+                report.restored += 1
+    if report.restored:
+        log.warning(
+            "sweeper: %d messages taken by workers but never claimed went back to their queues",
+            report.restored,
+        )
 
 
 def _recover_from_broker_reset(
