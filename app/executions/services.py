@@ -1075,11 +1075,12 @@ _EXPIRED_REQUEUE = text(
           -- A lost worker may have done part of the work: run it again only where the agent's
           -- retry policy says `lost` is safe to retry.
           AND v.retry -> 'retry_on' ? 'lost'
-        RETURNING e.id, e.attempt, e.error, e.worker, e.started_at, e.resource_usage
-    )
+        RETURNING e.id, e.attempt, e.error, e.worker, e.started_at, e.resource_usage,
+                  e.version_id, e.priority
+    ), recorded AS (
     """
     + _RECORD_ATTEMPT.format(status="'failed'")
-    + "RETURNING execution_id"
+    + ") SELECT id, version_id, priority FROM ended"
 ).bindparams(bindparam("lost", type_=JSONB))
 
 _EXPIRED_LOST = text(
@@ -1128,14 +1129,18 @@ def sweep(budget_seconds: float | None = None) -> SweepReport:
 
 
 def _end_expired_leases(report: SweepReport) -> list[uuid.UUID]:
-    """Requeue or fail what lost its worker; the chain executions of the steps it failed."""
+    """Requeue (and publish at once) or fail what lost its worker; the chain executions of the
+    steps it failed."""
     with db.hot() as conn:
-        report.requeued = len(
-            conn.execute(
-                _EXPIRED_REQUEUE,
-                {"lost": error_body("lost", "the worker's lease expired; attempt requeued")},
-            ).all()
-        )
+        requeued = conn.execute(
+            _EXPIRED_REQUEUE,
+            {"lost": error_body("lost", "the worker's lease expired; attempt requeued")},
+        ).all()
+        report.requeued = len(requeued)
+        # Not left to the undispatched pass: its grace counts from queued_at, the submit time.
+        requeued_dispatches = [
+            Dispatch(row.id, specs.get(conn, row.version_id), row.priority) for row in requeued
+        ]
         lost = conn.execute(
             _EXPIRED_LOST,
             {
@@ -1144,6 +1149,11 @@ def _end_expired_leases(report: SweepReport) -> list[uuid.UUID]:
             },
         ).all()
     report.lost = len(lost)
+    # On a broker outage nothing is sent: the rows stay unstamped for the undispatched pass.
+    sent = publish_many(requeued_dispatches)
+    if sent:
+        _stamp(sent)
+    report.republished += len(sent)
     return [row.chain_execution_id for row in lost if row.chain_execution_id]
 
 

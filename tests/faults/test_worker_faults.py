@@ -28,7 +28,6 @@ from tests.faults.harness import (
     wait_until_ended,
 )
 from tests.faults.workers_fixtures import (
-    backdate,
     children,
     connect,
     dispatch_grace,
@@ -122,7 +121,6 @@ def test_sigkill_of_a_pool_process_mid_execution(
         sweeping_beat(tmp_path),
     ):
         ids = submit(live_client, live_org, name, ledger, count=6, seconds=2)
-        backdate(database_url, ids)
         wait_for_running(database_url, ids, 2)
         pool_before = children(worker.pid)
         assert len(pool_before) == 2, pool_before
@@ -154,7 +152,6 @@ def test_sigkill_of_the_whole_worker_mid_execution(
     with sweeping_beat(tmp_path):
         with short_lease_worker(tmp_path, "killed", queue, concurrency=2) as killed:
             ids = submit(live_client, live_org, name, ledger, count=6, seconds=2)
-            backdate(database_url, ids)
             running_at_kill = wait_for_running(database_url, ids, 2)
             killed_at = time.monotonic()
             kill_worker(killed)
@@ -224,7 +221,6 @@ def test_sigterm_then_sigkill_when_the_execution_outlives_the_stop_timeout(
     with sweeping_beat(tmp_path):
         with short_lease_worker(tmp_path, "outlived", queue, concurrency=1) as stopped:
             ids = submit(live_client, live_org, name, ledger, count=1, seconds=6)
-            backdate(database_url, ids)
             wait_until_running(database_url, ids)
             stopped.send_signal(signal.SIGTERM)
             stopping_since = time.monotonic()
@@ -260,7 +256,6 @@ def test_a_thousand_executions_while_a_worker_is_killed_every_two_seconds(
         started = time.monotonic()
         ids = submit(live_client, live_org, name, ledger, count=1000, seconds=0.01)
         submitted_in = time.monotonic() - started
-        backdate(database_url, ids)
         deadline = time.monotonic() + END_BOUND_SECONDS
         while time.monotonic() < deadline:
             doomed_name = f"doomed-{len(kill_times)}"
@@ -334,7 +329,6 @@ def test_sigkill_of_a_worker_holding_a_retry_in_its_backoff(
         headers=live_org.headers,
     )
     ids = [uuid.UUID(response.get_json()["id"])]
-    backdate(database_url, ids)
     with sweeping_beat(tmp_path):
         with short_lease_worker(tmp_path, "holding", queue, concurrency=1) as holding:
             deadline = time.monotonic() + 20

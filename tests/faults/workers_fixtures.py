@@ -92,18 +92,6 @@ def rows(database_url: str, ids: list[uuid.UUID], columns: str) -> dict[uuid.UUI
         }
 
 
-def backdate(database_url: str, ids: list[uuid.UUID]) -> None:
-    """Make executions look queued for minutes. The sweeper republishes a requeued execution once
-    its queued_at is older than RUNYARD_DISPATCH_GRACE_SECONDS, and the sweep runs on the
-    session's worker (beat sends it to `default`), which keeps the 30 s default: without this a
-    test's executions, submitted seconds ago, would wait out that grace."""
-    with connect(database_url) as conn:
-        conn.execute(
-            "UPDATE executions SET queued_at = queued_at - interval '5 minutes' WHERE id = ANY(%s)",
-            (ids,),
-        )
-
-
 def wait_until_running(database_url: str, ids: list[uuid.UUID], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while True:

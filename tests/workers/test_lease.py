@@ -15,7 +15,6 @@ from tests.faults.harness import LEDGER_AGENT, wait_until_ended
 from tests.faults.workers_fixtures import (
     LEASE_SECONDS,
     SWEEP_INTERVAL_SECONDS,
-    backdate,
     children,
     own_queue,
     rows,
@@ -139,7 +138,6 @@ def test_a_killed_pool_process_is_taken_back_within_the_lease_and_a_sweep(
         execution_id = submit(
             live_client, live_org, "killed", {"ledger": str(ledger), "seconds": 4}
         )
-        backdate(database_url, [execution_id])
         wait_until_running(database_url, [execution_id])
         [pool_pid] = children(worker.pid)
         os.kill(pool_pid, signal.SIGKILL)
