@@ -1,5 +1,7 @@
-"""The README's configuration table is the settings list in app/config.py, row for row."""
+"""The README's configuration table is the settings list in app/config.py, row for row, and
+every test its "Guarantees" section names exists."""
 
+import re
 from pathlib import Path
 
 from app.config import DOCUMENTED_SETTINGS
@@ -20,3 +22,22 @@ def test_readme_lists_every_setting():
         "README.md's configuration table is out of step with app/config.py; regenerate it with "
         "`python -c 'from tests.test_readme import configuration_table as t; print(t())'`"
     )
+
+
+def test_every_test_the_guarantees_name_exists():
+    text = README.read_text()
+    section = text[text.index("## Guarantees") : text.index("## Configuration")]
+    root = README.parent
+    named = 0
+    for cell in section.split("|"):
+        current = None
+        # `tests/x.py`, `tests/x.py::test_name`, and `::test_name` (same file as the last one).
+        for path, name in re.findall(r"`(tests/[\w/]+(?:\.py)?/?)?(?:::(\w+))?`", cell):
+            if path:
+                current = root / path
+                assert current.exists(), path
+            if name:
+                assert current is not None and current.is_file(), name
+                assert re.search(rf"^def {name}\(", current.read_text(), re.M), (current, name)
+                named += 1
+    assert named >= 15
