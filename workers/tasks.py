@@ -10,7 +10,7 @@ from celery.signals import worker_process_init
 
 from app.config import current_config
 from app.db import db
-from app.executions import services
+from app.executions import recovery, services
 from workers import app
 from workers.runner import DATABASE_ERRORS
 from workers.runner import run_execution as run
@@ -54,7 +54,7 @@ def run_execution(self, execution_id: str) -> None:
 
 @app.task(name="runyard.sweep", base=DatabaseTask)
 def sweep() -> dict:
-    report = services.sweep()
+    report = recovery.sweep()
     if report.republished or report.requeued or report.lost:
         log.warning("sweeper: %s", report)
     return report.__dict__

@@ -19,7 +19,7 @@ import uuid
 import pytest
 import redis
 
-from app.executions.services import sweep
+from app.executions.recovery import sweep
 from tests.faults.harness import (
     LEDGER_AGENT,
     install_audit,

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import text
 
 from app.db import db
-from app.executions import services
+from app.executions import recovery, services
 from tests.conftest import wait_for, wait_until
 
 
@@ -106,7 +106,7 @@ def test_sweeper_republishes_what_was_never_published(live_client, live_org):
             ),
             {"id": execution_id, "agent": agent["id"]},
         )
-    report = services.sweep()
+    report = recovery.sweep()
     assert report.republished >= 1
     result = wait_for(live_client, live_org, str(execution_id))
     assert result["status"] == "succeeded" and result["output"]["echo"] == {"lost": True}
@@ -122,12 +122,12 @@ def test_sweeper_requeues_an_expired_lease_then_fails_it_as_lost(live_client, li
         "status = 'running', attempt = 1, output = NULL, lease_until = now() - interval '1 second',"
         " queued_at = queued_at - interval '5 minutes'",
     )
-    report = services.sweep()
+    report = recovery.sweep()
     assert report.requeued >= 1 and report.republished >= 1
     result = wait_for(live_client, live_org, str(execution_id))
     assert result["status"] == "succeeded" and result["attempts"] == 2
     force(execution_id, "status = 'running', lease_until = now() - interval '1 second'")
-    assert services.sweep().lost >= 1
+    assert recovery.sweep().lost >= 1
     result = live_client.get(
         f"/api/v1/executions/{execution_id}", headers=live_org.headers
     ).get_json()
@@ -205,7 +205,7 @@ def test_sweeper_does_not_rerun_lost_work_unless_the_policy_allows(live_client, 
     force(
         execution_id, "status = 'running', attempt = 1, lease_until = now() - interval '1 second'"
     )
-    report = services.sweep()
+    report = recovery.sweep()
     assert report.requeued == 0 and report.lost >= 1
     result = live_client.get(
         f"/api/v1/executions/{execution_id}", headers=live_org.headers

@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from app.config import current_config
 from app.db import db
-from app.executions import services
+from app.executions import recovery
 
 QUEUE = f"sweeper-test-{uuid.uuid4().hex[:8]}"
 
@@ -74,13 +74,13 @@ def queued_messages(broker: redis.Redis) -> list[uuid.UUID]:
 
 def settle_marker() -> None:
     """A first sweep: after it the marker is set and any recovery it opened is published."""
-    services.sweep()
+    recovery.sweep()
 
 
 def test_undispatched_rows_are_published_in_batches_until_none_is_left(agent_id, broker):
     settle_marker()
-    ids = insert_queued(agent_id, services.SWEEP_BATCH * 2 + 37, dispatched=False)
-    report = services.sweep()
+    ids = insert_queued(agent_id, recovery.SWEEP_BATCH * 2 + 37, dispatched=False)
+    report = recovery.sweep()
     assert report.republished >= len(ids) and report.recovered == 0
     assert sorted(queued_messages(broker)) == sorted(ids), "each row once, none left over"
     with db.hot() as conn:
@@ -89,48 +89,48 @@ def test_undispatched_rows_are_published_in_batches_until_none_is_left(agent_id,
             {"ids": ids},
         ).scalar()
     assert unstamped == 0
-    assert services.sweep().republished == 0, "stamped rows are not published again"
+    assert recovery.sweep().republished == 0, "stamped rows are not published again"
 
 
 def test_a_broker_that_lost_its_data_gets_every_queued_row_again(agent_id, broker):
     settle_marker()
-    ids = insert_queued(agent_id, services.SWEEP_BATCH + 10, dispatched=True)
-    quiet = services.sweep()
+    ids = insert_queued(agent_id, recovery.SWEEP_BATCH + 10, dispatched=True)
+    quiet = recovery.sweep()
     assert quiet.broker_reset is None and quiet.recovered == 0
     assert queued_messages(broker) == [], "dispatched rows are left alone while Redis holds data"
 
     # What FLUSHALL does to the keys that matter here (the test database is shared by the run).
-    broker.delete(services.MARKER_KEY)
-    report = services.sweep()
+    broker.delete(recovery.MARKER_KEY)
+    report = recovery.sweep()
     assert report.broker_reset and "lost its data" in report.broker_reset
     assert report.recovered >= len(ids)
     assert sorted(queued_messages(broker)) == sorted(ids)
 
-    after = services.sweep()
+    after = recovery.sweep()
     assert after.broker_reset is None and after.recovered == 0, "one recovery per loss"
 
 
 def test_a_restarted_broker_is_noticed_by_its_new_run_id(agent_id, broker):
     settle_marker()
     ids = insert_queued(agent_id, 3, dispatched=True)
-    broker.set(services.MARKER_KEY, "run id of the server before the restart")
-    report = services.sweep()
+    broker.set(recovery.MARKER_KEY, "run id of the server before the restart")
+    report = recovery.sweep()
     assert report.broker_reset == "restarted"
     assert set(ids) <= set(queued_messages(broker))
-    assert broker.get(services.MARKER_KEY) == broker.info("server")["run_id"].encode()
+    assert broker.get(recovery.MARKER_KEY) == broker.info("server")["run_id"].encode()
 
 
 def test_recovery_cut_short_by_its_budget_goes_on_at_the_next_sweep(agent_id, broker):
     settle_marker()
     ids = insert_queued(agent_id, 5, dispatched=True)
-    broker.delete(services.MARKER_KEY)
-    watch = services.BrokerWatch.for_broker(current_config().broker_url)
-    report = services.SweepReport()
+    broker.delete(recovery.MARKER_KEY)
+    watch = recovery.BrokerWatch.for_broker(current_config().broker_url)
+    report = recovery.SweepReport()
     # A budget already spent: the loss is noticed and recorded, nothing is published yet.
-    services._recover_from_broker_reset(watch, report, deadline=0, chain_stall_seconds=60)
+    recovery._recover_from_broker_reset(watch, report, deadline=0, chain_stall_seconds=60)
     assert report.broker_reset and report.recovered == 0
     assert watch.recovery()["published_all"] is False
-    later = services.sweep()
+    later = recovery.sweep()
     assert later.broker_reset is None and later.recovered >= len(ids)
     assert set(ids) <= set(queued_messages(broker))
 
@@ -138,9 +138,9 @@ def test_recovery_cut_short_by_its_budget_goes_on_at_the_next_sweep(agent_id, br
 def test_two_sweeps_at_once_recover_once(agent_id, broker):
     settle_marker()
     ids = insert_queued(agent_id, 50, dispatched=True)
-    broker.delete(services.MARKER_KEY)
+    broker.delete(recovery.MARKER_KEY)
     reports = []
-    sweeps = [threading.Thread(target=lambda: reports.append(services.sweep())) for _ in range(2)]
+    sweeps = [threading.Thread(target=lambda: reports.append(recovery.sweep())) for _ in range(2)]
     for thread in sweeps:
         thread.start()
     for thread in sweeps:
@@ -152,19 +152,19 @@ def test_two_sweeps_at_once_recover_once(agent_id, broker):
 def test_a_sweep_that_finds_the_lock_held_publishes_nothing(agent_id, broker):
     settle_marker()
     insert_queued(agent_id, 4, dispatched=False)
-    broker.delete(services.MARKER_KEY)
-    lock = broker.lock(services.LOCK_KEY, timeout=30)
+    broker.delete(recovery.MARKER_KEY)
+    lock = broker.lock(recovery.LOCK_KEY, timeout=30)
     assert lock.acquire(blocking=False)
     try:
-        report = services.sweep()
+        report = recovery.sweep()
     finally:
         lock.release()
     assert report.skipped and report.republished == 0 and report.broker_reset is None
     assert queued_messages(broker) == []
-    assert broker.get(services.MARKER_KEY) is None, "the loss is left for the sweep holding it"
-    assert services.sweep().broker_reset
+    assert broker.get(recovery.MARKER_KEY) is None, "the loss is left for the sweep holding it"
+    assert recovery.sweep().broker_reset
 
 
 def test_only_redis_brokers_are_watched():
-    assert services.BrokerWatch.for_broker("amqp://guest:guest@127.0.0.1:5672//") is None
-    assert services.BrokerWatch.for_broker("redis://127.0.0.1:6379/3") is not None
+    assert recovery.BrokerWatch.for_broker("amqp://guest:guest@127.0.0.1:5672//") is None
+    assert recovery.BrokerWatch.for_broker("redis://127.0.0.1:6379/3") is not None
