@@ -53,25 +53,7 @@ worker_send_task_events = False
 task_send_sent_event = False
 worker_hijack_root_logger = False
 
-_idempotency_prune_seconds = 600.0
-
-# Schedules live in PostgreSQL (app/schedules); the static entries below run beside them.
+# Schedules live in PostgreSQL (app/schedules); the sweeper and the other maintenance jobs run
+# inside beat (workers/maintenance.py), not as tasks queued behind the work they rescue.
 beat_scheduler = "workers.scheduler:DatabaseScheduler"
-beat_schedule = {
-    "runyard-sweep": {
-        "task": "runyard.sweep",
-        "schedule": _cfg.sweep_interval_seconds,
-        "options": {"expires": _cfg.sweep_interval_seconds},
-    },
-    "runyard-chains-resume": {
-        "task": "runyard.chains_resume",
-        "schedule": _cfg.sweep_interval_seconds,
-        "options": {"expires": _cfg.sweep_interval_seconds},
-    },
-    # Expired keys already count as absent; pruning only keeps the table small.
-    "runyard-idempotency-prune": {
-        "task": "runyard.idempotency_prune",
-        "schedule": _idempotency_prune_seconds,
-        "options": {"expires": _idempotency_prune_seconds},
-    },
-}
+beat_schedule: dict = {}

@@ -6,7 +6,7 @@ dependencies load only in workers, through `include`.
 
 from celery import Celery
 
-app = Celery("runyard", include=["workers.tasks", "workers.chains", "workers.idempotency"])
+app = Celery("runyard", include=["workers.tasks", "workers.chains"])
 app.config_from_object("celeryconfig")
 
 __all__ = ["app"]

@@ -8,7 +8,6 @@ retry runs as a plain execution and the runner's settled hook moves the chain on
 
 from __future__ import annotations
 
-import logging
 import threading
 import uuid
 
@@ -17,8 +16,6 @@ from app.executions.services import Claim
 from workers import app
 from workers.runner import DATABASE_ERRORS, run_execution, settled_hooks
 from workers.tasks import DatabaseTask
-
-log = logging.getLogger(__name__)
 
 
 class _InCanvas(threading.local):
@@ -82,11 +79,3 @@ def run_step(self, chain_execution_id: str, chain_version_id: str, stage: int, i
         # another task holds the step): drop the rest of the canvas this message carries.
         self.request.chain = None
         self.request.callbacks = None
-
-
-@app.task(name="runyard.chains_resume", base=DatabaseTask)
-def resume_stalled() -> int:
-    resumed = len(services.resume_stalled())
-    if resumed:
-        log.warning("chains: resumed %d stalled chain executions", resumed)
-    return resumed

@@ -1,8 +1,8 @@
 """Celery beat's scheduler: schedules come from PostgreSQL, not from a static beat_schedule.
 
 celeryconfig.py names this class as `beat_scheduler`, so `celery -A workers beat`, `runyard up`
-and docker compose all run it. The static entries of `beat_schedule` (the sweeper) still run
-through the stock PersistentScheduler underneath; each tick then asks the database:
+and docker compose all run it. It also runs the sweeper and the other maintenance jobs in a
+thread of its own (workers/maintenance.py). Each tick asks the database:
 
 - one indexed query (ix_schedules_due) for the schedules due now, locked with SKIP LOCKED,
   fired set-based (app/schedules/firing.py);
@@ -25,6 +25,7 @@ from celery.beat import PersistentScheduler
 from app.config import current_config
 from app.db import db
 from app.schedules import firing
+from workers.maintenance import Maintenance, default_jobs
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,19 @@ class DatabaseScheduler(PersistentScheduler):
             db.configure(cfg.require_database())
         self.poll_seconds = cfg.schedule_poll_seconds
         self.fired_by = f"{socket.gethostname()}:{os.getpid()}"
+        self.maintenance = Maintenance(default_jobs())
+        self.maintenance.start()
         log.info("schedules from PostgreSQL, polled every %ss at most", self.poll_seconds)
+
+    def close(self) -> None:
+        self.maintenance.stop()
+        super().close()
 
     def tick(self, *args, **kwargs) -> float:
         static_delay = super().tick(*args, **kwargs)
         try:
             report = firing.tick(self.fired_by)
-        except Exception:  # the database may be away: keep beat (and the sweeper) alive
+        except Exception:  # the database may be away: keep beat alive
             log.exception("firing schedules failed; retrying in %ss", self.poll_seconds)
             return min(static_delay, self.poll_seconds)
         if report.fired or report.skipped or report.buffered or report.failed or report.released:

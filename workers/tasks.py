@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 
 from celery import Task
@@ -10,12 +9,10 @@ from celery.signals import worker_process_init
 
 from app.config import current_config
 from app.db import db
-from app.executions import recovery, services
+from app.executions import services
 from workers import app
 from workers.runner import DATABASE_ERRORS
 from workers.runner import run_execution as run
-
-log = logging.getLogger(__name__)
 
 
 class DatabaseTask(Task):
@@ -50,11 +47,3 @@ def _fresh_engine_after_fork(**_kwargs) -> None:
 )
 def run_execution(self, execution_id: str) -> None:
     run(uuid.UUID(execution_id), worker=self.request.hostname or "worker")
-
-
-@app.task(name="runyard.sweep", base=DatabaseTask)
-def sweep() -> dict:
-    report = recovery.sweep()
-    if report.republished or report.requeued or report.lost:
-        log.warning("sweeper: %s", report)
-    return report.__dict__

@@ -24,7 +24,7 @@ def test_replies_become_workers():
         "active_queues": {"a@h": [{"name": "default"}, {"name": "bulk"}], "b@h": []},
         "stats": {"a@h": {"pool": {"max-concurrency": 4}}},
         "active": {
-            "a@h": [{"name": "runyard.run_execution"}, {"name": "runyard.sweep"}],
+            "a@h": [{"name": "runyard.run_execution"}, {"name": "celery.chord_unlock"}],
             "c@h": [],
         },
     }

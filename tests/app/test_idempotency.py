@@ -287,14 +287,11 @@ def test_prune_deletes_only_expired_keys_in_batches(connection, org, other_org):
     assert idempotency.prune() == 0
 
 
-def test_the_prune_task_is_on_beat():
-    from workers import app
+def test_beat_prunes_the_keys():
+    from workers.maintenance import IDEMPOTENCY_PRUNE_SECONDS, default_jobs
 
-    entry = app.conf.beat_schedule["runyard-idempotency-prune"]
-    assert entry["task"] == "runyard.idempotency_prune"
-    import workers.idempotency  # noqa: F401 - registers the task
-
-    assert "runyard.idempotency_prune" in app.tasks
+    prune = next(job for job in default_jobs() if job.name == "idempotency-prune")
+    assert prune.every_seconds == IDEMPOTENCY_PRUNE_SECONDS
 
 
 def test_openapi_declares_the_header_and_its_answers(client):

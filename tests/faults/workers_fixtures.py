@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import signal
 import subprocess
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import psycopg
 
-from app.config import current_config, use_config
 from tests.beat import BeatProcess
 from tests.conftest import RUN_ID, celery_worker
 from tests.faults.harness import psycopg_dsn
@@ -101,14 +99,3 @@ def wait_until_running(database_url: str, ids: list[uuid.UUID], timeout: float =
         if time.monotonic() > deadline:
             raise AssertionError(f"not all running after {timeout}s: {statuses}")
         time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def dispatch_grace(seconds: float) -> Iterator[None]:
-    """This process's RUNYARD_DISPATCH_GRACE_SECONDS, for sweeps a test runs itself."""
-    cfg = current_config()
-    use_config(dataclasses.replace(cfg, dispatch_grace_seconds=seconds))
-    try:
-        yield
-    finally:
-        use_config(cfg)

@@ -15,13 +15,14 @@ def test_settings_that_are_not_up_for_debate():
     assert conf.broker_transport_options["visibility_timeout"] > longest_timeout
 
 
-def test_beat_reads_schedules_from_postgresql_and_keeps_the_sweeper():
+def test_beat_reads_schedules_from_postgresql_and_runs_maintenance_itself():
     from celery.utils.imports import symbol_by_name
 
     from workers.scheduler import DatabaseScheduler
 
     assert symbol_by_name(app.conf.beat_scheduler) is DatabaseScheduler
-    assert app.conf.beat_schedule["runyard-sweep"]["task"] == "runyard.sweep"
+    # No maintenance task waits in a worker queue (tests/workers/test_sweeper.py runs beat's own).
+    assert app.conf.beat_schedule == {}
 
 
 def test_the_agent_schema_allows_no_timeout_above_the_visibility_timeout():

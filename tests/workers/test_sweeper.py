@@ -6,6 +6,7 @@ Redis where the tests count them.
 
 import json
 import threading
+import time
 import uuid
 
 import pytest
@@ -15,6 +16,7 @@ from sqlalchemy import text
 from app.config import current_config
 from app.db import db
 from app.executions import recovery
+from tests.beat import BeatProcess
 
 QUEUE = f"sweeper-test-{uuid.uuid4().hex[:8]}"
 
@@ -43,7 +45,9 @@ def agent_id(live_client, live_org) -> uuid.UUID:
     return uuid.UUID(created.get_json()["id"])
 
 
-def insert_queued(agent_id: uuid.UUID, count: int, *, dispatched: bool) -> list[uuid.UUID]:
+def insert_queued(
+    agent_id: uuid.UUID, count: int, *, dispatched: bool, minutes_ago: int = 5
+) -> list[uuid.UUID]:
     """Rows as the API leaves them: committed and queued, published (stamped) or not yet."""
     with db.hot() as conn:
         return list(
@@ -53,12 +57,17 @@ def insert_queued(agent_id: uuid.UUID, count: int, *, dispatched: bool) -> list[
                     "agent_version, status, input, queued_at, dispatched_at) "
                     "SELECT gen_random_uuid(), a.org_id, a.id, a.current_version_id, a.name, "
                     "a.current_version, 'queued', '{}', "
-                    "now() - interval '5 minutes' + n * interval '1 millisecond', "
+                    "now() - make_interval(mins => :minutes_ago) + n * interval '1 millisecond', "
                     "CASE WHEN :dispatched THEN now() END "
                     "FROM agents a, generate_series(1, :count) n WHERE a.id = :agent "
                     "RETURNING id"
                 ),
-                {"agent": agent_id, "count": count, "dispatched": dispatched},
+                {
+                    "agent": agent_id,
+                    "count": count,
+                    "dispatched": dispatched,
+                    "minutes_ago": minutes_ago,
+                },
             ).scalars()
         )
 
@@ -168,3 +177,25 @@ def test_a_sweep_that_finds_the_lock_held_publishes_nothing(agent_id, broker):
 def test_only_redis_brokers_are_watched():
     assert recovery.BrokerWatch.for_broker("amqp://guest:guest@127.0.0.1:5672//") is None
     assert recovery.BrokerWatch.for_broker("redis://127.0.0.1:6379/3") is not None
+
+
+def test_beat_runs_the_sweeper_itself_whatever_the_workers_do(agent_id, broker, tmp_path):
+    """Not a task on `default`, which would wait behind the work it rescues: beat sweeps in a
+    thread of its own, with its own settings. The session's worker keeps the 30 s dispatch grace,
+    so only beat's own sweep (grace 0) can publish these rows within seconds."""
+    settle_marker()
+    ids = insert_queued(agent_id, 3, dispatched=False, minutes_ago=0)
+    beat = BeatProcess(
+        tmp_path,
+        "sweeping-beat",
+        env={"RUNYARD_SWEEP_INTERVAL_SECONDS": "0.5", "RUNYARD_DISPATCH_GRACE_SECONDS": "0"},
+    )
+    try:
+        beat.wait_ready()
+        deadline = time.monotonic() + 10
+        while sorted(queued_messages(broker)) != sorted(ids):
+            assert time.monotonic() < deadline, beat.log()
+            time.sleep(0.1)
+        assert "maintenance in beat: sweep, chains-resume, idempotency-prune" in beat.log()
+    finally:
+        beat.stop()

@@ -1,0 +1,99 @@
+"""Recovery and housekeeping, run by beat itself rather than sent to the workers as tasks.
+
+A sweep sent as a message would wait behind the work it exists to rescue: with every process
+serving `default` busy on long executions, it expires unrun, and a dead worker's execution, a
+broker that lost its data or a stalled chain waits with it. So beat (DatabaseScheduler) runs
+these jobs in a thread of its own, at their own pace, whatever the workers are doing:
+
+- the sweeper (app/executions/recovery.py), every RUNYARD_SWEEP_INTERVAL_SECONDS;
+- the chains' resume check (app/chains/services.py), at the same pace;
+- the pruning of idempotency keys past their 24 hours, every ten minutes (expired keys already
+  count as absent: this only keeps the table small).
+
+Two beats may run at once: the sweep takes a lock in the broker's Redis, the resume check marks
+the chains it looked at, and pruning twice deletes nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from app.chains import services as chains
+from app.config import current_config
+from app.executions import recovery
+from app.idempotency import services as idempotency
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_PRUNE_SECONDS = 600.0
+
+
+@dataclass
+class Job:
+    name: str
+    every_seconds: float
+    run: Callable[[], None]
+    due_at: float = 0.0
+
+
+def _sweep() -> None:
+    report = recovery.sweep()
+    if report.republished or report.requeued or report.lost or report.restored:
+        log.warning("sweeper: %s", report)
+
+
+def _resume_chains() -> None:
+    resumed = len(chains.resume_stalled())
+    if resumed:
+        log.warning("chains: resumed %d stalled chain executions", resumed)
+
+
+def _prune_idempotency_keys() -> None:
+    deleted = idempotency.prune()
+    if deleted:
+        log.info("idempotency: deleted %d expired keys", deleted)
+
+
+def default_jobs() -> list[Job]:
+    interval = current_config().sweep_interval_seconds
+    return [
+        Job("sweep", interval, _sweep),
+        Job("chains-resume", interval, _resume_chains),
+        Job("idempotency-prune", IDEMPOTENCY_PRUNE_SECONDS, _prune_idempotency_keys),
+    ]
+
+
+class Maintenance:
+    """Runs each job when it is due, one after another, in one daemon thread."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.jobs = jobs
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="runyard-maintenance", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("maintenance in beat: %s", ", ".join(job.name for job in self.jobs))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            for job in self.jobs:
+                if self._stopped.is_set() or time.monotonic() < job.due_at:
+                    continue
+                try:
+                    job.run()
+                except Exception:
+                    # PostgreSQL or the broker may be away: the next round tries again.
+                    log.exception("maintenance job %s failed", job.name)
+                job.due_at = time.monotonic() + job.every_seconds
+            next_due = min(job.due_at for job in self.jobs)
+            self._stopped.wait(max(0.0, next_due - time.monotonic()))
