@@ -184,9 +184,9 @@ def _republish_undispatched(report: SweepReport, deadline: float, grace: float) 
             return
 
 
-# At most this many taken messages are looked at per sweep (oldest first): running executions
-# hold one each, retries waiting out their backoff one each.
-STRANDED_SCAN_LIMIT = 10_000
+# Taken messages are read this many at a time: running executions hold one each, retries
+# waiting out their backoff one each.
+STRANDED_PAGE = 1000
 
 
 def _restore_stranded(report: SweepReport, grace_seconds: float) -> None:
@@ -208,38 +208,49 @@ def _restore_stranded(report: SweepReport, grace_seconds: float) -> None:
     with celery_app.connection_for_write() as connection:
         channel = connection.default_channel
         client = channel.client
-        tags = client.zrangebyscore(
-            channel.unacked_index_key, "-inf", cutoff, start=0, num=STRANDED_SCAN_LIMIT
-        )
-        if not tags:
-            return
-        held: dict[uuid.UUID, bytes] = {}
-        for tag, raw in zip(tags, client.hmget(channel.unacked_key, tags), strict=True):
-            if raw is None:
-                continue  # acknowledged meanwhile
-            headers = json.loads(raw)[0].get("headers") or {}
-            if headers.get("task") != RUN_TASK:
-                continue  # chain steps: the chains' resume check recovers those
-            eta = headers.get("eta")
-            if eta and dt.datetime.fromisoformat(eta).timestamp() > cutoff:
-                continue
-            with contextlib.suppress(KeyError, ValueError, TypeError):
-                held[uuid.UUID(headers["id"])] = tag
-        if not held:
-            return
-        with db.hot() as conn:
-            stranded = conn.execute(
-                text("SELECT id FROM executions WHERE id = ANY(:ids) AND status = 'queued'"),
-                {"ids": list(held)},
-            ).scalars()
-            for execution_id in stranded:
-                channel.qos.restore_by_tag(held[execution_id], client=client)
-                report.restored += 1
+        offset = 0
+        while True:
+            tags = client.zrangebyscore(
+                channel.unacked_index_key, "-inf", cutoff, start=offset, num=STRANDED_PAGE
+            )
+            if not tags:
+                break
+            restored = _restore_page(channel, client, tags, cutoff)
+            report.restored += restored
+            # A restored message leaves the index: the next page starts that much earlier.
+            offset += len(tags) - restored
     if report.restored:
         log.warning(
             "sweeper: %d messages taken by workers but never claimed went back to their queues",
             report.restored,
         )
+
+
+def _restore_page(channel: Any, client: redis.Redis, tags: list[bytes], cutoff: float) -> int:
+    held: dict[uuid.UUID, bytes] = {}
+    for tag, raw in zip(tags, client.hmget(channel.unacked_key, tags), strict=True):
+        if raw is None:
+            continue  # acknowledged meanwhile
+        headers = json.loads(raw)[0].get("headers") or {}
+        if headers.get("task") != RUN_TASK:
+            continue  # chain steps: the chains' resume check recovers those
+        eta = headers.get("eta")
+        if eta and dt.datetime.fromisoformat(eta).timestamp() > cutoff:
+            continue
+        with contextlib.suppress(KeyError, ValueError, TypeError):
+            held[uuid.UUID(headers["id"])] = tag
+    if not held:
+        return 0
+    with db.hot() as conn:
+        stranded = conn.execute(
+            text("SELECT id FROM executions WHERE id = ANY(:ids) AND status = 'queued'"),
+            {"ids": list(held)},
+        ).scalars()
+        restored = 0
+        for execution_id in stranded:
+            channel.qos.restore_by_tag(held[execution_id], client=client)
+            restored += 1
+    return restored
 
 
 def _recover_from_broker_reset(

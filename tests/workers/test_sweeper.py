@@ -199,3 +199,44 @@ def test_beat_runs_the_sweeper_itself_whatever_the_workers_do(agent_id, broker, 
         assert "maintenance in beat: sweep, chains-resume, idempotency-prune" in beat.log()
     finally:
         beat.stop()
+
+
+def test_messages_a_dead_worker_took_but_never_claimed_go_back_to_their_queue(agent_id, broker):
+    """What a SIGKILLed worker leaves: messages popped from the queue into kombu's `unacked`
+    hash (as its consumer does on taking them) and never acknowledged. More than one page of
+    them, some of whose executions are running (their worker is alive: left alone)."""
+    settle_marker()
+    ids = insert_queued(agent_id, recovery.STRANDED_PAGE + 300, dispatched=False)
+    assert recovery.sweep().republished >= len(ids)
+    taken_at = time.time() - 600
+    with broker.pipeline() as pipe:
+        for key in broker.keys(f"{QUEUE}*"):
+            for raw in broker.lrange(key, 0, -1):
+                message = json.loads(raw)
+                tag = message["properties"]["delivery_tag"]
+                pipe.hset("unacked", tag, json.dumps([message, "", QUEUE]))
+                pipe.zadd("unacked_index", {tag: taken_at})
+            pipe.delete(key)
+        pipe.execute()
+    running = ids[: recovery.STRANDED_PAGE - 200]
+    with db.hot() as conn:
+        conn.execute(
+            text("UPDATE executions SET status = 'running' WHERE id = ANY(:ids)"), {"ids": running}
+        )
+    try:
+        report = recovery.sweep()
+        stranded = sorted(set(ids) - set(running))
+        assert report.restored == len(stranded)
+        assert sorted(queued_messages(broker)) == stranded, "each stranded message once"
+        assert recovery.sweep().restored == 0, "given back once"
+        still_held = {
+            uuid.UUID(json.loads(raw)[0]["headers"]["id"]) for raw in broker.hvals("unacked")
+        }
+        assert set(running) <= still_held and not still_held & set(stranded)
+    finally:
+        with db.hot() as conn:
+            conn.execute(text("DELETE FROM executions WHERE id = ANY(:ids)"), {"ids": ids})
+        for raw_tag, raw in broker.hgetall("unacked").items():
+            if json.loads(raw)[2] == QUEUE:
+                broker.hdel("unacked", raw_tag)
+                broker.zrem("unacked_index", raw_tag)
