@@ -216,6 +216,14 @@ def install(app: Flask, api: RunyardApi) -> None:
                     hint="check DATABASE_URL and that PostgreSQL is up; GET /readyz tells more",
                 )
             )
+        if _is_pool_exhausted(error):
+            return domain_error(
+                Unavailable(
+                    "the server is too busy: no database connection came free in time",
+                    hint="send the request again in a few seconds (with the same "
+                    "Idempotency-Key, if it had one)",
+                )
+            )
         log.exception("unhandled error on %s %s", request.method, request.path)
         body = _body(
             500,
@@ -307,6 +315,14 @@ def _is_database_down(error: Exception) -> bool:
     return isinstance(error, OperationalError | psycopg.OperationalError) or (
         isinstance(error, DBAPIError) and error.connection_invalidated
     )
+
+
+def _is_pool_exhausted(error: Exception) -> bool:
+    """Every pooled connection stayed checked out for the pool timeout: many requests each
+    holding one (keyed requests waiting on one busy key, say). An overload, not a bug."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    return isinstance(error, PoolTimeout)
 
 
 class ChunkedBodyLimit:
