@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 from http import HTTPStatus
 from typing import Any
 
@@ -17,13 +16,12 @@ from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
+from app import storable
 from app.db import db
 from app.errors import (
     RunyardError,
     Unavailable,
     UnsupportedMediaType,
-    ValidationFailed,
-    json_pointer,
 )
 from app.idempotency import services as idempotency
 from app.orgs.services import Principal, authenticate
@@ -31,8 +29,6 @@ from app.orgs.services import Principal, authenticate
 log = logging.getLogger(__name__)
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-# `\u0000` in JSON text, unless its backslash is itself escaped (`\\u0000` is six characters).
-ESCAPED_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 PUBLIC_PREFIXES = ("/api/v1/openapi.json", "/api/v1/docs", "/api/v1/swagger-ui")
 SERVER_OWNED = {
     "id",
@@ -172,21 +168,24 @@ def install(app: Flask, api: RunyardApi) -> None:
             )
 
     @app.before_request
-    def refuse_nul_characters():
-        """PostgreSQL text and jsonb cannot hold U+0000: refuse it here, by name, not as a 500."""
+    def refuse_unstorable_text():
+        """Text PostgreSQL cannot store (app/storable.py), by name or pointer, not as a 500.
+        Before the idempotency key is claimed: the refusal is no answer to remember."""
         if not request.path.startswith("/api/v1"):
             return
-        bad = [name for name, value in request.args.items(multi=True) if "\x00" in value]
-        if request.method in BODY_METHODS:
-            raw = request.get_data(cache=True)
-            if b"\\u0000" in raw and ESCAPED_NUL.search(raw):
-                bad.extend(_nul_pointers(request.get_json(silent=True)))
-        if bad:
-            raise ValidationFailed(
-                "text cannot contain the NUL character (U+0000)",
-                errors={name: ["contains U+0000"] for name in bad},
-                hint="remove the NUL characters (\\u0000, %00) from the request",
-            )
+        problems = {
+            name: [found]
+            for name, value in [
+                *(request.view_args or {}).items(),
+                *request.args.items(multi=True),
+            ]
+            if isinstance(value, str) and (found := storable.problem(value))
+        }
+        if request.method in BODY_METHODS and storable.may_hold_unstorable(
+            request.get_data(cache=True)
+        ):
+            problems.update(storable.document_problems(request.get_json(silent=True)))
+        storable.refuse(problems)
 
     @app.errorhandler(RunyardError)
     def domain_error(error: RunyardError):
@@ -217,6 +216,14 @@ def install(app: Flask, api: RunyardApi) -> None:
                     hint="check DATABASE_URL and that PostgreSQL is up; GET /readyz tells more",
                 )
             )
+        if _is_pool_exhausted(error):
+            return domain_error(
+                Unavailable(
+                    "the server is too busy: no database connection came free in time",
+                    hint="send the request again in a few seconds (with the same "
+                    "Idempotency-Key, if it had one)",
+                )
+            )
         log.exception("unhandled error on %s %s", request.method, request.path)
         body = _body(
             500,
@@ -227,22 +234,6 @@ def install(app: Flask, api: RunyardApi) -> None:
         return jsonify(body), 500
 
     _install_idempotency(app, unexpected)
-
-
-def _nul_pointers(document: Any, path: tuple = ()) -> list[str]:
-    """Pointers of the keys and strings holding U+0000 (walked only when the raw body has one)."""
-    if isinstance(document, str):
-        return [json_pointer(path) or "/"] if "\x00" in document else []
-    found: list[str] = []
-    if isinstance(document, dict):
-        for key, child in document.items():
-            if "\x00" in key:
-                found.append(json_pointer((*path, key)))
-            found.extend(_nul_pointers(child, (*path, key)))
-    elif isinstance(document, list):
-        for index, child in enumerate(document):
-            found.extend(_nul_pointers(child, (*path, index)))
-    return found
 
 
 def _install_idempotency(app: Flask, error_response) -> None:
@@ -324,6 +315,14 @@ def _is_database_down(error: Exception) -> bool:
     return isinstance(error, OperationalError | psycopg.OperationalError) or (
         isinstance(error, DBAPIError) and error.connection_invalidated
     )
+
+
+def _is_pool_exhausted(error: Exception) -> bool:
+    """Every pooled connection stayed checked out for the pool timeout: many requests each
+    holding one (keyed requests waiting on one busy key, say). An overload, not a bug."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    return isinstance(error, PoolTimeout)
 
 
 class ChunkedBodyLimit:

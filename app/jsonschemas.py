@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import re2
 from jsonschema import Draft202012Validator, FormatChecker, validators
@@ -173,28 +174,87 @@ _RE2_FORMAT.checks("regex", raises=re2.error)(lambda pattern: bool(compile_patte
 _PATTERN_FINDER = Draft202012Validator(Draft202012Validator.META_SCHEMA, format_checker=_RE2_FORMAT)
 
 
-def _pattern_problems(schema: dict[str, Any], pointer: str) -> dict[str, list[str]]:
+def _pattern_problems(schema: dict[str, Any], pointer: str, refs) -> dict[str, list[str]]:
     problems: dict[str, list[str]] = {}
-    for error in _PATTERN_FINDER.iter_errors(schema):
-        if error.validator != "format":
-            continue
-        reason = error.cause.args[0] if error.cause and error.cause.args else "refused"
-        if isinstance(reason, bytes):
-            reason = reason.decode(errors="replace")
-        problems.setdefault(pointer + json_pointer(error.absolute_path), []).append(
-            f"{error.instance!r} is not a pattern this server runs (RE2): {reason}"
-        )
+    for path, subschema in [((), schema), *_ref_targets(schema, refs)]:
+        for error in _PATTERN_FINDER.iter_errors(subschema):
+            if error.validator != "format":
+                continue
+            reason = error.cause.args[0] if error.cause and error.cause.args else "refused"
+            if isinstance(reason, bytes):
+                reason = reason.decode(errors="replace")
+            found = problems.setdefault(pointer + json_pointer((*path, *error.absolute_path)), [])
+            message = f"{error.instance!r} is not a pattern this server runs (RE2): {reason}"
+            if message not in found:  # a target inside the schema's keywords is found twice
+                found.append(message)
     return problems
 
 
-def _keys(node: Any) -> Iterable[str]:
-    if isinstance(node, dict):
-        for key, child in node.items():
-            yield key
-            yield from _keys(child)
-    elif isinstance(node, list):
-        for child in node:
-            yield from _keys(child)
+# Draft 2020-12 keywords whose value is a subschema, a list of subschemas, or a map of names to
+# subschemas (with the older `definitions` and `dependencies`, which the metaschema still
+# validates as such). Everything else is a keyword's plain value: a property name, a `const`.
+SUBSCHEMA_KEYWORDS = (
+    "additionalProperties",
+    "propertyNames",
+    "items",
+    "contains",
+    "not",
+    "if",
+    "then",
+    "else",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+    "contentSchema",
+)
+SUBSCHEMA_LIST_KEYWORDS = ("allOf", "anyOf", "oneOf", "prefixItems")
+SUBSCHEMA_MAP_KEYWORDS = (
+    "properties",
+    "patternProperties",
+    "$defs",
+    "definitions",
+    "dependentSchemas",
+    "dependencies",
+)
+
+
+def _keywords(schemas: Iterable[Any]) -> set[str]:
+    """The keywords the schemas and their subschemas use: not the names under `properties`,
+    nor the keys of a `const`, `enum` or `default` value."""
+    used: set[str] = set()
+    stack = list(schemas)
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):  # a boolean schema, or `dependencies`' list of names
+            continue
+        used.update(node)
+        stack.extend(node[keyword] for keyword in SUBSCHEMA_KEYWORDS if keyword in node)
+        for keyword in SUBSCHEMA_LIST_KEYWORDS:
+            if isinstance(node.get(keyword), list):
+                stack.extend(node[keyword])
+        for keyword in SUBSCHEMA_MAP_KEYWORDS:
+            if isinstance(node.get(keyword), dict):
+                stack.extend(node[keyword].values())
+    return used
+
+
+def _ref_targets(schema: dict[str, Any], refs: list[tuple[tuple, str]]) -> list[tuple[tuple, Any]]:
+    """Path and value of what each `#/...` reference points at (all resolve by now). A
+    reference may point anywhere in the document, also under a key that is no keyword, and
+    what it points at is then evaluated as a schema: it is checked as one. (An anchor is only
+    found in a subschema, so `#name` needs no such care.)"""
+    targets: list[tuple[tuple, Any]] = []
+    for _path, ref in refs:
+        if not ref.startswith("#/"):
+            continue
+        node: Any = schema
+        path: list[str | int] = []
+        for part in ref[2:].split("/"):
+            token = unquote(part).replace("~1", "/").replace("~0", "~")
+            step: str | int = int(token) if isinstance(node, list) else token
+            node = node[step]
+            path.append(step)
+        targets.append((tuple(path), node))
+    return targets
 
 
 def check_user_schema(schema: Any, field: str, *, max_bytes: int, max_depth: int) -> None:
@@ -235,7 +295,7 @@ def check_user_schema(schema: Any, field: str, *, max_bytes: int, max_depth: int
         raise ValidationFailed(
             f"{field} has a reference that does not resolve", errors=unresolvable
         )
-    bad_patterns = _pattern_problems(schema, pointer)
+    bad_patterns = _pattern_problems(schema, pointer, refs)
     if bad_patterns:
         raise ValidationFailed(
             f"{field} has a pattern that cannot run here",
@@ -243,7 +303,7 @@ def check_user_schema(schema: Any, field: str, *, max_bytes: int, max_depth: int
             hint="patterns run on RE2 (linear time): no backreferences, no lookahead or "
             "lookbehind, repetition counts up to 1000",
         )
-    used = set(_keys(schema))
+    used = _keywords([schema, *(target for _path, target in _ref_targets(schema, refs))])
     if {"unevaluatedProperties", "patternProperties"} <= used:
         raise ValidationFailed(
             f"{field} combines unevaluatedProperties with patternProperties",

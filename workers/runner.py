@@ -14,7 +14,7 @@ import psycopg
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app import jsonschemas
+from app import jsonschemas, storable
 from app.config import current_config
 from app.db import db
 from app.executions import services
@@ -163,9 +163,15 @@ def _check_output(spec: VersionSpec, outcome: Outcome, max_bytes: int) -> None:
         outcome.error_type = "output_too_large"
         outcome.error_message = f"the output is {len(text)} bytes as JSON, over {max_bytes}"
         return
-    if "\\u0000" in text:
+    # On the strings, not on `text`: that escapes valid non-BMP characters as surrogate pairs.
+    unstorable = storable.document_problems(output)
+    if unstorable:
+        # repr: a pointer naming an unstorable key holds that key, and the message is stored too.
+        details = "; ".join(
+            f"{pointer!r}: {', '.join(msgs)}" for pointer, msgs in unstorable.items()
+        )
         outcome.error_type = "output_invalid"
-        outcome.error_message = "the output holds a NUL character (\\u0000), which cannot be stored"
+        outcome.error_message = f"the output holds text that cannot be stored: {details}"
         return
     errors = jsonschemas.instance_errors(spec.output_validator, output, "")
     if errors:

@@ -624,8 +624,7 @@ def request_cancel(
             "org_id": org_id,
             "error": error_body("cancelled", message),
         }
-        if conn.execute(_CANCEL_QUEUED, params).first() is None:
-            conn.execute(_CANCEL_RUNNING, params)
+        conn.execute(_CANCEL, params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -964,23 +963,23 @@ def attempts(session: Session, principal: Principal, execution_id: str) -> list[
     return listed
 
 
-_CANCEL_QUEUED = text(
+# One statement for both states: a retry or the sweeper may put a running execution back to
+# `queued` at any moment, and two statements (queued, then running) could both miss it and
+# answer 409 while the retry goes on. A queued execution ends here; a running one is asked to
+# stop (its worker records the end). SET reads the row as it was; RETURNING, as it is now.
+_CANCEL = text(
     """
     UPDATE executions
-    SET status = 'cancelled', cancel_requested_at = now(), finished_at = now(), lease_until = NULL,
-        error = :error
-    WHERE id = :id AND org_id = :org_id AND status = 'queued'
-    RETURNING id, chain_execution_id
+    SET status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+        cancel_requested_at = CASE
+            WHEN status = 'queued' THEN now() ELSE coalesce(cancel_requested_at, now()) END,
+        finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+        lease_until = CASE WHEN status = 'queued' THEN NULL ELSE lease_until END,
+        error = CASE WHEN status = 'queued' THEN :error ELSE error END
+    WHERE id = :id AND org_id = :org_id AND status IN ('queued', 'running')
+    RETURNING id, chain_execution_id, status = 'cancelled' AS ended
     """
 ).bindparams(bindparam("error", type_=JSONB))
-
-_CANCEL_RUNNING = text(
-    """
-    UPDATE executions SET cancel_requested_at = coalesce(cancel_requested_at, now())
-    WHERE id = :id AND org_id = :org_id AND status = 'running'
-    RETURNING id
-    """
-)
 
 
 def cancel(
@@ -1003,16 +1002,16 @@ def cancel(
         "error": error_body("cancelled", reason),
     }
     with db.hot() as conn:
-        ended = conn.execute(_CANCEL_QUEUED, params).first()
-        done = ended or conn.execute(_CANCEL_RUNNING, params).first()
-    if ended is not None and ended.chain_execution_id is not None:
+        done = conn.execute(_CANCEL, params).first()
+    if done is not None and done.ended and done.chain_execution_id is not None:
         # No worker records this step's end: its chain moves on from here. (A running step's
         # worker records the cancel and moves the chain on itself.)
-        move_chains_on([ended.chain_execution_id])
+        move_chains_on([done.chain_execution_id])
     execution = get(session, principal, execution_id)
     if done is None:
         raise Conflict(
-            f"execution {execution.id} has finished ({execution.status}); nothing to cancel"
+            f"execution {execution.id} has finished ({execution.status}); nothing to cancel",
+            hint=f"GET /api/v1/executions/{execution.id} shows how it ended",
         )
     session.refresh(execution)
     return execution

@@ -108,31 +108,39 @@ def claim(conn: Connection, org_id: uuid.UUID, key: str, hashed: str) -> Replay 
 
     Runs first in the request's transaction; the row it writes is locked until that ends."""
     driver = _driver(conn)
-    params = {"org_id": org_id, "key": key, "hash": hashed}
     driver.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
     try:
-        # Two rounds at most: a row found expired and taken over by another request, or
-        # pruned between the insert and the read, sends this one round again.
-        for _ in range(2):
-            if driver.execute(_INSERT_SQL, params).fetchone() is not None:
-                return None
-            stored = driver.execute(_STORED_SQL, params).fetchone()
-            if stored is None:
-                continue
-            stored_hash, status, body, expired = stored
-            if expired:
-                if driver.execute(_TAKE_OVER_SQL, params).fetchone() is not None:
-                    return None
-                continue
-            if stored_hash != hashed:
-                raise ValidationFailed(
-                    f"this {HEADER} was used for a different request",
-                    errors={HEADER: ["already used with another method, path or body"]},
-                    hint="use a new key for a different request",
-                )
-            return Replay(status, body)
+        replay = _claim(driver, {"org_id": org_id, "key": key, "hash": hashed})
     except psycopg.errors.LockNotAvailable as exc:
         raise _in_progress() from exc
+    # The bound is for the wait on the key only: the request's own statements, in the same
+    # transaction, wait for their locks as any request does (statement_timeout), not 5 s and
+    # then a LockNotAvailable that would read as "the database cannot be reached".
+    driver.execute("SET LOCAL lock_timeout TO DEFAULT")
+    return replay
+
+
+def _claim(driver: psycopg.Connection, params: dict[str, Any]) -> Replay | None:
+    # Two rounds at most: a row found expired and taken over by another request, or pruned
+    # between the insert and the read, sends this one round again.
+    for _ in range(2):
+        if driver.execute(_INSERT_SQL, params).fetchone() is not None:
+            return None
+        stored = driver.execute(_STORED_SQL, params).fetchone()
+        if stored is None:
+            continue
+        stored_hash, status, body, expired = stored
+        if expired:
+            if driver.execute(_TAKE_OVER_SQL, params).fetchone() is not None:
+                return None
+            continue
+        if stored_hash != params["hash"]:
+            raise ValidationFailed(
+                f"this {HEADER} was used for a different request",
+                errors={HEADER: ["already used with another method, path or body"]},
+                hint="use a new key for a different request",
+            )
+        return Replay(status, body)
     raise _in_progress()
 
 

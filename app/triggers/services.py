@@ -32,6 +32,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import storable
 from app.db import page, utcnow
 from app.errors import (
     Conflict,
@@ -277,6 +278,9 @@ def deliver(
         raise RunyardError(
             "the body is not JSON", hint="send a JSON document; it becomes $.event"
         ) from exc
+    # The whole event, not only what the input refers to: the same rule as the API's bodies.
+    if storable.may_hold_unstorable(body):
+        storable.refuse(storable.document_problems(event))
     payload = render(trigger.input, event)
     conn = session.connection()
     run_id = uuid.uuid4()

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests.app.test_triggers_api import signed
 from tests.hostile.conftest import (
     BODY_METHODS,
     Route,
@@ -156,3 +157,78 @@ def test_nul_characters_are_422_not_500(client, org, world):
         "/api/v1/agents/echo", json={"description": "a \\u0000 b"}, headers=org.headers
     )
     assert escaped.status_code == 200, escaped.get_json()
+
+
+# What PostgreSQL text and jsonb cannot store, as JSON escapes: U+0000 and lone surrogates (a
+# high without its low, a low alone). A valid pair (an emoji, escaped) is stored fine.
+UNSTORABLE = {"nul": "\\u0000", "high": "\\ud800", "low": "\\udc00", "reversed": "\\udc00\\ud800"}
+PATTERNED = {
+    "name": "patterned",
+    "runtime": {"type": "python", "entrypoint": "tests.agents:echo"},
+    "input_schema": {"type": "object", "properties": {"t": {"type": "string", "pattern": "^a"}}},
+}
+
+
+def _raw_post(client, path, raw: str, headers) -> object:
+    return client.post(path, data=raw.encode(), headers={**headers, **JSON})
+
+
+@pytest.mark.parametrize("escape", UNSTORABLE.values(), ids=UNSTORABLE.keys())
+def test_unstorable_text_in_a_body_is_422_by_pointer(client, org, world, escape):
+    """Found by a review: a lone surrogate reached RE2 (UnicodeEncodeError) or jsonb: a 500."""
+    assert client.post("/api/v1/agents", json=PATTERNED, headers=org.headers).status_code == 201
+    for agent in ("echo", "patterned"):
+        path = f"/api/v1/agents/{agent}/executions"
+        value = _raw_post(client, path, f'{{"input": {{"t": "a{escape}"}}}}', org.headers)
+        body = assert_error_shape(value, 422)
+        assert list(body["errors"]) == ["/input/t"], body
+        key = _raw_post(client, path, f'{{"input": {{"k{escape}": "a"}}}}', org.headers)
+        assert len(assert_error_shape(key, 422)["errors"]) == 1
+    described = _raw_post(
+        client, "/api/v1/agents", f'{{"name": "x", "description": "{escape}"}}', org.headers
+    )
+    assert "/description" in assert_error_shape(described, 422)["errors"]
+
+
+@pytest.mark.parametrize(
+    "text", ["a\\ud83d\\ude00", "a\\\\ud800", "a\\\\u0000", "a\U0001f600"], ids=str
+)
+def test_storable_text_that_looks_alike_is_accepted(client, org, world, text):
+    """An escaped pair, an escaped backslash before `ud800`, a raw non-BMP character."""
+    assert client.post("/api/v1/agents", json=PATTERNED, headers=org.headers).status_code == 201
+    raw = f'{{"input": {{"t": "{text}"}}}}'
+    for agent in ("echo", "patterned"):
+        response = _raw_post(client, f"/api/v1/agents/{agent}/executions", raw, org.headers)
+        assert response.status_code == 202, response.get_json()
+        assert response.get_json()["input"] == {"t": json.loads(f'"{text}"')}
+
+
+@pytest.mark.parametrize("escape", UNSTORABLE.values(), ids=UNSTORABLE.keys())
+def test_unstorable_text_in_a_webhook_delivery_is_422_after_its_signature(
+    client, org, world, escape
+):
+    """Deliveries create executions too; an unsigned one is still a 401 first."""
+    trigger = client.post(
+        "/api/v1/triggers",
+        json={"name": "relay", "target": {"agent": "echo"}, "input": {"text": "$.event.text"}},
+        headers=org.headers,
+    )
+    assert trigger.status_code == 201, trigger.get_json()
+    created = trigger.get_json()
+    for raw in (f'{{"text": "a{escape}"}}', f'{{"other": ["{escape}"]}}'):
+        unsigned = client.post(created["url"], data=raw.encode(), headers=JSON)
+        assert_error_shape(unsigned, 401)
+        delivered = client.post(
+            created["url"], data=raw.encode(), headers=signed(created["secret"], raw.encode())
+        )
+        errors = assert_error_shape(delivered, 422)["errors"]
+        assert list(errors) in (["/text"], ["/other/0"]), errors
+
+
+def test_unstorable_text_in_a_path_or_query_parameter_is_422_by_name(client, org, world):
+    """A NUL in a path parameter reached PostgreSQL as an agent name: a 500."""
+    for path in ("/api/v1/agents/a%00b", "/api/v1/agents/echo/versions/1%00"):
+        errors = assert_error_shape(client.get(path, headers=org.headers), 422)["errors"]
+        assert set(errors) & {"ref", "version"}, (path, errors)
+    query = client.get("/api/v1/executions?agent=e%00", headers=org.headers)
+    assert list(assert_error_shape(query, 422)["errors"]) == ["agent"]

@@ -129,6 +129,25 @@ def test_catastrophic_pattern_in_a_chain_input_and_a_schedule_input(client, org)
             {"type": "object", "patternProperties": {"^a": {}}, "unevaluatedProperties": False},
             "/input_schema",
         ),
+        (
+            {
+                "allOf": [{"$ref": "#/$defs/keyed"}],
+                "$defs": {"keyed": {"patternProperties": {"^a": {}}}},
+                "unevaluatedProperties": False,
+            },
+            "/input_schema",
+        ),
+        (
+            {
+                "$ref": "#/x-keyed",
+                "x-keyed": {"patternProperties": {"^a": {}}, "unevaluatedProperties": False},
+            },
+            "/input_schema",
+        ),
+        (
+            {"$ref": "#/x-text", "x-text": {"properties": {"t": {"pattern": "(a)\\1"}}}},
+            "/input_schema/x-text/properties/t/pattern",
+        ),
     ],
     ids=[
         "backreference",
@@ -138,6 +157,9 @@ def test_catastrophic_pattern_in_a_chain_input_and_a_schedule_input(client, org)
         "unbalanced",
         "nested",
         "uneval",
+        "uneval-across-subschemas",
+        "uneval-in-a-ref-target-outside-the-keywords",
+        "pattern-in-a-ref-target-outside-the-keywords",
     ],
 )
 def test_patterns_re2_cannot_run_are_422_at_creation(client, org, schema, pointer):
@@ -154,6 +176,52 @@ def test_pattern_like_values_that_are_not_patterns_are_left_alone(client, org):
         "examples": [{"pattern": "(a)\\1"}],
     }
     assert create_agent(client, org, "data", input_schema=schema).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("schema", "refused", "accepted"),
+    [
+        (
+            {
+                "type": "object",
+                "properties": {"patternProperties": {"type": "string"}},
+                "unevaluatedProperties": False,
+            },
+            {"other": 1},
+            {"patternProperties": "x"},
+        ),
+        (
+            {
+                "type": "object",
+                "patternProperties": {"^a": {"type": "integer"}},
+                "properties": {"unevaluatedProperties": {"type": "boolean"}},
+            },
+            {"a1": "x"},
+            {"a1": 1, "unevaluatedProperties": True},
+        ),
+        (
+            {
+                "type": "object",
+                "patternProperties": {"^a": {"type": "integer"}},
+                "properties": {"x": {"const": {"unevaluatedProperties": False}}},
+                "examples": [{"unevaluatedProperties": 1}],
+            },
+            {"x": 1},
+            {"a1": 1, "x": {"unevaluatedProperties": False}},
+        ),
+    ],
+    ids=["a-property-named-patternProperties", "a-property-named-uneval", "in-values"],
+)
+def test_keyword_names_as_property_names_or_values_are_not_keywords(
+    client, org, schema, refused, accepted
+):
+    """Found by a review: any key named `patternProperties` counted, a property's name too."""
+    response = create_agent(client, org, "named", input_schema=schema)
+    assert response.status_code == 201, response.get_json()
+    submit = "/api/v1/agents/named/executions"
+    assert_error_shape(client.post(submit, json={"input": refused}, headers=org.headers), 422)
+    ok = client.post(submit, json={"input": accepted}, headers=org.headers)
+    assert ok.status_code == 202, ok.get_json()
 
 
 def test_ecma_unicode_escapes_match(client, org):

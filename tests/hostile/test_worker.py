@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from tests.conftest import wait_for, wait_until
+from tests.workers.test_runs import run
 
 pytestmark = pytest.mark.worker
 
@@ -109,3 +110,41 @@ def test_an_output_against_a_catastrophic_pattern_fails_quickly_in_the_worker(
     assert "/echo/text" in finished["error"]["message"], finished["error"]
     fine = live_client.post(submit, json={"input": {"text": "aaaa"}}, headers=headers)
     assert wait_for(live_client, live_org, fine.get_json()["id"])["status"] == "succeeded"
+
+
+UNSTORABLE_OUTPUTS = """
+def main(input, ctx):
+    return {
+        "high": {"t": "a" + chr(0xD800)},
+        "key": {"k" + chr(0xDC00): 1},
+        "nul": {"t": ["ok", chr(0)]},
+        "pair": {"t": chr(0x1F600) + chr(0xFFFF)},
+    }[input["kind"]]
+"""
+
+
+def test_an_output_holding_unstorable_text_fails_output_invalid(live_client, live_org, worker):
+    """An output with a lone surrogate failed the finish write (jsonb refuses it); with NUL it
+    was caught. Both now fail `output_invalid` naming the place; a valid non-BMP character (which
+    json.dumps escapes as a surrogate pair) still succeeds."""
+    expected = {
+        "high": "'/t': contains an unpaired surrogate (U+D800) at character 1",
+        "key": "'/k\\udc00': the key contains an unpaired surrogate (U+DC00) at character 1",
+        "nul": "'/t/1': contains U+0000 (NUL)",
+    }
+    source = {"type": "script", "language": "python", "source": UNSTORABLE_OUTPUTS}
+    agent = {"name": "unstorable", "runtime": source, "timeout_seconds": 60}
+    headers = live_org.headers
+    assert live_client.post("/api/v1/agents", json=agent, headers=headers).status_code == 201
+    ids = {kind: run(live_client, live_org, "unstorable", {"kind": kind}) for kind in expected}
+    ids["pair"] = run(live_client, live_org, "unstorable", {"kind": "pair"})
+    finished = {kind: wait_for(live_client, live_org, id_, timeout=60) for kind, id_ in ids.items()}
+    assert finished["pair"]["status"] == "succeeded", finished["pair"]
+    assert finished["pair"]["output"] == {"t": "\U0001f600\uffff"}
+    for kind, detail in expected.items():
+        execution = finished[kind]
+        assert execution["status"] == "failed", execution
+        assert execution["attempts"] == 1, execution
+        assert execution["error"]["type"] == "output_invalid", execution["error"]
+        assert detail in execution["error"]["message"], execution["error"]
+        assert "cannot be stored" in execution["error"]["message"]
