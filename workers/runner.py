@@ -32,6 +32,8 @@ MAX_SETTLE_PAUSE_SECONDS = 5.0
 # running lease once the database answers again after an outage (recovery.py), so the row is
 # still this attempt's when the outcome comes. Past this the task's retry takes over, and the
 # claim it makes drops the outcome: the lease's expiry then reruns or fails the execution.
+# Celery's time limits of the task (the agent's timeout_seconds and a grace) still apply and
+# come first for an agent that ended close to its timeout.
 SETTLE_PATIENCE_SECONDS = 600.0
 
 
