@@ -16,7 +16,7 @@ from sqlalchemy import text
 
 from app.chains import services as chains
 from app.db import db
-from app.executions import services as executions
+from app.executions import recovery
 from tests.conftest import REDIS_CLAIM_KEY, ROOT, RUN_ID, wait_until
 
 pytestmark = pytest.mark.worker
@@ -564,7 +564,7 @@ def test_the_sweep_that_notices_a_broker_data_loss_resumes_chains_at_once(
     url = os.environ["REDIS_URL"]
     assert not url.endswith("/0"), "this test flushes the run's own Redis database, never 0"
     broker = redis.Redis.from_url(url)
-    executions.sweep()  # the marker is set: the loss below is the one to notice
+    recovery.sweep()  # the marker is set: the loss below is the one to notice
     ce = run(live_client, live_org, {"value": 1})
     wait_until(lambda: any(broker.scan_iter(f"{held}*")), timeout=15)
     bindings = _bindings(broker)
@@ -573,7 +573,7 @@ def test_the_sweep_that_notices_a_broker_data_loss_resumes_chains_at_once(
     for key, members in bindings.items():
         broker.sadd(key, *members)
     with worker_on(held, tmp_path / "held-worker.log"):
-        report = executions.sweep()
+        report = recovery.sweep()
         assert report.broker_reset and report.chains_resumed >= 1, report
         body = wait_chain(live_client, live_org, ce, timeout=20)
     assert body["status"] == "succeeded" and body["output"] == {"value": 3}
@@ -664,7 +664,7 @@ def test_the_sweeper_moves_the_chain_of_a_lost_step_on(live_client, live_org):
             ),
             {"id": ce},
         )
-    executions.sweep()
+    recovery.sweep()
     body = read(live_client, live_org, ce)
     assert body["status"] == "failed", body
     assert steps_of(body)[("step", "wait")]["status"] == "failed"
