@@ -28,9 +28,19 @@ import psycopg
 from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, func, select
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.engine import Transaction
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 log = logging.getLogger(__name__)
+
+# What a statement raises when the database is unreachable, restarting or failing over (through
+# SQLAlchemy, or from the driver connection the hot statements use directly).
+DATABASE_ERRORS = (
+    OperationalError,
+    InterfaceError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -222,13 +232,20 @@ class Database:
             try:
                 yield conn
             except psycopg.OperationalError:
-                # The hot statements run on the driver connection directly, so SQLAlchemy never
-                # learns that the server went away (a restart, a failover) and would hand out the
-                # pool's other dead connections one request at a time. Drop them all at once.
-                if conn.connection.driver_connection.closed:
-                    conn.invalidate()
-                    autocommit.dispose()
+                self.drop_if_dead(conn)
                 raise
+
+    def drop_if_dead(self, conn: Connection) -> None:
+        """After a database error on a `hot()` connection: if the server went away (a restart, a
+        failover), drop the connection and the rest of its pool at once. The hot statements run
+        on the driver connection directly, so SQLAlchemy never learns of it and would hand out
+        the pool's other dead connections one statement at a time."""
+        if conn.invalidated or conn.closed:
+            return
+        if conn.connection.driver_connection.closed:
+            conn.invalidate()
+            if self._autocommit is not None:
+                self._autocommit.dispose()
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
@@ -285,6 +302,7 @@ class Database:
 db = Database()
 
 __all__ = [
+    "DATABASE_ERRORS",
     "JSONB",
     "UUID",
     "Base",

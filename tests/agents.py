@@ -90,6 +90,21 @@ def ledger(payload, ctx):
     """Sleeps, then appends `execution_id attempt` to the file named in the input: one line per
     time the agent's work ran to its end (tests/faults counts them)."""
     time.sleep(payload.get("seconds", 0.05))
+    return _ledger_line(payload, ctx)
+
+
+def logging_ledger(payload, ctx):
+    """The ledger agent, logging while it sleeps: `lines` times one ctx.log.info and one print,
+    the sleep spread between them, so 2 * `lines` log lines (tests/faults counts them)."""
+    lines = payload.get("lines", 5)
+    for step in range(lines):
+        ctx.log.info("logged", step=step)
+        print(f"printed {step}")
+        time.sleep(payload.get("seconds", 0.05) / lines)
+    return _ledger_line(payload, ctx)
+
+
+def _ledger_line(payload, ctx):
     with open(payload["ledger"], "a") as ledger_file:
         ledger_file.write(f"{ctx.execution_id} {ctx.attempt}\n")
     return {"n": payload.get("n", 0)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import threading
 import time
 import uuid
@@ -12,8 +13,12 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from app.db import DATABASE_ERRORS
 from app.executions import services
 from app.executions.models import LEVELS
+from workers.attempt import AttemptDatabase
+
+log = logging.getLogger(__name__)
 
 
 def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
@@ -25,11 +30,16 @@ class LogBuffer:
 
     Lines may come from any thread the agent starts; only the thread that owns the connection
     writes, so a batch waits for that thread's next add() or the final flush().
+
+    Flushes are best effort: while the database is away the lines stay pending (no more than
+    max_lines in all, as ever) and the next flush tries again; the runner writes what is left
+    before the outcome (write_pending), however long the database takes to come back. A flush
+    that raised would end the agent (or kill a child runtime) for want of a log line.
     """
 
     def __init__(
         self,
-        conn: Connection,
+        database: AttemptDatabase,
         execution_id: uuid.UUID,
         attempt: int,
         last_seq: int,
@@ -39,7 +49,7 @@ class LogBuffer:
         max_chars: int,
         max_lines: int,
     ) -> None:
-        self._conn = conn
+        self._database = database
         self._execution_id = execution_id
         self._attempt = attempt
         self._seq = last_seq
@@ -53,6 +63,7 @@ class LogBuffer:
         self._lock = threading.Lock()
         self._owner = threading.get_ident()
         self._last_flush = time.monotonic()
+        self._held_back = False
 
     def add(self, level: int, message: str, fields: dict[str, Any] | None = None) -> None:
         # PostgreSQL text and jsonb cannot hold NUL: show it, do not fail the execution on it.
@@ -104,10 +115,34 @@ class LogBuffer:
         self.flush()
 
     def flush(self) -> None:
+        """Write the pending lines if the database takes them; else keep them for later."""
+        if not self._database.worth_trying():
+            return
+        try:
+            with self._database.connection() as conn:
+                self.write_pending(conn)
+        except DATABASE_ERRORS:
+            if not self._held_back:
+                self._held_back = True
+                log.warning(
+                    "execution %s: the database cannot take log lines; %d kept for later",
+                    self._execution_id,
+                    len(self._pending),
+                    exc_info=True,
+                )
+
+    def write_pending(self, conn: Connection) -> None:
+        """Write the pending lines on `conn`; if that fails they stay pending, and it raises.
+        Writing a line twice is harmless (the insert skips a sequence number it holds)."""
         with self._lock:
             batch, self._pending = self._pending, []
             self._last_flush = time.monotonic()
-        services.write_logs(self._conn, batch)
+        try:
+            services.write_logs(conn, batch)
+        except BaseException:
+            with self._lock:
+                self._pending[:0] = batch
+            raise
 
 
 class AgentLog:

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 class Held:
     claimed: Claim
     renewed_at: float
+    # Set once the agent is done and its outcome is being written (see `settling`).
+    settling: bool = False
 
 
 class LeaseKeeper:
@@ -63,6 +65,16 @@ class LeaseKeeper:
         finally:
             with self._changed:
                 self._held.pop(claimed.execution_id, None)
+
+    def settling(self, claimed: Claim) -> None:
+        """The agent is done and the runner writes its outcome: the lease is still renewed
+        (the write may wait for the database), but a renewal that finds the attempt ended says
+        nothing, as the outcome may just have been written. The runner reports an outcome
+        fenced out itself."""
+        with self._changed:
+            held = self._held.get(claimed.execution_id)
+            if held is not None:
+                held.settling = True
 
     def _run(self) -> None:
         while True:
@@ -93,12 +105,16 @@ class LeaseKeeper:
                 if held.claimed.execution_id in owned:
                     held.renewed_at = now
                 elif self._held.get(held.claimed.execution_id) is held:
-                    # Ended a moment ago, or the sweeper took the attempt back: then its outcome
-                    # is fenced out when it comes, and the next attempt runs elsewhere.
                     del self._held[held.claimed.execution_id]
+                    if held.settling:
+                        continue
+                    # The agent still runs and is left to finish: stopping it would not make
+                    # its effects undone, and what it returns is dropped by the fence anyway.
                     log.warning(
-                        "execution %s attempt %d: lease not renewed (the attempt ended or was "
-                        "taken back by the sweeper)",
+                        "execution %s attempt %d: LEASE LOST: the attempt is no longer this "
+                        "worker's (its lease ran out and the sweeper took it back, or it was "
+                        "ended without it). The agent runs on, but its outcome and log lines "
+                        "will be fenced out; the execution goes on as the sweeper decided",
                         held.claimed.execution_id,
                         held.claimed.attempt,
                     )

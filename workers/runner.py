@@ -10,31 +10,31 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import psycopg
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app import jsonschemas, storable
 from app.config import current_config
-from app.db import db
+from app.db import DATABASE_ERRORS, db
 from app.executions import services
 from app.executions.services import Claim, VersionSpec, error_body
+from workers.attempt import AttemptDatabase
 from workers.context import AgentLog, Context, LogBuffer
 from workers.lease import lease_keeper
 from workers.runtimes import Outcome, runtime_for
 from workers.watchdog import watchdog
 
-DATABASE_ERRORS = (
-    OperationalError,
-    InterfaceError,
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
-)
-
 log = logging.getLogger(__name__)
 
 FIRST_SETTLE_PAUSE_SECONDS = 0.5
 MAX_SETTLE_PAUSE_SECONDS = 5.0
+# How long a finished attempt keeps trying to record its outcome while PostgreSQL is away: a
+# restart, a failover or a short network cut, well past the lease. The sweeper extends every
+# running lease once the database answers again after an outage (recovery.py), so the row is
+# still this attempt's when the outcome comes. Past this the task's retry takes over, and the
+# claim it makes drops the outcome: the lease's expiry then reruns or fails the execution.
+# Celery's time limits of the task (the agent's timeout_seconds and a grace) still apply and
+# come first for an agent that ended close to its timeout.
+SETTLE_PATIENCE_SECONDS = 600.0
 
 
 def run_execution(execution_id: uuid.UUID, worker: str) -> None:
@@ -47,14 +47,15 @@ def run_execution(execution_id: uuid.UUID, worker: str) -> None:
             )
             return
         with lease_keeper.holding(claimed):
-            _run_claimed(conn, claimed, cfg)
+            _run_claimed(AttemptDatabase(conn), claimed, cfg)
 
 
-def _run_claimed(conn, claimed: Claim, cfg) -> None:
+def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
     execution_id = claimed.execution_id
-    spec = services.specs.get(conn, claimed.version_id)
+    with database.connection() as conn:
+        spec = services.specs.get(conn, claimed.version_id)
     buffer = LogBuffer(
-        conn,
+        database,
         execution_id,
         claimed.attempt,
         claimed.last_seq,
@@ -69,7 +70,7 @@ def _run_claimed(conn, claimed: Claim, cfg) -> None:
         agent={"name": spec.agent_name, "version": spec.version},
         config=spec.config,
         log=AgentLog(buffer),
-        check_cancel=lambda: services.cancel_requested(conn, execution_id),
+        check_cancel=CancelCheck(database, execution_id),
     )
     try:
         outcome = _run_runtime(claimed, spec, ctx, buffer)
@@ -90,30 +91,76 @@ def _run_claimed(conn, claimed: Claim, cfg) -> None:
             error_type="runtime_error",
             error_message=f"the worker failed while running the agent: {type(exc).__name__}: {exc}",
         )
+    lease_keeper.settling(claimed)
     try:
-        _settle(conn, claimed, spec, outcome)
+        with database.connection() as conn:
+            _settle(conn, claimed, spec, outcome, buffer)
     except DATABASE_ERRORS:
-        _settle_once_the_database_answers(claimed, spec, outcome)
+        _settle_once_the_database_answers(database, claimed, spec, outcome, buffer)
 
 
-def _settle(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> None:
+class CancelCheck:
+    """`ctx.cancelled()`'s question to the database. A database that cannot answer counts as
+    "not cancelled": the agent goes on, and a cancel asked meanwhile is seen once it answers
+    (or by the settle, which asks again before recording a failure)."""
+
+    def __init__(self, database: AttemptDatabase, execution_id: uuid.UUID) -> None:
+        self._database = database
+        self._execution_id = execution_id
+        self._warned = False
+
+    def __call__(self) -> bool:
+        if not self._database.worth_trying():
+            return False
+        try:
+            with self._database.connection() as conn:
+                return services.cancel_requested(conn, self._execution_id)
+        except DATABASE_ERRORS:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "execution %s: the database cannot say whether a cancel was asked; "
+                    "running on as not cancelled",
+                    self._execution_id,
+                    exc_info=True,
+                )
+            return False
+
+
+def _settle(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome, buffer: LogBuffer) -> None:
+    # The log lines a flush could not write go first: a finished execution has its whole log.
+    buffer.write_pending(conn)
     if not outcome.ok and services.cancel_requested(conn, claimed.execution_id):
         # It failed after a cancel was asked (often because of it): report the cancel.
         outcome.cancelled = True
     status = _record(conn, claimed, spec, outcome)
-    if status is not None and claimed.chain_execution_id is not None:
+    if status is None:
+        log.warning(
+            "execution %s attempt %d: outcome fenced out: the row is no longer this attempt's "
+            "(its lease ran out and the sweeper took it back), or an earlier try wrote the "
+            "outcome and lost the answer",
+            claimed.execution_id,
+            claimed.attempt,
+        )
+    elif claimed.chain_execution_id is not None:
         for hook in settled_hooks:
             hook(conn, claimed, status)
 
 
-def _settle_once_the_database_answers(claimed: Claim, spec: VersionSpec, outcome: Outcome) -> None:
+def _settle_once_the_database_answers(
+    database: AttemptDatabase,
+    claimed: Claim,
+    spec: VersionSpec,
+    outcome: Outcome,
+    buffer: LogBuffer,
+) -> None:
     """The agent's work is done but PostgreSQL cannot take its outcome (down, restarting, a
     failover). Retrying the task would find the row `running` and drop the outcome, and the
-    sweeper would then run the work a second time: keep the outcome here instead and write it
-    once the database answers, each try on a fresh connection. The write is fenced by the
-    attempt, so a try that committed but lost its answer makes the next one a no-op. Bounded by
-    the lease: past it the sweeper owns the row and the raise leaves it to the sweeper."""
-    deadline = time.monotonic() + current_config().lease_seconds
+    sweeper would then run the work a second time: keep the outcome (and the log lines not yet
+    written) here instead and write them once the database answers, each try on a fresh
+    connection. The write is fenced by the attempt, so a try that committed but lost its answer
+    makes the next one a no-op. Bounded by SETTLE_PATIENCE_SECONDS."""
+    deadline = time.monotonic() + SETTLE_PATIENCE_SECONDS
     pause = FIRST_SETTLE_PAUSE_SECONDS
     while True:
         log.warning(
@@ -123,8 +170,8 @@ def _settle_once_the_database_answers(claimed: Claim, spec: VersionSpec, outcome
         )
         time.sleep(pause)
         try:
-            with db.hot() as conn:
-                _settle(conn, claimed, spec, outcome)
+            with database.connection() as conn:
+                _settle(conn, claimed, spec, outcome, buffer)
             return
         except DATABASE_ERRORS:
             if time.monotonic() + pause > deadline:

@@ -23,7 +23,7 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 
 from app.config import current_config
-from app.db import db
+from app.db import DATABASE_ERRORS, db
 from app.executions.services import (
     RECORD_ATTEMPT,
     RUN_TASK,
@@ -52,6 +52,8 @@ class SweepReport:
     skipped: bool = False
     # Messages a worker took but never claimed, given back to their queues (see _restore_stranded).
     restored: int = 0
+    # Running leases extended instead of expired, the database being back from an outage.
+    leases_extended: int = 0
 
 
 SWEEP_BATCH = 500
@@ -97,6 +99,14 @@ _EXPIRED_REQUEUE = text(
     + ") SELECT id, version_id, priority FROM ended"
 ).bindparams(bindparam("lost", type_=JSONB))
 
+# After an outage: every running attempt gets one lease from now to be renewed by its worker.
+_EXTEND_RUNNING_LEASES = text(
+    """
+    UPDATE executions SET lease_until = now() + make_interval(secs => :lease)
+    WHERE status = 'running' AND lease_until < now() + make_interval(secs => :lease)
+    """
+)
+
 _EXPIRED_LOST = text(
     """
     WITH ended AS (
@@ -123,8 +133,8 @@ def sweep(budget_seconds: float | None = None) -> SweepReport:
     budget = max(1.0, cfg.sweep_interval_seconds if budget_seconds is None else budget_seconds)
     deadline = time.monotonic() + budget
     report = SweepReport()
-    ended_steps = _end_expired_leases(report)
     watch = BrokerWatch.for_broker(cfg.broker_url)
+    ended_steps = _end_expired_leases(report, watch)
     try:
         with watch.exclusive(budget + LOCK_MARGIN_SECONDS) if watch else _no_lock() as held:
             if not held:
@@ -142,9 +152,43 @@ def sweep(budget_seconds: float | None = None) -> SweepReport:
     return report
 
 
-def _end_expired_leases(report: SweepReport) -> list[uuid.UUID]:
+def _end_expired_leases(report: SweepReport, watch: BrokerWatch | None) -> list[uuid.UUID]:
     """Requeue (and publish at once) or fail what lost its worker; the chain executions of the
-    steps it failed."""
+    steps it failed. Right after the database was away, extend the running leases instead.
+
+    While PostgreSQL is away no worker can renew a lease, and an outage longer than what is left
+    of one lets healthy attempts' leases run out by the database's clock: expiring them when it
+    answers again would race their workers' renewals, failing finished work `lost` or running it
+    a second time beside the first. So a sweep that finds the database unreachable says so
+    (DatabaseOutages), and the next sweep that reaches it extends every running lease by one
+    lease and expires nothing: living workers renew within a third of it, and only the attempts
+    of workers that died meanwhile run out again, one lease later."""
+    outage_since = outages.since(watch)
+    try:
+        if outage_since is not None:
+            _extend_running_leases(report, outage_since)
+            outages.forget(watch)
+            return []
+        return _expire_leases(report)
+    except DATABASE_ERRORS:
+        outages.record(watch)
+        raise
+
+
+def _extend_running_leases(report: SweepReport, outage_since: float) -> None:
+    with db.hot() as conn:
+        report.leases_extended = conn.execute(
+            _EXTEND_RUNNING_LEASES, {"lease": current_config().lease_seconds}
+        ).rowcount
+    log.warning(
+        "sweeper: the database is back (unreachable since %.0fs ago at least): %d running "
+        "leases extended by a lease for their workers to renew; none expired in this sweep",
+        time.time() - outage_since,
+        report.leases_extended,
+    )
+
+
+def _expire_leases(report: SweepReport) -> list[uuid.UUID]:
     with db.hot() as conn:
         requeued = conn.execute(
             _EXPIRED_REQUEUE,
@@ -312,10 +356,11 @@ def _no_lock() -> Iterator[bool]:
     yield True
 
 
-# Keys the sweeper keeps in the broker's Redis database (see BrokerWatch).
+# Keys the sweeper keeps in the broker's Redis database (see BrokerWatch, DatabaseOutages).
 MARKER_KEY = "runyard:broker-marker"
 RECOVERY_KEY = "runyard:sweeper:recovery"
 LOCK_KEY = "runyard:sweeper:lock"
+DATABASE_AWAY_KEY = "runyard:sweeper:database-away-since"
 # A sweep that died holding the lock frees it this long after its budget.
 LOCK_MARGIN_SECONDS = 10.0
 RECOVERY_START = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -403,3 +448,47 @@ class BrokerWatch:
 
     def forget_recovery(self) -> None:
         self.client.delete(RECOVERY_KEY)
+
+
+class DatabaseOutages:
+    """Since when the sweeper has found the database unreachable, until a sweep reaches it.
+
+    Kept in the broker's Redis when the broker is Redis: every beat shares it (a sweep that
+    failed in one is known to the next, wherever it runs) and a beat restarted after the outage
+    still knows. Kept in this process's memory as well, for brokers other than Redis and for a
+    Redis that cannot be reached: a sweeper running in one process (beat) needs nothing more.
+    Either one saying "away" is enough: an extension too many costs the attempts of dead workers
+    one lease of delay, an extension missed costs healthy attempts their outcome.
+
+    Measured from the sweeper's failures rather than from the gap since its last success: the
+    gap alone cannot tell an outage from a sweeper that was not running (a beat stopped, a test
+    sweeping now and then), and an outage of any length past a sweep interval is seen."""
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+
+    def record(self, watch: BrokerWatch | None) -> None:
+        now = time.time()
+        if self._since is None:
+            self._since = now
+        if watch is not None:
+            with contextlib.suppress(redis.RedisError):
+                watch.client.set(DATABASE_AWAY_KEY, now, nx=True)
+
+    def since(self, watch: BrokerWatch | None) -> float | None:
+        known = [self._since] if self._since is not None else []
+        if watch is not None:
+            with contextlib.suppress(redis.RedisError, ValueError):
+                stored = watch.client.get(DATABASE_AWAY_KEY)
+                if stored is not None:
+                    known.append(float(stored))
+        return min(known, default=None)
+
+    def forget(self, watch: BrokerWatch | None) -> None:
+        self._since = None
+        if watch is not None:
+            with contextlib.suppress(redis.RedisError):
+                watch.client.delete(DATABASE_AWAY_KEY)
+
+
+outages = DatabaseOutages()

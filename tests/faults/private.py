@@ -98,12 +98,14 @@ class Stack:
             f"SELECT count(*) FROM executions WHERE id = ANY(%s) AND {condition}", (ids,)
         )[0][0]
 
-    def submit_ledger(self, count: int, seconds: float) -> list[uuid.UUID]:
-        """`count` ledger executions through the API; the ids its 202s returned."""
+    def submit_ledger(
+        self, count: int, seconds: float, agent: str = "ledger", **payload
+    ) -> list[uuid.UUID]:
+        """`count` executions of a ledger agent through the API; the ids its 202s returned."""
         ids = []
         for n in range(count):
             reply = self.api.submit(
-                "ledger", {"ledger": str(self.ledger), "seconds": seconds, "n": n}
+                agent, {"ledger": str(self.ledger), "seconds": seconds, "n": n, **payload}
             )
             assert reply.status == 202, reply.body
             ids.append(uuid.UUID(reply.body["id"]))
@@ -139,7 +141,10 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def private_stack(directory: Path, name: str) -> Iterator[Stack]:
+def private_stack(
+    directory: Path, name: str, settings: dict[str, str] | None = None
+) -> Iterator[Stack]:
+    """The stack, with `settings` over STACK_SETTINGS for every process of it."""
     # pgserver runs PostgreSQL as an unprivileged user when the tests run as root: the data
     # directory lives under the checkout (as the shared embedded one does), not in pytest's
     # owner-only temporary directory.
@@ -151,7 +156,12 @@ def private_stack(directory: Path, name: str) -> Iterator[Stack]:
         upgrade(database_url)
         install_audit(database_url)
         redis_url = redis_server.start()
-        env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url, **STACK_SETTINGS}
+        env = {
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            **STACK_SETTINGS,
+            **(settings or {}),
+        }
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
         created = subprocess.run(
             [str(Path(sys.executable).parent / "runyard"), "orgs", "create", name, "--json"],

@@ -1,27 +1,62 @@
-"""Storage faults under load: Redis restarted or flushed, PostgreSQL restarted mid-run.
+"""Storage faults under load: Redis restarted or flushed, PostgreSQL restarted mid-run or down
+for longer than a lease.
 
 Each test submits ledger executions to a private stack (tests/faults/private.py), breaks one of
 its servers, waits for every execution to end, and counts what was lost or done twice.
 """
 
+import collections
 import time
 
 import pytest
 import redis
 
 from tests.conftest import wait_until
-from tests.faults.harness import tally, wait_until_ended
-from tests.faults.private import private_stack, wait_until_healthy
+from tests.faults.harness import LEDGER_AGENT, tally, wait_until_ended
+from tests.faults.private import WORKER_CONCURRENCY, private_stack, wait_until_healthy
 
 pytestmark = pytest.mark.worker
 
 OPEN = "status IN ('queued', 'running')"
+# Short, so that an outage of a few seconds outlasts every running lease.
+LEASE_SECONDS = 5.0
+LOGGING_LEDGER = "logging-ledger"
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    with private_stack(tmp_path_factory.mktemp("storage-faults"), "storage") as opened:
+    with private_stack(
+        tmp_path_factory.mktemp("storage-faults"),
+        "storage",
+        settings={"RUNYARD_LEASE_SECONDS": str(LEASE_SECONDS)},
+    ) as opened:
+        runtime = {"type": "python", "entrypoint": "tests.agents:logging_ledger"}
+        agent = opened.api.call(
+            "POST", "/api/v1/agents", {**LEDGER_AGENT, "name": LOGGING_LEDGER, "runtime": runtime}
+        )
+        assert agent.status == 201, agent.body
         yield opened
+
+
+def missing_log_lines(stack, ids, lines: int) -> dict:
+    """Per execution, how its log differs from the 2 * `lines` lines logging_ledger writes (the
+    executions whose log is exactly that are left out)."""
+    expected = collections.Counter(
+        ["logged"] * lines + [f"printed {step}" for step in range(lines)]
+    )
+    kept = collections.defaultdict(collections.Counter)
+    for execution_id, message in stack.sql(
+        "SELECT execution_id, message FROM execution_logs WHERE execution_id = ANY(%s)", (ids,)
+    ):
+        kept[execution_id][message] += 1
+    return {
+        str(execution_id): {
+            "missing": dict(expected - kept[execution_id]),
+            "extra": dict(kept[execution_id] - expected),
+        }
+        for execution_id in ids
+        if kept[execution_id] != expected
+    }
 
 
 def test_redis_restarted_with_its_data(stack):
@@ -107,3 +142,65 @@ def test_postgresql_restarted_mid_run(stack):
     assert report.lost == 0 and report.duplicated == 0, report
     # Outcomes finished while PostgreSQL was down were kept and written once it was back.
     assert "the database cannot record the outcome" in stack.worker_log.read_text()
+
+
+def test_postgresql_restarted_while_agents_log(stack):
+    wait_until_healthy(stack)
+    lines = 10
+    ids = stack.submit_ledger(12, seconds=1.5, agent=LOGGING_LEDGER, lines=lines)
+    wait_until(lambda: stack.count(ids, "status = 'succeeded'") >= 1, timeout=20)
+    running_at_fault = stack.count(ids, "status = 'running'")
+    injected = time.monotonic()
+    stack.postgres.stop()
+    # Running agents log all through it, and some end while the database is away.
+    time.sleep(3)
+    stack.start_postgres()
+    wait_until_ended(stack.database_url, ids, timeout=90)
+    report = tally(
+        "postgresql restarted while agents log",
+        stack.database_url,
+        ids,
+        stack.ledger,
+        time.monotonic() - injected,
+        workers_killed=False,
+        running_at_fault=running_at_fault,
+    )
+    assert running_at_fault > 0, "no execution was running at the fault"
+    assert report.lost == 0 and report.duplicated == 0, report
+    assert stack.count(ids, "attempt <> 1") == 0, "an attempt was taken back"
+    assert missing_log_lines(stack, ids, lines) == {}
+
+
+def test_postgresql_down_for_longer_than_the_lease(stack):
+    wait_until_healthy(stack)
+    lines = 8
+    # One agent ends while the database is away, one runs on past its return; a pool process is
+    # left free for the sweeps, which fail while it is away and race the workers once it is back.
+    ids = [
+        *stack.submit_ledger(1, seconds=4, agent=LOGGING_LEDGER, lines=lines),
+        *stack.submit_ledger(1, seconds=4 * LEASE_SECONDS, agent=LOGGING_LEDGER, lines=lines),
+    ]
+    assert len(ids) < WORKER_CONCURRENCY
+    wait_until(lambda: stack.count(ids, "status = 'running'") == len(ids), timeout=20)
+    injected = time.monotonic()
+    stack.postgres.stop()
+    # Two leases: every running lease runs out by the database's clock while no worker can renew.
+    time.sleep(2 * LEASE_SECONDS)
+    stack.start_postgres()
+    wait_until_ended(stack.database_url, ids, timeout=90)
+    report = tally(
+        "postgresql down for longer than the lease",
+        stack.database_url,
+        ids,
+        stack.ledger,
+        time.monotonic() - injected,
+        workers_killed=False,
+        lease_seconds=LEASE_SECONDS,
+        outage_seconds=2 * LEASE_SECONDS,
+    )
+    assert report.lost == 0 and report.duplicated == 0, report
+    # Not one attempt was taken back by the sweeper: none failed `lost`, none ran twice.
+    assert stack.count(ids, "attempt <> 1") == 0, stack.sql(
+        "SELECT id, status, attempt, error FROM executions WHERE id = ANY(%s)", (ids,)
+    )
+    assert missing_log_lines(stack, ids, lines) == {}

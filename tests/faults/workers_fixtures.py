@@ -17,7 +17,7 @@ from tests.beat import BeatProcess
 from tests.conftest import RUN_ID, celery_worker
 from tests.faults.harness import psycopg_dsn
 
-LEASE_SECONDS = 3.0
+LEASE_SECONDS = 5.0
 SWEEP_INTERVAL_SECONDS = 1.0
 # Workers and beat both read these: the lease the claim sets and the worker renews, the sweeper's
 # pace, and how soon it republishes a requeued execution.

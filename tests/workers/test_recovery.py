@@ -1,11 +1,15 @@
 """Claim and fencing rules, and the sweeper's recovery of work the broker never delivered."""
 
+import contextlib
 import uuid
 
 import pytest
+import redis
 from sqlalchemy import text
 
-from app.db import db
+from app.config import current_config
+from app.db import DATABASE_ERRORS, db
+from app.embedded import free_port
 from app.executions import recovery, services
 from tests.conftest import wait_for, wait_until
 
@@ -211,3 +215,66 @@ def test_sweeper_does_not_rerun_lost_work_unless_the_policy_allows(live_client, 
         f"/api/v1/executions/{execution_id}", headers=live_org.headers
     ).get_json()
     assert result["status"] == "failed" and result["error"]["type"] == "lost"
+
+
+@contextlib.contextmanager
+def database_unreachable():
+    """This process's database is a port nobody listens on, until the block ends."""
+    url = current_config().require_database()
+    db.configure(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/gone")
+    try:
+        yield
+    finally:
+        db.configure(url)
+
+
+@pytest.fixture
+def expired_running(live_client, live_org):
+    """An execution left `running` by its worker, its lease run out a minute ago; the sweeper's
+    memory of outages is cleared whatever the test does (it would hold back later sweeps)."""
+    execution_id = _execution(live_client, live_org)
+    wait_for(live_client, live_org, str(execution_id))
+    force(
+        execution_id,
+        "status = 'running', attempt = 1, output = NULL, lease_until = now() - interval '1 minute'",
+    )
+    yield execution_id
+    recovery.outages.forget(recovery.BrokerWatch.for_broker(current_config().broker_url))
+
+
+def lease_left(execution_id) -> float:
+    with db.hot() as conn:
+        return conn.execute(
+            text("SELECT extract(epoch FROM lease_until - now()) FROM executions WHERE id = :id"),
+            {"id": execution_id},
+        ).scalar()
+
+
+@pytest.mark.worker
+def test_the_sweep_after_the_database_was_away_extends_running_leases_and_expires_none(
+    live_client, live_org, expired_running
+):
+    broker = redis.Redis.from_url(current_config().broker_url)
+    with database_unreachable(), pytest.raises(DATABASE_ERRORS):
+        recovery.sweep()
+    assert broker.get(recovery.DATABASE_AWAY_KEY), "every beat's next sweep knows of the outage"
+    report = recovery.sweep()
+    assert report.leases_extended >= 1 and report.requeued == 0 and report.lost == 0, report
+    assert lease_left(expired_running) > current_config().lease_seconds - 5
+    assert broker.get(recovery.DATABASE_AWAY_KEY) is None
+    # One extension per outage: a lease that runs out again (its worker is gone) is taken back.
+    force(expired_running, "lease_until = now() - interval '1 second'")
+    report = recovery.sweep()
+    assert report.requeued >= 1 and report.leases_extended == 0, report
+    result = wait_for(live_client, live_org, str(expired_running))
+    assert result["status"] == "succeeded" and result["attempts"] == 2
+
+
+@pytest.mark.worker
+def test_an_outage_is_remembered_in_the_process_when_the_broker_forgot_it(expired_running):
+    broker = redis.Redis.from_url(current_config().broker_url)
+    with database_unreachable(), pytest.raises(DATABASE_ERRORS):
+        recovery.sweep()
+    broker.delete(recovery.DATABASE_AWAY_KEY)  # as a flushed (or unreachable) broker would
+    report = recovery.sweep()
+    assert report.leases_extended >= 1 and report.requeued == 0 and report.lost == 0, report
