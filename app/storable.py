@@ -36,6 +36,15 @@ def problem(text: str) -> str | None:
     return f"contains an unpaired surrogate (U+{ord(character):04X}) at character {found.start()}"
 
 
+def escaped(text: str) -> str:
+    """`text` with each unstorable character written out (`\\x00`, `\\ud800`): for what is
+    shown rather than refused, as an agent's log lines."""
+    return UNSTORABLE_CHARACTER.sub(
+        lambda found: "\\x00" if found.group() == "\x00" else f"\\u{ord(found.group()):04x}",
+        text,
+    )
+
+
 def document_problems(document: Any) -> dict[str, list[str]]:
     """Each key and string of a parsed JSON document that cannot be stored, by JSON pointer
     (a key's pointer names the key itself). Walked with a stack: depth costs no recursion."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from app import storable
 from app.db import DATABASE_ERRORS
 from app.executions import services
 from app.executions.models import LEVELS
@@ -22,7 +23,18 @@ log = logging.getLogger(__name__)
 
 
 def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(fields, default=repr).replace("\\u0000", "\\\\x00"))
+    return _storable(json.loads(json.dumps(fields, default=repr)))
+
+
+def _storable(value: Any) -> Any:
+    """Fields as PostgreSQL can store them: unstorable characters written out, not refused."""
+    if isinstance(value, str):
+        return storable.escaped(value)
+    if isinstance(value, dict):
+        return {storable.escaped(key): _storable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_storable(item) for item in value]
+    return value
 
 
 class LogBuffer:
@@ -66,8 +78,8 @@ class LogBuffer:
         self._held_back = False
 
     def add(self, level: int, message: str, fields: dict[str, Any] | None = None) -> None:
-        # PostgreSQL text and jsonb cannot hold NUL: show it, do not fail the execution on it.
-        message = message.replace("\x00", "\\x00")
+        # PostgreSQL cannot hold NUL or a lone surrogate: show them, never fail the execution.
+        message = storable.escaped(message)
         if len(message) > self._max_chars:
             message = message[: self._max_chars] + f" [cut: {len(message)} characters in all]"
         with self._lock:

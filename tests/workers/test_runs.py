@@ -302,6 +302,20 @@ def test_nul_characters_neither_break_logs_nor_reach_the_output(live_client, liv
     assert result["status"] == "failed" and result["error"]["type"] == "output_invalid"
 
 
+def test_unpaired_surrogates_in_logs_are_written_out_not_fatal(live_client, live_org):
+    source = (
+        "def main(input, ctx):\n"
+        "    ctx.log.info('a\\ud800b', **{'k\\udc00': 'v\\ud800', 'ok': '\U0001f600'})\n"
+        "    return {'ok': True}\n"
+    )
+    script_agent(live_client, live_org, "surrogate-log", source)
+    execution_id = run(live_client, live_org, "surrogate-log")
+    assert wait_for(live_client, live_org, execution_id)["status"] == "succeeded"
+    line = logs(live_client, live_org, execution_id)[0]
+    assert line["message"] == "a\\ud800b"
+    assert line["fields"] == {"k\\udc00": "v\\ud800", "ok": "\U0001f600"}
+
+
 def test_a_script_writing_on_the_control_channel_cannot_break_the_worker(live_client, live_org):
     source = (
         "import os\n"
