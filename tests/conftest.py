@@ -337,5 +337,21 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
         time.sleep(interval)
 
 
+def an_execution_update_waits_on_a_row_lock() -> bool:
+    """Whether a session of the test database is blocked on a row lock in an UPDATE of
+    executions (for tests that hold a row and make another request wait on it)."""
+    from app.db import db
+
+    with db.hot() as conn:
+        return bool(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND query LIKE '%UPDATE executions%'"
+                )
+            ).scalar()
+        )
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}

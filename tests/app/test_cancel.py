@@ -12,7 +12,7 @@ from sqlalchemy import text
 
 from app.db import db
 from app.executions import services
-from tests.conftest import wait_until
+from tests.conftest import an_execution_update_waits_on_a_row_lock, wait_until
 
 PARKED = {
     "name": "parked",
@@ -100,18 +100,6 @@ def test_cancel_asks_a_running_execution_to_stop_and_leaves_its_end_to_the_worke
     assert _cancel(client, live_org, execution_id).status_code == 409
 
 
-def _blocked_on_a_row_lock() -> bool:
-    with db.hot() as conn:
-        return bool(
-            conn.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock' AND query LIKE '%UPDATE executions%'"
-                )
-            ).scalar()
-        )
-
-
 def test_cancel_catches_a_running_execution_that_a_retry_puts_back_in_the_queue(app, live_org):
     """The race, made deterministic with a row lock: the retry's UPDATE (running -> queued) is
     made and not yet committed when the cancel arrives; the cancel waits on the row, and
@@ -131,7 +119,7 @@ def test_cancel_catches_a_running_execution_that_a_retry_puts_back_in_the_queue(
         )
         canceller.start()
         try:
-            wait_until(_blocked_on_a_row_lock, timeout=10)
+            wait_until(an_execution_update_waits_on_a_row_lock, timeout=10)
         finally:
             retry.commit()
         canceller.join(timeout=10)

@@ -11,7 +11,7 @@ import uuid
 from sqlalchemy import text
 
 from app.db import db
-from tests.conftest import wait_until
+from tests.conftest import an_execution_update_waits_on_a_row_lock, wait_until
 
 PARKED = {
     "name": "parked",
@@ -30,18 +30,6 @@ def _queued(client, org) -> str:
     )
     assert submitted.status_code == 202, submitted.get_json()
     return submitted.get_json()["id"]
-
-
-def _cancel_waits_on_the_row() -> bool:
-    with db.hot() as conn:
-        return bool(
-            conn.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock' AND query LIKE '%UPDATE executions%'"
-                )
-            ).scalar()
-        )
 
 
 def test_a_keyed_request_waits_for_its_own_locks_past_the_key_bound(app, live_org):
@@ -63,7 +51,7 @@ def test_a_keyed_request_waits_for_its_own_locks_past_the_key_bound(app, live_or
         )
         canceller.start()
         try:
-            wait_until(_cancel_waits_on_the_row, timeout=10)
+            wait_until(an_execution_update_waits_on_a_row_lock, timeout=10)
             time.sleep(ROW_HELD_SECONDS)
         finally:
             holding.rollback()
