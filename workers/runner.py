@@ -8,7 +8,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -24,6 +24,8 @@ from workers.runtimes import Outcome, runtime_for
 from workers.watchdog import watchdog
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 FIRST_SETTLE_PAUSE_SECONDS = 0.5
 MAX_SETTLE_PAUSE_SECONDS = 5.0
@@ -52,8 +54,17 @@ def run_execution(execution_id: uuid.UUID, worker: str) -> None:
 
 def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
     execution_id = claimed.execution_id
-    with database.connection() as conn:
-        spec = services.specs.get(conn, claimed.version_id)
+    try:
+        with database.connection() as conn:
+            spec = services.specs.get(conn, claimed.version_id)
+    except DATABASE_ERRORS:
+        # The attempt is claimed: a task retry would find the row `running` and drop it.
+        spec = _once_the_database_answers(
+            database,
+            claimed,
+            "load its agent version",
+            lambda conn: services.specs.get(conn, claimed.version_id),
+        )
     buffer = LogBuffer(
         database,
         execution_id,
@@ -96,7 +107,15 @@ def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
         with database.connection() as conn:
             _settle(conn, claimed, spec, outcome, buffer)
     except DATABASE_ERRORS:
-        _settle_once_the_database_answers(database, claimed, spec, outcome, buffer)
+        # The agent's work is done: retrying the task would find the row `running` and drop
+        # the outcome, and the sweeper would run the work a second time. Keep the outcome
+        # (and the log lines not yet written) and write them once the database answers.
+        _once_the_database_answers(
+            database,
+            claimed,
+            "record the outcome",
+            lambda conn: _settle(conn, claimed, spec, outcome, buffer),
+        )
 
 
 class CancelCheck:
@@ -147,32 +166,26 @@ def _settle(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome, buffer: L
             hook(conn, claimed, status)
 
 
-def _settle_once_the_database_answers(
-    database: AttemptDatabase,
-    claimed: Claim,
-    spec: VersionSpec,
-    outcome: Outcome,
-    buffer: LogBuffer,
-) -> None:
-    """The agent's work is done but PostgreSQL cannot take its outcome (down, restarting, a
-    failover). Retrying the task would find the row `running` and drop the outcome, and the
-    sweeper would then run the work a second time: keep the outcome (and the log lines not yet
-    written) here instead and write them once the database answers, each try on a fresh
-    connection. The write is fenced by the attempt, so a try that committed but lost its answer
-    makes the next one a no-op. Bounded by SETTLE_PATIENCE_SECONDS."""
+def _once_the_database_answers(
+    database: AttemptDatabase, claimed: Claim, what: str, action: Callable[[Any], T]
+) -> T:
+    """Do `action(conn)` for a claimed attempt once PostgreSQL answers again (down, restarting,
+    a failover), each try on a fresh connection, for up to SETTLE_PATIENCE_SECONDS. The writes
+    are fenced by the attempt, so a try that committed but lost its answer makes the next one a
+    no-op; the lease is extended by the sweeper's first sweep after the outage."""
     deadline = time.monotonic() + SETTLE_PATIENCE_SECONDS
     pause = FIRST_SETTLE_PAUSE_SECONDS
     while True:
         log.warning(
-            "execution %s: the database cannot record the outcome; trying again in %.1fs",
+            "execution %s: the database cannot %s; trying again in %.1fs",
             claimed.execution_id,
+            what,
             pause,
         )
         time.sleep(pause)
         try:
             with database.connection() as conn:
-                _settle(conn, claimed, spec, outcome, buffer)
-            return
+                return action(conn)
         except DATABASE_ERRORS:
             if time.monotonic() + pause > deadline:
                 raise
