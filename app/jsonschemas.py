@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
@@ -126,13 +126,31 @@ def _matches(pattern: str, text: str) -> bool:
 # jsonschema calls `re.search` for these three keywords and offers no way to swap the engine, so
 # users' validators replace them. `unevaluatedProperties` matches `patternProperties` through
 # `re` as well and cannot be replaced as simply: check_user_schema refuses the two together.
+def _unrunnable(patterns: Iterable[str]) -> ValidationError | None:
+    """A backstop: check_user_schema refuses such patterns at creation, so this is only for
+    one it could not see; the submit then answers 422, never a 500 from RE2."""
+    for pattern in patterns:
+        try:
+            compile_pattern(pattern)
+        except re2.error:
+            return ValidationError(f"the schema's pattern {pattern!r} cannot run here (RE2)")
+    return None
+
+
 def _pattern(validator, pattern, instance, schema):
-    if validator.is_type(instance, "string") and not _matches(pattern, instance):
+    if not validator.is_type(instance, "string"):
+        return
+    if (refused := _unrunnable([pattern])) is not None:
+        yield refused
+    elif not _matches(pattern, instance):
         yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
 def _pattern_properties(validator, pattern_properties, instance, schema):
     if not validator.is_type(instance, "object"):
+        return
+    if (refused := _unrunnable(pattern_properties)) is not None:
+        yield refused
         return
     for pattern, subschema in pattern_properties.items():
         for key, value in instance.items():
@@ -145,6 +163,9 @@ def _additional_properties(validator, additional, instance, schema):
         return
     properties = schema.get("properties", {})
     patterns = schema.get("patternProperties", {})
+    if (refused := _unrunnable(patterns)) is not None:
+        yield refused
+        return
     extras = [
         key
         for key in instance
@@ -221,12 +242,21 @@ def _keywords(schemas: Iterable[Any]) -> set[str]:
     """The keywords the schemas and their subschemas use: not the names under `properties`,
     nor the keys of a `const`, `enum` or `default` value."""
     used: set[str] = set()
+    for node in _subschemas(schemas):
+        used.update(node)
+    return used
+
+
+def _subschemas(schemas: Iterable[Any], *skip: Any) -> Iterator[dict[str, Any]]:
+    """Every object schema among `schemas` and their subschemas, walked by keyword (those in
+    `skip`, by identity, are walked but not yielded)."""
     stack = list(schemas)
     while stack:
         node = stack.pop()
         if not isinstance(node, dict):  # a boolean schema, or `dependencies`' list of names
             continue
-        used.update(node)
+        if not any(node is skipped for skipped in skip):
+            yield node
         stack.extend(node[keyword] for keyword in SUBSCHEMA_KEYWORDS if keyword in node)
         for keyword in SUBSCHEMA_LIST_KEYWORDS:
             if isinstance(node.get(keyword), list):
@@ -234,7 +264,6 @@ def _keywords(schemas: Iterable[Any]) -> set[str]:
         for keyword in SUBSCHEMA_MAP_KEYWORDS:
             if isinstance(node.get(keyword), dict):
                 stack.extend(node[keyword].values())
-    return used
 
 
 def _ref_targets(schema: dict[str, Any], refs: list[tuple[tuple, str]]) -> list[tuple[tuple, Any]]:
@@ -248,11 +277,16 @@ def _ref_targets(schema: dict[str, Any], refs: list[tuple[tuple, str]]) -> list[
             continue
         node: Any = schema
         path: list[str | int] = []
-        for part in ref[2:].split("/"):
-            token = unquote(part).replace("~1", "/").replace("~0", "~")
-            step: str | int = int(token) if isinstance(node, list) else token
-            node = node[step]
-            path.append(step)
+        # A URI fragment: percent-decoded first, then read as a JSON pointer (as `referencing`
+        # resolves it, so `a%2Fb` is the two steps `a`, `b`).
+        try:
+            for part in unquote(ref[2:]).split("/"):
+                token = part.replace("~1", "/").replace("~0", "~")
+                step: str | int = int(token) if isinstance(node, list) else token
+                node = node[step]
+                path.append(step)
+        except (LookupError, TypeError, ValueError):
+            continue  # refused as unresolvable before this is reached
         targets.append((tuple(path), node))
     return targets
 
@@ -295,6 +329,15 @@ def check_user_schema(schema: Any, field: str, *, max_bytes: int, max_depth: int
         raise ValidationFailed(
             f"{field} has a reference that does not resolve", errors=unresolvable
         )
+    targets = [target for _path, target in _ref_targets(schema, refs)]
+    if any("$id" in subschema for subschema in _subschemas([schema, *targets], schema)):
+        # An embedded $id changes what `#/...` means below it, and with it what these checks
+        # would have to look at.
+        raise ValidationFailed(
+            f"{field} has an $id below its root",
+            errors={pointer: ["$id is allowed on the root schema only"]},
+            hint="drop the inner $id and refer to the subschema as '#/$defs/<name>'",
+        )
     bad_patterns = _pattern_problems(schema, pointer, refs)
     if bad_patterns:
         raise ValidationFailed(
@@ -303,7 +346,7 @@ def check_user_schema(schema: Any, field: str, *, max_bytes: int, max_depth: int
             hint="patterns run on RE2 (linear time): no backreferences, no lookahead or "
             "lookbehind, repetition counts up to 1000",
         )
-    used = _keywords([schema, *(target for _path, target in _ref_targets(schema, refs))])
+    used = _keywords([schema, *targets])
     if {"unevaluatedProperties", "patternProperties"} <= used:
         raise ValidationFailed(
             f"{field} combines unevaluatedProperties with patternProperties",

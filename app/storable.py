@@ -58,7 +58,8 @@ def document_problems(document: Any) -> dict[str, list[str]]:
                 problems[json_pointer(path) or "/"] = [found]
         elif isinstance(node, dict):
             for key, child in node.items():
-                found = problem(key)
+                # A python agent's output may have other keys (JSON writes them as text).
+                found = problem(key) if isinstance(key, str) else None
                 if found:
                     problems[json_pointer((*path, key))] = [f"the key {found}"]
                 stack.append((child, (*path, key)))

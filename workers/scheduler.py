@@ -46,7 +46,9 @@ class DatabaseScheduler(PersistentScheduler):
         log.info("schedules from PostgreSQL, polled every %ss at most", self.poll_seconds)
 
     def close(self) -> None:
-        self.maintenance.stop()
+        maintenance = getattr(self, "maintenance", None)  # absent if setup_schedule failed
+        if maintenance is not None:
+            maintenance.stop()
         super().close()
 
     def tick(self, *args, **kwargs) -> float:

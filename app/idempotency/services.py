@@ -116,7 +116,8 @@ def claim(conn: Connection, org_id: uuid.UUID, key: str, hashed: str) -> Replay 
     # The bound is for the wait on the key only: the request's own statements, in the same
     # transaction, wait for their locks as any request does (statement_timeout), not 5 s and
     # then a LockNotAvailable that would read as "the database cannot be reached".
-    driver.execute("SET LOCAL lock_timeout TO DEFAULT")
+    if replay is None:
+        driver.execute("SET LOCAL lock_timeout TO DEFAULT")
     return replay
 
 

@@ -273,10 +273,12 @@ def deliver(
         raise NotFound(f"no trigger {trigger_ref!r}")
     digest = verify(trigger.secret, body, signature, timestamp)
     try:
-        event = json.loads(body)
+        # UTF-8 only, strictly: json.loads on bytes would also take UTF-16/32 and raw
+        # surrogates, past the escape check below.
+        event = json.loads(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise RunyardError(
-            "the body is not JSON", hint="send a JSON document; it becomes $.event"
+            "the body is not JSON in UTF-8", hint="send a UTF-8 JSON document; it becomes $.event"
         ) from exc
     # The whole event, not only what the input refers to: the same rule as the API's bodies.
     if storable.may_hold_unstorable(body):

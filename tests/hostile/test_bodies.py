@@ -225,6 +225,23 @@ def test_unstorable_text_in_a_webhook_delivery_is_422_after_its_signature(
         assert list(errors) in (["/text"], ["/other/0"]), errors
 
 
+def test_a_webhook_body_not_in_utf8_is_400_not_500(client, org, world):
+    """json.loads on bytes would take UTF-16/32 and raw (CESU) surrogates, past the escape check."""
+    trigger = client.post(
+        "/api/v1/triggers",
+        json={"name": "relay-bytes", "target": {"agent": "echo"}, "input": {"text": "$.event.t"}},
+        headers=org.headers,
+    )
+    created = trigger.get_json()
+    for raw in (
+        b'{"t": "a\xed\xa0\x80"}',
+        '{"t": "a\\u0000"}'.encode("utf-16"),
+        '{"t": "a\\ud800"}'.encode("utf-32"),
+    ):
+        delivered = client.post(created["url"], data=raw, headers=signed(created["secret"], raw))
+        assert "UTF-8" in assert_error_shape(delivered, 400)["message"], raw
+
+
 def test_unstorable_text_in_a_path_or_query_parameter_is_422_by_name(client, org, world):
     """A NUL in a path parameter reached PostgreSQL as an agent name: a 500."""
     for path in ("/api/v1/agents/a%00b", "/api/v1/agents/echo/versions/1%00"):

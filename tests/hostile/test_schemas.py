@@ -224,6 +224,35 @@ def test_keyword_names_as_property_names_or_values_are_not_keywords(
     assert ok.status_code == 202, ok.get_json()
 
 
+def test_a_percent_encoded_reference_resolves_as_validation_does(client, org):
+    """`a%2Fb` is decoded before the pointer is read (two steps), as `referencing` does."""
+    schema = {
+        "type": "object",
+        "properties": {"v": {"$ref": "#/$defs/a%2Fb"}},
+        "$defs": {"a": {"b": {"type": "string", "pattern": "^x+$"}}},
+    }
+    assert create_agent(client, org, "pct-ref", input_schema=schema).status_code == 201
+    bad = client.post(
+        "/api/v1/agents/pct-ref/executions", json={"input": {"v": "y"}}, headers=org.headers
+    )
+    assert bad.status_code == 422 and "/input/v" in bad.get_json()["errors"]
+
+
+def test_an_id_below_the_root_is_422(client, org):
+    """An inner $id changes what `#/x` means below it: the pattern checks could not follow it."""
+    schema = {
+        "type": "object",
+        "properties": {"p": {"$id": "urn:inner", "x": {"pattern": "(?=a)"}, "$ref": "#/x"}},
+        "x": {},
+    }
+    response = create_agent(client, org, "inner-id", input_schema=schema)
+    assert response.status_code == 422, response.get_json()
+    assert response.get_json()["errors"] == {
+        "/input_schema": ["$id is allowed on the root schema only"]
+    }
+    assert create_agent(client, org, "root-id", input_schema={"$id": "urn:root"}).status_code == 201
+
+
 def test_ecma_unicode_escapes_match(client, org):
     schema = {
         "type": "object",

@@ -302,6 +302,21 @@ def test_nul_characters_neither_break_logs_nor_reach_the_output(live_client, liv
     assert result["status"] == "failed" and result["error"]["type"] == "output_invalid"
 
 
+def test_an_output_with_integer_keys_is_stored_as_json_writes_it(live_client, live_org):
+    created = live_client.post(
+        "/api/v1/agents",
+        json={
+            "name": "integer-keys",
+            "runtime": {"type": "python", "entrypoint": "tests.agents:integer_keys"},
+        },
+        headers=live_org.headers,
+    )
+    assert created.status_code == 201, created.get_json()
+    result = wait_for(live_client, live_org, run(live_client, live_org, "integer-keys"))
+    assert result["status"] == "succeeded", result
+    assert result["output"] == {"counts": {"1": 5, "2": 7}}
+
+
 def test_unpaired_surrogates_in_logs_are_written_out_not_fatal(live_client, live_org):
     source = (
         "def main(input, ctx):\n"
