@@ -41,6 +41,13 @@ class Execution(Base):
             "queued_at",
             postgresql_where=text("status = 'queued' AND dispatched_at IS NULL"),
         ),
+        # Queued rows by age: the scans for messages the broker lost (app/executions/recovery.py).
+        Index(
+            "ix_executions_queued",
+            "queued_at",
+            "id",
+            postgresql_where=text("status = 'queued'"),
+        ),
         Index(
             "ix_executions_running_lease",
             "lease_until",

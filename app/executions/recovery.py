@@ -52,6 +52,8 @@ class SweepReport:
     skipped: bool = False
     # Messages a worker took but never claimed, given back to their queues (see _restore_stranded).
     restored: int = 0
+    # Queued rows whose message was nowhere in the broker, published again (_republish_vanished).
+    vanished: int = 0
     # Running leases extended instead of expired, the database being back from an outage.
     leases_extended: int = 0
 
@@ -68,8 +70,8 @@ _UNDISPATCHED = text(
 )
 
 # Every queued row up to the moment the broker's loss was noticed, walked in (queued_at, id)
-# order so a recovery cut short by the time budget goes on from where it stopped. Rare enough
-# (a broker reset) that the scan no index serves is acceptable.
+# order (ix_executions_queued) so a recovery cut short by the time budget goes on from where it
+# stopped.
 _QUEUED_SINCE_RESET = text(
     """
     SELECT id, version_id, priority, queued_at FROM executions
@@ -143,6 +145,7 @@ def sweep(budget_seconds: float | None = None) -> SweepReport:
                 if watch is not None:
                     _recover_from_broker_reset(watch, report, deadline, cfg.chain_stall_seconds)
                     _restore_stranded(report, cfg.dispatch_grace_seconds)
+                    _republish_vanished(report, cfg.dispatch_grace_seconds)
                 _republish_undispatched(report, deadline, cfg.dispatch_grace_seconds)
     except redis.RedisError:
         # Nothing can be published without the broker; the rows wait, safe, for the next sweep.
@@ -295,6 +298,71 @@ def _restore_page(channel: Any, client: redis.Redis, tags: list[bytes], cutoff: 
             channel.qos.restore_by_tag(held[execution_id], client=client)
             restored += 1
     return restored
+
+
+# Queued rows published at least a dispatch grace ago are looked for in the broker, at most
+# SWEEP_BATCH per sweep; a queue holding more messages than this is not read through.
+VANISHED_SCAN_LIMIT = 20_000
+
+_STALE_QUEUED = text(
+    """
+    SELECT id, version_id, priority FROM executions
+    WHERE status = 'queued' AND dispatched_at < now() - make_interval(secs => :grace)
+    ORDER BY queued_at, id LIMIT :batch
+    """
+)
+
+
+def _republish_vanished(report: SweepReport, grace_seconds: float) -> None:
+    """Publish again a queued row whose message is nowhere in the broker.
+
+    kombu's Redis transport takes a message in two steps: BRPOP from the queue, then HSET into
+    `unacked`. A worker killed between the two (a window of microseconds, hit once in a few
+    thousand kills) takes the message out of Redis for good, and its row stays `queued` and
+    stamped. So the rows published at least a dispatch grace ago and still queued are looked for
+    in their queues and in `unacked`; those found nowhere are published again. A duplicate (one
+    taken in that same window by a live worker) is dropped by the claim."""
+    from workers import app as celery_app
+
+    with db.hot() as conn:
+        rows = conn.execute(_STALE_QUEUED, {"grace": grace_seconds, "batch": SWEEP_BATCH}).all()
+        if not rows:
+            return
+        waiting = [Dispatch(row.id, specs.get(conn, row.version_id), row.priority) for row in rows]
+    with celery_app.connection_for_write() as connection:
+        channel = connection.default_channel
+        client = channel.client
+        present = _message_ids(client.hvals(channel.unacked_key))
+        unread: set[str] = set()
+        for queue in {item.spec.queue for item in waiting}:
+            keys = [channel._q_for_pri(queue, step) for step in channel.priority_steps]
+            if sum(client.llen(key) for key in keys) > VANISHED_SCAN_LIMIT:
+                unread.add(queue)  # a backlog this deep: its messages are read another time
+                continue
+            for key in keys:
+                present |= _message_ids(client.lrange(key, 0, -1), queued=True)
+    vanished = [
+        item
+        for item in waiting
+        if item.spec.queue not in unread and str(item.execution_id) not in present
+    ]
+    sent = publish_many(vanished)
+    report.republished += len(sent)
+    report.vanished += len(sent)
+    if sent:
+        log.warning("sweeper: %d queued executions had no message in the broker", len(sent))
+
+
+def _message_ids(raw_messages: list[bytes], *, queued: bool = False) -> set[str]:
+    """Task ids of raw kombu messages: as queued (the message), or as in `unacked` (a list
+    holding the message first)."""
+    ids = set()
+    for raw in raw_messages:
+        message = json.loads(raw)
+        headers = (message if queued else message[0]).get("headers") or {}
+        if "id" in headers:
+            ids.add(headers["id"])
+    return ids
 
 
 def _recover_from_broker_reset(

@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from app.config import current_config
 from app.db import db
-from app.executions import recovery
+from app.executions import recovery, services
 from tests.beat import BeatProcess
 
 QUEUE = f"sweeper-test-{uuid.uuid4().hex[:8]}"
@@ -240,3 +240,31 @@ def test_messages_a_dead_worker_took_but_never_claimed_go_back_to_their_queue(ag
             if json.loads(raw)[2] == QUEUE:
                 broker.hdel("unacked", raw_tag)
                 broker.zrem("unacked_index", raw_tag)
+
+
+def test_queued_rows_whose_message_vanished_are_published_again(agent_id, broker):
+    """A message taken out of Redis by a worker killed between its BRPOP and its HSET into
+    `unacked` is nowhere: its row, queued and stamped long ago, is published again; a row whose
+    message still waits is left alone."""
+    settle_marker()
+    ids = insert_queued(agent_id, 5, dispatched=True)
+    with db.hot() as conn:
+        conn.execute(
+            text(
+                "UPDATE executions SET dispatched_at = now() - interval '5 minutes' "
+                "WHERE id = ANY(:ids)"
+            ),
+            {"ids": ids},
+        )
+        spec = services.specs.get(
+            conn,
+            conn.execute(
+                text("SELECT version_id FROM executions WHERE id = :id"), {"id": ids[0]}
+            ).scalar(),
+        )
+    waiting = ids[:2]
+    services.publish_many([services.Dispatch(execution_id, spec, 5) for execution_id in waiting])
+    report = recovery.sweep()
+    assert report.vanished == 3, report
+    assert sorted(queued_messages(broker)) == sorted(ids), "each row's message once"
+    assert recovery.sweep().vanished == 0, "found in the queue now"
