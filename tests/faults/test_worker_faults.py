@@ -253,7 +253,8 @@ def test_a_thousand_executions_while_a_worker_is_killed_every_two_seconds(
         short_lease_worker(tmp_path, "steady", queue, concurrency=1),
     ):
         started = time.monotonic()
-        ids = submit(live_client, live_org, name, ledger, count=1000, seconds=0.01)
+        # 30 ms each: long enough that every kill finds executions mid-run.
+        ids = submit(live_client, live_org, name, ledger, count=1000, seconds=0.03)
         submitted_in = time.monotonic() - started
         deadline = time.monotonic() + END_BOUND_SECONDS
         while time.monotonic() < deadline:
