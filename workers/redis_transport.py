@@ -13,10 +13,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from kombu.transport import redis
+from redis import exceptions as redis_errors
 
 
 class Channel(redis.Channel):
     _shared_client = None
+
+    def _connparams(self, asynchronous=False):
+        # Closing a channel after its connection was lost (Redis restarted) restores the
+        # unacknowledged messages on a new client, and kombu builds that client's parameters
+        # from a connection it may have detached already: an AttributeError there is "an
+        # unrecoverable error" that stops the whole worker. As a connection error it is what
+        # Celery ignores while it reconnects; the messages stay in `unacked`, where the
+        # sweeper gives them back (app/executions/recovery.py:_restore_stranded).
+        if self.connection.client is None:
+            raise redis_errors.ConnectionError("the broker connection is closed")
+        return super()._connparams(asynchronous=asynchronous)
 
     @contextmanager
     def conn_or_acquire(self, client=None) -> Iterator:

@@ -84,6 +84,8 @@ def test_redis_restarted_with_its_data(stack):
     )
     assert open_at_fault > 0, "every execution had ended before the fault"
     assert report.lost == 0 and report.duplicated == 0, report
+    # The worker rode the restart out: it reconnected instead of stopping on an error.
+    assert "Unrecoverable error" not in stack.worker_log.read_text()
 
 
 def test_redis_flushed_with_executions_queued_and_dispatched(stack):
