@@ -118,25 +118,37 @@ def test_redis_flushed_with_executions_queued_and_dispatched(stack):
     assert stack.count(ids, "attempt <> 1") == 0
 
 
+def restart_postgres(stack, name: str, ids, down_seconds: float, **details):
+    """Stop the private PostgreSQL for `down_seconds`, start it again, wait for every execution
+    to end and count what the outage cost."""
+    injected = time.monotonic()
+    stack.postgres.stop()
+    time.sleep(down_seconds)
+    stack.start_postgres()
+    wait_until_ended(stack.database_url, ids, timeout=90)
+    return tally(
+        name,
+        stack.database_url,
+        ids,
+        stack.ledger,
+        time.monotonic() - injected,
+        workers_killed=False,
+        **details,
+    )
+
+
 def test_postgresql_restarted_mid_run(stack):
     wait_until_healthy(stack)
     ids = stack.submit_ledger(60, seconds=0.5)
     wait_until(lambda: stack.count(ids, "status = 'succeeded'") >= 3, timeout=20)
     running_at_fault = stack.count(ids, "status = 'running'")
     queued_at_fault = stack.count(ids, "status = 'queued'")
-    injected = time.monotonic()
-    stack.postgres.stop()
-    # Long enough for running agents to finish while the database is away.
-    time.sleep(3)
-    stack.start_postgres()
-    wait_until_ended(stack.database_url, ids, timeout=90)
-    report = tally(
+    # Down long enough for running agents to finish while the database is away.
+    report = restart_postgres(
+        stack,
         "postgresql restarted mid-run",
-        stack.database_url,
         ids,
-        stack.ledger,
-        time.monotonic() - injected,
-        workers_killed=False,
+        3,
         running_at_fault=running_at_fault,
         queued_at_fault=queued_at_fault,
     )
@@ -152,20 +164,9 @@ def test_postgresql_restarted_while_agents_log(stack):
     ids = stack.submit_ledger(12, seconds=1.5, agent=LOGGING_LEDGER, lines=lines)
     wait_until(lambda: stack.count(ids, "status = 'succeeded'") >= 1, timeout=20)
     running_at_fault = stack.count(ids, "status = 'running'")
-    injected = time.monotonic()
-    stack.postgres.stop()
     # Running agents log all through it, and some end while the database is away.
-    time.sleep(3)
-    stack.start_postgres()
-    wait_until_ended(stack.database_url, ids, timeout=90)
-    report = tally(
-        "postgresql restarted while agents log",
-        stack.database_url,
-        ids,
-        stack.ledger,
-        time.monotonic() - injected,
-        workers_killed=False,
-        running_at_fault=running_at_fault,
+    report = restart_postgres(
+        stack, "postgresql restarted while agents log", ids, 3, running_at_fault=running_at_fault
     )
     assert running_at_fault > 0, "no execution was running at the fault"
     assert report.lost == 0 and report.duplicated == 0, report
@@ -184,19 +185,12 @@ def test_postgresql_down_for_longer_than_the_lease(stack):
     ]
     assert len(ids) < WORKER_CONCURRENCY
     wait_until(lambda: stack.count(ids, "status = 'running'") == len(ids), timeout=20)
-    injected = time.monotonic()
-    stack.postgres.stop()
     # Two leases: every running lease runs out by the database's clock while no worker can renew.
-    time.sleep(2 * LEASE_SECONDS)
-    stack.start_postgres()
-    wait_until_ended(stack.database_url, ids, timeout=90)
-    report = tally(
+    report = restart_postgres(
+        stack,
         "postgresql down for longer than the lease",
-        stack.database_url,
         ids,
-        stack.ledger,
-        time.monotonic() - injected,
-        workers_killed=False,
+        2 * LEASE_SECONDS,
         lease_seconds=LEASE_SECONDS,
         outage_seconds=2 * LEASE_SECONDS,
     )
