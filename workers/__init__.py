@@ -1,12 +1,10 @@
-"""The Celery app (`celery -A workers worker|beat|flower`).
+"""The Celery app (`celery -A workers worker|beat|flower`), defined in app/broker.py: the one
+module that speaks Celery for the API too.
 
-Importing this module is cheap (the API imports it to publish); the tasks, runtimes and their
-dependencies load only in workers, through `include`.
+Importing this module is cheap (no database, no Flask); the tasks, runtimes and their
+dependencies load only in workers, through the app's `include`.
 """
 
-from celery import Celery
-
-app = Celery("runyard", include=["workers.tasks", "workers.chains"])
-app.config_from_object("celeryconfig")
+from app.broker import celery_app as app
 
 __all__ = ["app"]

@@ -2,7 +2,7 @@
 
 A claim leases its attempt for RUNYARD_LEASE_SECONDS only. One thread per pool process renews
 the leases of the attempts the process still runs, every third of the lease, with one UPDATE
-fenced by the attempt (services.renew_leases). A process that dies (SIGKILL, the OOM killer, a
+fenced by the attempt (store.renew_leases). A process that dies (SIGKILL, the OOM killer, a
 lost host) stops renewing, and the sweeper takes its execution back within the lease plus
 RUNYARD_SWEEP_INTERVAL_SECONDS, whatever the agent's timeout.
 
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from app.config import current_config
 from app.db import db
-from app.executions import services
-from app.executions.services import Claim
+from app.executions import store
+from app.executions.spec import Claim
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class LeaseKeeper:
         if not due:
             return
         with db.hot() as conn:
-            owned = services.renew_leases(conn, [held.claimed for held in due], lease)
+            owned = store.renew_leases(conn, [held.claimed for held in due], lease)
         with self._changed:
             for held in due:
                 if held.claimed.execution_id in owned:

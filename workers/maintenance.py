@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from app.chains import services as chains
+from app.chains import progress
 from app.config import current_config
 from app.executions import recovery
 from app.idempotency import services as idempotency
@@ -40,14 +40,23 @@ class Job:
     due_at: float = 0.0
 
 
+# What the sweeper's ended steps and a broker reset mean for chains: executions know none.
+CHAIN_HOOKS = recovery.ChainHooks(move_on=progress.move_on, resume_stalled=progress.resume_stalled)
+
+
+def sweep(budget_seconds: float | None = None) -> recovery.SweepReport:
+    """One sweep of the executions, with the chains of the steps it ended moved on."""
+    return recovery.sweep(budget_seconds, chains=CHAIN_HOOKS)
+
+
 def _sweep() -> None:
-    report = recovery.sweep()
+    report = sweep()
     if report.republished or report.requeued or report.lost or report.restored:
         log.warning("sweeper: %s", report)
 
 
 def _resume_chains() -> None:
-    resumed = len(chains.resume_stalled())
+    resumed = len(progress.resume_stalled())
     if resumed:
         log.warning("chains: resumed %d stalled chain executions", resumed)
 

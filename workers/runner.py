@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 import uuid
 from collections.abc import Callable
@@ -15,11 +14,14 @@ from celery.exceptions import SoftTimeLimitExceeded
 from app import jsonschemas, storable
 from app.config import current_config
 from app.db import DATABASE_ERRORS, db
-from app.executions import services
-from app.executions.services import Claim, VersionSpec, error_body
+from app.executions import store
+from app.executions.spec import Claim, VersionSpec
+from app.executions.versions import specs
+from workers import settle
 from workers.attempt import AttemptDatabase
-from workers.context import AgentLog, Context, LogBuffer
+from workers.context import AgentLog, Context
 from workers.lease import lease_keeper
+from workers.logbuffer import LogBuffer
 from workers.runtimes import Outcome, runtime_for
 from workers.watchdog import watchdog
 
@@ -42,7 +44,7 @@ SETTLE_PATIENCE_SECONDS = 600.0
 def run_execution(execution_id: uuid.UUID, worker: str) -> None:
     cfg = current_config()
     with db.hot() as conn:
-        claimed = services.claim(conn, execution_id, worker, cfg.lease_seconds)
+        claimed = store.claim(conn, execution_id, worker, cfg.lease_seconds)
         if claimed is None:
             log.info(
                 "execution %s is not queued (duplicate or cancelled message): skipped", execution_id
@@ -56,14 +58,14 @@ def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
     execution_id = claimed.execution_id
     try:
         with database.connection() as conn:
-            spec = services.specs.get(conn, claimed.version_id)
+            spec = specs.get(conn, claimed.version_id)
     except DATABASE_ERRORS:
         # The attempt is claimed: a task retry would find the row `running` and drop it.
         spec = _once_the_database_answers(
             database,
             claimed,
             "load its agent version",
-            lambda conn: services.specs.get(conn, claimed.version_id),
+            lambda conn: specs.get(conn, claimed.version_id),
         )
     buffer = LogBuffer(
         database,
@@ -133,7 +135,7 @@ class CancelCheck:
             return False
         try:
             with self._database.connection() as conn:
-                return services.cancel_requested(conn, self._execution_id)
+                return store.cancel_requested(conn, self._execution_id)
         except DATABASE_ERRORS:
             if not self._warned:
                 self._warned = True
@@ -149,10 +151,10 @@ class CancelCheck:
 def _settle(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome, buffer: LogBuffer) -> None:
     # The log lines a flush could not write go first: a finished execution has its whole log.
     buffer.write_pending(conn)
-    if not outcome.ok and services.cancel_requested(conn, claimed.execution_id):
+    if not outcome.ok and store.cancel_requested(conn, claimed.execution_id):
         # It failed after a cancel was asked (often because of it): report the cancel.
         outcome.cancelled = True
-    status = _record(conn, claimed, spec, outcome)
+    status = settle.record(conn, claimed, spec, outcome)
     if status is None:
         log.warning(
             "execution %s attempt %d: outcome fenced out: the row is no longer this attempt's "
@@ -162,8 +164,7 @@ def _settle(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome, buffer: L
             claimed.attempt,
         )
     elif claimed.chain_execution_id is not None:
-        for hook in settled_hooks:
-            hook(conn, claimed, status)
+        settle.move_chain_on(claimed, status)
 
 
 def _once_the_database_answers(
@@ -190,12 +191,6 @@ def _once_the_database_answers(
             if time.monotonic() + pause > deadline:
                 raise
         pause = min(pause * 2, MAX_SETTLE_PAUSE_SECONDS)
-
-
-# Called as hook(conn, claimed, status) once a chain step's outcome is recorded: `status` is the
-# terminal status written, or "queued" when the step was put back for a retry. workers/chains.py
-# registers the hook that moves the chain on.
-settled_hooks: list[Callable[[Any, Claim, str], None]] = []
 
 
 def _run_runtime(claimed: Claim, spec: VersionSpec, ctx: Context, buffer: LogBuffer) -> Outcome:
@@ -240,58 +235,3 @@ def _check_output(spec: VersionSpec, outcome: Outcome, max_bytes: int) -> None:
         )
         outcome.error_type = "output_invalid"
         outcome.error_message = f"the output does not match the output_schema: {details}"
-
-
-def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> str | None:
-    """Write the outcome; the status written ("queued" for a retry), None if fenced out."""
-    if outcome.ok:
-        done = services.finish(
-            conn,
-            claimed,
-            status="succeeded",
-            output=outcome.output,
-            error=None,
-            usage=outcome.usage,
-        )
-        return "succeeded" if done else None
-    error = error_body(outcome.error_type, outcome.error_message, outcome.hint)
-    if outcome.cancelled:
-        done = services.finish(
-            conn,
-            claimed,
-            status="cancelled",
-            output=None,
-            error=error_body("cancelled", outcome.error_message),
-            usage=outcome.usage,
-        )
-        return "cancelled" if done else None
-    status = "timed_out" if outcome.error_type == "timeout" else "failed"
-    if _should_retry(spec, claimed, outcome) and services.requeue_for_retry(
-        conn, claimed, attempt_status=status, error=error, usage=outcome.usage
-    ):
-        delay = backoff_seconds(spec.retry, claimed.attempt)
-        services.publish(claimed.execution_id, spec, claimed.priority, countdown=delay)
-        return "queued"
-    done = services.finish(
-        conn, claimed, status=status, output=None, error=error, usage=outcome.usage
-    )
-    return status if done else None
-
-
-def _should_retry(spec: VersionSpec, claimed: Claim, outcome: Outcome) -> bool:
-    # A bad input or output, or a failure the runtime calls final, fails the same way every time.
-    if outcome.error_type in ("input_invalid", "output_invalid") or not outcome.retryable:
-        return False
-    return (
-        outcome.error_type in spec.retry.get("retry_on", ()) and claimed.attempt < spec.max_attempts
-    )
-
-
-def backoff_seconds(policy: dict[str, Any], attempt: int) -> float:
-    """Exponential backoff from the agent's retry policy, with 'equal jitter' when asked."""
-    base = float(policy.get("backoff_seconds", 1))
-    ceiling = float(policy.get("backoff_max_seconds", 300))
-    delay = min(ceiling, base * 2 ** (attempt - 1))
-    if policy.get("jitter", True):
-        delay = delay / 2 + random.uniform(0, delay / 2)
-    return delay

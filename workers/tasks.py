@@ -7,9 +7,9 @@ import uuid
 from celery import Task
 from celery.signals import worker_process_init
 
+from app.broker import RUN_TASK
 from app.config import current_config
 from app.db import db
-from app.executions import services
 from workers import app
 from workers.runner import DATABASE_ERRORS
 from workers.runner import run_execution as run
@@ -33,7 +33,7 @@ def _fresh_engine_after_fork(**_kwargs) -> None:
 
 
 @app.task(
-    name=services.RUN_TASK,
+    name=RUN_TASK,
     base=DatabaseTask,
     bind=True,
     # The database was unreachable (or a pooled connection had died): try again shortly. The

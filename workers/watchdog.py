@@ -30,8 +30,9 @@ from resource import RUSAGE_SELF
 
 from app.config import current_config
 from app.db import db
-from app.executions import services
-from app.executions.services import HARD_LIMIT_GRACE_SECONDS, Claim, VersionSpec, error_body
+from app.executions import store
+from app.executions.spec import HARD_LIMIT_GRACE_SECONDS, Claim, VersionSpec, error_body
+from workers import settle
 from workers.context import Context
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class Watchdog:
         if watch.cancel_seen_at is None and now >= watch.next_check:
             watch.next_check = now + CANCEL_CHECK_SECONDS
             with db.hot() as conn:
-                if services.cancel_requested(conn, watch.claimed.execution_id):
+                if store.cancel_requested(conn, watch.claimed.execution_id):
                     watch.cancel_seen_at = now
                     watch.ctx.mark_cancelled()
         grace = current_config().python_cancel_grace_seconds
@@ -151,11 +152,9 @@ class Watchdog:
                 ),
             )
         with db.hot() as conn:
-            recorded = services.finish(
-                conn, watch.claimed, status=status, output=None, error=error, usage=watch.usage()
-            )
-            if recorded and watch.claimed.chain_execution_id is not None:
-                _move_chain_on(conn, watch, status)
+            recorded = settle.ended(conn, watch.claimed, status, error, watch.usage())
+        if recorded and watch.claimed.chain_execution_id is not None:
+            _move_chain_on(watch, status)
         if not recorded:
             # The sweeper took the attempt back meanwhile: the row is not ours to end, and
             # the process is left alone.
@@ -165,14 +164,11 @@ class Watchdog:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _move_chain_on(conn, watch: Watch, status: str) -> None:
+def _move_chain_on(watch: Watch, status: str) -> None:
     """The chain moves on now rather than at its next resume check; if that fails, the resume
     check still will, and the kill that follows must happen regardless."""
-    from workers.runner import settled_hooks
-
     try:
-        for hook in settled_hooks:
-            hook(conn, watch.claimed, status)
+        settle.move_chain_on(watch.claimed, status)
     except Exception:
         log.warning(
             "watchdog: moving chain %s on failed", watch.claimed.chain_execution_id, exc_info=1

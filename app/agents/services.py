@@ -16,8 +16,8 @@ from app.config import Config, current_config
 from app.db import page, utcnow
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.orgs.services import Principal
+from app.versioning import FIRST_VERSION, add_version, next_version
 
-FIRST_VERSION = "1.0.0"
 DEFAULT_SCHEMA: dict[str, Any] = {"type": "object"}
 DEFAULT_RETRY: dict[str, Any] = {
     "max_retries": 0,
@@ -38,11 +38,6 @@ VERSIONED_FIELDS = (
     "capabilities",
     "config",
 )
-
-
-def parse_semver(version: str) -> tuple[int, int, int]:
-    major, minor, patch = (int(part) for part in version.split("."))
-    return major, minor, patch
 
 
 def _check_definition(document: dict[str, Any]) -> None:
@@ -243,34 +238,8 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> Agen
 def _add_version(
     session: Session, agent: Agent, definition: dict[str, Any], version: str
 ) -> AgentVersion:
-    major, minor, patch = parse_semver(version)
-    row = AgentVersion(
-        agent_id=agent.id,
-        org_id=agent.org_id,
-        version=version,
-        major=major,
-        minor=minor,
-        patch=patch,
-        **definition,
-    )
-    session.add(row)
-    session.flush()
-    agent.current_version_id = row.id
-    agent.current_version = version
     agent.capabilities = definition["capabilities"]
-    agent.updated_at = utcnow()
-    session.flush()
-    return row
-
-
-def _latest_semver(session: Session, agent: Agent) -> tuple[int, int, int]:
-    row = session.execute(
-        select(AgentVersion.major, AgentVersion.minor, AgentVersion.patch)
-        .where(AgentVersion.agent_id == agent.id)
-        .order_by(AgentVersion.major.desc(), AgentVersion.minor.desc(), AgentVersion.patch.desc())
-        .limit(1)
-    ).one()
-    return tuple(row)
+    return add_version(session, AgentVersion.agent_id, agent, definition, version)
 
 
 def update(session: Session, principal: Principal, ref: str, data: dict[str, Any]) -> Agent:
@@ -308,17 +277,7 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
             )
         session.flush()
         return agent
-    latest = _latest_semver(session, agent)
-    if "version" in data:
-        wanted = parse_semver(data["version"])
-        if wanted <= latest:
-            raise ValidationFailed(
-                f"version {data['version']} is not above the latest, {'.'.join(map(str, latest))}",
-                errors={"/version": ["must be greater than every existing version"]},
-            )
-        version = data["version"]
-    else:
-        version = f"{latest[0]}.{latest[1]}.{latest[2] + 1}"
+    version = next_version(session, AgentVersion.agent_id, agent, data.get("version"))
     _add_version(session, agent, {**definition, **changed}, version)
     return agent
 

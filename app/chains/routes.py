@@ -1,6 +1,6 @@
 from flask.views import MethodView
 
-from app.chains import services
+from app.chains import launch, progress, services
 from app.chains.schemas import (
     ChainCreateSchema,
     ChainExecutionQuerySchema,
@@ -113,7 +113,7 @@ class ChainSubmit(MethodView):
     def post(self, data, ref):
         """Run a chain: the chain execution is stored and its canvas published"""
         session = request_session()
-        execution = services.submit(
+        execution = launch.submit(
             session,
             current_principal(),
             ref,
@@ -166,5 +166,5 @@ class ChainCancel(MethodView):
         """Cancel: running steps are stopped, steps not started are skipped"""
         session = request_session()
         return services.present(
-            session, services.cancel(session, current_principal(), execution_id)
+            session, progress.cancel(session, current_principal(), execution_id)
         )

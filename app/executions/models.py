@@ -17,12 +17,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base
-
-STATUSES = ("queued", "running", "succeeded", "failed", "timed_out", "cancelled")
-TERMINAL_STATUSES = ("succeeded", "failed", "timed_out", "cancelled")
-
-LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
-LEVEL_NAMES = {number: name for name, number in LEVELS.items()}
+from app.executions.spec import STATUSES
 
 
 class Execution(Base):

@@ -1,5 +1,6 @@
 from flask.views import MethodView
 
+from app.chains import progress
 from app.executions import services
 from app.executions.schemas import (
     AttemptSchema,
@@ -69,9 +70,14 @@ class Cancel(MethodView):
     @blp.alt_response(409, description="the execution has finished")
     def post(self, execution_id):
         """Cancel: a queued execution never starts, a running one is asked to stop"""
-        return services.present(
-            services.cancel(request_session(), current_principal(), execution_id)
+        cancelled = services.cancel(
+            request_session(),
+            current_principal(),
+            execution_id,
+            # A queued chain step ended here: its chain moves on from here too.
+            move_chains_on=progress.move_on,
         )
+        return services.present(cancelled)
 
 
 @blp.route("/executions/<execution_id>/attempts")

@@ -2,7 +2,7 @@ import datetime as dt
 
 from marshmallow import Schema, fields, validate
 
-from app.executions.models import LEVELS, STATUSES
+from app.executions.spec import LEVELS, STATUSES
 
 
 class SubmitSchema(Schema):

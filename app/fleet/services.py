@@ -18,13 +18,12 @@ import datetime as dt
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from app import broker
 from app.db import utcnow
 from app.errors import Unavailable
-from app.executions.services import RUN_TASK
 from app.orgs.services import Principal
 
 INSPECT_TIMEOUT_SECONDS = 1.0
@@ -48,8 +47,6 @@ Fetch = Callable[[], tuple[Replies, dict[str, dt.datetime]]]
 
 def ask_workers(timeout: float = INSPECT_TIMEOUT_SECONDS) -> tuple[Replies, dict[str, dt.datetime]]:
     """Broadcast the three inspect questions in parallel and collect the replies."""
-    from workers import app as celery_app
-
     answered_at: dict[str, dt.datetime] = {}
 
     def note(reply: dict[str, Any]) -> None:
@@ -57,13 +54,7 @@ def ask_workers(timeout: float = INSPECT_TIMEOUT_SECONDS) -> tuple[Replies, dict
             answered_at[name] = utcnow()
 
     try:
-        # One quick try first: a broadcast to a broker that is down retries for seconds.
-        with celery_app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=0, timeout=timeout)
-        inspector = celery_app.control.inspect(timeout=timeout, callback=note)
-        with ThreadPoolExecutor(len(QUESTIONS), thread_name_prefix="inspect") as pool:
-            futures = {q: pool.submit(getattr(inspector, q)) for q in QUESTIONS}
-        replies = {question: future.result() or {} for question, future in futures.items()}
+        replies = broker.inspect_workers(QUESTIONS, timeout, note)
     except Exception as exc:  # kombu raises the transport's own connection errors
         raise Unavailable(
             "the broker cannot be reached to ask the workers",
@@ -86,7 +77,9 @@ def workers_from(replies: Replies, answered_at: dict[str, dt.datetime]) -> list[
                 queues=sorted(queue["name"] for queue in queues if isinstance(queue, dict)),
                 concurrency=concurrency if isinstance(concurrency, int) else None,
                 active_executions=sum(
-                    1 for task in active if isinstance(task, dict) and task.get("name") == RUN_TASK
+                    1
+                    for task in active
+                    if isinstance(task, dict) and task.get("name") == broker.RUN_TASK
                 ),
                 last_heartbeat=answered_at.get(name) or utcnow(),
             )

@@ -24,6 +24,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import Connection
 
 from app.db import db
+from app.db import driver as driver_of
 from app.errors import Conflict, ValidationFailed
 
 HEADER = "Idempotency-Key"
@@ -99,15 +100,11 @@ def request_hash(method: str, path: str, body: bytes) -> str:
     return digest.hexdigest()
 
 
-def _driver(conn: Connection) -> psycopg.Connection:
-    return conn.connection.driver_connection
-
-
 def claim(conn: Connection, org_id: uuid.UUID, key: str, hashed: str) -> Replay | None:
     """Take the key for this request (None: carry it out), or the first request's answer.
 
     Runs first in the request's transaction; the row it writes is locked until that ends."""
-    driver = _driver(conn)
+    driver = driver_of(conn)
     driver.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
     try:
         replay = _claim(driver, {"org_id": org_id, "key": key, "hash": hashed})
@@ -154,7 +151,7 @@ def _in_progress() -> Conflict:
 
 def record(conn: Connection, org_id: uuid.UUID, key: str, status: int, body: Any) -> None:
     """Store the answer in the claimed row, in the request's transaction."""
-    _driver(conn).execute(
+    driver_of(conn).execute(
         _RECORD_SQL,
         {"org_id": org_id, "key": key, "status": status, "body": Jsonb(body)},
     )
@@ -165,7 +162,7 @@ def prune(batch_size: int = PRUNE_BATCH) -> int:
     deleted = 0
     while True:
         with db.hot() as conn:
-            count = _driver(conn).execute(_PRUNE_SQL, {"limit": batch_size}).rowcount
+            count = driver_of(conn).execute(_PRUNE_SQL, {"limit": batch_size}).rowcount
         deleted += count
         if count < batch_size:
             return deleted

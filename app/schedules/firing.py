@@ -41,12 +41,15 @@ from typing import Any
 from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
-from app.chains import services as chains
+from app import runs
+from app.chains import progress
 from app.db import db, utcnow
+from app.db import driver as db_driver
 from app.errors import RunyardError
 from app.executions import services as executions
-from app.executions.models import TERMINAL_STATUSES
-from app.schedules import cron, targets
+from app.executions.spec import TERMINAL_STATUSES
+from app.executions.versions import specs
+from app.schedules import cron
 
 MISFIRE_GRACE = dt.timedelta(seconds=5)
 # A schedule that missed more fire times than this (a per-second cron after a long outage)
@@ -99,7 +102,7 @@ class _Batch:
     """What one transaction writes: built in Python, then written set-based."""
 
     fires: list[dict[str, Any]] = field(default_factory=list)
-    launches: dict[uuid.UUID, targets.Launch | targets.ChainLaunch] = field(default_factory=dict)
+    launches: dict[uuid.UUID, runs.Launch | runs.ChainLaunch] = field(default_factory=dict)
     # new run id -> (org, the unfinished run it replaces, whether that one is a chain run)
     cancels: dict[uuid.UUID, tuple[uuid.UUID, uuid.UUID, bool]] = field(default_factory=dict)
     updates: list[dict[str, Any]] = field(default_factory=list)
@@ -235,7 +238,7 @@ class _Planner:
         input now."""
         if row.chain_id is not None:
             try:
-                self.batch.launches[run_id] = targets.chain_launch(
+                self.batch.launches[run_id] = runs.chain_launch(
                     self.conn, row.org_id, row.chain_id, row.target_version, row.input, run_id
                 )
             except RunyardError as exc:
@@ -243,8 +246,8 @@ class _Planner:
             return None
         reason = self.refusal(row)
         if reason is None:
-            spec = executions.specs.get(self.conn, row.run_version_id)
-            self.batch.launches[run_id] = targets.Launch(run_id, row.org_id, spec, row.input)
+            spec = specs.get(self.conn, row.run_version_id)
+            self.batch.launches[run_id] = runs.Launch(run_id, row.org_id, spec, row.input)
         return reason
 
     def refusal(self, row: Any) -> str | None:
@@ -253,8 +256,8 @@ class _Planner:
             return "the agent is archived"
         key = (row.id, row.run_version_id)
         if key not in self._validity:
-            spec = executions.specs.get(self.conn, row.run_version_id)
-            errors = targets.input_errors(spec, row.input)
+            spec = specs.get(self.conn, row.run_version_id)
+            errors = runs.input_errors(spec, row.input)
             self._validity[key] = (
                 f"the input no longer matches the agent's input_schema ({errors})"
                 if errors
@@ -409,11 +412,11 @@ class _Planner:
         return newest
 
 
-def _write(conn: Connection, planner: _Planner) -> targets.Launched:
+def _write(conn: Connection, planner: _Planner) -> runs.Launched:
     batch = planner.batch
     if not batch.fires and not batch.updates:
-        return targets.Launched()
-    driver = conn.connection.driver_connection
+        return runs.Launched()
+    driver = db_driver(conn)
     inserted = {
         row[0]
         for row in driver.execute(
@@ -423,14 +426,14 @@ def _write(conn: Connection, planner: _Planner) -> targets.Launched:
         if row[0] is not None
     }
     # A fire time another beat recorded first inserts nothing here: its execution is not made.
-    launched = targets.launch(
+    launched = runs.launch(
         conn, [launch for eid, launch in batch.launches.items() if eid in inserted]
     )
     for new_id, (org_id, previous, is_chain) in batch.cancels.items():
         if new_id in inserted:
             message = f"cancelled by schedule overlap policy cancel_other: {new_id} replaces it"
             if is_chain:
-                chains.request_cancel(conn, org_id, previous, message)
+                progress.request_cancel(conn, org_id, previous, message)
             else:
                 executions.request_cancel(conn, org_id, [previous], message)
     updates = batch.updates
@@ -451,7 +454,7 @@ def _write_and_publish(session: Session, planner: _Planner) -> tuple[_Batch, lis
         session.commit()
     finally:
         session.close()  # rolls back what was not committed
-    return planner.batch, targets.publish_unstamped(launched)
+    return planner.batch, runs.publish_unstamped(launched)
 
 
 def fire_due(now: dt.datetime, fired_by: str, report: TickReport) -> None:
@@ -503,7 +506,7 @@ def fire_due(now: dt.datetime, fired_by: str, report: TickReport) -> None:
             # Once for the whole tick: each batch's publishing need not wait on the previous
             # one's stamps. Until stamped, a row is only at risk of a second, harmless message
             # from the sweeper (a duplicate finds nothing to claim).
-            targets.stamp(published)
+            runs.stamp(published)
             if failure is not None:
                 raise failure
 
@@ -570,9 +573,9 @@ def release_buffered(fired_by: str, report: TickReport) -> None:
                 {"id": row.id, "execution_id": execution_id, "failures": 1 if reason else 0},
             )
             report.released += 1
-        launched = targets.launch(conn, list(planner.batch.launches.values()))
+        launched = runs.launch(conn, list(planner.batch.launches.values()))
         conn.execute(_PAUSE_FAILING, {"ids": [row.id for row in rows]})
-    targets.publish(launched)
+    runs.publish(launched)
 
 
 _SETTLE = text(

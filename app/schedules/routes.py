@@ -1,8 +1,8 @@
 from flask.views import MethodView
 
-from app.db import db
+from app import runs
 from app.http import Blueprint, current_principal, request_session
-from app.schedules import services, targets
+from app.schedules import services
 from app.schedules.schemas import (
     FireSchema,
     ScheduleCreateSchema,
@@ -108,7 +108,7 @@ class Trigger(MethodView):
         session = request_session()
         entry, launched = services.trigger_now(session, current_principal(), ref)
         session.commit()
-        db.after_commit(targets.publish, launched)
+        runs.publish_after_commit(launched)
         return entry
 
 

@@ -11,10 +11,11 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import runs
 from app.db import page, utcnow
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.orgs.services import Principal
-from app.schedules import cron, targets
+from app.schedules import cron
 from app.schedules.models import Schedule, ScheduleFire
 
 EDITABLE = (
@@ -64,8 +65,8 @@ def _target_of(schedule: Schedule) -> dict[str, Any]:
 
 def _apply_target(session: Session, schedule: Schedule, target: dict, payload: dict) -> None:
     conn = session.connection()
-    resolved = targets.resolve(conn, schedule.org_id, target)
-    targets.check_input(conn, resolved, payload)
+    resolved = runs.resolve(conn, schedule.org_id, target)
+    runs.check_input(conn, resolved, payload)
     schedule.target_kind = resolved.kind
     schedule.target_name = resolved.name
     schedule.target_version = resolved.version
@@ -245,7 +246,7 @@ def history(
     return [dict(row) for row in rows], total or 0
 
 
-def trigger_now(session: Session, principal: Principal, ref: str) -> tuple[dict, targets.Launched]:
+def trigger_now(session: Session, principal: Principal, ref: str) -> tuple[dict, runs.Launched]:
     """Fire once, now, whatever the cron, the overlap policy or a pause say. The caller commits,
     then publishes what this returns."""
     principal.require("executions:submit")
@@ -253,7 +254,7 @@ def trigger_now(session: Session, principal: Principal, ref: str) -> tuple[dict,
     conn = session.connection()
     run_id = uuid.uuid4()
     if schedule.chain_id is not None:
-        launch: targets.Launch | targets.ChainLaunch = targets.chain_launch(
+        launch: runs.Launch | runs.ChainLaunch = runs.chain_launch(
             conn,
             schedule.org_id,
             schedule.chain_id,
@@ -262,8 +263,8 @@ def trigger_now(session: Session, principal: Principal, ref: str) -> tuple[dict,
             run_id,
         )
     else:
-        spec = targets.spec_for(conn, schedule.agent_id, schedule.version_id)
-        errors = targets.input_errors(spec, schedule.input)
+        spec = runs.spec_for(conn, schedule.agent_id, schedule.version_id)
+        errors = runs.input_errors(spec, schedule.input)
         if errors:
             raise ValidationFailed(
                 "the schedule's input no longer matches the agent's input_schema",
@@ -271,9 +272,9 @@ def trigger_now(session: Session, principal: Principal, ref: str) -> tuple[dict,
                 hint=f"PATCH the schedule's input; GET /api/v1/agents/{spec.agent_name} shows "
                 "the input_schema",
             )
-        launch = targets.Launch(run_id, schedule.org_id, spec, schedule.input)
-    launched = targets.launch(conn, [launch])
-    chain = isinstance(launch, targets.ChainLaunch)
+        launch = runs.Launch(run_id, schedule.org_id, spec, schedule.input)
+    launched = runs.launch(conn, [launch])
+    chain = isinstance(launch, runs.ChainLaunch)
     now = utcnow()
     fire = ScheduleFire(
         schedule_id=schedule.id,

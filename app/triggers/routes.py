@@ -1,8 +1,8 @@
 from flask import request
 from flask.views import MethodView
 
+from app import runs
 from app.http import Blueprint, current_principal, request_session
-from app.schedules import targets
 from app.triggers import services
 from app.triggers.schemas import DeliverySchema, TriggerCreateSchema, TriggerSchema
 
@@ -101,5 +101,5 @@ class Hook(MethodView):
             request.headers.get(services.TIMESTAMP_HEADER),
         )
         session.commit()
-        targets.publish(launched)
+        runs.publish_after_commit(launched)
         return body

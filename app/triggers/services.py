@@ -32,7 +32,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import storable
+from app import runs, storable
 from app.db import page, utcnow
 from app.errors import (
     Conflict,
@@ -43,7 +43,6 @@ from app.errors import (
     json_pointer,
 )
 from app.orgs.services import Principal
-from app.schedules import targets
 from app.triggers.models import Trigger
 
 SIGNATURE_HEADER = "X-Runyard-Signature"
@@ -146,9 +145,9 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> tupl
     """The trigger and its secret, returned once."""
     principal.require("agents:write")
     conn = session.connection()
-    target = targets.resolve(conn, principal.org_id, data["target"])
+    target = runs.resolve(conn, principal.org_id, data["target"])
     if not check_template(data["input"]):
-        targets.check_input(conn, target, data["input"])
+        runs.check_input(conn, target, data["input"])
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
     trigger = Trigger(
         org_id=principal.org_id,
@@ -263,7 +262,7 @@ _FORGET_OLD = text(
 
 def deliver(
     session: Session, trigger_ref: str, body: bytes, signature: str | None, timestamp: str | None
-) -> tuple[dict[str, Any], targets.Launched]:
+) -> tuple[dict[str, Any], runs.Launched]:
     """Check and run one delivery; the caller commits, then publishes what this returns."""
     try:
         trigger = session.get(Trigger, uuid.UUID(trigger_ref))
@@ -287,19 +286,19 @@ def deliver(
     conn = session.connection()
     run_id = uuid.uuid4()
     if trigger.chain_id is not None:
-        launch: targets.Launch | targets.ChainLaunch = targets.chain_launch(
+        launch: runs.Launch | runs.ChainLaunch = runs.chain_launch(
             conn, trigger.org_id, trigger.chain_id, trigger.target_version, payload, run_id
         )
     else:
-        spec = targets.spec_for(conn, trigger.agent_id, trigger.version_id)
-        errors = targets.input_errors(spec, payload)
+        spec = runs.spec_for(conn, trigger.agent_id, trigger.version_id)
+        errors = runs.input_errors(spec, payload)
         if errors:
             raise ValidationFailed(
                 "the rendered input does not match the agent's input_schema",
                 errors=errors,
                 hint=f"GET /api/v1/agents/{spec.agent_name} shows the input_schema",
             )
-        launch = targets.Launch(run_id, trigger.org_id, spec, payload)
+        launch = runs.Launch(run_id, trigger.org_id, spec, payload)
     conn.execute(_FORGET_OLD, {"trigger_id": trigger.id, "before": utcnow() - REPLAY_MEMORY})
     remembered = conn.execute(
         _REMEMBER,
@@ -310,6 +309,6 @@ def deliver(
             "this request was delivered before (replay)",
             hint="each delivery needs a body of its own, e.g. with an event id",
         )
-    launched = targets.launch(conn, [launch])
+    launched = runs.launch(conn, [launch])
     run = "chain_execution_id" if trigger.chain_id is not None else "execution_id"
     return {run: run_id, "trigger_id": trigger.id}, launched

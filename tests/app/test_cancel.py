@@ -11,7 +11,8 @@ import uuid
 from sqlalchemy import text
 
 from app.db import db
-from app.executions import services
+from app.executions import store
+from app.executions.spec import Claim
 from tests.conftest import an_execution_update_waits_on_a_row_lock, wait_until
 
 PARKED = {
@@ -33,9 +34,9 @@ def _queued(client, org) -> str:
     return submitted.get_json()["id"]
 
 
-def _claim(execution_id: str) -> services.Claim:
+def _claim(execution_id: str) -> Claim:
     with db.hot() as conn:
-        claimed = services.claim(conn, uuid.UUID(execution_id), "test-worker", 60)
+        claimed = store.claim(conn, uuid.UUID(execution_id), "test-worker", 60)
     assert claimed is not None
     return claimed
 
@@ -70,7 +71,7 @@ def test_cancel_ends_a_queued_execution_at_once(app, live_org):
     assert row["finished_at"] is not None and row["cancel_requested_at"] is not None
     assert row["lease_until"] is None
     with db.hot() as conn:
-        assert services.claim(conn, uuid.UUID(execution_id), "test-worker", 60) is None
+        assert store.claim(conn, uuid.UUID(execution_id), "test-worker", 60) is None
     again = _cancel(client, live_org, execution_id)
     assert again.status_code == 409 and again.get_json()["hint"], again.get_json()
 
@@ -91,10 +92,10 @@ def test_cancel_asks_a_running_execution_to_stop_and_leaves_its_end_to_the_worke
     assert _row(execution_id)["cancel_requested_at"] == asked_at
     # The worker records the end; the retry it might have made is refused after a cancel.
     with db.hot() as conn:
-        assert not services.requeue_for_retry(
+        assert not store.requeue_for_retry(
             conn, claimed, attempt_status="failed", error=RETRY_ERROR, usage={}
         )
-        assert services.finish(
+        assert store.finish(
             conn, claimed, status="cancelled", output=None, error=RETRY_ERROR, usage={}
         )
     assert _cancel(client, live_org, execution_id).status_code == 409
@@ -111,7 +112,7 @@ def test_cancel_catches_a_running_execution_that_a_retry_puts_back_in_the_queue(
     answers = []
     with db.engine.connect() as retry_conn:
         retry = retry_conn.begin()
-        assert services.requeue_for_retry(
+        assert store.requeue_for_retry(
             retry_conn, claimed, attempt_status="failed", error=RETRY_ERROR, usage={}
         )
         canceller = threading.Thread(
@@ -130,7 +131,7 @@ def test_cancel_catches_a_running_execution_that_a_retry_puts_back_in_the_queue(
     row = _row(execution_id)
     assert row["status"] == "cancelled" and row["finished_at"] is not None
     with db.hot() as conn:
-        assert services.claim(conn, uuid.UUID(execution_id), "test-worker", 60) is None
+        assert store.claim(conn, uuid.UUID(execution_id), "test-worker", 60) is None
     # Attempt 1 is listed as the retry recorded it.
     attempts = client.get(f"/api/v1/executions/{execution_id}/attempts", headers=live_org.headers)
     assert [(a["attempt"], a["status"]) for a in attempts.get_json()] == [(1, "failed")]

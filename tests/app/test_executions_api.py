@@ -148,9 +148,9 @@ def test_cancel_a_queued_execution(client, org, connection):
     again = client.post(f"/api/v1/executions/{execution['id']}/cancel", headers=org.headers)
     assert again.status_code == 409
     # The claim a worker would make finds nothing to take: the execution never starts.
-    from app.executions import services
+    from app.executions import store
 
-    assert services.claim(connection, uuid.UUID(execution["id"]), "w", 60) is None
+    assert store.claim(connection, uuid.UUID(execution["id"]), "w", 60) is None
 
 
 def test_logs_filters(client, org, connection):

@@ -19,7 +19,6 @@ import uuid
 import pytest
 import redis
 
-from app.executions.recovery import sweep
 from tests.faults.harness import (
     LEDGER_AGENT,
     install_audit,
@@ -37,6 +36,7 @@ from tests.faults.workers_fixtures import (
     sweeping_beat,
     wait_until_running,
 )
+from workers.maintenance import sweep
 
 pytestmark = pytest.mark.worker
 

@@ -8,9 +8,9 @@ import pytest
 from sqlalchemy import text
 
 from app.db import db
-from app.executions.models import LEVELS
+from app.executions.spec import LEVELS
 from workers.attempt import FIRST_PAUSE_SECONDS, AttemptDatabase
-from workers.context import LogBuffer
+from workers.logbuffer import LogBuffer
 from workers.runner import CancelCheck
 
 pytestmark = pytest.mark.worker

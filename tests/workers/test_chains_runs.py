@@ -14,10 +14,10 @@ import pytest
 import redis
 from sqlalchemy import text
 
-from app.chains import services as chains
+from app.chains import launch, progress
 from app.db import db
-from app.executions import recovery
 from tests.conftest import REDIS_CLAIM_KEY, ROOT, RUN_ID, wait_until
+from workers import maintenance
 
 pytestmark = pytest.mark.worker
 
@@ -487,7 +487,7 @@ def test_a_chain_finishes_after_the_broker_lost_its_next_message(live_client, li
         body = read(live_client, live_org, ce)
         assert body["status"] == "running"
         assert [s["status"] for s in body["steps"]] == ["succeeded", "pending", "pending"]
-        assert uuid.UUID(ce) in chains.resume_stalled(grace_seconds=0.2)
+        assert uuid.UUID(ce) in progress.resume_stalled(grace_seconds=0.2)
         body = wait_chain(live_client, live_org, ce)
     assert body["status"] == "succeeded" and body["output"] == {"value": 4}
     rows = step_rows(ce)
@@ -496,7 +496,7 @@ def test_a_chain_finishes_after_the_broker_lost_its_next_message(live_client, li
         (1, "succeeded", 1),
         (2, "succeeded", 1),
     ], "each step ran once"
-    assert uuid.UUID(ce) not in chains.resume_stalled(grace_seconds=0), "nothing left to resume"
+    assert uuid.UUID(ce) not in progress.resume_stalled(grace_seconds=0), "nothing left to resume"
 
 
 def _version_of(chain_execution_id):
@@ -537,7 +537,7 @@ def test_under_stop_a_late_message_never_runs_the_step_after_a_failure(live_clie
             ),
             {"id": ce},
         )
-        assert chains.publish_from(conn, uuid.UUID(ce), _version_of(ce), 2)
+        assert launch.publish_from(conn, uuid.UUID(ce), _version_of(ce), 2)
     body = wait_chain(live_client, live_org, ce)
     assert body["status"] == "failed" and "'bad'" in body["error"]["message"]
     assert steps_of(body)[("step", "never")]["status"] == "skipped"
@@ -564,7 +564,7 @@ def test_the_sweep_that_notices_a_broker_data_loss_resumes_chains_at_once(
     url = os.environ["REDIS_URL"]
     assert not url.endswith("/0"), "this test flushes the run's own Redis database, never 0"
     broker = redis.Redis.from_url(url)
-    recovery.sweep()  # the marker is set: the loss below is the one to notice
+    maintenance.sweep()  # the marker is set: the loss below is the one to notice
     ce = run(live_client, live_org, {"value": 1})
     wait_until(lambda: any(broker.scan_iter(f"{held}*")), timeout=15)
     bindings = _bindings(broker)
@@ -573,7 +573,7 @@ def test_the_sweep_that_notices_a_broker_data_loss_resumes_chains_at_once(
     for key, members in bindings.items():
         broker.sadd(key, *members)
     with worker_on(held, tmp_path / "held-worker.log"):
-        report = recovery.sweep()
+        report = maintenance.sweep()
         assert report.broker_reset and report.chains_resumed >= 1, report
         body = wait_chain(live_client, live_org, ce, timeout=20)
     assert body["status"] == "succeeded" and body["output"] == {"value": 3}
@@ -597,13 +597,13 @@ def test_the_resume_check_leaves_a_chain_it_just_resumed_alone(live_client, live
     wait_until(lambda: len(step_rows(ce)) == 1 and step_rows(ce)[0].status == "succeeded", 15)
     time.sleep(0.3)
     try:
-        assert ce in chains.resume_stalled(grace_seconds=0.2)
+        assert ce in progress.resume_stalled(grace_seconds=0.2)
         # Within the grace period the same chain is not published again ...
-        assert ce not in chains.resume_stalled(grace_seconds=0.2)
-        assert ce not in chains.resume_stalled(grace_seconds=0.2, batch=1)
+        assert ce not in progress.resume_stalled(grace_seconds=0.2)
+        assert ce not in progress.resume_stalled(grace_seconds=0.2, batch=1)
         time.sleep(0.3)
         # ... after it, it is (still nothing under way).
-        assert ce in chains.resume_stalled(grace_seconds=0.2)
+        assert ce in progress.resume_stalled(grace_seconds=0.2)
     finally:
         live_client.post(f"/api/v1/chain-executions/{ce}/cancel", headers=live_org.headers)
 
@@ -664,7 +664,7 @@ def test_the_sweeper_moves_the_chain_of_a_lost_step_on(live_client, live_org):
             ),
             {"id": ce},
         )
-    recovery.sweep()
+    maintenance.sweep()
     body = read(live_client, live_org, ce)
     assert body["status"] == "failed", body
     assert steps_of(body)[("step", "wait")]["status"] == "failed"

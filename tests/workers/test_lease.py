@@ -9,7 +9,7 @@ import uuid
 import pytest
 from sqlalchemy import text
 
-from app.executions import services
+from app.executions import store
 from tests.conftest import wait_until
 from tests.faults.harness import LEDGER_AGENT, wait_until_ended
 from tests.faults.workers_fixtures import (
@@ -64,26 +64,24 @@ def lease_of(connection, execution_id):
 def test_renewal_is_fenced_by_the_attempt(client, org, connection):
     define(client, org, "renewed", "default", runtime=RUNTIMES["python"])
     execution_id = submit(client, org, "renewed", {})
-    first = services.claim(connection, execution_id, "worker-a", 30)
+    first = store.claim(connection, execution_id, "worker-a", 30)
     claimed_lease = lease_of(connection, execution_id)
     # now() is fixed inside the test's transaction: a longer lease shows the renewal.
-    assert services.renew_leases(connection, [first], 300) == {execution_id}
+    assert store.renew_leases(connection, [first], 300) == {execution_id}
     assert (lease_of(connection, execution_id) - claimed_lease).total_seconds() == 270
     # The sweeper took attempt 1 back and another worker claimed attempt 2.
     connection.execute(
         text("UPDATE executions SET status = 'queued' WHERE id = :id"), {"id": execution_id}
     )
-    second = services.claim(connection, execution_id, "worker-b", 30)
+    second = store.claim(connection, execution_id, "worker-b", 30)
     assert second.attempt == 2
-    assert services.renew_leases(connection, [first], 3000) == set(), "a stale attempt"
+    assert store.renew_leases(connection, [first], 3000) == set(), "a stale attempt"
     assert (lease_of(connection, execution_id) - claimed_lease).total_seconds() == 0
     usage = {"cpu_seconds": 0, "max_rss_mb": 0, "wall_ms": 0}
-    assert services.finish(
-        connection, second, status="succeeded", output={}, error=None, usage=usage
-    )
-    assert services.renew_leases(connection, [second], 3000) == set(), "a finished attempt"
+    assert store.finish(connection, second, status="succeeded", output={}, error=None, usage=usage)
+    assert store.renew_leases(connection, [second], 3000) == set(), "a finished attempt"
     assert lease_of(connection, execution_id) is None
-    assert services.renew_leases(connection, [], 30) == set()
+    assert store.renew_leases(connection, [], 30) == set()
 
 
 @pytest.mark.worker

@@ -7,10 +7,12 @@ import pytest
 import redis
 from sqlalchemy import text
 
+from app.broker import DATABASE_AWAY_KEY, BrokerWatch
 from app.config import current_config
 from app.db import DATABASE_ERRORS, db
 from app.embedded import free_port
-from app.executions import recovery, services
+from app.executions import dispatch, recovery, store
+from app.executions.versions import specs
 from tests.conftest import wait_for, wait_until
 
 
@@ -41,9 +43,9 @@ def _execution(client, org, name="echo"):
 
 def test_claim_is_taken_once_and_stale_attempts_are_fenced(client, org, connection):
     execution_id = _execution(client, org)
-    first = services.claim(connection, execution_id, "worker-a", 60)
+    first = store.claim(connection, execution_id, "worker-a", 60)
     assert first is not None and first.attempt == 1
-    assert services.claim(connection, execution_id, "worker-b", 60) is None, "a duplicate message"
+    assert store.claim(connection, execution_id, "worker-b", 60) is None, "a duplicate message"
     # The sweeper gives the execution back (lease expired) and a second worker takes it.
     connection.execute(
         text("UPDATE executions SET lease_until = now() - interval '1 second' WHERE id = :id"),
@@ -52,16 +54,16 @@ def test_claim_is_taken_once_and_stale_attempts_are_fenced(client, org, connecti
     connection.execute(
         text("UPDATE executions SET status = 'queued' WHERE id = :id"), {"id": execution_id}
     )
-    second = services.claim(connection, execution_id, "worker-b", 60)
+    second = store.claim(connection, execution_id, "worker-b", 60)
     assert second.attempt == 2
     usage = {"cpu_seconds": 0, "max_rss_mb": 0, "wall_ms": 0}
-    assert not services.finish(
+    assert not store.finish(
         connection, first, status="succeeded", output={"stale": True}, error=None, usage=usage
     )
-    assert services.finish(
+    assert store.finish(
         connection, second, status="succeeded", output={"fresh": True}, error=None, usage=usage
     )
-    assert not services.finish(
+    assert not store.finish(
         connection, second, status="failed", output=None, error=None, usage=usage
     ), "terminal states never change"
     row = connection.execute(
@@ -74,14 +76,14 @@ def test_claim_is_taken_once_and_stale_attempts_are_fenced(client, org, connecti
 def test_duplicate_messages_run_once(live_client, live_org):
     execution_id = _execution(live_client, live_org)
     with db.hot() as conn:
-        spec = services.specs.get(
+        spec = specs.get(
             conn,
             conn.execute(
                 text("SELECT version_id FROM executions WHERE id = :id"), {"id": execution_id}
             ).scalar(),
         )
     for _ in range(3):
-        services.publish(execution_id, spec, 5)
+        dispatch.publish(execution_id, spec, 5)
     result = wait_for(live_client, live_org, str(execution_id))
     assert result["status"] == "succeeded" and result["attempts"] == 1, (
         result["error"],
@@ -183,9 +185,9 @@ def test_dispatcher_drains_what_is_waiting_at_exit(live_client, live_org):
         version_id = conn.execute(
             text("SELECT version_id FROM executions WHERE id = :id"), {"id": execution_id}
         ).scalar()
-        spec = services.specs.get(conn, version_id)
-    dispatcher = services.Dispatcher()
-    dispatcher._pending.append(services.Dispatch(execution_id, spec, 5))
+        spec = specs.get(conn, version_id)
+    dispatcher = dispatch.Dispatcher()
+    dispatcher._pending.append(dispatch.Dispatch(execution_id, spec, 5))
     dispatcher.drain()
     result = wait_for(live_client, live_org, str(execution_id))
     assert result["status"] == "succeeded" and result["attempts"] == 1
@@ -239,7 +241,7 @@ def expired_running(live_client, live_org):
         "status = 'running', attempt = 1, output = NULL, lease_until = now() - interval '1 minute'",
     )
     yield execution_id
-    recovery.outages.forget(recovery.BrokerWatch.for_broker(current_config().broker_url))
+    recovery.outages.forget(BrokerWatch.for_broker(current_config().broker_url))
 
 
 def lease_left(execution_id) -> float:
@@ -257,11 +259,11 @@ def test_the_sweep_after_the_database_was_away_extends_running_leases_and_expire
     broker = redis.Redis.from_url(current_config().broker_url)
     with database_unreachable(), pytest.raises(DATABASE_ERRORS):
         recovery.sweep()
-    assert broker.get(recovery.DATABASE_AWAY_KEY), "every beat's next sweep knows of the outage"
+    assert broker.get(DATABASE_AWAY_KEY), "every beat's next sweep knows of the outage"
     report = recovery.sweep()
     assert report.leases_extended >= 1 and report.requeued == 0 and report.lost == 0, report
     assert lease_left(expired_running) > current_config().lease_seconds - 5
-    assert broker.get(recovery.DATABASE_AWAY_KEY) is None
+    assert broker.get(DATABASE_AWAY_KEY) is None
     # One extension per outage: a lease that runs out again (its worker is gone) is taken back.
     force(expired_running, "lease_until = now() - interval '1 second'")
     report = recovery.sweep()
@@ -275,6 +277,6 @@ def test_an_outage_is_remembered_in_the_process_when_the_broker_forgot_it(expire
     broker = redis.Redis.from_url(current_config().broker_url)
     with database_unreachable(), pytest.raises(DATABASE_ERRORS):
         recovery.sweep()
-    broker.delete(recovery.DATABASE_AWAY_KEY)  # as a flushed (or unreachable) broker would
+    broker.delete(DATABASE_AWAY_KEY)  # as a flushed (or unreachable) broker would
     report = recovery.sweep()
     assert report.leases_extended >= 1 and report.requeued == 0 and report.lost == 0, report

@@ -13,9 +13,11 @@ import pytest
 import redis
 from sqlalchemy import text
 
+from app.broker import LOCK_KEY, MARKER_KEY, BrokerWatch
 from app.config import current_config
 from app.db import db
-from app.executions import recovery, services
+from app.executions import dispatch, recovery
+from app.executions.versions import specs
 from tests.beat import BeatProcess
 
 QUEUE = f"sweeper-test-{uuid.uuid4().hex[:8]}"
@@ -109,7 +111,7 @@ def test_a_broker_that_lost_its_data_gets_every_queued_row_again(agent_id, broke
     assert queued_messages(broker) == [], "dispatched rows are left alone while Redis holds data"
 
     # What FLUSHALL does to the keys that matter here (the test database is shared by the run).
-    broker.delete(recovery.MARKER_KEY)
+    broker.delete(MARKER_KEY)
     report = recovery.sweep()
     assert report.broker_reset and "lost its data" in report.broker_reset
     assert report.recovered >= len(ids)
@@ -122,18 +124,18 @@ def test_a_broker_that_lost_its_data_gets_every_queued_row_again(agent_id, broke
 def test_a_restarted_broker_is_noticed_by_its_new_run_id(agent_id, broker):
     settle_marker()
     ids = insert_queued(agent_id, 3, dispatched=True)
-    broker.set(recovery.MARKER_KEY, "run id of the server before the restart")
+    broker.set(MARKER_KEY, "run id of the server before the restart")
     report = recovery.sweep()
     assert report.broker_reset == "restarted"
     assert set(ids) <= set(queued_messages(broker))
-    assert broker.get(recovery.MARKER_KEY) == broker.info("server")["run_id"].encode()
+    assert broker.get(MARKER_KEY) == broker.info("server")["run_id"].encode()
 
 
 def test_recovery_cut_short_by_its_budget_goes_on_at_the_next_sweep(agent_id, broker):
     settle_marker()
     ids = insert_queued(agent_id, 5, dispatched=True)
-    broker.delete(recovery.MARKER_KEY)
-    watch = recovery.BrokerWatch.for_broker(current_config().broker_url)
+    broker.delete(MARKER_KEY)
+    watch = BrokerWatch.for_broker(current_config().broker_url)
     report = recovery.SweepReport()
     # A budget already spent: the loss is noticed and recorded, nothing is published yet.
     recovery._recover_from_broker_reset(watch, report, deadline=0, chain_stall_seconds=60)
@@ -147,7 +149,7 @@ def test_recovery_cut_short_by_its_budget_goes_on_at_the_next_sweep(agent_id, br
 def test_two_sweeps_at_once_recover_once(agent_id, broker):
     settle_marker()
     ids = insert_queued(agent_id, 50, dispatched=True)
-    broker.delete(recovery.MARKER_KEY)
+    broker.delete(MARKER_KEY)
     reports = []
     sweeps = [threading.Thread(target=lambda: reports.append(recovery.sweep())) for _ in range(2)]
     for thread in sweeps:
@@ -161,8 +163,8 @@ def test_two_sweeps_at_once_recover_once(agent_id, broker):
 def test_a_sweep_that_finds_the_lock_held_publishes_nothing(agent_id, broker):
     settle_marker()
     insert_queued(agent_id, 4, dispatched=False)
-    broker.delete(recovery.MARKER_KEY)
-    lock = broker.lock(recovery.LOCK_KEY, timeout=30)
+    broker.delete(MARKER_KEY)
+    lock = broker.lock(LOCK_KEY, timeout=30)
     assert lock.acquire(blocking=False)
     try:
         report = recovery.sweep()
@@ -170,13 +172,13 @@ def test_a_sweep_that_finds_the_lock_held_publishes_nothing(agent_id, broker):
         lock.release()
     assert report.skipped and report.republished == 0 and report.broker_reset is None
     assert queued_messages(broker) == []
-    assert broker.get(recovery.MARKER_KEY) is None, "the loss is left for the sweep holding it"
+    assert broker.get(MARKER_KEY) is None, "the loss is left for the sweep holding it"
     assert recovery.sweep().broker_reset
 
 
 def test_only_redis_brokers_are_watched():
-    assert recovery.BrokerWatch.for_broker("amqp://guest:guest@127.0.0.1:5672//") is None
-    assert recovery.BrokerWatch.for_broker("redis://127.0.0.1:6379/3") is not None
+    assert BrokerWatch.for_broker("amqp://guest:guest@127.0.0.1:5672//") is None
+    assert BrokerWatch.for_broker("redis://127.0.0.1:6379/3") is not None
 
 
 def test_beat_runs_the_sweeper_itself_whatever_the_workers_do(agent_id, broker, tmp_path):
@@ -256,14 +258,14 @@ def test_queued_rows_whose_message_vanished_are_published_again(agent_id, broker
             ),
             {"ids": ids},
         )
-        spec = services.specs.get(
+        spec = specs.get(
             conn,
             conn.execute(
                 text("SELECT version_id FROM executions WHERE id = :id"), {"id": ids[0]}
             ).scalar(),
         )
     waiting = ids[:2]
-    services.publish_many([services.Dispatch(execution_id, spec, 5) for execution_id in waiting])
+    dispatch.publish_many([dispatch.Dispatch(execution_id, spec, 5) for execution_id in waiting])
     report = recovery.sweep()
     assert report.vanished == 3, report
     assert sorted(queued_messages(broker)) == sorted(ids), "each row's message once"

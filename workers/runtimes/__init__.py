@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from app.executions.services import VersionSpec
-from workers.context import Context, LogBuffer
+from app.executions.spec import VersionSpec
+from workers.context import Context, LogLines
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Outcome:
 
 class Runtime(Protocol):
     def run(
-        self, spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffer
+        self, spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
     ) -> Outcome: ...
 
 

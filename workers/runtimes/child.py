@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
+# Celery's soft time limit, raised in the pool process by billiard (celery.exceptions re-exports
+# it): runtimes know the pool they run in, not Celery.
+from billiard.exceptions import SoftTimeLimitExceeded
 
 from app.config import current_config
-from app.executions.services import VersionSpec
-from workers.context import Context, LogBuffer
+from app.executions.spec import VersionSpec
+from workers.context import Context, LogLines
 from workers.runtimes import Outcome
 from workers.runtimes.lines import ByteLines
 
@@ -139,7 +141,7 @@ def run_child(
     stdin: bytes,
     spec: VersionSpec,
     ctx: Context,
-    logs: LogBuffer,
+    logs: LogLines,
     on_stdout: Callable[[str], None],
     on_stderr: Callable[[str], None],
     control: tuple[int, int, ByteLines] | None = None,
@@ -252,7 +254,7 @@ class _Supervisor:
         limits: ChildLimits,
         spec: VersionSpec,
         ctx: Context,
-        logs: LogBuffer,
+        logs: LogLines,
         cancel_signal: int,
         started: float,
     ) -> None:

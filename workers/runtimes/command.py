@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from app.config import current_config
-from app.executions.models import LEVELS
-from app.executions.services import VersionSpec
-from workers.context import Context, LogBuffer
+from app.executions.spec import LEVELS, VersionSpec
+from workers.context import Context, LogLines
 from workers.runtimes import Outcome
 from workers.runtimes.child import run_child
 
@@ -34,7 +33,7 @@ OUT_OF_MEMORY_SIGNS = (
 )
 
 
-def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffer) -> Outcome:
+def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines) -> Outcome:
     cfg = current_config()
     argv = list(spec.runtime["argv"])
     if argv[0] not in cfg.allowed_commands:

@@ -34,9 +34,8 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from app.config import current_config
-from app.executions.models import LEVELS
-from app.executions.services import VersionSpec
-from workers.context import Context, LogBuffer
+from app.executions.spec import LEVELS, VersionSpec
+from workers.context import Context, LogLines
 from workers.runtimes import Outcome
 from workers.runtimes.address_guard import (
     AddressRefused,
@@ -356,7 +355,7 @@ def _excerpt(body: bytes, limit: int = 300) -> str:
     return text + ("..." if len(body) > limit else "")
 
 
-def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffer) -> Outcome:
+def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines) -> Outcome:
     cfg = current_config()
     runtime = spec.runtime
     timeout = min(runtime.get("timeout_seconds", DEFAULT_TIMEOUT_SECONDS), spec.timeout_seconds)

@@ -16,17 +16,18 @@ import traceback
 from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
+# Celery's soft time limit, raised in the pool process by billiard (celery.exceptions re-exports
+# it): runtimes know the pool they run in, not Celery.
+from billiard.exceptions import SoftTimeLimitExceeded
 
 from app.config import current_config
-from app.executions.models import LEVELS
-from app.executions.services import VersionSpec
-from workers.context import Context, LogBuffer
+from app.executions.spec import LEVELS, VersionSpec
+from workers.context import Context, LogLines
 from workers.runtimes import Outcome
 from workers.runtimes.lines import LineWriter
 
 
-def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffer) -> Outcome:
+def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines) -> Outcome:
     module_name, _, function_name = spec.runtime["entrypoint"].partition(":")
     if not current_config().allows_module(module_name):
         return Outcome(

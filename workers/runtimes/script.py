@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from app.config import current_config
-from app.executions.models import LEVELS
-from app.executions.services import VersionSpec
-from workers.context import Context, LogBuffer
+from app.executions.spec import LEVELS, VersionSpec
+from workers.context import Context, LogLines
 from workers.runtimes import Outcome
 from workers.runtimes.child import run_child
 from workers.runtimes.lines import ByteLines
@@ -27,7 +26,7 @@ CHILD = Path(__file__).with_name("script_child.py")
 CONTROL_LINE_MAX_BYTES = 80 * 1024 * 1024
 
 
-def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogBuffer) -> Outcome:
+def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines) -> Outcome:
     add = logs.add
     result: dict[str, Any] = {}
 

@@ -1,10 +1,12 @@
-"""What a schedule or a webhook trigger starts: the one interface between them and the runs.
+"""Starting runs for schedules and webhook triggers: the one interface between them and the
+executions and chains they start.
 
     resolve(conn, org_id, target)          -> Target   (422 when it names nothing runnable)
     check_input(conn, target, payload)     -> None     (422 keyed by JSON pointer)
     chain_launch(conn, org_id, chain_id, version, payload, id) -> ChainLaunch (422 or 409)
     launch(conn, [Launch | ChainLaunch])   -> Launched (rows inserted in the caller's transaction)
-    publish(launched)                      -> after the caller has committed
+    publish(launched)                      -> once the caller has committed
+    publish_after_commit(launched)         -> the same, deferred to a keyed request's commit
 
 A target is an agent ({"agent": name}) or a chain ({"chain": name}), each optionally pinning a
 `version`; schedules and triggers store the agent's or the chain's id (exactly one is set).
@@ -24,12 +26,16 @@ from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
 from app import jsonschemas
-from app.chains import services as chains
+from app.agents.lookup import find_agent, find_version_id
+from app.chains import launch as chains
+from app.chains import services as chain_definitions
 from app.chains.models import Chain, ChainExecution, ChainVersion
 from app.db import db
 from app.errors import Conflict, ValidationFailed
-from app.executions import services as executions
-from app.executions.services import Dispatch, NewExecution, VersionSpec
+from app.executions import dispatch, store
+from app.executions.dispatch import Dispatch
+from app.executions.spec import VersionSpec
+from app.executions.versions import specs
 
 
 @dataclass(frozen=True)
@@ -42,10 +48,6 @@ class Target:
     # A chain's pinned version is found by `version` (chain versions never change).
     version_id: uuid.UUID | None
     chain_id: uuid.UUID | None = None
-
-
-_AGENT = text("SELECT id, name, archived_at FROM agents WHERE org_id = :org_id AND name = :name")
-_VERSION = text("SELECT id FROM agent_versions WHERE agent_id = :agent_id AND version = :version")
 
 
 _CHAIN = text("SELECT id, name, archived_at FROM chains WHERE org_id = :org_id AND name = :name")
@@ -98,7 +100,7 @@ def resolve(conn: Connection, org_id: uuid.UUID, target: dict[str, Any]) -> Targ
     if "chain" in target:
         return _resolve_chain(conn, org_id, target)
     name = target.get("agent")
-    row = conn.execute(_AGENT, {"org_id": org_id, "name": name}).mappings().first()
+    row = find_agent(conn, org_id, name, by_id=False)
     if row is None:
         raise ValidationFailed(
             f"no agent {name!r}",
@@ -114,7 +116,7 @@ def resolve(conn: Connection, org_id: uuid.UUID, target: dict[str, Any]) -> Targ
     version = target.get("version")
     version_id = None
     if version is not None:
-        version_id = conn.execute(_VERSION, {"agent_id": row["id"], "version": version}).scalar()
+        version_id = find_version_id(conn, row["id"], version)
         if version_id is None:
             raise ValidationFailed(
                 f"agent {name!r} has no version {version!r}",
@@ -135,7 +137,7 @@ def spec_for(conn: Connection, agent_id: uuid.UUID, version_id: uuid.UUID | None
             f"agent {agent.name!r} is archived and takes no new executions",
             hint="point the schedule or trigger at a live agent (PATCH it), or delete it",
         )
-    return executions.specs.get(conn, version_id or agent.current_version_id)
+    return specs.get(conn, version_id or agent.current_version_id)
 
 
 def input_errors(spec: VersionSpec, payload: Any, pointer: str = "/input") -> dict[str, Any]:
@@ -213,7 +215,7 @@ def chain_launch(
         chain = session.get(Chain, chain_id)
         assert chain is not None, "the chain's rows cascade away with it"
         if chain.archived_at is not None:
-            raise chains.archived(chain)
+            raise chain_definitions.archived(chain)
         chain_version = session.get(
             ChainVersion, chain_version_id(conn, chain_id, chain.name, version)
         )
@@ -236,11 +238,13 @@ def launch(conn: Connection, launches: list[Launch | ChainLaunch]) -> Launched:
     """Insert the runs in the caller's transaction (the agent runs with one statement); publish
     after commit."""
     rows = [
-        NewExecution(item.execution_id, item.org_id, item.spec, item.input)
+        store.NewExecution(item.execution_id, item.org_id, item.spec, item.input)
         for item in launches
         if isinstance(item, Launch)
     ]
-    launched = Launched(executions.insert_queued(conn, rows))
+    if rows:
+        store.insert_many(conn, rows)
+    launched = Launched([Dispatch(row.id, row.spec, row.priority) for row in rows])
     chain_rows = [item.execution for item in launches if isinstance(item, ChainLaunch)]
     if chain_rows:
         with _joined(conn) as session:
@@ -258,8 +262,14 @@ def _publish_chain_runs(launched: Launched) -> None:
 
 
 def publish(launched: Launched) -> None:
-    executions.publish_committed(launched.dispatches)
+    dispatch.publish_committed(launched.dispatches)
     _publish_chain_runs(launched)
+
+
+def publish_after_commit(launched: Launched) -> None:
+    """Publish once the caller's transaction has committed: at once outside a keyed request,
+    at the request's commit inside one (never, if it rolls back)."""
+    db.after_commit(publish, launched)
 
 
 def publish_unstamped(launched: Launched) -> list[uuid.UUID]:
@@ -267,8 +277,8 @@ def publish_unstamped(launched: Launched) -> list[uuid.UUID]:
     whose next batch should not wait behind the previous one's stamping. (Chain runs carry
     no dispatch stamp: resume_stalled finds one whose publish was lost.)"""
     _publish_chain_runs(launched)
-    return executions.publish_many(launched.dispatches)
+    return dispatch.publish_many(launched.dispatches)
 
 
 def stamp(execution_ids: list[uuid.UUID]) -> None:
-    executions.stamp_dispatched(execution_ids)
+    dispatch.stamp_dispatched(execution_ids)

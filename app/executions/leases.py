@@ -1,0 +1,159 @@
+"""The sweeper's SQL: leases that ran out, and queued rows the broker may not hold.
+
+Beside app/executions/store.py, the one other module that writes `executions`: the sweeper's
+statements requeue or fail attempts whose worker stopped renewing their lease.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, text
+from sqlalchemy.dialects.postgresql import JSONB
+
+from app.executions.spec import error_body
+from app.executions.store import RECORD_ATTEMPT
+
+_UNDISPATCHED = text(
+    """
+    SELECT id, version_id, priority FROM executions
+    WHERE status = 'queued' AND dispatched_at IS NULL
+      AND queued_at < now() - make_interval(secs => :grace)
+    ORDER BY queued_at LIMIT :batch
+    """
+)
+
+# Every queued row up to the moment the broker's loss was noticed, walked in (queued_at, id)
+# order (ix_executions_queued) so a recovery cut short by the time budget goes on from where it
+# stopped.
+_QUEUED_SINCE_RESET = text(
+    """
+    SELECT id, version_id, priority, queued_at FROM executions
+    WHERE status = 'queued' AND queued_at <= :horizon
+      AND (queued_at, id) > (:after_queued_at, :after_id)
+    ORDER BY queued_at, id LIMIT :batch
+    """
+)
+
+_STALE_QUEUED = text(
+    """
+    SELECT id, version_id, priority FROM executions
+    WHERE status = 'queued' AND dispatched_at < now() - make_interval(secs => :grace)
+    ORDER BY queued_at, id LIMIT :batch
+    """
+)
+
+_EXPIRED_REQUEUE = text(
+    """
+    WITH ended AS (
+        UPDATE executions e
+        SET status = 'queued', lease_until = NULL, dispatched_at = NULL, error = :lost
+        FROM agent_versions v
+        WHERE v.id = e.version_id
+          AND e.status = 'running' AND e.lease_until < now() AND e.attempt < e.max_attempts
+          AND e.cancel_requested_at IS NULL
+          -- A lost worker may have done part of the work: run it again only where the agent's
+          -- retry policy says `lost` is safe to retry.
+          AND v.retry -> 'retry_on' ? 'lost'
+        RETURNING e.id, e.attempt, e.error, e.worker, e.started_at, e.resource_usage,
+                  e.version_id, e.priority
+    ), recorded AS (
+    """
+    + RECORD_ATTEMPT.format(status="'failed'")
+    + ") SELECT id, version_id, priority FROM ended"
+).bindparams(bindparam("lost", type_=JSONB))
+
+# After an outage: every running attempt gets one lease from now to be renewed by its worker.
+_EXTEND_RUNNING_LEASES = text(
+    """
+    UPDATE executions SET lease_until = now() + make_interval(secs => :lease)
+    WHERE status = 'running' AND lease_until < now() + make_interval(secs => :lease)
+    """
+)
+
+_EXPIRED_LOST = text(
+    """
+    WITH ended AS (
+        UPDATE executions
+        SET status = CASE WHEN cancel_requested_at IS NULL THEN 'failed' ELSE 'cancelled' END,
+            finished_at = now(), lease_until = NULL,
+            error = CASE WHEN cancel_requested_at IS NULL THEN :lost ELSE :cancelled END
+        WHERE status = 'running' AND lease_until < now()
+        RETURNING id, attempt, status, error, worker, started_at, resource_usage,
+                  chain_execution_id
+    ), recorded AS (
+    """
+    + RECORD_ATTEMPT.format(status="status")
+    + ") SELECT id, chain_execution_id FROM ended"
+).bindparams(bindparam("lost", type_=JSONB), bindparam("cancelled", type_=JSONB))
+
+
+def requeue_expired(conn: Connection) -> list[Any]:
+    """Put back in the queue the attempts whose lease ran out and whose agent retries `lost`:
+    rows of (id, version_id, priority)."""
+    return conn.execute(
+        _EXPIRED_REQUEUE,
+        {"lost": error_body("lost", "the worker's lease expired; attempt requeued")},
+    ).all()
+
+
+def fail_expired(conn: Connection) -> list[Any]:
+    """End the other attempts whose lease ran out (`lost`, or `cancelled` when a cancel was
+    asked): rows of (id, chain_execution_id)."""
+    return conn.execute(
+        _EXPIRED_LOST,
+        {
+            "lost": error_body("lost", "the worker's lease expired on the last attempt"),
+            "cancelled": error_body("cancelled", "cancelled while its worker was lost"),
+        },
+    ).all()
+
+
+def extend_running(conn: Connection, lease_seconds: float) -> int:
+    """Give every running attempt one lease from now; how many were extended."""
+    return conn.execute(_EXTEND_RUNNING_LEASES, {"lease": lease_seconds}).rowcount
+
+
+def undispatched(conn: Connection, grace_seconds: float, batch: int) -> list[Any]:
+    """Queued rows committed over a grace ago and never published: (id, version_id, priority)."""
+    return conn.execute(_UNDISPATCHED, {"grace": grace_seconds, "batch": batch}).all()
+
+
+def stale_queued(conn: Connection, grace_seconds: float, batch: int) -> list[Any]:
+    """Queued rows published over a grace ago: (id, version_id, priority)."""
+    return conn.execute(_STALE_QUEUED, {"grace": grace_seconds, "batch": batch}).all()
+
+
+def queued_since_reset(
+    conn: Connection,
+    horizon: dt.datetime,
+    after_queued_at: dt.datetime,
+    after_id: uuid.UUID,
+    batch: int,
+) -> list[Any]:
+    """The next queued rows up to `horizon`, after (after_queued_at, after_id):
+    (id, version_id, priority, queued_at)."""
+    return conn.execute(
+        _QUEUED_SINCE_RESET,
+        {
+            "horizon": horizon,
+            "after_queued_at": after_queued_at,
+            "after_id": after_id,
+            "batch": batch,
+        },
+    ).all()
+
+
+def still_queued(conn: Connection, execution_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    return set(
+        conn.execute(
+            text("SELECT id FROM executions WHERE id = ANY(:ids) AND status = 'queued'"),
+            {"ids": execution_ids},
+        ).scalars()
+    )
+
+
+def database_now(conn: Connection) -> dt.datetime:
+    return conn.execute(text("SELECT now()")).scalar()

@@ -1,0 +1,110 @@
+"""What an execution is, as every layer sees it: its statuses, log levels, error types and their
+hints, the agent version spec a runtime runs, and the claim a worker holds.
+
+No database and no broker here: the runtimes import this module, and importing a runtime must
+not pull in SQLAlchemy or psycopg.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from jsonschema.protocols import Validator
+
+from app import jsonschemas
+
+STATUSES = ("queued", "running", "succeeded", "failed", "timed_out", "cancelled")
+TERMINAL_STATUSES = ("succeeded", "failed", "timed_out", "cancelled")
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+LEVEL_NAMES = {number: name for name, number in LEVELS.items()}
+
+DEFAULT_PRIORITY = 5
+# Beyond the soft limit the runtime gets this long to record `timeout` before Celery kills it.
+HARD_LIMIT_GRACE_SECONDS = 10
+CHILD_RUNTIME_BACKSTOP_SECONDS = 5
+
+HINTS = {
+    "input_invalid": "the input does not match the agent's input_schema",
+    "output_invalid": "the agent returned an output that does not match its output_schema; "
+    "fix the agent or PATCH the schema (a new version)",
+    "runtime_error": "the agent failed; its logs hold the traceback or the program's stderr",
+    "timeout": "the execution ran past timeout_seconds; raise it or speed the agent up",
+    "cancelled": "cancelled through POST /api/v1/executions/{id}/cancel",
+    "lost": "the worker running the attempt stopped answering (killed, or its host lost); "
+    "`lost` in retry.retry_on lets such an attempt run again",
+    "memory_limit": "the agent's processes used more memory than limits.memory_mb; raise the "
+    "limit (a new version) or make the agent use less",
+    "cpu_limit": "the agent's processes used more CPU time than limits.cpu_seconds; raise the "
+    "limit (a new version) or make the agent do less",
+    "output_too_large": "the output is over limits.max_output_bytes (or RUNYARD_MAX_OUTPUT_BYTES "
+    "when unset); return less, or store large results elsewhere and return a reference",
+    "file_size_limit": "the agent wrote a file over RUNYARD_CHILD_MAX_FILE_MB",
+    "process_limit": "the agent ran more processes at once than RUNYARD_CHILD_MAX_PROCESSES",
+}
+
+
+def error_body(error_type: str, message: str, hint: str | None = None) -> dict[str, str]:
+    return {"type": error_type, "message": message, "hint": hint or HINTS.get(error_type, "")}
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    """An agent version as the hot path needs it: immutable, so each process caches it for good
+    (app/executions/versions.py)."""
+
+    id: uuid.UUID
+    agent_id: uuid.UUID
+    agent_name: str
+    version: str
+    runtime: dict[str, Any]
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any]
+    timeout_seconds: int
+    retry: dict[str, Any]
+    limits: dict[str, Any]
+    queue: str
+    config: dict[str, Any]
+
+    @property
+    def max_attempts(self) -> int:
+        return 1 + int(self.retry.get("max_retries", 0))
+
+    @property
+    def soft_time_limit(self) -> float:
+        """Celery's soft limit. Runtimes with a child process enforce timeout_seconds themselves
+        and kill it; Celery's limit is then only a backstop, set a little later."""
+        if self.runtime["type"] == "python":
+            return self.timeout_seconds
+        return self.timeout_seconds + CHILD_RUNTIME_BACKSTOP_SECONDS
+
+    @property
+    def time_limit(self) -> float:
+        """Celery's hard limit: the soft one and a grace to record `timeout` in."""
+        return self.soft_time_limit + HARD_LIMIT_GRACE_SECONDS
+
+    # Built once per cached spec, not once per execution.
+    @cached_property
+    def input_validator(self) -> Validator:
+        return jsonschemas.validator_for(self.input_schema)
+
+    @cached_property
+    def output_validator(self) -> Validator:
+        return jsonschemas.validator_for(self.output_schema)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A queued execution a worker took (app/executions/store.py: claim)."""
+
+    execution_id: uuid.UUID
+    attempt: int
+    version_id: uuid.UUID
+    input: dict[str, Any]
+    priority: int
+    last_seq: int
+    # Set for a chain step: the runner then tells the chain when the step settles.
+    chain_execution_id: uuid.UUID | None = None

@@ -1,0 +1,105 @@
+"""Recording how an attempt ended, and moving its chain on: one place for the runner and the
+watchdog (which records the end of a python agent that would not stop).
+
+Every write is fenced by the claimed attempt. A chain step's recorded end moves its chain on
+(app/chains/progress.py), unless the step runs inside its canvas task (workers/chains.py):
+that task moves the chain on itself once the step is settled.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import uuid
+from typing import Any
+
+from app.chains import progress
+from app.executions import dispatch, store
+from app.executions.spec import Claim, VersionSpec, error_body
+from workers.runtimes import Outcome
+
+log = logging.getLogger(__name__)
+
+
+class _InCanvas(threading.local):
+    """The step execution this thread runs inside its canvas task, and how it settled."""
+
+    execution_id: uuid.UUID | None = None
+    status: str | None = None
+
+
+in_canvas = _InCanvas()
+
+
+def record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> str | None:
+    """Write the outcome; the status written ("queued" for a retry), None if fenced out."""
+    if outcome.ok:
+        done = store.finish(
+            conn,
+            claimed,
+            status="succeeded",
+            output=outcome.output,
+            error=None,
+            usage=outcome.usage,
+        )
+        return "succeeded" if done else None
+    error = error_body(outcome.error_type, outcome.error_message, outcome.hint)
+    if outcome.cancelled:
+        done = store.finish(
+            conn,
+            claimed,
+            status="cancelled",
+            output=None,
+            error=error_body("cancelled", outcome.error_message),
+            usage=outcome.usage,
+        )
+        return "cancelled" if done else None
+    status = "timed_out" if outcome.error_type == "timeout" else "failed"
+    if _should_retry(spec, claimed, outcome) and store.requeue_for_retry(
+        conn, claimed, attempt_status=status, error=error, usage=outcome.usage
+    ):
+        delay = backoff_seconds(spec.retry, claimed.attempt)
+        dispatch.publish(claimed.execution_id, spec, claimed.priority, countdown=delay)
+        return "queued"
+    done = store.finish(conn, claimed, status=status, output=None, error=error, usage=outcome.usage)
+    return status if done else None
+
+
+def ended(conn, claimed: Claim, status: str, error: dict[str, Any], usage: dict) -> bool:
+    """Record an end decided outside the runtime (the watchdog's); False when fenced out."""
+    return store.finish(conn, claimed, status=status, output=None, error=error, usage=usage)
+
+
+def move_chain_on(claimed: Claim, status: str) -> None:
+    """A chain step's outcome is recorded (`status` is the terminal status written, or
+    "queued" when the step was put back for a retry): move its chain on. The chain takes its
+    own connection."""
+    if claimed.execution_id == in_canvas.execution_id:
+        in_canvas.status = status  # the step task moves the chain on itself
+        return
+    # A retry that ran as a plain execution, or a step the watchdog ended: nothing carries the
+    # chain on from here unless this does. (Steps ended outside a worker, by a cancel of a
+    # queued step or by the sweeper, move their chain on through progress.move_on.)
+    progress.step_settled(
+        claimed.chain_execution_id, None, None, claimed.execution_id, status, in_canvas=False
+    )
+
+
+def _should_retry(spec: VersionSpec, claimed: Claim, outcome: Outcome) -> bool:
+    # A bad input or output, or a failure the runtime calls final, fails the same way every time.
+    if outcome.error_type in ("input_invalid", "output_invalid") or not outcome.retryable:
+        return False
+    return (
+        outcome.error_type in spec.retry.get("retry_on", ()) and claimed.attempt < spec.max_attempts
+    )
+
+
+def backoff_seconds(policy: dict[str, Any], attempt: int) -> float:
+    """Exponential backoff from the agent's retry policy, with 'equal jitter' when asked."""
+    base = float(policy.get("backoff_seconds", 1))
+    ceiling = float(policy.get("backoff_max_seconds", 300))
+    delay = min(ceiling, base * 2 ** (attempt - 1))
+    if policy.get("jitter", True):
+        delay = delay / 2 + random.uniform(0, delay / 2)
+    return delay
