@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
-from collections import OrderedDict
 
 from sqlalchemy import Connection, text
 
 from app.chains import definitions
 from app.chains.definitions import Plan
+from app.executions.versions import ImmutableCache
 
 STEP_NAMESPACE = uuid.UUID("6f1d4c1e-8a51-4f55-9d0e-2c6a4e1b7a90")
 
@@ -19,25 +18,11 @@ def step_execution_id(chain_execution_id: uuid.UUID, stage: int, index: int) -> 
     return uuid.uuid5(STEP_NAMESPACE, f"{chain_execution_id}:{stage}:{index}")
 
 
-class PlanCache:
-    def __init__(self, max_entries: int = 512) -> None:
-        self._entries: OrderedDict[uuid.UUID, Plan] = OrderedDict()
-        self._max = max_entries
-        self._lock = threading.Lock()
-
-    def get(self, conn: Connection, version_id: uuid.UUID) -> Plan:
-        plan = self._entries.get(version_id)
-        if plan is None:
-            row = conn.execute(
-                text("SELECT steps, on_failure FROM chain_versions WHERE id = :id"),
-                {"id": version_id},
-            ).one()
-            plan = definitions.plan_for(row.steps, row.on_failure)
-            with self._lock:
-                self._entries[version_id] = plan
-                if len(self._entries) > self._max:
-                    self._entries.popitem(last=False)
-        return plan
+def _load_plan(conn: Connection, version_id: uuid.UUID) -> Plan:
+    row = conn.execute(
+        text("SELECT steps, on_failure FROM chain_versions WHERE id = :id"), {"id": version_id}
+    ).one()
+    return definitions.plan_for(row.steps, row.on_failure)
 
 
-plans = PlanCache()
+plans: ImmutableCache[Plan] = ImmutableCache(_load_plan, max_entries=512)

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from app import broker
@@ -67,25 +68,22 @@ def publish(
 def publish_batch(batch: list[Dispatch]) -> list[uuid.UUID]:
     """Publish messages through one Redis pipeline; the ids sent, or none on a broker outage
     (the rows stay unstamped and the sweeper tries again)."""
-    if not batch:
-        return []
-    try:
-        broker.send_runs([item.message() for item in batch])
-    except Exception:  # a broker outage: the sweeper publishes these rows later
-        log.warning(
-            "publishing %d executions failed; the sweeper will retry", len(batch), exc_info=True
-        )
-        return []
-    return [item.execution_id for item in batch]
+    return _send(batch, broker.send_runs)
 
 
 def publish_many(batch: list[Dispatch]) -> list[uuid.UUID]:
     """`publish_batch` for thousands at once (a minute's schedules, the sweeper's batches),
     built faster (broker.send_runs_in_bulk); the ids sent, or none on a broker outage."""
+    return _send(batch, broker.send_runs_in_bulk)
+
+
+def _send(
+    batch: list[Dispatch], send: Callable[[list[broker.RunMessage]], None]
+) -> list[uuid.UUID]:
     if not batch:
         return []
     try:
-        broker.send_runs_in_bulk([item.message() for item in batch])
+        send([item.message() for item in batch])
     except Exception:  # a broker outage: the sweeper publishes these rows later
         log.warning(
             "publishing %d executions failed; the sweeper will retry", len(batch), exc_info=True

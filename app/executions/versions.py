@@ -1,15 +1,41 @@
-"""Agent versions as the hot path needs them, cached per process for good: a version never
-changes once written."""
+"""Versions as the hot path needs them, cached per process for good: a version never changes once
+written. Agent versions (`specs`) here; chain plans use the same cache (app/chains/plans.py)."""
 
 from __future__ import annotations
 
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from sqlalchemy import Connection, text
 
 from app.executions.spec import VersionSpec
+
+T = TypeVar("T")
+
+
+class ImmutableCache(Generic[T]):
+    """id -> what `load` made of an immutable row, kept for good; past `max_entries` the oldest
+    entry goes."""
+
+    def __init__(self, load: Callable[[Connection, uuid.UUID], T], max_entries: int) -> None:
+        self._load = load
+        self._entries: OrderedDict[uuid.UUID, T] = OrderedDict()
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def get(self, conn: Connection, key: uuid.UUID) -> T:
+        value = self._entries.get(key)
+        if value is None:
+            value = self._load(conn, key)
+            with self._lock:
+                self._entries[key] = value
+                if len(self._entries) > self._max:
+                    self._entries.popitem(last=False)
+        return value
+
 
 _SPEC_SQL = text(
     """
@@ -21,22 +47,8 @@ _SPEC_SQL = text(
 )
 
 
-class SpecCache:
-    def __init__(self, max_entries: int = 1024) -> None:
-        self._entries: OrderedDict[uuid.UUID, VersionSpec] = OrderedDict()
-        self._max = max_entries
-        self._lock = threading.Lock()
-
-    def get(self, conn: Connection, version_id: uuid.UUID) -> VersionSpec:
-        spec = self._entries.get(version_id)
-        if spec is None:
-            row = conn.execute(_SPEC_SQL, {"id": version_id}).mappings().one()
-            spec = VersionSpec(**row)
-            with self._lock:
-                self._entries[version_id] = spec
-                if len(self._entries) > self._max:
-                    self._entries.popitem(last=False)
-        return spec
+def _load_spec(conn: Connection, version_id: uuid.UUID) -> VersionSpec:
+    return VersionSpec(**conn.execute(_SPEC_SQL, {"id": version_id}).mappings().one())
 
 
-specs = SpecCache()
+specs: ImmutableCache[VersionSpec] = ImmutableCache(_load_spec, max_entries=1024)
