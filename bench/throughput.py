@@ -2,9 +2,11 @@
 """End-to-end throughput: Runyard executions per second against plain Celery on the same machine.
 
     .venv/bin/python bench/throughput.py [--count 3000] [--threads 8] [--concurrency 2]
+                                         [--batch-size 100]
 
 Phase 1, Runyard: `runyard api` (gunicorn) and `celery -A workers worker`; client threads POST
-/api/v1/agents/noop/executions over keep-alive HTTP connections; done when every execution is
+/api/v1/agents/noop/executions over keep-alive HTTP connections (with --batch-size N, N items a
+request to .../executions/batch); done when every execution is
 `succeeded` in PostgreSQL. Phase 2, plain Celery: `celery -A bench.plain_celery worker` with the
 same pool, concurrency and Redis; client threads call apply_async on a no-op task; done when
 every result is in the Redis result backend. The phases run one after the other, each after a
@@ -424,7 +426,7 @@ class Batch:
 class HttpSubmit:
     """One keep-alive connection per thread."""
 
-    def __init__(self, port: int, path: str, token: str) -> None:
+    def __init__(self, port: int, path: str, token: str, body: dict | None = None) -> None:
         self.port = port
         self.path = path
         self.headers = {
@@ -432,7 +434,7 @@ class HttpSubmit:
             "Content-Type": "application/json",
             "Accept": "application/json",
         }
-        self.body = json.dumps({"input": {}}).encode()
+        self.body = json.dumps(body or {"input": {}}).encode()
         self.conn: http.client.HTTPConnection | None = None
 
     def __call__(self) -> None:
@@ -532,16 +534,23 @@ def phase_runyard(args, children: Children, env: dict[str, str], database_url: s
 
         return check
 
-    path = f"/api/v1/agents/{AGENT}/executions"
+    # One execution per request, or --batch-size of them through the batch endpoint.
+    per_request = args.batch_size or 1
+    path = f"/api/v1/agents/{AGENT}/executions" + ("/batch" if args.batch_size else "")
+    body = {"items": [{"input": {}}] * args.batch_size} if args.batch_size else None
+
+    def submitter() -> HttpSubmit:
+        return HttpSubmit(port, path, token, body)
+
     try:
         if args.warmup:
-            warm = Batch(args.warmup, args.threads, lambda: HttpSubmit(port, path, token))
+            warm = Batch(max(1, args.warmup // per_request), args.threads, submitter)
             warm.start()
             warm.finish(deadline)
-            wait_until(reached(warm.submitted), deadline, "runyard warm-up", alive)
+            wait_until(reached(warm.submitted * per_request), deadline, "runyard warm-up", alive)
             log(f"  warm-up: {args.warmup} executions in {time.time() - warm.t0:.1f} s")
         base = state["ok"]
-        batch = Batch(args.count, args.threads, lambda: HttpSubmit(port, path, token))
+        batch = Batch(args.count // per_request, args.threads, submitter)
         before = cpu_snapshot()
         batch.start()
         try:
@@ -552,7 +561,7 @@ def phase_runyard(args, children: Children, env: dict[str, str], database_url: s
                 reached(0)()
                 time.sleep(POLL_SECONDS)
             batch.finish(deadline)
-            wait_until(reached(base + batch.submitted), deadline, "runyard", alive)
+            wait_until(reached(base + batch.submitted * per_request), deadline, "runyard", alive)
         except BenchError:
             done = state["ok"] - base
             elapsed = time.time() - batch.t0
@@ -571,7 +580,7 @@ def phase_runyard(args, children: Children, env: dict[str, str], database_url: s
     return report_phase(
         "runyard",
         "executions",
-        "over HTTP",
+        f"over HTTP, {per_request} per request",
         args.count,
         batch,
         end,
@@ -696,6 +705,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=2, help="worker pool processes")
     parser.add_argument("--warmup", type=int, default=200, help="uncounted items first")
     parser.add_argument("--timeout", type=float, default=75.0, help="seconds per phase, at most")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="submit through the batch endpoint, this many items per request (0: one by one)",
+    )
     parser.add_argument("--redis-db", type=int, default=13, help="Redis database when REDIS_URL")
     parser.add_argument("--keep-db", action="store_true", help=f"leave the {DATABASE} database")
     parser.add_argument(
@@ -704,6 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.count < 1 or args.threads < 1 or args.concurrency < 1:
         parser.error("--count, --threads and --concurrency must be positive")
+    if args.batch_size and (args.batch_size > 1000 or args.count % args.batch_size):
+        parser.error("--batch-size must be 1..1000 and divide --count")
 
     def stop(signum, _frame):
         raise SystemExit(128 + signum)

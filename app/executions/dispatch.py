@@ -122,6 +122,8 @@ class Dispatcher:
 
     def _reset(self) -> None:
         self._pending: list[Dispatch] = []
+        # Batches of a batch submit: published with publish_many (built once per group).
+        self._bulk: list[Dispatch] = []
         self._published: list[uuid.UUID] = []
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -133,23 +135,38 @@ class Dispatcher:
             return
         with self._wakeup:
             self._pending.append(Dispatch(execution_id, spec, priority))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
-                self._thread.start()
-                if not self._drain_at_exit:
-                    self._drain_at_exit = True
-                    atexit.register(self.drain)
-            self._wakeup.notify()
+            self._wake()
+
+    def submit_many(self, batch: list[Dispatch]) -> None:
+        if db.bound_for_tests:
+            publish_committed(batch)
+            return
+        with self._wakeup:
+            self._bulk.extend(batch)
+            self._wake()
+
+    def _wake(self) -> None:
+        """Under the lock: start the thread if need be, and wake it."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+            self._thread.start()
+            if not self._drain_at_exit:
+                self._drain_at_exit = True
+                atexit.register(self.drain)
+        self._wakeup.notify()
 
     def _run(self) -> None:
         last_stamp = time.monotonic()
         while True:
             with self._wakeup:
-                if not self._pending:
+                if not self._pending and not self._bulk:
                     self._wakeup.wait(timeout=self.STAMP_INTERVAL_SECONDS)
                 batch, self._pending = self._pending, []
+                bulk, self._bulk = self._bulk, []
             if batch:
                 self._published.extend(publish_batch(batch))
+            if bulk:
+                self._published.extend(publish_many(bulk))
             if self._published and time.monotonic() - last_stamp >= self.STAMP_INTERVAL_SECONDS:
                 last_stamp = time.monotonic()
                 stamped, self._published = self._published, []
@@ -165,7 +182,8 @@ class Dispatcher:
         the sweeper's grace period."""
         with self._wakeup:
             batch, self._pending = self._pending, []
-        published = publish_batch(batch) if batch else []
+            bulk, self._bulk = self._bulk, []
+        published = publish_batch(batch) + publish_many(bulk)
         stamped, self._published = self._published + published, []
         if stamped:
             with contextlib.suppress(Exception):

@@ -4,6 +4,8 @@ from app.chains import progress
 from app.executions import services
 from app.executions.schemas import (
     AttemptSchema,
+    BatchSchema,
+    BatchSubmitSchema,
     ExecutionQuerySchema,
     ExecutionSchema,
     LogLineSchema,
@@ -30,6 +32,24 @@ class Submit(MethodView):
             version=data.get("version"),
             priority=data["priority"],
         )
+
+
+@blp.route("/agents/<ref>/executions/batch")
+class SubmitBatch(MethodView):
+    @blp.arguments(BatchSubmitSchema())
+    @blp.response(202, BatchSchema())
+    @blp.alt_response(404, description="no such agent or version")
+    @blp.alt_response(409, description="the agent is archived")
+    @blp.alt_response(422, description="an item's input fails the input schema: nothing stored")
+    def post(self, data, ref):
+        """Run an agent on many inputs: all stored and queued at once, or none
+
+        Errors are keyed `/items/<i>/input/...`. Published to the broker in bulk; an
+        `Idempotency-Key` covers the whole batch."""
+        ids = services.submit_batch(
+            current_principal(), ref, data["items"], version=data.get("version")
+        )
+        return {"ids": ids}
 
 
 @blp.route("/executions")

@@ -16,6 +16,30 @@ class SubmitSchema(Schema):
     )
 
 
+class BatchItemSchema(Schema):
+    input = fields.Dict(required=True, metadata={"description": "checked against input_schema"})
+    priority = fields.Integer(
+        strict=True,
+        load_default=5,
+        validate=validate.Range(min=0, max=9),
+        metadata={"description": "0..9, higher runs first"},
+    )
+
+
+class BatchSubmitSchema(Schema):
+    items = fields.List(
+        fields.Nested(BatchItemSchema),
+        required=True,
+        validate=validate.Length(min=1, max=1000),
+        metadata={"description": "1..1000 items, all stored and queued or none"},
+    )
+    version = fields.String(metadata={"description": "pin a version; default: the current one"})
+
+
+class BatchSchema(Schema):
+    ids = fields.List(fields.UUID(), metadata={"description": "the executions, in item order"})
+
+
 class ErrorInfoSchema(Schema):
     type = fields.String(
         metadata={

@@ -24,9 +24,9 @@ from app.agents.models import Agent
 from app.db import db, page
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.executions import store
-from app.executions.dispatch import dispatcher
+from app.executions.dispatch import Dispatch, dispatcher
 from app.executions.models import Execution, ExecutionAttempt, ExecutionLog
-from app.executions.spec import DEFAULT_PRIORITY, LEVEL_NAMES, LEVELS
+from app.executions.spec import DEFAULT_PRIORITY, LEVEL_NAMES, LEVELS, VersionSpec
 from app.executions.versions import specs
 from app.orgs.services import Principal
 
@@ -86,6 +86,39 @@ def _lookup_target(conn: Connection, principal: Principal, ref: str, version: st
     return Target(row["id"], version_id, pinned=True)
 
 
+def _insert_for_target(
+    conn: Connection,
+    principal: Principal,
+    ref: str,
+    version: str | None,
+    insert: Callable[[Connection, VersionSpec, Target], Any],
+) -> tuple[Target, VersionSpec, Any]:
+    """Find the agent version a submit runs (the cache first), then `insert(conn, spec, target)`,
+    which checks the input and inserts (None when the cached target was stale: looked up and
+    tried once more)."""
+    key = (principal.org_id, ref, version)
+    for fresh in (False, True):
+        target = None if fresh else targets.get(key)
+        if target is None:
+            target = _lookup_target(conn, principal, ref, version)
+            targets.put(key, target)
+        spec = specs.get(conn, target.version_id)
+        inserted = insert(conn, spec, target)
+        if inserted is not None:
+            return target, spec, inserted
+        targets.forget(key)
+    raise Conflict("the agent changed while submitting", hint="submit again")
+
+
+def _refuse_invalid(spec: VersionSpec, errors: dict[str, Any], what: str) -> None:
+    if errors:
+        raise ValidationFailed(
+            f"{what} not match the agent's input_schema",
+            errors=errors,
+            hint=f"GET /api/v1/agents/{spec.agent_name} shows the input_schema",
+        )
+
+
 def submit(
     principal: Principal,
     ref: str,
@@ -95,36 +128,23 @@ def submit(
     priority: int = DEFAULT_PRIORITY,
 ) -> dict[str, Any]:
     principal.require("executions:submit")
-    key = (principal.org_id, ref, version)
     execution_id = uuid.uuid4()
+
+    def insert(conn: Connection, spec: VersionSpec, target: Target) -> Any:
+        errors = jsonschemas.instance_errors(spec.input_validator, payload, "/input")
+        _refuse_invalid(spec, errors, "the input does")
+        return store.insert(
+            conn,
+            execution_id,
+            principal.org_id,
+            spec,
+            payload,
+            priority=priority,
+            pinned=target.pinned,
+        )
+
     with db.hot() as conn:
-        for fresh in (False, True):
-            target = None if fresh else targets.get(key)
-            if target is None:
-                target = _lookup_target(conn, principal, ref, version)
-                targets.put(key, target)
-            spec = specs.get(conn, target.version_id)
-            errors = jsonschemas.instance_errors(spec.input_validator, payload, "/input")
-            if errors:
-                raise ValidationFailed(
-                    "the input does not match the agent's input_schema",
-                    errors=errors,
-                    hint=f"GET /api/v1/agents/{spec.agent_name} shows the input_schema",
-                )
-            queued_at = store.insert(
-                conn,
-                execution_id,
-                principal.org_id,
-                spec,
-                payload,
-                priority=priority,
-                pinned=target.pinned,
-            )
-            if queued_at is not None:
-                break
-            targets.forget(key)
-        else:
-            raise Conflict("the agent changed while submitting", hint="submit again")
+        target, spec, queued_at = _insert_for_target(conn, principal, ref, version, insert)
     # Committed (autocommit) before publishing: a worker never sees an id the database lacks.
     # Inside a keyed request's transaction the commit comes later, and so does the publish.
     db.after_commit(dispatcher.submit, execution_id, spec, priority)
@@ -146,6 +166,41 @@ def submit(
         "resource_usage": None,
         "chain_execution_id": None,
     }
+
+
+MAX_BATCH_ITEMS = 1000
+
+
+def submit_batch(
+    principal: Principal, ref: str, items: list[dict[str, Any]], *, version: str | None = None
+) -> list[uuid.UUID]:
+    """Store and queue one execution per item (`input`, `priority`), all or none: one invalid
+    input refuses the whole batch (422 keyed /items/<i>/input/...). Published in bulk, after
+    the commit, by the dispatcher."""
+    principal.require("executions:submit")
+    rows = [(uuid.uuid4(), item["priority"], item["input"]) for item in items]
+
+    def insert(conn: Connection, spec: VersionSpec, target: Target) -> bool | None:
+        errors: dict[str, Any] = {}
+        for index, (_, _, payload) in enumerate(rows):
+            # is_valid stops at the first problem and builds no error objects: the cheap answer
+            # for the usual valid input.
+            if not spec.input_validator.is_valid(payload):
+                errors.update(
+                    jsonschemas.instance_errors(
+                        spec.input_validator, payload, f"/items/{index}/input"
+                    )
+                )
+        _refuse_invalid(spec, errors, "inputs of the batch do")
+        return store.insert_batch(conn, principal.org_id, spec, rows, pinned=target.pinned) or None
+
+    with db.hot() as conn:
+        _, spec, _ = _insert_for_target(conn, principal, ref, version, insert)
+    db.after_commit(
+        dispatcher.submit_many,
+        [Dispatch(row_id, spec, priority) for row_id, priority, _ in rows],
+    )
+    return [row_id for row_id, _, _ in rows]
 
 
 # ---------------------------------------------------------------------------------------------

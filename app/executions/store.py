@@ -81,6 +81,57 @@ def insert(
     return None if row is None else row[0]
 
 
+# A batch: one statement for every item, on the same condition as a single insert, so the batch
+# is stored whole or not at all (a stale cache shows up as no rows).
+_INSERT_BATCH_SQL = """
+    INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
+                            priority, input, attempt, max_attempts)
+    SELECT r.id, a.org_id, a.id, %(version_id)s, a.name, %(version)s, 'queued', r.priority,
+           r.input, 0, %(max_attempts)s
+    FROM agents a, json_to_recordset(%(rows)s::json) AS r(id uuid, priority smallint, input jsonb)
+    WHERE a.id = %(agent_id)s AND a.org_id = %(org_id)s AND a.archived_at IS NULL
+      AND (%(pinned)s OR a.current_version_id = %(version_id)s)
+"""
+
+
+def insert_batch(
+    conn: Connection,
+    org_id: uuid.UUID,
+    spec: VersionSpec,
+    rows: list[tuple[uuid.UUID, int, dict[str, Any]]],
+    *,
+    pinned: bool,
+) -> bool:
+    """Insert (id, priority, input) rows as queued executions of `spec`, all or none: False when
+    the agent was archived or (unless pinned) its current version changed since `spec` was read."""
+    document = json.dumps(
+        [
+            {"id": str(row_id), "priority": priority, "input": payload}
+            for row_id, priority, payload in rows
+        ]
+    )
+    try:
+        cursor = driver(conn).execute(
+            _INSERT_BATCH_SQL,
+            {
+                "org_id": org_id,
+                "agent_id": spec.agent_id,
+                "version_id": spec.id,
+                "version": spec.version,
+                "max_attempts": spec.max_attempts,
+                "pinned": pinned,
+                "rows": document,
+            },
+        )
+    except psycopg.errors.UntranslatableCharacter as exc:
+        raise ValidationFailed(
+            "an input holds a NUL character (\\u0000), which cannot be stored",
+            errors={"/items": ["an input contains \\u0000"]},
+            hint="remove or escape the NUL characters",
+        ) from exc
+    return cursor.rowcount == len(rows)
+
+
 @dataclass(frozen=True)
 class NewExecution:
     id: uuid.UUID

@@ -17,6 +17,7 @@ from tests.hostile.conftest import Route, api_routes, assert_error_shape, fill
 BODIES = {
     Route("/api/v1/agents/<ref>", "PATCH"): {"description": "theirs now"},
     Route("/api/v1/agents/<ref>/executions", "POST"): {"input": {}},
+    Route("/api/v1/agents/<ref>/executions/batch", "POST"): {"items": [{"input": {}}]},
     Route("/api/v1/chains/<ref>", "PATCH"): {"description": "theirs now"},
     Route("/api/v1/chains/<ref>/executions", "POST"): {"input": {}},
     Route("/api/v1/schedules/<ref>", "PATCH"): {"enabled": False},
@@ -30,6 +31,7 @@ OBJECT_ROUTES = {
     Route("/api/v1/agents/<ref>/versions", "GET"),
     Route("/api/v1/agents/<ref>/versions/<version>", "GET"),
     Route("/api/v1/agents/<ref>/executions", "POST"),
+    Route("/api/v1/agents/<ref>/executions/batch", "POST"),
     Route("/api/v1/executions/<execution_id>", "GET"),
     Route("/api/v1/executions/<execution_id>/cancel", "POST"),
     Route("/api/v1/executions/<execution_id>/attempts", "GET"),
