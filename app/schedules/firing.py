@@ -160,7 +160,6 @@ class _Planner(Planner):
         super().__init__(now, _TimesCache().next_after, TERMINAL)
         self.conn = conn
         self.fired_by = fired_by
-        self.launches: dict[uuid.UUID, targets.Launch | targets.ChainLaunch] = {}
         self._validity: dict[tuple[uuid.UUID, uuid.UUID], str | None] = {}
 
     def prepare(self, row: Any, run_id: uuid.UUID) -> str | None:
@@ -168,7 +167,7 @@ class _Planner(Planner):
         input now."""
         if row.chain_id is not None:
             try:
-                self.launches[run_id] = targets.chain_launch(
+                self.batch.launches[run_id] = targets.chain_launch(
                     self.conn, row.org_id, row.chain_id, row.target_version, row.input, run_id
                 )
             except RunyardError as exc:
@@ -177,7 +176,7 @@ class _Planner(Planner):
         reason = self.refusal(row)
         if reason is None:
             spec = executions.specs.get(self.conn, row.run_version_id)
-            self.launches[run_id] = targets.Launch(run_id, row.org_id, spec, row.input)
+            self.batch.launches[run_id] = targets.Launch(run_id, row.org_id, spec, row.input)
         return reason
 
     def refusal(self, row: Any) -> str | None:
@@ -211,7 +210,7 @@ def _write(conn: Connection, planner: _Planner) -> targets.Launched:
     }
     # A fire time another beat recorded first inserts nothing here: its execution is not made.
     launched = targets.launch(
-        conn, [launch for eid, launch in planner.launches.items() if eid in inserted]
+        conn, [launch for eid, launch in batch.launches.items() if eid in inserted]
     )
     for new_id, (org_id, previous, is_chain) in batch.cancels.items():
         if new_id in inserted:
@@ -357,7 +356,7 @@ def release_buffered(fired_by: str, report: TickReport) -> None:
                 {"id": row.id, "execution_id": execution_id, "failures": 1 if reason else 0},
             )
             report.released += 1
-        launched = targets.launch(conn, list(planner.launches.values()))
+        launched = targets.launch(conn, list(planner.batch.launches.values()))
         conn.execute(_PAUSE_FAILING, {"ids": [row.id for row in rows]})
     targets.publish(launched)
 

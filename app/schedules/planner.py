@@ -32,9 +32,11 @@ MAX_TIMES_PER_TICK = 1000
 
 @dataclass
 class Batch:
-    """What the planner decided for a batch of schedules, written set-based by firing.py."""
+    """What one transaction writes: built in Python, then written set-based (firing.py)."""
 
     fires: list[dict[str, Any]] = field(default_factory=list)
+    # run id -> what `prepare` built to start that run (firing.py's Launch or ChainLaunch)
+    launches: dict[uuid.UUID, Any] = field(default_factory=dict)
     # new run id -> (org, the unfinished run it replaces, whether that one is a chain run)
     cancels: dict[uuid.UUID, tuple[uuid.UUID, uuid.UUID, bool]] = field(default_factory=dict)
     updates: list[dict[str, Any]] = field(default_factory=list)
