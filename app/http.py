@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -150,6 +151,17 @@ def _default_message(error: HTTPException, errors: dict) -> str:
 
 
 def install(app: Flask, api: RunyardApi) -> None:
+    # Before-request hooks run in the order they are installed: the token first (an idempotency
+    # key belongs to the caller's organization), then the body checks, then the key (a refused
+    # body is no answer to remember).
+    _install_request_checks(app)
+    error_response = _install_error_handlers(app, api)
+    _install_idempotency(app, error_response)
+
+
+def _install_request_checks(app: Flask) -> None:
+    """Who calls (the token), and what a body may be (JSON, text PostgreSQL can store)."""
+
     @app.before_request
     def require_token():
         path = request.path
@@ -186,6 +198,11 @@ def install(app: Flask, api: RunyardApi) -> None:
         ):
             problems.update(storable.document_problems(request.get_json(silent=True)))
         storable.refuse(problems)
+
+
+def _install_error_handlers(app: Flask, api: RunyardApi) -> Callable[[Exception], Any]:
+    """Every error answers in the one error shape; the handler of the unexpected ones is
+    returned for the idempotency hooks, whose own failures answer the same way."""
 
     @app.errorhandler(RunyardError)
     def domain_error(error: RunyardError):
@@ -233,7 +250,7 @@ def install(app: Flask, api: RunyardApi) -> None:
         )
         return jsonify(body), 500
 
-    _install_idempotency(app, unexpected)
+    return unexpected
 
 
 def _install_idempotency(app: Flask, error_response) -> None:

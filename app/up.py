@@ -160,80 +160,94 @@ def flower_command(port: int, user: str, password: str) -> list[str]:
     ]
 
 
-def up(with_examples: bool = True) -> int:
-    cfg = current_config()
-    home = cfg.home.resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    postgres = redis_server = supervisor = None
-    stopping = False
+class _StopRequest:
+    """The handler of SIGINT and SIGTERM: it only notes the request; `up` acts on it between its
+    looks at the children, outside the signal handler."""
 
-    def request_stop(_signum, _frame):
-        nonlocal stopping
-        stopping = True
+    def __init__(self) -> None:
+        self.requested = False
 
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, request_stop)
-    try:
-        database_url = cfg.database_url
-        if not database_url:
-            print("starting embedded PostgreSQL ...", flush=True)
-            postgres = EmbeddedPostgres(home / "pgdata")
-            database_url = postgres.start()
-        redis_url = os.environ.get("REDIS_URL", "")
-        if not redis_url:
-            print("starting embedded Redis ...", flush=True)
-            redis_server = EmbeddedRedis(home / "redis")
-            redis_url = redis_server.start()
-        env = {
-            **os.environ,
-            "DATABASE_URL": database_url,
-            "REDIS_URL": redis_url,
-            "RUNYARD_HOME": str(home),
-        }
-        os.environ.update({"DATABASE_URL": database_url, "REDIS_URL": redis_url})
-        cfg = Config.from_env()
-        use_config(cfg)
-        db.configure(cfg.database_url)
+    def __call__(self, _signum, _frame) -> None:
+        self.requested = True
 
-        from app.migrate import upgrade
 
-        upgrade(cfg.database_url)
-        token = _dev_token(home)
-        flower_password = cfg.flower_password or _secret(home / "flower-password")
+@dataclass
+class _Running:
+    """What `up` has started so far, so that whatever fails, all of it is stopped."""
 
-        bin_dir = Path(sys.executable).parent
-        celery = [str(bin_dir / "celery"), "-A", "workers"]
-        concurrency = cfg.worker_concurrency or os.cpu_count() or 2
-        supervisor = Supervisor(home, env)
-        supervisor.start("api", [str(bin_dir / "runyard"), "api"])
-        supervisor.start(
+    postgres: EmbeddedPostgres | None = None
+    redis_server: EmbeddedRedis | None = None
+    supervisor: Supervisor | None = None
+
+    def stop(self) -> None:
+        if self.supervisor:
+            self.supervisor.stop()
+        db.dispose()
+        if self.redis_server:
+            self.redis_server.stop()
+        if self.postgres:
+            self.postgres.stop()
+
+
+def _start_servers(cfg: Config, home: Path, running: _Running) -> tuple[str, str]:
+    """The database and Redis URLs: the configured ones, else those of embedded servers."""
+    database_url = cfg.database_url
+    if not database_url:
+        print("starting embedded PostgreSQL ...", flush=True)
+        running.postgres = EmbeddedPostgres(home / "pgdata")
+        database_url = running.postgres.start()
+    redis_url = os.environ.get("REDIS_URL", "")
+    if not redis_url:
+        print("starting embedded Redis ...", flush=True)
+        running.redis_server = EmbeddedRedis(home / "redis")
+        redis_url = running.redis_server.start()
+    return database_url, redis_url
+
+
+def _use_servers(database_url: str, redis_url: str) -> Config:
+    """Point this process at the servers and bring the database schema up to date."""
+    os.environ.update({"DATABASE_URL": database_url, "REDIS_URL": redis_url})
+    cfg = Config.from_env()
+    use_config(cfg)
+    db.configure(cfg.database_url)
+
+    from app.migrate import upgrade
+
+    upgrade(cfg.database_url)
+    return cfg
+
+
+def _start_processes(supervisor: Supervisor, cfg: Config, home: Path, flower_password: str) -> None:
+    bin_dir = Path(sys.executable).parent
+    celery = [str(bin_dir / "celery"), "-A", "workers"]
+    concurrency = cfg.worker_concurrency or os.cpu_count() or 2
+    supervisor.start("api", [str(bin_dir / "runyard"), "api"])
+    supervisor.start(
+        "worker",
+        [
+            *celery,
             "worker",
-            [
-                *celery,
-                "worker",
-                "-l",
-                "INFO",
-                "-c",
-                str(concurrency),
-                "-n",
-                "runyard@%h",
-                "-Q",
-                "default",
-            ],
-        )
-        supervisor.start(
-            "beat", [*celery, "beat", "-l", "INFO", "-s", str(home / "celerybeat-schedule")]
-        )
-        supervisor.start(
-            "flower", flower_command(cfg.flower_port, cfg.flower_user, flower_password)
-        )
-        api_url = f"http://{cfg.api_host}:{cfg.api_port}"
-        _wait_http(f"{api_url}/healthz", supervisor)
-        _wait_log(supervisor, "worker", "ready.")
-        examples = load_examples() if with_examples else []
+            "-l",
+            "INFO",
+            "-c",
+            str(concurrency),
+            "-n",
+            "runyard@%h",
+            "-Q",
+            "default",
+        ],
+    )
+    supervisor.start(
+        "beat", [*celery, "beat", "-l", "INFO", "-s", str(home / "celerybeat-schedule")]
+    )
+    supervisor.start("flower", flower_command(cfg.flower_port, cfg.flower_user, flower_password))
 
-        print(
-            f"""
+
+def _print_welcome(
+    cfg: Config, home: Path, api_url: str, token: str, flower_password: str, examples: list[str]
+) -> None:
+    print(
+        f"""
 Runyard is up.
   API          {api_url}/api/v1
   API docs     {api_url}/api/v1/docs
@@ -248,31 +262,60 @@ Try:
        -d '{{"input": {{"title": "Hello, Runyard!"}}}}' {api_url}/api/v1/agents/slugify/executions
 
 Ctrl-C stops everything.""",
-            flush=True,
-        )
-        while not stopping:
-            dead = supervisor.dead()
-            if dead:
-                print(
-                    f"\n{dead.name} exited (code {dead.process.returncode}); stopping.\n"
-                    f"{_tail(dead.log_path)}",
-                    file=sys.stderr,
-                )
-                return 1
-            time.sleep(0.5)
-        print("\nstopping ...", flush=True)
-        return 0
+        flush=True,
+    )
+
+
+def _watch(supervisor: Supervisor, stop: _StopRequest) -> int:
+    """Until a stop is requested (0) or a child exits on its own (1)."""
+    while not stop.requested:
+        dead = supervisor.dead()
+        if dead:
+            print(
+                f"\n{dead.name} exited (code {dead.process.returncode}); stopping.\n"
+                f"{_tail(dead.log_path)}",
+                file=sys.stderr,
+            )
+            return 1
+        time.sleep(0.5)
+    print("\nstopping ...", flush=True)
+    return 0
+
+
+def up(with_examples: bool = True) -> int:
+    cfg = current_config()
+    home = cfg.home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    running = _Running()
+    stop = _StopRequest()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
+    try:
+        database_url, redis_url = _start_servers(cfg, home, running)
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "RUNYARD_HOME": str(home),
+        }
+        cfg = _use_servers(database_url, redis_url)
+        token = _dev_token(home)
+        flower_password = cfg.flower_password or _secret(home / "flower-password")
+        # Held by `running` before any child starts: one that fails to start must not leave
+        # the ones before it running.
+        running.supervisor = Supervisor(home, env)
+        _start_processes(running.supervisor, cfg, home, flower_password)
+        api_url = f"http://{cfg.api_host}:{cfg.api_port}"
+        _wait_http(f"{api_url}/healthz", running.supervisor)
+        _wait_log(running.supervisor, "worker", "ready.")
+        examples = load_examples() if with_examples else []
+        _print_welcome(cfg, home, api_url, token, flower_password, examples)
+        return _watch(running.supervisor, stop)
     except RuntimeError as exc:
         print(f"runyard up: {exc}", file=sys.stderr)
         return 1
     finally:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-        if supervisor:
-            supervisor.stop()
-        db.dispose()
-        if redis_server:
-            redis_server.stop()
-        if postgres:
-            postgres.stop()
+        running.stop()
         print("stopped.", flush=True)

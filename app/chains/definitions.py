@@ -329,130 +329,141 @@ def check_types(
 ) -> None:
     """Each step's input, as the references and literals build it, against its agent's
     input_schema; the same for compensations."""
+    checks = _TypeCheck(plan, input_schema, agents, problems)
+    for step in plan.steps:
+        if step.index in agents:
+            checks.check_step_input(step, agents[step.index])
+        if step.index in compensators:
+            checks.check_compensation_input(step, compensators[step.index])
 
-    def source_schema(ref: Ref) -> tuple[Any, bool]:
-        if ref.step is None:
-            return _schema_at(input_schema, ref.path)
-        if ref.step in plan.groups:
-            members = [plan.steps[i] for i in plan.groups[ref.step]]
-            whole = {
-                "type": "object",
-                "required": [m.name for m in members],
-                "properties": {
-                    m.name: agents[m.index].output_schema for m in members if m.index in agents
-                },
-            }
-            return _schema_at(whole, ref.path)
-        target = plan.by_name[ref.step]
-        if target.index not in agents:
-            return {}, True
-        return _schema_at(agents[target.index].output_schema, ref.path)
 
-    def default_schema(stage: int) -> tuple[Any, str]:
-        source = plan.default_source(stage)
-        if isinstance(source, Ref):
-            return input_schema, "the chain's input"
-        if len(source) == 1:
-            previous = plan.steps[source[0]]
-            return (
-                agents[previous.index].output_schema if previous.index in agents else {},
-                f"the output of step {previous.name!r}",
-            )
-        members = [plan.steps[i] for i in source]
+@dataclass
+class _TypeCheck:
+    """The type checks of one definition: the schema of what each input is built from (the
+    chain's input, steps' outputs, literals) against the input_schema that receives it."""
+
+    plan: Plan
+    input_schema: dict[str, Any]
+    agents: dict[int, AgentSchemas]
+    problems: Problems
+
+    def check_step_input(self, step: Step, target: AgentSchemas) -> None:
+        label = f"step {step.name!r} (agent {target.name!r} {target.version})"
+        if step.input is None:
+            schema, what = self.default_input_schema(step.stage)
+            prefix = f"{label}: receives {what}, which"
+            self.add_flow_problems(schema, target.input_schema, step.pointer, prefix)
+        else:
+            self.check_template(step.input, target.input_schema, step.pointer + "/input", label)
+
+    def check_compensation_input(self, step: Step, target: AgentSchemas) -> None:
+        label = f"compensation of step {step.name!r} (agent {target.name!r} {target.version})"
+        template = step.compensate.get("input") if step.compensate else None
+        if template is None:
+            own = self.agents[step.index].output_schema if step.index in self.agents else {}
+            prefix = f"{label}: receives the output of step {step.name!r}, which"
+            self.add_flow_problems(own, target.input_schema, step.pointer + "/compensate", prefix)
+        else:
+            pointer = step.pointer + "/compensate/input"
+            self.check_template(template, target.input_schema, pointer, label)
+
+    def outputs_object(self, members: list[Step]) -> dict[str, Any]:
+        """The schema of several steps' outputs together: an object keyed by their names."""
+        agents = self.agents
         return {
             "type": "object",
             "required": [m.name for m in members],
             "properties": {
                 m.name: agents[m.index].output_schema for m in members if m.index in agents
             },
-        }, "the outputs of the parallel steps " + ", ".join(repr(m.name) for m in members)
+        }
 
-    for step in plan.steps:
-        if step.index in agents:
-            target = agents[step.index]
-            label = f"step {step.name!r} (agent {target.name!r} {target.version})"
-            if step.input is None:
-                schema, what = default_schema(step.stage)
-                for where, message in _flow(schema, True, target.input_schema, ""):
-                    problems.add(
-                        step.pointer + where,
-                        f"{label}: receives {what}, which {message}"
-                        + (f" at {where}" if where else ""),
-                    )
-            else:
-                _check_template(
-                    step.input,
-                    target.input_schema,
-                    step.pointer + "/input",
-                    label,
-                    source_schema,
-                    problems,
-                )
-        if step.index in compensators:
-            target = compensators[step.index]
-            label = f"compensation of step {step.name!r} (agent {target.name!r} {target.version})"
-            template = step.compensate.get("input") if step.compensate else None
-            if template is None:
-                own = agents[step.index].output_schema if step.index in agents else {}
-                for where, message in _flow(own, True, target.input_schema, ""):
-                    problems.add(
-                        step.pointer + "/compensate" + where,
-                        f"{label}: receives the output of step {step.name!r}, which {message}"
-                        + (f" at {where}" if where else ""),
-                    )
-            else:
-                _check_template(
-                    template,
-                    target.input_schema,
-                    step.pointer + "/compensate/input",
-                    label,
-                    source_schema,
-                    problems,
-                )
+    def ref_schema(self, ref: Ref) -> tuple[Any, bool]:
+        """The schema of what a reference reads, and whether it is sure to be there
+        (_schema_at). KeyError for a step the plan does not have."""
+        if ref.step is None:
+            return _schema_at(self.input_schema, ref.path)
+        if ref.step in self.plan.groups:
+            members = [self.plan.steps[i] for i in self.plan.groups[ref.step]]
+            return _schema_at(self.outputs_object(members), ref.path)
+        target = self.plan.by_name[ref.step]
+        if target.index not in self.agents:
+            return {}, True
+        return _schema_at(self.agents[target.index].output_schema, ref.path)
 
+    def default_input_schema(self, stage: int) -> tuple[Any, str]:
+        """The schema of what a step without `input` receives, and what to call it."""
+        source = self.plan.default_source(stage)
+        if isinstance(source, Ref):
+            return self.input_schema, "the chain's input"
+        if len(source) == 1:
+            previous = self.plan.steps[source[0]]
+            return (
+                self.agents[previous.index].output_schema if previous.index in self.agents else {},
+                f"the output of step {previous.name!r}",
+            )
+        members = [self.plan.steps[i] for i in source]
+        names = ", ".join(repr(m.name) for m in members)
+        return self.outputs_object(members), "the outputs of the parallel steps " + names
 
-def _check_template(
-    template: Any,
-    target: Any,
-    pointer: str,
-    label: str,
-    source_schema: Callable[[Ref], tuple[Any, bool]],
-    problems: Problems,
-) -> None:
-    if is_ref(template):
-        ref = parse_ref(template)
+    def add_flow_problems(self, source: Any, target: Any, pointer: str, prefix: str) -> None:
+        """A problem for each way a value of `source` may not fit `target` (_flow)."""
+        for where, message in _flow(source, True, target, ""):
+            at = f" at {where}" if where else ""
+            self.problems.add(pointer + where, f"{prefix} {message}{at}")
+
+    def check_template(self, template: Any, target: Any, pointer: str, label: str) -> None:
+        if is_ref(template):
+            self.check_ref(template, target, pointer, label)
+        elif isinstance(template, dict) and isinstance(target, dict):
+            self.check_object(template, target, pointer, label)
+        elif isinstance(template, list):
+            self.check_array(template, target, pointer, label)
+        elif isinstance(target, dict) and target:
+            # A literal: it must itself be valid for the part of the schema it lands in.
+            validator = jsonschemas.validator_for(target)
+            errors = jsonschemas.instance_errors(validator, template, pointer)
+            for where, messages in errors.items():
+                for message in messages:
+                    self.problems.add(where, f"{label}: the literal does not fit: {message}")
+
+    def ref_source(self, value: str, pointer: str, label: str) -> tuple[Any, bool] | None:
+        """What a reference reads (ref_schema), or None when there is nothing to check it
+        against: not a reference, an unknown step, or a field its source cannot have."""
+        ref = parse_ref(value)
         if ref is None:
-            return
+            return None
         try:
-            schema, guaranteed = source_schema(ref)
+            schema, guaranteed = self.ref_schema(ref)
         except KeyError:  # an unknown step: reported by the structure check
-            return
+            return None
         if schema is None:
-            problems.add(pointer, f"{label}: {template} names a field its source does not have")
+            self.problems.add(pointer, f"{label}: {value} names a field its source does not have")
+            return None
+        return schema, guaranteed
+
+    def check_ref(self, template: str, target: Any, pointer: str, label: str) -> None:
+        found = self.ref_source(template, pointer, label)
+        if found is None:
             return
+        schema, guaranteed = found
         if not guaranteed:
-            problems.add(
-                pointer,
-                f"{label}: {template} may be absent, but the input needs it",
-            )
-        for where, message in _flow(schema, True, target, ""):
-            problems.add(
-                pointer + where,
-                f"{label}: {template} {message}" + (f" at {where}" if where else ""),
-            )
-        return
-    if isinstance(template, dict) and isinstance(target, dict):
+            self.problems.add(pointer, f"{label}: {template} may be absent, but the input needs it")
+        self.add_flow_problems(schema, target, pointer, f"{label}: {template}")
+
+    def check_object(
+        self, template: dict[str, Any], target: dict[str, Any], pointer: str, label: str
+    ) -> None:
+        problems = self.problems
         types = _types(target)
         if types is not None and "object" not in types:
             problems.add(pointer, f"{label}: an object is given where {sorted(types)} is expected")
             return
         properties = target.get("properties") or {}
-        for name in target.get("required") or []:
+        required = target.get("required") or []
+        for name in required:
             if name not in template:
-                problems.add(
-                    pointer,
-                    f"{label}: the input's required field {name!r} is not given",
-                )
+                problems.add(pointer, f"{label}: the input's required field {name!r} is not given")
         for key, value in template.items():
             where = pointer + json_pointer([key])
             if key in properties:
@@ -463,50 +474,26 @@ def _check_template(
             else:
                 sub = target.get("additionalProperties")
                 sub = sub if isinstance(sub, dict) else {}
-            if is_ref(value) and key not in (target.get("required") or []):
+            if is_ref(value) and key not in required:
                 # An optional field may be absent at runtime: only the type must fit.
-                ref = parse_ref(value)
-                if ref is not None:
-                    try:
-                        schema, _guaranteed = source_schema(ref)
-                    except KeyError:
-                        continue
-                    if schema is None:
-                        problems.add(
-                            where, f"{label}: {value} names a field its source does not have"
-                        )
-                        continue
-                    for inner, message in _flow(schema, True, sub, ""):
-                        problems.add(
-                            where + inner,
-                            f"{label}: field {key!r} from {value} {message}"
-                            + (f" at {inner}" if inner else ""),
-                        )
+                found = self.ref_source(value, where, label)
+                if found is not None:
+                    prefix = f"{label}: field {key!r} from {value}"
+                    self.add_flow_problems(found[0], sub, where, prefix)
                 continue
-            _check_template(value, sub, where, f"{label}, field {key!r}", source_schema, problems)
-        return
-    if isinstance(template, list):
+            self.check_template(value, sub, where, f"{label}, field {key!r}")
+
+    def check_array(self, template: list[Any], target: Any, pointer: str, label: str) -> None:
         types = _types(target) if isinstance(target, dict) else None
         if types is not None and "array" not in types:
-            problems.add(pointer, f"{label}: an array is given where {sorted(types)} is expected")
+            self.problems.add(
+                pointer, f"{label}: an array is given where {sorted(types)} is expected"
+            )
             return
         items = target.get("items") if isinstance(target, dict) else None
+        items = items if isinstance(items, dict) else {}
         for index, value in enumerate(template):
-            _check_template(
-                value,
-                items if isinstance(items, dict) else {},
-                f"{pointer}/{index}",
-                label,
-                source_schema,
-                problems,
-            )
-        return
-    # A literal: it must itself be valid for the part of the schema it lands in.
-    if isinstance(target, dict) and target:
-        errors = jsonschemas.instance_errors(jsonschemas.validator_for(target), template, pointer)
-        for where, messages in errors.items():
-            for message in messages:
-                problems.add(where, f"{label}: the literal does not fit: {message}")
+            self.check_template(value, items, f"{pointer}/{index}", label)
 
 
 def _schema_at(schema: Any, path: tuple[str, ...]) -> tuple[Any, bool]:

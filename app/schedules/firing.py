@@ -7,17 +7,11 @@ commit, then one LPUSH per queue (see fire_due for the threads). The fire record
 (schedule_id, fire_time) and the row lock decide which beat fires a time when several run; the
 losers find nothing due or insert nothing.
 
-The policies, per schedule and tick, over the fire times that came due since its last tick:
-- on time: a fire time at most MISFIRE_GRACE old. Older ones were missed (no beat was running).
-- catchup: `none` fires no missed time; `latest` fires the newest missed one unless an on-time
-  one fires anyway; `all` fires each missed one inside catchup_window_seconds. Missed times
-  that do not fire are summed up in one `skipped` record per tick, with the range and the count.
-- overlap, against the schedule's last execution (and the fires of this same tick): `allow`
-  fires regardless; `skip` fires only when the last execution has finished; `buffer_one` keeps
-  one `buffered` fire that runs when the last execution finishes, skipping the rest;
-  `cancel_other` cancels the last execution if unfinished and fires the newest time.
-- pause_after_failures: each failed execution (failed, timed_out) or failed fire adds one to
-  consecutive_failures, a success resets it; at the threshold the schedule pauses itself.
+Which fire times fire, under the catchup and overlap policies, is decided by the planner
+(app/schedules/planner.py); this module prepares the runs it asks for and writes its decisions.
+The pause_after_failures policy is applied here: each failed execution (failed, timed_out) or
+failed fire adds one to consecutive_failures, a success resets it; at the threshold the
+schedule pauses itself.
 
 A chain target's fire creates a chain execution instead (schedule_fires.chain_execution_id, and
 schedules.last_execution_id names it for the overlap policies: a chain not yet succeeded,
@@ -30,12 +24,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -50,11 +43,8 @@ from app.executions import services as executions
 from app.executions.spec import TERMINAL_STATUSES
 from app.executions.versions import specs
 from app.schedules import cron
+from app.schedules.planner import Batch, Planner
 
-MISFIRE_GRACE = dt.timedelta(seconds=5)
-# A schedule that missed more fire times than this (a per-second cron after a long outage)
-# works through them over several ticks.
-MAX_TIMES_PER_TICK = 1000
 FIRE_BATCH = 2000
 # Batches written at once: each is a PostgreSQL backend of its own, on its own core.
 WRITERS = 2
@@ -95,17 +85,6 @@ class _TimesCache:
         if found is None:
             found = self._next[key] = cron.next_after(expression, timezone, after)
         return found
-
-
-@dataclass
-class _Batch:
-    """What one transaction writes: built in Python, then written set-based."""
-
-    fires: list[dict[str, Any]] = field(default_factory=list)
-    launches: dict[uuid.UUID, runs.Launch | runs.ChainLaunch] = field(default_factory=dict)
-    # new run id -> (org, the unfinished run it replaces, whether that one is a chain run)
-    cancels: dict[uuid.UUID, tuple[uuid.UUID, uuid.UUID, bool]] = field(default_factory=dict)
-    updates: list[dict[str, Any]] = field(default_factory=list)
 
 
 _DUE = text(
@@ -176,62 +155,15 @@ _PAUSE_FAILING = text(
 )
 
 
-def _span(times: list[dt.datetime]) -> str:
-    if len(times) == 1:
-        return f"fire time {times[0].isoformat()}"
-    return f"{len(times)} fire times from {times[0].isoformat()} to {times[-1].isoformat()}"
+class _Planner(Planner):
+    """The planner of one batch, with the schedules' targets: each run it fires is checked and
+    built on the batch's connection."""
 
-
-class _Ids:
-    """Random (version 4) UUIDs drawn from os.urandom a thousand at a time. uuid4() makes one
-    system call per id, and each releases the interpreter lock: with the publishing thread
-    busy, that is a thread switch per id (measured: beat CPU for 10,000 fires fell by a tenth)."""
-
-    def __init__(self) -> None:
-        self._pool: list[uuid.UUID] = []
-
-    def __call__(self) -> uuid.UUID:
-        if not self._pool:
-            raw = os.urandom(16 * 1000)
-            self._pool = [
-                uuid.UUID(bytes=raw[i : i + 16], version=4) for i in range(0, len(raw), 16)
-            ]
-        return self._pool.pop()
-
-
-class _Planner:
     def __init__(self, conn: Connection, now: dt.datetime, fired_by: str) -> None:
-        self.new_id = _Ids()
+        super().__init__(now, _TimesCache().next_after, TERMINAL)
         self.conn = conn
-        self.now = now
         self.fired_by = fired_by
-        self.times = _TimesCache()
-        self.batch = _Batch()
         self._validity: dict[tuple[uuid.UUID, uuid.UUID], str | None] = {}
-
-    def record(
-        self,
-        row: Any,
-        fire_time: dt.datetime,
-        kind: str,
-        status: str,
-        reason: str | None = None,
-        execution_id: uuid.UUID | None = None,
-    ) -> None:
-        chain = row.target_kind == "chain"
-        self.batch.fires.append(
-            {
-                "schedule_id": row.id,
-                "org_id": row.org_id,
-                "fire_time": fire_time,
-                "kind": kind,
-                "status": status,
-                "reason": reason,
-                "execution_id": None if chain else execution_id,
-                "chain_execution_id": execution_id if chain else None,
-                "outcome": "failed" if status == "failed" else None,
-            }
-        )
 
     def prepare(self, row: Any, run_id: uuid.UUID) -> str | None:
         """Add the run to the batch's launches; or why the target cannot run this schedule's
@@ -264,152 +196,6 @@ class _Planner:
                 else None
             )
         return self._validity[key]
-
-    def fire(self, row: Any, fire_time: dt.datetime, kind: str) -> uuid.UUID | None:
-        execution_id = self.new_id()
-        reason = self.prepare(row, execution_id)
-        if reason:
-            self.record(row, fire_time, kind, "failed", reason)
-            return None
-        self.record(row, fire_time, kind, "fired", execution_id=execution_id)
-        return execution_id
-
-    def plan(self, row: Any) -> None:
-        expression, zone, now = row.cron, row.timezone, self.now
-        first_record = len(self.batch.fires)
-        start = row.next_fire_at
-        following = self.times.next_after(expression, zone, start)
-        if now - start <= MISFIRE_GRACE and following > now and self._free(row):
-            # The common case, thousands of times a minute at scale: one fire time, on time,
-            # nothing in its way.
-            execution_id = self.fire(row, start, "scheduled")
-            failed = execution_id is None
-            self.batch.updates.append(
-                {
-                    "id": row.id,
-                    "next_fire_at": following,
-                    "last_fire_at": None if failed else start,
-                    "last_execution_id": execution_id,
-                    "failures": int(failed),
-                }
-            )
-            return
-        window_start = now - dt.timedelta(seconds=row.catchup_window_seconds)
-        # Fire times before the horizon cannot run under any policy: one record covers them
-        # all, without walking through them.
-        horizon = now - MISFIRE_GRACE
-        if row.catchup != "none":
-            horizon = min(horizon, window_start)
-        if start < horizon:
-            self.record(
-                row,
-                start,
-                "catchup",
-                "skipped",
-                f"missed from {start.isoformat()} until {horizon.isoformat()} while no "
-                "scheduler ran"
-                + (
-                    " (catchup none)"
-                    if row.catchup == "none"
-                    else f": before the catch-up window ({row.catchup_window_seconds} s)"
-                ),
-            )
-            start = self.times.next_after(expression, zone, horizon - dt.timedelta(microseconds=1))
-        due: list[dt.datetime] = []
-        cursor = start
-        while cursor <= now and len(due) < MAX_TIMES_PER_TICK:
-            due.append(cursor)
-            cursor = self.times.next_after(expression, zone, cursor)
-        reached_now = cursor > now
-        missed = [t for t in due if now - t > MISFIRE_GRACE]
-        on_time = [t for t in due if now - t <= MISFIRE_GRACE]
-
-        chosen: list[dt.datetime] = []
-        if row.catchup == "all":
-            chosen = missed
-        elif row.catchup == "latest" and missed and not on_time and reached_now:
-            chosen = missed[-1:]
-        passed_over = [t for t in missed if t not in chosen]
-        if passed_over:
-            why = {
-                "none": "catchup none",
-                "latest": "catchup latest: only the newest missed fire time runs",
-                "all": "",
-            }[row.catchup]
-            self.record(
-                row,
-                passed_over[0],
-                "catchup",
-                "skipped",
-                f"{_span(passed_over)} missed while no scheduler ran ({why})",
-            )
-        to_fire = [(t, "catchup") for t in chosen] + [(t, "scheduled") for t in on_time]
-
-        last_execution = self.overlap(row, to_fire)
-        fired = self.batch.fires[first_record:]
-        self.batch.updates.append(
-            {
-                "id": row.id,
-                "next_fire_at": cursor,
-                "last_fire_at": max(
-                    (f["fire_time"] for f in fired if f["status"] == "fired"), default=None
-                ),
-                "last_execution_id": last_execution,
-                "failures": sum(1 for f in fired if f["status"] == "failed"),
-            }
-        )
-
-    @staticmethod
-    def _free(row: Any) -> bool:
-        """May a fire go ahead without the overlap policy having a say?"""
-        return (
-            row.overlap == "allow" or row.last_status is None or row.last_status in TERMINAL
-        ) and not (row.overlap == "buffer_one" and row.has_buffered)
-
-    def overlap(self, row: Any, to_fire: list[tuple[dt.datetime, str]]) -> uuid.UUID | None:
-        """Apply the overlap policy; the id of the newest execution created, if any."""
-        if not to_fire:
-            return None
-        running = row.last_status is not None and row.last_status not in TERMINAL
-        run = "chain execution" if row.last_is_chain else "execution"
-        busy = f"{run} {row.last_execution_id} is still {row.last_status}"
-        newest: uuid.UUID | None = None
-        if row.overlap == "allow":
-            for fire_time, kind in to_fire:
-                newest = self.fire(row, fire_time, kind) or newest
-            return newest
-        if row.overlap == "cancel_other":
-            *older, (fire_time, kind) = to_fire
-            for skipped_time, skipped_kind in older:
-                self.record(
-                    row,
-                    skipped_time,
-                    skipped_kind,
-                    "skipped",
-                    f"overlap cancel_other: superseded by the fire at {fire_time.isoformat()}",
-                )
-            newest = self.fire(row, fire_time, kind)
-            if newest and running:
-                self.batch.cancels[newest] = (row.org_id, row.last_execution_id, row.last_is_chain)
-            return newest
-        # skip and buffer_one
-        buffer_free = row.overlap == "buffer_one" and not row.has_buffered
-        for fire_time, kind in to_fire:
-            if not running:
-                newest = self.fire(row, fire_time, kind)
-                running = newest is not None
-                busy = f"the fire at {fire_time.isoformat()} is still queued"
-            elif buffer_free:
-                self.record(row, fire_time, kind, "buffered", f"waiting: {busy}")
-                buffer_free = False
-            else:
-                reason = (
-                    f"overlap skip: {busy}"
-                    if row.overlap == "skip"
-                    else f"overlap buffer_one: one fire already waits and {busy}"
-                )
-                self.record(row, fire_time, kind, "skipped", reason)
-        return newest
 
 
 def _write(conn: Connection, planner: _Planner) -> runs.Launched:
@@ -447,7 +233,7 @@ def _write(conn: Connection, planner: _Planner) -> runs.Launched:
     return launched
 
 
-def _write_and_publish(session: Session, planner: _Planner) -> tuple[_Batch, list[uuid.UUID]]:
+def _write_and_publish(session: Session, planner: _Planner) -> tuple[Batch, list[uuid.UUID]]:
     """Write a planned batch, commit, then publish it (the writer thread of fire_due)."""
     try:
         launched = _write(session.connection(), planner)

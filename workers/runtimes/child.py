@@ -156,16 +156,7 @@ def run_child(
     started = time.perf_counter()
     pass_fds = () if control is None else (control[1],)
     try:
-        process = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(LAUNCHER), *argv],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=pass_fds,
-            cwd=cwd,
-            env=launch_env,
-            start_new_session=True,
-        )
+        process = _launch(argv, launch_env, cwd, pass_fds)
     except OSError as exc:
         if control is not None:
             os.close(control[0])
@@ -187,13 +178,55 @@ def run_child(
     if control is not None:
         streams[control[0]] = control[2]
     supervisor = _Supervisor(process, limits, spec, ctx, logs, cancel_signal, started)
+    outcome, rusage = _supervise_to_the_end(supervisor, streams, stdin, control)
+    cpu_seconds = max(rusage.ru_utime + rusage.ru_stime, supervisor.peak.cpu_seconds)
+    if outcome.ok and not outcome.cancelled:
+        outcome = _limit_from_exit(process.returncode, limits, cpu_seconds) or outcome
+    return ChildRun(
+        outcome,
+        process.returncode,
+        {
+            "cpu_seconds": round(cpu_seconds, 4),
+            "max_rss_mb": round(
+                max(child_peak_rss_mb() or rusage.ru_maxrss / 1024, supervisor.peak.rss_mb), 1
+            ),
+            "wall_ms": round((time.perf_counter() - started) * 1000),
+        },
+    )
+
+
+def _launch(
+    argv: list[str], env: dict[str, str], cwd: str, pass_fds: tuple[int, ...]
+) -> subprocess.Popen:
+    """The launcher (limited_exec.py) running `argv`, in a session of its own."""
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", str(LAUNCHER), *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=pass_fds,
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def _supervise_to_the_end(
+    supervisor: _Supervisor,
+    streams: dict[int, ByteLines],
+    stdin: bytes,
+    control: tuple[int, int, ByteLines] | None,
+) -> tuple[Outcome, resource.struct_rusage]:
+    """Pump the child's pipes until it is done, then kill what is left of its group, close
+    every descriptor and reap it: the outcome and the child's resource usage."""
+    process = supervisor.process
     try:
         outcome = supervisor.pump(streams, stdin)
     except SoftTimeLimitExceeded:
         # Celery's backstop fired before our own deadline did.
         outcome = Outcome(
             error_type="timeout",
-            error_message=f"killed after timeout_seconds={spec.timeout_seconds}",
+            error_message=f"killed after timeout_seconds={supervisor.spec.timeout_seconds}",
         )
     finally:
         # Whatever happened, nothing of the child outlives this call, and every descriptor and
@@ -209,20 +242,7 @@ def run_child(
                 with contextlib.suppress(OSError):
                     pipe.close()
             rusage = supervisor.reap()
-    cpu_seconds = max(rusage.ru_utime + rusage.ru_stime, supervisor.peak.cpu_seconds)
-    if outcome.ok and not outcome.cancelled:
-        outcome = _limit_from_exit(process.returncode, limits, cpu_seconds) or outcome
-    return ChildRun(
-        outcome,
-        process.returncode,
-        {
-            "cpu_seconds": round(cpu_seconds, 4),
-            "max_rss_mb": round(
-                max(child_peak_rss_mb() or rusage.ru_maxrss / 1024, supervisor.peak.rss_mb), 1
-            ),
-            "wall_ms": round((time.perf_counter() - started) * 1000),
-        },
-    )
+    return outcome, rusage
 
 
 def _limit_from_exit(returncode: int | None, limits: ChildLimits, cpu: float) -> Outcome | None:

@@ -26,74 +26,78 @@ def peak_rss_kb() -> int:
     return 0
 
 
-def main() -> None:
-    # closefd=False: the usage line is written on this descriptor after main() returns.
-    control = os.fdopen(int(os.environ["RUNYARD_CONTROL_FD"]), "w", buffering=1, closefd=False)
-    request = json.loads(sys.stdin.buffer.read())
-    sys.stdin = open(os.devnull)  # noqa: SIM115 - the agent gets an empty stdin for its lifetime
+class Log:
+    """ctx.log: each call is one log line on the control channel."""
 
-    def send(message: dict, strict: bool = False) -> None:
-        # Log fields are best effort (repr of what JSON cannot hold); the output is not.
-        control.write(json.dumps(message, default=None if strict else repr) + "\n")
+    def __init__(self, send):
+        self._send = send
 
-    class Log:
-        def _emit(self, level, message, fields):
-            sys.stdout.flush()
-            sys.stderr.flush()
-            send({"log": [LEVELS[level], str(message), fields]})
+    def _emit(self, level, message, fields):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._send({"log": [LEVELS[level], str(message), fields]})
 
-        def debug(self, message, **fields):
-            self._emit("debug", message, fields)
+    def debug(self, message, **fields):
+        self._emit("debug", message, fields)
 
-        def info(self, message, **fields):
-            self._emit("info", message, fields)
+    def info(self, message, **fields):
+        self._emit("info", message, fields)
 
-        def warning(self, message, **fields):
-            self._emit("warning", message, fields)
+    def warning(self, message, **fields):
+        self._emit("warning", message, fields)
 
-        def error(self, message, **fields):
-            self._emit("error", message, fields)
+    def error(self, message, **fields):
+        self._emit("error", message, fields)
 
-    class LogLines:
-        """sys.stdout / sys.stderr: each printed line travels on the control channel, so prints
-        and ctx.log arrive in the order they happened. Output of subprocesses the script starts
-        still goes to the real descriptors 1 and 2, which the worker also reads."""
 
-        def __init__(self, level):
-            self.level = level
+class LogLines:
+    """sys.stdout / sys.stderr: each printed line travels on the control channel, so prints
+    and ctx.log arrive in the order they happened. Output of subprocesses the script starts
+    still goes to the real descriptors 1 and 2, which the worker also reads."""
+
+    def __init__(self, send, level):
+        self._send = send
+        self.level = level
+        self.partial = ""
+
+    def write(self, text):
+        self.partial += text
+        *lines, self.partial = self.partial.split("\n")
+        for line in lines:
+            self._send({"log": [self.level, line, None]})
+        return len(text)
+
+    def flush(self):
+        if self.partial:
+            self._send({"log": [self.level, self.partial, None]})
             self.partial = ""
 
-        def write(self, text):
-            self.partial += text
-            *lines, self.partial = self.partial.split("\n")
-            for line in lines:
-                send({"log": [self.level, line, None]})
-            return len(text)
+    def isatty(self):
+        return False
 
-        def flush(self):
-            if self.partial:
-                send({"log": [self.level, self.partial, None]})
-                self.partial = ""
 
-        def isatty(self):
-            return False
+class Ctx:
+    """The `ctx` of main(input, ctx): the execution, the agent's config, a log, and whether a
+    cancel was asked for."""
 
-    sys.stdout = LogLines(LEVELS["info"])
-    sys.stderr = LogLines(LEVELS["warning"])
-    cancelled = []
-    signal.signal(signal.SIGUSR1, lambda *_: cancelled.append(True))
+    def __init__(self, request_ctx, log, cancel_requests):
+        self.execution_id = request_ctx["execution_id"]
+        self.attempt = request_ctx["attempt"]
+        self.agent = request_ctx["agent"]
+        self.config = request_ctx["config"]
+        self.log = log
+        self._cancel_requests = cancel_requests
 
-    class Ctx:
-        execution_id = request["ctx"]["execution_id"]
-        attempt = request["ctx"]["attempt"]
-        agent = request["ctx"]["agent"]
-        config = request["ctx"]["config"]
-        log = Log()
+    def cancelled(self):
+        return bool(self._cancel_requests)
 
-        @staticmethod
-        def cancelled():
-            return bool(cancelled)
 
+# What run_script returns when the script gave no output: it failed, and said so already.
+NO_OUTPUT = object()
+
+
+def run_script(request: dict, ctx: Ctx, send):
+    """The value the script's main(input, ctx) returns, or NO_OUTPUT once its error is sent."""
     namespace = {"__name__": "runyard_script"}
     try:
         exec(compile(request["source"], "<agent script>", "exec"), namespace)
@@ -107,17 +111,20 @@ def main() -> None:
                     }
                 }
             )
-            return
-        output = entry(request["input"], Ctx())
+            return NO_OUTPUT
+        return entry(request["input"], ctx)
     except BaseException as exc:
         sys.stdout.flush()
         # Drop this runner's own frame: the user's traceback starts in their script.
         trace = traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next)
-        Ctx.log.error("".join(trace).rstrip())
+        ctx.log.error("".join(trace).rstrip())
         send(
             {"error": {"type": error_type(exc, request), "message": f"{type(exc).__name__}: {exc}"}}
         )
-        return
+        return NO_OUTPUT
+
+
+def send_output(control, send, output, max_output_bytes: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -126,11 +133,31 @@ def main() -> None:
         send({"error": {"type": "output_invalid", "message": f"output is not JSON: {exc}"}})
         return
     # The output line is bounded here, before it crosses the pipe.
-    if len(text) > request["max_output_bytes"]:
-        message = f"the output is {len(text)} bytes, over {request['max_output_bytes']}"
+    if len(text) > max_output_bytes:
+        message = f"the output is {len(text)} bytes, over {max_output_bytes}"
         send({"error": {"type": "output_too_large", "message": message}})
         return
     control.write(text + "\n")
+
+
+def main() -> None:
+    # closefd=False: the usage line is written on this descriptor after main() returns.
+    control = os.fdopen(int(os.environ["RUNYARD_CONTROL_FD"]), "w", buffering=1, closefd=False)
+    request = json.loads(sys.stdin.buffer.read())
+    sys.stdin = open(os.devnull)  # noqa: SIM115 - the agent gets an empty stdin for its lifetime
+
+    def send(message: dict) -> None:
+        # Log fields are best effort (repr of what JSON cannot hold); the output is not.
+        control.write(json.dumps(message, default=repr) + "\n")
+
+    sys.stdout = LogLines(send, LEVELS["info"])
+    sys.stderr = LogLines(send, LEVELS["warning"])
+    cancel_requests = []
+    signal.signal(signal.SIGUSR1, lambda *_: cancel_requests.append(True))
+    ctx = Ctx(request["ctx"], Log(send), cancel_requests)
+    output = run_script(request, ctx, send)
+    if output is not NO_OUTPUT:
+        send_output(control, send, output, request["max_output_bytes"])
 
 
 def error_type(exc: BaseException, request: dict) -> str:
