@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from app import jsonschemas
 from app.agents.models import Agent, AgentVersion
-from app.chains import definitions
+from app.chains import definitions, typecheck
 from app.chains.definitions import AgentSchemas, Plan, Problems
 from app.chains.models import Chain, ChainExecution, ChainVersion
 from app.chains.plans import plans
@@ -140,7 +140,7 @@ def _check_definition(session: Session, principal: Principal, document: dict[str
                 )
         compensate_versions.append(compensator)
     if not problems.messages:
-        definitions.check_types(plan, document["input_schema"], agents, compensators, problems)
+        typecheck.check_types(plan, document["input_schema"], agents, compensators, problems)
     problems.raise_if_any()
     return Resolved(plan, step_versions, compensate_versions)  # type: ignore[arg-type]
 

@@ -1,4 +1,5 @@
-"""app/chains/definitions.py on its own: plans, references, the structure and type checks.
+"""app/chains/definitions.py and typecheck.py on their own: plans, references, the structure and
+type checks.
 
 Pure functions on plain dicts: no database, no worker. tests/app/test_chains_api.py covers the
 same checks through the API, with agents looked up in the database."""
@@ -10,7 +11,6 @@ from app.chains.definitions import (
     Problems,
     Ref,
     check_structure,
-    check_types,
     is_ref,
     parse_ref,
     plan_for,
@@ -18,6 +18,7 @@ from app.chains.definitions import (
     resolve,
     step_input,
 )
+from app.chains.typecheck import check_types
 from app.errors import ValidationFailed
 
 NUMBER_IN = {
