@@ -47,6 +47,7 @@ def build_app(config: Config | None = None) -> Flask:
     from app.chains.routes import blp as chains_blp
     from app.executions.routes import blp as executions_blp
     from app.fleet.routes import blp as fleet_blp
+    from app.flow.routes import blp as flow_blp
     from app.orgs.routes import blp as orgs_blp
     from app.schedules.routes import blp as schedules_blp
     from app.triggers.routes import blp as triggers_blp
@@ -58,6 +59,7 @@ def build_app(config: Config | None = None) -> Flask:
         executions_blp,
         chains_blp,
         fleet_blp,
+        flow_blp,
         schedules_blp,
         triggers_blp,
         hooks_blp,

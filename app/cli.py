@@ -57,6 +57,38 @@ def cmd_orgs_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_orgs_limits(args: argparse.Namespace) -> int:
+    from app.db import db
+    from app.flow import services
+
+    _database_url()
+    changes = {name: getattr(args, name) for name in services.SETTABLE}
+    with db.session() as session:
+        limits = services.set_limits(
+            session, args.name, {name: value for name, value in changes.items() if value != _KEEP}
+        )
+        session.commit()
+    if args.json:
+        print(json.dumps(limits.as_dict()))
+    else:
+        for name, value in limits.as_dict().items():
+            print(f"{name:<20} {'none' if value is None else value}")
+    return 0
+
+
+# An option not given leaves its limit as it is; `none` removes it.
+_KEEP = object()
+
+
+def _limit(raw: str) -> float | None:
+    if raw == "none":
+        return None
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"a number, or none: {raw!r}") from exc
+
+
 def cmd_tokens_create(args: argparse.Namespace) -> int:
     from app.db import db
     from app.errors import NotFound
@@ -191,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--json", action="store_true", help="print JSON")
     create.set_defaults(func=cmd_orgs_create)
+    limits = orgs_commands.add_parser(
+        "limits", help="set an organization's limits (none removes one) and print them all"
+    )
+    limits.add_argument("name")
+    for option, meaning in (
+        ("--max-queued", "executions not yet started; a submit past it is a 429"),
+        ("--submit-rate", "submits a second, one budget over every API process"),
+        ("--submit-burst", "submits at once above the rate (default: the rate)"),
+        ("--cpu-seconds-per-day", "CPU its executions may use per UTC day before submits are 429"),
+    ):
+        limits.add_argument(option, type=_limit, default=_KEEP, metavar="N|none", help=meaning)
+    limits.add_argument("--json", action="store_true", help="print JSON")
+    limits.set_defaults(func=cmd_orgs_limits)
 
     tokens = commands.add_parser("tokens", help="API tokens")
     tokens_commands = tokens.add_subparsers(dest="tokens_command", required=True)

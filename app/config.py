@@ -37,6 +37,20 @@ def _positive_float(name: str, default: float) -> float:
     return value
 
 
+def _optional_limit(name: str, kind: type[int] | type[float]) -> int | float | None:
+    """A default organization limit: unset or `none` for no limit, else a number above 0."""
+    raw = os.environ.get(name, "").strip()
+    if raw in ("", "none"):
+        return None
+    try:
+        value = kind(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number above 0 or `none`, got {raw!r}") from exc
+    if value <= 0:
+        raise ValueError(f"{name} must be above 0 or `none`, got {raw!r}")
+    return value
+
+
 def _list(name: str, default: str) -> tuple[str, ...]:
     raw = os.environ.get(name, default)
     return tuple(part.strip() for part in raw.split(",") if part.strip())
@@ -87,6 +101,12 @@ class Config:
     flower_password: str = ""
     worker_concurrency: int = 0
     http_allow_hosts: tuple[str, ...] = ()
+    # Limits a new organization starts with (app/flow); None: no limit.
+    default_max_queued: int | None = None
+    default_submit_rate: float | None = None
+    default_submit_burst: int | None = None
+    default_cpu_seconds_per_day: float | None = None
+    limits_cache_seconds: float = 5.0
 
     @classmethod
     def from_env(cls) -> Config:
@@ -135,6 +155,13 @@ class Config:
             flower_password=os.environ.get("RUNYARD_FLOWER_PASSWORD", ""),
             worker_concurrency=_int("RUNYARD_WORKER_CONCURRENCY", 0),
             http_allow_hosts=_list("RUNYARD_HTTP_ALLOW_HOSTS", ""),
+            default_max_queued=_optional_limit("RUNYARD_DEFAULT_MAX_QUEUED", int),
+            default_submit_rate=_optional_limit("RUNYARD_DEFAULT_SUBMIT_RATE", float),
+            default_submit_burst=_optional_limit("RUNYARD_DEFAULT_SUBMIT_BURST", int),
+            default_cpu_seconds_per_day=_optional_limit(
+                "RUNYARD_DEFAULT_CPU_SECONDS_PER_DAY", float
+            ),
+            limits_cache_seconds=_float("RUNYARD_LIMITS_CACHE_SECONDS", cls.limits_cache_seconds),
         )
 
     def allows_module(self, module: str) -> bool:
@@ -270,6 +297,36 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "empty",
         "comma-separated host names or IP literals an `http` agent may call even though they "
         "resolve to loopback, private or link-local addresses (exact match, per redirect hop)",
+    ),
+    (
+        "RUNYARD_DEFAULT_MAX_QUEUED",
+        "none",
+        "`max_queued` of a new organization: its executions not yet started, past which a "
+        "submit is a 429",
+    ),
+    (
+        "RUNYARD_DEFAULT_SUBMIT_RATE",
+        "none",
+        "`submit_rate` of a new organization: submits per second, one budget over every API "
+        "process",
+    ),
+    (
+        "RUNYARD_DEFAULT_SUBMIT_BURST",
+        "none",
+        "`submit_burst` of a new organization: submits at once above the rate (unset: the rate, "
+        "at least 1)",
+    ),
+    (
+        "RUNYARD_DEFAULT_CPU_SECONDS_PER_DAY",
+        "none",
+        "`cpu_seconds_per_day` of a new organization: CPU its executions may use per UTC day "
+        "before submits are a 429",
+    ),
+    (
+        "RUNYARD_LIMITS_CACHE_SECONDS",
+        "5",
+        "how long an API process trusts an organization's limits and its CPU used today (a "
+        "change by `runyard orgs limits` takes effect within this)",
     ),
 )
 

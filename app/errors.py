@@ -43,6 +43,19 @@ class ValidationFailed(RunyardError):
     status_code = 422
 
 
+class QuotaExceeded(RunyardError):
+    """429: a limit of the organization refuses the work for now; nothing was stored.
+    `headers` go on the answer (Retry-After, and the RateLimit-* ones of the submit rate)."""
+
+    status_code = 429
+
+    def __init__(self, limit: str, message: str, *, retry_after: int, hint: str, **headers: str):
+        super().__init__(message, errors={"limit": [limit]}, hint=hint)
+        self.limit = limit
+        self.retry_after = retry_after
+        self.headers = {"Retry-After": str(retry_after), **headers}
+
+
 class Unavailable(RunyardError):
     status_code = 503
 

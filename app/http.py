@@ -20,6 +20,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 from app import storable
 from app.db import db
 from app.errors import (
+    QuotaExceeded,
     RunyardError,
     Unavailable,
     UnsupportedMediaType,
@@ -215,6 +216,8 @@ def _install_error_handlers(app: Flask, api: RunyardApi) -> Callable[[Exception]
             error.hint or HTTP_HINTS.get(error.status_code, SPEC_HINT),
         )
         headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else {}
+        if isinstance(error, QuotaExceeded):
+            headers.update(error.headers)
         return jsonify(body), error.status_code, headers
 
     @app.errorhandler(RecursionError)
@@ -298,8 +301,9 @@ def _install_idempotency(app: Flask, error_response) -> None:
         transaction, org_id, key = claimed
         # The request's session first: what it did not commit must not ride on our commit.
         close_request_session()
-        if response.status_code >= 500:
-            transaction.rollback()  # the key stays free for a retry
+        if response.status_code >= 500 or response.status_code == 429:
+            # The key stays free for a retry: after an outage, or once the quota allows.
+            transaction.rollback()
             return response
         try:
             idempotency.record(

@@ -80,6 +80,8 @@ def pytest_configure(config: pytest.Config) -> None:
             "REDIS_URL": redis_url,
             "RUNYARD_AGENT_MODULES": TEST_AGENT_MODULES,
             "RUNYARD_TOKEN_CACHE_SECONDS": "0",
+            # Limits set by a test apply to its next request.
+            "RUNYARD_LIMITS_CACHE_SECONDS": "0",
             "RUNYARD_LOG_FLUSH_SECONDS": "0.2",
             "RUNYARD_ALLOWED_COMMANDS": TEST_ALLOWED_COMMANDS,
             # Short graces and a small process cap keep the limit and cancel tests quick.

@@ -18,6 +18,7 @@ from app.db import db
 from app.errors import Conflict, ValidationFailed
 from app.executions.spec import DEFAULT_PRIORITY
 from app.executions.versions import specs
+from app.flow import quotas
 from app.orgs.services import Principal
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ def submit(
     execution = new_execution(
         session, principal.org_id, chain, chain_version, payload, priority=priority
     )
+    # Its first step is one more execution not yet started.
+    quotas.admit(session.connection(), principal.org_id, executions=1)
     session.add(execution)
     session.commit()
     db.after_commit(_publish_submitted, execution.id, chain_version.id)

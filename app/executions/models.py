@@ -30,6 +30,13 @@ class Execution(Base):
             "ix_executions_org_id_agent_id_queued_at", "org_id", "agent_id", text("queued_at DESC")
         ),
         Index("ix_executions_org_id_status_queued_at", "org_id", "status", text("queued_at DESC")),
+        # The CPU an organization's executions used today (app/flow: cpu_seconds_per_day).
+        Index(
+            "ix_executions_org_id_finished_at",
+            "org_id",
+            "finished_at",
+            postgresql_where=text("finished_at IS NOT NULL"),
+        ),
         # The sweeper's two questions: what was committed but never published, whose lease ran out.
         Index(
             "ix_executions_undispatched",

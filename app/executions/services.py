@@ -28,6 +28,7 @@ from app.executions.dispatch import Dispatch, dispatcher
 from app.executions.models import Execution, ExecutionAttempt, ExecutionLog
 from app.executions.spec import DEFAULT_PRIORITY, LEVEL_NAMES, LEVELS, VersionSpec
 from app.executions.versions import specs
+from app.flow import quotas
 from app.orgs.services import Principal
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def submit(
             pinned=target.pinned,
         )
 
-    with db.hot() as conn:
+    with quotas.admitted(principal.org_id, executions=1) as conn:
         target, spec, queued_at = _insert_for_target(conn, principal, ref, version, insert)
     # Committed (autocommit) before publishing: a worker never sees an id the database lacks.
     # Inside a keyed request's transaction the commit comes later, and so does the publish.
@@ -194,7 +195,7 @@ def submit_batch(
         _refuse_invalid(spec, errors, "inputs of the batch do")
         return store.insert_batch(conn, principal.org_id, spec, rows, pinned=target.pinned) or None
 
-    with db.hot() as conn:
+    with quotas.admitted(principal.org_id, executions=len(rows)) as conn:
         _, spec, _ = _insert_for_target(conn, principal, ref, version, insert)
     db.after_commit(
         dispatcher.submit_many,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text
+from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, now_column, uuid_pk
@@ -11,12 +11,26 @@ from app.db import Base, now_column, uuid_pk
 ROLES = ("admin", "developer", "operator", "viewer")
 
 
+# Limits an organization's work is admitted under (app/flow); unset (NULL) means none.
+LIMITS = ("max_running", "max_queued", "submit_rate", "submit_burst", "cpu_seconds_per_day")
+
+
 class Organization(Base):
     __tablename__ = "organizations"
+    __table_args__ = (
+        *(CheckConstraint(f"{name} IS NULL OR {name} > 0", name=name) for name in LIMITS),
+        CheckConstraint("weight BETWEEN 1 AND 1000", name="weight"),
+    )
 
     id: Mapped[uuid.UUID] = uuid_pk()
     name: Mapped[str] = mapped_column(String(63), unique=True)
     created_at: Mapped[dt.datetime] = now_column()
+    max_running: Mapped[int | None]
+    max_queued: Mapped[int | None]
+    submit_rate: Mapped[float | None]
+    submit_burst: Mapped[int | None]
+    cpu_seconds_per_day: Mapped[float | None]
+    weight: Mapped[int] = mapped_column(server_default=text("1"))
 
 
 class ApiToken(Base):

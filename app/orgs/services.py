@@ -14,6 +14,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.config import current_config
 from app.db import db, utcnow
 from app.errors import Conflict, Forbidden, NotFound, Unauthorized, ValidationFailed
 from app.orgs.models import ROLES, ApiToken, Organization
@@ -59,7 +60,14 @@ def create_org(session: Session, name: str) -> tuple[Organization, str]:
         raise ValidationFailed(
             "organization name must be 1 to 63 characters", errors={"name": ["1 to 63 characters"]}
         )
-    org = Organization(name=name)
+    cfg = current_config()
+    org = Organization(
+        name=name,
+        max_queued=cfg.default_max_queued,
+        submit_rate=cfg.default_submit_rate,
+        submit_burst=cfg.default_submit_burst,
+        cpu_seconds_per_day=cfg.default_cpu_seconds_per_day,
+    )
     session.add(org)
     try:
         session.flush()

@@ -42,6 +42,7 @@ from app.errors import RunyardError
 from app.executions import services as executions
 from app.executions.spec import TERMINAL_STATUSES
 from app.executions.versions import specs
+from app.flow import quotas
 from app.schedules import cron
 from app.schedules.planner import Batch, Planner
 
@@ -164,6 +165,18 @@ class _Planner(Planner):
         self.conn = conn
         self.fired_by = fired_by
         self._validity: dict[tuple[uuid.UUID, uuid.UUID], str | None] = {}
+        # org id -> runs this batch admitted for it so far, not yet in the table.
+        self._admitted: dict[uuid.UUID, int] = {}
+
+    def quota_refusal(self, row: Any) -> str | None:
+        """max_queued and cpu_seconds_per_day, counting the runs this batch fires before it (the
+        submit rate is the API's)."""
+        admitted = self._admitted.get(row.org_id, 0) + 1
+        limit = quotas.refused_limit(self.conn, row.org_id, executions=admitted)
+        if limit is not None:
+            return f"refused by the organization's quota {limit} (GET /api/v1/usage)"
+        self._admitted[row.org_id] = admitted
+        return None
 
     def prepare(self, row: Any, run_id: uuid.UUID) -> str | None:
         """Add the run to the batch's launches; or why the target cannot run this schedule's
@@ -338,25 +351,27 @@ def release_buffered(fired_by: str, report: TickReport) -> None:
         planner = _Planner(conn, utcnow(), fired_by)
         for row in rows:
             run_id = uuid.uuid4()
-            reason = planner.prepare(row, run_id)
-            execution_id = None if reason else run_id
+            # A quota's refusal is a skip, not a failure of the schedule.
+            skipped = planner.quota_refusal(row)
+            failed = None if skipped else planner.prepare(row, run_id)
+            execution_id = None if skipped or failed else run_id
             chain = row.chain_id is not None
             conn.execute(
                 _RELEASE,
                 {
                     "schedule_id": row.id,
                     "fire_time": row.fire_time,
-                    "status": "failed" if reason else "fired",
+                    "status": "skipped" if skipped else "failed" if failed else "fired",
                     "execution_id": None if chain else execution_id,
                     "chain_execution_id": execution_id if chain else None,
-                    "reason": reason,
-                    "outcome": "failed" if reason else None,
+                    "reason": skipped or failed,
+                    "outcome": "failed" if failed else None,
                     "fired_by": fired_by,
                 },
             )
             conn.execute(
                 _LAST_EXECUTION,
-                {"id": row.id, "execution_id": execution_id, "failures": 1 if reason else 0},
+                {"id": row.id, "execution_id": execution_id, "failures": 1 if failed else 0},
             )
             report.released += 1
         launched = runs.launch(conn, list(planner.batch.launches.values()))

@@ -90,6 +90,11 @@ class Planner(abc.ABC):
         """Make the run `run_id` of the schedule's target ready to be written; or say why the
         target cannot run this schedule's input now."""
 
+    def quota_refusal(self, row: Any) -> str | None:
+        """The organization's quota that refuses one more run now, as a skip reason, or None
+        (firing.py asks app/flow; a planner without quotas refuses nothing)."""
+        return None
+
     def record(
         self,
         row: Any,
@@ -115,6 +120,10 @@ class Planner(abc.ABC):
         )
 
     def fire(self, row: Any, fire_time: dt.datetime, kind: str) -> uuid.UUID | None:
+        refused = self.quota_refusal(row)
+        if refused:
+            self.record(row, fire_time, kind, "skipped", refused)
+            return None
         execution_id = self.new_id()
         reason = self.prepare(row, execution_id)
         if reason:
@@ -135,12 +144,13 @@ class Planner(abc.ABC):
 
     def _fire_on_time(self, row: Any, fire_time: dt.datetime, following: dt.datetime) -> None:
         execution_id = self.fire(row, fire_time, "scheduled")
-        failed = execution_id is None
+        # Not fired: failed (counts towards pause_after_failures), or skipped by a quota.
+        failed = self.batch.fires[-1]["status"] == "failed"
         self.batch.updates.append(
             {
                 "id": row.id,
                 "next_fire_at": following,
-                "last_fire_at": None if failed else fire_time,
+                "last_fire_at": None if execution_id is None else fire_time,
                 "last_execution_id": execution_id,
                 "failures": int(failed),
             }

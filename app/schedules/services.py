@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from app import runs
 from app.db import page, utcnow
 from app.errors import Conflict, NotFound, ValidationFailed
+from app.flow import quotas
 from app.orgs.services import Principal
 from app.schedules import cron
 from app.schedules.models import Schedule, ScheduleFire
@@ -273,6 +274,7 @@ def trigger_now(session: Session, principal: Principal, ref: str) -> tuple[dict,
                 "the input_schema",
             )
         launch = runs.Launch(run_id, schedule.org_id, spec, schedule.input)
+    quotas.admit(conn, schedule.org_id, executions=1)
     launched = runs.launch(conn, [launch])
     chain = isinstance(launch, runs.ChainLaunch)
     now = utcnow()

@@ -42,6 +42,7 @@ from app.errors import (
     ValidationFailed,
     json_pointer,
 )
+from app.flow import quotas
 from app.orgs.services import Principal
 from app.triggers.models import Trigger
 
@@ -299,6 +300,7 @@ def deliver(
                 hint=f"GET /api/v1/agents/{spec.agent_name} shows the input_schema",
             )
         launch = runs.Launch(run_id, trigger.org_id, spec, payload)
+    quotas.admit(conn, trigger.org_id, executions=1)
     conn.execute(_FORGET_OLD, {"trigger_id": trigger.id, "before": utcnow() - REPLAY_MEMORY})
     remembered = conn.execute(
         _REMEMBER,

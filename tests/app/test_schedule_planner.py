@@ -41,6 +41,8 @@ class Due:
     has_buffered: bool = False
     # Not a column: why this schedule's target refuses to run (the planner's prepare says so).
     refusal: str | None = None
+    # Not a column: the organization's quota that refuses a run (app/flow says so in firing).
+    over_quota: str | None = None
     id: uuid.UUID = field(default_factory=uuid.uuid4)
     org_id: uuid.UUID = ORG
 
@@ -51,6 +53,9 @@ class StubPlanner(Planner):
     def __init__(self, now: dt.datetime) -> None:
         super().__init__(now, cron.next_after, TERMINAL)
         self.prepared: list[uuid.UUID] = []
+
+    def quota_refusal(self, row: Due) -> str | None:
+        return row.over_quota
 
     def prepare(self, row: Due, run_id: uuid.UUID) -> str | None:
         if row.refusal:
@@ -105,6 +110,17 @@ def test_an_on_time_fire_time_fires_and_the_schedule_moves_to_the_next():
     ]
     assert planner.batch.cancels == {}
     assert run_id.version == 4
+
+
+def test_a_fire_a_quota_refuses_is_skipped_and_counts_as_no_failure():
+    row = Due(next_fire_at=at(12, 0), over_quota="refused by the quota max_queued")
+    planner = plan(at(12, 0, 2), row)
+    assert planner.prepared == [], "nothing is built for a refused run"
+    assert fires(planner) == [(at(12, 0), "scheduled", "skipped")]
+    assert reasons(planner) == ["refused by the quota max_queued"]
+    [update] = planner.batch.updates
+    assert update["failures"] == 0 and update["last_fire_at"] is None
+    assert update["next_fire_at"] == at(12, 1)
 
 
 def test_a_chain_targets_run_is_a_chain_execution():

@@ -369,3 +369,29 @@ def connection_free(app):
             return result.all() if fetch else None
 
     return run
+
+
+def test_a_fire_refused_by_a_quota_is_skipped_naming_the_limit(live_client, live_org, beats):
+    from app.db import db
+    from app.flow import services as flow
+
+    client, org = live_client, live_org
+    define(client, org, "held", queue="idle")
+    with db.session() as session:
+        flow.set_limits(session, org.name, {"max_queued": 2})
+        session.commit()
+    created = schedule(client, org, "every-second", "held", overlap="allow", pause_after_failures=1)
+    beats.start()
+    entries = wait_until(
+        lambda: (
+            (found := history(client, org, created["id"]))
+            and any(e["status"] == "skipped" for e in found)
+            and found
+        ),
+        timeout=10,
+    )
+    fired = [e for e in entries if e["status"] == "fired"]
+    skipped = [e for e in entries if e["status"] == "skipped"]
+    assert len(fired) == 2, entries
+    assert all("quota max_queued" in e["skipped_reason"] for e in skipped), skipped
+    assert read(client, org, created["id"])["enabled"], "a quota skip is no failure: not paused"

@@ -1,0 +1,40 @@
+from marshmallow import Schema, fields
+
+
+class LimitsSchema(Schema):
+    max_running = fields.Integer(
+        allow_none=True, metadata={"description": "executions running at once (not set yet)"}
+    )
+    max_queued = fields.Integer(
+        allow_none=True,
+        metadata={"description": "executions not yet started; a submit past it is a 429"},
+    )
+    submit_rate = fields.Float(
+        allow_none=True, metadata={"description": "submits a second, over every API process"}
+    )
+    submit_burst = fields.Integer(
+        allow_none=True, metadata={"description": "submits at once above the rate"}
+    )
+    cpu_seconds_per_day = fields.Float(
+        allow_none=True,
+        metadata={"description": "CPU the executions may use per UTC day before submits are 429"},
+    )
+    weight = fields.Integer(metadata={"description": "share of the workers when queues are busy"})
+
+
+class UsageNowSchema(Schema):
+    running = fields.Integer()
+    queued = fields.Integer()
+    cpu_seconds_today = fields.Float(metadata={"description": "since 00:00 UTC"})
+
+
+class QueueUsageSchema(Schema):
+    queue = fields.String()
+    queued = fields.Integer()
+    oldest_queued_age_seconds = fields.Float()
+
+
+class UsageSchema(Schema):
+    limits = fields.Nested(LimitsSchema, metadata={"description": "null: no limit"})
+    usage = fields.Nested(UsageNowSchema)
+    queues = fields.List(fields.Nested(QueueUsageSchema))
