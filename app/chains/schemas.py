@@ -4,7 +4,7 @@ from marshmallow import Schema, fields, validate
 
 from app.agents.schemas import PATTERNS
 from app.chains.models import CHAIN_STATUSES
-from app.executions.schemas import ErrorInfoSchema
+from app.executions.schemas import ErrorInfoSchema, priority_field
 
 
 class ChainDefinitionFields(Schema):
@@ -68,12 +68,7 @@ class ChainQuerySchema(Schema):
 class ChainSubmitSchema(Schema):
     input = fields.Dict(required=True, metadata={"description": "checked against input_schema"})
     version = fields.String(metadata={"description": "pin a chain version; default: current"})
-    priority = fields.Integer(
-        strict=True,
-        load_default=5,
-        validate=validate.Range(min=0, max=9),
-        metadata={"description": "0..9, higher runs first; every step inherits it"},
-    )
+    priority = priority_field("0..9, higher runs first; every step inherits it")
 
 
 class ChainStepSchema(Schema):

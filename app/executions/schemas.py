@@ -5,25 +5,24 @@ from marshmallow import Schema, fields, validate
 from app.executions.spec import LEVELS, STATUSES
 
 
-class SubmitSchema(Schema):
-    input = fields.Dict(required=True, metadata={"description": "checked against input_schema"})
-    version = fields.String(metadata={"description": "pin a version; default: the current one"})
-    priority = fields.Integer(
+def priority_field(description: str) -> fields.Integer:
+    return fields.Integer(
         strict=True,
         load_default=5,
         validate=validate.Range(min=0, max=9),
-        metadata={"description": "0..9, higher runs first"},
+        metadata={"description": description},
     )
+
+
+class SubmitSchema(Schema):
+    input = fields.Dict(required=True, metadata={"description": "checked against input_schema"})
+    version = fields.String(metadata={"description": "pin a version; default: the current one"})
+    priority = priority_field("0..9, higher runs first")
 
 
 class BatchItemSchema(Schema):
     input = fields.Dict(required=True, metadata={"description": "checked against input_schema"})
-    priority = fields.Integer(
-        strict=True,
-        load_default=5,
-        validate=validate.Range(min=0, max=9),
-        metadata={"description": "0..9, higher runs first"},
-    )
+    priority = priority_field("0..9, higher runs first")
 
 
 class BatchSubmitSchema(Schema):

@@ -8,8 +8,10 @@ a worker whose lease ran out cannot overwrite a newer attempt's result.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,19 @@ from app.executions.spec import DEFAULT_PRIORITY, Claim, VersionSpec, error_body
 
 # ---------------------------------------------------------------------------------------------
 # Insert
+
+
+@contextlib.contextmanager
+def _nul_refused(pointer: str) -> Iterator[None]:
+    """PostgreSQL cannot store U+0000 in jsonb: a 422 at `pointer`, not a 500."""
+    try:
+        yield
+    except psycopg.errors.UntranslatableCharacter as exc:
+        raise ValidationFailed(
+            "the input holds a NUL character (\\u0000), which cannot be stored",
+            errors={pointer: ["contains \\u0000"]},
+            hint="remove or escape the NUL characters",
+        ) from exc
 
 
 # One statement: insert only if the agent is still live and (unless pinned) the version we
@@ -53,7 +68,7 @@ def insert(
 ) -> Any:
     """Insert a queued execution; its queued_at, or None when the agent was archived or (unless
     pinned) its current version changed since `spec` was read."""
-    try:
+    with _nul_refused("/input"):
         row = (
             driver(conn)
             .execute(
@@ -72,12 +87,6 @@ def insert(
             )
             .fetchone()
         )
-    except psycopg.errors.UntranslatableCharacter as exc:
-        raise ValidationFailed(
-            "the input holds a NUL character (\\u0000), which cannot be stored",
-            errors={"/input": ["contains \\u0000"]},
-            hint="remove or escape the NUL characters",
-        ) from exc
     return None if row is None else row[0]
 
 
@@ -110,7 +119,7 @@ def insert_batch(
             for row_id, priority, payload in rows
         ]
     )
-    try:
+    with _nul_refused("/items"):
         cursor = driver(conn).execute(
             _INSERT_BATCH_SQL,
             {
@@ -123,12 +132,6 @@ def insert_batch(
                 "rows": document,
             },
         )
-    except psycopg.errors.UntranslatableCharacter as exc:
-        raise ValidationFailed(
-            "an input holds a NUL character (\\u0000), which cannot be stored",
-            errors={"/items": ["an input contains \\u0000"]},
-            hint="remove or escape the NUL characters",
-        ) from exc
     return cursor.rowcount == len(rows)
 
 
