@@ -73,6 +73,12 @@ class ChainExecution(Base):
         CheckConstraint(f"status IN {CHAIN_STATUSES!r}", name="status"),
         CheckConstraint("priority BETWEEN 0 AND 9", name="priority"),
         Index("ix_chain_executions_org_id_queued_at", "org_id", text("queued_at DESC")),
+        # Chain runs not started yet count against max_queued (app/flow/quotas.py).
+        Index(
+            "ix_chain_executions_org_id_not_started",
+            "org_id",
+            postgresql_where=text("status = 'queued'"),
+        ),
         # The resumption check's question: which chains are still under way.
         Index(
             "ix_chain_executions_active",

@@ -1,5 +1,6 @@
 """Quotas, checked when work is submitted: `submit_rate` (with `submit_burst`), `max_queued` and
-`cpu_seconds_per_day`. A refused submit stores nothing and answers 429 with Retry-After.
+`cpu_seconds_per_day`. A refused submit stores nothing and answers 429 with Retry-After; a batch
+larger than max_queued, which can never fit, is a 422.
 
 An organization with none of them set pays one dictionary lookup per submit (the limits are
 cached per process) and its insert stays one autocommit statement. With `max_queued` set, the
@@ -13,14 +14,14 @@ import datetime as dt
 import logging
 import math
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Connection, text
 
 from app import broker
 from app.db import db
-from app.errors import QuotaExceeded
+from app.errors import QuotaExceeded, ValidationFailed
 from app.flow.limits import OrgLimits, TtlCache, cache
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,13 @@ log = logging.getLogger(__name__)
 MAX_QUEUED_RETRY_SECONDS = 5
 
 _LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
-_QUEUED = text("SELECT count(*) FROM executions WHERE org_id = :org_id AND status = 'queued'")
+# Not yet started: queued executions, and chain runs whose first step has no row yet.
+_QUEUED = text(
+    """
+    SELECT (SELECT count(*) FROM executions WHERE org_id = :org_id AND status = 'queued')
+         + (SELECT count(*) FROM chain_executions WHERE org_id = :org_id AND status = 'queued')
+    """
+)
 _CPU_TODAY = text(
     """
     SELECT coalesce(sum((resource_usage ->> 'cpu_seconds')::float8), 0) FROM executions
@@ -40,64 +47,38 @@ _CPU_TODAY = text(
 
 
 @contextmanager
-def admitted(org_id: uuid.UUID, *, executions: int, rate: bool = True) -> Iterator[Connection]:
-    """A connection to insert `executions` new executions on, once the organization's quotas
-    admit them (else QuotaExceeded). With `rate`, the submit takes one token of the submit
-    rate (a batch is one submit). The insert must run inside the block."""
+def admitted(org_id: uuid.UUID, *, executions: int) -> Iterator[Connection]:
+    """A connection to insert `executions` new executions of one API submit on, once the
+    organization's quotas admit them (else QuotaExceeded). The insert must run inside the
+    block."""
     with db.hot() as conn:
         limits = cache.get(conn, org_id)
         if not limits.quotas:
             yield conn
             return
-    if rate:
-        _take_submit_token(org_id, limits)
     with db.begin() as conn:
-        refuse_over_quota(conn, org_id, limits, executions)
+        admit(conn, org_id, executions=executions)
         yield conn
 
 
-def admit(conn: Connection, org_id: uuid.UUID, *, executions: int, rate: bool = True) -> None:
-    """`admitted` for work inserted in the caller's transaction, which must insert it before
-    it commits (a chain submit, a webhook delivery, a schedule fired by hand)."""
+def admit(conn: Connection, org_id: uuid.UUID, *, executions: int) -> None:
+    """Admit one API submit of `executions` new executions in the caller's transaction, which
+    must insert them before it commits (else QuotaExceeded). The submit takes a token of the
+    submit rate only once the other quotas let it through: a client retrying after a
+    max_queued refusal does not drain its rate."""
     limits = cache.get(conn, org_id)
     if not limits.quotas:
         return
-    if rate:
-        _take_submit_token(org_id, limits)
-    refuse_over_quota(conn, org_id, limits, executions)
-
-
-def refused_limit(conn: Connection, org_id: uuid.UUID, executions: int) -> str | None:
-    """The quota that refuses `executions` more for the organization now, or None: for work
-    that is not an API submit (schedule fires), so the submit rate does not count. Call it in
-    the transaction that inserts them."""
-    limits = cache.get(conn, org_id)
-    if not limits.quotas:
-        return None
-    try:
-        refuse_over_quota(conn, org_id, limits, executions)
-    except QuotaExceeded as exc:
-        return exc.limit
-    return None
-
-
-def refuse_over_quota(
-    conn: Connection, org_id: uuid.UUID, limits: OrgLimits, executions: int
-) -> None:
-    if limits.cpu_seconds_per_day is not None:
-        used = cpu_today.get(conn, org_id)
-        if used >= limits.cpu_seconds_per_day:
-            raise QuotaExceeded(
-                "cpu_seconds_per_day",
-                f"the organization's executions used {used:.1f} s of CPU today (UTC), its "
-                f"cpu_seconds_per_day is {limits.cpu_seconds_per_day:g}",
-                retry_after=_seconds_to_midnight_utc(),
-                hint="submits are taken again at 00:00 UTC; running executions finish; GET "
-                "/api/v1/usage shows the figures",
-            )
+    _refuse_over_cpu(conn, org_id, limits)
     if limits.max_queued is not None:
-        conn.execute(_LOCK, {"key": f"runyard:admission:{org_id}"})
-        queued = conn.execute(_QUEUED, {"org_id": org_id}).scalar_one()
+        if executions > limits.max_queued:
+            raise ValidationFailed(
+                f"{executions} executions can never fit under the organization's max_queued "
+                f"of {limits.max_queued}",
+                errors={"/items": [f"at most {limits.max_queued} items"]},
+                hint="split the batch",
+            )
+        queued = queued_now(conn, org_id)
         if queued + executions > limits.max_queued:
             raise QuotaExceeded(
                 "max_queued",
@@ -106,6 +87,64 @@ def refuse_over_quota(
                 retry_after=MAX_QUEUED_RETRY_SECONDS,
                 hint="submit again once some have started; GET /api/v1/usage shows the queues",
             )
+    _take_submit_token(org_id, limits)
+
+
+def queued_now(conn: Connection, org_id: uuid.UUID) -> int:
+    """The organization's executions not yet started, under its admission lock: held until the
+    caller's transaction ends, so two admissions cannot both take the last place."""
+    conn.execute(_LOCK, {"key": f"runyard:admission:{org_id}"})
+    return conn.execute(_QUEUED, {"org_id": org_id}).scalar_one()
+
+
+def _refuse_over_cpu(conn: Connection, org_id: uuid.UUID, limits: OrgLimits) -> None:
+    if limits.cpu_seconds_per_day is None:
+        return
+    used = cpu_today.get(conn, org_id)
+    if used >= limits.cpu_seconds_per_day:
+        raise QuotaExceeded(
+            "cpu_seconds_per_day",
+            f"the organization's executions used {used:.1f} s of CPU today (UTC), its "
+            f"cpu_seconds_per_day is {limits.cpu_seconds_per_day:g}",
+            retry_after=_seconds_to_midnight_utc(),
+            hint="submits are taken again at 00:00 UTC; running executions finish; GET "
+            "/api/v1/usage shows the figures",
+        )
+
+
+class Room:
+    """What the quotas leave each organization for the runs of one of beat's batches (schedule
+    fires: the submit rate is the API's). Read once per organization, in organization order
+    (two beats taking admission locks in different orders would deadlock), then counted down
+    as the batch admits runs. Build it in the transaction that inserts them."""
+
+    def __init__(self, conn: Connection, org_ids: Iterable[uuid.UUID]) -> None:
+        self._refused: dict[uuid.UUID, str] = {}
+        self._places: dict[uuid.UUID, int] = {}
+        for org_id in sorted(set(org_ids)):
+            limits = cache.get(conn, org_id)
+            if not limits.quotas:
+                continue
+            try:
+                _refuse_over_cpu(conn, org_id, limits)
+            except QuotaExceeded as exc:
+                self._refused[org_id] = exc.limit
+                continue
+            if limits.max_queued is not None:
+                self._places[org_id] = limits.max_queued - queued_now(conn, org_id)
+
+    def refusal(self, org_id: uuid.UUID) -> str | None:
+        """The quota that refuses one more run of the organization now, or None."""
+        if org_id in self._refused:
+            return self._refused[org_id]
+        if self._places.get(org_id, 1) < 1:
+            return "max_queued"
+        return None
+
+    def take(self, org_id: uuid.UUID) -> None:
+        """One run of the organization was admitted."""
+        if org_id in self._places:
+            self._places[org_id] -= 1
 
 
 def _take_submit_token(org_id: uuid.UUID, limits: OrgLimits) -> None:

@@ -18,10 +18,13 @@ from app.orgs.services import Principal, get_org_by_name
 SETTABLE = ("max_queued", "submit_rate", "submit_burst", "cpu_seconds_per_day")
 _WHOLE = {"max_queued", "submit_burst"}
 
+# `queued` as max_queued counts it: executions, and chain runs whose first step has not started.
 _COUNTS = text(
     """
     SELECT count(*) FILTER (WHERE status = 'running') AS running,
-           count(*) FILTER (WHERE status = 'queued') AS queued
+           count(*) FILTER (WHERE status = 'queued')
+           + (SELECT count(*) FROM chain_executions
+              WHERE org_id = :org_id AND status = 'queued') AS queued
     FROM executions WHERE org_id = :org_id AND status IN ('queued', 'running')
     """
 )

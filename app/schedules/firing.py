@@ -160,23 +160,13 @@ class _Planner(Planner):
     """The planner of one batch, with the schedules' targets: each run it fires is checked and
     built on the batch's connection."""
 
-    def __init__(self, conn: Connection, now: dt.datetime, fired_by: str) -> None:
-        super().__init__(now, _TimesCache().next_after, TERMINAL)
+    def __init__(self, conn: Connection, now: dt.datetime, fired_by: str, rows: list[Any]) -> None:
+        # max_queued and cpu_seconds_per_day of the batch's organizations, read once each.
+        room = quotas.Room(conn, (row.org_id for row in rows))
+        super().__init__(now, _TimesCache().next_after, TERMINAL, room)
         self.conn = conn
         self.fired_by = fired_by
         self._validity: dict[tuple[uuid.UUID, uuid.UUID], str | None] = {}
-        # org id -> runs this batch admitted for it so far, not yet in the table.
-        self._admitted: dict[uuid.UUID, int] = {}
-
-    def quota_refusal(self, row: Any) -> str | None:
-        """max_queued and cpu_seconds_per_day, counting the runs this batch fires before it (the
-        submit rate is the API's)."""
-        admitted = self._admitted.get(row.org_id, 0) + 1
-        limit = quotas.refused_limit(self.conn, row.org_id, executions=admitted)
-        if limit is not None:
-            return f"refused by the organization's quota {limit} (GET /api/v1/usage)"
-        self._admitted[row.org_id] = admitted
-        return None
 
     def prepare(self, row: Any, run_id: uuid.UUID) -> str | None:
         """Add the run to the batch's launches; or why the target cannot run this schedule's
@@ -276,7 +266,7 @@ def fire_due(now: dt.datetime, fired_by: str, report: TickReport) -> None:
                     session.begin()
                     conn = session.connection()
                     rows = conn.execute(_DUE, {"now": now, "limit": FIRE_BATCH}).all()
-                    planner = _Planner(conn, now, fired_by)
+                    planner = _Planner(conn, now, fired_by, rows)
                     for row in rows:
                         planner.plan(row)
                 except BaseException:
@@ -348,13 +338,15 @@ def release_buffered(fired_by: str, report: TickReport) -> None:
         rows = conn.execute(_BUFFERED_READY).all()
         if not rows:
             return
-        planner = _Planner(conn, utcnow(), fired_by)
+        planner = _Planner(conn, utcnow(), fired_by, rows)
         for row in rows:
             run_id = uuid.uuid4()
             # A quota's refusal is a skip, not a failure of the schedule.
             skipped = planner.quota_refusal(row)
             failed = None if skipped else planner.prepare(row, run_id)
             execution_id = None if skipped or failed else run_id
+            if execution_id is not None:
+                planner.room.take(row.org_id)
             chain = row.chain_id is not None
             conn.execute(
                 _RELEASE,

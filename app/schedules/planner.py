@@ -22,7 +22,7 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 MISFIRE_GRACE = dt.timedelta(seconds=5)
 # A schedule that missed more fire times than this (a per-second cron after a long outage)
@@ -65,35 +65,56 @@ class _Ids:
         return self._pool.pop()
 
 
+class QuotaRoom(Protocol):
+    """What the quotas leave each organization for a batch's runs."""
+
+    def refusal(self, org_id: uuid.UUID) -> str | None: ...
+
+    def take(self, org_id: uuid.UUID) -> None: ...
+
+
+class NoQuotas:
+    def refusal(self, org_id: uuid.UUID) -> str | None:
+        return None
+
+    def take(self, org_id: uuid.UUID) -> None:
+        return None
+
+
 class Planner(abc.ABC):
     """Plans due schedules into one Batch. A row is a due schedule as firing.py selects it
     (id, org_id, cron, timezone, next_fire_at, catchup, catchup_window_seconds, overlap,
     target_kind, last_execution_id, last_status, last_is_chain, has_buffered).
 
     `next_after(cron, timezone, after)` gives the fire time after `after`; `terminal_statuses`
-    are the statuses of a last run that has finished."""
+    are the statuses of a last run that has finished; `room` what the organizations' quotas
+    leave them (app/flow/quotas.py: Room; by default, no quota)."""
 
     def __init__(
         self,
         now: dt.datetime,
         next_after: Callable[[str, str, dt.datetime], dt.datetime],
         terminal_statuses: tuple[str, ...],
+        room: QuotaRoom | None = None,
     ) -> None:
         self.now = now
         self.next_after = next_after
         self.terminal_statuses = terminal_statuses
+        self.room = room or NoQuotas()
         self.new_id = _Ids()
         self.batch = Batch()
+
+    def quota_refusal(self, row: Any) -> str | None:
+        """Why the organization's quotas refuse one more run now (a skip), or None."""
+        limit = self.room.refusal(row.org_id)
+        if limit is None:
+            return None
+        return f"refused by the organization's quota {limit} (GET /api/v1/usage)"
 
     @abc.abstractmethod
     def prepare(self, row: Any, run_id: uuid.UUID) -> str | None:
         """Make the run `run_id` of the schedule's target ready to be written; or say why the
         target cannot run this schedule's input now."""
-
-    def quota_refusal(self, row: Any) -> str | None:
-        """The organization's quota that refuses one more run now, as a skip reason, or None
-        (firing.py asks app/flow; a planner without quotas refuses nothing)."""
-        return None
 
     def record(
         self,
@@ -129,6 +150,7 @@ class Planner(abc.ABC):
         if reason:
             self.record(row, fire_time, kind, "failed", reason)
             return None
+        self.room.take(row.org_id)
         self.record(row, fire_time, kind, "fired", execution_id=execution_id)
         return execution_id
 

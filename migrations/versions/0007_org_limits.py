@@ -37,6 +37,14 @@ def upgrade() -> None:
     op.create_check_constraint(
         op.f("ck_organizations_weight"), "organizations", "weight BETWEEN 1 AND 1000"
     )
+    # Chain runs not started yet count against max_queued.
+    op.create_index(
+        "ix_chain_executions_org_id_not_started",
+        "chain_executions",
+        ["org_id"],
+        unique=False,
+        postgresql_where=sa.text("status = 'queued'"),
+    )
     # The CPU an organization's executions used today (cpu_seconds_per_day).
     op.create_index(
         "ix_executions_org_id_finished_at",
@@ -49,6 +57,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_executions_org_id_finished_at", table_name="executions")
+    op.drop_index("ix_chain_executions_org_id_not_started", table_name="chain_executions")
     op.drop_constraint(op.f("ck_organizations_weight"), "organizations", type_="check")
     op.drop_column("organizations", "weight")
     for name, _column_type in reversed(LIMITS):

@@ -80,15 +80,60 @@ def test_max_queued_refuses_the_submit_that_would_pass_it_and_stores_nothing(
 def test_a_batch_counts_every_item_against_max_queued(client, org, connection):
     make_agent(client, org)
     set_limits(org, max_queued=3)
-    items = [{"input": {"text": str(n)}} for n in range(4)]
+    assert submit(client, org).status_code == 202
+    items = [{"input": {"text": str(n)}} for n in range(3)]
     response = client.post(BATCH.format(agent="echo"), json={"items": items}, headers=org.headers)
     assert_quota_refusal(response, "max_queued")
-    assert queued(connection, org) == 0
+    assert queued(connection, org) == 1
     response = client.post(
-        BATCH.format(agent="echo"), json={"items": items[:3]}, headers=org.headers
+        BATCH.format(agent="echo"), json={"items": items[:2]}, headers=org.headers
     )
     assert response.status_code == 202
     assert queued(connection, org) == 3
+
+
+def test_a_batch_larger_than_max_queued_can_never_fit_and_is_422(client, org, connection):
+    make_agent(client, org)
+    set_limits(org, max_queued=5)
+    items = [{"input": {"text": str(n)}} for n in range(6)]
+    response = client.post(BATCH.format(agent="echo"), json={"items": items}, headers=org.headers)
+    body = response.get_json()
+    assert response.status_code == 422 and "/items" in body["errors"], body
+    assert "split the batch" in body["hint"]
+    assert queued(connection, org) == 0
+
+
+def test_chain_runs_not_started_count_against_max_queued(client, org, connection):
+    make_agent(client, org)
+    chain = {
+        "name": "one-step",
+        "input_schema": {"type": "object", "required": ["text"], "properties": {"text": {}}},
+        "steps": [{"name": "only", "agent": "echo"}],
+    }
+    assert client.post("/api/v1/chains", json=chain, headers=org.headers).status_code == 201
+    set_limits(org, max_queued=2)
+    runs = [
+        client.post(
+            "/api/v1/chains/one-step/executions", json={"input": {"text": "x"}}, headers=org.headers
+        ).status_code
+        for _ in range(3)
+    ]
+    # No worker here: the runs wait with their first step not started.
+    assert runs == [202, 202, 429]
+    assert_quota_refusal(submit(client, org), "max_queued")
+    usage = client.get("/api/v1/usage", headers=org.headers).get_json()["usage"]
+    assert usage["queued"] == 2
+
+
+def test_a_max_queued_refusal_takes_no_token_of_the_submit_rate(client, org, connection):
+    make_agent(client, org)
+    set_limits(org, max_queued=1, submit_rate=0.01, submit_burst=2)
+    assert submit(client, org).status_code == 202
+    for _ in range(3):
+        assert_quota_refusal(submit(client, org), "max_queued")
+    set_limits(org, max_queued=None)
+    assert submit(client, org).status_code == 202, "the burst's second token was left"
+    assert_quota_refusal(submit(client, org), "submit_rate")
 
 
 def test_submit_rate_refuses_past_its_burst_with_the_ratelimit_headers(client, org, connection):

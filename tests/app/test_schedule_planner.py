@@ -41,8 +41,6 @@ class Due:
     has_buffered: bool = False
     # Not a column: why this schedule's target refuses to run (the planner's prepare says so).
     refusal: str | None = None
-    # Not a column: the organization's quota that refuses a run (app/flow says so in firing).
-    over_quota: str | None = None
     id: uuid.UUID = field(default_factory=uuid.uuid4)
     org_id: uuid.UUID = ORG
 
@@ -50,12 +48,9 @@ class Due:
 class StubPlanner(Planner):
     """The planner with targets that start unless the schedule carries a refusal."""
 
-    def __init__(self, now: dt.datetime) -> None:
-        super().__init__(now, cron.next_after, TERMINAL)
+    def __init__(self, now: dt.datetime, room=None) -> None:
+        super().__init__(now, cron.next_after, TERMINAL, room)
         self.prepared: list[uuid.UUID] = []
-
-    def quota_refusal(self, row: Due) -> str | None:
-        return row.over_quota
 
     def prepare(self, row: Due, run_id: uuid.UUID) -> str | None:
         if row.refusal:
@@ -112,15 +107,50 @@ def test_an_on_time_fire_time_fires_and_the_schedule_moves_to_the_next():
     assert run_id.version == 4
 
 
+class Places:
+    """A quota room with `left` places for the one organization, then max_queued."""
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+
+    def refusal(self, org_id: uuid.UUID) -> str | None:
+        assert org_id == ORG
+        return None if self.left > 0 else "max_queued"
+
+    def take(self, org_id: uuid.UUID) -> None:
+        self.left -= 1
+
+
+def planned_with(room: Places, *rows: Due) -> StubPlanner:
+    planner = StubPlanner(at(12, 0, 2), room)
+    for row in rows:
+        planner.plan(row)
+    return planner
+
+
 def test_a_fire_a_quota_refuses_is_skipped_and_counts_as_no_failure():
-    row = Due(next_fire_at=at(12, 0), over_quota="refused by the quota max_queued")
-    planner = plan(at(12, 0, 2), row)
+    planner = planned_with(Places(0), Due(next_fire_at=at(12, 0)))
     assert planner.prepared == [], "nothing is built for a refused run"
     assert fires(planner) == [(at(12, 0), "scheduled", "skipped")]
-    assert reasons(planner) == ["refused by the quota max_queued"]
+    assert reasons(planner) == [
+        "refused by the organization's quota max_queued (GET /api/v1/usage)"
+    ]
     [update] = planner.batch.updates
     assert update["failures"] == 0 and update["last_fire_at"] is None
     assert update["next_fire_at"] == at(12, 1)
+
+
+def test_the_places_a_quota_leaves_are_counted_down_by_prepared_runs_only():
+    room = Places(1)
+    planner = planned_with(
+        room,
+        Due(next_fire_at=at(12, 0), refusal="the agent is archived"),
+        Due(next_fire_at=at(12, 0)),
+        Due(next_fire_at=at(12, 0)),
+    )
+    statuses = [status for _, _, status in fires(planner)]
+    assert statuses == ["failed", "fired", "skipped"], "a failed run takes no place"
+    assert room.left == 0 and len(planner.prepared) == 1
 
 
 def test_a_chain_targets_run_is_a_chain_execution():
