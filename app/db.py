@@ -195,13 +195,16 @@ class Database:
                             "tcp_user_timeout": 8000,
                         },
                     }
-                    self._engine = create_engine(self._url, **options)
+                    engine = create_engine(self._url, **options)
                     # A pool of its own, set to autocommit once per connection rather than
                     # switched on every checkout.
                     self._autocommit = create_engine(
                         self._url, isolation_level="AUTOCOMMIT", **options
                     )
-                    self._sessionmaker = sessionmaker(self._engine, expire_on_commit=False)
+                    self._sessionmaker = sessionmaker(engine, expire_on_commit=False)
+                    # Set last: a thread that finds it set without taking the lock (the first
+                    # requests of a new process, at once) must find the other two set too.
+                    self._engine = engine
         return self._engine
 
     def _joined(self) -> Connection | None:
