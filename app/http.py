@@ -124,7 +124,7 @@ class RunyardApi(Api):
                 "same body) and get the first answer again, with `Idempotency-Replayed: true`, "
                 "instead of doing it twice. The same key with another body: 422. While the "
                 "first request with the key is still running: 409, try again shortly. Keys "
-                "belong to your organization; a 5xx answer leaves the key free.",
+                "belong to your organization; a 5xx or 429 answer leaves the key free.",
             },
         )
 

@@ -218,7 +218,8 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> Agen
         session.rollback()
         raise Conflict(
             f"an agent named {data['name']!r} exists already",
-            hint="choose another name, or PATCH the existing agent to change it",
+            hint="choose another name, or PATCH the existing agent to change it (an archived "
+            "agent keeps its name: it cannot change or be made live again)",
         ) from exc
     definition = {
         "runtime": data["runtime"],

@@ -11,6 +11,7 @@ from app.chains.schemas import (
     ChainSubmitSchema,
     ChainVersionSchema,
 )
+from app.flow.schemas import QUOTA_HEADERS, QUOTA_REFUSED
 from app.http import Blueprint, current_principal, request_session
 
 blp = Blueprint("chains", __name__, url_prefix="/api/v1", description="Chains and their executions")
@@ -110,6 +111,7 @@ class ChainSubmit(MethodView):
     @blp.response(202, ChainExecutionSchema())
     @blp.alt_response(404, description="no such chain or version")
     @blp.alt_response(409, description="the chain, or an agent of a step, is archived")
+    @blp.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)
     def post(self, data, ref):
         """Run a chain: the chain execution is stored and its canvas published"""
         session = request_session()

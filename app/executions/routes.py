@@ -12,6 +12,7 @@ from app.executions.schemas import (
     LogQuerySchema,
     SubmitSchema,
 )
+from app.flow.schemas import QUOTA_HEADERS, QUOTA_REFUSED
 from app.http import Blueprint, current_principal, request_session
 
 blp = Blueprint("executions", __name__, url_prefix="/api/v1", description="Executions")
@@ -23,6 +24,7 @@ class Submit(MethodView):
     @blp.response(202, ExecutionSchema())
     @blp.alt_response(404, description="no such agent or version")
     @blp.alt_response(409, description="the agent is archived")
+    @blp.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)
     def post(self, data, ref):
         """Run an agent: the execution is stored, queued and answered at once"""
         return services.submit(
@@ -40,7 +42,12 @@ class SubmitBatch(MethodView):
     @blp.response(202, BatchSchema())
     @blp.alt_response(404, description="no such agent or version")
     @blp.alt_response(409, description="the agent is archived")
-    @blp.alt_response(422, description="an item's input fails the input schema: nothing stored")
+    @blp.alt_response(
+        422,
+        description="an item's input fails the input schema, or the batch is larger than "
+        "max_queued: nothing stored",
+    )
+    @blp.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)
     def post(self, data, ref):
         """Run an agent on many inputs: all stored and queued at once, or none
 

@@ -19,7 +19,9 @@ class LimitsSchema(Schema):
         allow_none=True,
         metadata={"description": "CPU the executions may use per UTC day before submits are 429"},
     )
-    weight = fields.Integer(metadata={"description": "share of the workers when queues are busy"})
+    weight = fields.Integer(
+        metadata={"description": "share of the workers when queues are busy (not read yet)"}
+    )
 
 
 class UsageNowSchema(Schema):
@@ -38,3 +40,22 @@ class UsageSchema(Schema):
     limits = fields.Nested(LimitsSchema, metadata={"description": "null: no limit"})
     usage = fields.Nested(UsageNowSchema)
     queues = fields.List(fields.Nested(QueueUsageSchema))
+
+
+# What a route answers when a quota refuses it (app/flow/quotas.py), for its OpenAPI entry.
+QUOTA_REFUSED = (
+    "a quota of the organization refuses it for now (`errors.limit`: max_queued, submit_rate "
+    "or cpu_seconds_per_day); nothing is stored, and the Idempotency-Key stays free"
+)
+
+
+def _header(description: str) -> dict:
+    return {"description": description, "schema": {"type": "integer"}}
+
+
+QUOTA_HEADERS = {
+    "Retry-After": _header("seconds to wait before submitting again"),
+    "RateLimit-Limit": _header("submit_rate refusals: the burst"),
+    "RateLimit-Remaining": _header("submit_rate refusals: submits left now (0)"),
+    "RateLimit-Reset": _header("submit_rate refusals: seconds until the burst is full again"),
+}

@@ -1,6 +1,7 @@
 from flask.views import MethodView
 
 from app import runs
+from app.flow.schemas import QUOTA_HEADERS, QUOTA_REFUSED
 from app.http import Blueprint, current_principal, request_session
 from app.schedules import services
 from app.schedules.schemas import (
@@ -100,6 +101,7 @@ class Trigger(MethodView):
         409, description="the target chain, or the agent of one of its steps, is archived"
     )
     @blp.alt_response(422, description="the input no longer fits the target")
+    @blp.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)
     def post(self, ref):
         """Fire now, whatever the cron, overlap policy or pause; recorded as kind `manual`
 

@@ -2,6 +2,7 @@ from flask import request
 from flask.views import MethodView
 
 from app import runs
+from app.flow.schemas import QUOTA_HEADERS, QUOTA_REFUSED
 from app.http import Blueprint, current_principal, request_session
 from app.triggers import services
 from app.triggers.schemas import DeliverySchema, TriggerCreateSchema, TriggerSchema
@@ -69,6 +70,7 @@ class Hook(MethodView):
         409, description="the target chain, or the agent of one of its steps, is archived"
     )
     @hooks.alt_response(422, description="the event lacks a referenced value, or the input fails")
+    @hooks.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)
     @hooks.doc(
         security=[],
         parameters=[
