@@ -13,7 +13,6 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from app import jsonschemas
 from app.chains import definitions, progress
 from app.chains.definitions import Plan, Step
 from app.chains.plans import plans, step_execution_id
@@ -216,7 +215,7 @@ def _input_error(
             f"{_JSON_TYPES.get(type(payload), type(payload).__name__)}, not an object",
             "an agent's input is a JSON object: reference an object, or build one in `input`",
         )
-    errors = jsonschemas.instance_errors(spec.input_validator, payload, "/input")
+    errors = spec.input_errors(payload)
     if not errors:
         return None
     details = "; ".join(f"{p}: {', '.join(m)}" for p, m in errors.items())

@@ -192,7 +192,7 @@ class _Planner(Planner):
         key = (row.id, row.run_version_id)
         if key not in self._validity:
             spec = specs.get(self.conn, row.run_version_id)
-            errors = runs.input_errors(spec, row.input)
+            errors = spec.input_errors(row.input)
             self._validity[key] = (
                 f"the input no longer matches the agent's input_schema ({errors})"
                 if errors

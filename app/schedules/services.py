@@ -265,7 +265,7 @@ def trigger_now(session: Session, principal: Principal, ref: str) -> tuple[dict,
         )
     else:
         spec = runs.spec_for(conn, schedule.agent_id, schedule.version_id)
-        errors = runs.input_errors(spec, schedule.input)
+        errors = spec.input_errors(schedule.input)
         if errors:
             raise ValidationFailed(
                 "the schedule's input no longer matches the agent's input_schema",

@@ -292,7 +292,7 @@ def deliver(
         )
     else:
         spec = runs.spec_for(conn, trigger.agent_id, trigger.version_id)
-        errors = runs.input_errors(spec, payload)
+        errors = spec.input_errors(payload)
         if errors:
             raise ValidationFailed(
                 "the rendered input does not match the agent's input_schema",

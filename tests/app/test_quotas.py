@@ -17,6 +17,16 @@ from tests.app.test_triggers_api import deliver, make_trigger
 from tests.test_cli import runyard
 
 
+def make_chain(client, org):
+    """`one-step`: a chain of one echo step."""
+    chain = {
+        "name": "one-step",
+        "input_schema": {"type": "object", "required": ["text"], "properties": {"text": {}}},
+        "steps": [{"name": "only", "agent": "echo"}],
+    }
+    assert client.post("/api/v1/chains", json=chain, headers=org.headers).status_code == 201
+
+
 def set_limits(org, **changes):
     with db.session() as session:
         flow.set_limits(session, org.name, changes)
@@ -105,12 +115,7 @@ def test_a_batch_larger_than_max_queued_can_never_fit_and_is_422(client, org, co
 
 def test_chain_runs_not_started_count_against_max_queued(client, org, connection):
     make_agent(client, org)
-    chain = {
-        "name": "one-step",
-        "input_schema": {"type": "object", "required": ["text"], "properties": {"text": {}}},
-        "steps": [{"name": "only", "agent": "echo"}],
-    }
-    assert client.post("/api/v1/chains", json=chain, headers=org.headers).status_code == 201
+    make_chain(client, org)
     set_limits(org, max_queued=2)
     runs = [
         client.post(
@@ -208,12 +213,7 @@ def test_cpu_seconds_per_day_refuses_once_used_until_midnight_utc(client, org, c
 
 def test_chain_submits_webhook_deliveries_and_manual_fires_obey_the_quotas(client, org, connection):
     make_agent(client, org)
-    chain = {
-        "name": "one-step",
-        "input_schema": {"type": "object", "required": ["text"], "properties": {"text": {}}},
-        "steps": [{"name": "only", "agent": "echo"}],
-    }
-    assert client.post("/api/v1/chains", json=chain, headers=org.headers).status_code == 201
+    make_chain(client, org)
     trigger = make_trigger(client, org)
     schedule = {"name": "nightly", "target": {"agent": "echo"}, "cron": "0 3 * * *"}
     schedule["input"] = {"text": "x"}
