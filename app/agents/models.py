@@ -78,4 +78,8 @@ class AgentVersion(Base):
     queue: Mapped[str] = mapped_column(String(63))
     capabilities: Mapped[list[str]] = mapped_column(ARRAY(Text))
     config: Mapped[dict[str, Any]]
+    # Flow control (versioned like the rest): {"limit", "key"?, "on_limit"} and
+    # {"limit", "period_seconds", "key"?}, or None.
+    concurrency: Mapped[dict[str, Any] | None]
+    rate_limit: Mapped[dict[str, Any] | None]
     created_at: Mapped[dt.datetime] = now_column()

@@ -17,7 +17,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base
-from app.executions.spec import STATUSES
+from app.executions.spec import STATUSES, WAITING_FOR
 
 
 class Execution(Base):
@@ -25,6 +25,7 @@ class Execution(Base):
     __table_args__ = (
         CheckConstraint(f"status IN {STATUSES!r}", name="status"),
         CheckConstraint("priority BETWEEN 0 AND 9", name="priority"),
+        CheckConstraint(f"waiting_for IS NULL OR waiting_for IN {WAITING_FOR!r}", name="waiting_for"),
         Index("ix_executions_org_id_queued_at", "org_id", text("queued_at DESC")),
         Index(
             "ix_executions_org_id_agent_id_queued_at", "org_id", "agent_id", text("queued_at DESC")
@@ -54,6 +55,42 @@ class Execution(Base):
             "ix_executions_running_lease",
             "lease_until",
             postgresql_where=text("status = 'running'"),
+        ),
+        # Flow control (app/executions/gates.py): an organization's unclaimed messages per queue
+        # (the fair window), the executions held back in the order they are let through, the
+        # slots of a concurrency group, the starts of a rate-limit group, and the active
+        # executions that count against max_running.
+        Index(
+            "ix_executions_org_id_queue_unclaimed",
+            "org_id",
+            "queue",
+            postgresql_where=text("status = 'queued' AND waiting_for IS NULL"),
+        ),
+        Index(
+            "ix_executions_org_id_queue_waiting",
+            "org_id",
+            "queue",
+            text("priority DESC"),
+            "queued_at",
+            postgresql_where=text("status = 'queued' AND waiting_for IS NOT NULL"),
+        ),
+        Index(
+            "ix_executions_agent_id_flow_key_active",
+            "agent_id",
+            "flow_key",
+            postgresql_where=text("flow_key IS NOT NULL AND status IN ('queued', 'running')"),
+        ),
+        Index(
+            "ix_executions_agent_id_rate_key_started_at",
+            "agent_id",
+            "rate_key",
+            "started_at",
+            postgresql_where=text("rate_key IS NOT NULL"),
+        ),
+        Index(
+            "ix_executions_org_id_gated_active",
+            "org_id",
+            postgresql_where=text("gated AND status IN ('queued', 'running')"),
         ),
         Index(
             "ix_executions_chain_execution_id_chain_stage",
@@ -93,6 +130,15 @@ class Execution(Base):
     chain_step: Mapped[int | None] = mapped_column(SmallInteger)
     chain_stage: Mapped[int | None] = mapped_column(SmallInteger)
     chain_role: Mapped[str | None] = mapped_column(String(16))
+    # Flow control (app/executions/gates.py): the broker queue; why a queued execution is held
+    # back with no message in the broker (None: it is not); the values of its concurrency and
+    # rate-limit keys (None: the agent has no such limit); whether any limit applied when it was
+    # submitted, in which case its end frees a slot.
+    queue: Mapped[str | None] = mapped_column(String(63))
+    waiting_for: Mapped[str | None] = mapped_column(String(24))
+    flow_key: Mapped[str | None] = mapped_column(Text)
+    rate_key: Mapped[str | None] = mapped_column(Text)
+    gated: Mapped[bool] = mapped_column(server_default=text("false"))
 
 
 class ExecutionAttempt(Base):

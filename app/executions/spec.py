@@ -7,6 +7,7 @@ not pull in SQLAlchemy or psycopg.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,6 +19,11 @@ from app import jsonschemas
 
 STATUSES = ("queued", "running", "succeeded", "failed", "timed_out", "cancelled")
 TERMINAL_STATUSES = ("succeeded", "failed", "timed_out", "cancelled")
+# Why a queued execution is held back with no message in the broker. "queue": its organization
+# has its share of the queue's window in the broker already (fairness); the API shows it as
+# null, since nothing but its turn holds it. The others are the limits of API.md.
+WAITING_FOR = ("queue", "org_max_running", "agent_concurrency", "agent_rate_limit")
+LIMIT_WAITS = ("org_max_running", "agent_concurrency", "agent_rate_limit")
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 LEVEL_NAMES = {number: name for name, number in LEVELS.items()}
@@ -44,6 +50,8 @@ HINTS = {
     "when unset); return less, or store large results elsewhere and return a reference",
     "file_size_limit": "the agent wrote a file over RUNYARD_CHILD_MAX_FILE_MB",
     "process_limit": "the agent ran more processes at once than RUNYARD_CHILD_MAX_PROCESSES",
+    "superseded": "a newer execution of the same concurrency key replaced it (the agent's "
+    "concurrency.on_limit is cancel_running)",
 }
 
 
@@ -68,6 +76,10 @@ class VersionSpec:
     limits: dict[str, Any]
     queue: str
     config: dict[str, Any]
+    # Flow control, or None: {"limit", "key"?, "on_limit"} and {"limit", "period_seconds",
+    # "key"?} (keys are "$.input..." references).
+    concurrency: dict[str, Any] | None = None
+    rate_limit: dict[str, Any] | None = None
 
     @property
     def max_attempts(self) -> int:
@@ -95,6 +107,19 @@ class VersionSpec:
     def output_validator(self) -> Validator:
         return jsonschemas.validator_for(self.output_schema)
 
+    @property
+    def limited(self) -> bool:
+        """Whether the agent's own flow control applies to its executions."""
+        return self.concurrency is not None or self.rate_limit is not None
+
+    def flow_key(self, payload: Any) -> str | None:
+        """The concurrency group of an input, as stored in executions.flow_key."""
+        return None if self.concurrency is None else key_value(self.concurrency, payload)
+
+    def rate_key(self, payload: Any) -> str | None:
+        """The rate-limit group of an input, as stored in executions.rate_key."""
+        return None if self.rate_limit is None else key_value(self.rate_limit, payload)
+
     def input_errors(self, payload: Any, pointer: str = "/input") -> dict[str, Any]:
         """What the input schema refuses in `payload`, keyed by JSON pointer under `pointer`."""
         # is_valid stops at the first problem and builds no error objects: the cheap answer for
@@ -102,6 +127,17 @@ class VersionSpec:
         if self.input_validator.is_valid(payload):
             return {}
         return jsonschemas.instance_errors(self.input_validator, payload, pointer)
+
+
+def key_value(limit: dict[str, Any], payload: Any) -> str:
+    """The value `limit["key"]` ("$.input.a.b") picks out of an input, as JSON text: one group
+    per value. No key: one group, "null"; an input without the value: the group "null"."""
+    value: Any = payload
+    for name in limit.get("key", "$.input").split(".")[2:]:
+        value = value.get(name) if isinstance(value, dict) else None
+    if limit.get("key") is None:
+        value = None
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -116,3 +152,6 @@ class Claim:
     last_seq: int
     # Set for a chain step: the runner then tells the chain when the step settles.
     chain_execution_id: uuid.UUID | None = None
+    org_id: uuid.UUID | None = None
+    # A limit applied when it was submitted: its end frees a slot (app/executions/gates.py).
+    gated: bool = False

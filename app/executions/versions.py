@@ -40,7 +40,8 @@ class ImmutableCache(Generic[T]):
 _SPEC_SQL = text(
     """
     SELECT v.id, v.agent_id, a.name AS agent_name, v.version, v.runtime, v.input_schema,
-           v.output_schema, v.timeout_seconds, v.retry, v.limits, v.queue, v.config
+           v.output_schema, v.timeout_seconds, v.retry, v.limits, v.queue, v.config,
+           v.concurrency, v.rate_limit
     FROM agent_versions v JOIN agents a ON a.id = v.agent_id
     WHERE v.id = :id
     """
