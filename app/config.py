@@ -107,6 +107,10 @@ class Config:
     default_submit_burst: int | None = None
     default_cpu_seconds_per_day: float | None = None
     limits_cache_seconds: float = 5.0
+    # Fairness (app/executions/gates.py): messages per organization and queue held in the broker
+    # not yet claimed, times the organization's weight; the rest wait in PostgreSQL. 0: off
+    # (first in, first out across organizations).
+    fair_window: int = 32
 
     @classmethod
     def from_env(cls) -> Config:
@@ -162,6 +166,7 @@ class Config:
                 "RUNYARD_DEFAULT_CPU_SECONDS_PER_DAY", float
             ),
             limits_cache_seconds=_float("RUNYARD_LIMITS_CACHE_SECONDS", cls.limits_cache_seconds),
+            fair_window=_int("RUNYARD_FAIR_WINDOW", cls.fair_window),
         )
 
     def allows_module(self, module: str) -> bool:
@@ -327,6 +332,14 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "5",
         "how long an API process trusts an organization's limits and its CPU used today (a "
         "change by `runyard orgs limits` takes effect within this)",
+    ),
+    (
+        "RUNYARD_FAIR_WINDOW",
+        "32",
+        "messages an organization may have waiting in the broker per queue, times its weight; "
+        "the rest wait in PostgreSQL and go out in turn as these are taken, so one "
+        "organization's backlog delays another's executions by about this many (0: off, first "
+        "in first out); raise it past what your workers prefetch at once",
     ),
 )
 
