@@ -32,9 +32,10 @@ from app.chains import services as chain_definitions
 from app.chains.models import Chain, ChainExecution, ChainVersion
 from app.db import db
 from app.errors import Conflict, ValidationFailed
-from app.executions import dispatch, store
+from app.executions import dispatch, gates, store
 from app.executions.dispatch import Dispatch
 from app.executions.spec import VersionSpec
+from app.executions.store import LetOut
 from app.executions.versions import specs
 
 
@@ -224,19 +225,42 @@ class Launched:
     dispatches: list[Dispatch] = field(default_factory=list)
     # (chain execution id, chain version id) of each chain run inserted.
     chain_runs: list[tuple[uuid.UUID, uuid.UUID]] = field(default_factory=list)
+    # Held runs the gates let out at once (stamped dispatched already).
+    let_out: list[LetOut] = field(default_factory=list)
 
 
-def launch(conn: Connection, launches: list[Launch | ChainLaunch]) -> Launched:
+def launch(
+    conn: Connection, launches: list[Launch | ChainLaunch], *, on_limit: bool = True
+) -> Launched:
     """Insert the runs in the caller's transaction (the agent runs with one statement); publish
-    after commit."""
+    after commit. Runs a limit applies to are held and released by the gates, under each
+    organization's flow lock (taken in organization order: two beats cannot deadlock), after
+    their agents' on_limit had its say (unless `on_limit` is False: beat's batches of fires
+    queue them, as `queue` would)."""
+    runs = [item for item in launches if isinstance(item, Launch)]
     rows = [
-        store.NewExecution(item.execution_id, item.org_id, item.spec, item.input)
-        for item in launches
-        if isinstance(item, Launch)
+        store.NewExecution(
+            item.execution_id,
+            item.org_id,
+            item.spec,
+            item.input,
+            entry=gates.entry(conn, item.org_id, item.spec),
+        )
+        for item in runs
     ]
-    if rows:
-        store.insert_many(conn, rows)
-    launched = Launched([Dispatch(row.id, row.spec, row.priority) for row in rows])
+    held_orgs = sorted({row.org_id for row in rows if row.entry.hold is not None})
+    for org_id in held_orgs:
+        gates.lock(conn, org_id)
+        if on_limit:
+            for row in rows:
+                if row.org_id == org_id and row.entry.hold is not None:
+                    gates.apply_on_limit(conn, row.spec, [(row.id, row.input)])
+    waiting = store.insert_many(conn, rows) if rows else {}
+    launched = Launched(
+        [Dispatch(row.id, row.spec, row.priority) for row in rows if waiting[row.id] is None]
+    )
+    for org_id in held_orgs:
+        launched.let_out.extend(gates.release(conn, org_id).let_out)
     chain_rows = [item.execution for item in launches if isinstance(item, ChainLaunch)]
     if chain_rows:
         with _joined(conn) as session:
@@ -255,7 +279,14 @@ def _publish_chain_runs(launched: Launched) -> None:
 
 def publish(launched: Launched) -> None:
     dispatch.publish_committed(launched.dispatches)
+    _publish_let_out(launched)
     _publish_chain_runs(launched)
+
+
+def _publish_let_out(launched: Launched) -> None:
+    if launched.let_out:
+        with db.hot() as conn:
+            gates.publish(conn, launched.let_out)
 
 
 def publish_after_commit(launched: Launched) -> None:
@@ -269,6 +300,7 @@ def publish_unstamped(launched: Launched) -> list[uuid.UUID]:
     whose next batch should not wait behind the previous one's stamping. (Chain runs carry
     no dispatch stamp: resume_stalled finds one whose publish was lost.)"""
     _publish_chain_runs(launched)
+    _publish_let_out(launched)
     return dispatch.publish_many(launched.dispatches)
 
 

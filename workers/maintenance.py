@@ -7,6 +7,9 @@ these jobs in a thread of its own, at their own pace, whatever the workers are d
 
 - the sweeper (app/executions/recovery.py), every RUNYARD_SWEEP_INTERVAL_SECONDS;
 - the chains' resume check (app/chains/services.py), at the same pace;
+- the flow tick (app/executions/gates.py: flow_tick), every FLOW_TICK_SECONDS: executions
+  held back for a rate-limit window that moved on, for a slot freed where no release ran (a
+  lease the sweeper ended, a crash), or for a fair window a crash left with room;
 - the pruning of idempotency keys past their 24 hours, every ten minutes (expired keys already
   count as absent: this only keeps the table small).
 
@@ -24,12 +27,14 @@ from dataclasses import dataclass
 
 from app.chains import progress
 from app.config import current_config
-from app.executions import recovery
+from app.executions import gates, recovery
 from app.idempotency import services as idempotency
 
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_PRUNE_SECONDS = 600.0
+# Also how late a rate-limited execution may start once its window has room.
+FLOW_TICK_SECONDS = 0.25
 
 
 @dataclass
@@ -61,6 +66,12 @@ def _resume_chains() -> None:
         log.warning("chains: resumed %d stalled chain executions", resumed)
 
 
+def _flow_tick() -> None:
+    let_out = gates.flow_tick()
+    if let_out:
+        log.debug("flow: let out %d held executions", let_out)
+
+
 def _prune_idempotency_keys() -> None:
     deleted = idempotency.prune()
     if deleted:
@@ -72,6 +83,7 @@ def default_jobs() -> list[Job]:
     return [
         Job("sweep", interval, _sweep),
         Job("chains-resume", interval, _resume_chains),
+        Job("flow-tick", FLOW_TICK_SECONDS, _flow_tick),
         Job("idempotency-prune", IDEMPOTENCY_PRUNE_SECONDS, _prune_idempotency_keys),
     ]
 

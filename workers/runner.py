@@ -14,7 +14,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from app import jsonschemas, storable
 from app.config import current_config
 from app.db import DATABASE_ERRORS, db
-from app.executions import store
+from app.executions import gates, store
 from app.executions.spec import Claim, VersionSpec
 from app.executions.versions import specs
 from workers import settle
@@ -44,7 +44,9 @@ SETTLE_PATIENCE_SECONDS = 600.0
 def run_execution(execution_id: uuid.UUID, worker: str) -> None:
     cfg = current_config()
     with db.hot() as conn:
-        claimed = store.claim(conn, execution_id, worker, cfg.lease_seconds)
+        claimed, let_out = store.claim(conn, execution_id, worker, cfg.lease_seconds)
+        # The claim made room in the fair window: the next execution held back goes out.
+        gates.publish(conn, let_out)
         if claimed is None:
             log.info(
                 "execution %s is not queued (duplicate or cancelled message): skipped", execution_id

@@ -15,7 +15,8 @@ import uuid
 from typing import Any
 
 from app.chains import progress
-from app.executions import dispatch, store
+from app.db import driver
+from app.executions import dispatch, gates, store
 from app.executions.spec import Claim, VersionSpec, error_body
 from workers.runtimes import Outcome
 
@@ -33,7 +34,32 @@ in_canvas = _InCanvas()
 
 
 def record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> str | None:
-    """Write the outcome; the status written ("queued" for a retry), None if fenced out."""
+    """Write the outcome; the status written ("queued" for a retry), None if fenced out. An
+    execution a limit applied to frees its slot in the same transaction, which lets out the
+    next one waiting (a retry keeps its slot)."""
+    if claimed.gated:
+        status = _freeing_a_slot(conn, claimed, lambda: _record(conn, claimed, spec, outcome))
+    else:
+        status = _record(conn, claimed, spec, outcome)
+    if status == "queued":  # committed: published with its backoff
+        delay = backoff_seconds(spec.retry, claimed.attempt)
+        dispatch.publish(claimed.execution_id, spec, claimed.priority, countdown=delay)
+    return status
+
+
+def _freeing_a_slot(conn, claimed: Claim, write):
+    """`write()` under the organization's flow lock, then release what may start; published
+    after the commit."""
+    assert claimed.org_id is not None
+    with driver(conn).transaction():
+        gates.lock(conn, claimed.org_id)
+        written = write()
+        released = gates.release(conn, claimed.org_id) if written else gates.Released()
+    gates.publish(conn, released.let_out)
+    return written
+
+
+def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> str | None:
     if outcome.ok:
         done = store.finish(
             conn,
@@ -59,8 +85,6 @@ def record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> str | N
     if _should_retry(spec, claimed, outcome) and store.requeue_for_retry(
         conn, claimed, attempt_status=status, error=error, usage=outcome.usage
     ):
-        delay = backoff_seconds(spec.retry, claimed.attempt)
-        dispatch.publish(claimed.execution_id, spec, claimed.priority, countdown=delay)
         return "queued"
     done = store.finish(conn, claimed, status=status, output=None, error=error, usage=outcome.usage)
     return status if done else None
@@ -68,7 +92,11 @@ def record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> str | N
 
 def ended(conn, claimed: Claim, status: str, error: dict[str, Any], usage: dict) -> bool:
     """Record an end decided outside the runtime (the watchdog's); False when fenced out."""
-    return store.finish(conn, claimed, status=status, output=None, error=error, usage=usage)
+
+    def write() -> bool:
+        return store.finish(conn, claimed, status=status, output=None, error=error, usage=usage)
+
+    return _freeing_a_slot(conn, claimed, write) if claimed.gated else write()
 
 
 def move_chain_on(claimed: Claim, status: str) -> None:

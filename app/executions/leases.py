@@ -19,7 +19,7 @@ from app.executions.store import RECORD_ATTEMPT
 _UNDISPATCHED = text(
     """
     SELECT id, version_id, priority FROM executions
-    WHERE status = 'queued' AND dispatched_at IS NULL
+    WHERE status = 'queued' AND dispatched_at IS NULL AND waiting_for IS NULL
       AND queued_at < now() - make_interval(secs => :grace)
     ORDER BY queued_at LIMIT :batch
     """
@@ -31,7 +31,7 @@ _UNDISPATCHED = text(
 _QUEUED_SINCE_RESET = text(
     """
     SELECT id, version_id, priority, queued_at FROM executions
-    WHERE status = 'queued' AND queued_at <= :horizon
+    WHERE status = 'queued' AND queued_at <= :horizon AND waiting_for IS NULL
       AND (queued_at, id) > (:after_queued_at, :after_id)
     ORDER BY queued_at, id LIMIT :batch
     """
@@ -41,6 +41,7 @@ _STALE_QUEUED = text(
     """
     SELECT id, version_id, priority FROM executions
     WHERE status = 'queued' AND dispatched_at < now() - make_interval(secs => :grace)
+      AND waiting_for IS NULL
     ORDER BY queued_at, id LIMIT :batch
     """
 )

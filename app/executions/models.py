@@ -25,7 +25,9 @@ class Execution(Base):
     __table_args__ = (
         CheckConstraint(f"status IN {STATUSES!r}", name="status"),
         CheckConstraint("priority BETWEEN 0 AND 9", name="priority"),
-        CheckConstraint(f"waiting_for IS NULL OR waiting_for IN {WAITING_FOR!r}", name="waiting_for"),
+        CheckConstraint(
+            f"waiting_for IS NULL OR waiting_for IN {WAITING_FOR!r}", name="waiting_for"
+        ),
         Index("ix_executions_org_id_queued_at", "org_id", text("queued_at DESC")),
         Index(
             "ix_executions_org_id_agent_id_queued_at", "org_id", "agent_id", text("queued_at DESC")
@@ -42,7 +44,9 @@ class Execution(Base):
         Index(
             "ix_executions_undispatched",
             "queued_at",
-            postgresql_where=text("status = 'queued' AND dispatched_at IS NULL"),
+            postgresql_where=text(
+                "status = 'queued' AND dispatched_at IS NULL AND waiting_for IS NULL"
+            ),
         ),
         # Queued rows by age: the scans for messages the broker lost (app/executions/recovery.py).
         Index(

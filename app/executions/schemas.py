@@ -2,7 +2,7 @@ import datetime as dt
 
 from marshmallow import Schema, fields, validate
 
-from app.executions.spec import LEVELS, STATUSES
+from app.executions.spec import LEVELS, LIMIT_WAITS, STATUSES
 
 
 def priority_field(description: str) -> fields.Integer:
@@ -75,6 +75,15 @@ class ExecutionSchema(Schema):
     resource_usage = fields.Nested(ResourceUsageSchema, allow_none=True)
     chain_execution_id = fields.UUID(
         allow_none=True, metadata={"description": "the chain execution this step belongs to"}
+    )
+    waiting_for = fields.String(
+        allow_none=True,
+        metadata={
+            "enum": list(LIMIT_WAITS),
+            "description": "why a queued execution has not been let out to start: the "
+            "organization's max_running, the agent's concurrency or its rate_limit; null "
+            "otherwise (it waits only for its turn)",
+        },
     )
 
 

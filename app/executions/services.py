@@ -20,9 +20,9 @@ from sqlalchemy.orm import Session
 
 from app.agents.lookup import find_agent, find_version_id
 from app.agents.models import Agent
-from app.db import db, page
+from app.db import db, driver, page
 from app.errors import Conflict, NotFound, ValidationFailed
-from app.executions import store
+from app.executions import gates, store
 from app.executions.dispatch import Dispatch, dispatcher
 from app.executions.models import Execution, ExecutionAttempt, ExecutionLog
 from app.executions.spec import DEFAULT_PRIORITY, LEVEL_NAMES, LEVELS, VersionSpec
@@ -129,25 +129,46 @@ def submit(
 ) -> dict[str, Any]:
     principal.require("executions:submit")
     execution_id = uuid.uuid4()
+    released = gates.Released()
 
     def insert(conn: Connection, spec: VersionSpec, target: Target) -> Any:
         errors = spec.input_errors(payload)
         _refuse_invalid(spec, errors, "the input does")
-        return store.insert(
-            conn,
-            execution_id,
-            principal.org_id,
-            spec,
-            payload,
-            priority=priority,
-            pinned=target.pinned,
+        entry = gates.entry(conn, principal.org_id, spec)
+
+        def insert_row() -> Any:
+            return store.insert(
+                conn,
+                execution_id,
+                principal.org_id,
+                spec,
+                payload,
+                priority=priority,
+                pinned=target.pinned,
+                entry=entry,
+            )
+
+        if entry.hold is None:
+            return insert_row()
+        return _insert_held(
+            conn, principal.org_id, spec, [(execution_id, payload)], insert_row, released
         )
 
     with quotas.admitted(principal.org_id, executions=1) as conn:
-        target, spec, queued_at = _insert_for_target(conn, principal, ref, version, insert)
-    # Committed (autocommit) before publishing: a worker never sees an id the database lacks.
-    # Inside a keyed request's transaction the commit comes later, and so does the publish.
-    db.after_commit(dispatcher.submit, execution_id, spec, priority)
+        target, spec, (queued_at, waiting_for) = _insert_for_target(
+            conn, principal, ref, version, insert
+        )
+    if waiting_for is None:
+        # Committed (autocommit) before publishing: a worker never sees an id the database
+        # lacks. Inside a keyed request's transaction the commit comes later, and so does the
+        # publish.
+        db.after_commit(dispatcher.submit, execution_id, spec, priority)
+    elif waiting_for != "queue":
+        let_out = {out.execution_id for out in released.let_out}
+        waiting_for = (
+            None if execution_id in let_out else released.reasons.get(execution_id, waiting_for)
+        )
+    gates.publish_after_commit(released.let_out)
     return {
         "id": execution_id,
         "agent_id": target.agent_id,
@@ -165,7 +186,34 @@ def submit(
         "duration_ms": None,
         "resource_usage": None,
         "chain_execution_id": None,
+        "waiting_for": shown_waiting_for(waiting_for),
     }
+
+
+def shown_waiting_for(waiting_for: str | None) -> str | None:
+    """What the API says an execution waits for: a limit, or nothing (its turn in the queue)."""
+    return None if waiting_for == "queue" else waiting_for
+
+
+def _insert_held(
+    conn: Connection,
+    org_id: uuid.UUID,
+    spec: VersionSpec,
+    new: list[tuple[uuid.UUID, Any]],
+    insert_rows: Callable[[], Any],
+    released: gates.Released,
+) -> Any:
+    """Insert executions a limit applies to, held, under the organization's flow lock, after
+    their agent's on_limit had its say; then release what may start, in the same transaction."""
+    with driver(conn).transaction():
+        gates.lock(conn, org_id)
+        gates.apply_on_limit(conn, spec, new)
+        inserted = insert_rows()
+        if inserted is not None:
+            result = gates.release(conn, org_id)
+            released.let_out.extend(result.let_out)
+            released.reasons.update(result.reasons)
+        return inserted
 
 
 MAX_BATCH_ITEMS = 1000
@@ -176,23 +224,39 @@ def submit_batch(
 ) -> list[uuid.UUID]:
     """Store and queue one execution per item (`input`, `priority`), all or none: one invalid
     input refuses the whole batch (422 keyed /items/<i>/input/...). Published in bulk, after
-    the commit, by the dispatcher."""
+    the commit, by the dispatcher; items held back wait in PostgreSQL (app/executions/gates.py)."""
     principal.require("executions:submit")
     rows = [(uuid.uuid4(), item["priority"], item["input"]) for item in items]
+    released = gates.Released()
 
-    def insert(conn: Connection, spec: VersionSpec, target: Target) -> bool | None:
+    def insert(conn: Connection, spec: VersionSpec, target: Target) -> Any:
         errors: dict[str, Any] = {}
         for index, (_, _, payload) in enumerate(rows):
             errors.update(spec.input_errors(payload, f"/items/{index}/input"))
         _refuse_invalid(spec, errors, "inputs of the batch do")
-        return store.insert_batch(conn, principal.org_id, spec, rows, pinned=target.pinned) or None
+        entry = gates.entry(conn, principal.org_id, spec)
+
+        def insert_rows() -> Any:
+            return store.insert_batch(
+                conn, principal.org_id, spec, rows, pinned=target.pinned, entry=entry
+            )
+
+        if entry.hold is None:
+            return insert_rows()
+        new = [(row_id, payload) for row_id, _, payload in rows]
+        return _insert_held(conn, principal.org_id, spec, new, insert_rows, released)
 
     with quotas.admitted(principal.org_id, executions=len(rows)) as conn:
-        _, spec, _ = _insert_for_target(conn, principal, ref, version, insert)
+        _, spec, waiting = _insert_for_target(conn, principal, ref, version, insert)
     db.after_commit(
         dispatcher.submit_many,
-        [Dispatch(row_id, spec, priority) for row_id, priority, _ in rows],
+        [
+            Dispatch(row_id, spec, priority)
+            for row_id, priority, _ in rows
+            if waiting[row_id] is None
+        ],
     )
+    gates.publish_after_commit(released.let_out)
     return [row_id for row_id, _, _ in rows]
 
 
@@ -222,6 +286,7 @@ def present(row: Mapping[str, Any] | Execution) -> dict[str, Any]:
         ),
         "resource_usage": get("resource_usage"),
         "chain_execution_id": get("chain_execution_id"),
+        "waiting_for": shown_waiting_for(get("waiting_for")),
     }
 
 
@@ -373,6 +438,10 @@ def cancel(
     principal.require("executions:cancel")
     with db.hot() as conn:
         done = store.cancel(conn, principal.org_id, _parse_id(execution_id), reason)
+        if done is not None and done.ended and done.gated:
+            # It may have been let out to run: its slot goes to the next one waiting.
+            released = gates.released_in_transaction(conn, principal.org_id)
+            gates.publish_after_commit(released.let_out)
     if done is not None and done.ended and done.chain_execution_id is not None:
         # No worker records this step's end: its chain moves on from here. (A running step's
         # worker records the cancel and moves the chain on itself.)

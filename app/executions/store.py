@@ -44,16 +44,53 @@ def _nul_refused(pointer: str) -> Iterator[None]:
 # One statement: insert only if the agent is still live and (unless pinned) the version we
 # validated against is still its current one. A stale cache shows up as no row, never as a
 # wrong row.
-_INSERT_SQL = """
+@dataclass(frozen=True)
+class Entry:
+    """How new executions enter their queue (app/executions/gates.py decides).
+
+    `hold`: a limit applies, so they are stored held back with this provisional reason, and the
+    gates release them in the same transaction if they may start. Else `window`: the
+    organization's fair window on the queue (RUNYARD_FAIR_WINDOW times its weight; 0 is off):
+    one that finds that many of its organization's messages unclaimed in the queue waits in
+    PostgreSQL (`queue`) until a claim makes room (see claim)."""
+
+    window: int = 0
+    hold: str | None = None
+
+
+FREE = Entry()
+
+# The waiting_for of a new row: its hold, or `queue` when its organization has a full window
+# of unclaimed messages on the queue. The count stops at the window (ix_executions_org_id_queue_
+# unclaimed): an execution no limit touches pays a few index entries, not a round trip. `rank`
+# is the row's place among those the statement inserts for that organization and queue.
+WAITING_FOR_SQL = """CASE
+        WHEN %(hold)s::text IS NOT NULL THEN %(hold)s::text
+        WHEN %(window)s::int > 0 AND {rank} + (
+            SELECT count(*) FROM (
+                SELECT 1 FROM executions u
+                WHERE u.org_id = %(org_id)s AND u.queue = %(queue)s::text AND u.status = 'queued'
+                  AND u.waiting_for IS NULL
+                LIMIT %(window)s::int) w
+        ) > %(window)s::int THEN 'queue'
+    END"""
+
+_INSERT_SQL = (
+    """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
-                            priority, input, attempt, max_attempts)
+                            priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
+                            rate_key, gated)
     SELECT %(id)s, a.org_id, a.id, %(version_id)s, a.name, %(version)s, 'queued', %(priority)s,
-           %(input)s, 0, %(max_attempts)s
+           %(input)s, 0, %(max_attempts)s, %(queue)s::text, """
+    + WAITING_FOR_SQL.format(rank="1")
+    + """,
+           %(flow_key)s, %(rate_key)s, %(hold)s::text IS NOT NULL
     FROM agents a
     WHERE a.id = %(agent_id)s AND a.org_id = %(org_id)s AND a.archived_at IS NULL
       AND (%(pinned)s OR a.current_version_id = %(version_id)s)
-    RETURNING queued_at
+    RETURNING queued_at, waiting_for
 """
+)
 
 
 def insert(
@@ -65,9 +102,10 @@ def insert(
     *,
     priority: int,
     pinned: bool,
+    entry: Entry = FREE,
 ) -> Any:
-    """Insert a queued execution; its queued_at, or None when the agent was archived or (unless
-    pinned) its current version changed since `spec` was read."""
+    """Insert a queued execution; a row of (queued_at, waiting_for), or None when the agent was
+    archived or (unless pinned) its current version changed since `spec` was read."""
     with _nul_refused("/input"):
         row = (
             driver(conn)
@@ -83,24 +121,40 @@ def insert(
                     "input": Jsonb(payload),
                     "max_attempts": spec.max_attempts,
                     "pinned": pinned,
+                    "queue": spec.queue,
+                    "flow_key": spec.flow_key(payload),
+                    "rate_key": spec.rate_key(payload),
+                    "hold": entry.hold,
+                    "window": entry.window,
                 },
             )
             .fetchone()
         )
-    return None if row is None else row[0]
+    return row
 
 
 # A batch: one statement for every item, on the same condition as a single insert, so the batch
-# is stored whole or not at all (a stale cache shows up as no rows).
-_INSERT_BATCH_SQL = """
+# is stored whole or not at all (a stale cache shows up as no rows). Each item takes its place
+# in the fair window in item order.
+_INSERT_BATCH_SQL = (
+    """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
-                            priority, input, attempt, max_attempts)
+                            priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
+                            rate_key, gated)
     SELECT r.id, a.org_id, a.id, %(version_id)s, a.name, %(version)s, 'queued', r.priority,
-           r.input, 0, %(max_attempts)s
-    FROM agents a, json_to_recordset(%(rows)s::json) AS r(id uuid, priority smallint, input jsonb)
+           r.input, 0, %(max_attempts)s, %(queue)s::text, """
+    + WAITING_FOR_SQL.format(rank="r.rank")
+    + """,
+           r.flow_key, r.rate_key, %(hold)s::text IS NOT NULL
+    FROM agents a,
+         ROWS FROM (json_to_recordset(%(rows)s::json)
+                    AS (id uuid, priority smallint, input jsonb, flow_key text, rate_key text))
+         WITH ORDINALITY AS r(id, priority, input, flow_key, rate_key, rank)
     WHERE a.id = %(agent_id)s AND a.org_id = %(org_id)s AND a.archived_at IS NULL
       AND (%(pinned)s OR a.current_version_id = %(version_id)s)
+    RETURNING id, waiting_for
 """
+)
 
 
 def insert_batch(
@@ -110,29 +164,46 @@ def insert_batch(
     rows: list[tuple[uuid.UUID, int, dict[str, Any]]],
     *,
     pinned: bool,
-) -> bool:
-    """Insert (id, priority, input) rows as queued executions of `spec`, all or none: False when
-    the agent was archived or (unless pinned) its current version changed since `spec` was read."""
+    entry: Entry = FREE,
+) -> dict[uuid.UUID, str | None] | None:
+    """Insert (id, priority, input) rows as queued executions of `spec`, all or none: id ->
+    waiting_for, or None when the agent was archived or (unless pinned) its current version
+    changed since `spec` was read."""
     document = json.dumps(
         [
-            {"id": str(row_id), "priority": priority, "input": payload}
+            {
+                "id": str(row_id),
+                "priority": priority,
+                "input": payload,
+                "flow_key": spec.flow_key(payload),
+                "rate_key": spec.rate_key(payload),
+            }
             for row_id, priority, payload in rows
         ]
     )
     with _nul_refused("/items"):
-        cursor = driver(conn).execute(
-            _INSERT_BATCH_SQL,
-            {
-                "org_id": org_id,
-                "agent_id": spec.agent_id,
-                "version_id": spec.id,
-                "version": spec.version,
-                "max_attempts": spec.max_attempts,
-                "pinned": pinned,
-                "rows": document,
-            },
+        inserted = (
+            driver(conn)
+            .execute(
+                _INSERT_BATCH_SQL,
+                {
+                    "org_id": org_id,
+                    "agent_id": spec.agent_id,
+                    "version_id": spec.id,
+                    "version": spec.version,
+                    "max_attempts": spec.max_attempts,
+                    "pinned": pinned,
+                    "rows": document,
+                    "queue": spec.queue,
+                    "hold": entry.hold,
+                    "window": entry.window,
+                },
+            )
+            .fetchall()
         )
-    return cursor.rowcount == len(rows)
+    if len(inserted) != len(rows):
+        return None
+    return dict(inserted)
 
 
 @dataclass(frozen=True)
@@ -142,23 +213,47 @@ class NewExecution:
     spec: VersionSpec
     input: dict[str, Any]
     priority: int = DEFAULT_PRIORITY
+    entry: Entry = FREE
 
 
 # One JSON document for all rows: PostgreSQL unpacks it in C, where binding one array per column
-# cost more in the driver than the INSERT itself (10,000 rows, bench/schedules.py).
+# cost more in the driver than the INSERT itself (10,000 rows, bench/schedules.py). Rows take
+# their places in their organization's fair window on their queue in document order.
 _INSERT_MANY_SQL = """
+    WITH r AS (
+        SELECT r.*, row_number() OVER (PARTITION BY r.org_id, r.queue ORDER BY r.rank) AS place
+        FROM ROWS FROM (json_to_recordset(%(rows)s::json)
+             AS (id uuid, org_id uuid, agent_id uuid, version_id uuid, agent_name text,
+                 agent_version text, priority smallint, input jsonb, max_attempts int,
+                 queue text, hold text, fair_window int, flow_key text, rate_key text))
+             WITH ORDINALITY AS r(id, org_id, agent_id, version_id, agent_name, agent_version,
+                                  priority, input, max_attempts, queue, hold, fair_window,
+                                  flow_key, rate_key, rank)
+    )
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
-                            priority, input, attempt, max_attempts)
+                            priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
+                            rate_key, gated)
     SELECT r.id, r.org_id, r.agent_id, r.version_id, r.agent_name, r.agent_version, 'queued',
-           r.priority, r.input, 0, r.max_attempts
-    FROM json_to_recordset(%(rows)s::json)
-         AS r(id uuid, org_id uuid, agent_id uuid, version_id uuid, agent_name text,
-              agent_version text, priority smallint, input jsonb, max_attempts int)
+           r.priority, r.input, 0, r.max_attempts, r.queue,
+           CASE
+               WHEN r.hold IS NOT NULL THEN r.hold
+               WHEN r.fair_window > 0 AND r.place + (
+                   SELECT count(*) FROM (
+                       SELECT 1 FROM executions u
+                       WHERE u.org_id = r.org_id AND u.queue = r.queue AND u.status = 'queued'
+                         AND u.waiting_for IS NULL
+                       LIMIT r.fair_window) w
+               ) > r.fair_window THEN 'queue'
+           END,
+           r.flow_key, r.rate_key, r.hold IS NOT NULL
+    FROM r
+    RETURNING id, waiting_for
 """
 
 
-def insert_many(conn: Connection, rows: list[NewExecution]) -> None:
-    """Insert queued executions with one statement, in the caller's transaction."""
+def insert_many(conn: Connection, rows: list[NewExecution]) -> dict[uuid.UUID, str | None]:
+    """Insert queued executions with one statement, in the caller's transaction: id ->
+    waiting_for."""
     document = json.dumps(
         [
             {
@@ -171,11 +266,16 @@ def insert_many(conn: Connection, rows: list[NewExecution]) -> None:
                 "priority": row.priority,
                 "input": row.input,
                 "max_attempts": row.spec.max_attempts,
+                "queue": row.spec.queue,
+                "hold": row.entry.hold,
+                "fair_window": row.entry.window,
+                "flow_key": row.spec.flow_key(row.input),
+                "rate_key": row.spec.rate_key(row.input),
             }
             for row in rows
         ]
     )
-    driver(conn).execute(_INSERT_MANY_SQL, {"rows": document})
+    return dict(driver(conn).execute(_INSERT_MANY_SQL, {"rows": document}).fetchall())
 
 
 # A chain step's row, `queued` to run or already `failed` when it is refused, created by the
@@ -186,10 +286,12 @@ def insert_many(conn: Connection, rows: list[NewExecution]) -> None:
 _INSERT_STEP_SQL = """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
                             priority, input, attempt, max_attempts, dispatched_at, error,
-                            finished_at, chain_execution_id, chain_step, chain_stage, chain_role)
+                            finished_at, chain_execution_id, chain_step, chain_stage, chain_role,
+                            queue)
     SELECT %(id)s, ce.org_id, %(agent_id)s, %(version_id)s, %(agent_name)s, %(agent_version)s,
            %(status)s, ce.priority, %(input)s, 0, %(max_attempts)s, now(), %(error)s,
-           CASE WHEN %(refused)s THEN now() END, ce.id, %(step)s, %(stage)s, %(role)s
+           CASE WHEN %(refused)s THEN now() END, ce.id, %(step)s, %(stage)s, %(role)s,
+           %(queue)s
     FROM chain_executions ce
     WHERE ce.id = %(chain_execution_id)s AND ce.status = ANY(%(statuses)s)
     FOR KEY SHARE OF ce
@@ -234,6 +336,7 @@ def insert_step(conn: Connection, new: NewStep, chain_statuses: list[str]) -> bo
                 "stage": new.stage,
                 "role": new.role,
                 "statuses": chain_statuses,
+                "queue": new.spec.queue,
             },
         )
         .fetchone()
@@ -256,23 +359,52 @@ def stamp_dispatched(conn: Connection, ids: list[uuid.UUID]) -> None:
 # Claim, renew, finish (the worker side)
 
 
+# The claim also makes room in the fair window: the message it took leaves the broker, so the
+# organization's next execution held back on that queue (`queue`, by priority then age) is let
+# out in the same statement, to be published by the worker. With nothing held back that is one
+# probe of an empty index range (ix_executions_org_id_queue_waiting).
 _CLAIM_SQL = """
-    UPDATE executions
-    SET status = 'running', attempt = attempt + 1, started_at = now(), worker = %(worker)s,
-        resource_usage = NULL,
-        dispatched_at = coalesce(dispatched_at, now()),
-        lease_until = now() + make_interval(secs => %(lease)s)
-    WHERE id = %(id)s AND status = 'queued'
-    RETURNING attempt, version_id, input, priority,
-              (SELECT coalesce(max(seq), 0) FROM execution_logs WHERE execution_id = %(id)s),
-              chain_execution_id
+    WITH claimed AS (
+        UPDATE executions
+        SET status = 'running', attempt = attempt + 1, started_at = now(), worker = %(worker)s,
+            resource_usage = NULL,
+            dispatched_at = coalesce(dispatched_at, now()),
+            lease_until = now() + make_interval(secs => %(lease)s)
+        WHERE id = %(id)s AND status = 'queued' AND waiting_for IS NULL
+        RETURNING attempt, version_id, input, priority, chain_execution_id, org_id, gated, queue
+    ), let_out AS (
+        UPDATE executions e SET waiting_for = NULL, dispatched_at = now()
+        WHERE e.id = (
+            SELECT h.id FROM executions h, claimed c
+            WHERE h.org_id = c.org_id AND h.queue = c.queue AND h.status = 'queued'
+              AND h.waiting_for = 'queue'
+            ORDER BY h.priority DESC, h.queued_at
+            LIMIT 1 FOR UPDATE OF h SKIP LOCKED)
+        RETURNING e.id, e.version_id, e.priority
+    )
+    SELECT c.attempt, c.version_id, c.input, c.priority,
+           (SELECT coalesce(max(seq), 0) FROM execution_logs WHERE execution_id = %(id)s),
+           c.chain_execution_id, c.org_id, c.gated,
+           (SELECT array_agg(ARRAY[l.id::text, l.version_id::text, l.priority::text])
+            FROM let_out l)
+    FROM claimed c
 """
+
+
+@dataclass(frozen=True)
+class LetOut:
+    """An execution a claim or a release let out: publish it (it is stamped dispatched)."""
+
+    execution_id: uuid.UUID
+    version_id: uuid.UUID
+    priority: int
 
 
 def claim(
     conn: Connection, execution_id: uuid.UUID, worker: str, lease_seconds: float
-) -> Claim | None:
-    """Take a queued execution. None means the message is a duplicate or stale: drop it.
+) -> tuple[Claim | None, list[LetOut]]:
+    """Take a queued execution, and the execution the claim let out of the fair window. A None
+    claim means the message is a duplicate or stale: drop it.
 
     The lease is short (RUNYARD_LEASE_SECONDS) and the worker renews it while the attempt runs
     (`renew_leases`); once it runs out the sweeper takes the execution back."""
@@ -281,7 +413,13 @@ def claim(
         .execute(_CLAIM_SQL, {"id": execution_id, "worker": worker, "lease": lease_seconds})
         .fetchone()
     )
-    return None if row is None else Claim(execution_id, *row)
+    if row is None:
+        return None, []
+    *fields, let_out = row
+    return Claim(execution_id, *fields), [
+        LetOut(uuid.UUID(out_id), uuid.UUID(version_id), int(priority))
+        for out_id, version_id, priority in let_out or ()
+    ]
 
 
 # One statement for every attempt a worker process holds, fenced by the attempt like a finish:
@@ -329,8 +467,11 @@ RECORD_ATTEMPT = """
 
 _FINISH_SQL = """
     UPDATE executions
-    SET status = %(status)s, output = %(output)s, error = %(error)s, resource_usage = %(usage)s,
-        finished_at = now(), lease_until = NULL
+    SET status = %(status)s, output = %(output)s, resource_usage = %(usage)s,
+        finished_at = now(), lease_until = NULL,
+        -- A cancel that a newer execution asked for (concurrency.on_limit cancel_running) says so.
+        error = CASE WHEN %(cancelled)s AND error ->> 'type' = 'superseded'
+                     THEN error ELSE %(error)s END
     WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
 """
 
@@ -355,6 +496,7 @@ def finish(
             "id": claimed.execution_id,
             "attempt": claimed.attempt,
             "status": status,
+            "cancelled": status == "cancelled",
             "output": _jsonb(output),
             "error": _jsonb(error),
             "usage": Jsonb(usage),
@@ -441,16 +583,18 @@ _CANCEL = text(
             WHEN status = 'queued' THEN now() ELSE coalesce(cancel_requested_at, now()) END,
         finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
         lease_until = CASE WHEN status = 'queued' THEN NULL ELSE lease_until END,
-        error = CASE WHEN status = 'queued' THEN :error ELSE error END
+        error = CASE WHEN status = 'queued' THEN :error ELSE error END,
+        waiting_for = NULL
     WHERE id = :id AND org_id = :org_id AND status IN ('queued', 'running')
-    RETURNING id, chain_execution_id, status = 'cancelled' AS ended
+    RETURNING id, chain_execution_id, status = 'cancelled' AS ended, gated
     """
 ).bindparams(bindparam("error", type_=JSONB))
 
 
 def cancel(conn: Connection, org_id: uuid.UUID, execution_id: uuid.UUID, message: str) -> Any:
     """End a queued execution, or ask a running one to stop. None when it had finished; else a
-    row with `chain_execution_id` and `ended` (true when it ended here)."""
+    row with `chain_execution_id`, `ended` (true when it ended here) and `gated` (a limit
+    applied: an end here may free a slot)."""
     params = {"id": execution_id, "org_id": org_id, "error": error_body("cancelled", message)}
     return conn.execute(_CANCEL, params).first()
 

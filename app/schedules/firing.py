@@ -216,7 +216,9 @@ def _write(conn: Connection, planner: _Planner) -> runs.Launched:
     }
     # A fire time another beat recorded first inserts nothing here: its execution is not made.
     launched = runs.launch(
-        conn, [launch for eid, launch in batch.launches.items() if eid in inserted]
+        conn,
+        [launch for eid, launch in batch.launches.items() if eid in inserted],
+        on_limit=False,
     )
     for new_id, (org_id, previous, is_chain) in batch.cancels.items():
         if new_id in inserted:
@@ -366,7 +368,7 @@ def release_buffered(fired_by: str, report: TickReport) -> None:
                 {"id": row.id, "execution_id": execution_id, "failures": 1 if failed else 0},
             )
             report.released += 1
-        launched = runs.launch(conn, list(planner.batch.launches.values()))
+        launched = runs.launch(conn, list(planner.batch.launches.values()), on_limit=False)
         conn.execute(_PAUSE_FAILING, {"ids": [row.id for row in rows]})
     runs.publish(launched)
 

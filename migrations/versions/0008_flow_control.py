@@ -62,6 +62,16 @@ def upgrade() -> None:
         ["agent_id", "rate_key", "started_at"],
         postgresql_where=sa.text("rate_key IS NOT NULL"),
     )
+    # The sweeper's rows committed but never published: a held row is neither.
+    op.drop_index("ix_executions_undispatched", table_name="executions")
+    op.create_index(
+        "ix_executions_undispatched",
+        "executions",
+        ["queued_at"],
+        postgresql_where=sa.text(
+            "status = 'queued' AND dispatched_at IS NULL AND waiting_for IS NULL"
+        ),
+    )
     # An organization's running executions (max_running).
     op.create_index(
         "ix_executions_org_id_gated_active",
@@ -73,6 +83,13 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_executions_org_id_gated_active", table_name="executions")
+    op.drop_index("ix_executions_undispatched", table_name="executions")
+    op.create_index(
+        "ix_executions_undispatched",
+        "executions",
+        ["queued_at"],
+        postgresql_where=sa.text("status = 'queued' AND dispatched_at IS NULL"),
+    )
     op.drop_index("ix_executions_agent_id_rate_key_started_at", table_name="executions")
     op.drop_index("ix_executions_agent_id_flow_key_active", table_name="executions")
     op.drop_index("ix_executions_org_id_queue_waiting", table_name="executions")

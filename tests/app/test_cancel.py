@@ -36,7 +36,7 @@ def _queued(client, org) -> str:
 
 def _claim(execution_id: str) -> Claim:
     with db.hot() as conn:
-        claimed = store.claim(conn, uuid.UUID(execution_id), "test-worker", 60)
+        claimed = store.claim(conn, uuid.UUID(execution_id), "test-worker", 60)[0]
     assert claimed is not None
     return claimed
 
@@ -71,7 +71,7 @@ def test_cancel_ends_a_queued_execution_at_once(app, live_org):
     assert row["finished_at"] is not None and row["cancel_requested_at"] is not None
     assert row["lease_until"] is None
     with db.hot() as conn:
-        assert store.claim(conn, uuid.UUID(execution_id), "test-worker", 60) is None
+        assert store.claim(conn, uuid.UUID(execution_id), "test-worker", 60)[0] is None
     again = _cancel(client, live_org, execution_id)
     assert again.status_code == 409 and again.get_json()["hint"], again.get_json()
 
@@ -131,7 +131,7 @@ def test_cancel_catches_a_running_execution_that_a_retry_puts_back_in_the_queue(
     row = _row(execution_id)
     assert row["status"] == "cancelled" and row["finished_at"] is not None
     with db.hot() as conn:
-        assert store.claim(conn, uuid.UUID(execution_id), "test-worker", 60) is None
+        assert store.claim(conn, uuid.UUID(execution_id), "test-worker", 60)[0] is None
     # Attempt 1 is listed as the retry recorded it.
     attempts = client.get(f"/api/v1/executions/{execution_id}/attempts", headers=live_org.headers)
     assert [(a["attempt"], a["status"]) for a in attempts.get_json()] == [(1, "failed")]

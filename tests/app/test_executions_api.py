@@ -150,7 +150,7 @@ def test_cancel_a_queued_execution(client, org, connection):
     # The claim a worker would make finds nothing to take: the execution never starts.
     from app.executions import store
 
-    assert store.claim(connection, uuid.UUID(execution["id"]), "w", 60) is None
+    assert store.claim(connection, uuid.UUID(execution["id"]), "w", 60)[0] is None
 
 
 def test_logs_filters(client, org, connection):

@@ -64,7 +64,7 @@ def lease_of(connection, execution_id):
 def test_renewal_is_fenced_by_the_attempt(client, org, connection):
     define(client, org, "renewed", "default", runtime=RUNTIMES["python"])
     execution_id = submit(client, org, "renewed", {})
-    first = store.claim(connection, execution_id, "worker-a", 30)
+    first = store.claim(connection, execution_id, "worker-a", 30)[0]
     claimed_lease = lease_of(connection, execution_id)
     # now() is fixed inside the test's transaction: a longer lease shows the renewal.
     assert store.renew_leases(connection, [first], 300) == {execution_id}
@@ -73,7 +73,7 @@ def test_renewal_is_fenced_by_the_attempt(client, org, connection):
     connection.execute(
         text("UPDATE executions SET status = 'queued' WHERE id = :id"), {"id": execution_id}
     )
-    second = store.claim(connection, execution_id, "worker-b", 30)
+    second = store.claim(connection, execution_id, "worker-b", 30)[0]
     assert second.attempt == 2
     assert store.renew_leases(connection, [first], 3000) == set(), "a stale attempt"
     assert (lease_of(connection, execution_id) - claimed_lease).total_seconds() == 0

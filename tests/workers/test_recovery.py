@@ -43,9 +43,9 @@ def _execution(client, org, name="echo"):
 
 def test_claim_is_taken_once_and_stale_attempts_are_fenced(client, org, connection):
     execution_id = _execution(client, org)
-    first = store.claim(connection, execution_id, "worker-a", 60)
+    first = store.claim(connection, execution_id, "worker-a", 60)[0]
     assert first is not None and first.attempt == 1
-    assert store.claim(connection, execution_id, "worker-b", 60) is None, "a duplicate message"
+    assert store.claim(connection, execution_id, "worker-b", 60)[0] is None, "a duplicate message"
     # The sweeper gives the execution back (lease expired) and a second worker takes it.
     connection.execute(
         text("UPDATE executions SET lease_until = now() - interval '1 second' WHERE id = :id"),
@@ -54,7 +54,7 @@ def test_claim_is_taken_once_and_stale_attempts_are_fenced(client, org, connecti
     connection.execute(
         text("UPDATE executions SET status = 'queued' WHERE id = :id"), {"id": execution_id}
     )
-    second = store.claim(connection, execution_id, "worker-b", 60)
+    second = store.claim(connection, execution_id, "worker-b", 60)[0]
     assert second.attempt == 2
     usage = {"cpu_seconds": 0, "max_rss_mb": 0, "wall_ms": 0}
     assert not store.finish(

@@ -1,0 +1,373 @@
+"""Which executions may start: organization `max_running`, agent `concurrency` and `rate_limit`,
+and the fair window (see ARCHITECTURE.md, "Flow control lives in PostgreSQL").
+
+An execution a limit applies to is stored held back (`waiting_for` says which limit, no message
+in the broker) and is let out by `release`, which runs under its organization's flow lock in
+the transaction that freed a slot: the submit that stored it, the worker's finish, a cancel,
+and beat's flow tick (which also covers what no transaction frees by itself: a rate-limit window
+that moves on, a lease the sweeper ended, a slot freed before a crash). A slot is a row that
+runs or was let out to run, so a slot cannot leak: every end of an execution frees it, and
+held rows stay in PostgreSQL through a broker's loss.
+
+An execution no limit touches is held back only when its organization already has a full fair
+window of unclaimed messages on its queue (store.WAITING_FOR_SQL); each claim lets out the next
+one (store.claim), and the flow tick tops windows up after a crash.
+
+Beside store.py and leases.py, the one module that writes `executions`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from sqlalchemy import Connection
+
+from app.config import current_config
+from app.db import db, driver
+from app.errors import Conflict
+from app.executions import dispatch
+from app.executions.dispatch import Dispatch
+from app.executions.spec import LIMIT_WAITS, VersionSpec, error_body
+from app.executions.store import Entry, LetOut
+from app.executions.versions import specs
+from app.flow.limits import OrgLimits, cache
+
+log = logging.getLogger(__name__)
+
+_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+_TRY_LOCK = "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))"
+
+
+def _lock_key(org_id: uuid.UUID) -> str:
+    return f"runyard:flow:{org_id}"
+
+
+def entry(conn: Connection, org_id: uuid.UUID, spec: VersionSpec) -> Entry:
+    """How new executions of `spec` enter: held for a limit, or through the fair window."""
+    limits = cache.get(conn, org_id)
+    if limits.max_running is not None:
+        return Entry(hold="org_max_running")
+    if spec.concurrency is not None:
+        return Entry(hold="agent_concurrency")
+    if spec.rate_limit is not None:
+        return Entry(hold="agent_rate_limit")
+    return Entry(window=current_config().fair_window * limits.weight)
+
+
+def lock(conn: Connection, org_id: uuid.UUID) -> None:
+    """The organization's flow lock, held to the end of the caller's transaction."""
+    driver(conn).execute(_LOCK, (_lock_key(org_id),))
+
+
+# ---------------------------------------------------------------------------------------------
+# on_limit: reject and cancel_running, decided under the lock before the new rows go in
+
+_GROUP_COUNT = """
+    SELECT count(*) FROM executions
+    WHERE agent_id = %s AND flow_key = %s AND status IN ('queued', 'running')
+"""
+
+# A newer execution supersedes its key's: the waiting ones end here, the running ones are asked
+# to stop (their worker records `cancelled`, keeping this error) and free their slot then.
+_SUPERSEDE = """
+    UPDATE executions
+    SET status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+        finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+        lease_until = CASE WHEN status = 'queued' THEN NULL ELSE lease_until END,
+        waiting_for = NULL,
+        cancel_requested_at = coalesce(cancel_requested_at, now()),
+        error = %s
+    WHERE agent_id = %s AND flow_key = %s AND status IN ('queued', 'running')
+      AND NOT id = ANY(%s)
+    RETURNING id
+"""
+
+
+def apply_on_limit(
+    conn: Connection, spec: VersionSpec, new: list[tuple[uuid.UUID, Any]]
+) -> list[uuid.UUID]:
+    """Before new executions (id, input) of `spec` go in, under the flow lock: refuse them (409)
+    when `reject` finds their key full, or cancel their key's others for `cancel_running` (the
+    ids it ended or asked to stop)."""
+    concurrency = spec.concurrency
+    if concurrency is None or concurrency.get("on_limit", "queue") == "queue":
+        return []
+    pg = driver(conn)
+    keys = Counter(spec.flow_key(payload) for _, payload in new)
+    if concurrency["on_limit"] == "reject":
+        for key, count in keys.items():
+            (active,) = pg.execute(_GROUP_COUNT, (spec.agent_id, key)).fetchone()
+            if active + count > concurrency["limit"]:
+                raise Conflict(
+                    f"agent {spec.agent_name!r} has {active} executions of concurrency key "
+                    f"{key} running or waiting; its concurrency.limit is "
+                    f"{concurrency['limit']} and on_limit is reject",
+                    hint="submit again once one of them has finished",
+                )
+        return []
+    superseded: list[uuid.UUID] = []
+    newest = {spec.flow_key(payload): execution_id for execution_id, payload in new}
+    for key, newer in newest.items():
+        error = error_body("superseded", f"superseded by execution {newer}")
+        rows = pg.execute(
+            _SUPERSEDE, (Jsonb(error), spec.agent_id, key, [row_id for row_id, _ in new])
+        ).fetchall()
+        superseded.extend(row[0] for row in rows)
+    return superseded
+
+
+# ---------------------------------------------------------------------------------------------
+# Release: what the limits let out now, under the organization's flow lock
+
+# Held rows in the order they are let out: priority, then each key's turn, then age.
+_HELD = """
+    SELECT id, agent_id, version_id, flow_key, rate_key, priority, waiting_for
+    FROM (
+        SELECT id, agent_id, version_id, flow_key, rate_key, priority, waiting_for, queued_at,
+               row_number() OVER (PARTITION BY agent_id, flow_key
+                                  ORDER BY priority DESC, queued_at, id) AS turn
+        FROM executions
+        WHERE org_id = %s AND status = 'queued' AND waiting_for = ANY(%s)
+    ) held
+    ORDER BY priority DESC, turn, queued_at, id
+    LIMIT %s
+"""
+# Rows taking a slot: running, or let out to run.
+_ORG_ACTIVE = """
+    SELECT count(*) FROM executions
+    WHERE org_id = %s AND gated AND status IN ('queued', 'running')
+      AND waiting_for IS NULL
+"""
+_GROUPS_ACTIVE = """
+    SELECT agent_id, flow_key, count(*) FROM executions
+    WHERE agent_id = ANY(%s) AND flow_key IS NOT NULL AND status IN ('queued', 'running')
+      AND waiting_for IS NULL
+    GROUP BY agent_id, flow_key
+"""
+# Starts within the window (and when the oldest leaves it), and rows let out not started yet,
+# which start within it too.
+_RATE_USED = """
+    SELECT rate_key, count(*), min(started_at) FROM executions
+    WHERE agent_id = %s AND rate_key = ANY(%s)
+      AND started_at > now() - make_interval(secs => %s)
+    GROUP BY rate_key
+"""
+_RATE_PENDING = """
+    SELECT rate_key, count(*) FROM executions
+    WHERE org_id = %s AND agent_id = %s AND rate_key = ANY(%s) AND status = 'queued'
+      AND waiting_for IS NULL AND started_at IS NULL
+    GROUP BY rate_key
+"""
+_LET_OUT = """
+    UPDATE executions SET waiting_for = NULL, dispatched_at = now()
+    WHERE id = ANY(%s) AND status = 'queued' AND waiting_for IS NOT NULL
+    RETURNING id, version_id, priority
+"""
+_SAY_WHY = """
+    UPDATE executions e SET waiting_for = why.reason
+    FROM unnest(%s::uuid[], %s::text[]) AS why(id, reason)
+    WHERE e.id = why.id AND e.status = 'queued' AND e.waiting_for IS DISTINCT FROM why.reason
+      AND e.waiting_for IS NOT NULL
+"""
+
+# Rows looked at per release. A backlog deeper than this is let out as it moves up.
+RELEASE_LOOKAHEAD = 2000
+
+
+@dataclass
+class Released:
+    let_out: list[LetOut] = field(default_factory=list)
+    # Why each row looked at still waits.
+    reasons: dict[uuid.UUID, str] = field(default_factory=dict)
+
+
+class _Room:
+    """What the organization's limits leave free, counted down as rows are let out."""
+
+    def __init__(self, pg: psycopg.Connection, org_id: uuid.UUID, limits: OrgLimits, held):
+        self._pg = pg
+        self.org_free = None
+        if limits.max_running is not None:
+            (active,) = pg.execute(_ORG_ACTIVE, (org_id,)).fetchone()
+            self.org_free = limits.max_running - active
+        agents = list({row.agent_id for row in held if row.flow_key is not None})
+        self.groups: Counter = Counter()
+        if agents:
+            for agent_id, key, count in pg.execute(_GROUPS_ACTIVE, (agents,)):
+                self.groups[(agent_id, key)] = count
+        self.rates: Counter = Counter()
+        self._rate_groups_read: set[uuid.UUID] = set()
+        self._org_id = org_id
+        self._held = held
+
+    def _read_rates(self, spec: VersionSpec) -> None:
+        if spec.agent_id in self._rate_groups_read:
+            return
+        self._rate_groups_read.add(spec.agent_id)
+        keys = list({row.rate_key for row in self._held if row.agent_id == spec.agent_id})
+        period = float(spec.rate_limit["period_seconds"])
+        for key, count, _oldest in self._pg.execute(_RATE_USED, (spec.agent_id, keys, period)):
+            self.rates[(spec.agent_id, key)] += count
+        for key, count in self._pg.execute(_RATE_PENDING, (self._org_id, spec.agent_id, keys)):
+            self.rates[(spec.agent_id, key)] += count
+
+    def blocked_by(self, row, spec: VersionSpec) -> str | None:
+        if self.org_free is not None and self.org_free <= 0:
+            return "org_max_running"
+        concurrency = spec.concurrency
+        if (
+            concurrency is not None
+            and row.flow_key is not None
+            and self.groups[(row.agent_id, row.flow_key)] >= concurrency["limit"]
+        ):
+            return "agent_concurrency"
+        if spec.rate_limit is not None and row.rate_key is not None:
+            self._read_rates(spec)
+            if self.rates[(row.agent_id, row.rate_key)] >= spec.rate_limit["limit"]:
+                return "agent_rate_limit"
+        return None
+
+    def take(self, row) -> None:
+        if self.org_free is not None:
+            self.org_free -= 1
+        if row.flow_key is not None:
+            self.groups[(row.agent_id, row.flow_key)] += 1
+        if row.rate_key is not None:
+            self.rates[(row.agent_id, row.rate_key)] += 1
+
+
+def release(conn: Connection, org_id: uuid.UUID) -> Released:
+    """Let out the organization's held executions its limits allow now, in the caller's
+    transaction, which must hold the flow lock (`lock`). Publish them after it commits."""
+    pg = driver(conn)
+    held = pg.execute(_HELD, (org_id, list(LIMIT_WAITS), RELEASE_LOOKAHEAD)).fetchall()
+    result = Released()
+    if not held:
+        return result
+    held = [_Held(*row) for row in held]
+    room = _Room(pg, org_id, cache.get(conn, org_id), held)
+    chosen: list[uuid.UUID] = []
+    for row in held:
+        spec = specs.get(conn, row.version_id)
+        reason = room.blocked_by(row, spec)
+        if reason is None:
+            room.take(row)
+            chosen.append(row.id)
+        elif reason != row.waiting_for:
+            result.reasons[row.id] = reason
+    if chosen:
+        result.let_out = [LetOut(*out) for out in pg.execute(_LET_OUT, (chosen,)).fetchall()]
+    if result.reasons:
+        pg.execute(_SAY_WHY, (list(result.reasons), list(result.reasons.values())))
+    return result
+
+
+@dataclass(frozen=True)
+class _Held:
+    id: uuid.UUID
+    agent_id: uuid.UUID
+    version_id: uuid.UUID
+    flow_key: str | None
+    rate_key: str | None
+    priority: int
+    waiting_for: str
+
+
+def publish(conn: Connection, let_out: Iterable[LetOut]) -> None:
+    """Publish executions a claim or a release let out, once their transaction has committed
+    (they carry their dispatch stamp: one the broker missed is found by the sweeper)."""
+    batch = [
+        Dispatch(out.execution_id, specs.get(conn, out.version_id), out.priority) for out in let_out
+    ]
+    if batch:
+        dispatch.publish_many(batch)
+
+
+def publish_after_commit(let_out: list[LetOut]) -> None:
+    if let_out:
+        db.after_commit(_publish_now, let_out)
+
+
+def _publish_now(let_out: list[LetOut]) -> None:
+    with db.hot() as conn:
+        publish(conn, let_out)
+
+
+def released_in_transaction(conn: Connection, org_id: uuid.UUID) -> Released:
+    """Take the flow lock and release, in a transaction of its own on `conn` (a savepoint when
+    `conn` is in one already)."""
+    with driver(conn).transaction():
+        lock(conn, org_id)
+        return release(conn, org_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Beat's flow tick
+
+_ORGS_HOLDING = """
+    SELECT DISTINCT org_id FROM executions WHERE status = 'queued' AND waiting_for IS NOT NULL
+"""
+# Fair windows with room and executions held back for them (after a crash, or a claim that
+# found the next row locked).
+_WINDOW_TOP_UP = """
+    WITH room AS (
+        SELECT h.queue, %s::int - (
+            SELECT count(*) FROM (
+                SELECT 1 FROM executions u
+                WHERE u.org_id = %s AND u.queue = h.queue AND u.status = 'queued'
+                  AND u.waiting_for IS NULL
+                LIMIT %s::int) w) AS free
+        FROM (SELECT DISTINCT queue FROM executions
+              WHERE org_id = %s AND status = 'queued' AND waiting_for = 'queue') h
+    ), chosen AS (
+        SELECT e.id FROM room,
+        LATERAL (SELECT id FROM executions
+                 WHERE org_id = %s AND queue = room.queue AND status = 'queued'
+                   AND waiting_for = 'queue'
+                 ORDER BY priority DESC, queued_at LIMIT greatest(room.free, 0)) e
+    )
+    UPDATE executions SET waiting_for = NULL, dispatched_at = now()
+    WHERE id IN (SELECT id FROM chosen) AND status = 'queued' AND waiting_for = 'queue'
+    RETURNING id, version_id, priority
+"""
+
+
+def flow_tick() -> int:
+    """Release what each organization holding executions may start now, and top up its fair
+    windows; how many were let out. Organizations whose flow lock is taken are left to the
+    transaction holding it."""
+    with db.hot() as conn:
+        orgs = [row[0] for row in driver(conn).execute(_ORGS_HOLDING).fetchall()]
+    total = 0
+    for org_id in orgs:
+        with db.begin() as conn:
+            pg = driver(conn)
+            (locked,) = pg.execute(_TRY_LOCK, (_lock_key(org_id),)).fetchone()
+            if not locked:
+                continue
+            let_out = release(conn, org_id).let_out
+            window = current_config().fair_window * cache.get(conn, org_id).weight
+            if window > 0:
+                params = (window, org_id, window, org_id, org_id)
+                let_out += [LetOut(*row) for row in pg.execute(_WINDOW_TOP_UP, params)]
+            else:
+                let_out += [LetOut(*row) for row in pg.execute(_WINDOW_OFF, (org_id,))]
+        with db.hot() as conn:
+            publish(conn, let_out)
+        total += len(let_out)
+    return total
+
+
+# RUNYARD_FAIR_WINDOW set to 0 after rows were held back for the window: let them all out.
+_WINDOW_OFF = """
+    UPDATE executions SET waiting_for = NULL, dispatched_at = now()
+    WHERE org_id = %s AND status = 'queued' AND waiting_for = 'queue'
+    RETURNING id, version_id, priority
+"""
