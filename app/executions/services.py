@@ -205,15 +205,24 @@ def _insert_held(
 ) -> Any:
     """Insert executions a limit applies to, held, under the organization's flow lock, after
     their agent's on_limit had its say; then release what may start, in the same transaction."""
-    with driver(conn).transaction():
-        gates.lock(conn, org_id)
-        gates.apply_on_limit(conn, spec, new)
-        inserted = insert_rows()
-        if inserted is not None:
+    try:
+        with driver(conn).transaction():
+            gates.lock(conn, org_id)
+            gates.apply_on_limit(conn, spec, new)
+            inserted = insert_rows()
+            if inserted is None:
+                # A stale target: undo what on_limit did; the caller tries once more.
+                raise _StaleTarget
             result = gates.release(conn, org_id)
-            released.let_out.extend(result.let_out)
-            released.reasons.update(result.reasons)
-        return inserted
+    except _StaleTarget:
+        return None
+    released.let_out.extend(result.let_out)
+    released.reasons.update(result.reasons)
+    return inserted
+
+
+class _StaleTarget(Exception):
+    pass
 
 
 MAX_BATCH_ITEMS = 1000
