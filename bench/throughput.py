@@ -3,19 +3,29 @@
 
     .venv/bin/python bench/throughput.py [--count 3000] [--threads 8] [--concurrency 2]
                                          [--batch-size 100]
+    # the batch endpoint, 100 items a request from 4 client threads:
+    .venv/bin/python bench/throughput.py --batch-size 100 --client-threads 4
 
-Phase 1, Runyard: `runyard api` (gunicorn) and `celery -A workers worker`; client threads POST
-/api/v1/agents/noop/executions over keep-alive HTTP connections (with --batch-size N, N items a
-request to .../executions/batch); done when every execution is
-`succeeded` in PostgreSQL. Phase 2, plain Celery: `celery -A bench.plain_celery worker` with the
-same pool, concurrency and Redis; client threads call apply_async on a no-op task; done when
-every result is in the Redis result backend. The phases run one after the other, each after a
-warm-up that is not counted. Rate = N / (first submit -> last result stored, taken from the
-stored timestamps: executions.finished_at and the result's date_done).
+Phase 1, Runyard: `runyard api` (gunicorn) and `celery -A workers worker`; client threads
+(--threads, or its other name --client-threads) POST /api/v1/agents/noop/executions over
+keep-alive HTTP connections (with --batch-size N, N items a request to .../executions/batch);
+done when every execution is `succeeded` in PostgreSQL. Phase 2, plain Celery: `celery -A
+bench.plain_celery worker` with the same pool, concurrency and Redis; as many client threads
+call apply_async on a no-op task, one task a call whatever --batch-size says (that is how plain
+Celery submits); done when every result is in the Redis result backend. The phases run one
+after the other, each after a warm-up that is not counted. Rate = N / (first submit -> last
+result stored, taken from the stored timestamps: executions.finished_at and the result's
+date_done). It prints both rates and their ratio.
 
 It also prints the CPU each process group spent per execution during the measured window
 (from /proc: the API's and worker's process sessions, every `postgres` and `redis-server`
-process, and this client), so a low ratio points at where the time goes.
+process, and this client), then each of the API's and worker's processes alone (the gunicorn
+master and workers, the Celery main process and pool processes) with its share of one core,
+and the busiest PostgreSQL backend. With both phases run, it closes with what a ratio of 0.9
+would ask: the machine CPU per execution that plain Celery's rate x 0.9 leaves on these cores
+beside what Runyard used, and Runyard's CPU per execution minus plain Celery's, per group. A
+process near 100% of a core is a serial bottleneck; a machine well below 100% busy means the
+time goes to waits (round trips, prefetch 1), not CPU.
 
 Servers: DATABASE_URL set -> a fresh database `runyard_bench` on that server (dropped at the end
 unless --keep-db); unset -> embedded PostgreSQL under .runyard/bench-pg. REDIS_URL set -> its
@@ -197,15 +207,66 @@ def cpu_groups(before: dict, after: dict, sessions: dict[str, int]) -> dict[str,
     return totals
 
 
+def cpu_per_process(before: dict, after: dict, sessions: dict[str, int]) -> list[tuple[str, float]]:
+    """CPU seconds spent between two snapshots by each process of the named sessions (the
+    session's leader is the gunicorn master or the Celery main process, the rest are gunicorn
+    workers or pool processes), then by the busiest `postgres` process (a backend)."""
+    rows: list[tuple[str, float]] = []
+    postgres: list[float] = []
+    for pid, (comm, session, cpu) in sorted(after["procs"].items()):
+        old = before["procs"].get(pid)
+        spent = cpu - (old[2] if old and old[0] == comm else 0.0)
+        for name, sid in sessions.items():
+            if session == sid:
+                leader, other = ("main", "pool") if name == "worker" else ("master", "worker")
+                rows.append((f"{name} {leader if pid == sid else other}", spent))
+                break
+        else:
+            if comm == "postgres" or comm.startswith("postgres:"):
+                postgres.append(spent)
+    rows.sort(key=lambda row: (row[0].split()[0], not row[0].endswith(("main", "master"))))
+    if postgres:
+        rows.append(("busiest postgres", max(postgres)))
+    return rows
+
+
+class CpuUsage:
+    """The CPU a phase spent on `n` items over `wall` seconds: per group, per process and the
+    whole machine."""
+
+    def __init__(self, before: dict, after: dict, sessions: dict[str, int], n: int, wall: float):
+        self.n, self.wall = n, wall
+        self.groups = {k: v * 1000 / n for k, v in cpu_groups(before, after, sessions).items()}
+        self.processes = cpu_per_process(before, after, sessions)
+        self.machine_ms = (after["machine"] - before["machine"]) * 1000 / n
+        cores = os.cpu_count() or 1
+        self.busy = (after["machine"] - before["machine"]) / (wall * cores) * 100
+
+    def core_percent(self, seconds: float) -> float:
+        return seconds / self.wall * 100
+
+    def busiest(self) -> tuple[str, float]:
+        """The process that spent the most CPU, as a % of one core."""
+        label, seconds = max(self.processes, key=lambda row: row[1], default=("none", 0.0))
+        return label, self.core_percent(seconds)
+
+    def report(self) -> str:
+        shown = self.groups.items()
+        parts = [f"{k} {v:.2f}" for k, v in shown if v >= 0.005 or k in ("postgres", "redis")]
+        procs = [
+            f"{label} {seconds * 1000 / self.n:.2f} ({self.core_percent(seconds):.0f}%)"
+            for label, seconds in self.processes
+        ]
+        return (
+            f"  cpu ms/item: {', '.join(parts)}; sum {sum(self.groups.values()):.2f} "
+            f"(whole machine {self.machine_ms:.2f}, {self.busy:.0f}% of {os.cpu_count()} cores "
+            "busy)\n"
+            f"  per process, cpu ms/item (% of one core): {', '.join(procs)}"
+        )
+
+
 def cpu_report(before: dict, after: dict, sessions: dict[str, int], n: int, wall: float) -> str:
-    per = {k: v * 1000 / n for k, v in cpu_groups(before, after, sessions).items()}
-    parts = [f"{k} {v:.2f}" for k, v in per.items() if v >= 0.005 or k in ("postgres", "redis")]
-    machine = after["machine"] - before["machine"]
-    busy = machine / (wall * (os.cpu_count() or 1)) * 100
-    return (
-        f"  cpu ms/item: {', '.join(parts)}; sum {sum(per.values()):.2f} "
-        f"(whole machine {machine * 1000 / n:.2f}, {busy:.0f}% of {os.cpu_count()} cores busy)"
-    )
+    return CpuUsage(before, after, sessions, n, wall).report()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,7 +544,9 @@ def rate_line(label: str, unit: str, n: int, seconds: float) -> str:
 # Phase 1: Runyard
 
 
-def phase_runyard(args, children: Children, env: dict[str, str], database_url: str) -> float:
+def phase_runyard(
+    args, children: Children, env: dict[str, str], database_url: str
+) -> tuple[float, CpuUsage]:
     import psycopg
     from sqlalchemy.engine import make_url
 
@@ -584,7 +647,7 @@ def phase_runyard(args, children: Children, env: dict[str, str], database_url: s
         args.count,
         batch,
         end,
-        cpu_report(before, after, sessions, args.count, seen - batch.t0),
+        CpuUsage(before, after, sessions, args.count, seen - batch.t0),
     )
 
 
@@ -592,7 +655,9 @@ def phase_runyard(args, children: Children, env: dict[str, str], database_url: s
 # Phase 2: plain Celery
 
 
-def phase_plain(args, children: Children, env: dict[str, str], redis_url: str) -> float:
+def phase_plain(
+    args, children: Children, env: dict[str, str], redis_url: str
+) -> tuple[float, CpuUsage]:
     import redis
     from celery.backends.redis import RedisBackend
 
@@ -682,17 +747,39 @@ def phase_plain(args, children: Children, env: dict[str, str], redis_url: str) -
         args.count,
         batch,
         end,
-        cpu_report(before, after, sessions, args.count, seen - batch.t0),
+        CpuUsage(before, after, sessions, args.count, seen - batch.t0),
     )
 
 
-def report_phase(name, noun, how, count, batch, end, cpu_line) -> float:
-    """Print a phase's submit rate, CPU per item and end-to-end rate; return the rate."""
+def report_phase(name, noun, how, count, batch, end, cpu: CpuUsage) -> tuple[float, CpuUsage]:
+    """Print a phase's submit rate, CPU per item and end-to-end rate; return the rate and CPU."""
     submit_seconds = batch.t_submitted - batch.t0
     log(f"  submitted {count} in {submit_seconds:.2f} s ({count / submit_seconds:.1f}/s {how})")
-    log(cpu_line)
+    log(cpu.report())
     log(rate_line(name, noun, count, end - batch.t0))
-    return count / (end - batch.t0)
+    return count / (end - batch.t0), cpu
+
+
+def gap_report(runyard: tuple[float, CpuUsage], plain: tuple[float, CpuUsage]) -> list[str]:
+    """What a ratio of 0.9 would ask of the machine, and where Runyard's CPU goes beyond plain
+    Celery's."""
+    (_ours, cpu), (theirs, base) = runyard, plain
+    target = 0.9 * theirs
+    cores = os.cpu_count() or 1
+    budget = cores * 1000 / target
+    label, percent = cpu.busiest()
+    own = sum(cpu.groups.values()) - cpu.groups.get("other", 0.0)
+    extra = ", ".join(
+        f"{group} {cpu.groups.get(group, 0.0) - base.groups.get(group, 0.0):+.2f}"
+        for group in dict.fromkeys([*cpu.groups, *base.groups])
+    )
+    return [
+        f"at 0.9:       {target:.1f}/s, so at most {budget:.2f} ms of machine CPU per execution "
+        f"with all {cores} cores busy; runyard used {own:.2f} without `other` (whole machine "
+        f"{cpu.machine_ms:.2f}, {cpu.busy:.0f}% busy; busiest process {label} at {percent:.0f}% "
+        "of a core)",
+        f"cpu ms/item, runyard minus plain celery: {extra}",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,7 +788,7 @@ def report_phase(name, noun, how, count, batch, end, cpu_line) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=3000, help="measured items per phase")
-    parser.add_argument("--threads", type=int, default=8, help="client threads")
+    parser.add_argument("--threads", "--client-threads", type=int, default=8, help="client threads")
     parser.add_argument("--concurrency", type=int, default=2, help="worker pool processes")
     parser.add_argument("--warmup", type=int, default=200, help="uncounted items first")
     parser.add_argument("--timeout", type=float, default=75.0, help="seconds per phase, at most")
@@ -732,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cleanups: list[Callable[[], None]] = []
     children = Children()
-    rates: dict[str, float | None] = {"runyard": None, "plain": None}
+    rates: dict[str, tuple[float, CpuUsage] | None] = {"runyard": None, "plain": None}
     started = time.monotonic()
     status = 0
     try:
@@ -779,9 +866,14 @@ def main(argv: list[str] | None = None) -> int:
 
         log("")
         runyard, plain = rates["runyard"], rates["plain"]
-        log(f"runyard:      {f'{runyard:.1f}/s' if runyard else 'n/a'}")
-        log(f"plain celery: {f'{plain:.1f}/s' if plain else 'n/a'}")
-        log(f"ratio:        {runyard / plain:.2f}" if runyard and plain else "ratio:        n/a")
+        log(f"runyard:      {f'{runyard[0]:.1f}/s' if runyard else 'n/a'}")
+        log(f"plain celery: {f'{plain[0]:.1f}/s' if plain else 'n/a'}")
+        if runyard and plain:
+            log(f"ratio:        {runyard[0] / plain[0]:.2f}")
+            for line in gap_report(runyard, plain):
+                log(line)
+        else:
+            log("ratio:        n/a")
     except KeyboardInterrupt:
         log("\ninterrupted")
         status = 130
