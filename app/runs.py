@@ -32,7 +32,7 @@ from app.chains import services as chain_definitions
 from app.chains.models import Chain, ChainExecution, ChainVersion
 from app.db import db
 from app.errors import Conflict, ValidationFailed
-from app.executions import dispatch, gates, store
+from app.executions import dispatch, entries, gates
 from app.executions.dispatch import Dispatch
 from app.executions.spec import VersionSpec
 from app.executions.store import LetOut
@@ -239,7 +239,7 @@ def launch(
     queue them, as `queue` would)."""
     runs = [item for item in launches if isinstance(item, Launch)]
     rows = [
-        store.NewExecution(
+        entries.NewExecution(
             item.execution_id,
             item.org_id,
             item.spec,
@@ -255,7 +255,7 @@ def launch(
             for row in rows:
                 if row.org_id == org_id and row.entry.hold is not None:
                     gates.apply_on_limit(conn, row.spec, [(row.id, row.input)])
-    waiting = store.insert_many(conn, rows) if rows else {}
+    waiting = entries.insert_many(conn, rows) if rows else {}
     launched = Launched(
         [Dispatch(row.id, row.spec, row.priority) for row in rows if waiting[row.id] is None]
     )

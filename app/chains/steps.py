@@ -8,7 +8,7 @@ taken and does nothing; a step whose input is refused is written `failed` at onc
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -17,7 +17,7 @@ from app.chains import definitions, progress
 from app.chains.definitions import Plan, Step
 from app.chains.plans import plans, step_execution_id
 from app.db import db, driver
-from app.executions import store
+from app.executions import entries, gates
 from app.executions.spec import VersionSpec, error_body
 from app.executions.versions import specs
 
@@ -171,25 +171,44 @@ def _insert_step(
             ),
             {"id": chain_execution_id},
         )
-    started = store.insert_step(
-        conn,
-        store.NewStep(
-            execution_id=execution_id,
-            chain_execution_id=chain_execution_id,
-            spec=spec,
-            input=payload if isinstance(payload, dict) else {},
-            step=step.index,
-            stage=stage,
-            role="compensate" if stage >= len(plan.stages) else "step",
-            error=error,
-        ),
-        list(allowed),
+    new = entries.NewStep(
+        execution_id=execution_id,
+        chain_execution_id=chain_execution_id,
+        spec=spec,
+        input=payload if isinstance(payload, dict) else {},
+        step=step.index,
+        stage=stage,
+        role="compensate" if stage >= len(plan.stages) else "step",
+        error=error,
     )
+    hold = None if error or spec.org_id is None else gates.entry(conn, spec.org_id, spec).hold
+    if hold is None:
+        started = entries.insert_step(conn, new, list(allowed))
+        let_out_here = True
+    else:
+        started, let_out_here = _insert_held_step(conn, replace(new, hold=hold), list(allowed))
     if not started:
         return StepStart(None)
     if error:
         return StepStart(None, settled="failed")
-    return StepStart(execution_id)
+    # A step held back runs later as a plain execution, whose settle moves the chain on.
+    return StepStart(execution_id if let_out_here else None)
+
+
+def _insert_held_step(
+    conn: Connection, new: entries.NewStep, allowed: list[str]
+) -> tuple[bool, bool]:
+    """Insert a step a limit applies to, held, under its organization's flow lock, and release
+    what may start: (inserted, let out at once). The others it lets out are published here;
+    this step, when let out, runs in its canvas task."""
+    org_id = new.spec.org_id
+    assert org_id is not None
+    with driver(conn).transaction():
+        gates.lock(conn, org_id)
+        started = entries.insert_step(conn, new, allowed)
+        let_out = gates.release(conn, org_id).let_out if started else []
+    gates.publish(conn, [out for out in let_out if out.execution_id != new.execution_id])
+    return started, any(out.execution_id == new.execution_id for out in let_out)
 
 
 _JSON_TYPES = {list: "array", str: "string", int: "integer", float: "number", bool: "boolean"}

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from app import broker
 from app.db import db
-from app.executions import store
+from app.executions import entries
 from app.executions.spec import VersionSpec
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def stamp_dispatched(execution_ids: list[uuid.UUID]) -> None:
     later than it publishes, as the Dispatcher does)."""
     if execution_ids:
         with db.hot() as conn:
-            store.stamp_dispatched(conn, execution_ids)
+            entries.stamp_dispatched(conn, execution_ids)
 
 
 def publish(

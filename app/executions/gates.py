@@ -10,7 +10,7 @@ runs or was let out to run, so a slot cannot leak: every end of an execution fre
 held rows stay in PostgreSQL through a broker's loss.
 
 An execution no limit touches is held back only when its organization already has a full fair
-window of unclaimed messages on its queue (store.WAITING_FOR_SQL); each claim lets out the next
+window of unclaimed messages on its queue (entries.WAITING_FOR_SQL); each claim lets out the next
 one (store.claim), and the flow tick tops windows up after a crash.
 
 Beside store.py and leases.py, the one module that writes `executions`.
@@ -34,8 +34,9 @@ from app.db import db, driver
 from app.errors import Conflict
 from app.executions import dispatch
 from app.executions.dispatch import Dispatch
+from app.executions.entries import Entry
 from app.executions.spec import LIMIT_WAITS, VersionSpec, error_body
-from app.executions.store import Entry, LetOut
+from app.executions.store import LetOut
 from app.executions.versions import specs
 from app.flow.limits import OrgLimits, cache
 

@@ -22,7 +22,7 @@ from app.agents.lookup import find_agent, find_version_id
 from app.agents.models import Agent
 from app.db import db, driver, page
 from app.errors import Conflict, NotFound, ValidationFailed
-from app.executions import gates, store
+from app.executions import entries, gates, store
 from app.executions.dispatch import Dispatch, dispatcher
 from app.executions.models import Execution, ExecutionAttempt, ExecutionLog
 from app.executions.spec import DEFAULT_PRIORITY, LEVEL_NAMES, LEVELS, VersionSpec
@@ -137,7 +137,7 @@ def submit(
         entry = gates.entry(conn, principal.org_id, spec)
 
         def insert_row() -> Any:
-            return store.insert(
+            return entries.insert(
                 conn,
                 execution_id,
                 principal.org_id,
@@ -246,7 +246,7 @@ def submit_batch(
         entry = gates.entry(conn, principal.org_id, spec)
 
         def insert_rows() -> Any:
-            return store.insert_batch(
+            return entries.insert_batch(
                 conn, principal.org_id, spec, rows, pinned=target.pinned, entry=entry
             )
 

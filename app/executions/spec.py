@@ -80,6 +80,7 @@ class VersionSpec:
     # "key"?} (keys are "$.input..." references).
     concurrency: dict[str, Any] | None = None
     rate_limit: dict[str, Any] | None = None
+    org_id: uuid.UUID | None = None
 
     @property
     def max_attempts(self) -> int:

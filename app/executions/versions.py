@@ -41,7 +41,7 @@ _SPEC_SQL = text(
     """
     SELECT v.id, v.agent_id, a.name AS agent_name, v.version, v.runtime, v.input_schema,
            v.output_schema, v.timeout_seconds, v.retry, v.limits, v.queue, v.config,
-           v.concurrency, v.rate_limit
+           v.concurrency, v.rate_limit, v.org_id
     FROM agent_versions v JOIN agents a ON a.id = v.agent_id
     WHERE v.id = :id
     """

@@ -198,7 +198,8 @@ def test_beat_runs_the_sweeper_itself_whatever_the_workers_do(agent_id, broker, 
         while sorted(queued_messages(broker)) != sorted(ids):
             assert time.monotonic() < deadline, beat.log()
             time.sleep(0.1)
-        assert "maintenance in beat: sweep, chains-resume, idempotency-prune" in beat.log()
+        jobs = "sweep, chains-resume, flow-tick, idempotency-prune"
+        assert f"maintenance in beat: {jobs}" in beat.log()
     finally:
         beat.stop()
 

@@ -1,0 +1,364 @@
+"""How executions enter: every insert of an execution row (an API submit, a batch, the runs of
+schedules and webhooks, a chain's step), with the place each takes in its organization's fair
+window or the limit that holds it back (app/executions/gates.py decides which), and the
+dispatch stamp of published rows.
+
+Beside store.py (the worker's side and cancels), leases.py and gates.py, the one module that
+writes `executions`. Each insert is one statement, on the driver connection (`db.driver`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from sqlalchemy import Connection, text
+
+from app.db import driver
+from app.errors import ValidationFailed
+from app.executions.spec import DEFAULT_PRIORITY, VersionSpec
+
+
+@contextlib.contextmanager
+def _nul_refused(pointer: str) -> Iterator[None]:
+    """PostgreSQL cannot store U+0000 in jsonb: a 422 at `pointer`, not a 500."""
+    try:
+        yield
+    except psycopg.errors.UntranslatableCharacter as exc:
+        raise ValidationFailed(
+            "the input holds a NUL character (\\u0000), which cannot be stored",
+            errors={pointer: ["contains \\u0000"]},
+            hint="remove or escape the NUL characters",
+        ) from exc
+
+
+# One statement: insert only if the agent is still live and (unless pinned) the version we
+# validated against is still its current one. A stale cache shows up as no row, never as a
+# wrong row.
+@dataclass(frozen=True)
+class Entry:
+    """How new executions enter their queue (app/executions/gates.py decides).
+
+    `hold`: a limit applies, so they are stored held back with this provisional reason, and the
+    gates release them in the same transaction if they may start. Else `window`: the
+    organization's fair window on the queue (RUNYARD_FAIR_WINDOW times its weight; 0 is off):
+    one that finds that many of its organization's messages unclaimed in the queue waits in
+    PostgreSQL (`queue`) until a claim makes room (see claim)."""
+
+    window: int = 0
+    hold: str | None = None
+
+
+FREE = Entry()
+
+# The waiting_for of a new row: its hold, or `queue` when its organization has a full window
+# of unclaimed messages on the queue. The count stops at the window (ix_executions_org_id_queue_
+# unclaimed): an execution no limit touches pays a few index entries, not a round trip. `rank`
+# is the row's place among those the statement inserts for that organization and queue.
+WAITING_FOR_SQL = """CASE
+        WHEN %(hold)s::text IS NOT NULL THEN %(hold)s::text
+        WHEN %(window)s::int > 0 AND {rank} + (
+            SELECT count(*) FROM (
+                SELECT 1 FROM executions u
+                WHERE u.org_id = %(org_id)s AND u.queue = %(queue)s::text AND u.status = 'queued'
+                  AND u.waiting_for IS NULL
+                LIMIT %(window)s::int) w
+        ) > %(window)s::int THEN 'queue'
+    END"""
+
+_INSERT_SQL = (
+    """
+    INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
+                            priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
+                            rate_key, gated)
+    SELECT %(id)s, a.org_id, a.id, %(version_id)s, a.name, %(version)s, 'queued', %(priority)s,
+           %(input)s, 0, %(max_attempts)s, %(queue)s::text, """
+    + WAITING_FOR_SQL.format(rank="1")
+    + """,
+           %(flow_key)s, %(rate_key)s, %(hold)s::text IS NOT NULL
+    FROM agents a
+    WHERE a.id = %(agent_id)s AND a.org_id = %(org_id)s AND a.archived_at IS NULL
+      AND (%(pinned)s OR a.current_version_id = %(version_id)s)
+    RETURNING queued_at, waiting_for
+"""
+)
+
+
+def insert(
+    conn: Connection,
+    execution_id: uuid.UUID,
+    org_id: uuid.UUID,
+    spec: VersionSpec,
+    payload: dict[str, Any],
+    *,
+    priority: int,
+    pinned: bool,
+    entry: Entry = FREE,
+) -> Any:
+    """Insert a queued execution; a row of (queued_at, waiting_for), or None when the agent was
+    archived or (unless pinned) its current version changed since `spec` was read."""
+    with _nul_refused("/input"):
+        row = (
+            driver(conn)
+            .execute(
+                _INSERT_SQL,
+                {
+                    "id": execution_id,
+                    "org_id": org_id,
+                    "agent_id": spec.agent_id,
+                    "version_id": spec.id,
+                    "version": spec.version,
+                    "priority": priority,
+                    "input": Jsonb(payload),
+                    "max_attempts": spec.max_attempts,
+                    "pinned": pinned,
+                    "queue": spec.queue,
+                    "flow_key": spec.flow_key(payload),
+                    "rate_key": spec.rate_key(payload),
+                    "hold": entry.hold,
+                    "window": entry.window,
+                },
+            )
+            .fetchone()
+        )
+    return row
+
+
+# A batch: one statement for every item, on the same condition as a single insert, so the batch
+# is stored whole or not at all (a stale cache shows up as no rows). Each item takes its place
+# in the fair window in item order, and its queued_at is a microsecond after the item's before:
+# items of equal priority are let out first in, first out (gates order held rows by age).
+_INSERT_BATCH_SQL = (
+    """
+    INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
+                            priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
+                            rate_key, gated, queued_at)
+    SELECT r.id, a.org_id, a.id, %(version_id)s, a.name, %(version)s, 'queued', r.priority,
+           r.input, 0, %(max_attempts)s, %(queue)s::text, """
+    + WAITING_FOR_SQL.format(rank="r.rank")
+    + """,
+           r.flow_key, r.rate_key, %(hold)s::text IS NOT NULL,
+           now() + make_interval(secs => (r.rank - 1) / 1e6)
+    FROM agents a,
+         ROWS FROM (json_to_recordset(%(rows)s::json)
+                    AS (id uuid, priority smallint, input jsonb, flow_key text, rate_key text))
+         WITH ORDINALITY AS r(id, priority, input, flow_key, rate_key, rank)
+    WHERE a.id = %(agent_id)s AND a.org_id = %(org_id)s AND a.archived_at IS NULL
+      AND (%(pinned)s OR a.current_version_id = %(version_id)s)
+    RETURNING id, waiting_for
+"""
+)
+
+
+def insert_batch(
+    conn: Connection,
+    org_id: uuid.UUID,
+    spec: VersionSpec,
+    rows: list[tuple[uuid.UUID, int, dict[str, Any]]],
+    *,
+    pinned: bool,
+    entry: Entry = FREE,
+) -> dict[uuid.UUID, str | None] | None:
+    """Insert (id, priority, input) rows as queued executions of `spec`, all or none: id ->
+    waiting_for, or None when the agent was archived or (unless pinned) its current version
+    changed since `spec` was read."""
+    document = json.dumps(
+        [
+            {
+                "id": str(row_id),
+                "priority": priority,
+                "input": payload,
+                "flow_key": spec.flow_key(payload),
+                "rate_key": spec.rate_key(payload),
+            }
+            for row_id, priority, payload in rows
+        ]
+    )
+    with _nul_refused("/items"):
+        inserted = (
+            driver(conn)
+            .execute(
+                _INSERT_BATCH_SQL,
+                {
+                    "org_id": org_id,
+                    "agent_id": spec.agent_id,
+                    "version_id": spec.id,
+                    "version": spec.version,
+                    "max_attempts": spec.max_attempts,
+                    "pinned": pinned,
+                    "rows": document,
+                    "queue": spec.queue,
+                    "hold": entry.hold,
+                    "window": entry.window,
+                },
+            )
+            .fetchall()
+        )
+    if len(inserted) != len(rows):
+        return None
+    return dict(inserted)
+
+
+@dataclass(frozen=True)
+class NewExecution:
+    id: uuid.UUID
+    org_id: uuid.UUID
+    spec: VersionSpec
+    input: dict[str, Any]
+    priority: int = DEFAULT_PRIORITY
+    entry: Entry = FREE
+
+
+# One JSON document for all rows: PostgreSQL unpacks it in C, where binding one array per column
+# cost more in the driver than the INSERT itself (10,000 rows, bench/schedules.py). Rows take
+# their places in their organization's fair window on their queue in document order, and are
+# queued a microsecond apart in that order (as a batch's items).
+_INSERT_MANY_SQL = """
+    WITH r AS (
+        SELECT r.*, row_number() OVER (PARTITION BY r.org_id, r.queue ORDER BY r.rank) AS place
+        FROM ROWS FROM (json_to_recordset(%(rows)s::json)
+             AS (id uuid, org_id uuid, agent_id uuid, version_id uuid, agent_name text,
+                 agent_version text, priority smallint, input jsonb, max_attempts int,
+                 queue text, hold text, fair_window int, flow_key text, rate_key text))
+             WITH ORDINALITY AS r(id, org_id, agent_id, version_id, agent_name, agent_version,
+                                  priority, input, max_attempts, queue, hold, fair_window,
+                                  flow_key, rate_key, rank)
+    )
+    INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
+                            priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
+                            rate_key, gated, queued_at)
+    SELECT r.id, r.org_id, r.agent_id, r.version_id, r.agent_name, r.agent_version, 'queued',
+           r.priority, r.input, 0, r.max_attempts, r.queue,
+           CASE
+               WHEN r.hold IS NOT NULL THEN r.hold
+               WHEN r.fair_window > 0 AND r.place + (
+                   SELECT count(*) FROM (
+                       SELECT 1 FROM executions u
+                       WHERE u.org_id = r.org_id AND u.queue = r.queue AND u.status = 'queued'
+                         AND u.waiting_for IS NULL
+                       LIMIT r.fair_window) w
+               ) > r.fair_window THEN 'queue'
+           END,
+           r.flow_key, r.rate_key, r.hold IS NOT NULL,
+           now() + make_interval(secs => (r.rank - 1) / 1e6)
+    FROM r
+    RETURNING id, waiting_for
+"""
+
+
+def insert_many(conn: Connection, rows: list[NewExecution]) -> dict[uuid.UUID, str | None]:
+    """Insert queued executions with one statement, in the caller's transaction: id ->
+    waiting_for."""
+    document = json.dumps(
+        [
+            {
+                "id": str(row.id),
+                "org_id": str(row.org_id),
+                "agent_id": str(row.spec.agent_id),
+                "version_id": str(row.spec.id),
+                "agent_name": row.spec.agent_name,
+                "agent_version": row.spec.version,
+                "priority": row.priority,
+                "input": row.input,
+                "max_attempts": row.spec.max_attempts,
+                "queue": row.spec.queue,
+                "hold": row.entry.hold,
+                "fair_window": row.entry.window,
+                "flow_key": row.spec.flow_key(row.input),
+                "rate_key": row.spec.rate_key(row.input),
+            }
+            for row in rows
+        ]
+    )
+    return dict(driver(conn).execute(_INSERT_MANY_SQL, {"rows": document}).fetchall())
+
+
+# A chain step's row, `queued` to run or already `failed` when it is refused, created by the
+# step task once its turn has come. The insert locks the chain execution's row FOR KEY SHARE
+# (the lock the foreign key takes anyway): a reconcile or a cancel holds it FOR UPDATE while it
+# stops the chain, so an insert either lands before (and is seen as under way) or waits and
+# then finds the chain stopped.
+_INSERT_STEP_SQL = """
+    INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
+                            priority, input, attempt, max_attempts, dispatched_at, error,
+                            finished_at, chain_execution_id, chain_step, chain_stage, chain_role,
+                            queue, waiting_for, flow_key, rate_key, gated)
+    SELECT %(id)s, ce.org_id, %(agent_id)s, %(version_id)s, %(agent_name)s, %(agent_version)s,
+           %(status)s, ce.priority, %(input)s, 0, %(max_attempts)s,
+           CASE WHEN %(held)s THEN NULL ELSE now() END, %(error)s,
+           CASE WHEN %(refused)s THEN now() END, ce.id, %(step)s, %(stage)s, %(role)s,
+           %(queue)s, CASE WHEN %(held)s THEN %(hold)s::text END, %(flow_key)s, %(rate_key)s,
+           %(hold)s::text IS NOT NULL
+    FROM chain_executions ce
+    WHERE ce.id = %(chain_execution_id)s AND ce.status = ANY(%(statuses)s)
+    FOR KEY SHARE OF ce
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+"""
+
+
+@dataclass(frozen=True)
+class NewStep:
+    execution_id: uuid.UUID
+    chain_execution_id: uuid.UUID
+    spec: VersionSpec
+    input: dict[str, Any]
+    step: int
+    stage: int
+    role: str
+    # Set when the step is refused: the row is written `failed` with this error.
+    error: dict[str, Any] | None
+    # A limit applies: the row is stored held back (app/executions/gates.py).
+    hold: str | None = None
+
+
+def insert_step(conn: Connection, new: NewStep, chain_statuses: list[str]) -> bool:
+    """Insert a chain step's row while its chain execution is in one of `chain_statuses`;
+    False when it was not (or the row exists already)."""
+    started = (
+        driver(conn)
+        .execute(
+            _INSERT_STEP_SQL,
+            {
+                "id": new.execution_id,
+                "chain_execution_id": new.chain_execution_id,
+                "agent_id": new.spec.agent_id,
+                "version_id": new.spec.id,
+                "agent_name": new.spec.agent_name,
+                "agent_version": new.spec.version,
+                "status": "failed" if new.error else "queued",
+                "refused": new.error is not None,
+                "input": Jsonb(new.input),
+                "max_attempts": new.spec.max_attempts,
+                "error": Jsonb(new.error) if new.error else None,
+                "step": new.step,
+                "stage": new.stage,
+                "role": new.role,
+                "statuses": chain_statuses,
+                "queue": new.spec.queue,
+                "hold": new.hold,
+                "held": new.hold is not None and not new.error,
+                "flow_key": new.spec.flow_key(new.input),
+                "rate_key": new.spec.rate_key(new.input),
+            },
+        )
+        .fetchone()
+    )
+    return started is not None
+
+
+def stamp_dispatched(conn: Connection, ids: list[uuid.UUID]) -> None:
+    conn.execute(
+        # Rows a worker claimed meanwhile carry the stamp already: skip the write.
+        text(
+            "UPDATE executions SET dispatched_at = now() "
+            "WHERE id = ANY(:ids) AND dispatched_at IS NULL"
+        ),
+        {"ids": ids},
+    )
