@@ -7,6 +7,7 @@ it through VersionSpec: app/executions/spec.py).
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -30,22 +31,29 @@ HINT = (
 )
 
 
-def key_errors(document: dict[str, Any]) -> dict[str, list[str]]:
-    """The flow keys of a definition that are not `$.input` references, by JSON pointer."""
+def value_errors(document: dict[str, Any]) -> dict[str, list[str]]:
+    """What schemas/agent.json lets through: a key that is not a `$.input` reference as a
+    whole, and a period of NaN (no comparison refuses it, and jsonb cannot store it)."""
     errors: dict[str, list[str]] = {}
     for field in FIELDS:
         value = document.get(field)
-        if isinstance(value, dict) and "key" in value:
-            key = value["key"]
-            if not (isinstance(key, str) and len(key) <= KEY_MAX_LENGTH and KEY.fullmatch(key)):
-                errors[f"/{field}/key"] = [f"must be {KEY_RULE}"]
+        if not isinstance(value, dict):
+            continue
+        key = value.get("key")
+        if "key" in value and not (
+            isinstance(key, str) and len(key) <= KEY_MAX_LENGTH and KEY.fullmatch(key)
+        ):
+            errors[f"/{field}/key"] = [f"must be {KEY_RULE}"]
+        period = value.get("period_seconds")
+        if isinstance(period, float) and math.isnan(period):
+            errors[f"/{field}/period_seconds"] = ["must be a number above 0, at most 86400"]
     return errors
 
 
 def explained(problem: ValidationFailed, document: dict[str, Any]) -> ValidationFailed:
     """The definition's problem, with the key rule said plainly (not as a regular expression)
     and a hint when a flow field is at fault."""
-    errors = {**problem.errors, **key_errors(document)}
+    errors = {**problem.errors, **value_errors(document)}
     if not any(pointer.startswith(("/concurrency", "/rate_limit")) for pointer in errors):
         return problem
     return ValidationFailed(problem.message, errors=errors, hint=problem.hint or HINT)

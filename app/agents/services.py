@@ -49,8 +49,8 @@ def _check_definition(document: dict[str, Any]) -> None:
     problems: list[ValidationFailed] = []
     try:
         jsonschemas.validate_definition(document, "agent")
-        if keys := flow.key_errors(document):
-            raise ValidationFailed("invalid agent definition", errors=keys)
+        if flow_errors := flow.value_errors(document):
+            raise ValidationFailed("invalid agent definition", errors=flow_errors)
     except ValidationFailed as exc:
         problems.append(flow.explained(exc, document))
     for field in ("input_schema", "output_schema"):
