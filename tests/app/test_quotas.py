@@ -275,6 +275,18 @@ def test_orgs_limits_on_the_command_line(client, cli_org):
     assert client.get("/api/v1/usage", headers=headers).get_json()["limits"] == printed
 
 
+def test_orgs_limits_sets_max_running_and_weight(client, cli_org):
+    name, headers = cli_org
+    result = runyard("orgs", "limits", name, "--max-running", "4", "--weight", "3")
+    assert result.returncode == 0, result.stderr
+    assert "max_running          4" in result.stdout and "weight               3" in result.stdout
+    result = runyard("orgs", "limits", name, "--max-running", "none", "--json")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["max_running"] is None and printed["weight"] == 3, "weight kept"
+    assert client.get("/api/v1/usage", headers=headers).get_json()["limits"] == printed
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [
@@ -282,11 +294,56 @@ def test_orgs_limits_on_the_command_line(client, cli_org):
         (["--max-queued", "2.5"], "max_queued must be a whole number above 0"),
         (["--submit-rate", "-1"], "submit_rate must be a number above 0"),
         (["--cpu-seconds-per-day", "lots"], "a number, or none"),
+        (["--max-running", "0"], "max_running must be a whole number above 0"),
+        (["--max-running", "1.5"], "max_running must be a whole number above 0"),
+        (["--max-running", "1e12"], "up to 2147483647"),
+        (["--submit-rate", "nan"], "submit_rate must be a number above 0"),
+        (["--submit-rate", "inf"], "submit_rate must be a number above 0"),
+        (["--weight", "0"], "weight must be a whole number from 1 to 1000"),
+        (["--weight", "1001"], "weight must be a whole number from 1 to 1000"),
+        (["--weight", "2.5"], "weight must be a whole number from 1 to 1000"),
+        (["--weight", "none"], "hint: --weight 1 gives it the default share"),
     ],
 )
 def test_orgs_limits_refuses_what_is_not_a_limit(cli_org, args, says):
     result = runyard("orgs", "limits", cli_org[0], *args)
     assert result.returncode == 2 and says in result.stderr
+    # Nothing changed, the other options of the command line included.
+    shown = json.loads(runyard("orgs", "limits", cli_org[0], "--json").stdout)
+    assert shown["max_running"] is None and shown["weight"] == 1
+
+
+def test_max_running_and_weight_read_back_on_usage(client, org):
+    set_limits(org, max_running=8, weight=1000)
+    limits = client.get("/api/v1/usage", headers=org.headers).get_json()["limits"]
+    assert limits["max_running"] == 8 and isinstance(limits["max_running"], int)
+    assert limits["weight"] == 1000
+    set_limits(org, max_running=None, weight=1)
+    limits = client.get("/api/v1/usage", headers=org.headers).get_json()["limits"]
+    assert limits["max_running"] is None and limits["weight"] == 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"max_running": 0}, "max_running"),
+        ({"max_running": -3}, "max_running"),
+        ({"max_running": 2.5}, "max_running"),
+        ({"max_running": math.inf}, "max_running"),
+        ({"weight": None}, "weight"),
+        ({"weight": 0}, "weight"),
+        ({"weight": 1001}, "weight"),
+        ({"weight": math.nan}, "weight"),
+        ({"max_queued": 2**31}, "max_queued"),
+        ({"cpu_seconds_per_day": math.nan}, "cpu_seconds_per_day"),
+    ],
+)
+def test_set_limits_refuses_what_no_column_may_hold(org, changes, field):
+    from app.errors import ValidationFailed
+
+    with db.session() as session, pytest.raises(ValidationFailed) as refused:
+        flow.set_limits(session, org.name, changes)
+    assert set(refused.value.errors) == {field}
 
 
 def test_orgs_limits_of_an_unknown_organization():
