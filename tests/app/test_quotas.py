@@ -354,6 +354,8 @@ def test_orgs_limits_of_an_unknown_organization():
 def test_new_organizations_take_the_default_limits(client, monkeypatch):
     monkeypatch.setenv("RUNYARD_DEFAULT_MAX_QUEUED", "7")
     monkeypatch.setenv("RUNYARD_DEFAULT_SUBMIT_RATE", "3")
+    monkeypatch.setenv("RUNYARD_DEFAULT_MAX_RUNNING", "2")
+    monkeypatch.setenv("RUNYARD_DEFAULT_WEIGHT", "5")
     name = f"defaults-{uuid.uuid4().hex[:8]}"
     created = runyard("orgs", "create", name, "--json")
     try:
@@ -363,7 +365,40 @@ def test_new_organizations_take_the_default_limits(client, monkeypatch):
             "/api/v1/usage", headers={"Authorization": f"Bearer {token}"}
         ).get_json()["limits"]
         assert limits["max_queued"] == 7 and limits["submit_rate"] == 3.0
+        assert limits["max_running"] == 2 and limits["weight"] == 5
         assert limits["cpu_seconds_per_day"] is None
     finally:
         with db.engine.begin() as conn:
             conn.execute(text("DELETE FROM organizations WHERE name = :name"), {"name": name})
+
+
+def test_without_defaults_a_new_organization_has_no_limit_and_weight_1(monkeypatch):
+    from app.config import Config
+
+    for name in ("RUNYARD_DEFAULT_MAX_RUNNING", "RUNYARD_DEFAULT_WEIGHT"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = Config.from_env()
+    assert cfg.default_max_running is None and cfg.default_weight == 1
+    monkeypatch.setenv("RUNYARD_DEFAULT_MAX_RUNNING", "none")
+    assert Config.from_env().default_max_running is None
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("RUNYARD_DEFAULT_MAX_RUNNING", "0"),
+        ("RUNYARD_DEFAULT_MAX_RUNNING", "2.5"),
+        ("RUNYARD_DEFAULT_MAX_RUNNING", "3000000000"),
+        ("RUNYARD_DEFAULT_SUBMIT_RATE", "nan"),
+        ("RUNYARD_DEFAULT_CPU_SECONDS_PER_DAY", "inf"),
+        ("RUNYARD_DEFAULT_WEIGHT", "0"),
+        ("RUNYARD_DEFAULT_WEIGHT", "1001"),
+        ("RUNYARD_DEFAULT_WEIGHT", "none"),
+    ],
+)
+def test_a_default_no_organization_could_hold_stops_the_process_naming_it(monkeypatch, name, raw):
+    from app.config import Config
+
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(ValueError, match=name):
+        Config.from_env()
