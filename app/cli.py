@@ -224,16 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--json", action="store_true", help="print JSON")
     create.set_defaults(func=cmd_orgs_create)
     limits = orgs_commands.add_parser(
-        "limits", help="set an organization's limits (none removes one) and print them all"
+        "limits",
+        help="set an organization's limits (none removes one) and weight, and print them all",
     )
     limits.add_argument("name")
     for option, meaning in (
+        ("--max-running", "executions running at once, over all workers; the rest wait, queued"),
         ("--max-queued", "executions not yet started; a submit past it is a 429"),
         ("--submit-rate", "submits a second, one budget over every API process"),
         ("--submit-burst", "submits at once above the rate (default: the rate)"),
         ("--cpu-seconds-per-day", "CPU its executions may use per UTC day before submits are 429"),
     ):
         limits.add_argument(option, type=_limit, default=_KEEP, metavar="N|none", help=meaning)
+    limits.add_argument(
+        "--weight",
+        type=_limit,
+        default=_KEEP,
+        metavar="W",
+        help="share of busy queues against other organizations: a whole number 1..1000 "
+        "(default 1; it cannot be removed, so none is refused)",
+    )
     limits.add_argument("--json", action="store_true", help="print JSON")
     limits.set_defaults(func=cmd_orgs_limits)
 

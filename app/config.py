@@ -5,6 +5,7 @@ The README's configuration table is generated from the same names; keep the two 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,17 @@ def _optional_limit(name: str, kind: type[int] | type[float]) -> int | float | N
         value = kind(raw)
     except ValueError as exc:
         raise ValueError(f"{name} must be a number above 0 or `none`, got {raw!r}") from exc
-    if value <= 0:
+    # NaN passes `<= 0` and infinity is no limit; whole numbers must fit PostgreSQL's integer.
+    if not math.isfinite(value) or value <= 0 or (kind is int and value > 2**31 - 1):
         raise ValueError(f"{name} must be above 0 or `none`, got {raw!r}")
+    return value
+
+
+def _weight(name: str, default: int) -> int:
+    """An organization's weight: a whole number 1..1000 (the organizations' check constraint)."""
+    value = _int(name, default)
+    if not 1 <= value <= 1000:
+        raise ValueError(f"{name} must be a whole number from 1 to 1000, got {value}")
     return value
 
 
@@ -102,10 +112,12 @@ class Config:
     worker_concurrency: int = 0
     http_allow_hosts: tuple[str, ...] = ()
     # Limits a new organization starts with (app/flow); None: no limit.
+    default_max_running: int | None = None
     default_max_queued: int | None = None
     default_submit_rate: float | None = None
     default_submit_burst: int | None = None
     default_cpu_seconds_per_day: float | None = None
+    default_weight: int = 1
     limits_cache_seconds: float = 5.0
     # Fairness (app/executions/gates.py): messages per organization and queue held in the broker
     # not yet claimed, times the organization's weight; the rest wait in PostgreSQL. 0: off
@@ -159,12 +171,14 @@ class Config:
             flower_password=os.environ.get("RUNYARD_FLOWER_PASSWORD", ""),
             worker_concurrency=_int("RUNYARD_WORKER_CONCURRENCY", 0),
             http_allow_hosts=_list("RUNYARD_HTTP_ALLOW_HOSTS", ""),
+            default_max_running=_optional_limit("RUNYARD_DEFAULT_MAX_RUNNING", int),
             default_max_queued=_optional_limit("RUNYARD_DEFAULT_MAX_QUEUED", int),
             default_submit_rate=_optional_limit("RUNYARD_DEFAULT_SUBMIT_RATE", float),
             default_submit_burst=_optional_limit("RUNYARD_DEFAULT_SUBMIT_BURST", int),
             default_cpu_seconds_per_day=_optional_limit(
                 "RUNYARD_DEFAULT_CPU_SECONDS_PER_DAY", float
             ),
+            default_weight=_weight("RUNYARD_DEFAULT_WEIGHT", cls.default_weight),
             limits_cache_seconds=_float("RUNYARD_LIMITS_CACHE_SECONDS", cls.limits_cache_seconds),
             fair_window=_int("RUNYARD_FAIR_WINDOW", cls.fair_window),
         )
@@ -304,6 +318,12 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "resolve to loopback, private or link-local addresses (exact match, per redirect hop)",
     ),
     (
+        "RUNYARD_DEFAULT_MAX_RUNNING",
+        "none",
+        "`max_running` of a new organization: its executions running at once over all "
+        "workers; the rest wait, queued",
+    ),
+    (
         "RUNYARD_DEFAULT_MAX_QUEUED",
         "none",
         "`max_queued` of a new organization: its executions not yet started, past which a "
@@ -326,6 +346,12 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "none",
         "`cpu_seconds_per_day` of a new organization: CPU its executions may use per UTC day "
         "before submits are a 429",
+    ),
+    (
+        "RUNYARD_DEFAULT_WEIGHT",
+        "1",
+        "`weight` of a new organization (1..1000): its share of a busy queue, against other "
+        "organizations with executions ready",
     ),
     (
         "RUNYARD_LIMITS_CACHE_SECONDS",

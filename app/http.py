@@ -65,7 +65,8 @@ def _pointer_errors(messages: Any) -> dict[str, Any]:
     def walk(node: Any, path: list[str]) -> None:
         if isinstance(node, dict):
             for key, child in node.items():
-                walk(child, [*path, str(key)])
+                # marshmallow's "_schema" is the nested object itself ("Invalid input type.").
+                walk(child, path if key == "_schema" else [*path, str(key)])
         else:
             key = "/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in path)
             if path and path[-1] in SERVER_OWNED and node == ["Unknown field."]:

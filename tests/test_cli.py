@@ -70,3 +70,19 @@ def test_tokens_list_and_revoke(client):
     finally:
         with db.engine.begin() as conn:
             conn.execute(text("DELETE FROM organizations WHERE name = :name"), {"name": name})
+
+
+def test_orgs_limits_offers_every_option_of_the_contract():
+    """API.md: runyard orgs limits NAME [--max-running N] [--max-queued N] ... [--weight W]."""
+    result = runyard("orgs", "limits", "--help")
+    assert result.returncode == 0, result.stderr
+    for option in (
+        "--max-running",
+        "--max-queued",
+        "--submit-rate",
+        "--submit-burst",
+        "--cpu-seconds-per-day",
+        "--weight",
+        "--json",
+    ):
+        assert option in result.stdout, option

@@ -10,6 +10,71 @@ PATTERNS = (
 )
 
 
+KEY = {
+    "pattern": r"^\$\.input(\.[A-Za-z0-9_-]+)+$",
+    "maxLength": 255,
+    "example": "$.input.customer_id",
+    "description": "the group an execution counts in: a reference into its input, `$.input` "
+    "followed by one or more `.name` segments (letters, digits, `_`, `-`). Absent: one group "
+    "for the agent; an input without the value belongs to the group `null`",
+}
+
+
+class ConcurrencySchema(Schema):
+    """At most `limit` executions of the agent run at once per value of `key`."""
+
+    limit = fields.Integer(
+        strict=True,
+        required=True,
+        metadata={"minimum": 1, "maximum": 10000, "description": "executions running at once"},
+    )
+    key = fields.String(metadata=KEY)
+    on_limit = fields.String(
+        metadata={
+            "enum": ["queue", "cancel_running", "reject"],
+            "default": "queue",
+            "description": "what a new execution over the limit does. `queue`: it waits, "
+            "queued, first in first out within its key (`waiting_for`: `agent_concurrency`). "
+            "`cancel_running`: it cancels the key's running and waiting executions (error "
+            "type `superseded`) and runs in their place. `reject`: its submit answers 409 "
+            "and nothing is stored",
+        }
+    )
+
+
+class RateLimitSchema(Schema):
+    """At most `limit` executions of the agent start in any window of `period_seconds` per
+    value of `key`."""
+
+    limit = fields.Integer(
+        strict=True,
+        required=True,
+        metadata={"minimum": 1, "maximum": 1000000, "description": "starts per window"},
+    )
+    # Raw: a JSON number as sent, whole or not (schemas/agent.json checks it; a string is 422).
+    period_seconds = fields.Raw(
+        required=True,
+        metadata={
+            "type": "number",
+            "minimum": 0,
+            "exclusiveMinimum": True,
+            "maximum": 86400,
+            "description": "the window, in seconds (sliding, over all workers)",
+        },
+    )
+    key = fields.String(metadata=KEY)
+
+
+CONCURRENCY = (
+    "the agent's concurrency limit, or null for none; versioned (a change makes a new version) "
+    "and replaced whole by a PATCH (null removes it)"
+)
+RATE_LIMIT = (
+    "the agent's rate limit, or null for none; versioned (a change makes a new version) and "
+    "replaced whole by a PATCH (null removes it)"
+)
+
+
 class AgentDefinitionFields(Schema):
     description = fields.String(allow_none=True)
     runtime = fields.Dict(
@@ -30,6 +95,12 @@ class AgentDefinitionFields(Schema):
     capabilities = fields.List(fields.String())
     tags = fields.List(fields.String())
     config = fields.Dict(metadata={"description": "given to the agent as ctx.config"})
+    concurrency = fields.Nested(
+        ConcurrencySchema, allow_none=True, metadata={"description": CONCURRENCY}
+    )
+    rate_limit = fields.Nested(
+        RateLimitSchema, allow_none=True, metadata={"description": RATE_LIMIT}
+    )
 
 
 class AgentCreateSchema(AgentDefinitionFields):
@@ -66,6 +137,12 @@ class AgentVersionSchema(Schema):
     queue = fields.String()
     capabilities = fields.List(fields.String())
     config = fields.Dict()
+    concurrency = fields.Nested(
+        ConcurrencySchema, allow_none=True, metadata={"description": CONCURRENCY}
+    )
+    rate_limit = fields.Nested(
+        RateLimitSchema, allow_none=True, metadata={"description": RATE_LIMIT}
+    )
     created_at = fields.DateTime()
 
 

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import jsonschemas
+from app.agents import flow
 from app.agents.models import Agent, AgentVersion
 from app.config import Config, current_config
 from app.db import page, utcnow
@@ -37,6 +38,8 @@ VERSIONED_FIELDS = (
     "queue",
     "capabilities",
     "config",
+    "concurrency",
+    "rate_limit",
 )
 
 
@@ -46,8 +49,10 @@ def _check_definition(document: dict[str, Any]) -> None:
     problems: list[ValidationFailed] = []
     try:
         jsonschemas.validate_definition(document, "agent")
+        if flow_errors := flow.value_errors(document):
+            raise ValidationFailed("invalid agent definition", errors=flow_errors)
     except ValidationFailed as exc:
-        problems.append(exc)
+        problems.append(flow.explained(exc, document))
     for field in ("input_schema", "output_schema"):
         if isinstance(document.get(field), dict):
             try:
@@ -231,6 +236,7 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> Agen
         "queue": data.get("queue", "default"),
         "capabilities": data.get("capabilities", []),
         "config": data.get("config", {}),
+        **{field: flow.normalized(field, data.get(field)) for field in flow.FIELDS},
     }
     _add_version(session, agent, definition, data.get("version", FIRST_VERSION))
     return agent
@@ -257,11 +263,7 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
         agent.updated_at = utcnow()
     current = current_version(session, agent)
     definition = {field: getattr(current, field) for field in VERSIONED_FIELDS}
-    changed = {
-        field: ({**DEFAULT_RETRY, **data[field]} if field == "retry" else data[field])
-        for field in VERSIONED_FIELDS
-        if field in data
-    }
+    changed = {field: _stored(field, data[field]) for field in VERSIONED_FIELDS if field in data}
     changed = {field: value for field, value in changed.items() if definition[field] != value}
     merged = {**definition, **changed}
     _check_http_timeout(merged["runtime"], merged["timeout_seconds"])
@@ -271,8 +273,8 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
                 "nothing versioned changed, so there is no new version to number",
                 errors={
                     "/version": [
-                        "only given with a change to the runtime, schemas, "
-                        "limits, retry, queue, capabilities or config"
+                        "only given with a change to the runtime, schemas, limits, retry, "
+                        "queue, capabilities, config, concurrency or rate_limit"
                     ]
                 },
             )
@@ -281,6 +283,15 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
     version = next_version(session, AgentVersion.agent_id, agent, data.get("version"))
     _add_version(session, agent, {**definition, **changed}, version)
     return agent
+
+
+def _stored(field: str, value: Any) -> Any:
+    """A versioned field as versions store it, so that an unchanged value compares equal."""
+    if field == "retry":
+        return {**DEFAULT_RETRY, **value}
+    if field in flow.FIELDS:
+        return flow.normalized(field, value)
+    return value
 
 
 def archive(session: Session, principal: Principal, ref: str) -> None:

@@ -3,7 +3,11 @@ from marshmallow import Schema, fields
 
 class LimitsSchema(Schema):
     max_running = fields.Integer(
-        allow_none=True, metadata={"description": "executions running at once (not set yet)"}
+        allow_none=True,
+        metadata={
+            "description": "executions running at once, over all workers; the rest wait, "
+            "queued (`waiting_for`: `org_max_running`), and nothing is refused"
+        },
     )
     max_queued = fields.Integer(
         allow_none=True,
@@ -20,7 +24,12 @@ class LimitsSchema(Schema):
         metadata={"description": "CPU the executions may use per UTC day before submits are 429"},
     )
     weight = fields.Integer(
-        metadata={"description": "share of the workers when queues are busy (not read yet)"}
+        metadata={
+            "minimum": 1,
+            "maximum": 1000,
+            "description": "share of a busy queue: organizations with executions ready start "
+            "them in turn, weighted by this (default 1; never null)",
+        }
     )
 
 

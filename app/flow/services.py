@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sqlalchemy import text
@@ -13,10 +14,21 @@ from app.flow.limits import NAMES, OrgLimits, cache, read
 from app.orgs.models import Organization
 from app.orgs.services import Principal, get_org_by_name
 
-# The limits `runyard orgs limits` sets today; max_running and weight belong to the dispatch
-# that starts executions in turn, which does not read them yet.
-SETTABLE = ("max_queued", "submit_rate", "submit_burst", "cpu_seconds_per_day")
-_WHOLE = {"max_queued", "submit_burst"}
+# What `runyard orgs limits` sets: every limit of OrgLimits. None removes a limit; the weight is
+# never unset (every organization has a share), so none is refused for it.
+SETTABLE = (
+    "max_running",
+    "max_queued",
+    "submit_rate",
+    "submit_burst",
+    "cpu_seconds_per_day",
+    "weight",
+)
+_WHOLE = {"max_running", "max_queued", "submit_burst", "weight"}
+# PostgreSQL's integer, the columns' type.
+_LARGEST_WHOLE = 2**31 - 1
+# organizations' check constraint "weight BETWEEN 1 AND 1000".
+WEIGHT_RANGE = (1, 1000)
 
 # `queued` as max_queued counts it: executions, and chain runs whose first step has not started.
 _COUNTS = text(
@@ -75,12 +87,36 @@ def limits_of(org: Organization) -> OrgLimits:
 
 
 def _checked(name: str, value: float | None) -> float | None:
+    if name == "weight":
+        return _checked_weight(value)
     if value is None:
         return None
-    if value <= 0 or (name in _WHOLE and value != int(value)):
-        kind = "a whole number" if name in _WHOLE else "a number"
+    whole = name in _WHOLE
+    largest = _LARGEST_WHOLE if whole else math.inf
+    # NaN passes `<= 0` and PostgreSQL's `> 0` alike; infinity is no limit: both are refused.
+    if not math.isfinite(value) or value <= 0 or value > largest or (whole and value != int(value)):
+        kind = "a whole number" if whole else "a number"
+        bound = f" up to {_LARGEST_WHOLE}" if whole else ""
         raise ValidationFailed(
-            f"{name} must be {kind} above 0, or none to remove it",
-            errors={name: [f"{kind} above 0, or none"]},
+            f"{name} must be {kind} above 0{bound}, or none to remove it",
+            errors={name: [f"{kind} above 0{bound}, or none"]},
         )
-    return int(value) if name in _WHOLE else value
+    return int(value) if whole else value
+
+
+def _checked_weight(value: float | None) -> int:
+    low, high = WEIGHT_RANGE
+    if value is None:
+        raise ValidationFailed(
+            "weight cannot be removed: every organization has a share of the workers",
+            errors={"weight": [f"a whole number from {low} to {high}"]},
+            hint=f"--weight {low} gives it the default share",
+        )
+    if not math.isfinite(value) or value != int(value) or not low <= value <= high:
+        raise ValidationFailed(
+            f"weight must be a whole number from {low} to {high}",
+            errors={"weight": [f"a whole number from {low} to {high}"]},
+            hint=f"an organization of weight 2 starts twice as many executions as one of weight "
+            f"{low} when both have work waiting on a busy queue",
+        )
+    return int(value)

@@ -63,10 +63,12 @@ def create_org(session: Session, name: str) -> tuple[Organization, str]:
     cfg = current_config()
     org = Organization(
         name=name,
+        max_running=cfg.default_max_running,
         max_queued=cfg.default_max_queued,
         submit_rate=cfg.default_submit_rate,
         submit_burst=cfg.default_submit_burst,
         cpu_seconds_per_day=cfg.default_cpu_seconds_per_day,
+        weight=cfg.default_weight,
     )
     session.add(org)
     try:

@@ -275,6 +275,18 @@ def test_orgs_limits_on_the_command_line(client, cli_org):
     assert client.get("/api/v1/usage", headers=headers).get_json()["limits"] == printed
 
 
+def test_orgs_limits_sets_max_running_and_weight(client, cli_org):
+    name, headers = cli_org
+    result = runyard("orgs", "limits", name, "--max-running", "4", "--weight", "3")
+    assert result.returncode == 0, result.stderr
+    assert "max_running          4" in result.stdout and "weight               3" in result.stdout
+    result = runyard("orgs", "limits", name, "--max-running", "none", "--json")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["max_running"] is None and printed["weight"] == 3, "weight kept"
+    assert client.get("/api/v1/usage", headers=headers).get_json()["limits"] == printed
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [
@@ -282,11 +294,56 @@ def test_orgs_limits_on_the_command_line(client, cli_org):
         (["--max-queued", "2.5"], "max_queued must be a whole number above 0"),
         (["--submit-rate", "-1"], "submit_rate must be a number above 0"),
         (["--cpu-seconds-per-day", "lots"], "a number, or none"),
+        (["--max-running", "0"], "max_running must be a whole number above 0"),
+        (["--max-running", "1.5"], "max_running must be a whole number above 0"),
+        (["--max-running", "1e12"], "up to 2147483647"),
+        (["--submit-rate", "nan"], "submit_rate must be a number above 0"),
+        (["--submit-rate", "inf"], "submit_rate must be a number above 0"),
+        (["--weight", "0"], "weight must be a whole number from 1 to 1000"),
+        (["--weight", "1001"], "weight must be a whole number from 1 to 1000"),
+        (["--weight", "2.5"], "weight must be a whole number from 1 to 1000"),
+        (["--weight", "none"], "hint: --weight 1 gives it the default share"),
     ],
 )
 def test_orgs_limits_refuses_what_is_not_a_limit(cli_org, args, says):
     result = runyard("orgs", "limits", cli_org[0], *args)
     assert result.returncode == 2 and says in result.stderr
+    # Nothing changed, the other options of the command line included.
+    shown = json.loads(runyard("orgs", "limits", cli_org[0], "--json").stdout)
+    assert shown["max_running"] is None and shown["weight"] == 1
+
+
+def test_max_running_and_weight_read_back_on_usage(client, org):
+    set_limits(org, max_running=8, weight=1000)
+    limits = client.get("/api/v1/usage", headers=org.headers).get_json()["limits"]
+    assert limits["max_running"] == 8 and isinstance(limits["max_running"], int)
+    assert limits["weight"] == 1000
+    set_limits(org, max_running=None, weight=1)
+    limits = client.get("/api/v1/usage", headers=org.headers).get_json()["limits"]
+    assert limits["max_running"] is None and limits["weight"] == 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"max_running": 0}, "max_running"),
+        ({"max_running": -3}, "max_running"),
+        ({"max_running": 2.5}, "max_running"),
+        ({"max_running": math.inf}, "max_running"),
+        ({"weight": None}, "weight"),
+        ({"weight": 0}, "weight"),
+        ({"weight": 1001}, "weight"),
+        ({"weight": math.nan}, "weight"),
+        ({"max_queued": 2**31}, "max_queued"),
+        ({"cpu_seconds_per_day": math.nan}, "cpu_seconds_per_day"),
+    ],
+)
+def test_set_limits_refuses_what_no_column_may_hold(org, changes, field):
+    from app.errors import ValidationFailed
+
+    with db.session() as session, pytest.raises(ValidationFailed) as refused:
+        flow.set_limits(session, org.name, changes)
+    assert set(refused.value.errors) == {field}
 
 
 def test_orgs_limits_of_an_unknown_organization():
@@ -297,6 +354,8 @@ def test_orgs_limits_of_an_unknown_organization():
 def test_new_organizations_take_the_default_limits(client, monkeypatch):
     monkeypatch.setenv("RUNYARD_DEFAULT_MAX_QUEUED", "7")
     monkeypatch.setenv("RUNYARD_DEFAULT_SUBMIT_RATE", "3")
+    monkeypatch.setenv("RUNYARD_DEFAULT_MAX_RUNNING", "2")
+    monkeypatch.setenv("RUNYARD_DEFAULT_WEIGHT", "5")
     name = f"defaults-{uuid.uuid4().hex[:8]}"
     created = runyard("orgs", "create", name, "--json")
     try:
@@ -306,7 +365,40 @@ def test_new_organizations_take_the_default_limits(client, monkeypatch):
             "/api/v1/usage", headers={"Authorization": f"Bearer {token}"}
         ).get_json()["limits"]
         assert limits["max_queued"] == 7 and limits["submit_rate"] == 3.0
+        assert limits["max_running"] == 2 and limits["weight"] == 5
         assert limits["cpu_seconds_per_day"] is None
     finally:
         with db.engine.begin() as conn:
             conn.execute(text("DELETE FROM organizations WHERE name = :name"), {"name": name})
+
+
+def test_without_defaults_a_new_organization_has_no_limit_and_weight_1(monkeypatch):
+    from app.config import Config
+
+    for name in ("RUNYARD_DEFAULT_MAX_RUNNING", "RUNYARD_DEFAULT_WEIGHT"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = Config.from_env()
+    assert cfg.default_max_running is None and cfg.default_weight == 1
+    monkeypatch.setenv("RUNYARD_DEFAULT_MAX_RUNNING", "none")
+    assert Config.from_env().default_max_running is None
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("RUNYARD_DEFAULT_MAX_RUNNING", "0"),
+        ("RUNYARD_DEFAULT_MAX_RUNNING", "2.5"),
+        ("RUNYARD_DEFAULT_MAX_RUNNING", "3000000000"),
+        ("RUNYARD_DEFAULT_SUBMIT_RATE", "nan"),
+        ("RUNYARD_DEFAULT_CPU_SECONDS_PER_DAY", "inf"),
+        ("RUNYARD_DEFAULT_WEIGHT", "0"),
+        ("RUNYARD_DEFAULT_WEIGHT", "1001"),
+        ("RUNYARD_DEFAULT_WEIGHT", "none"),
+    ],
+)
+def test_a_default_no_organization_could_hold_stops_the_process_naming_it(monkeypatch, name, raw):
+    from app.config import Config
+
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(ValueError, match=name):
+        Config.from_env()

@@ -250,3 +250,45 @@ def test_unstorable_text_in_a_path_or_query_parameter_is_422_by_name(client, org
         assert set(errors) & {"ref", "version"}, (path, errors)
     query = client.get("/api/v1/executions?agent=e%00", headers=org.headers)
     assert list(assert_error_shape(query, 422)["errors"]) == ["agent"]
+
+
+# An agent's flow fields with what JSON can carry but no limit can be: numbers past any machine
+# integer or float (JSON's 1e999 is infinity to Python), NaN, a NUL in the key, wrong shapes.
+HOSTILE_FLOW = {
+    "huge-limit": ('{"concurrency": {"limit": 1' + "0" * 400 + "}}", "/concurrency/limit"),
+    "huge-rate": (
+        '{"rate_limit": {"limit": 1' + "0" * 400 + ', "period_seconds": 1}}',
+        "/rate_limit/limit",
+    ),
+    "infinite-period": (
+        '{"rate_limit": {"limit": 1, "period_seconds": 1e999}}',
+        "/rate_limit/period_seconds",
+    ),
+    "nan-period": (
+        '{"rate_limit": {"limit": 1, "period_seconds": NaN}}',
+        "/rate_limit/period_seconds",
+    ),
+    "tiny-period": (
+        '{"rate_limit": {"limit": 1, "period_seconds": 1e-999}}',
+        "/rate_limit/period_seconds",
+    ),
+    "nul-key": ('{"concurrency": {"limit": 1, "key": "$.input.a\\u0000"}}', "/concurrency/key"),
+    "object-key": ('{"concurrency": {"limit": 1, "key": {"$.input": 1}}}', "/concurrency/key"),
+    "list": ('{"rate_limit": [1, 60]}', "/rate_limit"),
+}
+
+
+@pytest.mark.parametrize(("raw", "pointer"), HOSTILE_FLOW.values(), ids=HOSTILE_FLOW.keys())
+def test_hostile_flow_values_are_422_by_pointer(client, org, world, raw, pointer):
+    for path, method in (("/api/v1/agents", "POST"), ("/api/v1/agents/echo", "PATCH")):
+        body = raw
+        if method == "POST":
+            body = '{"name": "flowing", "runtime": {"type": "python", "entrypoint": ' + (
+                '"tests.agents:echo"}, ' + raw[1:]
+            )
+        response = client.open(
+            path, method=method, data=body.encode(), headers={**org.headers, **JSON}
+        )
+        errors = assert_error_shape(response, 422)["errors"]
+        assert pointer in errors, (method, errors)
+    assert client.get("/api/v1/agents/echo", headers=org.headers).get_json()["concurrency"] is None
