@@ -5,7 +5,6 @@ processes: tests/faults/test_flow_control.py.)"""
 from __future__ import annotations
 
 import dataclasses
-import json
 import uuid
 
 import pytest
@@ -20,20 +19,8 @@ USAGE = {"cpu_seconds": 0.0, "max_rss_mb": 0.0, "wall_seconds": 0.0}
 
 
 def limit_agent(client, org, connection, name="echo", **limits) -> dict:
-    """An agent whose version carries `concurrency` / `rate_limit`."""
-    agent = make_agent(client, org, {**ECHO, "name": name})
-    connection.execute(
-        text(
-            "UPDATE agent_versions SET concurrency = CAST(:c AS jsonb), "
-            "rate_limit = CAST(:r AS jsonb) WHERE agent_id = :id"
-        ),
-        {
-            "id": agent["id"],
-            "c": json.dumps(limits.get("concurrency")),
-            "r": json.dumps(limits.get("rate_limit")),
-        },
-    )
-    return agent
+    """An agent whose definition carries `concurrency` / `rate_limit`."""
+    return make_agent(client, org, {**ECHO, "name": name, **limits})
 
 
 def set_org(connection, org, **limits) -> None:
