@@ -134,11 +134,13 @@ _HELD = """
         SELECT id, agent_id, version_id, flow_key, rate_key, priority, waiting_for, queued_at,
                row_number() OVER (PARTITION BY agent_id, flow_key
                                   ORDER BY priority DESC, queued_at, id) AS turn
-        FROM executions
-        WHERE org_id = %s AND status = 'queued' AND waiting_for = ANY(%s)
+        FROM (
+            SELECT * FROM executions
+            WHERE org_id = %s AND status = 'queued' AND waiting_for = ANY(%s)
+            ORDER BY priority DESC, queued_at, id LIMIT %s
+        ) oldest
     ) held
     ORDER BY priority DESC, turn, queued_at, id
-    LIMIT %s
 """
 # Rows taking a slot: running, or let out to run.
 _ORG_ACTIVE = """
@@ -248,12 +250,17 @@ def release(conn: Connection, org_id: uuid.UUID) -> Released:
     """Let out the organization's held executions its limits allow now, in the caller's
     transaction, which must hold the flow lock (`lock`). Publish them after it commits."""
     pg = driver(conn)
-    held = pg.execute(_HELD, (org_id, list(LIMIT_WAITS), RELEASE_LOOKAHEAD)).fetchall()
     result = Released()
+    limits = cache.get(conn, org_id)
+    if limits.max_running is not None:
+        (active,) = pg.execute(_ORG_ACTIVE, (org_id,)).fetchone()
+        if active >= limits.max_running:
+            return result  # full: nothing can start, and what waits says so already
+    held = pg.execute(_HELD, (org_id, list(LIMIT_WAITS), RELEASE_LOOKAHEAD)).fetchall()
     if not held:
         return result
     held = [_Held(*row) for row in held]
-    room = _Room(pg, org_id, cache.get(conn, org_id), held)
+    room = _Room(pg, org_id, limits, held)
     chosen: list[uuid.UUID] = []
     for row in held:
         spec = specs.get(conn, row.version_id)
@@ -312,8 +319,19 @@ def released_in_transaction(conn: Connection, org_id: uuid.UUID) -> Released:
 # ---------------------------------------------------------------------------------------------
 # Beat's flow tick
 
+# The organizations holding executions back: a skip scan of ix_executions_org_id_queue_waiting,
+# one probe per organization, however deep the backlogs.
 _ORGS_HOLDING = """
-    SELECT DISTINCT org_id FROM executions WHERE status = 'queued' AND waiting_for IS NOT NULL
+    WITH RECURSIVE orgs(org_id) AS (
+        (SELECT org_id FROM executions
+         WHERE status = 'queued' AND waiting_for IS NOT NULL ORDER BY org_id LIMIT 1)
+        UNION ALL
+        SELECT (SELECT e.org_id FROM executions e
+                WHERE e.status = 'queued' AND e.waiting_for IS NOT NULL AND e.org_id > orgs.org_id
+                ORDER BY e.org_id LIMIT 1)
+        FROM orgs WHERE orgs.org_id IS NOT NULL
+    )
+    SELECT org_id FROM orgs WHERE org_id IS NOT NULL
 """
 # Fair windows with room and executions held back for them (after a crash, or a claim that
 # found the next row locked).
@@ -325,8 +343,21 @@ _WINDOW_TOP_UP = """
                 WHERE u.org_id = %s AND u.queue = h.queue AND u.status = 'queued'
                   AND u.waiting_for IS NULL
                 LIMIT %s::int) w) AS free
-        FROM (SELECT DISTINCT queue FROM executions
-              WHERE org_id = %s AND status = 'queued' AND waiting_for = 'queue') h
+        FROM (
+            -- The queues it holds executions back on: a skip scan, as for the organizations.
+            WITH RECURSIVE queues(queue) AS (
+                (SELECT queue FROM executions
+                 WHERE org_id = %s AND status = 'queued' AND waiting_for IS NOT NULL
+                 ORDER BY queue LIMIT 1)
+                UNION ALL
+                SELECT (SELECT e.queue FROM executions e
+                        WHERE e.org_id = %s AND e.status = 'queued'
+                          AND e.waiting_for IS NOT NULL AND e.queue > queues.queue
+                        ORDER BY e.queue LIMIT 1)
+                FROM queues WHERE queues.queue IS NOT NULL
+            )
+            SELECT queue FROM queues WHERE queue IS NOT NULL
+        ) h
     ), chosen AS (
         SELECT e.id FROM room,
         LATERAL (SELECT id FROM executions
@@ -356,7 +387,7 @@ def flow_tick() -> int:
             let_out = release(conn, org_id).let_out
             window = current_config().fair_window * cache.get(conn, org_id).weight
             if window > 0:
-                params = (window, org_id, window, org_id, org_id)
+                params = (window, org_id, window, org_id, org_id, org_id)
                 let_out += [LetOut(*row) for row in pg.execute(_WINDOW_TOP_UP, params)]
             else:
                 let_out += [LetOut(*row) for row in pg.execute(_WINDOW_OFF, (org_id,))]
