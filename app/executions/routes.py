@@ -23,10 +23,17 @@ class Submit(MethodView):
     @blp.arguments(SubmitSchema())
     @blp.response(202, ExecutionSchema())
     @blp.alt_response(404, description="no such agent or version")
-    @blp.alt_response(409, description="the agent is archived")
+    @blp.alt_response(
+        409,
+        description="the agent is archived, or its concurrency key is full and its "
+        "concurrency.on_limit is reject: nothing stored",
+    )
     @blp.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)
     def post(self, data, ref):
-        """Run an agent: the execution is stored, queued and answered at once"""
+        """Run an agent: the execution is stored, queued and answered at once
+
+        Past the organization's max_running or the agent's concurrency or rate_limit it waits,
+        `queued`, and `waiting_for` says why."""
         return services.submit(
             current_principal(),
             ref,
@@ -41,7 +48,11 @@ class SubmitBatch(MethodView):
     @blp.arguments(BatchSubmitSchema())
     @blp.response(202, BatchSchema())
     @blp.alt_response(404, description="no such agent or version")
-    @blp.alt_response(409, description="the agent is archived")
+    @blp.alt_response(
+        409,
+        description="the agent is archived, or its concurrency key is full and its "
+        "concurrency.on_limit is reject: nothing stored",
+    )
     @blp.alt_response(
         422,
         description="an item's input fails the input schema, or the batch is larger than "
