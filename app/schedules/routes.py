@@ -98,7 +98,9 @@ class Trigger(MethodView):
     @blp.response(202, FireSchema())
     @blp.alt_response(404, description="no such schedule in your organization")
     @blp.alt_response(
-        409, description="the target chain, or the agent of one of its steps, is archived"
+        409,
+        description="the target chain, or the agent of one of its steps, is archived; or the "
+        "target agent's concurrency key is full and its on_limit is reject (nothing stored)",
     )
     @blp.alt_response(422, description="the input no longer fits the target")
     @blp.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)

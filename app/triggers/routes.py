@@ -67,7 +67,9 @@ class Hook(MethodView):
     @hooks.alt_response(401, description="bad or missing signature, stale timestamp, or a replay")
     @hooks.alt_response(404, description="no such trigger")
     @hooks.alt_response(
-        409, description="the target chain, or the agent of one of its steps, is archived"
+        409,
+        description="the target chain, or the agent of one of its steps, is archived; or the "
+        "target agent's concurrency key is full and its on_limit is reject (nothing stored)",
     )
     @hooks.alt_response(422, description="the event lacks a referenced value, or the input fails")
     @hooks.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)
