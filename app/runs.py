@@ -249,17 +249,23 @@ def launch(
         for item in runs
     ]
     held_orgs = sorted({row.org_id for row in rows if row.entry.hold is not None})
+
+    def limited(org_id: uuid.UUID) -> list[entries.NewExecution]:
+        return [row for row in rows if row.org_id == org_id and row.entry.hold is not None]
+
     for org_id in held_orgs:
         gates.lock(conn, org_id)
         if on_limit:
-            for row in rows:
-                if row.org_id == org_id and row.entry.hold is not None:
-                    gates.apply_on_limit(conn, row.spec, [(row.id, row.input)])
+            for row in limited(org_id):
+                gates.refuse_over_limit(conn, row.spec, [(row.id, row.input)])
     waiting = entries.insert_many(conn, rows) if rows else {}
     launched = Launched(
         [Dispatch(row.id, row.spec, row.priority) for row in rows if waiting[row.id] is None]
     )
     for org_id in held_orgs:
+        if on_limit:
+            for row in limited(org_id):
+                gates.supersede(conn, row.spec, [(row.id, row.input)])
         launched.let_out.extend(gates.release(conn, org_id).let_out)
     chain_rows = [item.execution for item in launches if isinstance(item, ChainLaunch)]
     if chain_rows:

@@ -36,12 +36,13 @@ in_canvas = _InCanvas()
 def record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> str | None:
     """Write the outcome; the status written ("queued" for a retry), None if fenced out. An
     execution a limit applied to frees its slot in the same transaction, which lets out the
-    next one waiting (a retry keeps its slot)."""
+    next one waiting. A retry keeps its slot, except under a rate_limit: each attempt is a
+    start, so the retry waits for the window with the others (its backoff does not apply)."""
     if claimed.gated:
         status = _freeing_a_slot(conn, claimed, lambda: _record(conn, claimed, spec, outcome))
     else:
         status = _record(conn, claimed, spec, outcome)
-    if status == "queued":  # committed: published with its backoff
+    if status == "queued" and spec.rate_limit is None:  # committed: published with its backoff
         delay = backoff_seconds(spec.retry, claimed.attempt)
         dispatch.publish(claimed.execution_id, spec, claimed.priority, countdown=delay)
     return status

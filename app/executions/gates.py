@@ -68,7 +68,7 @@ def lock(conn: Connection, org_id: uuid.UUID) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# on_limit: reject and cancel_running, decided under the lock before the new rows go in
+# on_limit: reject and cancel_running, decided under the flow lock
 
 _GROUP_COUNT = """
     SELECT count(*) FROM executions
@@ -85,41 +85,46 @@ _SUPERSEDE = """
         waiting_for = NULL,
         cancel_requested_at = coalesce(cancel_requested_at, now()),
         error = %s
-    WHERE agent_id = %s AND flow_key = %s AND status IN ('queued', 'running')
-      AND NOT id = ANY(%s)
+    WHERE agent_id = %s AND flow_key = %s AND status IN ('queued', 'running') AND id <> %s
     RETURNING id
 """
 
 
-def apply_on_limit(
+def refuse_over_limit(
+    conn: Connection, spec: VersionSpec, new: list[tuple[uuid.UUID, Any]]
+) -> None:
+    """Before new executions (id, input) of `spec` go in, under the flow lock: under
+    on_limit `reject`, refuse them all (409) when one would find its key full."""
+    concurrency = spec.concurrency
+    if concurrency is None or concurrency.get("on_limit") != "reject":
+        return
+    pg = driver(conn)
+    for key, count in Counter(spec.flow_key(payload) for _, payload in new).items():
+        (active,) = pg.execute(_GROUP_COUNT, (spec.agent_id, key)).fetchone()
+        if active + count > concurrency["limit"]:
+            raise Conflict(
+                f"agent {spec.agent_name!r} has {active} executions of concurrency key {key} "
+                f"running or waiting; its concurrency.limit is {concurrency['limit']} and "
+                "on_limit is reject",
+                hint="submit again once one of them has finished",
+            )
+
+
+def supersede(
     conn: Connection, spec: VersionSpec, new: list[tuple[uuid.UUID, Any]]
 ) -> list[uuid.UUID]:
-    """Before new executions (id, input) of `spec` go in, under the flow lock: refuse them (409)
-    when `reject` finds their key full, or cancel their key's others for `cancel_running` (the
-    ids it ended or asked to stop)."""
+    """Once new executions (id, input) of `spec` are in, under the flow lock: under on_limit
+    `cancel_running`, the newest of each key cancels the key's others, the new ones before it
+    included (latest wins); the ids it ended or asked to stop."""
     concurrency = spec.concurrency
-    if concurrency is None or concurrency.get("on_limit", "queue") == "queue":
+    if concurrency is None or concurrency.get("on_limit") != "cancel_running":
         return []
     pg = driver(conn)
-    keys = Counter(spec.flow_key(payload) for _, payload in new)
-    if concurrency["on_limit"] == "reject":
-        for key, count in keys.items():
-            (active,) = pg.execute(_GROUP_COUNT, (spec.agent_id, key)).fetchone()
-            if active + count > concurrency["limit"]:
-                raise Conflict(
-                    f"agent {spec.agent_name!r} has {active} executions of concurrency key "
-                    f"{key} running or waiting; its concurrency.limit is "
-                    f"{concurrency['limit']} and on_limit is reject",
-                    hint="submit again once one of them has finished",
-                )
-        return []
     superseded: list[uuid.UUID] = []
     newest = {spec.flow_key(payload): execution_id for execution_id, payload in new}
     for key, newer in newest.items():
         error = error_body("superseded", f"superseded by execution {newer}")
-        rows = pg.execute(
-            _SUPERSEDE, (Jsonb(error), spec.agent_id, key, [row_id for row_id, _ in new])
-        ).fetchall()
+        rows = pg.execute(_SUPERSEDE, (Jsonb(error), spec.agent_id, key, newer)).fetchall()
         superseded.extend(row[0] for row in rows)
     return superseded
 
@@ -127,19 +132,19 @@ def apply_on_limit(
 # ---------------------------------------------------------------------------------------------
 # Release: what the limits let out now, under the organization's flow lock
 
-# Held rows in the order they are let out: priority, then each key's turn, then age.
+# Held rows in the order they are let out: priority, then each group's turn, then age. Each
+# concurrency and rate-limit group shows its first GROUP_LOOKAHEAD rows, so a deep backlog of
+# one blocked group hides no other group's executions.
 _HELD = """
     SELECT id, agent_id, version_id, flow_key, rate_key, priority, waiting_for
     FROM (
         SELECT id, agent_id, version_id, flow_key, rate_key, priority, waiting_for, queued_at,
-               row_number() OVER (PARTITION BY agent_id, flow_key
+               row_number() OVER (PARTITION BY agent_id, flow_key, rate_key
                                   ORDER BY priority DESC, queued_at, id) AS turn
-        FROM (
-            SELECT * FROM executions
-            WHERE org_id = %s AND status = 'queued' AND waiting_for = ANY(%s)
-            ORDER BY priority DESC, queued_at, id LIMIT %s
-        ) oldest
+        FROM executions
+        WHERE org_id = %s AND status = 'queued' AND waiting_for = ANY(%s)
     ) held
+    WHERE turn <= %s
     ORDER BY priority DESC, turn, queued_at, id
 """
 # Rows taking a slot: running, or let out to run.
@@ -154,18 +159,25 @@ _GROUPS_ACTIVE = """
       AND waiting_for IS NULL
     GROUP BY agent_id, flow_key
 """
-# Starts within the window (and when the oldest leaves it), and rows let out not started yet,
-# which start within it too.
+# Starts within the window, earlier attempts' included (execution_attempts: a retry's claim
+# overwrites started_at), and rows let out but not started yet, which start within it too. One
+# statement, one snapshot: a claim that commits meanwhile is counted once, as started or not.
 _RATE_USED = """
-    SELECT rate_key, count(*), min(started_at) FROM executions
-    WHERE agent_id = %s AND rate_key = ANY(%s)
-      AND started_at > now() - make_interval(secs => %s)
-    GROUP BY rate_key
-"""
-_RATE_PENDING = """
-    SELECT rate_key, count(*) FROM executions
-    WHERE org_id = %s AND agent_id = %s AND rate_key = ANY(%s) AND status = 'queued'
-      AND waiting_for IS NULL AND started_at IS NULL
+    SELECT rate_key, sum(starts) FROM (
+        SELECT e.rate_key,
+               -- The current attempt's start; a queued row's last start is an attempt's now.
+               (CASE WHEN e.status <> 'queued' THEN 1 ELSE 0 END)
+               + (SELECT count(*) FROM execution_attempts a
+                  WHERE a.execution_id = e.id AND (a.attempt < e.attempt OR e.status = 'queued')
+                    AND a.started_at > now() - make_interval(secs => %(period)s)) AS starts
+        FROM executions e
+        WHERE e.agent_id = %(agent_id)s AND e.rate_key = ANY(%(keys)s)
+          AND e.started_at > now() - make_interval(secs => %(period)s)
+        UNION ALL
+        SELECT e.rate_key, 1 FROM executions e
+        WHERE e.org_id = %(org_id)s AND e.agent_id = %(agent_id)s AND e.rate_key = ANY(%(keys)s)
+          AND e.status = 'queued' AND e.waiting_for IS NULL
+    ) counted
     GROUP BY rate_key
 """
 _LET_OUT = """
@@ -180,8 +192,9 @@ _SAY_WHY = """
       AND e.waiting_for IS NOT NULL
 """
 
-# Rows looked at per release. A backlog deeper than this is let out as it moves up.
-RELEASE_LOOKAHEAD = 2000
+# Held rows of one group looked at per release: it lets out at most this many of a group, and
+# the next release (a finish, a cancel, the flow tick) goes on.
+GROUP_LOOKAHEAD = 256
 
 
 @dataclass
@@ -215,10 +228,13 @@ class _Room:
             return
         self._rate_groups_read.add(spec.agent_id)
         keys = list({row.rate_key for row in self._held if row.agent_id == spec.agent_id})
-        period = float(spec.rate_limit["period_seconds"])
-        for key, count, _oldest in self._pg.execute(_RATE_USED, (spec.agent_id, keys, period)):
-            self.rates[(spec.agent_id, key)] += count
-        for key, count in self._pg.execute(_RATE_PENDING, (self._org_id, spec.agent_id, keys)):
+        params = {
+            "agent_id": spec.agent_id,
+            "org_id": self._org_id,
+            "keys": keys,
+            "period": float(spec.rate_limit["period_seconds"]),
+        }
+        for key, count in self._pg.execute(_RATE_USED, params):
             self.rates[(spec.agent_id, key)] += count
 
     def blocked_by(self, row, spec: VersionSpec) -> str | None:
@@ -256,7 +272,7 @@ def release(conn: Connection, org_id: uuid.UUID) -> Released:
         (active,) = pg.execute(_ORG_ACTIVE, (org_id,)).fetchone()
         if active >= limits.max_running:
             return result  # full: nothing can start, and what waits says so already
-    held = pg.execute(_HELD, (org_id, list(LIMIT_WAITS), RELEASE_LOOKAHEAD)).fetchall()
+    held = pg.execute(_HELD, (org_id, list(LIMIT_WAITS), GROUP_LOOKAHEAD)).fetchall()
     if not held:
         return result
     held = [_Held(*row) for row in held]

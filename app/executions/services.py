@@ -203,16 +203,17 @@ def _insert_held(
     insert_rows: Callable[[], Any],
     released: gates.Released,
 ) -> Any:
-    """Insert executions a limit applies to, held, under the organization's flow lock, after
-    their agent's on_limit had its say; then release what may start, in the same transaction."""
+    """Insert executions a limit applies to, held, under the organization's flow lock, with
+    their agent's on_limit having its say; then release what may start, in the same
+    transaction."""
     try:
         with driver(conn).transaction():
             gates.lock(conn, org_id)
-            gates.apply_on_limit(conn, spec, new)
+            gates.refuse_over_limit(conn, spec, new)
             inserted = insert_rows()
             if inserted is None:
-                # A stale target: undo what on_limit did; the caller tries once more.
-                raise _StaleTarget
+                raise _StaleTarget  # the caller tries once more
+            gates.supersede(conn, spec, new)
             result = gates.release(conn, org_id)
     except _StaleTarget:
         return None

@@ -175,7 +175,9 @@ _RETRY_SQL = text(
     WITH ended AS (
         UPDATE executions
         SET status = 'queued', error = :error, resource_usage = :usage, lease_until = NULL,
-            dispatched_at = NULL
+            dispatched_at = NULL,
+            -- Each attempt is a start: a rate-limited one waits for the window, not a backoff.
+            waiting_for = CASE WHEN rate_key IS NOT NULL THEN 'agent_rate_limit' END
         WHERE id = :id AND attempt = :attempt AND status = 'running'
           AND cancel_requested_at IS NULL
         RETURNING id, attempt, error, worker, started_at, resource_usage
@@ -193,7 +195,8 @@ def requeue_for_retry(
     error: dict[str, Any],
     usage: dict[str, Any],
 ) -> bool:
-    """Put a failed attempt back in the queue; the caller publishes it with its backoff."""
+    """Put a failed attempt back in the queue; the caller publishes it with its backoff, unless
+    its agent has a rate_limit: then it is held back for the gates (each attempt is a start)."""
     result = conn.execute(
         _RETRY_SQL,
         {
