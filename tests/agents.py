@@ -113,3 +113,23 @@ def _ledger_line(payload, ctx):
 def integer_keys(payload, ctx):
     """Python dicts may have keys JSON writes as text."""
     return {"counts": {1: 5, 2: 7}}
+
+
+def timed(payload, ctx):
+    """Records when its work ran: sleeps `seconds` (stopping early, as cancelled, once a cancel
+    is asked), then appends `execution_id attempt started ended customer` (time.time(), one clock
+    for every worker process) to the file named in the input. The flow control tests read the
+    lines to count how many ran at once."""
+    started = time.time()
+    deadline = time.monotonic() + payload.get("seconds", 0.05)
+    while time.monotonic() < deadline:
+        if ctx.cancelled():
+            raise RuntimeError("stopped on request")
+        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    ended = time.time()
+    with open(payload["ledger"], "a") as ledger_file:
+        ledger_file.write(
+            f"{ctx.execution_id} {ctx.attempt} {started:.6f} {ended:.6f} "
+            f"{payload.get('customer')}\n"
+        )
+    return {"n": payload.get("n", 0)}
