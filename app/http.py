@@ -187,12 +187,13 @@ def _install_request_checks(app: Flask) -> None:
         Before the idempotency key is claimed: the refusal is no answer to remember."""
         if not request.path.startswith("/api/v1"):
             return
+        parameters = list((request.view_args or {}).items())
+        # The query string is parsed only when there is one (a submit has none).
+        if request.environ.get("QUERY_STRING"):
+            parameters.extend(request.args.items(multi=True))
         problems = {
             name: [found]
-            for name, value in [
-                *(request.view_args or {}).items(),
-                *request.args.items(multi=True),
-            ]
+            for name, value in parameters
             if isinstance(value, str) and (found := storable.problem(value))
         }
         if request.method in BODY_METHODS and storable.may_hold_unstorable(

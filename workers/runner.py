@@ -22,7 +22,7 @@ from workers.attempt import AttemptDatabase
 from workers.context import AgentLog, Context
 from workers.lease import lease_keeper
 from workers.logbuffer import LogBuffer
-from workers.runtimes import Outcome, runtime_for
+from workers.runtimes import Outcome, Runtime, runtime_for
 from workers.watchdog import watchdog
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,19 @@ def _once_the_database_answers(
         pause = min(pause * 2, MAX_SETTLE_PAUSE_SECONDS)
 
 
+# runtime type -> its module: runtime_for imports the runtime modules on every call.
+_runtimes: dict[str, Runtime] = {}
+
+
+def _runtime(kind: str) -> Runtime:
+    runtime = _runtimes.get(kind)
+    if runtime is None:
+        runtime = _runtimes[kind] = runtime_for(kind)
+    return runtime
+
+
 def _run_runtime(claimed: Claim, spec: VersionSpec, ctx: Context, buffer: LogBuffer) -> Outcome:
-    runtime = runtime_for(spec.runtime["type"])
+    runtime = _runtime(spec.runtime["type"])
     if spec.runtime["type"] != "python":
         # Child runtimes supervise their own process: timeout, limits and cancel.
         return runtime.run(spec, claimed.input, ctx, buffer)
