@@ -44,7 +44,9 @@ SETTLE_PATIENCE_SECONDS = 600.0
 def run_execution(execution_id: uuid.UUID, worker: str) -> None:
     cfg = current_config()
     with db.hot() as conn:
-        claimed, let_out = store.claim(conn, execution_id, worker, cfg.lease_seconds)
+        claimed, let_out = store.claim(
+            conn, execution_id, worker, cfg.lease_seconds, cfg.fair_window
+        )
         # The claim made room in the fair window: the next execution held back goes out.
         gates.publish(conn, let_out)
         if claimed is None:

@@ -189,7 +189,7 @@ def fair_window():
     use_config(saved)
 
 
-def test_past_its_fair_window_an_organization_waits_in_postgresql_and_each_claim_lets_one_out(
+def test_past_its_fair_window_an_organization_waits_in_postgresql_and_claims_let_it_out(
     client, org, other_org, connection, fair_window
 ):
     make_agent(client, org)
@@ -210,11 +210,15 @@ def test_past_its_fair_window_an_organization_waits_in_postgresql_and_each_claim
     assert submit(client, other_org).get_json()["waiting_for"] is None
     other = submit(client, other_org).get_json()
     assert row(connection, other["id"]).waiting_for is None
-    # A claim makes room: the next one held back goes out, in order.
-    claimed, let_out = store.claim(connection, uuid.UUID(ids[0]), "w", 60)
-    assert claimed is not None and [str(out.execution_id) for out in let_out] == [ids[3]]
+    # Claims make room: once half the window is claimed, the ones held back go out to fill it,
+    # in order.
+    claimed, let_out = store.claim(connection, uuid.UUID(ids[0]), "w", 60, fair_window)
+    assert claimed is not None and let_out == [], "two of three still unclaimed"
+    claimed, let_out = store.claim(connection, uuid.UUID(ids[1]), "w", 60, fair_window)
+    assert claimed is not None
+    assert [str(out.execution_id) for out in let_out] == [ids[3], ids[4]]
     assert row(connection, ids[3]).waiting_for is None
-    assert row(connection, ids[4]).waiting_for == "queue"
+    assert row(connection, ids[4]).waiting_for is None
 
 
 def test_the_flow_tick_tops_up_a_window_with_room(client, org, connection, fair_window):
