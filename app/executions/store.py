@@ -37,7 +37,9 @@ _CLAIM_SQL = """
             resource_usage = NULL,
             dispatched_at = coalesce(dispatched_at, now()),
             lease_until = now() + make_interval(secs => %(lease)s)
-        WHERE id = %(id)s AND status = 'queued' AND waiting_for IS NULL
+        -- Not written `waiting_for IS NULL`: that matches ix_executions_org_id_queue_unclaimed's
+        -- predicate, and with few rows counted the planner scanned that index for the id.
+        WHERE id = %(id)s AND status = 'queued' AND (waiting_for IS NULL) IS TRUE
         RETURNING attempt, version_id, input, priority, chain_execution_id, org_id, gated, queue
     ), room AS (
         SELECT CASE
