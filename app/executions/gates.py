@@ -287,7 +287,10 @@ def release(conn: Connection, org_id: uuid.UUID) -> Released:
         elif reason != row.waiting_for:
             result.reasons[row.id] = reason
     if chosen:
-        result.let_out = [LetOut(*out) for out in pg.execute(_LET_OUT, (chosen,)).fetchall()]
+        turn = {execution_id: place for place, execution_id in enumerate(chosen)}
+        let_out = [LetOut(*out) for out in pg.execute(_LET_OUT, (chosen,)).fetchall()]
+        # Published in the order chosen, they are taken in that order.
+        result.let_out = sorted(let_out, key=lambda out: turn[out.execution_id])
     if result.reasons:
         pg.execute(_SAY_WHY, (list(result.reasons), list(result.reasons.values())))
     return result
@@ -383,7 +386,7 @@ _WINDOW_TOP_UP = """
     )
     UPDATE executions SET waiting_for = NULL, dispatched_at = now()
     WHERE id IN (SELECT id FROM chosen) AND status = 'queued' AND waiting_for = 'queue'
-    RETURNING id, version_id, priority
+    RETURNING id, version_id, priority, queued_at
 """
 
 
@@ -404,7 +407,9 @@ def flow_tick() -> int:
             window = current_config().fair_window * cache.get(conn, org_id).weight
             if window > 0:
                 params = (window, org_id, window, org_id, org_id, org_id)
-                let_out += [LetOut(*row) for row in pg.execute(_WINDOW_TOP_UP, params)]
+                rows = pg.execute(_WINDOW_TOP_UP, params).fetchall()
+                rows.sort(key=lambda row: (-row[2], row[3]))  # priority, then age
+                let_out += [LetOut(*row[:3]) for row in rows]
             else:
                 let_out += [LetOut(*row) for row in pg.execute(_WINDOW_OFF, (org_id,))]
         with db.hot() as conn:

@@ -69,12 +69,14 @@ _CLAIM_SQL = """
               AND h.waiting_for = 'queue'
             ORDER BY h.priority DESC, h.queued_at
             LIMIT (SELECT free FROM room) FOR UPDATE OF h SKIP LOCKED)
-        RETURNING e.id, e.version_id, e.priority
+        RETURNING e.id, e.version_id, e.priority, e.queued_at
     )
     SELECT c.attempt, c.version_id, c.input, c.priority,
            (SELECT coalesce(max(seq), 0) FROM execution_logs WHERE execution_id = %(id)s),
            c.chain_execution_id, c.org_id, c.gated,
-           (SELECT array_agg(ARRAY[l.id::text, l.version_id::text, l.priority::text])
+           -- In the order they are to start: published so, they are taken so.
+           (SELECT array_agg(ARRAY[l.id::text, l.version_id::text, l.priority::text]
+                             ORDER BY l.priority DESC, l.queued_at)
             FROM let_out l)
     FROM claimed c
 """
