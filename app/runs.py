@@ -250,22 +250,28 @@ def launch(
     ]
     held_orgs = sorted({row.org_id for row in rows if row.entry.hold is not None})
 
-    def limited(org_id: uuid.UUID) -> list[entries.NewExecution]:
-        return [row for row in rows if row.org_id == org_id and row.entry.hold is not None]
+    def limited(org_id: uuid.UUID) -> dict[uuid.UUID, tuple[VersionSpec, list]]:
+        """The organization's runs a limit applies to, by agent version: on_limit decides
+        over all of a version's new runs at once (the newest of a key wins)."""
+        by_version: dict[uuid.UUID, tuple[VersionSpec, list]] = {}
+        for row in rows:
+            if row.org_id == org_id and row.entry.hold is not None:
+                by_version.setdefault(row.spec.id, (row.spec, []))[1].append((row.id, row.input))
+        return by_version
 
     for org_id in held_orgs:
         gates.lock(conn, org_id)
         if on_limit:
-            for row in limited(org_id):
-                gates.refuse_over_limit(conn, row.spec, [(row.id, row.input)])
+            for spec, new in limited(org_id).values():
+                gates.refuse_over_limit(conn, spec, new)
     waiting = entries.insert_many(conn, rows) if rows else {}
     launched = Launched(
         [Dispatch(row.id, row.spec, row.priority) for row in rows if waiting[row.id] is None]
     )
     for org_id in held_orgs:
         if on_limit:
-            for row in limited(org_id):
-                gates.supersede(conn, row.spec, [(row.id, row.input)])
+            for spec, new in limited(org_id).values():
+                gates.supersede(conn, spec, new)
         launched.let_out.extend(gates.release(conn, org_id).let_out)
     chain_rows = [item.execution for item in launches if isinstance(item, ChainLaunch)]
     if chain_rows:

@@ -58,18 +58,25 @@ class Entry:
 FREE = Entry()
 
 # The waiting_for of a new row: its hold, or `queue` when its organization has a full window
-# of unclaimed messages on the queue. The count stops at the window (ix_executions_org_id_queue_
-# unclaimed): an execution no limit touches pays a few index entries, not a round trip. `rank`
-# is the row's place among those the statement inserts for that organization and queue.
+# of unclaimed messages on the queue, or executions held back there already. The count stops at
+# the window (ix_executions_org_id_queue_unclaimed) and the look for held rows is one probe: an
+# execution no limit touches pays a few index entries, not a round trip. `rank` is the row's
+# place among those the statement inserts for that organization and queue.
 WAITING_FOR_SQL = """CASE
         WHEN %(hold)s::text IS NOT NULL THEN %(hold)s::text
-        WHEN %(window)s::int > 0 AND {rank} + (
-            SELECT count(*) FROM (
-                SELECT 1 FROM executions u
-                WHERE u.org_id = %(org_id)s AND u.queue = %(queue)s::text AND u.status = 'queued'
-                  AND u.waiting_for IS NULL
-                LIMIT %(window)s::int) w
-        ) > %(window)s::int THEN 'queue'
+        WHEN %(window)s::int > 0 AND (
+            -- Behind executions held back already: first in, first out.
+            EXISTS (
+                SELECT 1 FROM executions h
+                WHERE h.org_id = %(org_id)s AND h.queue = %(queue)s::text
+                  AND h.status = 'queued' AND h.waiting_for = 'queue')
+            OR {rank} + (
+                SELECT count(*) FROM (
+                    SELECT 1 FROM executions u
+                    WHERE u.org_id = %(org_id)s AND u.queue = %(queue)s::text
+                      AND u.status = 'queued' AND u.waiting_for IS NULL
+                    LIMIT %(window)s::int) w
+            ) > %(window)s::int) THEN 'queue'
     END"""
 
 _INSERT_SQL = (
@@ -237,13 +244,18 @@ _INSERT_MANY_SQL = """
            r.priority, r.input, 0, r.max_attempts, r.queue,
            CASE
                WHEN r.hold IS NOT NULL THEN r.hold
-               WHEN r.fair_window > 0 AND r.place + (
-                   SELECT count(*) FROM (
-                       SELECT 1 FROM executions u
-                       WHERE u.org_id = r.org_id AND u.queue = r.queue AND u.status = 'queued'
-                         AND u.waiting_for IS NULL
-                       LIMIT r.fair_window) w
-               ) > r.fair_window THEN 'queue'
+               WHEN r.fair_window > 0 AND (
+                   EXISTS (
+                       SELECT 1 FROM executions h
+                       WHERE h.org_id = r.org_id AND h.queue = r.queue AND h.status = 'queued'
+                         AND h.waiting_for = 'queue')
+                   OR r.place + (
+                       SELECT count(*) FROM (
+                           SELECT 1 FROM executions u
+                           WHERE u.org_id = r.org_id AND u.queue = r.queue
+                             AND u.status = 'queued' AND u.waiting_for IS NULL
+                           LIMIT r.fair_window) w
+                   ) > r.fair_window) THEN 'queue'
            END,
            r.flow_key, r.rate_key, r.hold IS NOT NULL,
            now() + make_interval(secs => (r.rank - 1) / 1e6)

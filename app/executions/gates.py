@@ -35,7 +35,7 @@ from app.errors import Conflict
 from app.executions import dispatch
 from app.executions.dispatch import Dispatch
 from app.executions.entries import Entry
-from app.executions.spec import LIMIT_WAITS, VersionSpec, error_body
+from app.executions.spec import VersionSpec, error_body
 from app.executions.store import LetOut
 from app.executions.versions import specs
 from app.flow.limits import OrgLimits, cache
@@ -142,7 +142,7 @@ _HELD = """
                row_number() OVER (PARTITION BY agent_id, flow_key, rate_key
                                   ORDER BY priority DESC, queued_at, id) AS turn
         FROM executions
-        WHERE org_id = %s AND status = 'queued' AND waiting_for = ANY(%s)
+        WHERE org_id = %s AND status = 'queued' AND waiting_for <> 'queue'
     ) held
     WHERE turn <= %s
     ORDER BY priority DESC, turn, queued_at, id
@@ -272,13 +272,15 @@ def release(conn: Connection, org_id: uuid.UUID) -> Released:
         (active,) = pg.execute(_ORG_ACTIVE, (org_id,)).fetchone()
         if active >= limits.max_running:
             return result  # full: nothing can start, and what waits says so already
-    held = pg.execute(_HELD, (org_id, list(LIMIT_WAITS), GROUP_LOOKAHEAD)).fetchall()
+    held = pg.execute(_HELD, (org_id, GROUP_LOOKAHEAD)).fetchall()
     if not held:
         return result
     held = [_Held(*row) for row in held]
     room = _Room(pg, org_id, limits, held)
     chosen: list[uuid.UUID] = []
     for row in held:
+        if room.org_free is not None and room.org_free <= 0:
+            break  # the organization is full: nothing further can start
         spec = specs.get(conn, row.version_id)
         reason = room.blocked_by(row, spec)
         if reason is None:
@@ -338,20 +340,27 @@ def released_in_transaction(conn: Connection, org_id: uuid.UUID) -> Released:
 # ---------------------------------------------------------------------------------------------
 # Beat's flow tick
 
-# The organizations holding executions back: a skip scan of ix_executions_org_id_queue_waiting,
-# one probe per organization, however deep the backlogs.
-_ORGS_HOLDING = """
+# The organizations holding executions back: a skip scan of each index of held rows, one probe
+# per organization, however deep the backlogs.
+_SKIP_SCAN_ORGS = """
     WITH RECURSIVE orgs(org_id) AS (
         (SELECT org_id FROM executions
-         WHERE status = 'queued' AND waiting_for IS NOT NULL ORDER BY org_id LIMIT 1)
+         WHERE status = 'queued' AND {held} ORDER BY org_id LIMIT 1)
         UNION ALL
         SELECT (SELECT e.org_id FROM executions e
-                WHERE e.status = 'queued' AND e.waiting_for IS NOT NULL AND e.org_id > orgs.org_id
+                WHERE e.status = 'queued' AND e.{held} AND e.org_id > orgs.org_id
                 ORDER BY e.org_id LIMIT 1)
         FROM orgs WHERE orgs.org_id IS NOT NULL
     )
     SELECT org_id FROM orgs WHERE org_id IS NOT NULL
 """
+_ORGS_HOLDING = (
+    "("
+    + _SKIP_SCAN_ORGS.format(held="waiting_for = 'queue'")
+    + ") UNION ("
+    + _SKIP_SCAN_ORGS.format(held="waiting_for <> 'queue'")
+    + ")"
+)
 # Fair windows with room and executions held back for them (after a crash, or a claim that
 # found the next row locked).
 _WINDOW_TOP_UP = """
@@ -366,12 +375,12 @@ _WINDOW_TOP_UP = """
             -- The queues it holds executions back on: a skip scan, as for the organizations.
             WITH RECURSIVE queues(queue) AS (
                 (SELECT queue FROM executions
-                 WHERE org_id = %s AND status = 'queued' AND waiting_for IS NOT NULL
+                 WHERE org_id = %s AND status = 'queued' AND waiting_for = 'queue'
                  ORDER BY queue LIMIT 1)
                 UNION ALL
                 SELECT (SELECT e.queue FROM executions e
                         WHERE e.org_id = %s AND e.status = 'queued'
-                          AND e.waiting_for IS NOT NULL AND e.queue > queues.queue
+                          AND e.waiting_for = 'queue' AND e.queue > queues.queue
                         ORDER BY e.queue LIMIT 1)
                 FROM queues WHERE queues.queue IS NOT NULL
             )
@@ -398,24 +407,33 @@ def flow_tick() -> int:
         orgs = [row[0] for row in driver(conn).execute(_ORGS_HOLDING).fetchall()]
     total = 0
     for org_id in orgs:
-        with db.begin() as conn:
-            pg = driver(conn)
-            (locked,) = pg.execute(_TRY_LOCK, (_lock_key(org_id),)).fetchone()
-            if not locked:
-                continue
-            let_out = release(conn, org_id).let_out
-            window = current_config().fair_window * cache.get(conn, org_id).weight
-            if window > 0:
-                params = (window, org_id, window, org_id, org_id, org_id)
-                rows = pg.execute(_WINDOW_TOP_UP, params).fetchall()
-                rows.sort(key=lambda row: (-row[2], row[3]))  # priority, then age
-                let_out += [LetOut(*row[:3]) for row in rows]
-            else:
-                let_out += [LetOut(*row) for row in pg.execute(_WINDOW_OFF, (org_id,))]
-        with db.hot() as conn:
-            publish(conn, let_out)
-        total += len(let_out)
+        try:
+            total += _tick_org(org_id)
+        except Exception:
+            # One organization's trouble (a timeout on a huge backlog, say) must not stop the
+            # tick for the organizations after it: the next tick tries it again.
+            log.warning("flow tick: releasing organization %s failed", org_id, exc_info=True)
     return total
+
+
+def _tick_org(org_id: uuid.UUID) -> int:
+    with db.begin() as conn:
+        pg = driver(conn)
+        (locked,) = pg.execute(_TRY_LOCK, (_lock_key(org_id),)).fetchone()
+        if not locked:
+            return 0
+        let_out = release(conn, org_id).let_out
+        window = current_config().fair_window * cache.get(conn, org_id).weight
+        if window > 0:
+            params = (window, org_id, window, org_id, org_id, org_id)
+            rows = pg.execute(_WINDOW_TOP_UP, params).fetchall()
+            rows.sort(key=lambda row: (-row[2], row[3]))  # priority, then age
+            let_out += [LetOut(*row[:3]) for row in rows]
+        else:
+            let_out += [LetOut(*row) for row in pg.execute(_WINDOW_OFF, (org_id,))]
+    with db.hot() as conn:
+        publish(conn, let_out)
+    return len(let_out)
 
 
 # RUNYARD_FAIR_WINDOW set to 0 after rows were held back for the window: let them all out.

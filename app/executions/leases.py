@@ -50,7 +50,9 @@ _EXPIRED_REQUEUE = text(
     """
     WITH ended AS (
         UPDATE executions e
-        SET status = 'queued', lease_until = NULL, dispatched_at = NULL, error = :lost
+        SET status = 'queued', lease_until = NULL, dispatched_at = NULL, error = :lost,
+            -- Each attempt is a start: a rate-limited one waits for the window (the gates).
+            waiting_for = CASE WHEN e.rate_key IS NOT NULL THEN 'agent_rate_limit' END
         FROM agent_versions v
         WHERE v.id = e.version_id
           AND e.status = 'running' AND e.lease_until < now() AND e.attempt < e.max_attempts
@@ -59,11 +61,11 @@ _EXPIRED_REQUEUE = text(
           -- retry policy says `lost` is safe to retry.
           AND v.retry -> 'retry_on' ? 'lost'
         RETURNING e.id, e.attempt, e.error, e.worker, e.started_at, e.resource_usage,
-                  e.version_id, e.priority
+                  e.version_id, e.priority, e.waiting_for
     ), recorded AS (
     """
     + RECORD_ATTEMPT.format(status="'failed'")
-    + ") SELECT id, version_id, priority FROM ended"
+    + ") SELECT id, version_id, priority, waiting_for FROM ended"
 ).bindparams(bindparam("lost", type_=JSONB))
 
 # After an outage: every running attempt gets one lease from now to be renewed by its worker.
@@ -93,7 +95,8 @@ _EXPIRED_LOST = text(
 
 def requeue_expired(conn: Connection) -> list[Any]:
     """Put back in the queue the attempts whose lease ran out and whose agent retries `lost`:
-    rows of (id, version_id, priority)."""
+    rows of (id, version_id, priority, waiting_for); a rate-limited one is held back for the
+    gates (waiting_for set), the others are to be published."""
     return conn.execute(
         _EXPIRED_REQUEUE,
         {"lost": error_body("lost", "the worker's lease expired; attempt requeued")},

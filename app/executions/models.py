@@ -76,7 +76,14 @@ class Execution(Base):
             "queue",
             text("priority DESC"),
             "queued_at",
-            postgresql_where=text("status = 'queued' AND waiting_for IS NOT NULL"),
+            postgresql_where=text("status = 'queued' AND waiting_for = 'queue'"),
+        ),
+        Index(
+            "ix_executions_org_id_limit_waiting",
+            "org_id",
+            text("priority DESC"),
+            "queued_at",
+            postgresql_where=text("status = 'queued' AND waiting_for <> 'queue'"),
         ),
         Index(
             "ix_executions_agent_id_flow_key_active",
@@ -94,7 +101,9 @@ class Execution(Base):
         Index(
             "ix_executions_org_id_gated_active",
             "org_id",
-            postgresql_where=text("gated AND status IN ('queued', 'running')"),
+            postgresql_where=text(
+                "gated AND status IN ('queued', 'running') AND waiting_for IS NULL"
+            ),
         ),
         Index(
             "ix_executions_chain_execution_id_chain_stage",

@@ -137,7 +137,7 @@ def _expire_leases(report: SweepReport) -> list[uuid.UUID]:
         requeued = leases.requeue_expired(conn)
         report.requeued = len(requeued)
         # Not left to the undispatched pass: its grace counts from queued_at, the submit time.
-        requeued_dispatches = _dispatches(conn, requeued)
+        requeued_dispatches = _dispatches(conn, [row for row in requeued if not row.waiting_for])
         lost = leases.fail_expired(conn)
     report.lost = len(lost)
     # On a broker outage nothing is sent: the rows stay unstamped for the undispatched pass.

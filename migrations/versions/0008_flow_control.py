@@ -42,12 +42,19 @@ def upgrade() -> None:
         ["org_id", "queue"],
         postgresql_where=sa.text("status = 'queued' AND waiting_for IS NULL"),
     )
-    # Executions held back, in the order they are let through.
+    # Executions held back for the fair window, in the order they are let out; and those held
+    # back for a limit (apart: a deep backlog of one must not slow the other's probes).
     op.create_index(
         "ix_executions_org_id_queue_waiting",
         "executions",
         ["org_id", "queue", sa.text("priority DESC"), "queued_at"],
-        postgresql_where=sa.text("status = 'queued' AND waiting_for IS NOT NULL"),
+        postgresql_where=sa.text("status = 'queued' AND waiting_for = 'queue'"),
+    )
+    op.create_index(
+        "ix_executions_org_id_limit_waiting",
+        "executions",
+        ["org_id", sa.text("priority DESC"), "queued_at"],
+        postgresql_where=sa.text("status = 'queued' AND waiting_for <> 'queue'"),
     )
     # The slots of a concurrency group, and the starts of a rate-limit group.
     op.create_index(
@@ -77,7 +84,9 @@ def upgrade() -> None:
         "ix_executions_org_id_gated_active",
         "executions",
         ["org_id"],
-        postgresql_where=sa.text("gated AND status IN ('queued', 'running')"),
+        postgresql_where=sa.text(
+            "gated AND status IN ('queued', 'running') AND waiting_for IS NULL"
+        ),
     )
 
 
@@ -92,6 +101,7 @@ def downgrade() -> None:
     )
     op.drop_index("ix_executions_agent_id_rate_key_started_at", table_name="executions")
     op.drop_index("ix_executions_agent_id_flow_key_active", table_name="executions")
+    op.drop_index("ix_executions_org_id_limit_waiting", table_name="executions")
     op.drop_index("ix_executions_org_id_queue_waiting", table_name="executions")
     op.drop_index("ix_executions_org_id_queue_unclaimed", table_name="executions")
     op.drop_constraint(op.f("ck_executions_waiting_for"), "executions", type_="check")

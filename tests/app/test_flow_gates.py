@@ -10,8 +10,10 @@ import uuid
 import pytest
 from sqlalchemy import text
 
+from app import runs
 from app.config import current_config, use_config
-from app.executions import gates, store
+from app.executions import gates, leases, store
+from app.executions.versions import specs
 from tests.app.test_executions_api import ECHO, make_agent, submit
 from workers import settle
 
@@ -242,3 +244,59 @@ def test_with_the_fair_window_off_nothing_waits(client, org, connection):
     finally:
         use_config(saved)
     assert all(row(connection, body["id"]).waiting_for is None for body in bodies)
+
+
+def test_a_new_execution_waits_behind_those_held_back_even_with_room_in_the_window(
+    client, org, connection, fair_window
+):
+    make_agent(client, org)
+    ids = [submit(client, org).get_json()["id"] for _ in range(5)]
+    store.claim(connection, uuid.UUID(ids[0]), "w", 60, fair_window)
+    # Two unclaimed of three: room for one, but two older ones are held back.
+    newest = submit(client, org, {"text": "late"}).get_json()
+    assert row(connection, newest["id"]).waiting_for == "queue"
+
+
+def test_a_lost_attempt_of_a_rate_limited_agent_waits_for_the_window(client, org, connection):
+    limit_agent(
+        client,
+        org,
+        connection,
+        rate_limit={"limit": 1, "period_seconds": 60},
+        retry={"max_retries": 1, "retry_on": ["lost"]},
+    )
+    execution = submit(client, org).get_json()
+    claim(connection, execution["id"])
+    connection.execute(
+        text("UPDATE executions SET lease_until = now() - interval '1 second' WHERE id = :id"),
+        {"id": execution["id"]},
+    )
+    requeued = leases.requeue_expired(connection)
+    assert [(str(r.id), r.waiting_for) for r in requeued] == [
+        (execution["id"], "agent_rate_limit")
+    ], "held for the gates, not published: its first start is in the window"
+    gates.released_in_transaction(connection, org.id)
+    assert row(connection, execution["id"]).waiting_for == "agent_rate_limit"
+
+
+def test_cancel_running_in_one_launch_lets_the_newest_of_a_key_win(client, org, connection):
+    limit_agent(
+        client,
+        org,
+        connection,
+        concurrency={"limit": 1, "key": "$.input.text", "on_limit": "cancel_running"},
+    )
+    version_id = connection.execute(
+        text("SELECT current_version_id FROM agents WHERE org_id = :org"), {"org": org.id}
+    ).scalar()
+    spec = specs.get(connection, version_id)
+    older, newer = uuid.uuid4(), uuid.uuid4()
+    runs.launch(
+        connection,
+        [
+            runs.Launch(older, org.id, spec, {"text": "a"}),
+            runs.Launch(newer, org.id, spec, {"text": "a"}),
+        ],
+    )
+    assert row(connection, older).error["type"] == "superseded"
+    assert row(connection, newer).status == "queued" and row(connection, newer).waiting_for is None
