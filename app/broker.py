@@ -1,8 +1,8 @@
 """The one module of app/ that speaks Celery, kombu and Redis.
 
 The Celery app lives here (`workers/__init__.py` re-exports it for `celery -A workers`), and so
-does everything the layers above ask of the broker: send one execution's message, many in one
-pipeline, many in bulk, a chain's canvas; ping the broker and inspect the workers; and the
+does everything the layers above ask of the broker: send one execution's message (with a
+countdown), many in bulk, a chain's canvas; ping the broker and inspect the workers; and the
 sweeper's reads of kombu's Redis keys (what a worker took, what a queue holds) and its marker
 keys (BrokerWatch). A kombu upgrade that moves those internals breaks this module only.
 
@@ -72,21 +72,14 @@ def send_run(message: RunMessage, *, countdown: float | None = None, producer: A
     )
 
 
-def send_runs(messages: list[RunMessage]) -> None:
-    """Send messages through one producer and one Redis pipeline."""
-    with celery_app.producer_or_acquire() as producer, producer.batch():
-        for message in messages:
-            send_run(message, producer=producer)
-
-
 def send_runs_in_bulk(messages: list[RunMessage]) -> None:
-    """`send_runs` for thousands at once (a minute's schedules): the same messages, built
-    faster. Celery builds the task message once per queue, priority and time limits, and each
-    execution gets a copy carrying its own id. On Redis (workers.redis_transport) each group
-    then goes out as one LPUSH; other brokers get kombu's producer, message by message. What
-    send_task repeats per message (routing, signals, the repr of the arguments) and
-    Producer.publish's layers were most of the cost of publishing 10,000 (bench/schedules.py:
-    about 4 s with send_task, under 0.5 s this way)."""
+    """Send run messages, one or thousands at once (submits, a minute's schedules): the
+    messages send_run makes, built faster. Celery builds the task message once per process and
+    time limits, and each execution gets a copy carrying its own id. On Redis
+    (workers.redis_transport) each queue and priority then goes out as one LPUSH; other brokers
+    get kombu's producer, message by message. What send_task repeats per message (routing,
+    signals, the repr of the arguments) and Producer.publish's layers were most of the cost of
+    publishing 10,000 (bench/schedules.py: about 4 s with send_task, under 0.5 s this way)."""
     groups: dict[tuple[str, int, float, float], list[RunMessage]] = {}
     for message in messages:
         key = (message.queue, message.priority, message.soft_time_limit, message.time_limit)

@@ -14,7 +14,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from app import broker
@@ -65,25 +64,14 @@ def publish(
     return True
 
 
-def publish_batch(batch: list[Dispatch]) -> list[uuid.UUID]:
-    """Publish messages through one Redis pipeline; the ids sent, or none on a broker outage
-    (the rows stay unstamped and the sweeper tries again)."""
-    return _send(batch, broker.send_runs)
-
-
 def publish_many(batch: list[Dispatch]) -> list[uuid.UUID]:
-    """`publish_batch` for thousands at once (a minute's schedules, the sweeper's batches),
-    built faster (broker.send_runs_in_bulk); the ids sent, or none on a broker outage."""
-    return _send(batch, broker.send_runs_in_bulk)
-
-
-def _send(
-    batch: list[Dispatch], send: Callable[[list[broker.RunMessage]], None]
-) -> list[uuid.UUID]:
+    """Publish messages in bulk (broker.send_runs_in_bulk: the task message built once per
+    queue, priority and time limits, one LPUSH per group on Redis); the ids sent, or none on a
+    broker outage (the rows stay unstamped and the sweeper tries again)."""
     if not batch:
         return []
     try:
-        send([item.message() for item in batch])
+        broker.send_runs_in_bulk([item.message() for item in batch])
     except Exception:  # a broker outage: the sweeper publishes these rows later
         log.warning(
             "publishing %d executions failed; the sweeper will retry", len(batch), exc_info=True
@@ -163,10 +151,10 @@ class Dispatcher:
                     self._wakeup.wait(timeout=self.STAMP_INTERVAL_SECONDS)
                 batch, self._pending = self._pending, []
                 bulk, self._bulk = self._bulk, []
-            if batch:
-                self._published.extend(publish_batch(batch))
-            if bulk:
-                self._published.extend(publish_many(bulk))
+            # Single submits and batches alike go out in bulk: send_task per message cost the
+            # API twice the CPU (0.64 ms a message against 0.30 for a lone one in bulk).
+            if batch or bulk:
+                self._published.extend(publish_many(batch + bulk))
             if self._published and time.monotonic() - last_stamp >= self.STAMP_INTERVAL_SECONDS:
                 last_stamp = time.monotonic()
                 stamped, self._published = self._published, []
@@ -183,7 +171,7 @@ class Dispatcher:
         with self._wakeup:
             batch, self._pending = self._pending, []
             bulk, self._bulk = self._bulk, []
-        published = publish_batch(batch) + publish_many(bulk)
+        published = publish_many(batch + bulk)
         stamped, self._published = self._published + published, []
         if stamped:
             with contextlib.suppress(Exception):
