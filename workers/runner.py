@@ -241,7 +241,7 @@ def _check_output(spec: VersionSpec, outcome: Outcome, max_bytes: int) -> None:
             f"{pointer!r}: {', '.join(msgs)}" for pointer, msgs in unstorable.items()
         )
         outcome.error_type = "output_invalid"
-        outcome.error_message = f"the output holds text that cannot be stored: {details}"
+        outcome.error_message = f"the output holds what cannot be stored: {details}"
         return
     errors = jsonschemas.instance_errors(spec.output_validator, output, "")
     if errors:

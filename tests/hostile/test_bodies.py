@@ -191,6 +191,21 @@ def test_unstorable_text_in_a_body_is_422_by_pointer(client, org, world, escape)
     assert "/description" in assert_error_shape(described, 422)["errors"]
 
 
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_a_number_json_cannot_hold_is_422_by_pointer(client, org, world, number):
+    """Found by a review: Python's parser takes NaN, Infinity and 1e999 (inf); jsonb does not:
+    a 500 in any body (an input, a config). A string holding the same letters is fine."""
+    path = "/api/v1/agents/echo/executions"
+    refused = _raw_post(client, path, f'{{"input": {{"t": "a", "n": {number}}}}}', org.headers)
+    assert list(assert_error_shape(refused, 422)["errors"]) == ["/input/n"]
+    defined = _raw_post(
+        client, "/api/v1/agents", f'{{"name": "x", "timeout_seconds": {number}}}', org.headers
+    )
+    assert "/timeout_seconds" in assert_error_shape(defined, 422)["errors"]
+    fine = _raw_post(client, path, f'{{"input": {{"t": "{number} 1e308"}}}}', org.headers)
+    assert fine.status_code == 202, fine.get_json()
+
+
 @pytest.mark.parametrize(
     "text", ["a\\ud83d\\ude00", "a\\\\ud800", "a\\\\u0000", "a\U0001f600"], ids=str
 )

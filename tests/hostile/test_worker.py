@@ -119,6 +119,7 @@ def main(input, ctx):
         "key": {"k" + chr(0xDC00): 1},
         "nul": {"t": ["ok", chr(0)]},
         "pair": {"t": chr(0x1F600) + chr(0xFFFF)},
+        "nan": {"x": [1.5, float("nan")]},
     }[input["kind"]]
 """
 
@@ -131,6 +132,7 @@ def test_an_output_holding_unstorable_text_fails_output_invalid(live_client, liv
         "high": "'/t': contains an unpaired surrogate (U+D800) at character 1",
         "key": "'/k\\udc00': the key contains an unpaired surrogate (U+DC00) at character 1",
         "nul": "'/t/1': contains U+0000 (NUL)",
+        "nan": "'/x/1': NaN or an infinite number",
     }
     source = {"type": "script", "language": "python", "source": UNSTORABLE_OUTPUTS}
     agent = {"name": "unstorable", "runtime": source, "timeout_seconds": 60}
