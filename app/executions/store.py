@@ -24,61 +24,57 @@ from app.executions.spec import Claim, error_body
 # Claim, renew, finish (the worker side)
 
 
-# The claim also makes room in the fair window: the message it took left the broker. Once the
-# organization's unclaimed messages on the queue are down to half its window (RUNYARD_FAIR_WINDOW
-# times its weight), the same statement lets out its next executions held back there (`queue`,
-# by priority then age) to fill the window again, for the worker to publish in one call: half a
-# window's lets-out cost one UPDATE and one publish. With nothing held back the CASE stops at
-# one probe of an empty index range (ix_executions_org_id_queue_waiting).
-_CLAIM_SQL = """
-    WITH claimed AS (
-        UPDATE executions
-        SET status = 'running', attempt = attempt + 1, started_at = now(), worker = %(worker)s,
-            resource_usage = NULL,
-            dispatched_at = coalesce(dispatched_at, now()),
-            lease_until = now() + make_interval(secs => %(lease)s)
-        -- Not written `waiting_for IS NULL`: that matches ix_executions_org_id_queue_unclaimed's
-        -- predicate, and with few rows counted the planner scanned that index for the id.
-        WHERE id = %(id)s AND status = 'queued' AND (waiting_for IS NULL) IS TRUE
-        RETURNING attempt, version_id, input, priority, chain_execution_id, org_id, gated, queue
-    ), room AS (
-        SELECT CASE
-            WHEN %(window)s::int = 0 OR NOT EXISTS (
-                SELECT 1 FROM executions h
-                WHERE h.org_id = c.org_id AND h.queue = c.queue AND h.status = 'queued'
-                  AND h.waiting_for = 'queue')
-            THEN 0
-            ELSE (SELECT CASE WHEN unclaimed * 2 <= w.size THEN w.size - unclaimed ELSE 0 END
-                  FROM (SELECT %(window)s::int * o.weight AS size
-                        FROM organizations o WHERE o.id = c.org_id) w,
-                  LATERAL (
-                      -- The claimed row still reads `queued` here: it counts as unclaimed.
-                      SELECT count(*) - 1 AS unclaimed FROM (
-                          SELECT 1 FROM executions u
-                          WHERE u.org_id = c.org_id AND u.queue = c.queue
-                            AND u.status = 'queued' AND u.waiting_for IS NULL
-                          LIMIT w.size / 2 + 2) counted
-                  ) n)
-        END AS free, c.org_id, c.queue
-        FROM claimed c
-    ), let_out AS (
-        UPDATE executions e SET waiting_for = NULL, dispatched_at = now()
-        WHERE e.id IN (
-            SELECT h.id FROM executions h, room r
-            WHERE h.org_id = r.org_id AND h.queue = r.queue AND h.status = 'queued'
-              AND h.waiting_for = 'queue'
-            ORDER BY h.priority DESC, h.queued_at
-            LIMIT (SELECT free FROM room) FOR UPDATE OF h SKIP LOCKED)
-        RETURNING e.id, e.version_id, e.priority, e.queued_at
-    )
-    SELECT c.attempt, c.version_id, c.input, c.priority,
-           (SELECT coalesce(max(seq), 0) FROM execution_logs WHERE execution_id = %(id)s),
-           c.chain_execution_id, c.org_id, c.gated,
-           -- In the order they are to start: published so, they are taken so.
-           (SELECT array_agg(ARRAY[l.id::text, l.version_id::text, l.priority::text]
-                             ORDER BY l.priority DESC, l.queued_at)
-            FROM let_out l)
-    FROM claimed c
+# The claim also makes room in the fair window: the message it took left the broker. When the
+# organization holds executions back on the queue, the claim reads its window's size
+# (RUNYARD_FAIR_WINDOW times its weight) and its unclaimed messages there; once those are down
+# to half the window, a second statement lets out the next held executions (by priority, then
+# age) to fill it again, for the worker to publish in one call: half a window's let-outs cost one
+# UPDATE and one publish. With nothing held back the claim pays one probe of an empty index
+# range (ix_executions_org_id_queue_waiting) and no second statement.
+_HOLDING = """
+    %(window)s::int > 0 AND EXISTS (
+        SELECT 1 FROM executions h
+        WHERE h.org_id = executions.org_id AND h.queue = executions.queue
+          AND h.status = 'queued' AND h.waiting_for = 'queue')
+"""
+_CLAIM_SQL = (
+    """
+    UPDATE executions
+    SET status = 'running', attempt = attempt + 1, started_at = now(), worker = %(worker)s,
+        resource_usage = NULL,
+        dispatched_at = coalesce(dispatched_at, now()),
+        lease_until = now() + make_interval(secs => %(lease)s)
+    -- Not written `waiting_for IS NULL`: that matches ix_executions_org_id_queue_unclaimed's
+    -- predicate, and with few rows counted the planner scanned that index for the id.
+    WHERE id = %(id)s AND status = 'queued' AND (waiting_for IS NULL) IS TRUE
+    RETURNING attempt, version_id, input, priority,
+              (SELECT coalesce(max(seq), 0) FROM execution_logs WHERE execution_id = %(id)s),
+              chain_execution_id, org_id, gated, queue,
+              CASE WHEN """
+    + _HOLDING
+    + """ THEN (SELECT %(window)s::int * o.weight FROM organizations o
+                WHERE o.id = executions.org_id) END,
+              CASE WHEN """
+    + _HOLDING
+    + """ THEN (
+                  -- Read before this claim's change: the claimed row counts, hence the - 1.
+                  SELECT count(*) - 1 FROM (
+                      SELECT 1 FROM executions u
+                      WHERE u.org_id = executions.org_id AND u.queue = executions.queue
+                        AND u.status = 'queued' AND u.waiting_for IS NULL
+                      LIMIT %(window)s::int * 1000 + 1) unclaimed) END
+"""
+)
+
+_LET_OUT_SQL = """
+    UPDATE executions SET waiting_for = NULL, dispatched_at = now()
+    WHERE id = ANY(ARRAY(
+        SELECT id FROM executions
+        WHERE org_id = %(org_id)s AND queue = %(queue)s AND status = 'queued'
+          AND waiting_for = 'queue'
+        ORDER BY priority DESC, queued_at
+        LIMIT %(count)s FOR UPDATE SKIP LOCKED))
+    RETURNING id, version_id, priority, queued_at
 """
 
 
@@ -104,21 +100,21 @@ def claim(
 
     The lease is short (RUNYARD_LEASE_SECONDS) and the worker renews it while the attempt runs
     (`renew_leases`); once it runs out the sweeper takes the execution back."""
-    row = (
-        driver(conn)
-        .execute(
-            _CLAIM_SQL,
-            {"id": execution_id, "worker": worker, "lease": lease_seconds, "window": fair_window},
-        )
-        .fetchone()
-    )
+    pg = driver(conn)
+    row = pg.execute(
+        _CLAIM_SQL,
+        {"id": execution_id, "worker": worker, "lease": lease_seconds, "window": fair_window},
+    ).fetchone()
     if row is None:
         return None, []
-    *fields, let_out = row
-    return Claim(execution_id, *fields), [
-        LetOut(uuid.UUID(out_id), uuid.UUID(version_id), int(priority))
-        for out_id, version_id, priority in let_out or ()
-    ]
+    *fields, queue, window_size, unclaimed = row
+    claimed = Claim(execution_id, *fields)
+    if window_size is None or unclaimed * 2 > window_size:
+        return claimed, []
+    params = {"org_id": claimed.org_id, "queue": queue, "count": window_size - unclaimed}
+    let_out = pg.execute(_LET_OUT_SQL, params).fetchall()
+    let_out.sort(key=lambda out: (-out[2], out[3]))  # published in the order they start
+    return claimed, [LetOut(*out[:3]) for out in let_out]
 
 
 # One statement for every attempt a worker process holds, fenced by the attempt like a finish:
