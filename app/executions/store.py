@@ -58,11 +58,13 @@ _CLAIM_SQL = (
     + _HOLDING
     + """ THEN (
                   -- Read before this claim's change: the claimed row counts, hence the - 1.
+                  -- Counted up to just past half the window: beyond it nothing is let out.
                   SELECT count(*) - 1 FROM (
                       SELECT 1 FROM executions u
                       WHERE u.org_id = executions.org_id AND u.queue = executions.queue
                         AND u.status = 'queued' AND u.waiting_for IS NULL
-                      LIMIT %(window)s::int * 1000 + 1) unclaimed) END
+                      LIMIT (SELECT %(window)s::int * o.weight / 2 + 2 FROM organizations o
+                             WHERE o.id = executions.org_id)) unclaimed) END
 """
 )
 
