@@ -291,14 +291,8 @@ def _publish_chain_runs(launched: Launched) -> None:
 
 def publish(launched: Launched) -> None:
     dispatch.publish_committed(launched.dispatches)
-    _publish_let_out(launched)
+    gates.publish_now(launched.let_out)
     _publish_chain_runs(launched)
-
-
-def _publish_let_out(launched: Launched) -> None:
-    if launched.let_out:
-        with db.hot() as conn:
-            gates.publish(conn, launched.let_out)
 
 
 def publish_after_commit(launched: Launched) -> None:
@@ -312,7 +306,7 @@ def publish_unstamped(launched: Launched) -> list[uuid.UUID]:
     whose next batch should not wait behind the previous one's stamping. (Chain runs carry
     no dispatch stamp: resume_stalled finds one whose publish was lost.)"""
     _publish_chain_runs(launched)
-    _publish_let_out(launched)
+    gates.publish_now(launched.let_out)
     return dispatch.publish_many(launched.dispatches)
 
 

@@ -74,6 +74,7 @@ from bench.throughput import (  # noqa: E402 - after the sys.path fix above
     wait_http,
     worker_argv,
 )
+from bench.throughput import setup_database as bench_database  # noqa: E402
 
 DATABASE = "runyard_bench_fair"
 AGENT = "sleeper"
@@ -127,34 +128,9 @@ class Result:
 
 def setup_database(cleanups: list[Callable[[], None]], keep: bool) -> str:
     """A fresh `runyard_bench_fair` database at the schema's head; returns its SQLAlchemy URL."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    from app.config import sqlalchemy_url
     from app.migrate import upgrade
 
-    given = os.environ.get("DATABASE_URL", "")
-    if given:
-        server_url = make_url(sqlalchemy_url(given))
-    else:
-        from app.embedded import EmbeddedPostgres
-
-        postgres = EmbeddedPostgres(HOME / "bench-pg", database=DATABASE)
-        server_url = make_url(postgres.start())
-        cleanups.append(postgres.stop)
-    admin = libpq_url(server_url.set(database="postgres"))
-
-    def recreate(create: bool) -> None:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-            if create:
-                conn.execute(f'CREATE DATABASE "{DATABASE}"')
-
-    recreate(create=True)
-    if not keep:
-        cleanups.append(lambda: recreate(create=False))
-    log(f"database: {DATABASE} on {server_url.render_as_string(hide_password=True)}")
-    url = server_url.set(database=DATABASE).render_as_string(hide_password=False)
+    url = bench_database(cleanups, keep, database=DATABASE)
     upgrade(url)
     return url
 

@@ -283,8 +283,8 @@ def libpq_url(url) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def setup_database(cleanups: list[Callable[[], None]], keep: bool) -> str:
-    """A fresh `runyard_bench` database; returns its SQLAlchemy URL."""
+def setup_database(cleanups: list[Callable[[], None]], keep: bool, database: str = DATABASE) -> str:
+    """A fresh database (`runyard_bench` unless named); returns its SQLAlchemy URL."""
     import psycopg
     from sqlalchemy.engine import make_url
 
@@ -293,26 +293,26 @@ def setup_database(cleanups: list[Callable[[], None]], keep: bool) -> str:
     given = os.environ.get("DATABASE_URL", "")
     if given:
         server_url = make_url(sqlalchemy_url(given))
-        log(f"database: {DATABASE} on {server_url.render_as_string(hide_password=True)}")
+        log(f"database: {database} on {server_url.render_as_string(hide_password=True)}")
     else:
         from app.embedded import EmbeddedPostgres
 
         log(f"database: embedded PostgreSQL under {HOME / 'bench-pg'}")
-        postgres = EmbeddedPostgres(HOME / "bench-pg", database=DATABASE)
+        postgres = EmbeddedPostgres(HOME / "bench-pg", database=database)
         server_url = make_url(postgres.start())
         cleanups.append(postgres.stop)
     admin = libpq_url(server_url.set(database="postgres"))
 
     def recreate(create: bool) -> None:
         with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
+            conn.execute(f'DROP database IF EXISTS "{database}" WITH (FORCE)')
             if create:
-                conn.execute(f'CREATE DATABASE "{DATABASE}"')
+                conn.execute(f'CREATE database "{database}"')
 
     recreate(create=True)
     if not keep:
         cleanups.append(lambda: recreate(create=False))
-    return server_url.set(database=DATABASE).render_as_string(hide_password=False)
+    return server_url.set(database=database).render_as_string(hide_password=False)
 
 
 # The key test runs (tests/conftest.py) and benchmarks set, with NX, on the database they use:

@@ -47,8 +47,8 @@ def run_execution(execution_id: uuid.UUID, worker: str) -> None:
         claimed, let_out = store.claim(
             conn, execution_id, worker, cfg.lease_seconds, cfg.fair_window
         )
-        # The claim made room in the fair window: the next execution held back goes out.
-        gates.publish(conn, let_out)
+        if let_out:  # the claim made room in the fair window: the executions held back go out
+            gates.publish(conn, let_out)
         if claimed is None:
             log.info(
                 "execution %s is not queued (duplicate or cancelled message): skipped", execution_id

@@ -38,7 +38,7 @@ from app.executions.entries import Entry
 from app.executions.spec import VersionSpec, error_body
 from app.executions.store import LetOut
 from app.executions.versions import specs
-from app.flow.limits import OrgLimits, cache
+from app.flow.limits import cache
 
 log = logging.getLogger(__name__)
 
@@ -207,12 +207,9 @@ class Released:
 class _Room:
     """What the organization's limits leave free, counted down as rows are let out."""
 
-    def __init__(self, pg: psycopg.Connection, org_id: uuid.UUID, limits: OrgLimits, held):
+    def __init__(self, pg: psycopg.Connection, org_id: uuid.UUID, org_free: int | None, held):
         self._pg = pg
-        self.org_free = None
-        if limits.max_running is not None:
-            (active,) = pg.execute(_ORG_ACTIVE, (org_id,)).fetchone()
-            self.org_free = limits.max_running - active
+        self.org_free = org_free  # None: no max_running
         agents = list({row.agent_id for row in held if row.flow_key is not None})
         self.groups: Counter = Counter()
         if agents:
@@ -267,16 +264,18 @@ def release(conn: Connection, org_id: uuid.UUID) -> Released:
     transaction, which must hold the flow lock (`lock`). Publish them after it commits."""
     pg = driver(conn)
     result = Released()
-    limits = cache.get(conn, org_id)
-    if limits.max_running is not None:
+    max_running = cache.get(conn, org_id).max_running
+    org_free = None
+    if max_running is not None:
         (active,) = pg.execute(_ORG_ACTIVE, (org_id,)).fetchone()
-        if active >= limits.max_running:
+        org_free = max_running - active
+        if org_free <= 0:
             return result  # full: nothing can start, and what waits says so already
     held = pg.execute(_HELD, (org_id, GROUP_LOOKAHEAD)).fetchall()
     if not held:
         return result
     held = [_Held(*row) for row in held]
-    room = _Room(pg, org_id, limits, held)
+    room = _Room(pg, org_id, org_free, held)
     chosen: list[uuid.UUID] = []
     for row in held:
         if room.org_free is not None and room.org_free <= 0:
@@ -321,12 +320,14 @@ def publish(conn: Connection, let_out: Iterable[LetOut]) -> None:
 
 def publish_after_commit(let_out: list[LetOut]) -> None:
     if let_out:
-        db.after_commit(_publish_now, let_out)
+        db.after_commit(publish_now, let_out)
 
 
-def _publish_now(let_out: list[LetOut]) -> None:
-    with db.hot() as conn:
-        publish(conn, let_out)
+def publish_now(let_out: list[LetOut]) -> None:
+    """`publish` on a connection of its own, for callers past their transaction."""
+    if let_out:
+        with db.hot() as conn:
+            publish(conn, let_out)
 
 
 def released_in_transaction(conn: Connection, org_id: uuid.UUID) -> Released:
@@ -431,8 +432,7 @@ def _tick_org(org_id: uuid.UUID) -> int:
             let_out += [LetOut(*row[:3]) for row in rows]
         else:
             let_out += [LetOut(*row) for row in pg.execute(_WINDOW_OFF, (org_id,))]
-    with db.hot() as conn:
-        publish(conn, let_out)
+    publish_now(let_out)
     return len(let_out)
 
 
