@@ -118,13 +118,16 @@ def new_execution(
 
 
 def publish_committed(
-    conn: Connection, chain_execution_id: uuid.UUID, chain_version_id: uuid.UUID
+    conn: Connection,
+    chain_execution_id: uuid.UUID,
+    chain_version_id: uuid.UUID,
+    stage: int = 0,
 ) -> None:
-    """Publish a chain execution whose row is committed: a step task never sees a chain the
-    database lacks. A failed publish loses nothing: resume_stalled publishes the chain once it
-    has been quiet a while."""
+    """Publish a chain execution whose row is committed, from `stage` (a rerun starts past the
+    stages it reuses): a step task never sees a chain the database lacks. A failed publish
+    loses nothing: resume_stalled publishes the chain once it has been quiet a while."""
     try:
-        publish_from(conn, chain_execution_id, chain_version_id, 0)
+        publish_from(conn, chain_execution_id, chain_version_id, stage)
     except Exception:
         log.warning("publishing chain execution %s failed; it will be resumed", chain_execution_id)
 

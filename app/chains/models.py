@@ -85,6 +85,11 @@ class ChainExecution(Base):
             "queued_at",
             postgresql_where=text("status IN ('queued', 'running', 'compensating')"),
         ),
+        Index(
+            "ix_chain_executions_rerun_of",
+            "rerun_of",
+            postgresql_where=text("rerun_of IS NOT NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
@@ -109,3 +114,7 @@ class ChainExecution(Base):
     finished_at: Mapped[dt.datetime | None]
     # When the resume check last looked at it: it leaves the chain alone for the grace period.
     resume_checked_at: Mapped[dt.datetime | None]
+    # The chain execution this one reruns (POST /chain-executions/{id}/rerun).
+    rerun_of: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("chain_executions.id", ondelete="SET NULL")
+    )

@@ -108,6 +108,8 @@ class _Row:
     status: str
     output: Any
     error: Any
+    # A step a rerun reused from the chain execution it reruns: no worker ran it here.
+    reused: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,8 +193,8 @@ def _reconcile(
             _Row(*row)
             for row in conn.execute(
                 text(
-                    "SELECT chain_stage, chain_step, chain_role, status, output, error "
-                    "FROM executions WHERE chain_execution_id = :id"
+                    "SELECT chain_stage, chain_step, chain_role, status, output, error, "
+                    "rerun_of IS NOT NULL FROM executions WHERE chain_execution_id = :id"
                 ),
                 {"id": chain_execution_id},
             )
@@ -295,7 +297,8 @@ def _reconcile_compensations(
 
 def _compensate(conn: Connection, chain: _Chain, continuations: list[Continuation]) -> bool:
     """Once no step runs any more, fix the compensations (the steps that succeeded, latest
-    first) and start them; with none, the chain has failed."""
+    first) and start them; with none, the chain has failed. A step a rerun reused did its work
+    in the chain execution it came from, which owns undoing it: it is not compensated here."""
     plan, steps = chain.plan, chain.steps
     if any(row.role == "step" for row in chain.live):
         return False  # a step still under way: the last one to finish starts them
@@ -306,6 +309,7 @@ def _compensate(conn: Connection, chain: _Chain, continuations: list[Continuatio
             if step.compensate is not None
             and step.index in steps
             and steps[step.index].status == "succeeded"
+            and not steps[step.index].reused
         ),
         key=lambda i: (plan.steps[i].stage, i),
         reverse=True,

@@ -1,12 +1,13 @@
 from flask.views import MethodView
 
-from app.chains import launch, progress, services
+from app.chains import launch, progress, reruns, services
 from app.chains.schemas import (
     ChainCreateSchema,
     ChainExecutionQuerySchema,
     ChainExecutionSchema,
     ChainPatchSchema,
     ChainQuerySchema,
+    ChainRerunSchema,
     ChainSchema,
     ChainSubmitSchema,
     ChainVersionSchema,
@@ -170,3 +171,26 @@ class ChainCancel(MethodView):
         return services.present(
             session, progress.cancel(session, current_principal(), execution_id)
         )
+
+
+@blp.route("/chain-executions/<execution_id>/rerun")
+class ChainRerun(MethodView):
+    @blp.arguments(ChainRerunSchema())
+    @blp.response(202, ChainExecutionSchema())
+    @blp.alt_response(404, description="no such chain execution in your organization")
+    @blp.alt_response(409, description="the original has not finished, or the chain is archived")
+    @blp.alt_response(
+        422,
+        description="`from` names no step, or is `failed` when every step succeeded, or a "
+        "step before the point did not succeed or was compensated",
+    )
+    @blp.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)
+    def post(self, data, execution_id):
+        """Rerun a finished chain execution from a step, reusing the outputs before it
+
+        The steps before the point read `reused` (their outputs are the original's, no worker
+        runs them, and they are not compensated here); the rest run with the original's chain
+        and agent versions. The new chain execution carries `rerun_of`."""
+        session = request_session()
+        execution = reruns.rerun(session, current_principal(), execution_id, start=data["from"])
+        return services.present(session, execution)

@@ -76,8 +76,10 @@ class ChainStepSchema(Schema):
     stage = fields.Integer(metadata={"description": "steps of one stage run at once"})
     status = fields.String(
         metadata={
-            "description": "`pending` (not started), `skipped` (never will), or the status of "
-            "its execution"
+            "description": "`pending` (not started), `skipped` (never will), `reused` (a rerun "
+            "took its output from the chain execution it reruns; its execution is a copy, run "
+            "by no worker, whose rerun_of names the original step's execution), or the status "
+            "of its execution"
         }
     )
     execution_id = fields.UUID(allow_none=True)
@@ -98,6 +100,9 @@ class ChainExecutionSchema(Schema):
     input = fields.Dict()
     output = fields.Dict(allow_none=True, metadata={"description": "the last step's output"})
     error = fields.Nested(ErrorInfoSchema, allow_none=True)
+    rerun_of = fields.UUID(
+        allow_none=True, metadata={"description": "the chain execution this one reruns"}
+    )
     steps = fields.List(
         fields.Nested(ChainStepSchema),
         metadata={"description": "the chain's steps, in definition order; steps only"},
@@ -119,3 +124,16 @@ class ChainExecutionSchema(Schema):
 class ChainExecutionQuerySchema(Schema):
     chain = fields.String(metadata={"description": "chain id or name"})
     status = fields.String(validate=validate.OneOf(CHAIN_STATUSES))
+
+
+class ChainRerunSchema(Schema):
+    from_ = fields.String(
+        data_key="from",
+        attribute="from",
+        load_default="failed",
+        metadata={
+            "description": "`failed` (default: from the first stage with a step that did not "
+            "succeed) or a step's name (from that step's stage: the steps of a parallel "
+            "group run again together)"
+        },
+    )

@@ -347,6 +347,7 @@ def present(session: Session, execution: ChainExecution) -> dict[str, Any]:
         "input": execution.input,
         "output": execution.output,
         "error": execution.error,
+        "rerun_of": execution.rerun_of,
         "steps": steps,
         "compensations": compensations,
         "queued_at": execution.queued_at,
@@ -362,7 +363,7 @@ def _step_entry(name: str, stage: int, row: Execution | None, missing: str) -> d
     return {
         "name": name,
         "stage": stage,
-        "status": row.status if row else missing,
+        "status": ("reused" if row.rerun_of else row.status) if row else missing,
         "execution_id": row.id if row else None,
         "agent_name": row.agent_name if row else None,
         "agent_version": row.agent_version if row else None,

@@ -83,12 +83,12 @@ _INSERT_SQL = (
     """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
                             priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
-                            rate_key, gated)
+                            rate_key, gated, rerun_of)
     SELECT %(id)s, a.org_id, a.id, %(version_id)s, a.name, %(version)s, 'queued', %(priority)s,
            %(input)s, 0, %(max_attempts)s, %(queue)s::text, """
     + WAITING_FOR_SQL.format(rank="1")
     + """,
-           %(flow_key)s, %(rate_key)s, %(hold)s::text IS NOT NULL
+           %(flow_key)s, %(rate_key)s, %(hold)s::text IS NOT NULL, %(rerun_of)s
     FROM agents a
     WHERE a.id = %(agent_id)s AND a.org_id = %(org_id)s AND a.archived_at IS NULL
       AND (%(pinned)s OR a.current_version_id = %(version_id)s)
@@ -107,9 +107,11 @@ def insert(
     priority: int,
     pinned: bool,
     entry: Entry = FREE,
+    rerun_of: uuid.UUID | None = None,
 ) -> Any:
     """Insert a queued execution; a row of (queued_at, waiting_for), or None when the agent was
-    archived or (unless pinned) its current version changed since `spec` was read."""
+    archived or (unless pinned) its current version changed since `spec` was read. `rerun_of`:
+    the execution it reruns."""
     with _nul_refused("/input"):
         row = (
             driver(conn)
@@ -130,6 +132,7 @@ def insert(
                     "rate_key": spec.rate_key(payload),
                     "hold": entry.hold,
                     "window": entry.window,
+                    "rerun_of": rerun_of,
                 },
             )
             .fetchone()
@@ -145,17 +148,18 @@ _INSERT_BATCH_SQL = (
     """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
                             priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
-                            rate_key, gated, queued_at)
+                            rate_key, gated, queued_at, rerun_of)
     SELECT r.id, a.org_id, a.id, %(version_id)s, a.name, %(version)s, 'queued', r.priority,
            r.input, 0, %(max_attempts)s, %(queue)s::text, """
     + WAITING_FOR_SQL.format(rank="r.rank")
     + """,
            r.flow_key, r.rate_key, %(hold)s::text IS NOT NULL,
-           now() + make_interval(secs => (r.rank - 1) / 1e6)
+           now() + make_interval(secs => (r.rank - 1) / 1e6), r.rerun_of
     FROM agents a,
          ROWS FROM (json_to_recordset(%(rows)s::json)
-                    AS (id uuid, priority smallint, input jsonb, flow_key text, rate_key text))
-         WITH ORDINALITY AS r(id, priority, input, flow_key, rate_key, rank)
+                    AS (id uuid, priority smallint, input jsonb, flow_key text, rate_key text,
+                        rerun_of uuid))
+         WITH ORDINALITY AS r(id, priority, input, flow_key, rate_key, rerun_of, rank)
     WHERE a.id = %(agent_id)s AND a.org_id = %(org_id)s AND a.archived_at IS NULL
       AND (%(pinned)s OR a.current_version_id = %(version_id)s)
     RETURNING id, waiting_for
@@ -163,28 +167,39 @@ _INSERT_BATCH_SQL = (
 )
 
 
+@dataclass(frozen=True)
+class BatchRow:
+    """One execution of a batch: its id, priority and input, and the execution it reruns."""
+
+    id: uuid.UUID
+    priority: int
+    input: dict[str, Any]
+    rerun_of: uuid.UUID | None = None
+
+
 def insert_batch(
     conn: Connection,
     org_id: uuid.UUID,
     spec: VersionSpec,
-    rows: list[tuple[uuid.UUID, int, dict[str, Any]]],
+    rows: list[BatchRow],
     *,
     pinned: bool,
     entry: Entry = FREE,
 ) -> dict[uuid.UUID, str | None] | None:
-    """Insert (id, priority, input) rows as queued executions of `spec`, all or none: id ->
-    waiting_for, or None when the agent was archived or (unless pinned) its current version
-    changed since `spec` was read."""
+    """Insert rows as queued executions of `spec`, all or none: id -> waiting_for, or None when
+    the agent was archived or (unless pinned) its current version changed since `spec` was
+    read."""
     document = json.dumps(
         [
             {
-                "id": str(row_id),
-                "priority": priority,
-                "input": payload,
-                "flow_key": spec.flow_key(payload),
-                "rate_key": spec.rate_key(payload),
+                "id": str(row.id),
+                "priority": row.priority,
+                "input": row.input,
+                "flow_key": spec.flow_key(row.input),
+                "rate_key": spec.rate_key(row.input),
+                "rerun_of": str(row.rerun_of) if row.rerun_of else None,
             }
-            for row_id, priority, payload in rows
+            for row in rows
         ]
     )
     with _nul_refused("/items"):
@@ -363,6 +378,36 @@ def insert_step(conn: Connection, new: NewStep, chain_statuses: list[str]) -> bo
         .fetchone()
     )
     return started is not None
+
+
+# A rerun chain execution's steps before the point it reruns from: copies of the original
+# chain execution's step rows, already `succeeded` with the original's output and input,
+# attempt 0 (no worker ran them) and rerun_of naming the row they copy, which is how the chain
+# execution shows them `reused` and how compensation knows to leave them alone.
+_INSERT_REUSED_SQL = """
+    INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
+                            priority, input, output, attempt, max_attempts, dispatched_at,
+                            started_at, finished_at, chain_execution_id, chain_step, chain_stage,
+                            chain_role, queue, rerun_of)
+    SELECT r.id, o.org_id, o.agent_id, o.version_id, o.agent_name, o.agent_version, 'succeeded',
+           o.priority, o.input, o.output, 0, o.max_attempts, now(), now(), now(),
+           %(chain_execution_id)s, o.chain_step, o.chain_stage, 'step', o.queue, o.id
+    FROM json_to_recordset(%(rows)s::json) AS r(id uuid, original uuid)
+    JOIN executions o ON o.id = r.original AND o.status = 'succeeded' AND o.chain_role = 'step'
+"""
+
+
+def insert_reused_steps(
+    conn: Connection, chain_execution_id: uuid.UUID, copies: list[tuple[uuid.UUID, uuid.UUID]]
+) -> int:
+    """Insert (new id, original step execution id) copies as reused steps of a chain
+    execution, in the caller's transaction: how many were inserted."""
+    document = json.dumps([{"id": str(new), "original": str(old)} for new, old in copies])
+    return (
+        driver(conn)
+        .execute(_INSERT_REUSED_SQL, {"chain_execution_id": chain_execution_id, "rows": document})
+        .rowcount
+    )
 
 
 def stamp_dispatched(conn: Connection, ids: list[uuid.UUID]) -> None:

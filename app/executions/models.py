@@ -111,6 +111,8 @@ class Execution(Base):
             "chain_stage",
             postgresql_where=text("chain_execution_id IS NOT NULL"),
         ),
+        # Deleting an execution sets the rerun_of of its reruns NULL: found through this index.
+        Index("ix_executions_rerun_of", "rerun_of", postgresql_where=text("rerun_of IS NOT NULL")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
@@ -152,6 +154,11 @@ class Execution(Base):
     flow_key: Mapped[str | None] = mapped_column(Text)
     rate_key: Mapped[str | None] = mapped_column(Text)
     gated: Mapped[bool] = mapped_column(server_default=text("false"))
+    # The execution this one reruns (POST /executions/{id}/rerun, the bulk rerun). On a chain
+    # step it marks a reused step: a copy of the original step's outcome, run by no worker.
+    rerun_of: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("executions.id", ondelete="SET NULL")
+    )
 
 
 class ExecutionAttempt(Base):

@@ -1,15 +1,18 @@
 from flask.views import MethodView
 
 from app.chains import progress
-from app.executions import services
+from app.executions import reruns, services
 from app.executions.schemas import (
     AttemptSchema,
     BatchSchema,
     BatchSubmitSchema,
+    BulkRerunResultSchema,
+    BulkRerunSchema,
     ExecutionQuerySchema,
     ExecutionSchema,
     LogLineSchema,
     LogQuerySchema,
+    RerunSchema,
     SubmitSchema,
 )
 from app.flow.schemas import QUOTA_HEADERS, QUOTA_REFUSED
@@ -143,3 +146,64 @@ class Logs(MethodView):
             after_seq=args.get("after_seq"),
             limit=args["limit"],
         )
+
+
+@blp.route("/executions/<execution_id>/rerun")
+class Rerun(MethodView):
+    @blp.arguments(RerunSchema())
+    @blp.response(202, ExecutionSchema())
+    @blp.alt_response(
+        404, description="no such execution in your organization, or the agent lacks `version`"
+    )
+    @blp.alt_response(
+        409,
+        description="the original has not finished (queued or running), or its agent is "
+        "archived, or its concurrency key is full under on_limit reject: nothing stored",
+    )
+    @blp.alt_response(422, description="the input fails the chosen version's input_schema")
+    @blp.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)
+    def post(self, data, execution_id):
+        """Rerun a finished execution: a new execution, submitted as POST .../executions would
+
+        Same input and version unless given; the new execution carries `rerun_of`. It obeys
+        quotas, concurrency and rate limits (`waiting_for`) and takes an `Idempotency-Key`."""
+        return reruns.rerun(
+            request_session(),
+            current_principal(),
+            execution_id,
+            payload=data.get("input"),
+            version=data["version"],
+        )
+
+
+@blp.route("/executions/rerun")
+class BulkRerun(MethodView):
+    @blp.arguments(BulkRerunSchema())
+    @blp.response(202, BulkRerunResultSchema())
+    @blp.alt_response(200, schema=BulkRerunResultSchema(), description="a dry run: the count")
+    @blp.alt_response(404, description="an agent matched lacks `version`: nothing stored")
+    @blp.alt_response(
+        409, description="an agent matched is archived, or under on_limit reject: nothing stored"
+    )
+    @blp.alt_response(
+        422,
+        description="a bad filter (unknown or unfinished status, finished_after later than "
+        "finished_before), or an original's input fails the chosen version's input_schema "
+        "(keyed /executions/<id>/input/...): nothing stored",
+    )
+    @blp.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)
+    def post(self, data):
+        """Rerun every finished execution a filter matches, in one transaction
+
+        `matched` counts every match; at most `max` (default 1000), those that finished first,
+        are rerun, all or none, admitted by quotas as one batch. A dry run answers 200 with
+        the count only."""
+        result = reruns.rerun_matching(
+            request_session(),
+            current_principal(),
+            reruns.describe_filter(data["filter"]),
+            version=data["version"],
+            dry_run=data["dry_run"],
+            limit=data["limit"],
+        )
+        return result, 200 if data["dry_run"] else 202

@@ -2,7 +2,7 @@ import datetime as dt
 
 from marshmallow import Schema, fields, validate
 
-from app.executions.spec import LEVELS, LIMIT_WAITS, STATUSES
+from app.executions.spec import LEVELS, LIMIT_WAITS, STATUSES, TERMINAL_STATUSES
 
 
 def priority_field(description: str) -> fields.Integer:
@@ -85,6 +85,13 @@ class ExecutionSchema(Schema):
             "otherwise (it waits only for its turn)",
         },
     )
+    rerun_of = fields.UUID(
+        allow_none=True,
+        metadata={
+            "description": "the execution this one reruns (POST /executions/{id}/rerun or the "
+            "bulk rerun); on a chain step, the step execution whose outcome it reuses"
+        },
+    )
 
 
 class AttemptSchema(Schema):
@@ -133,3 +140,70 @@ class LogLineSchema(Schema):
     # `fields` would shadow the marshmallow module inside this class body.
     fields_ = fields.Dict(data_key="fields", attribute="fields")
     attempt = fields.Integer()
+
+
+VERSION_CHOICE = (
+    "`same` (default: the version the original ran), `current` (the agent's current version) "
+    "or `x.y.z` (a version of the agent; one it lacks answers 404)"
+)
+
+
+class RerunSchema(Schema):
+    input = fields.Dict(
+        metadata={
+            "description": "a new input, checked against the chosen version's "
+            "input_schema; default: the original's input"
+        }
+    )
+    version = fields.String(load_default="same", metadata={"description": VERSION_CHOICE})
+
+
+class RerunFilterSchema(Schema):
+    agent = fields.String(metadata={"description": "agent id or name"})
+    status = fields.List(
+        fields.String(validate=validate.OneOf(TERMINAL_STATUSES)),
+        validate=validate.Length(min=1),
+        metadata={"description": "finished statuses only: only finished executions are rerun"},
+    )
+    error_type = fields.String(metadata={"description": "the error's `type`, e.g. `timeout`"})
+    finished_after = fields.AwareDateTime(
+        default_timezone=dt.UTC, metadata={"description": "finished at or after (ISO 8601)"}
+    )
+    finished_before = fields.AwareDateTime(
+        default_timezone=dt.UTC, metadata={"description": "finished before (ISO 8601)"}
+    )
+
+
+class BulkRerunSchema(Schema):
+    filter = fields.Nested(
+        RerunFilterSchema,
+        load_default=dict,
+        metadata={
+            "description": "which finished executions to rerun (chain steps never "
+            "match: rerun their chain); every field optional"
+        },
+    )
+    version = fields.String(load_default="same", metadata={"description": VERSION_CHOICE})
+    dry_run = fields.Boolean(
+        load_default=False, metadata={"description": 'only count: 200 {"matched": N}'}
+    )
+    limit = fields.Integer(
+        data_key="max",
+        load_default=1000,
+        validate=validate.Range(min=1, max=10000),
+        metadata={
+            "description": "rerun at most this many, those that finished first "
+            "(default 1000); `matched` still counts all"
+        },
+    )
+
+
+class BulkRerunResultSchema(Schema):
+    matched = fields.Integer(metadata={"description": "every execution the filter matches"})
+    ids = fields.List(
+        fields.UUID(),
+        metadata={
+            "description": "the new executions, in the order their originals finished "
+            "(absent on a dry run)"
+        },
+    )

@@ -126,7 +126,9 @@ def submit(
     *,
     version: str | None = None,
     priority: int = DEFAULT_PRIORITY,
+    rerun_of: uuid.UUID | None = None,
 ) -> dict[str, Any]:
+    """Store and queue one execution (a rerun names the execution it reruns in `rerun_of`)."""
     principal.require("executions:submit")
     execution_id = uuid.uuid4()
     released = gates.Released()
@@ -146,6 +148,7 @@ def submit(
                 priority=priority,
                 pinned=target.pinned,
                 entry=entry,
+                rerun_of=rerun_of,
             )
 
         if entry.hold is None:
@@ -187,6 +190,7 @@ def submit(
         "resource_usage": None,
         "chain_execution_id": None,
         "waiting_for": shown_waiting_for(waiting_for),
+        "rerun_of": rerun_of,
     }
 
 
@@ -236,13 +240,38 @@ def submit_batch(
     input refuses the whole batch (422 keyed /items/<i>/input/...). Published in bulk, after
     the commit, by the dispatcher; items held back wait in PostgreSQL (app/executions/gates.py)."""
     principal.require("executions:submit")
-    rows = [(uuid.uuid4(), item["priority"], item["input"]) for item in items]
+    rows = [entries.BatchRow(uuid.uuid4(), item["priority"], item["input"]) for item in items]
     released = gates.Released()
+    with quotas.admitted(principal.org_id, executions=len(rows)) as conn:
+        stored = store_batch(conn, principal, ref, version, rows, released)
+    publish_batches([stored], released)
+    return [row.id for row in rows]
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    spec: VersionSpec
+    rows: list[entries.BatchRow]
+    waiting: dict[uuid.UUID, str | None]
+
+
+def store_batch(
+    conn: Connection,
+    principal: Principal,
+    ref: str,
+    version: str | None,
+    rows: list[entries.BatchRow],
+    released: gates.Released,
+    pointer: Callable[[int], str] = lambda index: f"/items/{index}/input",
+) -> StoredBatch:
+    """Check and insert a batch of one agent version, all or none, on a connection the
+    organization's quotas admitted it on (publish it with publish_batches once committed).
+    Invalid inputs: 422 keyed by `pointer(index)`."""
 
     def insert(conn: Connection, spec: VersionSpec, target: Target) -> Any:
         errors: dict[str, Any] = {}
-        for index, (_, _, payload) in enumerate(rows):
-            errors.update(spec.input_errors(payload, f"/items/{index}/input"))
+        for index, row in enumerate(rows):
+            errors.update(spec.input_errors(row.input, pointer(index)))
         _refuse_invalid(spec, errors, "inputs of the batch do")
         entry = gates.entry(conn, principal.org_id, spec)
 
@@ -253,21 +282,25 @@ def submit_batch(
 
         if entry.hold is None:
             return insert_rows()
-        new = [(row_id, payload) for row_id, _, payload in rows]
+        new = [(row.id, row.input) for row in rows]
         return _insert_held(conn, principal.org_id, spec, new, insert_rows, released)
 
-    with quotas.admitted(principal.org_id, executions=len(rows)) as conn:
-        _, spec, waiting = _insert_for_target(conn, principal, ref, version, insert)
+    _, spec, waiting = _insert_for_target(conn, principal, ref, version, insert)
+    return StoredBatch(spec, rows, waiting)
+
+
+def publish_batches(batches: list[StoredBatch], released: gates.Released) -> None:
+    """Publish committed batches in bulk: the rows no limit holds back, and those let out."""
     db.after_commit(
         dispatcher.submit_many,
         [
-            Dispatch(row_id, spec, priority)
-            for row_id, priority, _ in rows
-            if waiting[row_id] is None
+            Dispatch(row.id, batch.spec, row.priority)
+            for batch in batches
+            for row in batch.rows
+            if batch.waiting[row.id] is None
         ],
     )
     gates.publish_after_commit(released.let_out)
-    return [row_id for row_id, _, _ in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +330,7 @@ def present(row: Mapping[str, Any] | Execution) -> dict[str, Any]:
         "resource_usage": get("resource_usage"),
         "chain_execution_id": get("chain_execution_id"),
         "waiting_for": shown_waiting_for(get("waiting_for")),
+        "rerun_of": get("rerun_of"),
     }
 
 
