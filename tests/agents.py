@@ -1,5 +1,6 @@
 """Python agents the tests run (RUNYARD_AGENT_MODULES includes `tests.agents` in the suite)."""
 
+import os
 import time
 
 
@@ -133,3 +134,11 @@ def timed(payload, ctx):
             f"{payload.get('customer')}\n"
         )
     return {"n": payload.get("n", 0)}
+
+
+def fails_until_flag(payload, ctx):
+    """Fails while the file named `flag` in the input does not exist, then succeeds with the
+    `value` it got (a chain step that fails once and passes on a rerun with the same input)."""
+    if not os.path.exists(payload["flag"]):
+        raise RuntimeError("the flag file is not there yet")
+    return {"value": payload.get("value", 0)}
