@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from sqlalchemy import text
 
 from tests.app.test_triggers_api import signed
 from tests.hostile.conftest import (
@@ -107,7 +108,28 @@ def valid_bodies(world) -> dict[Route, dict]:
         },
         Route("/api/v1/schedules/<ref>", "PATCH"): {"enabled": False},
         Route("/api/v1/triggers", "POST"): {"name": "fresh", "target": target, "input": {}},
+        Route("/api/v1/executions/<execution_id>/rerun", "POST"): {},
+        Route("/api/v1/executions/rerun", "POST"): {"dry_run": True},
+        Route("/api/v1/chain-executions/<execution_id>/rerun", "POST"): {"from": "failed"},
     }
+
+
+def finish_world(world) -> None:
+    """Reruns take finished originals only: end the world's execution and chain execution as a
+    worker would have (no worker runs here)."""
+    from app.db import db
+
+    with db.hot() as conn:
+        conn.execute(
+            text("UPDATE executions SET status = 'failed', finished_at = now() WHERE id = :id"),
+            {"id": world.execution["id"]},
+        )
+        conn.execute(
+            text(
+                "UPDATE chain_executions SET status = 'failed', finished_at = now() WHERE id = :id"
+            ),
+            {"id": world.chain_execution["id"]},
+        )
 
 
 def _schema_fields(spec: dict, schema: dict) -> set[str]:
@@ -130,6 +152,7 @@ def test_server_owned_fields_are_422_keyed_by_field(app, client, org, world):
     """The hook's body is the sender's event, not a Runyard object: it has no such fields."""
     spec = client.get("/api/v1/openapi.json").get_json()
     bodies = valid_bodies(world)
+    finish_world(world)
     assert set(bodies) == set(body_routes(app)) - {HOOK}
     for route, body in bodies.items():
         path = fill(route, world.values_for(route))

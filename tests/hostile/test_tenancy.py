@@ -21,6 +21,8 @@ BODIES = {
     Route("/api/v1/chains/<ref>", "PATCH"): {"description": "theirs now"},
     Route("/api/v1/chains/<ref>/executions", "POST"): {"input": {}},
     Route("/api/v1/schedules/<ref>", "PATCH"): {"enabled": False},
+    Route("/api/v1/executions/<execution_id>/rerun", "POST"): {},
+    Route("/api/v1/chain-executions/<execution_id>/rerun", "POST"): {"from": "failed"},
 }
 # Every route naming an object; a new one fails test_every_object_route_is_covered until it is
 # added here (with its body in BODIES if it takes one).
@@ -34,6 +36,7 @@ OBJECT_ROUTES = {
     Route("/api/v1/agents/<ref>/executions/batch", "POST"),
     Route("/api/v1/executions/<execution_id>", "GET"),
     Route("/api/v1/executions/<execution_id>/cancel", "POST"),
+    Route("/api/v1/executions/<execution_id>/rerun", "POST"),
     Route("/api/v1/executions/<execution_id>/attempts", "GET"),
     Route("/api/v1/executions/<execution_id>/logs", "GET"),
     Route("/api/v1/chains/<ref>", "GET"),
@@ -44,6 +47,7 @@ OBJECT_ROUTES = {
     Route("/api/v1/chains/<ref>/executions", "POST"),
     Route("/api/v1/chain-executions/<execution_id>", "GET"),
     Route("/api/v1/chain-executions/<execution_id>/cancel", "POST"),
+    Route("/api/v1/chain-executions/<execution_id>/rerun", "POST"),
     Route("/api/v1/schedules/<ref>", "GET"),
     Route("/api/v1/schedules/<ref>", "PATCH"),
     Route("/api/v1/schedules/<ref>", "DELETE"),
