@@ -108,7 +108,8 @@ class _Row:
     status: str
     output: Any
     error: Any
-    # A step a rerun reused from the chain execution it reruns: no worker ran it here.
+    # A step a rerun reused from the chain execution it reruns: succeeded with no attempt, as
+    # no worker ran it here (app/chains/reruns.py).
     reused: bool = False
 
 
@@ -194,7 +195,8 @@ def _reconcile(
             for row in conn.execute(
                 text(
                     "SELECT chain_stage, chain_step, chain_role, status, output, error, "
-                    "rerun_of IS NOT NULL FROM executions WHERE chain_execution_id = :id"
+                    "status = 'succeeded' AND attempt = 0 "
+                    "FROM executions WHERE chain_execution_id = :id"
                 ),
                 {"id": chain_execution_id},
             )

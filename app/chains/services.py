@@ -359,11 +359,17 @@ def present(session: Session, execution: ChainExecution) -> dict[str, Any]:
     }
 
 
+def reused(row: Execution) -> bool:
+    """A step a rerun reused: its row succeeded with no attempt, as no worker ran it (its
+    rerun_of names the original step's execution while that one is kept)."""
+    return row.status == "succeeded" and row.attempt == 0
+
+
 def _step_entry(name: str, stage: int, row: Execution | None, missing: str) -> dict:
     return {
         "name": name,
         "stage": stage,
-        "status": ("reused" if row.rerun_of else row.status) if row else missing,
+        "status": ("reused" if reused(row) else row.status) if row else missing,
         "execution_id": row.id if row else None,
         "agent_name": row.agent_name if row else None,
         "agent_version": row.agent_version if row else None,

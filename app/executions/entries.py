@@ -382,8 +382,9 @@ def insert_step(conn: Connection, new: NewStep, chain_statuses: list[str]) -> bo
 
 # A rerun chain execution's steps before the point it reruns from: copies of the original
 # chain execution's step rows, already `succeeded` with the original's output and input,
-# attempt 0 (no worker ran them) and rerun_of naming the row they copy, which is how the chain
-# execution shows them `reused` and how compensation knows to leave them alone.
+# attempt 0 (no worker ran them: how the chain execution shows them `reused` and how
+# compensation knows to leave them alone, even once retention deleted the original and
+# rerun_of reads NULL) and rerun_of naming the row they copy.
 _INSERT_REUSED_SQL = """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
                             priority, input, output, attempt, max_attempts, dispatched_at,

@@ -5,7 +5,9 @@ outputs before its point without running those steps' agents again (a ledger pro
 import time
 
 import pytest
+from sqlalchemy import text
 
+from app.db import db
 from tests.conftest import wait_for, wait_until
 from tests.workers.test_chains_runs import agent, read, wait_chain
 
@@ -197,6 +199,15 @@ def test_a_chain_rerun_from_the_failed_step_reuses_the_steps_before_it(
     assert gate["input"] == {"flag": str(flag), "value": 5}, "fed the reused output"
     again = chain_rerun(live_client, live_org, done["id"])
     assert again.status_code == 422, "no step failed"
+    # Retention deletes the original: the links read null, the reused step still reads reused.
+    with db.engine.begin() as conn:
+        conn.execute(text("DELETE FROM chain_executions WHERE id = :id"), {"id": original})
+    kept = read(live_client, live_org, done["id"])
+    assert kept["rerun_of"] is None and kept["steps"][0]["status"] == "reused"
+    orphan = live_client.get(
+        f"/api/v1/executions/{done['steps'][0]['execution_id']}", headers=live_org.headers
+    ).get_json()
+    assert orphan["rerun_of"] is None and orphan["output"] == {"n": 5}
 
 
 def test_a_chain_rerun_from_a_named_step_and_while_running(live_client, live_org, tmp_path):
