@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
+from app import outbox
 from app.chains import services
 from app.chains.definitions import Plan
 from app.chains.launch import publish_from
@@ -333,13 +334,17 @@ def _update(conn: Connection, chain_execution_id: uuid.UUID, assignments: str, *
     if "error" in params:
         params["error"] = _json(params["error"])
         assignments = assignments.replace(":error", "CAST(:error AS jsonb)")
-    conn.execute(
+    changed = conn.execute(
         text(
             f"UPDATE chain_executions SET {assignments} "
             "WHERE id = :id AND status IN ('queued', 'running', 'compensating')"
         ),
         {"id": chain_execution_id, **params},
-    )
+    ).rowcount
+    if changed and "finished_at" in assignments:
+        # Ended here: its chain.succeeded / chain.failed event, in the same transaction
+        # (delivered by beat's poll of app/outbox.py's rows).
+        outbox.chain_ended(conn, chain_execution_id)
 
 
 def _finish(conn: Connection, chain_execution_id: uuid.UUID, plan: Plan, steps) -> None:
