@@ -16,9 +16,11 @@ at once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
+import ssl
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +49,11 @@ class Result:
     final: bool = False
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
 def signature(secret: str, body: bytes, timestamp: int) -> str:
     digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
     return f"t={timestamp},v1={digest.hexdigest()}"
@@ -68,6 +75,7 @@ def send(due: delivery.Due, allow_hosts: tuple[str, ...]) -> Result:
             timeout_seconds=TIMEOUT_SECONDS,
             max_bytes=MAX_ANSWER_BYTES,
             allow_hosts=allow_hosts,
+            tls_context=_tls_context(),
         )
     except CallFailed as failed:
         # Retryable: could not resolve, connect or read in time. Final: the guard refused the
@@ -98,10 +106,12 @@ def deliver(event_ids: list[uuid.UUID] | None = None, limit: int = 100) -> int:
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="notify") as pool:
         results = list(pool.map(lambda one: send(one, cfg.http_allow_hosts), due))
     with db.begin() as conn:
+        delivery.delivered(
+            conn,
+            [(result.event_id, result.code or 0) for result in results if result.error is None],
+        )
         for result in results:
             if result.error is None:
-                assert result.code is not None
-                delivery.delivered(conn, result.event_id, result.code)
                 continue
             delivery.not_delivered(
                 conn,

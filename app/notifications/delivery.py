@@ -51,11 +51,14 @@ _CLAIM = """
 _CLAIM_DUE = text(_CLAIM.format(only=""))
 _CLAIM_THESE = text(_CLAIM.format(only="AND id = ANY(:ids)"))
 _KEEP_DATA = text("UPDATE notification_events SET data = :data WHERE id = :id AND data IS NULL")
+# A run's deliveries, in one statement.
 _DELIVERED = text(
     """
-    UPDATE notification_events
-    SET status = 'delivered', delivered_at = now(), last_status_code = :code, last_error = NULL
-    WHERE id = :id
+    UPDATE notification_events e
+    SET status = 'delivered', delivered_at = now(), last_status_code = done.code,
+        last_error = NULL
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:codes AS int[])) AS done(id, code)
+    WHERE e.id = done.id
     """
 )
 # A retry that would come after the event's window marks it failed instead.
@@ -135,8 +138,11 @@ def backoff_seconds(first: float, attempts: int) -> float:
     return delay / 2 + random.uniform(0, delay / 2)
 
 
-def delivered(conn: Connection, event_id: uuid.UUID, code: int) -> None:
-    conn.execute(_DELIVERED, {"id": event_id, "code": code})
+def delivered(conn: Connection, answered: list[tuple[uuid.UUID, int]]) -> None:
+    """Mark these events (id, status code) delivered."""
+    if answered:
+        ids, codes = zip(*answered, strict=True)
+        conn.execute(_DELIVERED, {"ids": list(ids), "codes": list(codes)})
 
 
 def not_delivered(

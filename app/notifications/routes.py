@@ -5,8 +5,8 @@ from app.db import db
 from app.http import Blueprint, current_principal, request_session
 from app.notifications import services
 from app.notifications.schemas import (
-    NotificationDeliverySchema,
     NotificationCreateSchema,
+    NotificationDeliverySchema,
     NotificationPatchSchema,
     NotificationSchema,
     RedeliverSchema,

@@ -177,3 +177,40 @@ def test_another_organization_gets_404_everywhere(client, org, other_org, connec
         headers=org.headers,
     )
     assert response.status_code == 404
+
+
+def _types(client, org, notification):
+    log = client.get(f"/api/v1/notifications/{notification['id']}/deliveries", headers=org.headers)
+    return [entry["type"] for entry in log.get_json()]
+
+
+def test_a_pause_and_a_cancel_write_their_events_with_the_change(client, org):
+    agent = {"name": "echo", "runtime": {"type": "python", "entrypoint": "tests.agents:echo"}}
+    assert client.post("/api/v1/agents", json=agent, headers=org.headers).status_code == 201
+    hook = subscribe(
+        client, org, events=["schedule.paused", "execution.cancelled", "execution.failed"]
+    ).get_json()
+    schedule = {"name": "nightly", "target": {"agent": "echo"}, "cron": "0 2 * * *"}
+    assert client.post("/api/v1/schedules", json=schedule, headers=org.headers).status_code == 201
+    assert client.post("/api/v1/schedules/nightly/pause", headers=org.headers).status_code == 200
+    # Pausing a paused schedule changes nothing, and says nothing.
+    assert client.post("/api/v1/schedules/nightly/pause", headers=org.headers).status_code == 200
+    assert _types(client, org, hook) == ["schedule.paused"]
+    execution = client.post(
+        "/api/v1/agents/echo/executions", json={"input": {}}, headers=org.headers
+    ).get_json()
+    cancel = client.post(f"/api/v1/executions/{execution['id']}/cancel", headers=org.headers)
+    assert cancel.status_code == 202
+    assert sorted(_types(client, org, hook)) == ["execution.cancelled", "schedule.paused"]
+
+
+def test_an_organization_without_subscriptions_writes_no_events(client, org, other_org, connection):
+    subscribe(client, other_org, events=["execution.cancelled"])
+    agent = {"name": "echo", "runtime": {"type": "python", "entrypoint": "tests.agents:echo"}}
+    assert client.post("/api/v1/agents", json=agent, headers=org.headers).status_code == 201
+    execution = client.post(
+        "/api/v1/agents/echo/executions", json={"input": {}}, headers=org.headers
+    ).get_json()
+    client.post(f"/api/v1/executions/{execution['id']}/cancel", headers=org.headers)
+    count = connection.execute(text("SELECT count(*) FROM notification_events")).scalar()
+    assert count == 0

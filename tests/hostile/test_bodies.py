@@ -28,6 +28,7 @@ BODYLESS = {
     Route("/api/v1/schedules/<ref>/pause", "POST"),
     Route("/api/v1/schedules/<ref>/resume", "POST"),
     Route("/api/v1/schedules/<ref>/trigger", "POST"),
+    Route("/api/v1/notifications/<notification_id>/deliveries/<event_id>/redeliver", "POST"),
 }
 HOOK = Route("/hooks/<trigger_id>", "POST")
 
@@ -107,6 +108,12 @@ def valid_bodies(world) -> dict[Route, dict]:
         },
         Route("/api/v1/schedules/<ref>", "PATCH"): {"enabled": False},
         Route("/api/v1/triggers", "POST"): {"name": "fresh", "target": target, "input": {}},
+        Route("/api/v1/notifications", "POST"): {
+            "name": "fresh",
+            "url": "http://127.0.0.2:9/",
+            "events": ["execution.failed"],
+        },
+        Route("/api/v1/notifications/<notification_id>", "PATCH"): {"name": "changed"},
     }
 
 

@@ -176,10 +176,12 @@ def post_once(
     timeout_seconds: float,
     max_bytes: int,
     allow_hosts: Iterable[str],
+    tls_context: ssl.SSLContext,
     resolver: Resolver = system_resolver,
 ) -> Answer:
     """POST `body` to `url` once, its addresses checked first; a redirect is not followed (the
-    3xx is the answer). For notifications (workers/notify.py)."""
+    3xx is the answer). For notifications (workers/notify.py), which keep one `tls_context`
+    (building one reads the CA store: milliseconds a request)."""
     answer, _location = _exchange(
         "POST",
         url,
@@ -190,7 +192,7 @@ def post_once(
         allow_hosts=tuple(allow_hosts),
         resolver=resolver,
         cancelled=lambda: False,
-        tls_context=ssl.create_default_context(),
+        tls_context=tls_context,
         connect_seconds=connect_seconds,
     )
     return answer
