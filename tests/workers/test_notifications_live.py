@@ -1,12 +1,14 @@
 """Notifications end to end: real workers and a real beat deliver events, signed, to a receiver
 on 127.0.0.2 (listed in RUNYARD_HTTP_ALLOW_HOSTS by tests/conftest.py) that checks every
 signature. Retries are made short by RUNYARD_NOTIFY_FIRST_RETRY_SECONDS, and the 24 hour
-window by RUNYARD_NOTIFY_RETRY_WINDOW_SECONDS."""
+window by RUNYARD_NOTIFY_RETRY_WINDOW_SECONDS. The agents and the delivery tasks go to a queue
+of this module's own, so the session's worker (default settings) takes no part."""
 
 import hashlib
 import hmac
 import json
 import time
+import uuid
 
 import pytest
 from sqlalchemy import text
@@ -14,12 +16,15 @@ from sqlalchemy import text
 from tests.beat import BeatProcess
 from tests.conftest import celery_worker, wait_for, wait_until
 from tests.local_http import Reply, local_server
-from tests.workers.test_runs import python_agent, run
+from tests.workers.test_runs import python_agent as define_agent
+from tests.workers.test_runs import run
 
 pytestmark = pytest.mark.worker
 
 WINDOW_SECONDS = 6
+QUEUE = f"notify-{uuid.uuid4().hex[:8]}"
 ENV = {
+    "RUNYARD_NOTIFY_QUEUE": QUEUE,
     "RUNYARD_NOTIFY_FIRST_RETRY_SECONDS": "0.2",
     "RUNYARD_NOTIFY_RETRY_WINDOW_SECONDS": str(WINDOW_SECONDS),
     "RUNYARD_NOTIFY_POLL_SECONDS": "0.2",
@@ -30,7 +35,7 @@ ENV = {
 def processes(app, tmp_path_factory):
     """A worker and a beat with short notification retries."""
     directory = tmp_path_factory.mktemp("notify")
-    with celery_worker(directory / "worker.log", name="notify", env=ENV):
+    with celery_worker(directory / "worker.log", queues=QUEUE, name="notify", env=ENV):
         beat = BeatProcess(directory, "beat", env=ENV)
         try:
             beat.wait_ready()
@@ -49,6 +54,10 @@ def receiver():
     with local_server(host="127.0.0.2") as server:
         server.route("/hook", Reply(200, {"ok": True}))
         yield server
+
+
+def python_agent(client, org, name, function):
+    return define_agent(client, org, name, function, queue=QUEUE)
 
 
 def verified(secret, seen):
@@ -235,3 +244,22 @@ def test_a_chain_end_is_notified_with_the_chain_execution(client, live_org, rece
     assert event["type"] == "chain.succeeded"
     assert event["data"]["id"] == started["id"]
     assert event["data"]["status"] == "succeeded"
+
+
+def test_a_schedule_that_pauses_itself_is_notified(client, live_org, receiver):
+    python_agent(client, live_org, "boom", "boom")
+    hook = subscribe(client, live_org, receiver, ["schedule.paused"])
+    schedule = {
+        "name": "every-second",
+        "target": {"agent": "boom"},
+        "cron": "* * * * * *",
+        "pause_after_failures": 1,
+    }
+    response = client.post("/api/v1/schedules", json=schedule, headers=live_org.headers)
+    assert response.status_code == 201, response.get_json()
+    seen = wait_until(lambda: receiver.seen("/hook"), timeout=20)
+    event = verified(hook["secret"], seen[0])
+    assert event["type"] == "schedule.paused"
+    assert event["data"]["name"] == "every-second"
+    assert event["data"]["enabled"] is False
+    assert event["data"]["paused_reason"].startswith("paused itself after")
