@@ -44,9 +44,13 @@ USER_AGENT = "runyard-notifications/1"
 class Result:
     event_id: uuid.UUID
     attempts: int
-    code: int | None
+    code: int | None  # the answer's status; None when there was no answer
     error: str | None  # None: delivered
     final: bool = False
+
+    @property
+    def delivered(self) -> bool:
+        return self.error is None and self.code is not None
 
 
 @functools.cache
@@ -108,16 +112,16 @@ def deliver(event_ids: list[uuid.UUID] | None = None, limit: int = 100) -> int:
     with db.begin() as conn:
         delivery.delivered(
             conn,
-            [(result.event_id, result.code or 0) for result in results if result.error is None],
+            [(result.event_id, result.code) for result in results if result.delivered],
         )
         for result in results:
-            if result.error is None:
+            if result.delivered:
                 continue
             delivery.not_delivered(
                 conn,
                 result.event_id,
                 code=result.code,
-                error=result.error,
+                error=result.error or "",
                 delay=delivery.backoff_seconds(cfg.notify_first_retry_seconds, result.attempts),
                 window=cfg.notify_retry_window_seconds,
                 final=result.final,

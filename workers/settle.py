@@ -39,7 +39,7 @@ def record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> str | N
     execution a limit applied to frees its slot in the same transaction, which lets out the
     next one waiting. A retry keeps its slot, except under a rate_limit: each attempt is a
     start, so the retry waits for the window with the others (its backoff does not apply)."""
-    events: list = []  # notification events the finish wrote: published once committed
+    events: list[uuid.UUID] = []  # notification events the finish wrote: published once committed
     if claimed.gated:
         status = _freeing_a_slot(
             conn, claimed, lambda: _record(conn, claimed, spec, outcome, events)
@@ -65,7 +65,9 @@ def _freeing_a_slot(conn, claimed: Claim, write):
     return written
 
 
-def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome, events: list) -> str | None:
+def _record(
+    conn, claimed: Claim, spec: VersionSpec, outcome: Outcome, events: list[uuid.UUID]
+) -> str | None:
     if outcome.ok:
         done = store.finish(
             conn,
