@@ -73,6 +73,7 @@ def build_app(config: Config | None = None) -> Flask:
     from app.executions.routes import blp as executions_blp
     from app.fleet.routes import blp as fleet_blp
     from app.flow.routes import blp as flow_blp
+    from app.notifications.routes import blp as notifications_blp
     from app.orgs.routes import blp as orgs_blp
     from app.schedules.routes import blp as schedules_blp
     from app.triggers.routes import blp as triggers_blp
@@ -87,6 +88,7 @@ def build_app(config: Config | None = None) -> Flask:
         flow_blp,
         schedules_blp,
         triggers_blp,
+        notifications_blp,
         hooks_blp,
     ):
         api.register_blueprint(blueprint)

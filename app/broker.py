@@ -32,6 +32,7 @@ celery_app.config_from_object("celeryconfig")
 
 RUN_TASK = "runyard.run_execution"
 STEP_TASK = "runyard.chain_step"
+NOTIFY_TASK = "runyard.deliver_notifications"
 
 # Results live in PostgreSQL: no result channel to subscribe to per message (a chord still
 # counts its header tasks in the result backend).
@@ -66,6 +67,18 @@ def send_run(message: RunMessage, *, countdown: float | None = None, producer: A
         soft_time_limit=message.soft_time_limit,
         time_limit=message.time_limit,
         producer=producer,
+        retry=True,
+        retry_policy=_SEND_RETRY,
+        **_NO_RESULT,
+    )
+
+
+def send_notifications(event_ids: list[uuid.UUID]) -> None:
+    """Ask a worker to deliver these notification events now (app/outbox.py)."""
+    celery_app.send_task(
+        NOTIFY_TASK,
+        args=[[str(event_id) for event_id in event_ids]],
+        queue=current_config().notify_queue,
         retry=True,
         retry_policy=_SEND_RETRY,
         **_NO_RESULT,

@@ -123,6 +123,12 @@ class Config:
     # not yet claimed, times the organization's weight; the rest wait in PostgreSQL. 0: off
     # (first in, first out across organizations).
     fair_window: int = 32
+    # Notifications (app/notifications, workers/notify.py).
+    notify_queue: str = "default"
+    notify_first_retry_seconds: float = 10.0
+    notify_retry_window_seconds: float = 86400.0
+    notify_concurrency: int = 8
+    notify_poll_seconds: float = 1.0
 
     @classmethod
     def from_env(cls) -> Config:
@@ -181,6 +187,15 @@ class Config:
             default_weight=_weight("RUNYARD_DEFAULT_WEIGHT", cls.default_weight),
             limits_cache_seconds=_float("RUNYARD_LIMITS_CACHE_SECONDS", cls.limits_cache_seconds),
             fair_window=_int("RUNYARD_FAIR_WINDOW", cls.fair_window),
+            notify_queue=os.environ.get("RUNYARD_NOTIFY_QUEUE") or cls.notify_queue,
+            notify_first_retry_seconds=_float(
+                "RUNYARD_NOTIFY_FIRST_RETRY_SECONDS", cls.notify_first_retry_seconds
+            ),
+            notify_retry_window_seconds=_float(
+                "RUNYARD_NOTIFY_RETRY_WINDOW_SECONDS", cls.notify_retry_window_seconds
+            ),
+            notify_concurrency=max(1, _int("RUNYARD_NOTIFY_CONCURRENCY", cls.notify_concurrency)),
+            notify_poll_seconds=_float("RUNYARD_NOTIFY_POLL_SECONDS", cls.notify_poll_seconds),
         )
 
     def allows_module(self, module: str) -> bool:
@@ -367,6 +382,24 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "organization's backlog delays another's executions by about this many (0: off, first "
         "in first out); raise it past what your workers prefetch at once",
     ),
+    (
+        "RUNYARD_NOTIFY_QUEUE",
+        "default",
+        "the queue of the tasks that deliver notifications right after the change (beat "
+        "delivers what is due as well)",
+    ),
+    (
+        "RUNYARD_NOTIFY_FIRST_RETRY_SECONDS",
+        "10",
+        "wait before the second attempt of a notification; it doubles (with jitter) up to an hour",
+    ),
+    (
+        "RUNYARD_NOTIFY_RETRY_WINDOW_SECONDS",
+        "86400",
+        "how long after its event a notification is retried before it is marked failed",
+    ),
+    ("RUNYARD_NOTIFY_CONCURRENCY", "8", "deliveries one delivery run sends at once"),
+    ("RUNYARD_NOTIFY_POLL_SECONDS", "1", "how often beat delivers the notifications that are due"),
 )
 
 

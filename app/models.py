@@ -5,6 +5,7 @@ from app.chains.models import Chain, ChainExecution, ChainVersion
 from app.db import Base
 from app.executions.models import Execution, ExecutionLog
 from app.idempotency.models import IdempotencyKey
+from app.notifications.models import Notification, NotificationEvent
 from app.orgs.models import ApiToken, Organization
 from app.schedules.models import Schedule, ScheduleFire
 from app.triggers.models import Trigger, TriggerDelivery
@@ -21,6 +22,8 @@ __all__ = [
     "Execution",
     "ExecutionLog",
     "IdempotencyKey",
+    "Notification",
+    "NotificationEvent",
     "Organization",
     "Schedule",
     "ScheduleFire",

@@ -90,7 +90,7 @@ def pytest_configure(config: pytest.Config) -> None:
             "RUNYARD_CHILD_MAX_PROCESSES": "16",
             "RUNYARD_CHILD_MAX_FILE_MB": "8",
             # http agents in tests call a server on 127.0.0.1; other loopback names stay refused.
-            "RUNYARD_HTTP_ALLOW_HOSTS": "127.0.0.1",
+            "RUNYARD_HTTP_ALLOW_HOSTS": "127.0.0.1,127.0.0.2",
         }
     )
     from app.migrate import upgrade

@@ -1,4 +1,5 @@
-"""A small HTTP server on 127.0.0.1 for the http runtime's tests.
+"""A small HTTP server on 127.0.0.1 (or another loopback address) for the http runtime's and the
+notifications' tests.
 
 Routes map a path to a list of answers, served in turn (the last one repeats). Every request
 that reaches the server is recorded, so a test can show a refused call never arrived.
@@ -39,12 +40,13 @@ class Seen:
 class LocalServer:
     """Plain HTTP, or HTTPS with `tls` (a server context); `server_names` records each SNI."""
 
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
         self.routes: dict[str, list[Reply]] = {}
         self.requests: list[Seen] = []
         self.server_names: list[str | None] = []
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.host = host
+        self._httpd = ThreadingHTTPServer((host, 0), self._handler())
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self.scheme = "http"
@@ -53,8 +55,8 @@ class LocalServer:
             self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
             self.scheme = "https"
 
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"{self.scheme}://{host}:{self.port}{path}"
+    def url(self, path: str, host: str | None = None) -> str:
+        return f"{self.scheme}://{host or self.host}:{self.port}{path}"
 
     def route(self, path: str, *replies: Reply) -> None:
         self.routes[path] = list(replies)
@@ -114,8 +116,10 @@ class LocalServer:
 
 
 @contextmanager
-def local_server(tls: ssl.SSLContext | None = None) -> Iterator[LocalServer]:
-    server = LocalServer(tls)
+def local_server(
+    tls: ssl.SSLContext | None = None, host: str = "127.0.0.1"
+) -> Iterator[LocalServer]:
+    server = LocalServer(tls, host)
     server.start()
     try:
         yield server

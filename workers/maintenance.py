@@ -11,10 +11,15 @@ these jobs in a thread of its own, at their own pace, whatever the workers are d
   held back for a rate-limit window that moved on, for a slot freed where no release ran (a
   lease the sweeper ended, a crash), or for a fair window a crash left with room;
 - the pruning of idempotency keys past their 24 hours, every ten minutes (expired keys already
-  count as absent: this only keeps the table small).
+  count as absent: this only keeps the table small);
+- in a thread of its own (`notification_jobs`), so a slow receiver never holds up the sweeper:
+  the delivery of due notification events (workers/notify.py), every
+  RUNYARD_NOTIFY_POLL_SECONDS. The task a writer publishes after its commit usually delivers
+  first; this is what makes a lost message only a delay.
 
 Two beats may run at once: the sweep takes a lock in the broker's Redis, the resume check marks
-the chains it looked at, and pruning twice deletes nothing twice.
+the chains it looked at, pruning twice deletes nothing twice, and deliveries claim their events
+with SKIP LOCKED.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from app.chains import progress
 from app.config import current_config
 from app.executions import gates, recovery
 from app.idempotency import services as idempotency
+from workers import notify
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +94,27 @@ def default_jobs() -> list[Job]:
     ]
 
 
+def _deliver_notifications() -> None:
+    delivered = notify.deliver_due()
+    if delivered:
+        log.debug("notifications: %d deliveries attempted", delivered)
+
+
+def notification_jobs() -> list[Job]:
+    return [Job("notifications", current_config().notify_poll_seconds, _deliver_notifications)]
+
+
 class Maintenance:
     """Runs each job when it is due, one after another, in one daemon thread."""
 
-    def __init__(self, jobs: list[Job]) -> None:
+    def __init__(self, jobs: list[Job], name: str = "runyard-maintenance") -> None:
         self.jobs = jobs
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="runyard-maintenance", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
-        log.info("maintenance in beat: %s", ", ".join(job.name for job in self.jobs))
+        log.info("%s in beat: %s", self._thread.name, ", ".join(job.name for job in self.jobs))
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopped.set()

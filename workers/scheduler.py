@@ -25,7 +25,7 @@ from celery.beat import PersistentScheduler
 from app.config import current_config
 from app.db import db
 from app.schedules import firing
-from workers.maintenance import Maintenance, default_jobs
+from workers.maintenance import Maintenance, default_jobs, notification_jobs
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,15 @@ class DatabaseScheduler(PersistentScheduler):
         self.fired_by = f"{socket.gethostname()}:{os.getpid()}"
         self.maintenance = Maintenance(default_jobs())
         self.maintenance.start()
+        self.notifications = Maintenance(notification_jobs(), name="runyard-notifications")
+        self.notifications.start()
         log.info("schedules from PostgreSQL, polled every %ss at most", self.poll_seconds)
 
     def close(self) -> None:
-        maintenance = getattr(self, "maintenance", None)  # absent if setup_schedule failed
-        if maintenance is not None:
-            maintenance.stop()
+        for name in ("maintenance", "notifications"):
+            threads = getattr(self, name, None)  # absent if setup_schedule failed
+            if threads is not None:
+                threads.stop()
         super().close()
 
     def tick(self, *args, **kwargs) -> float:

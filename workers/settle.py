@@ -14,6 +14,7 @@ import threading
 import uuid
 from typing import Any
 
+from app import outbox
 from app.chains import progress
 from app.db import driver
 from app.executions import dispatch, gates, store
@@ -38,10 +39,14 @@ def record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> str | N
     execution a limit applied to frees its slot in the same transaction, which lets out the
     next one waiting. A retry keeps its slot, except under a rate_limit: each attempt is a
     start, so the retry waits for the window with the others (its backoff does not apply)."""
+    events: list[uuid.UUID] = []  # notification events the finish wrote: published once committed
     if claimed.gated:
-        status = _freeing_a_slot(conn, claimed, lambda: _record(conn, claimed, spec, outcome))
+        status = _freeing_a_slot(
+            conn, claimed, lambda: _record(conn, claimed, spec, outcome, events)
+        )
     else:
-        status = _record(conn, claimed, spec, outcome)
+        status = _record(conn, claimed, spec, outcome, events)
+    outbox.publish(events)
     if status == "queued" and spec.rate_limit is None:  # committed: published with its backoff
         delay = backoff_seconds(spec.retry, claimed.attempt)
         dispatch.publish(claimed.execution_id, spec, claimed.priority, countdown=delay)
@@ -60,7 +65,9 @@ def _freeing_a_slot(conn, claimed: Claim, write):
     return written
 
 
-def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> str | None:
+def _record(
+    conn, claimed: Claim, spec: VersionSpec, outcome: Outcome, events: list[uuid.UUID]
+) -> str | None:
     if outcome.ok:
         done = store.finish(
             conn,
@@ -70,6 +77,7 @@ def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> str | 
             error=None,
             usage=outcome.usage,
         )
+        events.extend(done.events)
         return "succeeded" if done else None
     error = error_body(outcome.error_type, outcome.error_message, outcome.hint)
     if outcome.cancelled:
@@ -81,6 +89,7 @@ def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> str | 
             error=error_body("cancelled", outcome.error_message),
             usage=outcome.usage,
         )
+        events.extend(done.events)
         return "cancelled" if done else None
     status = "timed_out" if outcome.error_type == "timeout" else "failed"
     if _should_retry(spec, claimed, outcome) and store.requeue_for_retry(
@@ -88,16 +97,19 @@ def _record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> str | 
     ):
         return "queued"
     done = store.finish(conn, claimed, status=status, output=None, error=error, usage=outcome.usage)
+    events.extend(done.events)
     return status if done else None
 
 
 def ended(conn, claimed: Claim, status: str, error: dict[str, Any], usage: dict) -> bool:
     """Record an end decided outside the runtime (the watchdog's); False when fenced out."""
 
-    def write() -> bool:
+    def write() -> store.Finished:
         return store.finish(conn, claimed, status=status, output=None, error=error, usage=usage)
 
-    return _freeing_a_slot(conn, claimed, write) if claimed.gated else write()
+    done = _freeing_a_slot(conn, claimed, write) if claimed.gated else write()
+    outbox.publish(done.events)
+    return bool(done)
 
 
 def move_chain_on(claimed: Claim, status: str) -> None:

@@ -7,10 +7,10 @@ import uuid
 from celery import Task
 from celery.signals import worker_process_init
 
-from app.broker import RUN_TASK
+from app.broker import NOTIFY_TASK, RUN_TASK
 from app.config import current_config
 from app.db import db
-from workers import app
+from workers import app, notify
 from workers.runner import DATABASE_ERRORS
 from workers.runner import run_execution as run
 
@@ -47,3 +47,9 @@ def _fresh_engine_after_fork(**_kwargs) -> None:
 )
 def run_execution(self, execution_id: str) -> None:
     run(uuid.UUID(execution_id), worker=self.request.hostname or "worker")
+
+
+@app.task(name=NOTIFY_TASK, base=DatabaseTask)
+def deliver_notifications(event_ids: list[str]) -> None:
+    # No retry of its own: an event this run could not take stays due, for beat's poll.
+    notify.deliver([uuid.UUID(event_id) for event_id in event_ids])

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
+from app import outbox
 from app.chains import services
 from app.chains.definitions import Plan
 from app.chains.launch import publish_from
@@ -40,14 +41,23 @@ FAILED_STATUSES = ("failed", "timed_out", "cancelled")
 LIVE_STATUSES = ("queued", "running")
 
 
-_FINISH_FAST_SQL = """
-    UPDATE chain_executions ce
-    SET status = 'succeeded', finished_at = now(),
-        output = (SELECT output FROM executions WHERE id = %(execution_id)s)
-    WHERE ce.id = %(chain_execution_id)s AND ce.status = 'running'
-      AND NOT EXISTS (SELECT 1 FROM executions e WHERE e.chain_execution_id = ce.id
-                      AND e.chain_role = 'step' AND e.status <> 'succeeded')
+# With its chain.succeeded events (app/outbox.py) in the same statement.
+_FINISH_FAST_SQL = (
+    """
+    WITH ended AS (
+        UPDATE chain_executions ce
+        SET status = 'succeeded', finished_at = now(),
+            output = (SELECT output FROM executions WHERE id = %(execution_id)s)
+        WHERE ce.id = %(chain_execution_id)s AND ce.status = 'running'
+          AND NOT EXISTS (SELECT 1 FROM executions e WHERE e.chain_execution_id = ce.id
+                          AND e.chain_role = 'step' AND e.status <> 'succeeded')
+        RETURNING ce.id, ce.org_id
+    ), notified AS ("""
+    + outbox.fanout("ended", org="ended.org_id", event_type="'chain.succeeded'", subject="ended.id")
+    + """)
+    SELECT count(*) FROM ended
 """
+)
 
 
 def step_settled(
@@ -71,11 +81,15 @@ def step_settled(
             if stage < last and len(plan.stages[stage]) == 1:
                 return True  # the common case costs no statement: the next task is the next step
             if stage == last and len(plan.stages[stage]) == 1:
-                cursor = driver(usable).execute(
-                    _FINISH_FAST_SQL,
-                    {"chain_execution_id": chain_execution_id, "execution_id": execution_id},
+                ended = (
+                    driver(usable)
+                    .execute(
+                        _FINISH_FAST_SQL,
+                        {"chain_execution_id": chain_execution_id, "execution_id": execution_id},
+                    )
+                    .fetchone()
                 )
-                if cursor.rowcount == 1:
+                if ended is not None and ended[0] == 1:
                     return False
     return reconcile(chain_execution_id, in_canvas=in_canvas)
 
@@ -339,13 +353,17 @@ def _update(conn: Connection, chain_execution_id: uuid.UUID, assignments: str, *
     if "error" in params:
         params["error"] = _json(params["error"])
         assignments = assignments.replace(":error", "CAST(:error AS jsonb)")
-    conn.execute(
+    changed = conn.execute(
         text(
             f"UPDATE chain_executions SET {assignments} "
             "WHERE id = :id AND status IN ('queued', 'running', 'compensating')"
         ),
         {"id": chain_execution_id, **params},
-    )
+    ).rowcount
+    if changed and "finished_at" in assignments:
+        # Ended here: its chain.succeeded / chain.failed event, in the same transaction
+        # (delivered by beat's poll of app/outbox.py's rows).
+        outbox.chain_ended(conn, chain_execution_id)
 
 
 def _finish(conn: Connection, chain_execution_id: uuid.UUID, plan: Plan, steps) -> None:

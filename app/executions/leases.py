@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 
+from app import outbox
 from app.executions.spec import error_body
 from app.executions.store import RECORD_ATTEMPT
 
@@ -85,10 +86,19 @@ _EXPIRED_LOST = text(
             error = CASE WHEN cancel_requested_at IS NULL THEN :lost ELSE :cancelled END
         WHERE status = 'running' AND lease_until < now()
         RETURNING id, attempt, status, error, worker, started_at, resource_usage,
-                  chain_execution_id
+                  chain_execution_id, org_id, agent_id
     ), recorded AS (
     """
     + RECORD_ATTEMPT.format(status="status")
+    + "), notified AS ("
+    # Their notification events (app/outbox.py), delivered by beat's poll.
+    + outbox.fanout(
+        "ended",
+        org="ended.org_id",
+        event_type="'execution.' || ended.status",
+        subject="ended.id",
+        agent="ended.agent_id",
+    )
     + ") SELECT id, chain_execution_id FROM ended"
 ).bindparams(bindparam("lost", type_=JSONB), bindparam("cancelled", type_=JSONB))
 

@@ -17,6 +17,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 
+from app import outbox
 from app.db import driver
 from app.executions.spec import Claim, error_body
 
@@ -162,15 +163,44 @@ RECORD_ATTEMPT = """
         resource_usage = excluded.resource_usage
 """
 
-_FINISH_SQL = """
-    UPDATE executions
-    SET status = %(status)s, output = %(output)s, resource_usage = %(usage)s,
-        finished_at = now(), lease_until = NULL,
-        -- A cancel that a newer execution asked for (concurrency.on_limit cancel_running) says so.
-        error = CASE WHEN %(cancelled)s AND error ->> 'type' = 'superseded'
-                     THEN error ELSE %(error)s END
-    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+# The finished row's notification events are written by the same statement (app/outbox.py):
+# an organization without subscriptions pays one probe of an empty index range, no round trip.
+_FINISH_SQL = (
+    """
+    WITH finished AS (
+        UPDATE executions
+        SET status = %(status)s, output = %(output)s, resource_usage = %(usage)s,
+            finished_at = now(), lease_until = NULL,
+            -- A cancel that a newer execution asked for (concurrency.on_limit cancel_running)
+            -- says so.
+            error = CASE WHEN %(cancelled)s AND error ->> 'type' = 'superseded'
+                         THEN error ELSE %(error)s END
+        WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+        RETURNING id, org_id, agent_id, status
+    ), notified AS ("""
+    + outbox.fanout(
+        "finished",
+        org="finished.org_id",
+        event_type="'execution.' || finished.status",
+        subject="finished.id",
+        agent="finished.agent_id",
+    )
+    + """)
+    SELECT ARRAY(SELECT id FROM notified) FROM finished
 """
+)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What a finish wrote: false when fenced out (a newer attempt owns the row); `events`,
+    the notification events it wrote, to publish once committed (outbox.publish)."""
+
+    done: bool
+    events: list[uuid.UUID]
+
+    def __bool__(self) -> bool:
+        return self.done
 
 
 def _jsonb(value: Any) -> Jsonb | None:
@@ -185,21 +215,25 @@ def finish(
     output: dict[str, Any] | None,
     error: dict[str, Any] | None,
     usage: dict[str, Any],
-) -> bool:
-    """Record the outcome, fenced by the attempt: False means a newer attempt owns the row."""
-    cursor = driver(conn).execute(
-        _FINISH_SQL,
-        {
-            "id": claimed.execution_id,
-            "attempt": claimed.attempt,
-            "status": status,
-            "cancelled": status == "cancelled",
-            "output": _jsonb(output),
-            "error": _jsonb(error),
-            "usage": Jsonb(usage),
-        },
+) -> Finished:
+    """Record the outcome, fenced by the attempt: false means a newer attempt owns the row."""
+    row = (
+        driver(conn)
+        .execute(
+            _FINISH_SQL,
+            {
+                "id": claimed.execution_id,
+                "attempt": claimed.attempt,
+                "status": status,
+                "cancelled": status == "cancelled",
+                "output": _jsonb(output),
+                "error": _jsonb(error),
+                "usage": Jsonb(usage),
+            },
+        )
+        .fetchone()
     )
-    return cursor.rowcount == 1
+    return Finished(False, []) if row is None else Finished(True, row[0])
 
 
 _RETRY_SQL = text(
@@ -277,6 +311,7 @@ def cancel_requested(conn: Connection, execution_id: uuid.UUID) -> bool:
 # stop (its worker records the end). SET reads the row as it was; RETURNING, as it is now.
 _CANCEL = text(
     """
+    WITH changed AS (
     UPDATE executions
     SET status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
         cancel_requested_at = CASE
@@ -286,8 +321,18 @@ _CANCEL = text(
         error = CASE WHEN status = 'queued' THEN :error ELSE error END,
         waiting_for = NULL
     WHERE id = :id AND org_id = :org_id AND status IN ('queued', 'running')
-    RETURNING id, chain_execution_id, status = 'cancelled' AS ended, gated
-    """
+    RETURNING id, chain_execution_id, status = 'cancelled' AS ended, gated, org_id, agent_id
+    ), notified AS ("""
+    # A queued execution that ends here has its event (app/outbox.py), delivered by beat's poll.
+    + outbox.fanout(
+        "changed",
+        org="changed.org_id",
+        event_type="'execution.cancelled'",
+        subject="changed.id",
+        agent="changed.agent_id",
+        where="changed.ended",
+    )
+    + ") SELECT id, chain_execution_id, ended, gated FROM changed"
 ).bindparams(bindparam("error", type_=JSONB))
 
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 from sqlalchemy import Connection, text
 
-from app import broker
+from app import broker, outbox
 from app.db import db
 from app.errors import QuotaExceeded, ValidationFailed
 from app.flow.limits import OrgLimits, TtlCache, cache
@@ -69,6 +69,23 @@ def admit(conn: Connection, org_id: uuid.UUID, *, executions: int) -> None:
     limits = cache.get(conn, org_id)
     if not limits.quotas:
         return
+    try:
+        _refuse(conn, org_id, limits, executions)
+    except QuotaExceeded as refused:
+        # Nothing of the submit is stored, but the refusal is: a quota.exceeded notification,
+        # committed on its own (app/outbox.py), at most once a minute per subscription.
+        outbox.quota_exceeded(
+            org_id,
+            {
+                "limit": refused.limit,
+                "message": refused.message,
+                "retry_after": refused.retry_after,
+            },
+        )
+        raise
+
+
+def _refuse(conn: Connection, org_id: uuid.UUID, limits: OrgLimits, executions: int) -> None:
     _refuse_over_cpu(conn, org_id, limits)
     if limits.max_queued is not None:
         if executions > limits.max_queued:

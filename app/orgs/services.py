@@ -27,6 +27,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "agents:write": frozenset({"admin", "developer"}),
     "executions:submit": frozenset({"admin", "developer", "operator"}),
     "executions:cancel": frozenset({"admin", "developer", "operator"}),
+    # Subscriptions point the organization's events at a URL: reading one is managing it.
+    "notifications": frozenset({"admin", "developer"}),
 }
 
 

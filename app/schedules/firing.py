@@ -34,7 +34,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
-from app import runs
+from app import outbox, runs
 from app.chains import progress
 from app.db import db, utcnow
 from app.db import driver as db_driver
@@ -420,7 +420,10 @@ def settle_outcomes(report: TickReport) -> None:
                 _COUNT_FAILURES,
                 {"id": schedule_id, "reset": bool(successes), "failures": failures},
             )
-        report.paused += len(conn.execute(_PAUSE_FAILING, {"ids": list(outcomes)}).all())
+        paused = conn.execute(_PAUSE_FAILING, {"ids": list(outcomes)}).scalars().all()
+        report.paused += len(paused)
+        # Their schedule.paused events, in this transaction (delivered by beat's poll).
+        outbox.schedules_paused(conn, paused)
 
 
 _NEXT_DUE = text("SELECT min(next_fire_at) FROM schedules WHERE enabled")

@@ -11,8 +11,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import runs
-from app.db import page, utcnow
+from app import outbox, runs
+from app.db import db, page, utcnow
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.flow import quotas
 from app.orgs.services import Principal
@@ -156,6 +156,8 @@ def _set_enabled(session: Session, schedule: Schedule, enabled: bool, reason: st
         schedule.next_fire_at = None
         schedule.paused_reason = reason
         session.execute(_DROP_BUFFERED, {"ids": [schedule.id], "reason": f"schedule {reason}"})
+        events = outbox.schedules_paused(session.connection(), [schedule.id])
+        db.after_commit(outbox.publish, events)
 
 
 _DROP_BUFFERED = text(

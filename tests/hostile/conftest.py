@@ -71,6 +71,8 @@ class World:
     chain_execution: dict
     schedule: dict
     trigger: dict
+    notification: dict
+    event_id: str
 
     def values_for(self, route: Route, by: str = "name") -> dict[str, str]:
         """Path values naming this world's objects (by name or by id where a route takes
@@ -84,6 +86,10 @@ class World:
             "schedules": {"ref": ref["schedule"]},
             "triggers": {"ref": ref["trigger"]},
             "hooks": {"trigger_id": self.trigger["id"]},
+            "notifications": {
+                "notification_id": self.notification["id"],
+                "event_id": self.event_id,
+            },
         }
         return by_segment[route.rule.removeprefix("/api/v1").split("/")[1]]
 
@@ -136,7 +142,33 @@ def build_world(client, org) -> World:
         ),
         201,
     )
-    return World(agent, execution, chain, chain_execution, schedule, trigger)
+    notification = _created(
+        client.post(
+            "/api/v1/notifications",
+            json={"name": "ops", "url": "http://127.0.0.2:9/", "events": ["execution.cancelled"]},
+            headers=headers,
+        ),
+        201,
+    )
+    # A cancelled execution of its own gives the notification an event (in the cancel's CTE).
+    cancelled = _created(
+        client.post("/api/v1/agents/echo/executions", json={"input": {}}, headers=headers), 202
+    )
+    _created(client.post(f"/api/v1/executions/{cancelled['id']}/cancel", headers=headers), 202)
+    [event] = _created(
+        client.get(f"/api/v1/notifications/{notification['id']}/deliveries", headers=headers),
+        200,
+    )
+    return World(
+        agent,
+        execution,
+        chain,
+        chain_execution,
+        schedule,
+        trigger,
+        notification,
+        event["event_id"],
+    )
 
 
 @pytest.fixture

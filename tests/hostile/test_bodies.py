@@ -29,6 +29,7 @@ BODYLESS = {
     Route("/api/v1/schedules/<ref>/pause", "POST"),
     Route("/api/v1/schedules/<ref>/resume", "POST"),
     Route("/api/v1/schedules/<ref>/trigger", "POST"),
+    Route("/api/v1/notifications/<notification_id>/deliveries/<event_id>/redeliver", "POST"),
 }
 HOOK = Route("/hooks/<trigger_id>", "POST")
 
@@ -111,6 +112,12 @@ def valid_bodies(world) -> dict[Route, dict]:
         Route("/api/v1/executions/<execution_id>/rerun", "POST"): {},
         Route("/api/v1/executions/rerun", "POST"): {"dry_run": True},
         Route("/api/v1/chain-executions/<execution_id>/rerun", "POST"): {"from": "failed"},
+        Route("/api/v1/notifications", "POST"): {
+            "name": "fresh",
+            "url": "http://127.0.0.2:9/",
+            "events": ["execution.failed"],
+        },
+        Route("/api/v1/notifications/<notification_id>", "PATCH"): {"name": "changed"},
     }
 
 

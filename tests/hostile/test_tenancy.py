@@ -23,6 +23,7 @@ BODIES = {
     Route("/api/v1/schedules/<ref>", "PATCH"): {"enabled": False},
     Route("/api/v1/executions/<execution_id>/rerun", "POST"): {},
     Route("/api/v1/chain-executions/<execution_id>/rerun", "POST"): {"from": "failed"},
+    Route("/api/v1/notifications/<notification_id>", "PATCH"): {"url": "http://127.0.0.2:1/"},
 }
 # Every route naming an object; a new one fails test_every_object_route_is_covered until it is
 # added here (with its body in BODIES if it takes one).
@@ -57,6 +58,11 @@ OBJECT_ROUTES = {
     Route("/api/v1/schedules/<ref>/history", "GET"),
     Route("/api/v1/triggers/<ref>", "GET"),
     Route("/api/v1/triggers/<ref>", "DELETE"),
+    Route("/api/v1/notifications/<notification_id>", "GET"),
+    Route("/api/v1/notifications/<notification_id>", "PATCH"),
+    Route("/api/v1/notifications/<notification_id>", "DELETE"),
+    Route("/api/v1/notifications/<notification_id>/deliveries", "GET"),
+    Route("/api/v1/notifications/<notification_id>/deliveries/<event_id>/redeliver", "POST"),
 }
 
 
@@ -78,6 +84,7 @@ def snapshot(client, org, world) -> dict[str, object]:
         "/api/v1/chain-executions",
         "/api/v1/schedules",
         "/api/v1/triggers",
+        "/api/v1/notifications",
     ):
         seen[path] = client.get(path, headers=org.headers).get_json()
     return seen
@@ -107,6 +114,7 @@ def test_another_organizations_lists_show_nothing_of_ours(app, client, org, othe
         world.chain_execution["id"],
         world.schedule["id"],
         world.trigger["id"],
+        world.notification["id"],
     ]
     lists = [route for route in api_routes(app) if route.method == "GET" and not route.arguments]
     assert len(lists) >= 8

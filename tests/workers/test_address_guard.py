@@ -9,14 +9,14 @@ import re
 
 import pytest
 
-from tests.local_http import Reply, local_server
-from workers.runtimes.address_guard import (
+from app.address_guard import (
     AddressRefused,
     ResolutionFailed,
     checked_addresses,
     is_allowed,
     refusal_reason,
 )
+from tests.local_http import Reply, local_server
 from workers.runtimes.http import CallFailed, post_json
 
 

@@ -33,11 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from app.config import current_config
-from app.executions.spec import LEVELS, VersionSpec
-from workers.context import Context, LogLines
-from workers.runtimes import Outcome
-from workers.runtimes.address_guard import (
+from app.address_guard import (
     AddressRefused,
     IPAddress,
     ResolutionFailed,
@@ -45,6 +41,10 @@ from workers.runtimes.address_guard import (
     checked_addresses,
     system_resolver,
 )
+from app.config import current_config
+from app.executions.spec import LEVELS, VersionSpec
+from workers.context import Context, LogLines
+from workers.runtimes import Outcome
 
 DEFAULT_TIMEOUT_SECONDS = 30
 MAX_REDIRECTS = 5
@@ -167,6 +167,37 @@ def post_json(
     )
 
 
+def post_once(
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    connect_seconds: float,
+    timeout_seconds: float,
+    max_bytes: int,
+    allow_hosts: Iterable[str],
+    tls_context: ssl.SSLContext,
+    resolver: Resolver = system_resolver,
+) -> Answer:
+    """POST `body` to `url` once, its addresses checked first; a redirect is not followed (the
+    3xx is the answer). For notifications (workers/notify.py), which keep one `tls_context`
+    (building one reads the CA store: milliseconds a request)."""
+    answer, _location = _exchange(
+        "POST",
+        url,
+        body,
+        headers,
+        deadline=_Deadline(timeout_seconds),
+        max_bytes=max_bytes,
+        allow_hosts=tuple(allow_hosts),
+        resolver=resolver,
+        cancelled=lambda: False,
+        tls_context=tls_context,
+        connect_seconds=connect_seconds,
+    )
+    return answer
+
+
 def _origin(url: str) -> tuple[str, str, int]:
     parts = urlsplit(url)
     default = 443 if parts.scheme == "https" else 80
@@ -199,6 +230,7 @@ def _exchange(
     resolver: Resolver,
     cancelled: Callable[[], bool],
     tls_context: ssl.SSLContext,
+    connect_seconds: float | None = None,
 ) -> tuple[Answer, str | None]:
     """One request to one URL: the answer, and the Location to follow if it is a redirect."""
     parts = urlsplit(url)
@@ -215,7 +247,9 @@ def _exchange(
     except ResolutionFailed as exc:
         raise CallFailed("runtime_error", str(exc), retryable=True) from exc
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    connection = _connect(parts.scheme, host, port, addresses, deadline, tls_context)
+    connection = _connect(
+        parts.scheme, host, port, addresses, deadline, tls_context, connect_seconds
+    )
     try:
         try:
             connection.request(method, path, body=body or None, headers=headers)
@@ -250,10 +284,11 @@ def _connect(
     addresses: list[IPAddress],
     deadline: _Deadline,
     tls_context: ssl.SSLContext,
+    connect_seconds: float | None = None,
 ) -> http.client.HTTPConnection:
     failures: list[str] = []
     for address in addresses:
-        timeout = deadline.remaining()
+        timeout = min(deadline.remaining(), connect_seconds or float("inf"))
         if scheme == "https":
             connection: http.client.HTTPConnection = _PinnedHTTPSConnection(
                 host, port, address, timeout, tls_context

@@ -1,4 +1,6 @@
-"""Which addresses an `http` agent may reach: the guard against server-side request forgery.
+"""Which addresses an `http` agent or a notification may reach: the guard against server-side
+request forgery. Pure (no database, no broker): the http runtime (workers/runtimes/http.py)
+and the notifications (app/notifications, workers/notify.py) both use it.
 
 An agent's URL is chosen by a tenant, and the worker that calls it sits inside the operator's
 network, next to PostgreSQL, Redis and the cloud metadata service. So a host is refused when ANY
