@@ -98,6 +98,13 @@ class Config:
     allowed_commands: tuple[str, ...] = ()
     max_output_bytes: int = 4 * 1024 * 1024
     max_log_lines: int = 10000
+    # Finished executions (and their logs) older than this many days are deleted by beat; 0
+    # keeps them forever. An organization's retention_days overrides it.
+    retention_days: int = 30
+    retention_batch: int = 1000
+    retention_interval_seconds: float = 300.0
+    # GET /logs with q (a scan, not an index): the widest since..until it reads.
+    log_search_max_days: int = 7
     child_max_file_mb: int = 64
     child_max_processes: int = 64
     kill_grace_seconds: float = 2.0
@@ -156,6 +163,12 @@ class Config:
             allowed_commands=_list("RUNYARD_ALLOWED_COMMANDS", ""),
             max_output_bytes=_int("RUNYARD_MAX_OUTPUT_BYTES", cls.max_output_bytes),
             max_log_lines=_int("RUNYARD_MAX_LOG_LINES", cls.max_log_lines),
+            retention_days=_int("RUNYARD_RETENTION_DAYS", cls.retention_days),
+            retention_batch=_int("RUNYARD_RETENTION_BATCH", cls.retention_batch),
+            retention_interval_seconds=_float(
+                "RUNYARD_RETENTION_INTERVAL_SECONDS", cls.retention_interval_seconds
+            ),
+            log_search_max_days=_int("RUNYARD_LOG_SEARCH_MAX_DAYS", cls.log_search_max_days),
             child_max_file_mb=_int("RUNYARD_CHILD_MAX_FILE_MB", cls.child_max_file_mb),
             child_max_processes=_int("RUNYARD_CHILD_MAX_PROCESSES", cls.child_max_processes),
             kill_grace_seconds=_float("RUNYARD_KILL_GRACE_SECONDS", cls.kill_grace_seconds),

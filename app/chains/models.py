@@ -85,6 +85,13 @@ class ChainExecution(Base):
             "queued_at",
             postgresql_where=text("status IN ('queued', 'running', 'compensating')"),
         ),
+        # Retention: finished chain executions by finish time.
+        Index(
+            "ix_chain_executions_org_id_finished_at",
+            "org_id",
+            "finished_at",
+            postgresql_where=text("finished_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True)

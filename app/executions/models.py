@@ -177,11 +177,16 @@ class ExecutionAttempt(Base):
 
 class ExecutionLog(Base):
     __tablename__ = "execution_logs"
+    # GET /logs: one organization's lines, newest first.
+    __table_args__ = (Index("ix_execution_logs_org_id_ts", "org_id", text("ts DESC")),)
 
     execution_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("executions.id", ondelete="CASCADE"), primary_key=True
     )
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The execution's organization, copied when the line is written (no foreign key: its check
+    # would cost every line; the execution's cascade removes the lines).
+    org_id: Mapped[uuid.UUID]
     attempt: Mapped[int] = mapped_column(Integer)
     ts: Mapped[dt.datetime]
     level: Mapped[int] = mapped_column(SmallInteger)
