@@ -92,7 +92,7 @@ class Config:
     sweep_interval_seconds: float = 15.0
     chain_stall_seconds: float = 60.0
     schedule_poll_seconds: float = 0.5
-    log_batch_lines: int = 200
+    log_batch_lines: int = 1000
     log_flush_seconds: float = 0.5
     log_line_max_chars: int = 8192
     allowed_commands: tuple[str, ...] = ()
@@ -265,7 +265,11 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "0.5",
         "longest beat sleeps between looks at the schedules table (edits apply within it)",
     ),
-    ("RUNYARD_LOG_BATCH_LINES", "200", "log lines a worker buffers before writing a batch"),
+    (
+        "RUNYARD_LOG_BATCH_LINES",
+        "1000",
+        "log lines a worker buffers before writing a batch (one INSERT a batch)",
+    ),
     ("RUNYARD_LOG_FLUSH_SECONDS", "0.5", "longest a log line waits in the buffer"),
     ("RUNYARD_LOG_LINE_MAX_CHARS", "8192", "longer log lines are cut, with a marker"),
     (
@@ -282,6 +286,20 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "RUNYARD_MAX_LOG_LINES",
         "10000",
         "log lines kept per attempt when an agent sets no `limits.max_log_lines`",
+    ),
+    (
+        "RUNYARD_RETENTION_DAYS",
+        "30",
+        "days finished executions, their logs and finished chain executions are kept before "
+        "beat deletes them (0: forever); `runyard orgs limits NAME --retention-days D` per "
+        "organization",
+    ),
+    ("RUNYARD_RETENTION_BATCH", "1000", "executions retention deletes a statement"),
+    ("RUNYARD_RETENTION_INTERVAL_SECONDS", "300", "how often beat runs retention"),
+    (
+        "RUNYARD_LOG_SEARCH_MAX_DAYS",
+        "7",
+        "widest since..until of a text search (q) across executions in GET /api/v1/logs",
     ),
     (
         "RUNYARD_CHILD_MAX_FILE_MB",

@@ -31,7 +31,6 @@ COUNT_CAP = 10_000
 EXPORT_PAGE_LINES = 5_000
 EXPORT_COLUMNS = ("seq", "ts", "level", "message", "fields", "attempt")
 EXPORT_MEDIA_TYPES = {"ndjson": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
-
 _LINE = (
     ExecutionLog.seq,
     ExecutionLog.ts,

@@ -20,6 +20,11 @@ from app.http import Blueprint, current_principal, request_session
 
 blp = Blueprint("executions", __name__, url_prefix="/api/v1", description="Executions")
 
+EXPORT_DESCRIPTION = (
+    "the lines: a JSON array (the default format), or a streamed download with format=ndjson "
+    "(a JSON object a line) or format=csv (a header, then seq,ts,level,message,fields,attempt)"
+)
+
 
 @blp.route("/agents/<ref>/executions")
 class Submit(MethodView):
@@ -134,6 +139,20 @@ class Attempts(MethodView):
 class Logs(MethodView):
     @blp.arguments(LogQuerySchema(), location="query")
     @blp.response(200, LogLineSchema(many=True))
+    @blp.alt_response(
+        200,
+        schema={"type": "string"},
+        content_type="application/x-ndjson",
+        description=EXPORT_DESCRIPTION,
+        success=True,
+    )
+    @blp.alt_response(
+        200,
+        schema={"type": "string"},
+        content_type="text/csv",
+        description=EXPORT_DESCRIPTION,
+        success=True,
+    )
     @blp.alt_response(404, description="no such execution in your organization")
     def get(self, args, execution_id):
         """Log lines in seq order: what the agent printed and logged through ctx.log
