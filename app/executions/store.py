@@ -246,12 +246,20 @@ def requeue_for_retry(
 # round trip and a plan execution per line: see bench/logs.py). The join to the execution is the
 # fence of every write after the claim (a stale attempt's lines are dropped) and gives each line
 # its organization. A line written twice is skipped by its sequence number.
+#
+# The batch commits without waiting for its WAL to reach the disk (synchronous_commit off for
+# this statement's own transaction: it runs in autocommit): that wait was most of a batch's
+# time. Nothing it protects is lost: the execution's outcome commits synchronously after its
+# last line, which flushes the WAL of every line before it. A PostgreSQL crash (not a clean
+# stop) can lose the last fraction of a second of lines of executions still running, as a
+# worker crash loses the lines in its buffer.
 _LOG_INSERT = """
     INSERT INTO execution_logs (execution_id, seq, attempt, org_id, ts, level, message, fields)
     SELECT e.id, l.seq, e.attempt, e.org_id, l.ts, l.level, l.message, l.fields::jsonb
     FROM executions e,
          unnest(%(seq)s::int[], %(ts)s::timestamptz[], %(level)s::smallint[],
-                %(message)s::text[], %(fields)s::text[]) AS l(seq, ts, level, message, fields)
+                %(message)s::text[], %(fields)s::text[]) AS l(seq, ts, level, message, fields),
+         (SELECT set_config('synchronous_commit', 'off', true)) AS no_wait_for_the_disk
     WHERE e.id = %(execution_id)s AND e.attempt = %(attempt)s
     ON CONFLICT DO NOTHING
 """

@@ -405,3 +405,44 @@ def test_retention_takes_chain_steps_only_with_their_finished_chain(client, org,
     finish(connection, running, 40, status="cancelled")
     maintenance.apply_retention()
     assert not chain_exists() and existing(connection, [done, running]) == set()
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker's write
+
+
+def test_a_batch_is_fenced_by_its_attempt_and_a_line_written_twice_is_kept_once(
+    client, org, connection
+):
+    make_agent(client, org)
+    execution_id = uuid.UUID(new_execution(client, org))
+    connection.execute(
+        text("UPDATE executions SET status = 'running', attempt = 2 WHERE id = :id"),
+        {"id": execution_id},
+    )
+
+    def batch(attempt, seqs):
+        return store.LogLines(
+            execution_id,
+            attempt,
+            list(seqs),
+            [NOW] * len(seqs),
+            [20] * len(seqs),
+            [f"attempt {attempt} line {seq}" for seq in seqs],
+            ['{"a": 1}' if seq == 1 else None for seq in seqs],
+        )
+
+    store.write_logs(connection, batch(2, [1, 2]))
+    store.write_logs(connection, batch(2, [1, 2, 3]))  # a retried flush: 1 and 2 are kept once
+    store.write_logs(connection, batch(1, [4]))  # a stale attempt: dropped
+    rows = connection.execute(
+        text(
+            "SELECT seq, attempt, org_id, message, fields FROM execution_logs "
+            "WHERE execution_id = :id ORDER BY seq"
+        ),
+        {"id": execution_id},
+    ).all()
+    assert [(row.seq, row.attempt, row.org_id, row.message) for row in rows] == [
+        (seq, 2, org.id, f"attempt 2 line {seq}") for seq in (1, 2, 3)
+    ]
+    assert rows[0].fields == {"a": 1} and rows[1].fields is None
