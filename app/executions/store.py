@@ -244,9 +244,10 @@ def requeue_for_retry(
 
 # One statement per batch, the lines as arrays (a row per line through executemany cost a
 # round trip and a plan execution per line: see bench/logs.py), sent in binary (psycopg formats
-# a list as text about ten times slower, mostly the timestamps and the messages). The join to the execution is the
-# fence of every write after the claim (a stale attempt's lines are dropped) and gives each line
-# its organization. A line written twice is skipped by its sequence number.
+# a list as text about ten times slower, mostly the timestamps and the messages). The join to
+# the execution is the fence of every write after the claim (a stale attempt's lines are
+# dropped) and gives each line its organization. A line written twice is skipped by its
+# sequence number.
 #
 # The batch commits without waiting for its WAL to reach the disk (synchronous_commit off for
 # this statement's own transaction: it runs in autocommit): that wait was most of a batch's
