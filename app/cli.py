@@ -234,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("--submit-rate", "submits a second, one budget over every API process"),
         ("--submit-burst", "submits at once above the rate (default: the rate)"),
         ("--cpu-seconds-per-day", "CPU its executions may use per UTC day before submits are 429"),
+        (
+            "--retention-days",
+            "days its finished executions and their logs are kept (none: RUNYARD_RETENTION_DAYS)",
+        ),
     ):
         limits.add_argument(option, type=_limit, default=_KEEP, metavar="N|none", help=meaning)
     limits.add_argument(

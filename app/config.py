@@ -92,12 +92,19 @@ class Config:
     sweep_interval_seconds: float = 15.0
     chain_stall_seconds: float = 60.0
     schedule_poll_seconds: float = 0.5
-    log_batch_lines: int = 200
+    log_batch_lines: int = 1000
     log_flush_seconds: float = 0.5
     log_line_max_chars: int = 8192
     allowed_commands: tuple[str, ...] = ()
     max_output_bytes: int = 4 * 1024 * 1024
     max_log_lines: int = 10000
+    # Finished executions (and their logs) older than this many days are deleted by beat; 0
+    # keeps them forever. An organization's retention_days overrides it.
+    retention_days: int = 30
+    retention_batch: int = 1000
+    retention_interval_seconds: float = 300.0
+    # GET /logs with q (a scan, not an index): the widest since..until it reads.
+    log_search_max_days: int = 7
     child_max_file_mb: int = 64
     child_max_processes: int = 64
     kill_grace_seconds: float = 2.0
@@ -162,6 +169,12 @@ class Config:
             allowed_commands=_list("RUNYARD_ALLOWED_COMMANDS", ""),
             max_output_bytes=_int("RUNYARD_MAX_OUTPUT_BYTES", cls.max_output_bytes),
             max_log_lines=_int("RUNYARD_MAX_LOG_LINES", cls.max_log_lines),
+            retention_days=_int("RUNYARD_RETENTION_DAYS", cls.retention_days),
+            retention_batch=_int("RUNYARD_RETENTION_BATCH", cls.retention_batch),
+            retention_interval_seconds=_float(
+                "RUNYARD_RETENTION_INTERVAL_SECONDS", cls.retention_interval_seconds
+            ),
+            log_search_max_days=_int("RUNYARD_LOG_SEARCH_MAX_DAYS", cls.log_search_max_days),
             child_max_file_mb=_int("RUNYARD_CHILD_MAX_FILE_MB", cls.child_max_file_mb),
             child_max_processes=_int("RUNYARD_CHILD_MAX_PROCESSES", cls.child_max_processes),
             kill_grace_seconds=_float("RUNYARD_KILL_GRACE_SECONDS", cls.kill_grace_seconds),
@@ -267,7 +280,11 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "0.5",
         "longest beat sleeps between looks at the schedules table (edits apply within it)",
     ),
-    ("RUNYARD_LOG_BATCH_LINES", "200", "log lines a worker buffers before writing a batch"),
+    (
+        "RUNYARD_LOG_BATCH_LINES",
+        "1000",
+        "log lines a worker buffers before writing a batch (one INSERT a batch)",
+    ),
     ("RUNYARD_LOG_FLUSH_SECONDS", "0.5", "longest a log line waits in the buffer"),
     ("RUNYARD_LOG_LINE_MAX_CHARS", "8192", "longer log lines are cut, with a marker"),
     (
@@ -284,6 +301,20 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "RUNYARD_MAX_LOG_LINES",
         "10000",
         "log lines kept per attempt when an agent sets no `limits.max_log_lines`",
+    ),
+    (
+        "RUNYARD_RETENTION_DAYS",
+        "30",
+        "days finished executions, their logs and finished chain executions are kept before "
+        "beat deletes them (0: forever); `runyard orgs limits NAME --retention-days D` per "
+        "organization",
+    ),
+    ("RUNYARD_RETENTION_BATCH", "1000", "executions retention deletes a statement"),
+    ("RUNYARD_RETENTION_INTERVAL_SECONDS", "300", "how often beat runs retention"),
+    (
+        "RUNYARD_LOG_SEARCH_MAX_DAYS",
+        "7",
+        "widest since..until of a text search (q) across executions in GET /api/v1/logs",
     ),
     (
         "RUNYARD_CHILD_MAX_FILE_MB",

@@ -83,6 +83,7 @@ def test_orgs_limits_offers_every_option_of_the_contract():
         "--submit-burst",
         "--cpu-seconds-per-day",
         "--weight",
+        "--retention-days",
         "--json",
     ):
         assert option in result.stdout, option

@@ -70,7 +70,8 @@ class LogBuffer:
         self._max_lines = max_lines
         self._kept = 0
         self._dropped = 0
-        self._pending: list[dict[str, Any]] = []
+        # (seq, ts, level, message, fields as JSON text or None), in seq order.
+        self._pending: list[tuple[int, dt.datetime, int, str, str | None]] = []
         self._lock = threading.Lock()
         self._owner = threading.get_ident()
         self._last_flush = time.monotonic()
@@ -87,7 +88,7 @@ class LogBuffer:
                 self._dropped += 1
                 return
             self._kept += 1
-            self._append(level, message, _jsonable(fields) if fields else None)
+            self._append(level, message, json.dumps(_jsonable(fields)) if fields else None)
             due = (
                 len(self._pending) >= self._batch_lines
                 or time.monotonic() - self._last_flush >= self._flush_seconds
@@ -95,19 +96,9 @@ class LogBuffer:
         if due and threading.get_ident() == self._owner:
             self.flush()
 
-    def _append(self, level: int, message: str, fields: dict[str, Any] | None) -> None:
+    def _append(self, level: int, message: str, fields: str | None) -> None:
         self._seq += 1
-        self._pending.append(
-            {
-                "execution_id": self._execution_id,
-                "seq": self._seq,
-                "attempt": self._attempt,
-                "ts": dt.datetime.now(dt.UTC),
-                "level": level,
-                "message": message,
-                "fields": fields,
-            }
-        )
+        self._pending.append((self._seq, dt.datetime.now(dt.UTC), level, message, fields))
 
     def flush_if_due(self) -> None:
         if self._pending and time.monotonic() - self._last_flush >= self._flush_seconds:
@@ -120,7 +111,7 @@ class LogBuffer:
                 self._append(
                     LEVELS["warning"],
                     f"dropped {self._dropped} log lines beyond max_log_lines={self._max_lines}",
-                    {"dropped_lines": self._dropped},
+                    json.dumps({"dropped_lines": self._dropped}),
                 )
                 self._dropped = 0
         self.flush()
@@ -149,8 +140,14 @@ class LogBuffer:
             batch, self._pending = self._pending, []
             self._last_flush = time.monotonic()
         try:
-            store.write_logs(conn, batch)
+            store.write_logs(conn, self._columns(batch))
         except BaseException:
             with self._lock:
                 self._pending[:0] = batch
             raise
+
+    def _columns(
+        self, batch: list[tuple[int, dt.datetime, int, str, str | None]]
+    ) -> store.LogLines:
+        columns = [list(column) for column in zip(*batch, strict=True)] or [[]] * 5
+        return store.LogLines(self._execution_id, self._attempt, *columns)

@@ -12,14 +12,18 @@ these jobs in a thread of its own, at their own pace, whatever the workers are d
   lease the sweeper ended, a crash), or for a fair window a crash left with room;
 - the pruning of idempotency keys past their 24 hours, every ten minutes (expired keys already
   count as absent: this only keeps the table small);
+- retention, every RUNYARD_RETENTION_INTERVAL_SECONDS: finished executions and chain executions
+  past their organization's retention_days (else RUNYARD_RETENTION_DAYS), with their attempts
+  and log lines, RUNYARD_RETENTION_BATCH rows a transaction, for at most RETENTION_BUDGET_SECONDS
+  a run (the rest waits for the next run, so the other jobs keep their pace);
 - in a thread of its own (`notification_jobs`), so a slow receiver never holds up the sweeper:
   the delivery of due notification events (workers/notify.py), every
   RUNYARD_NOTIFY_POLL_SECONDS. The task a writer publishes after its commit usually delivers
   first; this is what makes a lost message only a delay.
 
 Two beats may run at once: the sweep takes a lock in the broker's Redis, the resume check marks
-the chains it looked at, pruning twice deletes nothing twice, and deliveries claim their events
-with SKIP LOCKED.
+the chains it looked at, pruning twice deletes nothing twice (retention skips the rows the other
+holds locked), and deliveries claim their events with SKIP LOCKED.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from app.chains import progress
+from app.chains import retention as chain_retention
 from app.config import current_config
-from app.executions import gates, recovery
+from app.db import db
+from app.executions import gates, recovery, store
 from app.idempotency import services as idempotency
 from workers import notify
 
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 IDEMPOTENCY_PRUNE_SECONDS = 600.0
 # Also how late a rate-limited execution may start once its window has room.
 FLOW_TICK_SECONDS = 0.25
+RETENTION_BUDGET_SECONDS = 10.0
 
 
 @dataclass
@@ -84,13 +91,41 @@ def _prune_idempotency_keys() -> None:
         log.info("idempotency: deleted %d expired keys", deleted)
 
 
+def apply_retention(
+    budget_seconds: float = RETENTION_BUDGET_SECONDS, batch: int | None = None
+) -> int:
+    """Delete expired chain executions, then executions, a batch per transaction (each holds
+    its row locks for one batch only), until none is left or the budget is spent; how many
+    rows went (chain executions count one each, not their steps)."""
+    cfg = current_config()
+    batch = batch or cfg.retention_batch
+    deadline = time.monotonic() + budget_seconds
+    deleted = 0
+    for delete_batch in (chain_retention.delete_expired, store.delete_expired):
+        while time.monotonic() < deadline:
+            with db.begin() as conn:
+                count = delete_batch(conn, cfg.retention_days, batch)
+            deleted += count
+            if count < batch:
+                break
+    return deleted
+
+
+def _retention() -> None:
+    deleted = apply_retention()
+    if deleted:
+        log.info("retention: deleted %d finished executions and chain executions", deleted)
+
+
 def default_jobs() -> list[Job]:
-    interval = current_config().sweep_interval_seconds
+    cfg = current_config()
+    interval = cfg.sweep_interval_seconds
     return [
         Job("sweep", interval, _sweep),
         Job("chains-resume", interval, _resume_chains),
         Job("flow-tick", FLOW_TICK_SECONDS, _flow_tick),
         Job("idempotency-prune", IDEMPOTENCY_PRUNE_SECONDS, _prune_idempotency_keys),
+        Job("retention", cfg.retention_interval_seconds, _retention),
     ]
 
 

@@ -90,6 +90,13 @@ class ChainExecution(Base):
             "rerun_of",
             postgresql_where=text("rerun_of IS NOT NULL"),
         ),
+        # Retention: finished chain executions by finish time.
+        Index(
+            "ix_chain_executions_org_id_finished_at",
+            "org_id",
+            "finished_at",
+            postgresql_where=text("finished_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True)

@@ -183,12 +183,18 @@ class ExecutionAttempt(Base):
 
 
 class ExecutionLog(Base):
-    __tablename__ = "execution_logs"
+    """A log line. No foreign key to its execution: a trigger on executions deletes the lines
+    of deleted executions (migration 0012_logs), and the insert's join checks it exists."""
 
-    execution_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("executions.id", ondelete="CASCADE"), primary_key=True
-    )
+    __tablename__ = "execution_logs"
+    # GET /logs: one organization's lines, newest first.
+    __table_args__ = (Index("ix_execution_logs_org_id_ts", "org_id", text("ts DESC")),)
+
+    execution_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The execution's organization, copied when the line is written (no foreign key: its check
+    # would cost every line; the lines go with their execution).
+    org_id: Mapped[uuid.UUID]
     attempt: Mapped[int] = mapped_column(Integer)
     ts: Mapped[dt.datetime]
     level: Mapped[int] = mapped_column(SmallInteger)

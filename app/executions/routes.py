@@ -1,7 +1,8 @@
+from flask import Response
 from flask.views import MethodView
 
 from app.chains import progress
-from app.executions import reruns, services
+from app.executions import logs, reruns, services
 from app.executions.schemas import (
     AttemptSchema,
     BatchSchema,
@@ -12,6 +13,8 @@ from app.executions.schemas import (
     ExecutionSchema,
     LogLineSchema,
     LogQuerySchema,
+    LogSearchLineSchema,
+    LogSearchQuerySchema,
     RerunSchema,
     SubmitSchema,
 )
@@ -19,6 +22,11 @@ from app.flow.schemas import QUOTA_HEADERS, QUOTA_REFUSED
 from app.http import Blueprint, current_principal, request_session
 
 blp = Blueprint("executions", __name__, url_prefix="/api/v1", description="Executions")
+
+EXPORT_DESCRIPTION = (
+    "the lines: a JSON array (the default format), or a streamed download with format=ndjson "
+    "(a JSON object a line) or format=csv (a header, then seq,ts,level,message,fields,attempt)"
+)
 
 
 @blp.route("/agents/<ref>/executions")
@@ -134,18 +142,72 @@ class Attempts(MethodView):
 class Logs(MethodView):
     @blp.arguments(LogQuerySchema(), location="query")
     @blp.response(200, LogLineSchema(many=True))
+    @blp.alt_response(
+        200,
+        schema={"type": "string"},
+        content_type="application/x-ndjson",
+        description=EXPORT_DESCRIPTION,
+        success=True,
+    )
+    @blp.alt_response(
+        200,
+        schema={"type": "string"},
+        content_type="text/csv",
+        description=EXPORT_DESCRIPTION,
+        success=True,
+    )
     @blp.alt_response(404, description="no such execution in your organization")
     def get(self, args, execution_id):
-        """Log lines in seq order: what the agent printed and logged through ctx.log"""
-        return services.logs(
+        """Log lines in seq order: what the agent printed and logged through ctx.log
+
+        `format=ndjson` or `format=csv` streams every line instead (a download, no cap, pages
+        of 5,000 lines read as it goes); the 404 comes before the first byte."""
+        filters = {
+            "level": args.get("level"),
+            "q": args.get("q"),
+            "after_seq": args.get("after_seq"),
+        }
+        if args["format"] == "json":
+            return services.logs(
+                request_session(),
+                current_principal(),
+                execution_id,
+                limit=args["limit"],
+                **filters,
+            )
+        execution = services.get(request_session(), current_principal(), execution_id)
+        # Not stream_with_context: the stream reads in transactions of its own, and the
+        # request's session (and its pooled connection) is closed before the first byte.
+        return Response(
+            logs.export(execution.id, args["format"], **filters),
+            content_type=logs.EXPORT_MEDIA_TYPES[args["format"]],
+            headers={
+                "Content-Disposition": f'attachment; filename="{execution.id}-logs.'
+                f'{args["format"]}"'
+            },
+        )
+
+
+@blp.route("/logs")
+class LogSearch(MethodView):
+    @blp.arguments(LogSearchQuerySchema(), location="query")
+    @blp.response(200, LogSearchLineSchema(many=True))
+    @blp.paginate()
+    def get(self, args, pagination_parameters):
+        """Search the log lines of all the organization's executions, newest first
+
+        X-Pagination's total counts up to 10,000 matching lines (pages stop there: narrow with
+        since/until to go further back). An execution_id or agent of another organization
+        matches nothing (an empty list, not a 404)."""
+        items, total = logs.search(
             request_session(),
             current_principal(),
-            execution_id,
-            level=args.get("level"),
-            q=args.get("q"),
-            after_seq=args.get("after_seq"),
-            limit=args["limit"],
+            **args,
+            offset=pagination_parameters.first_item,
+            limit=pagination_parameters.page_size,
         )
+        pagination_parameters.item_count = total
+        return items
 
 
 @blp.route("/executions/<execution_id>/rerun")

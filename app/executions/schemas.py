@@ -129,7 +129,45 @@ class LogQuerySchema(Schema):
     q = fields.String(metadata={"description": "text the message contains (case-insensitive)"})
     # seq is a 32-bit column: a larger number would reach PostgreSQL as an error, not a 422.
     after_seq = fields.Integer(strict=False, validate=validate.Range(min=0, max=2**31 - 1))
-    limit = fields.Integer(load_default=1000, validate=validate.Range(min=1, max=10000))
+    limit = fields.Integer(
+        load_default=1000,
+        validate=validate.Range(min=1, max=10000),
+        metadata={"description": "lines at most (json only: an export has no cap)"},
+    )
+    format = fields.String(
+        load_default="json",
+        validate=validate.OneOf(["json", "ndjson", "csv"]),
+        metadata={
+            "description": "json (default): a JSON array of up to `limit` lines. ndjson "
+            "(application/x-ndjson, a line object a line) or csv (text/csv, a header then "
+            "seq,ts,level,message,fields,attempt; fields as JSON text): every line the other "
+            "filters keep, streamed as a download, no cap"
+        },
+    )
+
+
+class LogSearchQuerySchema(Schema):
+    agent = fields.String(metadata={"description": "agent id or name"})
+    execution_id = fields.UUID(
+        metadata={"description": "one execution's lines; another organization's matches none"}
+    )
+    level = fields.String(
+        validate=validate.OneOf(list(LEVELS)), metadata={"description": "minimum level"}
+    )
+    q = fields.String(
+        validate=validate.Length(min=1, max=1000),
+        metadata={
+            "description": "text the message contains (case-insensitive). Without execution_id "
+            "it searches at most RUNYARD_LOG_SEARCH_MAX_DAYS (default 7) of lines: since "
+            "defaults to that long before until (or now), and a wider since..until is a 422"
+        },
+    )
+    since = fields.AwareDateTime(
+        default_timezone=dt.UTC, metadata={"description": "logged at or after (ISO 8601, UTC)"}
+    )
+    until = fields.AwareDateTime(
+        default_timezone=dt.UTC, metadata={"description": "logged before (ISO 8601, UTC)"}
+    )
 
 
 class LogLineSchema(Schema):
@@ -207,3 +245,8 @@ class BulkRerunResultSchema(Schema):
             "(absent on a dry run)"
         },
     )
+
+
+class LogSearchLineSchema(LogLineSchema):
+    execution_id = fields.UUID()
+    agent_name = fields.String()

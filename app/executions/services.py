@@ -23,9 +23,10 @@ from app.agents.models import Agent
 from app.db import db, driver, page
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.executions import entries, gates, store
+from app.executions import logs as log_lines
 from app.executions.dispatch import Dispatch, dispatcher
 from app.executions.models import Execution, ExecutionAttempt, ExecutionLog
-from app.executions.spec import DEFAULT_PRIORITY, LEVEL_NAMES, LEVELS, VersionSpec
+from app.executions.spec import DEFAULT_PRIORITY, LEVELS, VersionSpec
 from app.executions.versions import specs
 from app.flow import quotas
 from app.orgs.services import Principal
@@ -401,22 +402,11 @@ def logs(
     if level:
         query = query.where(ExecutionLog.level >= LEVELS[level])
     if q:
-        escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        query = query.where(ExecutionLog.message.ilike(f"%{escaped}%", escape="\\"))
+        query = query.where(log_lines.contains(q))
     if after_seq is not None:
         query = query.where(ExecutionLog.seq > after_seq)
     rows = session.scalars(query.order_by(ExecutionLog.seq).limit(limit)).all()
-    return [
-        {
-            "seq": r.seq,
-            "ts": r.ts,
-            "level": LEVEL_NAMES.get(r.level, str(r.level)),
-            "message": r.message,
-            "fields": r.fields or {},
-            "attempt": r.attempt,
-        }
-        for r in rows
-    ]
+    return [log_lines.line(r) for r in rows]
 
 
 def attempts(session: Session, principal: Principal, execution_id: str) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from app import outbox
 from app.db import driver
-from app.executions.spec import Claim, error_body
+from app.executions.spec import TERMINAL_STATUSES, Claim, error_body
 
 # ---------------------------------------------------------------------------------------------
 # Claim, renew, finish (the worker side)
@@ -276,20 +276,47 @@ def requeue_for_retry(
     return result.rowcount == 1
 
 
-_LOG_INSERT = text(
-    """
-    INSERT INTO execution_logs (execution_id, seq, attempt, ts, level, message, fields)
-    SELECT :execution_id, :seq, :attempt, :ts, :level, :message, :fields
-    -- Fenced like every write after the claim: a stale attempt's lines are dropped.
-    WHERE EXISTS (SELECT 1 FROM executions WHERE id = :execution_id AND attempt = :attempt)
+# One statement per batch, the lines as arrays (a row per line through executemany cost a
+# round trip and a plan execution per line: see bench/logs.py), sent in binary (psycopg formats
+# a list as text about ten times slower, mostly the timestamps and the messages). The join to
+# the execution is the fence of every write after the claim (a stale attempt's lines are
+# dropped) and gives each line its organization. A line written twice is skipped by its
+# sequence number.
+#
+# The batch commits without waiting for its WAL to reach the disk (synchronous_commit off for
+# this statement's own transaction: it runs in autocommit): that wait was most of a batch's
+# time. Nothing it protects is lost: the execution's outcome commits synchronously after its
+# last line, which flushes the WAL of every line before it. A PostgreSQL crash (not a clean
+# stop) can lose the last fraction of a second of lines of executions still running, as a
+# worker crash loses the lines in its buffer.
+_LOG_INSERT = """
+    INSERT INTO execution_logs (execution_id, seq, attempt, org_id, ts, level, message, fields)
+    SELECT e.id, l.seq, e.attempt, e.org_id, l.ts, l.level, l.message, l.fields::jsonb
+    FROM executions e,
+         unnest(%(seq)b::int[], %(ts)b::timestamptz[], %(level)b::smallint[],
+                %(message)b::text[], %(fields)b::text[]) AS l(seq, ts, level, message, fields),
+         (SELECT set_config('synchronous_commit', 'off', true)) AS no_wait_for_the_disk
+    WHERE e.id = %(execution_id)s AND e.attempt = %(attempt)s
     ON CONFLICT DO NOTHING
-    """
-).bindparams(bindparam("fields", type_=JSONB))
+"""
 
 
-def write_logs(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        conn.execute(_LOG_INSERT, rows)
+@dataclass(frozen=True)
+class LogLines:
+    """Lines of one attempt, column by column; `fields` holds JSON text or None."""
+
+    execution_id: uuid.UUID
+    attempt: int
+    seq: list[int]
+    ts: list[Any]
+    level: list[int]
+    message: list[str]
+    fields: list[str | None]
+
+
+def write_logs(conn: Connection, lines: LogLines) -> None:
+    if lines.seq:
+        driver(conn).execute(_LOG_INSERT, lines.__dict__)
 
 
 def cancel_requested(conn: Connection, execution_id: uuid.UUID) -> bool:
@@ -358,3 +385,34 @@ def note_cancelled_with_chain(conn: Connection, chain_execution_id: uuid.UUID) -
         ),
         {"id": chain_execution_id},
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Retention
+
+
+# One batch of finished executions past their organization's retention (retention_days, else
+# the installation's default; 0 keeps them), oldest organizations' rows through
+# ix_executions_org_id_finished_at. Their attempts and log lines go with them (ON DELETE
+# CASCADE). Chain steps are left to their chain execution (app/chains/retention.py): a step
+# deleted on its own would take an output its chain may still read. SKIP LOCKED: a row another
+# transaction holds (a late cancel, a rerun reading it) waits for the next run, not the reverse.
+_DELETE_EXPIRED = f"""
+    DELETE FROM executions WHERE id = ANY(ARRAY(
+        SELECT x.id FROM organizations o
+        CROSS JOIN LATERAL (
+            SELECT e.id FROM executions e
+            WHERE e.org_id = o.id AND e.finished_at IS NOT NULL
+              AND e.finished_at < now() - make_interval(
+                  days => coalesce(o.retention_days, %(days)s))
+              AND e.status IN {TERMINAL_STATUSES!r} AND e.chain_execution_id IS NULL
+            LIMIT %(batch)s
+            FOR UPDATE OF e SKIP LOCKED) x
+        WHERE coalesce(o.retention_days, %(days)s) > 0
+        LIMIT %(batch)s))
+"""
+
+
+def delete_expired(conn: Connection, default_days: int, batch: int) -> int:
+    """Delete up to `batch` expired finished executions; how many went."""
+    return driver(conn).execute(_DELETE_EXPIRED, {"days": default_days, "batch": batch}).rowcount

@@ -25,6 +25,9 @@ class OrgLimits:
     submit_burst: int | None = None
     cpu_seconds_per_day: float | None = None
     weight: int = 1
+    # Not a limit on admission: how many days its finished executions are kept (beat's
+    # retention job reads the column itself; None: RUNYARD_RETENTION_DAYS).
+    retention_days: int | None = None
 
     @property
     def burst(self) -> int:

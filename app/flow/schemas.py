@@ -32,6 +32,14 @@ class LimitsSchema(Schema):
         }
     )
 
+    retention_days = fields.Integer(
+        allow_none=True,
+        metadata={
+            "description": "days its finished executions (with their logs) are kept before "
+            "beat deletes them; null: the installation's RUNYARD_RETENTION_DAYS"
+        },
+    )
+
 
 class UsageNowSchema(Schema):
     running = fields.Integer()

@@ -23,8 +23,9 @@ SETTABLE = (
     "submit_burst",
     "cpu_seconds_per_day",
     "weight",
+    "retention_days",
 )
-_WHOLE = {"max_running", "max_queued", "submit_burst", "weight"}
+_WHOLE = {"max_running", "max_queued", "submit_burst", "weight", "retention_days"}
 # PostgreSQL's integer, the columns' type.
 _LARGEST_WHOLE = 2**31 - 1
 # organizations' check constraint "weight BETWEEN 1 AND 1000".

@@ -12,7 +12,14 @@ ROLES = ("admin", "developer", "operator", "viewer")
 
 
 # Limits an organization's work is admitted under (app/flow); unset (NULL) means none.
-LIMITS = ("max_running", "max_queued", "submit_rate", "submit_burst", "cpu_seconds_per_day")
+LIMITS = (
+    "max_running",
+    "max_queued",
+    "submit_rate",
+    "submit_burst",
+    "cpu_seconds_per_day",
+    "retention_days",
+)
 
 
 class Organization(Base):
@@ -30,6 +37,8 @@ class Organization(Base):
     submit_rate: Mapped[float | None]
     submit_burst: Mapped[int | None]
     cpu_seconds_per_day: Mapped[float | None]
+    # Days its finished executions are kept (None: RUNYARD_RETENTION_DAYS).
+    retention_days: Mapped[int | None]
     weight: Mapped[int] = mapped_column(server_default=text("1"))
 
 

@@ -160,10 +160,17 @@ def test_logs_filters(client, org, connection):
     for seq, (level, message) in enumerate(lines, start=1):
         connection.execute(
             text(
-                "INSERT INTO execution_logs (execution_id, seq, attempt, ts, level, message) "
-                "VALUES (:id, :seq, 1, now(), :level, :message)"
+                "INSERT INTO execution_logs "
+                "(execution_id, seq, attempt, org_id, ts, level, message) "
+                "VALUES (:id, :seq, 1, :org_id, now(), :level, :message)"
             ),
-            {"id": execution["id"], "seq": seq, "level": level, "message": message},
+            {
+                "id": execution["id"],
+                "seq": seq,
+                "org_id": org.id,
+                "level": level,
+                "message": message,
+            },
         )
     path = f"/api/v1/executions/{execution['id']}/logs"
 

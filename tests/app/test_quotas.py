@@ -58,6 +58,7 @@ def test_usage_shows_no_limits_and_what_waits_where(client, org, other_org):
             "submit_burst": None,
             "cpu_seconds_per_day": None,
             "weight": 1,
+            "retention_days": None,
         },
         "usage": {"running": 0, "queued": 0, "cpu_seconds_today": 0.0},
         "queues": [],
@@ -303,6 +304,10 @@ def test_orgs_limits_sets_max_running_and_weight(client, cli_org):
         (["--weight", "1001"], "weight must be a whole number from 1 to 1000"),
         (["--weight", "2.5"], "weight must be a whole number from 1 to 1000"),
         (["--weight", "none"], "hint: --weight 1 gives it the default share"),
+        (["--retention-days", "0"], "retention_days must be a whole number above 0"),
+        (["--retention-days", "-7"], "retention_days must be a whole number above 0"),
+        (["--retention-days", "1.5"], "retention_days must be a whole number above 0"),
+        (["--retention-days", "forever"], "a number, or none"),
     ],
 )
 def test_orgs_limits_refuses_what_is_not_a_limit(cli_org, args, says):
@@ -311,6 +316,17 @@ def test_orgs_limits_refuses_what_is_not_a_limit(cli_org, args, says):
     # Nothing changed, the other options of the command line included.
     shown = json.loads(runyard("orgs", "limits", cli_org[0], "--json").stdout)
     assert shown["max_running"] is None and shown["weight"] == 1
+
+
+def test_orgs_limits_sets_and_clears_retention_days(client, cli_org):
+    name, headers = cli_org
+    result = runyard("orgs", "limits", name, "--retention-days", "7")
+    assert result.returncode == 0, result.stderr
+    assert "retention_days       7" in result.stdout
+    assert client.get("/api/v1/usage", headers=headers).get_json()["limits"]["retention_days"] == 7
+    result = runyard("orgs", "limits", name, "--retention-days", "none", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["retention_days"] is None
 
 
 def test_max_running_and_weight_read_back_on_usage(client, org):

@@ -295,6 +295,9 @@ def test_unstorable_text_in_a_path_or_query_parameter_is_422_by_name(client, org
         assert set(errors) & {"ref", "version"}, (path, errors)
     query = client.get("/api/v1/executions?agent=e%00", headers=org.headers)
     assert list(assert_error_shape(query, 422)["errors"]) == ["agent"]
+    for name in ("q", "agent"):
+        query = client.get(f"/api/v1/logs?{name}=e%00", headers=org.headers)
+        assert list(assert_error_shape(query, 422)["errors"]) == [name]
 
 
 # An agent's flow fields with what JSON can carry but no limit can be: numbers past any machine

@@ -80,6 +80,7 @@ def snapshot(client, org, world) -> dict[str, object]:
     for path in (
         "/api/v1/agents",
         "/api/v1/executions",
+        "/api/v1/logs",
         "/api/v1/chains",
         "/api/v1/chain-executions",
         "/api/v1/schedules",
@@ -104,6 +105,18 @@ def test_another_organizations_token_gets_404_on_every_object_route(
         )
         assert_error_shape(response, 404)
     assert snapshot(client, org, world) == before
+
+
+@pytest.mark.parametrize("fmt", ["ndjson", "csv"])
+def test_another_organizations_log_export_is_404(client, other_org, world, fmt):
+    path = f"/api/v1/executions/{world.execution['id']}/logs?format={fmt}"
+    assert_error_shape(client.get(path, headers=other_org.headers), 404)
+
+
+def test_another_organizations_log_search_by_our_execution_is_empty(client, other_org, world):
+    query = {"execution_id": world.execution["id"], "agent": world.agent["id"]}
+    response = client.get("/api/v1/logs", query_string=query, headers=other_org.headers)
+    assert response.status_code == 200 and response.get_json() == []
 
 
 def test_another_organizations_lists_show_nothing_of_ours(app, client, org, other_org, world):
