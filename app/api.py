@@ -75,6 +75,7 @@ def build_app(config: Config | None = None) -> Flask:
     from app.flow.routes import blp as flow_blp
     from app.orgs.routes import blp as orgs_blp
     from app.schedules.routes import blp as schedules_blp
+    from app.stats.routes import blp as stats_blp
     from app.triggers.routes import blp as triggers_blp
     from app.triggers.routes import hooks as hooks_blp
 
@@ -88,6 +89,7 @@ def build_app(config: Config | None = None) -> Flask:
         schedules_blp,
         triggers_blp,
         hooks_blp,
+        stats_blp,
     ):
         api.register_blueprint(blueprint)
     http.install(app, api)

@@ -123,6 +123,9 @@ class Config:
     # not yet claimed, times the organization's weight; the rest wait in PostgreSQL. 0: off
     # (first in, first out across organizations).
     fair_window: int = 32
+    # /metrics (app/stats/collector.py): agents per organization reported by name, the rest
+    # as agent="other".
+    metrics_max_agents: int = 50
 
     @classmethod
     def from_env(cls) -> Config:
@@ -181,6 +184,7 @@ class Config:
             default_weight=_weight("RUNYARD_DEFAULT_WEIGHT", cls.default_weight),
             limits_cache_seconds=_float("RUNYARD_LIMITS_CACHE_SECONDS", cls.limits_cache_seconds),
             fair_window=_int("RUNYARD_FAIR_WINDOW", cls.fair_window),
+            metrics_max_agents=_int("RUNYARD_METRICS_MAX_AGENTS", cls.metrics_max_agents),
         )
 
     def allows_module(self, module: str) -> bool:
@@ -366,6 +370,12 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "the rest wait in PostgreSQL and go out in turn as these are taken, so one "
         "organization's backlog delays another's executions by about this many (0: off, first "
         "in first out); raise it past what your workers prefetch at once",
+    ),
+    (
+        "RUNYARD_METRICS_MAX_AGENTS",
+        "50",
+        "agents per organization that /metrics labels by name (those with the most executions); "
+        'the rest are summed under agent="other"',
     ),
 )
 

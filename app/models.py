@@ -7,12 +7,20 @@ from app.executions.models import Execution, ExecutionLog
 from app.idempotency.models import IdempotencyKey
 from app.orgs.models import ApiToken, Organization
 from app.schedules.models import Schedule, ScheduleFire
+from app.stats.models import (
+    AgentStatsRollup,
+    ExecutionTotal,
+    ScheduleLagTotal,
+    StatsWatermark,
+    SubmissionTotal,
+)
 from app.triggers.models import Trigger, TriggerDelivery
 
 metadata = Base.metadata
 
 __all__ = [
     "Agent",
+    "AgentStatsRollup",
     "AgentVersion",
     "ApiToken",
     "Chain",
@@ -20,10 +28,14 @@ __all__ = [
     "ChainVersion",
     "Execution",
     "ExecutionLog",
+    "ExecutionTotal",
     "IdempotencyKey",
     "Organization",
     "Schedule",
     "ScheduleFire",
+    "ScheduleLagTotal",
+    "StatsWatermark",
+    "SubmissionTotal",
     "Trigger",
     "TriggerDelivery",
     "metadata",

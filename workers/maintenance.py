@@ -11,7 +11,10 @@ these jobs in a thread of its own, at their own pace, whatever the workers are d
   held back for a rate-limit window that moved on, for a slot freed where no release ran (a
   lease the sweeper ended, a crash), or for a fair window a crash left with room;
 - the pruning of idempotency keys past their 24 hours, every ten minutes (expired keys already
-  count as absent: this only keeps the table small).
+  count as absent: this only keeps the table small);
+- the statistics tally (app/stats/tally.py), every STATS_TALLY_SECONDS: finished executions into
+  the rollups of GET /agents/{ref}/stats and the totals of /metrics, submits, schedule lag; and
+  the pruning of rollups past the longest stats window, hourly.
 
 Two beats may run at once: the sweep takes a lock in the broker's Redis, the resume check marks
 the chains it looked at, and pruning twice deletes nothing twice.
@@ -29,12 +32,15 @@ from app.chains import progress
 from app.config import current_config
 from app.executions import gates, recovery
 from app.idempotency import services as idempotency
+from app.stats import tally
 
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_PRUNE_SECONDS = 600.0
 # Also how late a rate-limited execution may start once its window has room.
 FLOW_TICK_SECONDS = 0.25
+STATS_TALLY_SECONDS = 5.0
+STATS_PRUNE_SECONDS = 3600.0
 
 
 @dataclass
@@ -78,6 +84,18 @@ def _prune_idempotency_keys() -> None:
         log.info("idempotency: deleted %d expired keys", deleted)
 
 
+def _tally_stats() -> None:
+    report = tally.tally()
+    if not report.caught_up:
+        log.info("stats: tally behind, counted %s this round", report)
+
+
+def _prune_stats() -> None:
+    deleted = tally.prune()
+    if deleted:
+        log.info("stats: deleted %d rollups past the longest window", deleted)
+
+
 def default_jobs() -> list[Job]:
     interval = current_config().sweep_interval_seconds
     return [
@@ -85,6 +103,8 @@ def default_jobs() -> list[Job]:
         Job("chains-resume", interval, _resume_chains),
         Job("flow-tick", FLOW_TICK_SECONDS, _flow_tick),
         Job("idempotency-prune", IDEMPOTENCY_PRUNE_SECONDS, _prune_idempotency_keys),
+        Job("stats-tally", STATS_TALLY_SECONDS, _tally_stats),
+        Job("stats-prune", STATS_PRUNE_SECONDS, _prune_stats),
     ]
 
 
