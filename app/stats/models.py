@@ -45,9 +45,10 @@ class StatsWatermark(Base):
 
 
 class AgentStatsRollup(Base):
-    """Executions of one agent that finished in one minute (span 60) or hour (span 3600) with
-    one status: their count, histograms of duration and queue wait (app/stats/buckets.py), and
-    the latest failure among them."""
+    """Executions of one agent that finished in one UTC minute (span 60), hour (3600) or day
+    (86400): their counts by status, histograms of duration and queue wait over all of them
+    (app/stats/buckets.py), and the latest failure among them. Statuses share one row, and
+    whole days one row, so that a 7-day window sums about a hundred rows at most."""
 
     __tablename__ = "agent_stats_rollups"
     __table_args__ = (Index("ix_agent_stats_rollups_bucket_start", "bucket_start"),)
@@ -55,9 +56,11 @@ class AgentStatsRollup(Base):
     agent_id: Mapped[uuid.UUID] = _agent()
     span_seconds: Mapped[int] = mapped_column(Integer, primary_key=True)
     bucket_start: Mapped[dt.datetime] = mapped_column(primary_key=True)
-    status: Mapped[str] = mapped_column(String(16), primary_key=True)
     org_id: Mapped[uuid.UUID] = _org()
-    executions: Mapped[int] = mapped_column(BigInteger)
+    succeeded: Mapped[int] = mapped_column(BigInteger)
+    failed: Mapped[int] = mapped_column(BigInteger)
+    timed_out: Mapped[int] = mapped_column(BigInteger)
+    cancelled: Mapped[int] = mapped_column(BigInteger)
     durations: Mapped[list[int]] = _hist()
     queue_waits: Mapped[list[int]] = _hist()
     last_failure_id: Mapped[uuid.UUID | None]

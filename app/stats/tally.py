@@ -51,26 +51,36 @@ _FINISHED = text(
       FROM executions
       WHERE org_id = :org_id AND finished_at IS NOT NULL AND finished_at >= :after_at
         AND (finished_at, id) > (:after_at, :after_id) AND finished_at < :cutoff
+        AND status IN ('succeeded', 'failed', 'timed_out', 'cancelled')
       ORDER BY finished_at, id
       LIMIT :batch
     ),
     spans AS (
-      SELECT 60 AS span_seconds, date_trunc('minute', finished_at) AS bucket_start, * FROM batch
-      UNION ALL
-      SELECT 3600, date_trunc('hour', finished_at), * FROM batch
+      SELECT 60 AS span_seconds, date_trunc('minute', finished_at, 'UTC') AS bucket_start, *
+      FROM batch
+      UNION ALL SELECT 3600, date_trunc('hour', finished_at, 'UTC'), * FROM batch
+      UNION ALL SELECT 86400, date_trunc('day', finished_at, 'UTC'), * FROM batch
     ),
     rollups AS (
-      INSERT INTO agent_stats_rollups AS r (agent_id, span_seconds, bucket_start, status, org_id,
-        executions, durations, queue_waits, last_failure_id, last_failure_at)
-      SELECT agent_id, span_seconds, bucket_start, status, :org_id, count(*),
+      INSERT INTO agent_stats_rollups AS r (agent_id, span_seconds, bucket_start, org_id,
+        succeeded, failed, timed_out, cancelled, durations, queue_waits, last_failure_id,
+        last_failure_at)
+      SELECT agent_id, span_seconds, bucket_start, :org_id,
+             count(*) FILTER (WHERE status = 'succeeded'),
+             count(*) FILTER (WHERE status = 'failed'),
+             count(*) FILTER (WHERE status = 'timed_out'),
+             count(*) FILTER (WHERE status = 'cancelled'),
              runyard_hist(runyard_hist_bucket(duration_ms)),
              runyard_hist(runyard_hist_bucket(wait_ms)),
              (array_agg(id ORDER BY finished_at DESC, id DESC)
                 FILTER (WHERE status IN ('failed', 'timed_out')))[1],
              max(finished_at) FILTER (WHERE status IN ('failed', 'timed_out'))
-      FROM spans GROUP BY agent_id, span_seconds, bucket_start, status
-      ON CONFLICT (agent_id, span_seconds, bucket_start, status) DO UPDATE SET
-        executions = r.executions + excluded.executions,
+      FROM spans GROUP BY agent_id, span_seconds, bucket_start
+      ON CONFLICT (agent_id, span_seconds, bucket_start) DO UPDATE SET
+        succeeded = r.succeeded + excluded.succeeded,
+        failed = r.failed + excluded.failed,
+        timed_out = r.timed_out + excluded.timed_out,
+        cancelled = r.cancelled + excluded.cancelled,
         durations = runyard_hist_merge(r.durations, excluded.durations),
         queue_waits = runyard_hist_merge(r.queue_waits, excluded.queue_waits),
         last_failure_id = CASE WHEN excluded.last_failure_at >= r.last_failure_at

@@ -20,6 +20,7 @@ depends_on = None
 # [2^((i-1)/8), 2^(i/8)) ms, the last one everything from 2^27 ms (37 hours) up.
 BUCKETS = 218
 ZEROS = "{" + ",".join(["0"] * BUCKETS) + "}"
+FINISHED = ("succeeded", "failed", "timed_out", "cancelled")
 
 FUNCTIONS = (
     # The histogram bucket of a duration in milliseconds (NULL: nothing to count). The small
@@ -43,11 +44,18 @@ FUNCTIONS = (
     END
     $$
     """,
+    # A loop in plpgsql, in place: twice as fast as array_agg over unnest.
     """
     CREATE FUNCTION runyard_hist_merge(a bigint[], b bigint[]) RETURNS bigint[]
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-      SELECT CASE WHEN a IS NULL THEN b WHEN b IS NULL THEN a ELSE
-        (SELECT array_agg(x + y ORDER BY i) FROM unnest(a, b) WITH ORDINALITY AS u(x, y, i)) END
+    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+    BEGIN
+      IF a IS NULL THEN RETURN b; END IF;
+      IF b IS NULL THEN RETURN a; END IF;
+      FOR i IN 1 .. array_length(b, 1) LOOP
+        a[i] := a[i] + b[i];
+      END LOOP;
+      RETURN a;
+    END
     $$
     """,
     f"""
@@ -125,9 +133,8 @@ def upgrade() -> None:
         _agent(primary_key=True),
         sa.Column("span_seconds", sa.Integer(), primary_key=True),
         sa.Column("bucket_start", sa.DateTime(timezone=True), primary_key=True),
-        sa.Column("status", sa.String(16), primary_key=True),
         _org(),
-        sa.Column("executions", sa.BigInteger(), nullable=False),
+        *(sa.Column(status, sa.BigInteger(), nullable=False) for status in FINISHED),
         _hist("durations"),
         _hist("queue_waits"),
         sa.Column("last_failure_id", sa.UUID(), nullable=True),

@@ -3,6 +3,7 @@ plus the rows it has not reached, last failure, health; the tally's own bookkeep
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 
 import pytest
@@ -224,3 +225,35 @@ def test_bucket_edges_match_the_database(connection):
         got = connection.execute(text("SELECT runyard_hist_bucket(:ms)"), {"ms": ms}).scalar()
         assert got == index, (ms, got)
         assert buckets.lower_bound(index) <= ms < buckets.upper_bound(index)
+
+
+@pytest.mark.parametrize(
+    "now",
+    [
+        dt.datetime(2026, 12, 7, 10, 15, 42, tzinfo=dt.UTC),
+        dt.datetime(2026, 12, 7, 0, 0, 0, tzinfo=dt.UTC),
+        dt.datetime(2026, 12, 7, 23, 59, 59, tzinfo=dt.UTC),
+        dt.datetime(2026, 12, 7, 10, 0, 30, tzinfo=dt.UTC),
+    ],
+)
+@pytest.mark.parametrize("window", list(services.WINDOWS))
+def test_rollup_spans_cover_the_window_once(now, window):
+    """Every minute from the window's start to now falls in exactly one rollup row chosen."""
+    edges = services.spans(now, services.WINDOWS[window])
+    minute = dt.timedelta(minutes=1)
+    assert edges["start"] == now - services.WINDOWS[window] - (now.second * dt.timedelta(seconds=1))
+    moment = edges["start"]
+    while moment <= now:
+        chosen = [
+            edges["start"] <= moment < edges["first_hour"] or moment >= edges["last_hour"],
+            edges["first_hour"] <= moment < edges["first_day"]
+            or edges["last_day"] <= moment < edges["last_hour"],
+            edges["first_day"] <= moment < edges["last_day"],
+        ]
+        assert sum(chosen) == 1, (moment, edges)
+        unit = (minute, dt.timedelta(hours=1), dt.timedelta(days=1))[chosen.index(True)]
+        # The row's span is aligned and wholly inside the window.
+        epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+        row_start = epoch + (moment - epoch) // unit * unit
+        assert row_start >= edges["start"]
+        moment += minute
