@@ -257,3 +257,20 @@ def test_rollup_spans_cover_the_window_once(now, window):
         row_start = epoch + (moment - epoch) // unit * unit
         assert row_start >= edges["start"]
         moment += minute
+
+
+def test_beat_runs_the_tally_and_prunes_old_rollups(client, org, connection):
+    from workers.maintenance import STATS_PRUNE_SECONDS, STATS_TALLY_SECONDS, default_jobs
+
+    jobs = {job.name: job for job in default_jobs()}
+    assert jobs["stats-tally"].every_seconds == STATS_TALLY_SECONDS
+    assert jobs["stats-prune"].every_seconds == STATS_PRUNE_SECONDS
+    agent = make_agent(client, org)
+    add(connection, agent, ago=9 * 86400)
+    add(connection, agent, ago=3600)
+    tally.tally(lag_seconds=0)
+    kept = text("SELECT count(*) FROM agent_stats_rollups WHERE agent_id = :a")
+    assert connection.execute(kept, {"a": agent["id"]}).scalar_one() == 6  # minute, hour, day x2
+    jobs["stats-prune"].run()
+    assert connection.execute(kept, {"a": agent["id"]}).scalar_one() == 3
+    assert stats(client, org, "7d")["counts"]["succeeded"] == 1
