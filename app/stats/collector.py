@@ -42,8 +42,10 @@ OTHER = "other"
 # `le` edges of the exported histograms, as powers of two of a millisecond: 1 ms, 4 ms, 16 ms
 # ... 18.6 hours (the stored histograms are finer; these keep the series count small).
 DOUBLINGS = tuple(range(0, 27, 2))
-# The notifications' delivery table (built alongside this): counted when it exists.
-NOTIFICATION_DELIVERIES = "notification_deliveries"
+# The notifications' events, one per delivery to make (being built alongside this, with status
+# pending, delivered or failed): counted when the table exists. Only the final statuses count,
+# so the counter only grows (unless the table is pruned).
+NOTIFICATION_DELIVERIES = "notification_events"
 
 _TOTALS = text(
     """
@@ -79,12 +81,14 @@ _NOW = text("SELECT now()")
 _LAGS = text("SELECT lags, lag_ms_sum FROM schedule_lag_totals WHERE id = 1")
 _HAS_TABLE = text("SELECT to_regclass(:name) IS NOT NULL")
 _NOTIFICATIONS = text(
-    f"SELECT status, count(*) FROM {NOTIFICATION_DELIVERIES} GROUP BY status ORDER BY status"
+    f"SELECT status, count(*) FROM {NOTIFICATION_DELIVERIES} "
+    "WHERE status IN ('delivered', 'failed') GROUP BY status ORDER BY status"
 )
 
 
 def notification_counts(conn: Connection) -> list[tuple[str, int]]:
-    """Deliveries by status, or nothing when the notifications' table is not there."""
+    """Deliveries that ended, by status (delivered, failed); nothing when the notifications'
+    table is not there."""
     if not conn.execute(_HAS_TABLE, {"name": NOTIFICATION_DELIVERIES}).scalar():
         return []
     return [(status, int(n)) for status, n in conn.execute(_NOTIFICATIONS)]

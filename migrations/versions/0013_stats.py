@@ -63,9 +63,6 @@ FUNCTIONS = (
       SFUNC = runyard_hist_add, STYPE = bigint[], INITCOND = '{ZEROS}'
     )
     """,
-    """
-    CREATE AGGREGATE runyard_hist_sum(bigint[]) (SFUNC = runyard_hist_merge, STYPE = bigint[])
-    """,
 )
 
 
@@ -183,7 +180,6 @@ def downgrade() -> None:
         "stats_watermarks",
     ):
         op.drop_table(table)
-    op.execute("DROP AGGREGATE runyard_hist_sum(bigint[])")
     op.execute("DROP AGGREGATE runyard_hist(int)")
     op.execute("DROP FUNCTION runyard_hist_merge(bigint[], bigint[])")
     op.execute("DROP FUNCTION runyard_hist_add(bigint[], int)")
