@@ -136,6 +136,9 @@ class Config:
     notify_retry_window_seconds: float = 86400.0
     notify_concurrency: int = 8
     notify_poll_seconds: float = 1.0
+    # /metrics (app/stats/collector.py): agents per organization reported by name, the rest
+    # as agent="other".
+    metrics_max_agents: int = 50
 
     @classmethod
     def from_env(cls) -> Config:
@@ -209,6 +212,7 @@ class Config:
             ),
             notify_concurrency=max(1, _int("RUNYARD_NOTIFY_CONCURRENCY", cls.notify_concurrency)),
             notify_poll_seconds=_float("RUNYARD_NOTIFY_POLL_SECONDS", cls.notify_poll_seconds),
+            metrics_max_agents=_int("RUNYARD_METRICS_MAX_AGENTS", cls.metrics_max_agents),
         )
 
     def allows_module(self, module: str) -> bool:
@@ -431,6 +435,12 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
     ),
     ("RUNYARD_NOTIFY_CONCURRENCY", "8", "deliveries one delivery run sends at once"),
     ("RUNYARD_NOTIFY_POLL_SECONDS", "1", "how often beat delivers the notifications that are due"),
+    (
+        "RUNYARD_METRICS_MAX_AGENTS",
+        "50",
+        "agents per organization that /metrics labels by name (those with the most executions); "
+        'the rest are summed under agent="other"',
+    ),
 )
 
 

@@ -220,6 +220,7 @@ def _install_error_handlers(app: Flask, api: RunyardApi) -> Callable[[Exception]
         headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else {}
         if isinstance(error, QuotaExceeded):
             headers.update(error.headers)
+            g.quota_refused = error.limit  # counted by /metrics (app/metrics.py)
         return jsonify(body), error.status_code, headers
 
     @app.errorhandler(RecursionError)

@@ -8,12 +8,20 @@ from app.idempotency.models import IdempotencyKey
 from app.notifications.models import Notification, NotificationEvent
 from app.orgs.models import ApiToken, Organization
 from app.schedules.models import Schedule, ScheduleFire
+from app.stats.models import (
+    AgentStatsRollup,
+    ExecutionTotal,
+    ScheduleLagTotal,
+    StatsWatermark,
+    SubmissionTotal,
+)
 from app.triggers.models import Trigger, TriggerDelivery
 
 metadata = Base.metadata
 
 __all__ = [
     "Agent",
+    "AgentStatsRollup",
     "AgentVersion",
     "ApiToken",
     "Chain",
@@ -21,12 +29,16 @@ __all__ = [
     "ChainVersion",
     "Execution",
     "ExecutionLog",
+    "ExecutionTotal",
     "IdempotencyKey",
     "Notification",
     "NotificationEvent",
     "Organization",
     "Schedule",
     "ScheduleFire",
+    "ScheduleLagTotal",
+    "StatsWatermark",
+    "SubmissionTotal",
     "Trigger",
     "TriggerDelivery",
     "metadata",

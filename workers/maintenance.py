@@ -19,7 +19,10 @@ these jobs in a thread of its own, at their own pace, whatever the workers are d
 - in a thread of its own (`notification_jobs`), so a slow receiver never holds up the sweeper:
   the delivery of due notification events (workers/notify.py), every
   RUNYARD_NOTIFY_POLL_SECONDS. The task a writer publishes after its commit usually delivers
-  first; this is what makes a lost message only a delay.
+  first; this is what makes a lost message only a delay;
+- the statistics tally (app/stats/tally.py), every STATS_TALLY_SECONDS: finished executions into
+  the rollups of GET /agents/{ref}/stats and the totals of /metrics, submits, schedule lag; and
+  the pruning of rollups past the longest stats window, hourly.
 
 Two beats may run at once: the sweep takes a lock in the broker's Redis, the resume check marks
 the chains it looked at, pruning twice deletes nothing twice (retention skips the rows the other
@@ -40,6 +43,7 @@ from app.config import current_config
 from app.db import db
 from app.executions import gates, recovery, store
 from app.idempotency import services as idempotency
+from app.stats import tally
 from workers import notify
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,8 @@ IDEMPOTENCY_PRUNE_SECONDS = 600.0
 # Also how late a rate-limited execution may start once its window has room.
 FLOW_TICK_SECONDS = 0.25
 RETENTION_BUDGET_SECONDS = 10.0
+STATS_TALLY_SECONDS = 5.0
+STATS_PRUNE_SECONDS = 3600.0
 
 
 @dataclass
@@ -117,6 +123,18 @@ def _retention() -> None:
         log.info("retention: deleted %d finished executions and chain executions", deleted)
 
 
+def _tally_stats() -> None:
+    report = tally.tally()
+    if not report.caught_up:
+        log.info("stats: tally behind, counted %s this round", report)
+
+
+def _prune_stats() -> None:
+    deleted = tally.prune()
+    if deleted:
+        log.info("stats: deleted %d rollups past the longest window", deleted)
+
+
 def default_jobs() -> list[Job]:
     cfg = current_config()
     interval = cfg.sweep_interval_seconds
@@ -126,6 +144,8 @@ def default_jobs() -> list[Job]:
         Job("flow-tick", FLOW_TICK_SECONDS, _flow_tick),
         Job("idempotency-prune", IDEMPOTENCY_PRUNE_SECONDS, _prune_idempotency_keys),
         Job("retention", cfg.retention_interval_seconds, _retention),
+        Job("stats-tally", STATS_TALLY_SECONDS, _tally_stats),
+        Job("stats-prune", STATS_PRUNE_SECONDS, _prune_stats),
     ]
 
 

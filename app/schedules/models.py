@@ -89,6 +89,8 @@ class ScheduleFire(Base):
             "schedule_id",
             postgresql_where=text("status = 'fired' AND outcome IS NULL"),
         ),
+        # The statistics tally's watermark on schedule lag (app/stats/tally.py).
+        Index("ix_schedule_fires_fired_at", "fired_at"),
     )
 
     schedule_id: Mapped[uuid.UUID] = mapped_column(

@@ -1,7 +1,7 @@
 """notifications: subscriptions and their outbox of events to deliver
 
 Revision ID: 0011_notifications
-Revises: 0008_flow_control
+Revises: 0010_reruns
 Create Date: 2026-12-07 04:40:00.000000
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0011_notifications"
-down_revision = "0008_flow_control"
+down_revision = "0010_reruns"
 branch_labels = None
 depends_on = None
 

@@ -2,7 +2,7 @@
 retention_days, chain executions by finish time)
 
 Revision ID: 0012_logs
-Revises: 0008_flow_control
+Revises: 0011_notifications
 Create Date: 2026-12-07 04:40:00.000000
 """
 
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0012_logs"
-down_revision = "0008_flow_control"
+down_revision = "0011_notifications"
 branch_labels = None
 depends_on = None
 

@@ -35,6 +35,7 @@ OBJECT_ROUTES = {
     Route("/api/v1/agents/<ref>/versions/<version>", "GET"),
     Route("/api/v1/agents/<ref>/executions", "POST"),
     Route("/api/v1/agents/<ref>/executions/batch", "POST"),
+    Route("/api/v1/agents/<ref>/stats", "GET"),
     Route("/api/v1/executions/<execution_id>", "GET"),
     Route("/api/v1/executions/<execution_id>/cancel", "POST"),
     Route("/api/v1/executions/<execution_id>/rerun", "POST"),
