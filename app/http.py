@@ -20,7 +20,6 @@ from werkzeug.http import HTTP_STATUS_CODES
 from app import storable
 from app.db import db
 from app.errors import (
-    QuotaExceeded,
     RunyardError,
     Unavailable,
     UnsupportedMediaType,
@@ -218,8 +217,8 @@ def _install_error_handlers(app: Flask, api: RunyardApi) -> Callable[[Exception]
             error.hint or HTTP_HINTS.get(error.status_code, SPEC_HINT),
         )
         headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else {}
-        if isinstance(error, QuotaExceeded):
-            headers.update(error.headers)
+        # A 429 says when to come back (Retry-After, RateLimit-*), and so does a full 503.
+        headers.update(getattr(error, "headers", {}))
         return jsonify(body), error.status_code, headers
 
     @app.errorhandler(RecursionError)

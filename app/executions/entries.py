@@ -83,12 +83,12 @@ _INSERT_SQL = (
     """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
                             priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
-                            rate_key, gated)
+                            rate_key, gated, traceparent)
     SELECT %(id)s, a.org_id, a.id, %(version_id)s, a.name, %(version)s, 'queued', %(priority)s,
            %(input)s, 0, %(max_attempts)s, %(queue)s::text, """
     + WAITING_FOR_SQL.format(rank="1")
     + """,
-           %(flow_key)s, %(rate_key)s, %(hold)s::text IS NOT NULL
+           %(flow_key)s, %(rate_key)s, %(hold)s::text IS NOT NULL, %(traceparent)s::text
     FROM agents a
     WHERE a.id = %(agent_id)s AND a.org_id = %(org_id)s AND a.archived_at IS NULL
       AND (%(pinned)s OR a.current_version_id = %(version_id)s)
@@ -107,6 +107,7 @@ def insert(
     priority: int,
     pinned: bool,
     entry: Entry = FREE,
+    traceparent: str | None = None,
 ) -> Any:
     """Insert a queued execution; a row of (queued_at, waiting_for), or None when the agent was
     archived or (unless pinned) its current version changed since `spec` was read."""
@@ -130,6 +131,7 @@ def insert(
                     "rate_key": spec.rate_key(payload),
                     "hold": entry.hold,
                     "window": entry.window,
+                    "traceparent": traceparent,
                 },
             )
             .fetchone()
@@ -145,13 +147,13 @@ _INSERT_BATCH_SQL = (
     """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
                             priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
-                            rate_key, gated, queued_at)
+                            rate_key, gated, queued_at, traceparent)
     SELECT r.id, a.org_id, a.id, %(version_id)s, a.name, %(version)s, 'queued', r.priority,
            r.input, 0, %(max_attempts)s, %(queue)s::text, """
     + WAITING_FOR_SQL.format(rank="r.rank")
     + """,
            r.flow_key, r.rate_key, %(hold)s::text IS NOT NULL,
-           now() + make_interval(secs => (r.rank - 1) / 1e6)
+           now() + make_interval(secs => (r.rank - 1) / 1e6), %(traceparent)s::text
     FROM agents a,
          ROWS FROM (json_to_recordset(%(rows)s::json)
                     AS (id uuid, priority smallint, input jsonb, flow_key text, rate_key text))
@@ -171,6 +173,7 @@ def insert_batch(
     *,
     pinned: bool,
     entry: Entry = FREE,
+    traceparent: str | None = None,
 ) -> dict[uuid.UUID, str | None] | None:
     """Insert (id, priority, input) rows as queued executions of `spec`, all or none: id ->
     waiting_for, or None when the agent was archived or (unless pinned) its current version
@@ -203,6 +206,7 @@ def insert_batch(
                     "queue": spec.queue,
                     "hold": entry.hold,
                     "window": entry.window,
+                    "traceparent": traceparent,
                 },
             )
             .fetchall()

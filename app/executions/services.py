@@ -126,6 +126,7 @@ def submit(
     *,
     version: str | None = None,
     priority: int = DEFAULT_PRIORITY,
+    traceparent: str | None = None,
 ) -> dict[str, Any]:
     principal.require("executions:submit")
     execution_id = uuid.uuid4()
@@ -146,6 +147,7 @@ def submit(
                 priority=priority,
                 pinned=target.pinned,
                 entry=entry,
+                traceparent=traceparent,
             )
 
         if entry.hold is None:
@@ -187,6 +189,8 @@ def submit(
         "resource_usage": None,
         "chain_execution_id": None,
         "waiting_for": shown_waiting_for(waiting_for),
+        "progress": None,
+        "traceparent": traceparent,
     }
 
 
@@ -230,7 +234,12 @@ MAX_BATCH_ITEMS = 1000
 
 
 def submit_batch(
-    principal: Principal, ref: str, items: list[dict[str, Any]], *, version: str | None = None
+    principal: Principal,
+    ref: str,
+    items: list[dict[str, Any]],
+    *,
+    version: str | None = None,
+    traceparent: str | None = None,
 ) -> list[uuid.UUID]:
     """Store and queue one execution per item (`input`, `priority`), all or none: one invalid
     input refuses the whole batch (422 keyed /items/<i>/input/...). Published in bulk, after
@@ -248,7 +257,13 @@ def submit_batch(
 
         def insert_rows() -> Any:
             return entries.insert_batch(
-                conn, principal.org_id, spec, rows, pinned=target.pinned, entry=entry
+                conn,
+                principal.org_id,
+                spec,
+                rows,
+                pinned=target.pinned,
+                entry=entry,
+                traceparent=traceparent,
             )
 
         if entry.hold is None:
@@ -297,6 +312,8 @@ def present(row: Mapping[str, Any] | Execution) -> dict[str, Any]:
         "resource_usage": get("resource_usage"),
         "chain_execution_id": get("chain_execution_id"),
         "waiting_for": shown_waiting_for(get("waiting_for")),
+        "progress": get("progress"),
+        "traceparent": get("traceparent"),
     }
 
 
@@ -372,17 +389,19 @@ def logs(
     if after_seq is not None:
         query = query.where(ExecutionLog.seq > after_seq)
     rows = session.scalars(query.order_by(ExecutionLog.seq).limit(limit)).all()
-    return [
-        {
-            "seq": r.seq,
-            "ts": r.ts,
-            "level": LEVEL_NAMES.get(r.level, str(r.level)),
-            "message": r.message,
-            "fields": r.fields or {},
-            "attempt": r.attempt,
-        }
-        for r in rows
-    ]
+    return [line_entry(r) for r in rows]
+
+
+def line_entry(r: Any) -> dict[str, Any]:
+    """A log line as /logs shows it (and the event streams: app/executions/events.py)."""
+    return {
+        "seq": r.seq,
+        "ts": r.ts,
+        "level": LEVEL_NAMES.get(r.level, str(r.level)),
+        "message": r.message,
+        "fields": r.fields or {},
+        "attempt": r.attempt,
+    }
 
 
 def attempts(session: Session, principal: Principal, execution_id: str) -> list[dict[str, Any]]:
