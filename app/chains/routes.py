@@ -12,7 +12,12 @@ from app.chains.schemas import (
     ChainSubmitSchema,
     ChainVersionSchema,
 )
-from app.executions.events import STREAMS_FULL, Stream
+from app.executions.events import (
+    STREAMS_FULL,
+    STREAMS_FULL_HEADERS,
+    Stream,
+    stream_doc,
+)
 from app.flow.schemas import QUOTA_HEADERS, QUOTA_REFUSED
 from app.http import Blueprint, current_principal, request_session
 
@@ -177,8 +182,9 @@ class ChainCancel(MethodView):
 @blp.route("/chain-executions/<execution_id>/events")
 class ChainEvents(MethodView):
     @blp.response(200, content_type="text/event-stream")
+    @blp.doc(responses=stream_doc(["step", "compensation", "end"]))
     @blp.alt_response(404, description="no such chain execution in your organization")
-    @blp.alt_response(503, description=STREAMS_FULL)
+    @blp.alt_response(503, description=STREAMS_FULL, headers=STREAMS_FULL_HEADERS)
     def get(self, execution_id):
         """Live events (Server-Sent Events) of a chain execution: its steps, then `end`
 

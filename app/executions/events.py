@@ -63,6 +63,32 @@ STREAMS_FULL = (
     "this API process serves RUNYARD_MAX_STREAMS_PER_PROCESS streams already: retry after "
     "Retry-After seconds"
 )
+STREAMS_FULL_HEADERS = {
+    "Retry-After": {
+        "description": "seconds to wait before opening a stream again",
+        "schema": {"type": "integer"},
+    }
+}
+
+
+def stream_doc(events: list[str]) -> dict[str, Any]:
+    """The OpenAPI answer of a stream route: Server-Sent Events (each described as an object
+    of its fields), not JSON."""
+    event = {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"type": "string", "enum": events},
+            "data": {"type": "string", "description": "one line of JSON"},
+            "id": {"type": "string", "description": "a log line's seq (Last-Event-ID)"},
+        },
+    }
+    return {
+        "200": {
+            "description": "Server-Sent Events, until `end`",
+            "content": {"text/event-stream": {"schema": event}},
+        }
+    }
 
 
 class StreamsBusy(Unavailable):

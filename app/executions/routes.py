@@ -163,8 +163,9 @@ class Logs(MethodView):
 class Events(MethodView):
     @blp.arguments(EventStreamHeadersSchema(), location="headers")
     @blp.response(200, content_type="text/event-stream")
+    @blp.doc(responses=events.stream_doc(["log", "status", "end"]))
     @blp.alt_response(404, description="no such execution in your organization")
-    @blp.alt_response(503, description=events.STREAMS_FULL)
+    @blp.alt_response(503, description=events.STREAMS_FULL, headers=events.STREAMS_FULL_HEADERS)
     def get(self, headers, execution_id):
         """Live events (Server-Sent Events): log lines, status changes, then `end`
 

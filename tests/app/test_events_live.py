@@ -19,7 +19,7 @@ import pytest
 
 from app.embedded import free_port
 from tests.conftest import wait_for, wait_until
-from tests.workers.test_runs import define, logs, python_agent
+from tests.workers.test_runs import logs, python_agent
 
 pytestmark = pytest.mark.worker
 
@@ -49,9 +49,9 @@ def api(worker, tmp_path_factory) -> Iterator[tuple[str, int]]:
     try:
 
         def answers() -> bool:
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
-                    return True
+            healthz = f"http://127.0.0.1:{port}/healthz"
+            with contextlib.suppress(OSError), urllib.request.urlopen(healthz, timeout=2):
+                return True
             assert process.poll() is None, log_path.read_text()[-3000:]
             return False
 
