@@ -218,8 +218,9 @@ class Hub:
         while True:
             try:
                 self._listen()
-            except Exception:
-                log.warning("event listener lost its connection; reconnecting", exc_info=True)
+            except Exception as exc:
+                # Without a traceback: a restart of PostgreSQL is expected, and each try logs.
+                log.warning("event listener lost its connection (%s); reconnecting", exc)
             # Whatever was notified meanwhile is lost: every stream looks for itself.
             self._wake_all()
             time.sleep(pause)
