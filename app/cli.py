@@ -180,7 +180,10 @@ def cmd_api(args: argparse.Namespace) -> int:
         def load_config(self):
             self.cfg.set("bind", f"{args.host or cfg.api_host}:{args.port or cfg.api_port}")
             self.cfg.set("workers", cfg.api_workers)
-            self.cfg.set("threads", cfg.api_threads)
+            # Each open event stream holds a thread while it waits (cheaply, on an Event): the
+            # streams get threads of their own, capped per process by the stream route's
+            # semaphore (503 beyond), so ordinary requests always keep their api_threads.
+            self.cfg.set("threads", cfg.api_threads + cfg.max_streams_per_process)
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("accesslog", "-" if args.access_log else None)
             self.cfg.set("graceful_timeout", 10)

@@ -113,6 +113,10 @@ class Config:
     api_port: int = 8000
     api_workers: int = 2
     api_threads: int = 4
+    # Live event streams (app/executions/events.py): open streams a `runyard api` process
+    # serves at once, on threads of their own beside api_threads.
+    max_streams_per_process: int = 128
+    stream_keepalive_seconds: float = 15.0
     flower_port: int = 5555
     flower_user: str = "runyard"
     flower_password: str = ""
@@ -188,6 +192,12 @@ class Config:
             api_port=_int("RUNYARD_API_PORT", cls.api_port),
             api_workers=_int("RUNYARD_API_WORKERS", cls.api_workers),
             api_threads=_int("RUNYARD_API_THREADS", cls.api_threads),
+            max_streams_per_process=_int(
+                "RUNYARD_MAX_STREAMS_PER_PROCESS", cls.max_streams_per_process
+            ),
+            stream_keepalive_seconds=_positive_float(
+                "RUNYARD_STREAM_KEEPALIVE_SECONDS", cls.stream_keepalive_seconds
+            ),
             flower_port=_int("RUNYARD_FLOWER_PORT", cls.flower_port),
             flower_user=os.environ.get("RUNYARD_FLOWER_USER", cls.flower_user),
             flower_password=os.environ.get("RUNYARD_FLOWER_PASSWORD", ""),
@@ -348,7 +358,17 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
     (
         "RUNYARD_API_WORKERS / RUNYARD_API_THREADS",
         "2 / 4",
-        "gunicorn processes and threads of `runyard api`",
+        "gunicorn processes and threads of `runyard api` for ordinary requests",
+    ),
+    (
+        "RUNYARD_MAX_STREAMS_PER_PROCESS",
+        "128",
+        "open event streams per `runyard api` process, on threads of their own (beyond: 503)",
+    ),
+    (
+        "RUNYARD_STREAM_KEEPALIVE_SECONDS",
+        "15",
+        "how often an idle event stream sends a `: keepalive` comment line",
     ),
     ("RUNYARD_FLOWER_PORT", "5555", "where `runyard up` serves Flower"),
     (

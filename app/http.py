@@ -218,8 +218,9 @@ def _install_error_handlers(app: Flask, api: RunyardApi) -> Callable[[Exception]
             error.hint or HTTP_HINTS.get(error.status_code, SPEC_HINT),
         )
         headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else {}
+        # A 429 says when to come back (Retry-After, RateLimit-*), and so does a full 503.
+        headers.update(getattr(error, "headers", {}))
         if isinstance(error, QuotaExceeded):
-            headers.update(error.headers)
             g.quota_refused = error.limit  # counted by /metrics (app/metrics.py)
         return jsonify(body), error.status_code, headers
 

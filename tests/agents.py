@@ -142,3 +142,19 @@ def fails_until_flag(payload, ctx):
     if not os.path.exists(payload["flag"]):
         raise RuntimeError("the flag file is not there yet")
     return {"value": payload.get("value", 0)}
+
+
+def reporter(payload, ctx):
+    """Logs numbered lines with pauses, reporting progress after each; returns the trace context
+    it was handed and what ctx.progress said to a fraction out of range."""
+    lines = payload.get("lines", 5)
+    for number in range(lines):
+        ctx.log.info(f"line {number}")
+        ctx.progress((number + 1) / lines, f"line {number} of {lines}")
+        time.sleep(payload.get("pause", 0.2))
+    try:
+        ctx.progress(1.5)
+        refused = None
+    except ValueError as exc:
+        refused = str(exc)
+    return {"traceparent": ctx.traceparent, "refused": refused}

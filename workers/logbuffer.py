@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from app import storable
-from app.db import DATABASE_ERRORS
+from app.db import DATABASE_ERRORS, db
 from app.executions import store
 from app.executions.spec import LEVELS
 from workers.attempt import AttemptDatabase
@@ -39,8 +39,11 @@ def _storable(value: Any) -> Any:
 class LogBuffer:
     """Numbers log lines and writes them in batches.
 
-    Lines may come from any thread the agent starts; only the thread that owns the connection
-    writes, so a batch waits for that thread's next add() or the final flush().
+    Lines may come from any thread the agent starts; the thread that owns the connection
+    writes on its next add() or the final flush(), and a python agent's watchdog thread writes
+    what waited past flush_seconds (`flush_if_due`) on a pooled connection of its own, so a
+    line reaches PostgreSQL (and the event streams) within about flush_seconds even when the
+    agent goes quiet. Writes are serialized: batches land in seq order.
 
     Flushes are best effort: while the database is away the lines stay pending (no more than
     max_lines in all, as ever) and the next flush tries again; the runner writes what is left
@@ -73,6 +76,7 @@ class LogBuffer:
         # (seq, ts, level, message, fields as JSON text or None), in seq order.
         self._pending: list[tuple[int, dt.datetime, int, str, str | None]] = []
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._owner = threading.get_ident()
         self._last_flush = time.monotonic()
         self._held_back = False
@@ -118,6 +122,15 @@ class LogBuffer:
 
     def flush(self) -> None:
         """Write the pending lines if the database takes them; else keep them for later."""
+        if threading.get_ident() != self._owner:
+            # The attempt's connection is its own thread's alone: another thread (the python
+            # watchdog's) writes on a pooled one. Lines it cannot write stay pending.
+            try:
+                with db.hot() as conn:
+                    self.write_pending(conn)
+            except DATABASE_ERRORS:
+                pass
+            return
         if not self._database.worth_trying():
             return
         try:
@@ -136,15 +149,16 @@ class LogBuffer:
     def write_pending(self, conn: Connection) -> None:
         """Write the pending lines on `conn`; if that fails they stay pending, and it raises.
         Writing a line twice is harmless (the insert skips a sequence number it holds)."""
-        with self._lock:
-            batch, self._pending = self._pending, []
-            self._last_flush = time.monotonic()
-        try:
-            store.write_logs(conn, self._columns(batch))
-        except BaseException:
+        with self._write_lock:
             with self._lock:
-                self._pending[:0] = batch
-            raise
+                batch, self._pending = self._pending, []
+                self._last_flush = time.monotonic()
+            try:
+                store.write_logs(conn, self._columns(batch))
+            except BaseException:
+                with self._lock:
+                    self._pending[:0] = batch
+                raise
 
     def _columns(
         self, batch: list[tuple[int, dt.datetime, int, str, str | None]]

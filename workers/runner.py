@@ -22,6 +22,7 @@ from workers.attempt import AttemptDatabase
 from workers.context import AgentLog, Context
 from workers.lease import lease_keeper
 from workers.logbuffer import LogBuffer
+from workers.progress import ProgressReporter
 from workers.runtimes import Outcome, Runtime, runtime_for
 from workers.watchdog import watchdog
 
@@ -81,6 +82,7 @@ def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
         max_chars=cfg.log_line_max_chars,
         max_lines=spec.limits.get("max_log_lines", cfg.max_log_lines),
     )
+    progress = ProgressReporter(database, claimed)
     ctx = Context(
         execution_id=execution_id,
         attempt=claimed.attempt,
@@ -88,11 +90,14 @@ def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
         config=spec.config,
         log=AgentLog(buffer),
         check_cancel=CancelCheck(database, execution_id),
+        progress=progress,
+        traceparent=claimed.traceparent,
     )
     try:
         outcome = _run_runtime(claimed, spec, ctx, buffer)
         if outcome.ok:
             _check_output(spec, outcome, spec.limits.get("max_output_bytes", cfg.max_output_bytes))
+        progress.flush()  # a value the throttle held back: no statement when there is none
         buffer.close()
     # Whatever broke around the agent, the claimed row must not stay `running`.
     except SoftTimeLimitExceeded:

@@ -111,6 +111,8 @@ class Watchdog:
                 log.warning("watchdog: check of %s failed", watch.claimed.execution_id, exc_info=1)
 
     def _look(self, watch: Watch) -> None:
+        # Lines and progress of an agent that went quiet do not wait for its next call.
+        watch.ctx.flush_if_due()
         now = time.monotonic()
         if watch.cancel_seen_at is None and now >= watch.next_check:
             watch.next_check = now + CANCEL_CHECK_SECONDS

@@ -1,6 +1,7 @@
+from flask import Response
 from flask.views import MethodView
 
-from app.chains import launch, progress, reruns, services
+from app.chains import events, launch, progress, reruns, services
 from app.chains.schemas import (
     ChainCreateSchema,
     ChainExecutionQuerySchema,
@@ -11,6 +12,12 @@ from app.chains.schemas import (
     ChainSchema,
     ChainSubmitSchema,
     ChainVersionSchema,
+)
+from app.executions.events import (
+    STREAMS_FULL,
+    STREAMS_FULL_HEADERS,
+    Stream,
+    stream_doc,
 )
 from app.flow.schemas import QUOTA_HEADERS, QUOTA_REFUSED
 from app.http import Blueprint, current_principal, request_session
@@ -194,3 +201,28 @@ class ChainRerun(MethodView):
         session = request_session()
         execution = reruns.rerun(session, current_principal(), execution_id, start=data["from"])
         return services.present(session, execution)
+
+
+@blp.route("/chain-executions/<execution_id>/events")
+class ChainEvents(MethodView):
+    @blp.response(200, content_type="text/event-stream")
+    @blp.doc(responses=stream_doc(["step", "compensation", "end"]))
+    @blp.alt_response(404, description="no such chain execution in your organization")
+    @blp.alt_response(503, description=STREAMS_FULL, headers=STREAMS_FULL_HEADERS)
+    def get(self, execution_id):
+        """Live events (Server-Sent Events) of a chain execution: its steps, then `end`
+
+        `event: step` (`data`: the step as in the chain execution's `steps`) first for every
+        step, then on every change of one; `event: compensation` likewise for `compensations`;
+        a last `event: end` (`data`: the chain execution as GET shows it), after which the
+        server closes. Changes show within about a second. A `: keepalive` comment line comes
+        every RUNYARD_STREAM_KEEPALIVE_SECONDS (15) while nothing happens."""
+        execution = services.get_execution(request_session(), current_principal(), execution_id)
+        stream = Stream(
+            events.CHAIN, execution.id, events.chain_events(execution.org_id, execution.id)
+        )
+        return Response(
+            stream,
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )

@@ -83,12 +83,13 @@ _INSERT_SQL = (
     """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
                             priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
-                            rate_key, gated, rerun_of)
+                            rate_key, gated, rerun_of, traceparent)
     SELECT %(id)s, a.org_id, a.id, %(version_id)s, a.name, %(version)s, 'queued', %(priority)s,
            %(input)s, 0, %(max_attempts)s, %(queue)s::text, """
     + WAITING_FOR_SQL.format(rank="1")
     + """,
-           %(flow_key)s, %(rate_key)s, %(hold)s::text IS NOT NULL, %(rerun_of)s
+           %(flow_key)s, %(rate_key)s, %(hold)s::text IS NOT NULL, %(rerun_of)s,
+           %(traceparent)s::text
     FROM agents a
     WHERE a.id = %(agent_id)s AND a.org_id = %(org_id)s AND a.archived_at IS NULL
       AND (%(pinned)s OR a.current_version_id = %(version_id)s)
@@ -108,6 +109,7 @@ def insert(
     pinned: bool,
     entry: Entry = FREE,
     rerun_of: uuid.UUID | None = None,
+    traceparent: str | None = None,
 ) -> Any:
     """Insert a queued execution; a row of (queued_at, waiting_for), or None when the agent was
     archived or (unless pinned) its current version changed since `spec` was read. `rerun_of`:
@@ -133,6 +135,7 @@ def insert(
                     "hold": entry.hold,
                     "window": entry.window,
                     "rerun_of": rerun_of,
+                    "traceparent": traceparent,
                 },
             )
             .fetchone()
@@ -148,13 +151,13 @@ _INSERT_BATCH_SQL = (
     """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
                             priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
-                            rate_key, gated, queued_at, rerun_of)
+                            rate_key, gated, queued_at, rerun_of, traceparent)
     SELECT r.id, a.org_id, a.id, %(version_id)s, a.name, %(version)s, 'queued', r.priority,
            r.input, 0, %(max_attempts)s, %(queue)s::text, """
     + WAITING_FOR_SQL.format(rank="r.rank")
     + """,
            r.flow_key, r.rate_key, %(hold)s::text IS NOT NULL,
-           now() + make_interval(secs => (r.rank - 1) / 1e6), r.rerun_of
+           now() + make_interval(secs => (r.rank - 1) / 1e6), r.rerun_of, %(traceparent)s::text
     FROM agents a,
          ROWS FROM (json_to_recordset(%(rows)s::json)
                     AS (id uuid, priority smallint, input jsonb, flow_key text, rate_key text,
@@ -185,6 +188,7 @@ def insert_batch(
     *,
     pinned: bool,
     entry: Entry = FREE,
+    traceparent: str | None = None,
 ) -> dict[uuid.UUID, str | None] | None:
     """Insert rows as queued executions of `spec`, all or none: id -> waiting_for, or None when
     the agent was archived or (unless pinned) its current version changed since `spec` was
@@ -218,6 +222,7 @@ def insert_batch(
                     "queue": spec.queue,
                     "hold": entry.hold,
                     "window": entry.window,
+                    "traceparent": traceparent,
                 },
             )
             .fetchall()

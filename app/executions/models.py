@@ -159,6 +159,12 @@ class Execution(Base):
     rerun_of: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("executions.id", ondelete="SET NULL")
     )
+    # Live events (app/executions/events.py): the agent's last ctx.progress ({"fraction",
+    # "message", "at"}), the W3C traceparent it was submitted with, and until when an open
+    # event stream watches it (the worker's writes notify only while this is in the future).
+    progress: Mapped[dict[str, Any] | None]
+    traceparent: Mapped[str | None] = mapped_column(String(55))
+    watched_until: Mapped[dt.datetime | None]
 
 
 class ExecutionAttempt(Base):

@@ -1,14 +1,15 @@
-from flask import Response
+from flask import Response, request
 from flask.views import MethodView
 
 from app.chains import progress
-from app.executions import logs, reruns, services
+from app.executions import events, logs, reruns, services
 from app.executions.schemas import (
     AttemptSchema,
     BatchSchema,
     BatchSubmitSchema,
     BulkRerunResultSchema,
     BulkRerunSchema,
+    EventStreamHeadersSchema,
     ExecutionQuerySchema,
     ExecutionSchema,
     LogLineSchema,
@@ -18,6 +19,7 @@ from app.executions.schemas import (
     RerunSchema,
     SubmitSchema,
 )
+from app.executions.tracecontext import parse_traceparent
 from app.flow.schemas import QUOTA_HEADERS, QUOTA_REFUSED
 from app.http import Blueprint, current_principal, request_session
 
@@ -27,6 +29,10 @@ EXPORT_DESCRIPTION = (
     "the lines: a JSON array (the default format), or a streamed download with format=ndjson "
     "(a JSON object a line) or format=csv (a header, then seq,ts,level,message,fields,attempt)"
 )
+
+
+def _traceparent() -> str | None:
+    return parse_traceparent(request.headers.get("traceparent"))
 
 
 @blp.route("/agents/<ref>/executions")
@@ -44,13 +50,16 @@ class Submit(MethodView):
         """Run an agent: the execution is stored, queued and answered at once
 
         Past the organization's max_running or the agent's concurrency or rate_limit it waits,
-        `queued`, and `waiting_for` says why."""
+        `queued`, and `waiting_for` says why. A W3C `traceparent` header is kept with the
+        execution and handed to the runtime (ctx.traceparent, TRACEPARENT, the http runtime's
+        header); a malformed one is ignored."""
         return services.submit(
             current_principal(),
             ref,
             data["input"],
             version=data.get("version"),
             priority=data["priority"],
+            traceparent=_traceparent(),
         )
 
 
@@ -74,9 +83,13 @@ class SubmitBatch(MethodView):
         """Run an agent on many inputs: all stored and queued at once, or none
 
         Errors are keyed `/items/<i>/input/...`. Published to the broker in bulk; an
-        `Idempotency-Key` covers the whole batch."""
+        `Idempotency-Key` covers the whole batch; a `traceparent` header goes with every item."""
         ids = services.submit_batch(
-            current_principal(), ref, data["items"], version=data.get("version")
+            current_principal(),
+            ref,
+            data["items"],
+            version=data.get("version"),
+            traceparent=_traceparent(),
         )
         return {"ids": ids}
 
@@ -269,3 +282,35 @@ class BulkRerun(MethodView):
             limit=data["limit"],
         )
         return result, 200 if data["dry_run"] else 202
+
+
+@blp.route("/executions/<execution_id>/events")
+class Events(MethodView):
+    @blp.arguments(EventStreamHeadersSchema(), location="headers")
+    @blp.response(200, content_type="text/event-stream")
+    @blp.doc(responses=events.stream_doc(["log", "status", "end"]))
+    @blp.alt_response(404, description="no such execution in your organization")
+    @blp.alt_response(503, description=events.STREAMS_FULL, headers=events.STREAMS_FULL_HEADERS)
+    def get(self, headers, execution_id):
+        """Live events (Server-Sent Events): log lines, status changes, then `end`
+
+        First what already happened: every log line (`event: log`, `id:` its seq, `data:` the
+        line as /logs shows it) and the current `event: status` (`data`: `{"status", "attempt",
+        "progress", "waiting_for"}`); then the same live, a status event on every change, and a
+        last `event: end` (`data`: the execution as GET shows it), after which the server
+        closes. `Last-Event-ID` resumes after that seq. A `: keepalive` comment line comes every
+        RUNYARD_STREAM_KEEPALIVE_SECONDS (15) while nothing happens."""
+        execution = services.get(request_session(), current_principal(), execution_id)
+        stream = events.Stream(
+            events.EXECUTION,
+            execution.id,
+            events.execution_events(
+                execution.org_id, execution.id, headers.get("last_event_id", 0)
+            ),
+        )
+        return Response(
+            stream,
+            mimetype="text/event-stream",
+            # No proxy may buffer or cache a live stream (nginx reads X-Accel-Buffering).
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )

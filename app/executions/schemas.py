@@ -1,6 +1,6 @@
 import datetime as dt
 
-from marshmallow import Schema, fields, validate
+from marshmallow import EXCLUDE, Schema, fields, validate
 
 from app.executions.spec import LEVELS, LIMIT_WAITS, STATUSES, TERMINAL_STATUSES
 
@@ -57,6 +57,12 @@ class ResourceUsageSchema(Schema):
     wall_ms = fields.Integer()
 
 
+class ProgressSchema(Schema):
+    fraction = fields.Float(metadata={"description": "0..1, as the agent last reported it"})
+    message = fields.String(allow_none=True)
+    at = fields.String(metadata={"description": "when it was reported (ISO 8601, UTC)"})
+
+
 class ExecutionSchema(Schema):
     id = fields.UUID()
     agent_id = fields.UUID()
@@ -90,6 +96,18 @@ class ExecutionSchema(Schema):
         metadata={
             "description": "the execution this one reruns (POST /executions/{id}/rerun or the "
             "bulk rerun); on a chain step, the step execution whose outcome it reuses"
+        },
+    )
+    progress = fields.Nested(
+        ProgressSchema,
+        allow_none=True,
+        metadata={"description": "the agent's last ctx.progress(fraction, message), or null"},
+    )
+    traceparent = fields.String(
+        allow_none=True,
+        metadata={
+            "description": "the W3C traceparent header of the submit (a malformed one is "
+            "ignored), handed to the runtime: ctx.traceparent, TRACEPARENT, the http header"
         },
     )
 
@@ -250,3 +268,15 @@ class BulkRerunResultSchema(Schema):
 class LogSearchLineSchema(LogLineSchema):
     execution_id = fields.UUID()
     agent_name = fields.String()
+
+
+class EventStreamHeadersSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE  # every other header of the request
+
+    last_event_id = fields.Integer(
+        data_key="Last-Event-ID",
+        strict=False,
+        validate=validate.Range(min=0, max=2**31 - 1),
+        metadata={"description": "resume after the log line with this seq"},
+    )

@@ -128,6 +128,7 @@ def submit(
     version: str | None = None,
     priority: int = DEFAULT_PRIORITY,
     rerun_of: uuid.UUID | None = None,
+    traceparent: str | None = None,
 ) -> dict[str, Any]:
     """Store and queue one execution (a rerun names the execution it reruns in `rerun_of`)."""
     principal.require("executions:submit")
@@ -150,6 +151,7 @@ def submit(
                 pinned=target.pinned,
                 entry=entry,
                 rerun_of=rerun_of,
+                traceparent=traceparent,
             )
 
         if entry.hold is None:
@@ -192,6 +194,8 @@ def submit(
         "chain_execution_id": None,
         "waiting_for": shown_waiting_for(waiting_for),
         "rerun_of": rerun_of,
+        "progress": None,
+        "traceparent": traceparent,
     }
 
 
@@ -235,7 +239,12 @@ MAX_BATCH_ITEMS = 1000
 
 
 def submit_batch(
-    principal: Principal, ref: str, items: list[dict[str, Any]], *, version: str | None = None
+    principal: Principal,
+    ref: str,
+    items: list[dict[str, Any]],
+    *,
+    version: str | None = None,
+    traceparent: str | None = None,
 ) -> list[uuid.UUID]:
     """Store and queue one execution per item (`input`, `priority`), all or none: one invalid
     input refuses the whole batch (422 keyed /items/<i>/input/...). Published in bulk, after
@@ -244,7 +253,7 @@ def submit_batch(
     rows = [entries.BatchRow(uuid.uuid4(), item["priority"], item["input"]) for item in items]
     released = gates.Released()
     with quotas.admitted(principal.org_id, executions=len(rows)) as conn:
-        stored = store_batch(conn, principal, ref, version, rows, released)
+        stored = store_batch(conn, principal, ref, version, rows, released, traceparent=traceparent)
     publish_batches([stored], released)
     return [row.id for row in rows]
 
@@ -264,6 +273,7 @@ def store_batch(
     rows: list[entries.BatchRow],
     released: gates.Released,
     pointer: Callable[[int], str] = lambda index: f"/items/{index}/input",
+    traceparent: str | None = None,
 ) -> StoredBatch:
     """Check and insert a batch of one agent version, all or none, on a connection the
     organization's quotas admitted it on (publish it with publish_batches once committed).
@@ -278,7 +288,13 @@ def store_batch(
 
         def insert_rows() -> Any:
             return entries.insert_batch(
-                conn, principal.org_id, spec, rows, pinned=target.pinned, entry=entry
+                conn,
+                principal.org_id,
+                spec,
+                rows,
+                pinned=target.pinned,
+                entry=entry,
+                traceparent=traceparent,
             )
 
         if entry.hold is None:
@@ -332,6 +348,8 @@ def present(row: Mapping[str, Any] | Execution) -> dict[str, Any]:
         "chain_execution_id": get("chain_execution_id"),
         "waiting_for": shown_waiting_for(get("waiting_for")),
         "rerun_of": get("rerun_of"),
+        "progress": get("progress"),
+        "traceparent": get("traceparent"),
     }
 
 

@@ -156,3 +156,5 @@ class Claim:
     org_id: uuid.UUID | None = None
     # A limit applied when it was submitted: its end frees a slot (app/executions/gates.py).
     gated: bool = False
+    # The W3C traceparent it was submitted with, handed to the runtime.
+    traceparent: str | None = None

@@ -22,6 +22,23 @@ from app.db import driver
 from app.executions.spec import TERMINAL_STATUSES, Claim, error_body
 
 # ---------------------------------------------------------------------------------------------
+# Live events (app/executions/events.py)
+
+EVENTS_CHANNEL = "runyard_events"
+
+
+def notify_if_watched(row: str = "executions") -> str:
+    """An expression for a statement's RETURNING (or a CASE) that tells the open event streams
+    of the execution `row` that it changed: a NOTIFY, sent with the commit of the statement that
+    made the change, only while a stream watches it (watched_until in the future). For an
+    execution nobody watches it costs a comparison with NULL: no round trip, no NOTIFY."""
+    return (
+        f"CASE WHEN {row}.watched_until > now() "
+        f"THEN pg_notify('{EVENTS_CHANNEL}', {row}.id::text) END"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Claim, renew, finish (the worker side)
 
 
@@ -50,7 +67,7 @@ _CLAIM_SQL = (
     WHERE id = %(id)s AND status = 'queued' AND (waiting_for IS NULL) IS TRUE
     RETURNING attempt, version_id, input, priority,
               (SELECT coalesce(max(seq), 0) FROM execution_logs WHERE execution_id = %(id)s),
-              chain_execution_id, org_id, gated, queue,
+              chain_execution_id, org_id, gated, traceparent, queue,
               CASE WHEN """
     + _HOLDING
     + """ THEN (SELECT %(window)s::int * o.weight FROM organizations o
@@ -65,8 +82,9 @@ _CLAIM_SQL = (
                       WHERE u.org_id = executions.org_id AND u.queue = executions.queue
                         AND u.status = 'queued' AND u.waiting_for IS NULL
                       LIMIT (SELECT %(window)s::int * o.weight / 2 + 2 FROM organizations o
-                             WHERE o.id = executions.org_id)) unclaimed) END
-"""
+                             WHERE o.id = executions.org_id)) unclaimed) END,
+              """
+    + notify_if_watched()
 )
 
 _LET_OUT_SQL = """
@@ -110,7 +128,7 @@ def claim(
     ).fetchone()
     if row is None:
         return None, []
-    *fields, queue, window_size, unclaimed = row
+    *fields, queue, window_size, unclaimed, _notified = row
     claimed = Claim(execution_id, *fields)
     if window_size is None or unclaimed * 2 > window_size:
         return claimed, []
@@ -176,7 +194,9 @@ _FINISH_SQL = (
             error = CASE WHEN %(cancelled)s AND error ->> 'type' = 'superseded'
                          THEN error ELSE %(error)s END
         WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-        RETURNING id, org_id, agent_id, status
+        RETURNING id, org_id, agent_id, status, """
+    + notify_if_watched()
+    + """
     ), notified AS ("""
     + outbox.fanout(
         "finished",
@@ -246,7 +266,9 @@ _RETRY_SQL = text(
             waiting_for = CASE WHEN rate_key IS NOT NULL THEN 'agent_rate_limit' END
         WHERE id = :id AND attempt = :attempt AND status = 'running'
           AND cancel_requested_at IS NULL
-        RETURNING id, attempt, error, worker, started_at, resource_usage
+        RETURNING id, attempt, error, worker, started_at, resource_usage, """
+    + notify_if_watched()
+    + """
     )
     """
     + RECORD_ATTEMPT.format(status=":attempt_status")
@@ -289,7 +311,8 @@ def requeue_for_retry(
 # last line, which flushes the WAL of every line before it. A PostgreSQL crash (not a clean
 # stop) can lose the last fraction of a second of lines of executions still running, as a
 # worker crash loses the lines in its buffer.
-_LOG_INSERT = """
+_LOG_INSERT = (
+    """
     INSERT INTO execution_logs (execution_id, seq, attempt, org_id, ts, level, message, fields)
     SELECT e.id, l.seq, e.attempt, e.org_id, l.ts, l.level, l.message, l.fields::jsonb
     FROM executions e,
@@ -297,8 +320,14 @@ _LOG_INSERT = """
                 %(message)b::text[], %(fields)b::text[]) AS l(seq, ts, level, message, fields),
          (SELECT set_config('synchronous_commit', 'off', true)) AS no_wait_for_the_disk
     WHERE e.id = %(execution_id)s AND e.attempt = %(attempt)s
+      -- Tells the execution's event streams, if any, once a batch: a condition on `e` alone,
+      -- evaluated on its one row (written so that the planner cannot fold the call away).
+      AND ("""
+    + notify_if_watched("e")
+    + """ IS NULL) IS NOT NULL
     ON CONFLICT DO NOTHING
 """
+)
 
 
 @dataclass(frozen=True)
@@ -317,6 +346,40 @@ class LogLines:
 def write_logs(conn: Connection, lines: LogLines) -> None:
     if lines.seq:
         driver(conn).execute(_LOG_INSERT, lines.__dict__)
+
+
+# At most a few per second per execution (workers/progress.py throttles), fenced by the attempt.
+_PROGRESS_SQL = """
+    UPDATE executions SET progress = %(progress)s
+    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+    RETURNING """ + notify_if_watched()
+
+
+def record_progress(
+    conn: Connection, execution_id: uuid.UUID, attempt: int, progress: dict[str, Any]
+) -> bool:
+    """Store an attempt's latest ctx.progress; False when the row is no longer its own."""
+    cursor = driver(conn).execute(
+        _PROGRESS_SQL, {"id": execution_id, "attempt": attempt, "progress": Jsonb(progress)}
+    )
+    return cursor.rowcount == 1
+
+
+# Renewed only past half its span: a watched execution is written once per half span, not
+# once per stream or per tick; a finished one is never written.
+_WATCH_SQL = """
+    UPDATE executions SET watched_until = now() + make_interval(secs => %(seconds)s)
+    WHERE id = ANY(%(ids)s) AND status IN ('queued', 'running')
+      AND (watched_until IS NULL
+           OR watched_until < now() + make_interval(secs => %(seconds)s / 2.0))
+"""
+
+
+def watch(pg: Any, execution_ids: list[uuid.UUID], seconds: float) -> None:
+    """Mark executions watched by an event stream for `seconds` (on a psycopg connection, in
+    autocommit): the worker's writes to them NOTIFY meanwhile."""
+    if execution_ids:
+        pg.execute(_WATCH_SQL, {"ids": execution_ids, "seconds": seconds})
 
 
 def cancel_requested(conn: Connection, execution_id: uuid.UUID) -> bool:
@@ -348,7 +411,9 @@ _CANCEL = text(
         error = CASE WHEN status = 'queued' THEN :error ELSE error END,
         waiting_for = NULL
     WHERE id = :id AND org_id = :org_id AND status IN ('queued', 'running')
-    RETURNING id, chain_execution_id, status = 'cancelled' AS ended, gated, org_id, agent_id
+    RETURNING id, chain_execution_id, status = 'cancelled' AS ended, gated, org_id, agent_id, """
+    + notify_if_watched()
+    + """
     ), notified AS ("""
     # A queued execution that ends here has its event (app/outbox.py), delivered by beat's poll.
     + outbox.fanout(

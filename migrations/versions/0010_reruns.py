@@ -1,7 +1,7 @@
 """reruns: executions.rerun_of and chain_executions.rerun_of
 
 Revision ID: 0010_reruns
-Revises: 0008_flow_control
+Revises: 0009_events
 Create Date: 2026-12-07 04:50:00.000000
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0010_reruns"
-down_revision = "0008_flow_control"
+down_revision = "0009_events"
 branch_labels = None
 depends_on = None
 

@@ -332,8 +332,9 @@ class _Supervisor:
                         streams[key.fd].feed(chunk)
                     else:
                         selector.unregister(key.fd)
-                # Lines show up while a long child runs, not only when it ends.
+                # Lines (and progress) show up while a long child runs, not only when it ends.
                 self.logs.flush_if_due()
+                self.ctx.flush_if_due()
                 now = time.perf_counter()
                 if not group_killed and self.exited():
                     # The leader is done; what it left running in the background would hold the

@@ -4,6 +4,12 @@ API.md: the input JSON arrives on stdin, RUNYARD_OUTPUT_PATH names the file the 
 its output JSON object to, every stdout line is logged at info and every stderr line at warning.
 argv[0] must be in RUNYARD_ALLOWED_COMMANDS here, on the worker, as well as where the agent was
 defined. Limits, timeout and cancel are those of workers/runtimes/child.py.
+
+Progress (ctx.progress of the other runtimes): a line on stdout or stderr that starts with
+`runyard:progress ` followed by a fraction from 0 to 1 and, optionally, a message
+(`runyard:progress 0.25 parsed the input`). Such a line is progress, not a log line; a
+malformed one is logged at warning with what is wrong with it. TRACEPARENT carries the
+execution's W3C trace context, when it has one.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 
 from app.config import current_config
 from app.executions.spec import LEVELS, VersionSpec
-from workers.context import Context, LogLines
+from workers.context import Context, LogLines, checked_progress, trace_env
 from workers.runtimes import Outcome
 from workers.runtimes.child import run_child
 
@@ -56,7 +62,13 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
     argv[0] = program
     stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
 
+    def on_stdout(line: str) -> None:
+        if not _progress_line(line, ctx, logs):
+            logs.add(LEVELS["info"], line)
+
     def on_stderr(line: str) -> None:
+        if _progress_line(line, ctx, logs):
+            return
         stderr_tail.append(line)
         logs.add(LEVELS["warning"], line)
 
@@ -71,6 +83,7 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
             "RUNYARD_OUTPUT_PATH": str(output_path),
             "RUNYARD_EXECUTION_ID": ctx.execution_id,
             "RUNYARD_ATTEMPT": str(ctx.attempt),
+            **trace_env(ctx),
         }
         run = run_child(
             argv,
@@ -80,7 +93,7 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
             spec=spec,
             ctx=ctx,
             logs=logs,
-            on_stdout=lambda line: logs.add(LEVELS["info"], line),
+            on_stdout=on_stdout,
             on_stderr=on_stderr,
         )
         outcome = run.outcome
@@ -104,6 +117,26 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
                 outcome.error_type = "memory_limit"
             return outcome
         return _read_output(output_path, spec, cfg.max_output_bytes, outcome)
+
+
+PROGRESS_PREFIX = "runyard:progress "
+
+
+def _progress_line(line: str, ctx: Context, logs: LogLines) -> bool:
+    """Whether `line` is a progress line (then reported, or logged as refused): see above."""
+    if not line.startswith(PROGRESS_PREFIX):
+        return False
+    fraction_text, _, message = line[len(PROGRESS_PREFIX) :].strip().partition(" ")
+    try:
+        fraction = float(fraction_text)
+        ctx.progress(*checked_progress(fraction, message.strip() or None))
+    except (TypeError, ValueError) as exc:
+        logs.add(
+            LEVELS["warning"],
+            f"progress line refused ({exc}): expected `{PROGRESS_PREFIX}<0..1> [message]`, "
+            f"got {line!r}",
+        )
+    return True
 
 
 def _read_output(path: Path, spec: VersionSpec, default_cap: int, outcome: Outcome) -> Outcome:

@@ -15,6 +15,10 @@ The worker POSTs `{"input", "execution_id", "attempt", "agent"}` as JSON. How an
   `output_too_large`.
 - a host the address guard refuses: `runtime_error`, final, and the request is never sent.
 
+Progress: the final answer may carry `Runyard-Progress: <0..1>` (and `Runyard-Progress-Message`),
+recorded as the execution's progress like ctx.progress; a malformed one is logged at warning.
+The execution's W3C trace context goes out as the `traceparent` header, when it has one.
+
 The standard library's http.client does the HTTP: it lets the connection go to the address the
 guard checked while the Host header and TLS (SNI and certificate check) use the URL's host name.
 """
@@ -43,7 +47,7 @@ from app.address_guard import (
 )
 from app.config import current_config
 from app.executions.spec import LEVELS, VersionSpec
-from workers.context import Context, LogLines
+from workers.context import Context, LogLines, checked_progress
 from workers.runtimes import Outcome
 
 DEFAULT_TIMEOUT_SECONDS = 30
@@ -53,6 +57,8 @@ READ_CHUNK_BYTES = 64 * 1024
 # database at most every Context.CANCEL_CHECK_SECONDS).
 CANCEL_POLL_SECONDS = 0.5
 USER_AGENT = "runyard-http-runtime/1"
+PROGRESS_HEADER = "Runyard-Progress"
+PROGRESS_MESSAGE_HEADER = "Runyard-Progress-Message"
 
 
 @dataclass
@@ -61,6 +67,8 @@ class Answer:
     reason: str
     body: bytes
     url: str
+    # Runyard-Progress and Runyard-Progress-Message of the final answer, if it sent them.
+    progress: tuple[str | None, str | None] = (None, None)
 
 
 class CallFailed(Exception):
@@ -263,6 +271,10 @@ def _exchange(
             if status in (301, 302, 303, 307, 308) and location:
                 return Answer(status, reason, b"", url), location
             data = _read_body(response, sock, deadline, max_bytes, cancelled)
+            progress = (
+                response.getheader(PROGRESS_HEADER),
+                response.getheader(PROGRESS_MESSAGE_HEADER),
+            )
         except TimeoutError as exc:
             deadline.remaining()  # raises the timeout once the deadline has passed
             raise CallFailed("timeout", f"{url}: {exc}", retryable=True) from exc
@@ -274,7 +286,7 @@ def _exchange(
             ) from exc
     finally:
         connection.close()
-    return Answer(status, reason, data, url), None
+    return Answer(status, reason, data, url, progress), None
 
 
 def _connect(
@@ -385,6 +397,16 @@ def outcome_of(answer: Answer) -> Outcome:
     )
 
 
+def _report_progress(answer: Answer, ctx: Context, logs: LogLines) -> None:
+    fraction, message = answer.progress
+    if fraction is None:
+        return
+    try:
+        ctx.progress(*checked_progress(float(fraction), message or None))
+    except (TypeError, ValueError) as exc:
+        logs.add(LEVELS["warning"], f"{PROGRESS_HEADER} header refused ({exc}): {fraction!r}")
+
+
 def _excerpt(body: bytes, limit: int = 300) -> str:
     text = body[:limit].decode("utf-8", errors="replace")
     return text + ("..." if len(body) > limit else "")
@@ -409,6 +431,10 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
         **runtime.get("headers", {}),
         "Content-Type": "application/json",
     }
+    if ctx.traceparent:
+        # The execution's trace context, over any the agent's headers set (in any case).
+        headers = {k: v for k, v in headers.items() if k.lower() != "traceparent"}
+        headers["traceparent"] = ctx.traceparent
     cpu_before = time.thread_time()
     started = time.perf_counter()
     try:
@@ -436,6 +462,7 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
             f"{answer.url} answered {answer.status} {answer.reason}",
             {"status": answer.status, "bytes": len(answer.body)},
         )
+        _report_progress(answer, ctx, logs)
         outcome = outcome_of(answer)
     outcome.usage = {
         # The worker thread's CPU for this call (TLS, JSON); the remote's own work is not ours.

@@ -16,7 +16,7 @@ from typing import Any
 
 from app.config import current_config
 from app.executions.spec import LEVELS, VersionSpec
-from workers.context import Context, LogLines
+from workers.context import Context, LogLines, trace_env
 from workers.runtimes import Outcome
 from workers.runtimes.child import run_child
 from workers.runtimes.lines import ByteLines
@@ -38,6 +38,8 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
             if "log" in message:
                 level, text, fields = message["log"]
                 add(int(level), str(text), fields or None)
+            elif "progress" in message:
+                ctx.progress(*message["progress"])
             else:
                 result.update(message)
         except (ValueError, TypeError, AttributeError):
@@ -66,6 +68,7 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
                 "LANG": "C.UTF-8",
                 "HOME": workdir,
                 "RUNYARD_CONTROL_FD": str(control_write),
+                **trace_env(ctx),
             },
             cwd=workdir,
             stdin=request,

@@ -3,7 +3,8 @@
 Standalone on purpose: it imports nothing of Runyard, so the child starts fast and sees none of
 the worker's settings or secrets. Protocol: the request (source, input, ctx) arrives as JSON on
 stdin; JSON lines go back on the file descriptor named by RUNYARD_CONTROL_FD:
-{"log": [level, message, fields]}, then {"output": ...} or {"error": {"type", "message"}}.
+{"log": [level, message, fields]} and {"progress": [fraction, message]}, then {"output": ...}
+or {"error": {"type", "message"}}.
 """
 
 import errno
@@ -77,19 +78,38 @@ class LogLines:
 
 
 class Ctx:
-    """The `ctx` of main(input, ctx): the execution, the agent's config, a log, and whether a
-    cancel was asked for."""
+    """The `ctx` of main(input, ctx): the execution, the agent's config, a log, progress, the
+    trace context, and whether a cancel was asked for."""
 
-    def __init__(self, request_ctx, log, cancel_requests):
+    def __init__(self, request_ctx, log, cancel_requests, send):
         self.execution_id = request_ctx["execution_id"]
         self.attempt = request_ctx["attempt"]
         self.agent = request_ctx["agent"]
         self.config = request_ctx["config"]
+        self.traceparent = request_ctx.get("traceparent")
         self.log = log
         self._cancel_requests = cancel_requests
+        self._send = send
 
     def cancelled(self):
         return bool(self._cancel_requests)
+
+    def progress(self, fraction, message=None):
+        """How far the script is (0..1), and optionally what it does. The worker checks it
+        again and throttles the writes; a bad value raises here, in the script."""
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise TypeError(
+                "ctx.progress(fraction): fraction must be a number from 0 to 1, "
+                f"not {type(fraction).__name__}"
+            )
+        if fraction != fraction or not 0 <= fraction <= 1:
+            raise ValueError(
+                f"ctx.progress(fraction): fraction must be from 0 to 1, got {fraction!r}"
+            )
+        if message is not None and not isinstance(message, str):
+            raise TypeError("ctx.progress(message=): message must be a string or None")
+        sys.stdout.flush()
+        self._send({"progress": [fraction, message]})
 
 
 # What run_script returns when the script gave no output: it failed, and said so already.
@@ -154,7 +174,7 @@ def main() -> None:
     sys.stderr = LogLines(send, LEVELS["warning"])
     cancel_requests = []
     signal.signal(signal.SIGUSR1, lambda *_: cancel_requests.append(True))
-    ctx = Ctx(request["ctx"], Log(send), cancel_requests)
+    ctx = Ctx(request["ctx"], Log(send), cancel_requests, send)
     output = run_script(request, ctx, send)
     if output is not NO_OUTPUT:
         send_output(control, send, output, request["max_output_bytes"])
