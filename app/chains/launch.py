@@ -32,6 +32,7 @@ def submit(
     *,
     version: str | None = None,
     priority: int = DEFAULT_PRIORITY,
+    traceparent: str | None = None,
 ) -> ChainExecution:
     principal.require("executions:submit")
     chain = services.resolve(session, principal, ref)
@@ -45,6 +46,7 @@ def submit(
     execution = new_execution(
         session, principal.org_id, chain, chain_version, payload, priority=priority
     )
+    execution.traceparent = traceparent
     # Its first step is one more execution not yet started.
     quotas.admit(session.connection(), principal.org_id, executions=1)
     session.add(execution)

@@ -121,6 +121,8 @@ class ChainExecution(Base):
     finished_at: Mapped[dt.datetime | None]
     # When the resume check last looked at it: it leaves the chain alone for the grace period.
     resume_checked_at: Mapped[dt.datetime | None]
+    # The W3C traceparent of the submit: each step's execution is stored with it.
+    traceparent: Mapped[str | None] = mapped_column(String(55))
     # The chain execution this one reruns (POST /chain-executions/{id}/rerun).
     rerun_of: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("chain_executions.id", ondelete="SET NULL")

@@ -1,4 +1,4 @@
-from flask import Response
+from flask import Response, request
 from flask.views import MethodView
 
 from app.chains import events, launch, progress, reruns, services
@@ -19,6 +19,7 @@ from app.executions.events import (
     Stream,
     stream_doc,
 )
+from app.executions.tracecontext import parse_traceparent
 from app.flow.schemas import QUOTA_HEADERS, QUOTA_REFUSED
 from app.http import Blueprint, current_principal, request_session
 
@@ -121,7 +122,10 @@ class ChainSubmit(MethodView):
     @blp.alt_response(409, description="the chain, or an agent of a step, is archived")
     @blp.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)
     def post(self, data, ref):
-        """Run a chain: the chain execution is stored and its canvas published"""
+        """Run a chain: the chain execution is stored and its canvas published
+
+        A W3C `traceparent` header is kept with every step's execution and handed to its
+        runtime (a malformed one is ignored)."""
         session = request_session()
         execution = launch.submit(
             session,
@@ -130,6 +134,7 @@ class ChainSubmit(MethodView):
             data["input"],
             version=data.get("version"),
             priority=data["priority"],
+            traceparent=parse_traceparent(request.headers.get("traceparent")),
         )
         return services.present(session, execution)
 

@@ -320,13 +320,13 @@ _INSERT_STEP_SQL = """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
                             priority, input, attempt, max_attempts, dispatched_at, error,
                             finished_at, chain_execution_id, chain_step, chain_stage, chain_role,
-                            queue, waiting_for, flow_key, rate_key, gated)
+                            queue, waiting_for, flow_key, rate_key, gated, traceparent)
     SELECT %(id)s, ce.org_id, %(agent_id)s, %(version_id)s, %(agent_name)s, %(agent_version)s,
            %(status)s, ce.priority, %(input)s, 0, %(max_attempts)s,
            CASE WHEN %(held)s THEN NULL ELSE now() END, %(error)s,
            CASE WHEN %(refused)s THEN now() END, ce.id, %(step)s, %(stage)s, %(role)s,
            %(queue)s, CASE WHEN %(held)s THEN %(hold)s::text END, %(flow_key)s, %(rate_key)s,
-           %(hold)s::text IS NOT NULL
+           %(hold)s::text IS NOT NULL, ce.traceparent
     FROM chain_executions ce
     WHERE ce.id = %(chain_execution_id)s AND ce.status = ANY(%(statuses)s)
     FOR KEY SHARE OF ce

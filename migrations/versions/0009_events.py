@@ -24,9 +24,12 @@ def upgrade() -> None:
     op.add_column(
         "executions", sa.Column("watched_until", sa.DateTime(timezone=True), nullable=True)
     )
+    # A chain submit's traceparent, which every step of the chain execution is stored with.
+    op.add_column("chain_executions", sa.Column("traceparent", sa.String(55), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("chain_executions", "traceparent")
     op.drop_column("executions", "watched_until")
     op.drop_column("executions", "traceparent")
     op.drop_column("executions", "progress")

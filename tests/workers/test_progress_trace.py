@@ -5,6 +5,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.local_http import Reply, local_server
+from tests.workers.test_chains_runs import wait_chain
 from tests.workers.test_runs import define, logs, python_agent, script_agent
 
 pytestmark = pytest.mark.worker
@@ -152,3 +153,32 @@ def test_a_batch_keeps_the_traceparent_for_every_item(live_client, live_org):
         result = wait_for(live_client, live_org, execution_id)
         assert result["traceparent"] == TRACEPARENT
         assert result["output"]["traceparent"] == TRACEPARENT
+
+
+def test_a_chain_submit_hands_its_traceparent_to_every_step(live_client, live_org):
+    python_agent(live_client, live_org, "reporter", "reporter")
+    chain = {
+        "name": "traced",
+        "input_schema": {"type": "object"},
+        "steps": [
+            {"name": "first", "agent": "reporter", "input": {"lines": 1, "pause": 0}},
+            {"name": "second", "agent": "reporter", "input": {"lines": 1, "pause": 0}},
+        ],
+    }
+    created = live_client.post("/api/v1/chains", json=chain, headers=live_org.headers)
+    assert created.status_code == 201, created.get_json()
+    response = live_client.post(
+        "/api/v1/chains/traced/executions",
+        json={"input": {}},
+        headers={**live_org.headers, "traceparent": TRACEPARENT},
+    )
+    assert response.status_code == 202, response.get_json()
+    body = wait_chain(live_client, live_org, response.get_json()["id"])
+    assert body["status"] == "succeeded", body
+    assert len(body["steps"]) == 2
+    for step in body["steps"]:
+        execution = live_client.get(
+            f"/api/v1/executions/{step['execution_id']}", headers=live_org.headers
+        ).get_json()
+        assert execution["traceparent"] == TRACEPARENT, execution
+        assert execution["output"]["traceparent"] == TRACEPARENT, execution
