@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from app import storable
 from app.executions.spec import LEVELS
 
 
@@ -48,8 +49,10 @@ def checked_progress(fraction: Any, message: Any = None) -> tuple[float, str | N
             f"ctx.progress(message=): message must be a string or None, "
             f"not {type(message).__name__}"
         )
-    if message is not None and len(message) > PROGRESS_MESSAGE_MAX_CHARS:
-        message = message[:PROGRESS_MESSAGE_MAX_CHARS]
+    if message is not None:
+        # Written out as log lines are: jsonb refuses U+0000 and unpaired surrogates, and the
+        # failed write would fail the attempt it reports on.
+        message = storable.escaped(message[:PROGRESS_MESSAGE_MAX_CHARS])
     return float(fraction), message
 
 

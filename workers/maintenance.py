@@ -12,17 +12,18 @@ these jobs in a thread of its own, at their own pace, whatever the workers are d
   lease the sweeper ended, a crash), or for a fair window a crash left with room;
 - the pruning of idempotency keys past their 24 hours, every ten minutes (expired keys already
   count as absent: this only keeps the table small);
-- retention, every RUNYARD_RETENTION_INTERVAL_SECONDS: finished executions and chain executions
-  past their organization's retention_days (else RUNYARD_RETENTION_DAYS), with their attempts
-  and log lines, RUNYARD_RETENTION_BATCH rows a transaction, for at most RETENTION_BUDGET_SECONDS
-  a run (the rest waits for the next run, so the other jobs keep their pace);
 - in a thread of its own (`notification_jobs`), so a slow receiver never holds up the sweeper:
   the delivery of due notification events (workers/notify.py), every
   RUNYARD_NOTIFY_POLL_SECONDS. The task a writer publishes after its commit usually delivers
   first; this is what makes a lost message only a delay;
-- the statistics tally (app/stats/tally.py), every STATS_TALLY_SECONDS: finished executions into
-  the rollups of GET /agents/{ref}/stats and the totals of /metrics, submits, schedule lag; and
-  the pruning of rollups past the longest stats window, hourly.
+- in a third thread (`housekeeping_jobs`), so that seconds of work never hold back the flow
+  tick: retention, every RUNYARD_RETENTION_INTERVAL_SECONDS (finished executions and chain
+  executions past their organization's retention_days, else RUNYARD_RETENTION_DAYS, with their
+  attempts and log lines, and notification events delivered or failed as long ago,
+  RUNYARD_RETENTION_BATCH rows a transaction, for at most RETENTION_BUDGET_SECONDS a run); the
+  statistics tally (app/stats/tally.py), every STATS_TALLY_SECONDS: finished executions into the
+  rollups of GET /agents/{ref}/stats and the totals of /metrics, submits, schedule lag; and the
+  pruning of rollups past the longest stats window, hourly.
 
 Two beats may run at once: the sweep takes a lock in the broker's Redis, the resume check marks
 the chains it looked at, pruning twice deletes nothing twice (retention skips the rows the other
@@ -43,6 +44,7 @@ from app.config import current_config
 from app.db import db
 from app.executions import gates, recovery, store
 from app.idempotency import services as idempotency
+from app.notifications import delivery
 from app.stats import tally
 from workers import notify
 
@@ -100,14 +102,19 @@ def _prune_idempotency_keys() -> None:
 def apply_retention(
     budget_seconds: float = RETENTION_BUDGET_SECONDS, batch: int | None = None
 ) -> int:
-    """Delete expired chain executions, then executions, a batch per transaction (each holds
-    its row locks for one batch only), until none is left or the budget is spent; how many
-    rows went (chain executions count one each, not their steps)."""
+    """Delete expired chain executions, then executions, then notification events that ended,
+    a batch per transaction (each holds its row locks for one batch only), until none is left
+    or the budget is spent; how many rows went (chain executions count one each, not their
+    steps)."""
     cfg = current_config()
     batch = batch or cfg.retention_batch
     deadline = time.monotonic() + budget_seconds
     deleted = 0
-    for delete_batch in (chain_retention.delete_expired, store.delete_expired):
+    for delete_batch in (
+        chain_retention.delete_expired,
+        store.delete_expired,
+        delivery.delete_expired,
+    ):
         while time.monotonic() < deadline:
             with db.begin() as conn:
                 count = delete_batch(conn, cfg.retention_days, batch)
@@ -143,7 +150,14 @@ def default_jobs() -> list[Job]:
         Job("chains-resume", interval, _resume_chains),
         Job("flow-tick", FLOW_TICK_SECONDS, _flow_tick),
         Job("idempotency-prune", IDEMPOTENCY_PRUNE_SECONDS, _prune_idempotency_keys),
-        Job("retention", cfg.retention_interval_seconds, _retention),
+    ]
+
+
+def housekeeping_jobs() -> list[Job]:
+    """The slow jobs, in a thread of their own: a retention run (up to RETENTION_BUDGET_SECONDS)
+    or a tally catching up must not hold back the flow tick and the sweep by seconds."""
+    return [
+        Job("retention", current_config().retention_interval_seconds, _retention),
         Job("stats-tally", STATS_TALLY_SECONDS, _tally_stats),
         Job("stats-prune", STATS_PRUNE_SECONDS, _prune_stats),
     ]

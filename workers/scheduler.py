@@ -25,7 +25,7 @@ from celery.beat import PersistentScheduler
 from app.config import current_config
 from app.db import db
 from app.schedules import firing
-from workers.maintenance import Maintenance, default_jobs, notification_jobs
+from workers.maintenance import Maintenance, default_jobs, housekeeping_jobs, notification_jobs
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,12 @@ class DatabaseScheduler(PersistentScheduler):
         self.maintenance.start()
         self.notifications = Maintenance(notification_jobs(), name="runyard-notifications")
         self.notifications.start()
+        self.housekeeping = Maintenance(housekeeping_jobs(), name="runyard-housekeeping")
+        self.housekeeping.start()
         log.info("schedules from PostgreSQL, polled every %ss at most", self.poll_seconds)
 
     def close(self) -> None:
-        for name in ("maintenance", "notifications"):
+        for name in ("maintenance", "notifications", "housekeeping"):
             threads = getattr(self, name, None)  # absent if setup_schedule failed
             if threads is not None:
                 threads.stop()

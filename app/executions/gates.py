@@ -29,6 +29,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection
 
+from app import outbox
 from app.config import current_config
 from app.db import db, driver
 from app.errors import Conflict
@@ -36,7 +37,7 @@ from app.executions import dispatch
 from app.executions.dispatch import Dispatch
 from app.executions.entries import Entry
 from app.executions.spec import VersionSpec, error_body
-from app.executions.store import LetOut
+from app.executions.store import LetOut, notify_if_watched
 from app.executions.versions import specs
 from app.flow.limits import cache
 
@@ -77,17 +78,35 @@ _GROUP_COUNT = """
 
 # A newer execution supersedes its key's: the waiting ones end here, the running ones are asked
 # to stop (their worker records `cancelled`, keeping this error) and free their slot then.
-_SUPERSEDE = """
-    UPDATE executions
-    SET status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
-        finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
-        lease_until = CASE WHEN status = 'queued' THEN NULL ELSE lease_until END,
-        waiting_for = NULL,
-        cancel_requested_at = coalesce(cancel_requested_at, now()),
-        error = %s
-    WHERE agent_id = %s AND flow_key = %s AND status IN ('queued', 'running') AND id <> %s
-    RETURNING id
+# A queued execution it cancels has its execution.cancelled event written here (app/outbox.py,
+# delivered by beat's poll); a running one's comes with its finish.
+_SUPERSEDE = (
+    """
+    WITH changed AS (
+        UPDATE executions
+        SET status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+            finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+            lease_until = CASE WHEN status = 'queued' THEN NULL ELSE lease_until END,
+            waiting_for = NULL,
+            cancel_requested_at = coalesce(cancel_requested_at, now()),
+            error = %s
+        WHERE agent_id = %s AND flow_key = %s AND status IN ('queued', 'running') AND id <> %s
+        RETURNING id, org_id, agent_id, status = 'cancelled' AS ended, """
+    + notify_if_watched()
+    + """
+    ), notified AS ("""
+    + outbox.fanout(
+        "changed",
+        org="changed.org_id",
+        event_type="'execution.cancelled'",
+        subject="changed.id",
+        agent="changed.agent_id",
+        where="changed.ended",
+    )
+    + """)
+    SELECT id FROM changed
 """
+)
 
 
 def refuse_over_limit(

@@ -54,6 +54,7 @@ def rerun(
     *,
     payload: dict[str, Any] | None = None,
     version: str = SAME,
+    traceparent: str | None = None,
 ) -> dict[str, Any]:
     """Submit a finished execution again: its input (or `payload`), its version (or the
     current one, or `x.y.z`), its priority. 409 while it has not finished."""
@@ -75,6 +76,7 @@ def rerun(
         version=_version_for(version, original.agent_version),
         priority=original.priority,
         rerun_of=original.id,
+        traceparent=traceparent,
     )
 
 
@@ -135,6 +137,7 @@ def rerun_matching(
     version: str = SAME,
     dry_run: bool = False,
     limit: int = DEFAULT_MAX,
+    traceparent: str | None = None,
 ) -> dict[str, Any]:
     """Rerun the finished executions a filter matches: `matched` counts them all, the `limit`
     that finished first are rerun (`ids`, in that order). All in one transaction, admitted by
@@ -173,6 +176,7 @@ def rerun_matching(
                     rows,
                     released,
                     pointer=_pointer_by_original(rows),
+                    traceparent=traceparent,
                 )
             )
     services.publish_batches(stored, released)

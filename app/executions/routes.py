@@ -248,6 +248,7 @@ class Rerun(MethodView):
             execution_id,
             payload=data.get("input"),
             version=data["version"],
+            traceparent=_traceparent(),
         )
 
 
@@ -280,6 +281,7 @@ class BulkRerun(MethodView):
             version=data["version"],
             dry_run=data["dry_run"],
             limit=data["limit"],
+            traceparent=_traceparent(),
         )
         return result, 200 if data["dry_run"] else 202
 

@@ -52,27 +52,64 @@ _CLAIM_DUE = text(_CLAIM.format(only=""))
 _CLAIM_THESE = text(_CLAIM.format(only="AND id = ANY(:ids)"))
 _KEEP_DATA = text("UPDATE notification_events SET data = :data WHERE id = :id AND data IS NULL")
 # A run's deliveries, in one statement.
+# Each end of a delivery also counts in notification_totals, in the same statement.
+_COUNT_ENDED = """
+    INSERT INTO notification_totals AS t (status, events)
+    SELECT status, count(*) FROM ended GROUP BY status
+    ON CONFLICT (status) DO UPDATE SET events = t.events + excluded.events
+"""
 _DELIVERED = text(
     """
-    UPDATE notification_events e
-    SET status = 'delivered', delivered_at = now(), last_status_code = done.code,
-        last_error = NULL
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:codes AS int[])) AS done(id, code)
-    WHERE e.id = done.id
-    """
+    WITH ended AS (
+        UPDATE notification_events e
+        SET status = 'delivered', delivered_at = now(), last_status_code = done.code,
+            last_error = NULL
+        FROM unnest(CAST(:ids AS uuid[]), CAST(:codes AS int[])) AS done(id, code)
+        WHERE e.id = done.id
+        RETURNING e.status
+    )"""
+    + _COUNT_ENDED
 )
 # A retry that would come after the event's window marks it failed instead.
 _NOT_DELIVERED = text(
     """
-    UPDATE notification_events
-    SET last_status_code = :code, last_error = :error,
-        status = CASE WHEN :final OR now() + make_interval(secs => :delay)
-                                     > retry_from + make_interval(secs => :window)
-                      THEN 'failed' ELSE 'pending' END,
-        next_attempt_at = now() + make_interval(secs => :delay)
-    WHERE id = :id
+    WITH changed AS (
+        UPDATE notification_events
+        SET last_status_code = :code, last_error = :error,
+            status = CASE WHEN :final OR now() + make_interval(secs => :delay)
+                                         > retry_from + make_interval(secs => :window)
+                          THEN 'failed' ELSE 'pending' END,
+            next_attempt_at = now() + make_interval(secs => :delay)
+        WHERE id = :id
+        RETURNING status
+    ), ended AS (SELECT status FROM changed WHERE status = 'failed')"""
+    + _COUNT_ENDED
+)
+
+# Retention: events that ended (delivered, failed) longer ago than their organization keeps
+# its executions, through each subscription's log index; SKIP LOCKED leaves a row a delivery
+# or a redeliver holds for the next run.
+_DELETE_EXPIRED = text(
+    """
+    DELETE FROM notification_events WHERE id = ANY(ARRAY(
+        SELECT x.id FROM notifications n
+        JOIN organizations o ON o.id = n.org_id
+        CROSS JOIN LATERAL (
+            SELECT e.id FROM notification_events e
+            WHERE e.notification_id = n.id
+              AND e.created_at < now() - make_interval(days => coalesce(o.retention_days, :days))
+              AND e.status IN ('delivered', 'failed')
+            LIMIT :batch
+            FOR UPDATE OF e SKIP LOCKED) x
+        WHERE coalesce(o.retention_days, :days) > 0
+        LIMIT :batch))
     """
 )
+
+
+def delete_expired(conn: Connection, default_days: int, batch: int) -> int:
+    """Delete up to `batch` events that ended past their organization's retention."""
+    return conn.execute(_DELETE_EXPIRED, {"days": default_days, "batch": batch}).rowcount
 
 
 @dataclass(frozen=True)

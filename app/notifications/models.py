@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import (
     ARRAY,
+    BigInteger,
     CheckConstraint,
     ForeignKey,
     Index,
@@ -101,3 +102,14 @@ class NotificationEvent(Base):
     # Retried until RUNYARD_NOTIFY_RETRY_WINDOW_SECONDS after this: the creation, or the last
     # redeliver.
     retry_from: Mapped[dt.datetime] = now_column()
+
+
+class NotificationTotal(Base):
+    """Deliveries that ended, by status, counted as they end: runyard_notifications_total
+    reads these, so it never goes down when a redeliver or retention changes the events."""
+
+    __tablename__ = "notification_totals"
+    __table_args__ = (CheckConstraint("status IN ('delivered', 'failed')", name="status"),)
+
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    events: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))

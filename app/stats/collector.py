@@ -45,7 +45,6 @@ DOUBLINGS = tuple(range(0, 27, 2))
 # The notifications' events, one per delivery to make (being built alongside this, with status
 # pending, delivered or failed): counted when the table exists. Only the final statuses count,
 # so the counter only grows (unless the table is pruned).
-NOTIFICATION_DELIVERIES = "notification_events"
 
 _TOTALS = text(
     """
@@ -79,18 +78,13 @@ _RUNNING = text(
 )
 _NOW = text("SELECT now()")
 _LAGS = text("SELECT lags, lag_ms_sum FROM schedule_lag_totals WHERE id = 1")
-_HAS_TABLE = text("SELECT to_regclass(:name) IS NOT NULL")
-_NOTIFICATIONS = text(
-    f"SELECT status, count(*) FROM {NOTIFICATION_DELIVERIES} "
-    "WHERE status IN ('delivered', 'failed') GROUP BY status ORDER BY status"
-)
+# Counted as deliveries end (app/notifications/delivery.py): a redeliver or retention changing
+# the events never takes a count back.
+_NOTIFICATIONS = text("SELECT status, events FROM notification_totals ORDER BY status")
 
 
 def notification_counts(conn: Connection) -> list[tuple[str, int]]:
-    """Deliveries that ended, by status (delivered, failed); nothing when the notifications'
-    table is not there."""
-    if not conn.execute(_HAS_TABLE, {"name": NOTIFICATION_DELIVERIES}).scalar():
-        return []
+    """Deliveries that ended, by status (delivered, failed)."""
     return [(status, int(n)) for status, n in conn.execute(_NOTIFICATIONS)]
 
 

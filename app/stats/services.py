@@ -70,6 +70,7 @@ _TAIL = text(
     WHERE org_id = :org_id AND agent_id = :agent_id AND finished_at IS NOT NULL
       AND finished_at >= greatest(:start, :mark_at) AND (finished_at, id) > (:mark_at, :mark_id)
       AND status IN ('succeeded', 'failed', 'timed_out', 'cancelled')
+      AND NOT (status = 'succeeded' AND attempt = 0)  -- a chain rerun's reused step: not a run
     """
 )
 _LIVE = text(

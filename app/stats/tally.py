@@ -53,6 +53,8 @@ _FINISHED = text(
       WHERE org_id = :org_id AND finished_at IS NOT NULL AND finished_at >= :after_at
         AND (finished_at, id) > (:after_at, :after_id) AND finished_at < :cutoff
         AND status IN ('succeeded', 'failed', 'timed_out', 'cancelled')
+        -- Not a chain rerun's reused step: a copy no worker ran (succeeded at attempt 0).
+        AND NOT (status = 'succeeded' AND attempt = 0)
       ORDER BY finished_at, id
       LIMIT :batch
     ),
@@ -116,6 +118,7 @@ _SUBMITTED = text(
       SELECT id, agent_id, queued_at FROM executions
       WHERE org_id = :org_id AND queued_at >= :after_at AND (queued_at, id) > (:after_at, :after_id)
         AND queued_at < :cutoff
+        AND NOT (status = 'succeeded' AND attempt = 0)  -- a chain rerun's reused step
       ORDER BY queued_at, id
       LIMIT :batch
     ),

@@ -98,8 +98,18 @@ def upgrade() -> None:
         ["next_attempt_at"],
         postgresql_where=sa.text("status = 'pending'"),
     )
+    op.create_table(
+        "notification_totals",
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("events", sa.BigInteger(), server_default=sa.text("0"), nullable=False),
+        sa.CheckConstraint(
+            "status IN ('delivered', 'failed')", name=op.f("ck_notification_totals_status")
+        ),
+        sa.PrimaryKeyConstraint("status", name=op.f("pk_notification_totals")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("notification_totals")
     op.drop_table("notification_events")
     op.drop_table("notifications")

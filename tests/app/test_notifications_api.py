@@ -214,3 +214,59 @@ def test_an_organization_without_subscriptions_writes_no_events(client, org, oth
     client.post(f"/api/v1/executions/{execution['id']}/cancel", headers=org.headers)
     count = connection.execute(text("SELECT count(*) FROM notification_events")).scalar()
     assert count == 0
+
+
+def test_an_execution_superseded_while_queued_writes_its_cancelled_event(client, org):
+    agent = {
+        "name": "latest",
+        "runtime": {"type": "python", "entrypoint": "tests.agents:echo"},
+        "concurrency": {"limit": 1, "on_limit": "cancel_running"},
+    }
+    assert client.post("/api/v1/agents", json=agent, headers=org.headers).status_code == 201
+    hook = subscribe(client, org, events=["execution.cancelled"]).get_json()
+    first, second = (
+        client.post(
+            "/api/v1/agents/latest/executions", json={"input": {}}, headers=org.headers
+        ).get_json()
+        for _ in range(2)
+    )
+    superseded = client.get(f"/api/v1/executions/{first['id']}", headers=org.headers).get_json()
+    assert superseded["status"] == "cancelled" and superseded["error"]["type"] == "superseded"
+    log = client.get(f"/api/v1/notifications/{hook['id']}/deliveries", headers=org.headers)
+    assert [entry["type"] for entry in log.get_json()] == ["execution.cancelled"]
+    assert second["status"] == "queued"
+
+
+def test_ended_deliveries_count_once_and_old_ones_go_with_retention(client, org, connection):
+    from app.notifications import delivery
+
+    created = subscribe(client, org, events=["quota.exceeded"]).get_json()
+    first, second, third = (_event(connection, org, created["id"], "pending") for _ in range(3))
+
+    def totals():
+        query = text("SELECT status, events FROM notification_totals")
+        return dict(connection.execute(query).all())
+
+    before = totals()
+    delivery.delivered(connection, [(first, 204), (second, 200)])
+    delivery.not_delivered(
+        connection, third, code=None, error="refused", delay=1, window=60, final=True
+    )
+    counted = totals()
+    assert counted.get("delivered", 0) - before.get("delivered", 0) == 2
+    assert counted.get("failed", 0) - before.get("failed", 0) == 1
+    # A redeliver makes one pending again: what was counted stays counted (a counter).
+    again = client.post(
+        f"/api/v1/notifications/{created['id']}/deliveries/{first}/redeliver",
+        headers=org.headers,
+    )
+    assert again.status_code == 202
+    assert totals() == counted
+    # Retention takes the events that ended past the organization's retention, not the pending.
+    connection.execute(
+        text("UPDATE notification_events SET created_at = now() - interval '40 days'")
+    )
+    assert delivery.delete_expired(connection, 30, 100) == 2
+    log = client.get(f"/api/v1/notifications/{created['id']}/deliveries", headers=org.headers)
+    assert [entry["event_id"] for entry in log.get_json()] == [str(first)]
+    assert delivery.delete_expired(connection, 0, 100) == 0  # 0 keeps everything

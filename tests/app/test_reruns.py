@@ -265,3 +265,19 @@ def test_bulk_refuses_inputs_the_chosen_version_rejects_keyed_by_original(client
     assert response.status_code == 422, response.get_json()
     assert list(response.get_json()["errors"]) == [f"/executions/{original}/input"]
     assert count(connection, org) == before
+
+
+def test_a_rerun_takes_the_traceparent_of_its_own_request(client, org, connection):
+    make_agent(client, org)
+    original = finished(client, org, connection)
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    headers = {**org.headers, "traceparent": trace}
+    one = client.post(f"/api/v1/executions/{original}/rerun", json={}, headers=headers)
+    assert one.status_code == 202 and one.get_json()["traceparent"] == trace
+    many = client.post("/api/v1/executions/rerun", json={"filter": {}}, headers=headers)
+    assert many.status_code == 202, many.get_json()
+    [again] = many.get_json()["ids"]
+    read = client.get(f"/api/v1/executions/{again}", headers=org.headers).get_json()
+    assert read["traceparent"] == trace
+    # Without the header a rerun has none: the original's trace is not reused.
+    assert rerun(client, org, original).get_json()["traceparent"] is None

@@ -260,9 +260,9 @@ def test_rollup_spans_cover_the_window_once(now, window):
 
 
 def test_beat_runs_the_tally_and_prunes_old_rollups(client, org, connection):
-    from workers.maintenance import STATS_PRUNE_SECONDS, STATS_TALLY_SECONDS, default_jobs
+    from workers.maintenance import STATS_PRUNE_SECONDS, STATS_TALLY_SECONDS, housekeeping_jobs
 
-    jobs = {job.name: job for job in default_jobs()}
+    jobs = {job.name: job for job in housekeeping_jobs()}
     assert jobs["stats-tally"].every_seconds == STATS_TALLY_SECONDS
     assert jobs["stats-prune"].every_seconds == STATS_PRUNE_SECONDS
     agent = make_agent(client, org)
@@ -274,3 +274,25 @@ def test_beat_runs_the_tally_and_prunes_old_rollups(client, org, connection):
     jobs["stats-prune"].run()
     assert connection.execute(kept, {"a": agent["id"]}).scalar_one() == 3
     assert stats(client, org, "7d")["counts"]["succeeded"] == 1
+
+
+def test_a_chain_reruns_reused_steps_are_not_runs(client, org, connection):
+    agent = make_agent(client, org)
+
+    def reused(ago):
+        # A reused step is a copy no worker ran: succeeded at attempt 0 (app/chains/reruns.py).
+        copy = add(connection, agent, "succeeded", ago=ago)
+        connection.execute(text("UPDATE executions SET attempt = 0 WHERE id = :id"), {"id": copy})
+
+    add(connection, agent, "failed", ago=120, error="runtime_error")
+    reused(ago=60)
+    tally.tally(lag_seconds=0)
+    reused(ago=1)  # past the tally's watermark: read live by the stats query
+    body = stats(client, org)
+    assert body["counts"]["succeeded"] == 0 and body["counts"]["failed"] == 1
+    assert body["health"] == "failing"
+    totals = connection.execute(
+        text("SELECT status, executions FROM execution_totals WHERE agent_id = :agent"),
+        {"agent": agent["id"]},
+    ).all()
+    assert dict(totals) == {"failed": 1}

@@ -7,6 +7,7 @@ from tests.conftest import wait_for
 from tests.local_http import Reply, local_server
 from tests.workers.test_chains_runs import wait_chain
 from tests.workers.test_runs import define, logs, python_agent, script_agent
+from workers.context import checked_progress
 
 pytestmark = pytest.mark.worker
 
@@ -182,3 +183,9 @@ def test_a_chain_submit_hands_its_traceparent_to_every_step(live_client, live_or
         ).get_json()
         assert execution["traceparent"] == TRACEPARENT, execution
         assert execution["output"]["traceparent"] == TRACEPARENT, execution
+
+
+def test_a_progress_message_postgresql_cannot_store_is_written_out():
+    # jsonb refuses U+0000 and unpaired surrogates: written out, as in log lines.
+    assert checked_progress(0.5, "a\x00b\ud800") == (0.5, "a\\x00b\\ud800")
+    assert checked_progress(1, "x" * 5000)[1] == "x" * 1000
