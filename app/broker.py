@@ -45,22 +45,55 @@ def _broker_priority(priority: int) -> int:
     return 9 - priority
 
 
+# What Flower, `celery inspect` and the workers' logs show of a message: Celery's protocol 2
+# headers `shadow` (the name shown instead of the task's) and `argsrepr` (shown instead of the
+# arguments). They name the agent version and organization, never the input: anyone who can
+# see Flower or the logs sees them. Names are bounded, so a header stays small.
+LABEL_MAX = 64
+
+
+def _bounded(name: str) -> str:
+    return name if len(name) <= LABEL_MAX else name[: LABEL_MAX - 3] + "..."
+
+
+@functools.lru_cache(maxsize=1024)
+def _run_labels(agent: str, version: str, org: str) -> tuple[str, str]:
+    """(shadow, the argsrepr after the id) of a run message: built once per version and org,
+    not per message (the bulk publish copies them into each message's headers)."""
+    what = f"{_bounded(agent)}@{_bounded(version)}"
+    return f"run {what}", f"{what} org={_bounded(org)}"
+
+
 @dataclass(frozen=True)
 class RunMessage:
-    """The message that runs one execution: its id only, and the time limits of its version."""
+    """The message that runs one execution: its id only, and the time limits of its version;
+    its agent, version and organization (names, or the id when a caller has no name) are shown
+    by Flower and the logs only (`shadow`, `argsrepr`)."""
 
     execution_id: uuid.UUID
     queue: str
     priority: int
     soft_time_limit: float
     time_limit: float
+    agent: str
+    version: str
+    org: str
+
+    def labels(self) -> tuple[str, str]:
+        """(shadow, argsrepr): `run summarize-ticket@1.2.0` and
+        `'<id>' summarize-ticket@1.2.0 org=acme`."""
+        shadow, described = _run_labels(self.agent, self.version, self.org)
+        return shadow, f"'{self.execution_id}' {described}"
 
 
 def send_run(message: RunMessage, *, countdown: float | None = None, producer: Any = None) -> None:
+    shadow, argsrepr = message.labels()
     celery_app.send_task(
         RUN_TASK,
         args=[str(message.execution_id)],
         task_id=str(message.execution_id),
+        shadow=shadow,
+        argsrepr=argsrepr,
         queue=message.queue,
         priority=_broker_priority(message.priority),
         countdown=countdown,
@@ -131,10 +164,17 @@ def _envelopes(
     envelopes = []
     for message in members:
         task_id = str(message.execution_id)
+        shadow, argsrepr = message.labels()
         envelopes.append(
             (
                 json.dumps([[task_id], body[1], body[2]]),
-                {**headers, "id": task_id, "root_id": task_id, "argsrepr": f"['{task_id}']"},
+                {
+                    **headers,
+                    "id": task_id,
+                    "root_id": task_id,
+                    "shadow": shadow,
+                    "argsrepr": argsrepr,
+                },
                 {
                     "correlation_id": task_id,
                     "reply_to": properties["reply_to"],
@@ -148,8 +188,9 @@ def _envelopes(
 @functools.lru_cache(maxsize=256)
 def _task_message(soft_limit: float, hard_limit: float) -> tuple[dict, dict, tuple]:
     """The run task's message for these time limits, built once per process: it holds nothing
-    of one execution (the id is set per copy) and Celery's building it was a third of the cost
-    of publishing one message (a claim letting out the next execution held back)."""
+    of one execution (the id, shadow and argsrepr are set per copy) and Celery's building it
+    was a third of the cost of publishing one message (a claim letting out the next execution
+    held back)."""
     headers, properties, body, _sent_event = celery_app.amqp.as_task_v2(
         "",
         RUN_TASK,
@@ -168,7 +209,9 @@ def _task_message(soft_limit: float, hard_limit: float) -> tuple[dict, dict, tup
 
 @dataclass(frozen=True)
 class StepMessage:
-    """One step task of a chain's canvas: which step of which chain execution to start."""
+    """One step task of a chain's canvas: which step of which chain execution to start; what
+    Flower and the logs show of it (`shadow`, `argsrepr`): the chain, version and step, the
+    step's agent version and the organization."""
 
     chain_execution_id: uuid.UUID
     chain_version_id: uuid.UUID
@@ -178,6 +221,25 @@ class StepMessage:
     priority: int
     soft_time_limit: float
     time_limit: float
+    chain: str
+    chain_version: str
+    step: str
+    agent: str
+    version: str
+    org: str
+    compensation: bool = False
+
+    def labels(self) -> tuple[str, str]:
+        """(shadow, argsrepr): `step triage@2.0.0/extract` (`compensate ...` for a
+        compensation) and `'<chain execution id>' stage=0 index=1 summarize-ticket@1.2.0
+        org=acme`."""
+        kind = "compensate" if self.compensation else "step"
+        shadow = f"{kind} {_bounded(self.chain)}@{_bounded(self.chain_version)}/"
+        described = _run_labels(self.agent, self.version, self.org)[1]
+        return (
+            shadow + _bounded(self.step),
+            f"'{self.chain_execution_id}' stage={self.stage} index={self.index} {described}",
+        )
 
 
 def send_canvas(stages: list[list[StepMessage]], *, declare: bool = False) -> bool:
@@ -207,7 +269,10 @@ def _signature(step: StepMessage):
         time_limit=step.time_limit,
         **_NO_RESULT,
     )
-    signature.set(priority=_broker_priority(step.priority))
+    shadow, argsrepr = step.labels()
+    # Options, not headers: a chain's later steps are published by the worker that ran the
+    # step before, from the options the canvas carries.
+    signature.set(priority=_broker_priority(step.priority), shadow=shadow, argsrepr=argsrepr)
     return signature
 
 

@@ -153,8 +153,8 @@ def publish_from(
     broker that lost its data lost its bindings too)."""
     row = conn.execute(
         text(
-            "SELECT step_versions, compensate_versions, compensation, priority "
-            "FROM chain_executions WHERE id = :id"
+            "SELECT step_versions, compensate_versions, compensation, priority, chain_name, "
+            "chain_version FROM chain_executions WHERE id = :id"
         ),
         {"id": chain_execution_id},
     ).one()
@@ -176,7 +176,7 @@ def publish_from(
             wanted.append([(last + position, index, row.compensate_versions[index])])
     stages = [
         [
-            _step_message(conn, chain_execution_id, chain_version_id, step, row.priority)
+            _step_message(conn, chain_execution_id, chain_version_id, step, row, plan)
             for step in members
         ]
         for members in wanted
@@ -189,7 +189,8 @@ def _step_message(
     chain_execution_id: uuid.UUID,
     chain_version_id: uuid.UUID,
     step: tuple[int, int, str],
-    priority: int,
+    row: Any,
+    plan: definitions.Plan,
 ) -> broker.StepMessage:
     stage, index, version_id = step
     spec = specs.get(conn, uuid.UUID(version_id))
@@ -199,7 +200,14 @@ def _step_message(
         stage,
         index,
         queue=spec.queue,
-        priority=priority,
+        priority=row.priority,
         soft_time_limit=spec.soft_time_limit,
         time_limit=spec.time_limit,
+        chain=row.chain_name,
+        chain_version=row.chain_version,
+        step=plan.steps[index].name,
+        agent=spec.agent_name,
+        version=spec.version,
+        org=spec.org_label,
+        compensation=stage >= len(plan.stages),
     )

@@ -37,6 +37,9 @@ class Dispatch:
             self.priority,
             self.spec.soft_time_limit,
             self.spec.time_limit,
+            self.spec.agent_name,
+            self.spec.version,
+            self.spec.org_label,
         )
 
 

@@ -81,6 +81,13 @@ class VersionSpec:
     concurrency: dict[str, Any] | None = None
     rate_limit: dict[str, Any] | None = None
     org_id: uuid.UUID | None = None
+    # Loaded with the version (app/executions/versions.py): organizations are never renamed.
+    org_name: str | None = None
+
+    @property
+    def org_label(self) -> str:
+        """How Flower and the logs name its organization (app/broker.py)."""
+        return self.org_name or str(self.org_id)
 
     @property
     def max_attempts(self) -> int:

@@ -41,8 +41,9 @@ _SPEC_SQL = text(
     """
     SELECT v.id, v.agent_id, a.name AS agent_name, v.version, v.runtime, v.input_schema,
            v.output_schema, v.timeout_seconds, v.retry, v.limits, v.queue, v.config,
-           v.concurrency, v.rate_limit, v.org_id
+           v.concurrency, v.rate_limit, v.org_id, o.name AS org_name
     FROM agent_versions v JOIN agents a ON a.id = v.agent_id
+    LEFT JOIN organizations o ON o.id = v.org_id
     WHERE v.id = :id
     """
 )

@@ -24,7 +24,11 @@ def test_replies_become_workers():
         "active_queues": {"a@h": [{"name": "default"}, {"name": "bulk"}], "b@h": []},
         "stats": {"a@h": {"pool": {"max-concurrency": 4}}},
         "active": {
-            "a@h": [{"name": "runyard.run_execution"}, {"name": "celery.chord_unlock"}],
+            # As Celery answers: "name" is the shadow name a message carries, "type" the task.
+            "a@h": [
+                {"name": "run sum@1.0.0", "type": "runyard.run_execution"},
+                {"name": "celery.chord_unlock", "type": "celery.chord_unlock"},
+            ],
             "c@h": [],
         },
     }
