@@ -129,7 +129,9 @@ _claimed_redis: list[str] = []
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     from app.db import db
+    from app.executions import events
 
+    events.hub.stop()  # its listener would reconnect, and warn, once the database is dropped
     db.dispose()
     database_url = config.stash.get(DATABASE_KEY, None)
     if database_url:

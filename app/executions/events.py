@@ -157,6 +157,7 @@ class Hub:
         self._slots: threading.BoundedSemaphore | None = None
         self._limit = 0
         self._renew_at = 0.0
+        self._stopped = threading.Event()
 
     def add_poll(self, kind: str, every: float, signatures: Signatures) -> None:
         self._polls[kind] = _Poll(every, signatures)
@@ -214,12 +215,19 @@ class Hub:
         with self._lock:
             return [object_id for (k, object_id) in self._watchers if k == kind]
 
+    def stop(self) -> None:
+        """End the listener for good, before its database goes away (the end of a test run):
+        it would otherwise reconnect, and say so, until the process exits."""
+        self._stopped.set()
+
     def _run(self) -> None:
         pause = LISTEN_SECONDS
-        while True:
+        while not self._stopped.is_set():
             try:
                 self._listen()
             except Exception as exc:
+                if self._stopped.is_set():
+                    return
                 # Without a traceback: a restart of PostgreSQL is expected, and each try logs.
                 log.warning("event listener lost its connection (%s); reconnecting", exc)
             # Whatever was notified meanwhile is lost: every stream looks for itself.
@@ -234,7 +242,7 @@ class Hub:
         ) as pg:
             pg.execute(f"LISTEN {store.EVENTS_CHANNEL}")
             self._wake_all()  # anything that happened before LISTEN took effect
-            while True:
+            while not self._stopped.is_set():
                 for note in pg.notifies(timeout=LISTEN_SECONDS):
                     try:
                         self._wake((EXECUTION, uuid.UUID(note.payload)))
