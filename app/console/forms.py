@@ -32,7 +32,7 @@ def fields_of(schema: Mapping[str, Any] | None) -> list[Field]:
     if schema.get("type") != "object" or not isinstance(properties, Mapping):
         return [Field(WHOLE_INPUT, "json", True, "the whole input, as JSON")]
     required = set(schema.get("required") or ())
-    found = []
+    found: list[Field] = []
     for name, spec in properties.items():
         spec = spec if isinstance(spec, Mapping) else {}
         kind = {"string": "text", "integer": "integer", "number": "number", "boolean": "boolean"}
@@ -46,7 +46,8 @@ def fields_of(schema: Mapping[str, Any] | None) -> list[Field]:
                 spec.get("default"),
             )
         )
-    return found
+    # JSONB keeps no key order: the required fields first, then by name.
+    return sorted(found, key=lambda field: (not field.required, field.name))
 
 
 def read(fields: list[Field], form: Mapping[str, str]) -> tuple[Any, dict[str, list[str]]]:
