@@ -227,8 +227,7 @@ class Config:
             notify_concurrency=max(1, _int("RUNYARD_NOTIFY_CONCURRENCY", cls.notify_concurrency)),
             notify_poll_seconds=_float("RUNYARD_NOTIFY_POLL_SECONDS", cls.notify_poll_seconds),
             metrics_max_agents=_int("RUNYARD_METRICS_MAX_AGENTS", cls.metrics_max_agents),
-            ui_session_hours=_positive_float("RUNYARD_UI_SESSION_HOURS", cls.ui_session_hours),
-            flower_url=os.environ.get("RUNYARD_FLOWER_URL", ""),
+            **_console_settings(cls),
         )
 
     def allows_module(self, module: str) -> bool:
@@ -243,6 +242,13 @@ class Config:
                 "which starts an embedded PostgreSQL when it is unset."
             )
         return self.database_url
+
+
+def _console_settings(cls: type[Config]) -> dict[str, object]:
+    return {
+        "ui_session_hours": _positive_float("RUNYARD_UI_SESSION_HOURS", cls.ui_session_hours),
+        "flower_url": os.environ.get("RUNYARD_FLOWER_URL", ""),
+    }
 
 
 # (environment variable, default, meaning): the README's configuration table.
