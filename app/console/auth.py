@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from flask import Response, g, redirect, request, url_for
 
+from app import storable
 from app.console import sessions
 from app.errors import Forbidden
 from app.orgs.services import PERMISSIONS, Principal
@@ -45,6 +46,7 @@ def _same(expected: str | None, given: str | None) -> bool:
 def check_request() -> Response | None:
     """Before every /ui/ request: find the session (or send to the sign-in page), then refuse a
     state-changing request without the right CSRF token (403)."""
+    _refuse_unstorable()
     g.ui_session = sessions.find(request.cookies.get(COOKIE))
     if request.endpoint in PUBLIC_ENDPOINTS:
         if request.method in STATE_CHANGING and not _same(
@@ -60,6 +62,21 @@ def check_request() -> Response | None:
     ):
         raise Forbidden("the form's CSRF token is missing or wrong", hint="reload the page")
     return None
+
+
+def _refuse_unstorable() -> None:
+    """Text PostgreSQL cannot store (U+0000, ...) in a path, query or form field: a 422 page,
+    as the API answers, never a 500 from the database."""
+    values = [*(request.view_args or {}).items(), *request.args.items(multi=True)]
+    if request.method in STATE_CHANGING:
+        values.extend(request.form.items(multi=True))
+    storable.refuse(
+        {
+            name: [found]
+            for name, value in values
+            if isinstance(value, str) and (found := storable.problem(value))
+        }
+    )
 
 
 def set_cookie(response: Response, name: str, value: str, max_age: int | None) -> None:

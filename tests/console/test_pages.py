@@ -253,3 +253,15 @@ def test_sign_in_only_redirects_within_the_console(client, org):
         },
     )
     assert response.headers["Location"] == "/ui/"
+
+
+def test_text_postgresql_cannot_store_is_a_422_page_not_a_500(client, org):
+    make_agent(client, org)
+    sign_in(client, org.token)
+    for path in ("/ui/executions?agent=a%00b", "/ui/executions?q=%00", "/ui/agents/a%00b"):
+        response = client.get(path)
+        assert response.status_code == 422, path
+        assert "cannot be stored" in response.get_data(as_text=True)
+    csrf = page_csrf(client, "/ui/agents/echo")
+    response = client.post("/ui/agents/echo/run", data={"csrf_token": csrf, "text": "a\x00b"})
+    assert response.status_code == 422
