@@ -46,6 +46,8 @@ def _same(expected: str | None, given: str | None) -> bool:
 def check_request() -> Response | None:
     """Before every /ui/ request: find the session (or send to the sign-in page), then refuse a
     state-changing request without the right CSRF token (403)."""
+    if request.endpoint == "console.static":
+        return None  # the stylesheet, scripts and licence: no session to look up
     _refuse_unstorable()
     g.ui_session = sessions.find(request.cookies.get(COOKIE))
     if request.endpoint in PUBLIC_ENDPOINTS:

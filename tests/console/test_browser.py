@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.app.test_events_live import api  # noqa: F401 (the live `runyard api` fixture)
-from tests.conftest import ROOT, make_token, wait_for, wait_until
+from tests.conftest import ROOT, make_token, wait_for
 from tests.workers.test_runs import python_agent, run
 
 pytestmark = pytest.mark.worker
@@ -181,35 +181,35 @@ def test_the_run_form_shows_errors_next_to_fields(page, base, live_client, live_
     shot(page, "agent")
 
 
-def test_a_chain_executions_page_shows_its_steps_by_status(page, base, live_client, live_org):
+def test_a_chain_executions_page_follows_its_steps_by_status(page, base, live_client, live_org):
+    python_agent(live_client, live_org, "sleepy", "sleepy")
     python_agent(live_client, live_org, "echo", "echo")
     chain = {
-        "name": "twice",
+        "name": "nap",
         "input_schema": {"type": "object"},
-        "steps": [{"name": "first", "agent": "echo"}, {"name": "second", "agent": "echo"}],
+        "steps": [{"name": "first", "agent": "sleepy"}, {"name": "second", "agent": "echo"}],
     }
     created = live_client.post("/api/v1/chains", json=chain, headers=live_org.headers)
     assert created.status_code == 201, created.get_json()
+    sign_in(page, base, live_org.token)
     started = live_client.post(
-        "/api/v1/chains/twice/executions", json={"input": {"a": 1}}, headers=live_org.headers
+        "/api/v1/chains/nap/executions", json={"input": {"seconds": 3}}, headers=live_org.headers
     )
     chain_execution_id = started.get_json()["id"]
-
-    def ended() -> bool:
-        answer = live_client.get(
-            f"/api/v1/chain-executions/{chain_execution_id}", headers=live_org.headers
-        )
-        return answer.get_json()["status"] == "succeeded"
-
-    wait_until(ended, timeout=30)
-    sign_in(page, base, live_org.token)
     page.goto(f"{base}/ui/chain-executions/{chain_execution_id}")
+    page.evaluate("window.loadedOnce = true")  # gone if the page reloads
     steps = page.locator(".step")
     assert steps.count() == 2
+    assert "succeeded" not in steps.nth(1).inner_text()
+    shot(page, "chain-execution-running")
+    page.wait_for_function(
+        "document.querySelectorAll('#stages .status-succeeded').length === 2", timeout=20_000
+    )
+    assert page.evaluate("window.loadedOnce") is True
     for index in range(2):
         assert "succeeded" in steps.nth(index).inner_text()  # a text label, not colour alone
     shot(page, "chain-execution")
-    page.goto(f"{base}/ui/chains/twice")
+    page.goto(f"{base}/ui/chains/nap")
     shot(page, "chain")
 
 
