@@ -113,14 +113,17 @@ def _execution_context(execution_id: str) -> dict[str, Any]:
         after_seq=None,
         limit=PAGE_LOG_LINES,
     )
-    return {"e": execution, "lines": lines, "live": execution["status"] in ("queued", "running")}
+    return {
+        "e": execution,
+        "lines": lines,
+        "attempts": executions.attempts(session, principal, execution_id),
+        "live": execution["status"] in ("queued", "running"),
+    }
 
 
 @bp.get("/executions/<execution_id>")
 def execution_page(execution_id: str):
-    context = _execution_context(execution_id)
-    context["attempts"] = executions.attempts(request_session(), auth.principal(), execution_id)
-    return render_template("execution.html", **context)
+    return render_template("execution.html", **_execution_context(execution_id))
 
 
 @bp.get("/executions/<execution_id>/live")

@@ -99,9 +99,11 @@ def test_logs_and_status_appear_without_a_reload_then_rerun(page, base, live_cli
     page.evaluate("window.loadedOnce = true")  # gone if the page reloads
     page.wait_for_selector("#logs >> text=line 2", timeout=15_000)
     assert "line 7" not in page.inner_text("#logs")  # still running: not all there yet
+    assert re.search(r"\d+% line \d of 8", page.inner_text("#live .progress"))  # ctx.progress
     shot(page, "execution-running")
     page.wait_for_selector("#live .status-succeeded", timeout=20_000)
     assert "line 7" in page.inner_text("#logs")
+    assert "running" not in page.inner_text("#attempts")  # the attempt's end shows too
     assert page.evaluate("window.loadedOnce") is True
     assert page.locator("button", has_text="Cancel").count() == 0
     shot(page, "execution-succeeded")
