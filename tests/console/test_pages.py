@@ -266,3 +266,13 @@ def test_text_postgresql_cannot_store_is_a_422_page_not_a_500(client, org):
     csrf = page_csrf(client, "/ui/agents/echo")
     response = client.post("/ui/agents/echo/run", data={"csrf_token": csrf, "text": "a\x00b"})
     assert response.status_code == 422
+
+
+def test_over_https_the_session_cookie_is_secure(client, org):
+    https = "https://localhost"
+    page = client.get("/ui/login", base_url=https).get_data(as_text=True)
+    response = client.post(
+        "/ui/login", data={"token": org.token, "csrf_token": csrf_of(page)}, base_url=https
+    )
+    cookie = next(c for c in response.headers.getlist("Set-Cookie") if c.startswith("runyard_ui="))
+    assert "Secure" in cookie and "HttpOnly" in cookie
