@@ -95,6 +95,10 @@ def build_app(config: Config | None = None) -> Flask:
     ):
         api.register_blueprint(blueprint)
     http.install(app, api)
+    # The console's pages (/ui/): a plain Flask blueprint, outside the API's spec.
+    from app.console.pages import bp as console_bp
+
+    app.register_blueprint(console_bp)
     app.wsgi_app = http.ChunkedBodyLimit(app.wsgi_app, cfg.max_body_bytes)
     app.teardown_appcontext(http.close_request_session)
     _operational_routes(app)

@@ -143,6 +143,10 @@ class Config:
     # /metrics (app/stats/collector.py): agents per organization reported by name, the rest
     # as agent="other".
     metrics_max_agents: int = 50
+    # The console (app/console): how long a sign-in lasts, and where its Workers page links to
+    # Flower (empty: http://127.0.0.1:RUNYARD_FLOWER_PORT, as `runyard up` prints it).
+    ui_session_hours: float = 12.0
+    flower_url: str = ""
 
     @classmethod
     def from_env(cls) -> Config:
@@ -223,6 +227,7 @@ class Config:
             notify_concurrency=max(1, _int("RUNYARD_NOTIFY_CONCURRENCY", cls.notify_concurrency)),
             notify_poll_seconds=_float("RUNYARD_NOTIFY_POLL_SECONDS", cls.notify_poll_seconds),
             metrics_max_agents=_int("RUNYARD_METRICS_MAX_AGENTS", cls.metrics_max_agents),
+            **_console_settings(cls),
         )
 
     def allows_module(self, module: str) -> bool:
@@ -237,6 +242,13 @@ class Config:
                 "which starts an embedded PostgreSQL when it is unset."
             )
         return self.database_url
+
+
+def _console_settings(cls: type[Config]) -> dict[str, object]:
+    return {
+        "ui_session_hours": _positive_float("RUNYARD_UI_SESSION_HOURS", cls.ui_session_hours),
+        "flower_url": os.environ.get("RUNYARD_FLOWER_URL", ""),
+    }
 
 
 # (environment variable, default, meaning): the README's configuration table.
@@ -460,6 +472,16 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "50",
         "agents per organization that /metrics labels by name (those with the most executions); "
         'the rest are summed under agent="other"',
+    ),
+    (
+        "RUNYARD_UI_SESSION_HOURS",
+        "12",
+        "how long a console sign-in (/ui/) lasts; revoking its token ends it at once",
+    ),
+    (
+        "RUNYARD_FLOWER_URL",
+        "http://127.0.0.1:RUNYARD_FLOWER_PORT",
+        "where the console's Workers page links to Flower",
     ),
 )
 

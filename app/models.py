@@ -2,6 +2,7 @@
 
 from app.agents.models import Agent, AgentVersion
 from app.chains.models import Chain, ChainExecution, ChainVersion
+from app.console.models import UiSession
 from app.db import Base
 from app.executions.models import Execution, ExecutionLog
 from app.idempotency.models import IdempotencyKey
@@ -41,5 +42,6 @@ __all__ = [
     "SubmissionTotal",
     "Trigger",
     "TriggerDelivery",
+    "UiSession",
     "metadata",
 ]

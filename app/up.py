@@ -251,6 +251,7 @@ def _print_welcome(
 Runyard is up.
   API          {api_url}/api/v1
   API docs     {api_url}/api/v1/docs
+  console      {api_url}/ui/   (sign in with the dev token)
   Flower       http://127.0.0.1:{cfg.flower_port}
                user {cfg.flower_user}, password {flower_password}
   dev token    {token}   (also in {home / "dev-token"})

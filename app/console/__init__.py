@@ -1,0 +1,1 @@
+"""The console: Runyard's own web pages under /ui/, server-rendered, on the services."""

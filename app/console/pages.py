@@ -1,0 +1,205 @@
+"""The console's pages for agents, chains, schedules, workers and notifications."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import redirect, render_template, request, url_for
+
+from app import runs
+from app.agents import services as agents
+from app.chains import reruns as chain_reruns
+from app.chains import services as chains
+from app.config import current_config
+from app.console import auth, forms, views
+from app.console.routes import bp
+from app.errors import NotFound, ValidationFailed
+from app.executions import services as executions
+from app.fleet import services as fleet
+from app.http import request_session
+from app.notifications import services as notifications
+from app.schedules import services as schedules
+from app.stats import services as stats
+
+# Recent executions on an agent's page, versions listed there, deliveries per subscription.
+RECENT = 10
+
+
+@bp.get("/agents")
+def agent_list():
+    pager = views.Pager.from_args(request.args)
+    session = request_session()
+    items, pager.total = agents.list_agents(
+        session,
+        auth.principal(),
+        q=request.args.get("q") or None,
+        tag=None,
+        capability=None,
+        include_archived=False,
+        offset=pager.offset,
+        limit=pager.size,
+    )
+    described = [agents.describe(session, agent) for agent in items]
+    return render_template("agents.html", items=described, pager=pager, args=request.args)
+
+
+def _agent_context(name: str) -> dict[str, Any]:
+    session, principal = request_session(), auth.principal()
+    agent = agents.describe(session, agents.resolve(session, principal, name))
+    window = request.args.get("window", "24h")
+    if window not in stats.WINDOWS:
+        window = "24h"
+    versions, _ = agents.list_versions(session, principal, name, offset=0, limit=RECENT)
+    recent, _ = executions.list_executions(
+        session,
+        principal,
+        agent=str(agent["id"]),
+        status=None,
+        since=None,
+        until=None,
+        offset=0,
+        limit=RECENT,
+    )
+    return {
+        "agent": agent,
+        "versions": versions,
+        "recent": recent,
+        "stats": stats.agent_stats(session, principal, str(agent["id"]), window),
+        "windows": list(stats.WINDOWS),
+        "fields": forms.fields_of(agent["input_schema"]),
+        "values": {},
+        "errors": {},
+    }
+
+
+@bp.get("/agents/<name>")
+def agent_page(name: str):
+    return render_template("agent.html", **_agent_context(name))
+
+
+@bp.post("/agents/<name>/run")
+def agent_run(name: str):
+    context = _agent_context(name)
+    payload, problems = forms.read(context["fields"], request.form)
+    if not problems:
+        # The page's reads end before the submit inserts (autocommit, on a connection of its
+        # own), as in reruns: the insert must never ride inside the read's transaction.
+        request_session().commit()
+        try:
+            new = executions.submit(auth.principal(), str(context["agent"]["id"]), payload)
+        except ValidationFailed as exc:
+            problems = forms.errors_by_field(exc.errors)
+        else:
+            return redirect(url_for("console.execution_page", execution_id=new["id"]), 303)
+    context.update(values=request.form, errors=problems)
+    return render_template("agent.html", **context), 422
+
+
+@bp.get("/chains")
+def chain_list():
+    pager = views.Pager.from_args(request.args)
+    session = request_session()
+    items, pager.total = chains.list_chains(
+        session, auth.principal(), include_archived=False, offset=pager.offset, limit=pager.size
+    )
+    described = [chains.describe(session, chain) for chain in items]
+    return render_template("chains.html", items=described, pager=pager, args=request.args)
+
+
+@bp.get("/chains/<name>")
+def chain_page(name: str):
+    session, principal = request_session(), auth.principal()
+    chain = chains.describe(session, chains.resolve(session, principal, name))
+    pager = views.Pager.from_args(request.args)
+    runs_, pager.total = chains.list_executions(
+        session,
+        principal,
+        chain=str(chain["id"]),
+        status=None,
+        offset=pager.offset,
+        limit=pager.size,
+    )
+    return render_template("chain.html", chain=chain, runs=runs_, pager=pager, args={"name": name})
+
+
+@bp.get("/chain-executions/<execution_id>")
+def chain_execution_page(execution_id: str):
+    session = request_session()
+    ce = chains.present(session, chains.get_execution(session, auth.principal(), execution_id))
+    stages: dict[int, list[dict]] = {}
+    for step in ce["steps"]:
+        stages.setdefault(step["stage"], []).append(step)
+    live = ce["status"] in ("queued", "running", "compensating")
+    return render_template("chain_execution.html", ce=ce, stages=sorted(stages.items()), live=live)
+
+
+@bp.post("/chain-executions/<execution_id>/rerun")
+def chain_execution_rerun(execution_id: str):
+    new = chain_reruns.rerun(request_session(), auth.principal(), execution_id)
+    return redirect(url_for("console.chain_execution_page", execution_id=new.id), 303)
+
+
+@bp.get("/schedules")
+def schedule_list():
+    pager = views.Pager.from_args(request.args)
+    items, pager.total = schedules.list_schedules(
+        request_session(), auth.principal(), offset=pager.offset, limit=pager.size
+    )
+    return render_template(
+        "schedules.html", items=[schedules.present(s) for s in items], pager=pager, args={}
+    )
+
+
+@bp.get("/schedules/<name>")
+def schedule_page(name: str):
+    session, principal = request_session(), auth.principal()
+    schedule = schedules.present(schedules.get(session, principal, name))
+    pager = views.Pager.from_args(request.args)
+    fires, pager.total = schedules.history(
+        session, principal, name, offset=pager.offset, limit=pager.size
+    )
+    return render_template(
+        "schedule.html", s=schedule, fires=fires, pager=pager, args={"name": name}
+    )
+
+
+@bp.post("/schedules/<name>/<action>")
+def schedule_action(name: str, action: str):
+    session, principal = request_session(), auth.principal()
+    if action == "pause":
+        schedules.pause(session, principal, name)
+        session.commit()
+    elif action == "resume":
+        schedules.resume(session, principal, name)
+        session.commit()
+    elif action == "trigger":
+        _, launched = schedules.trigger_now(session, principal, name)
+        session.commit()
+        runs.publish_after_commit(launched)
+    else:
+        raise NotFound(f"no schedule action {action!r}", hint="pause, resume or trigger")
+    return redirect(url_for("console.schedule_page", name=name), 303)
+
+
+@bp.get("/workers")
+def worker_list():
+    pager = views.Pager.from_args(request.args)
+    items, pager.total = fleet.list_workers(auth.principal(), offset=pager.offset, limit=pager.size)
+    cfg = current_config()
+    flower = cfg.flower_url or f"http://127.0.0.1:{cfg.flower_port}"
+    return render_template("workers.html", items=items, pager=pager, args={}, flower=flower)
+
+
+@bp.get("/notifications")
+def notification_list():
+    session, principal = request_session(), auth.principal()
+    if not auth.may("notifications"):
+        return render_template("notifications.html", items=[], allowed=False)
+    items, _ = notifications.list_notifications(session, principal, offset=0, limit=50)
+    shown = []
+    for n in items:
+        deliveries, total = notifications.deliveries(
+            session, principal, str(n.id), offset=0, limit=RECENT
+        )
+        shown.append({**notifications.present(n), "deliveries": deliveries, "total": total})
+    return render_template("notifications.html", items=shown, allowed=True)

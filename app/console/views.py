@@ -1,0 +1,160 @@
+"""What the console's templates share: filters, the pager, status labels, small SVG charts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint
+from markupsafe import Markup, escape
+
+from app.console import auth
+from app.errors import ValidationFailed
+
+PAGE_SIZE = 25
+MAX_PAGE_SIZE = 100
+
+
+@dataclass
+class Pager:
+    page: int
+    size: int
+    total: int = 0
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, str]) -> Pager:
+        try:
+            page = max(1, int(args.get("page", 1)))
+            size = min(MAX_PAGE_SIZE, max(1, int(args.get("page_size", PAGE_SIZE))))
+        except ValueError as exc:
+            raise ValidationFailed(
+                "page and page_size are whole numbers", hint="drop them to see the first page"
+            ) from exc
+        return cls(page, size)
+
+    @property
+    def offset(self) -> int:
+        return (self.page - 1) * self.size
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.size))
+
+
+def execution_filters(args: Mapping[str, str]) -> dict[str, Any]:
+    """/ui/executions' query: status, agent, since (an ISO date or time, UTC unless it says), and
+    q: an execution id goes to its page, any other text is an agent name."""
+    filters: dict[str, Any] = {
+        "status": args.get("status") or None,
+        "agent": args.get("agent") or None,
+        "since": None,
+    }
+    q = (args.get("q") or "").strip()
+    if q:
+        try:
+            filters["execution_id"] = uuid.UUID(q)
+        except ValueError:
+            filters["agent"] = filters["agent"] or q
+    if args.get("since"):
+        try:
+            since = dt.datetime.fromisoformat(args["since"])
+        except ValueError as exc:
+            raise ValidationFailed(
+                f"since={args['since']!r} is not a date or time",
+                errors={"since": ["use 2026-12-07 or 2026-12-07T10:00:00Z"]},
+                hint="use an ISO 8601 date or time",
+            ) from exc
+        filters["since"] = since if since.tzinfo else since.replace(tzinfo=dt.UTC)
+    return filters
+
+
+def time_tag(value: dt.datetime | None) -> Markup:
+    """A <time> the page's script shows in the viewer's time zone; without script, UTC."""
+    if value is None:
+        return Markup('<span class="muted">—</span>')
+    utc = value.astimezone(dt.UTC)
+    return Markup('<time datetime="{}">{}</time>').format(
+        utc.isoformat(), utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+    )
+
+
+STATUS_MARKS = {
+    "queued": "◷",
+    "running": "▶",
+    "succeeded": "✓",
+    "failed": "✗",
+    "timed_out": "⌛",
+    "cancelled": "⊘",
+    "compensating": "↺",
+    "compensated": "↺",
+    "pending": "…",
+    "skipped": "»",
+    "reused": "✓",
+    "delivered": "✓",
+    "paused": "⏸",
+    "enabled": "▶",
+}
+
+
+def status_badge(status: str | None) -> Markup:
+    """A status with a colour AND a text label and mark: it reads without colour too."""
+    status = status or "unknown"
+    return Markup('<span class="status status-{}">{} {}</span>').format(
+        status, STATUS_MARKS.get(status, "•"), status.replace("_", " ")
+    )
+
+
+def pretty_json(value: Any) -> Markup:
+    if value is None:
+        return Markup('<span class="muted">none</span>')
+    return Markup("<pre>{}</pre>").format(json.dumps(value, indent=2, default=str))
+
+
+def duration(ms: int | None) -> str:
+    if ms is None:
+        return "—"
+    return f"{ms} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
+
+
+def bar_chart(points: list[tuple[str, float]], unit: str = "") -> Markup:
+    """A small horizontal bar chart as inline SVG (server-side: no chart library, no script)."""
+    if not points:
+        return Markup('<p class="muted">Nothing to draw yet.</p>')
+    top = max(value for _, value in points) or 1
+    height = 22 * len(points)
+    rows = []
+    for i, (label, value) in enumerate(points):
+        width = 300 * value / top
+        rows.append(
+            Markup(
+                '<text x="0" y="{y}" class="chart-label">{label}</text>'
+                '<rect x="120" y="{ry}" width="{w:.1f}" height="14" class="chart-bar"/>'
+                '<text x="{tx:.1f}" y="{y}" class="chart-value">{value}{unit}</text>'
+            ).format(
+                y=i * 22 + 15,
+                ry=i * 22 + 4,
+                w=width,
+                tx=126 + width,
+                label=label,
+                value=f"{value:g}",
+                unit=unit,
+            )
+        )
+    return Markup(
+        '<svg class="chart" role="img" viewBox="0 0 480 {h}" width="480" height="{h}">{rows}</svg>'
+    ).format(h=height, rows=Markup("").join(rows))
+
+
+def install(bp: Blueprint) -> None:
+    bp.add_app_template_filter(time_tag, "time")
+    bp.add_app_template_filter(status_badge, "status")
+    bp.add_app_template_filter(pretty_json, "json")
+    bp.add_app_template_filter(duration, "duration")
+    bp.add_app_template_global(auth.csrf_token, "csrf_token")
+    bp.add_app_template_global(auth.may, "may")
+    bp.add_app_template_global(bar_chart, "bar_chart")
+    bp.add_app_template_global(escape, "escape")

@@ -1,0 +1,278 @@
+"""The console's pages through the Flask test client: sign-in, sessions, CSRF, roles, 404s, and
+every page readable as plain HTML (no JavaScript runs here)."""
+
+import re
+import uuid
+
+from sqlalchemy import text
+
+from tests.app.test_executions_api import make_agent, submit
+from tests.conftest import make_token
+from tests.console.helpers import csrf_of, page_csrf, sign_in
+
+CHAIN = {
+    "name": "pipeline",
+    "input_schema": {
+        "type": "object",
+        "required": ["text"],
+        "properties": {"text": {"type": "string"}},
+    },
+    "steps": [
+        {"name": "first", "agent": "echo", "input": {"text": "$.input.text"}},
+        {"name": "second", "agent": "echo", "input": {"text": "$.input.text"}},
+    ],
+}
+SCHEDULE = {
+    "name": "nightly",
+    "cron": "0 3 * * *",
+    "target": {"agent": "echo"},
+    "input": {"text": "hi"},
+}
+
+
+def world(client, org) -> dict:
+    """An agent, an execution, a chain execution and a schedule of `org`, through the API."""
+    make_agent(client, org)
+    execution = submit(client, org, {"text": "hello from the page"}).get_json()
+    chain = client.post("/api/v1/chains", json=CHAIN, headers=org.headers)
+    assert chain.status_code == 201, chain.get_json()
+    run = client.post(
+        "/api/v1/chains/pipeline/executions", json={"input": {"text": "x"}}, headers=org.headers
+    )
+    assert run.status_code == 202, run.get_json()
+    schedule = client.post("/api/v1/schedules", json=SCHEDULE, headers=org.headers)
+    assert schedule.status_code == 201, schedule.get_json()
+    return {"execution": execution["id"], "chain_execution": run.get_json()["id"]}
+
+
+def test_without_a_session_every_page_sends_to_the_sign_in_form(client):
+    response = client.get("/ui/executions?status=failed")
+    assert response.status_code == 302
+    assert response.headers["Location"].startswith("/ui/login?next=")
+    form = client.get("/ui/login").get_data(as_text=True)
+    assert 'name="token"' in form and "csrf_token" in form
+
+
+def test_sign_in_sets_a_session_cookie_that_holds_no_token(client, org, connection):
+    response = sign_in(client, org.token)
+    assert response.status_code == 302 and response.headers["Location"] == "/ui/"
+    cookie = next(c for c in response.headers.getlist("Set-Cookie") if c.startswith("runyard_ui="))
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and org.token not in cookie
+    session_id = re.match(r"runyard_ui=([^;]+)", cookie).group(1)
+    row = connection.execute(text("SELECT session_hash, role, org_id FROM ui_sessions")).one()
+    assert session_id not in row.session_hash and row.role == "admin" and row.org_id == org.id
+    assert client.get("/ui/").status_code == 200
+
+
+def test_a_bad_token_is_refused_on_the_form(client):
+    response = sign_in(client, "not-a-token")
+    assert response.status_code == 401
+    assert "invalid or revoked token" in response.get_data(as_text=True)
+    assert client.get("/ui/").status_code == 302
+
+
+def test_sign_in_without_its_csrf_token_is_403(client, org):
+    client.get("/ui/login")
+    assert client.post("/ui/login", data={"token": org.token}).status_code == 403
+
+
+def test_sign_out_ends_the_session(client, org, connection):
+    sign_in(client, org.token)
+    csrf = page_csrf(client, "/ui/")
+    response = client.post("/ui/logout", data={"csrf_token": csrf})
+    assert response.status_code == 302
+    assert client.get("/ui/").status_code == 302
+    assert connection.execute(text("SELECT count(*) FROM ui_sessions")).scalar() == 0
+
+
+def test_a_revoked_token_ends_its_sessions(client, org, connection):
+    sign_in(client, org.token)
+    assert client.get("/ui/agents").status_code == 200
+    connection.execute(
+        text("UPDATE api_tokens SET revoked_at = now() WHERE org_id = :o"), {"o": org.id}
+    )
+    assert client.get("/ui/agents").status_code == 302
+
+
+def test_every_page_reads_as_plain_html(client, org):
+    ids = world(client, org)
+    sign_in(client, org.token)
+    pages = [
+        "/ui/",
+        "/ui/agents",
+        "/ui/agents/echo",
+        "/ui/agents/echo?window=7d",
+        "/ui/executions",
+        "/ui/executions?status=queued&agent=echo&since=2020-01-01&page=1",
+        f"/ui/executions/{ids['execution']}",
+        f"/ui/executions/{ids['execution']}/live",
+        "/ui/chains",
+        "/ui/chains/pipeline",
+        f"/ui/chain-executions/{ids['chain_execution']}",
+        "/ui/schedules",
+        "/ui/schedules/nightly",
+        "/ui/workers",
+        "/ui/notifications",
+    ]
+    for path in pages:
+        response = client.get(path)
+        assert response.status_code == 200, (path, response.get_data(as_text=True)[:800])
+        assert response.mimetype == "text/html"
+    execution = client.get(f"/ui/executions/{ids['execution']}").get_data(as_text=True)
+    # Readable without script: the input, the status as a text label, UTC times.
+    assert "hello from the page" in execution and "queued" in execution
+    assert re.search(r'<time datetime="[^"]+">\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC</time>', execution)
+    # While queued, the live part polls; a Cancel button for an admin.
+    assert 'hx-trigger="every 1s"' in execution and ">Cancel</button>" in execution
+    chain = client.get(f"/ui/chain-executions/{ids['chain_execution']}").get_data(as_text=True)
+    assert "first" in chain and "second" in chain and "stage 0" in chain
+    assert 'hx-select="#stages"' in chain  # queued: the stages follow it
+    listed = client.get("/ui/executions?q=echo").get_data(as_text=True)
+    assert ids["execution"] in listed
+    found = client.get(f"/ui/executions?q={ids['execution']}")
+    assert found.status_code == 302 and ids["execution"] in found.headers["Location"]
+
+
+def test_empty_pages_say_what_to_do_next(client, org):
+    sign_in(client, org.token)
+    assert "Create one with" in client.get("/ui/agents").get_data(as_text=True)
+    assert "No executions yet" in client.get("/ui/").get_data(as_text=True)
+    assert "POST /api/v1/schedules" in client.get("/ui/schedules").get_data(as_text=True)
+
+
+def test_another_organizations_objects_are_a_404_page(client, org, other_org):
+    ids = world(client, other_org)
+    sign_in(client, org.token)
+    for path in (
+        f"/ui/executions/{ids['execution']}",
+        f"/ui/executions/{ids['execution']}/live",
+        f"/ui/chain-executions/{ids['chain_execution']}",
+        "/ui/agents/echo",
+        "/ui/chains/pipeline",
+        "/ui/schedules/nightly",
+        f"/ui/executions/{uuid.uuid4()}",
+        "/ui/executions/not-an-id",
+        "/ui/no-such-page",
+    ):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert response.mimetype == "text/html" and "Not found" in response.get_data(as_text=True)
+    csrf = page_csrf(client, "/ui/")
+    for path in (
+        f"/ui/executions/{ids['execution']}/cancel",
+        f"/ui/executions/{ids['execution']}/rerun",
+        "/ui/schedules/nightly/pause",
+    ):
+        assert client.post(path, data={"csrf_token": csrf}).status_code == 404, path
+
+
+def test_a_form_post_without_csrf_is_403_and_changes_nothing(client, org, connection):
+    ids = world(client, org)
+    sign_in(client, org.token)
+    for data in ({}, {"csrf_token": "forged"}):
+        response = client.post(f"/ui/executions/{ids['execution']}/cancel", data=data)
+        assert response.status_code == 403
+    status = connection.execute(
+        text("SELECT status FROM executions WHERE id = :id"), {"id": ids["execution"]}
+    ).scalar()
+    assert status == "queued"
+
+
+def test_cancel_from_the_page(client, org, connection):
+    ids = world(client, org)
+    sign_in(client, org.token)
+    csrf = page_csrf(client, f"/ui/executions/{ids['execution']}")
+    response = client.post(f"/ui/executions/{ids['execution']}/cancel", data={"csrf_token": csrf})
+    assert response.status_code == 303
+    page = client.get(response.headers["Location"]).get_data(as_text=True)
+    assert "cancelled" in page and ">Rerun</button>" in page and "hx-trigger" not in page
+
+
+def test_a_viewer_sees_no_buttons_and_its_posts_are_refused(client, org, connection):
+    ids = world(client, org)
+    sign_in(client, make_token(org, "viewer"))
+    page = client.get(f"/ui/executions/{ids['execution']}").get_data(as_text=True)
+    assert ">Cancel</button>" not in page and ">Rerun</button>" not in page
+    schedule = client.get("/ui/schedules/nightly").get_data(as_text=True)
+    assert ">Pause</button>" not in schedule and ">Trigger now</button>" not in schedule
+    assert "<h2>Run</h2>" not in client.get("/ui/agents/echo").get_data(as_text=True)
+    csrf = csrf_of(page)
+    for path in (
+        f"/ui/executions/{ids['execution']}/cancel",
+        "/ui/schedules/nightly/pause",
+        "/ui/agents/echo/run",
+    ):
+        response = client.post(path, data={"csrf_token": csrf, "text": "x"})
+        assert response.status_code == 403, path
+        assert "may not do this" in response.get_data(as_text=True)
+    status = connection.execute(
+        text("SELECT status FROM executions WHERE id = :id"), {"id": ids["execution"]}
+    ).scalar()
+    assert status == "queued"
+
+
+def test_the_run_form_shows_errors_next_to_their_fields(client, org):
+    make_agent(client, org)
+    sign_in(client, org.token)
+    form = client.get("/ui/agents/echo").get_data(as_text=True)
+    assert 'name="text"' in form and 'name="count"' in form
+    csrf = csrf_of(form)
+    response = client.post("/ui/agents/echo/run", data={"csrf_token": csrf, "count": "0"})
+    assert response.status_code == 422
+    html = response.get_data(as_text=True)
+    text_field = re.search(r'<div class="field" id="field-text">(.*?)</div>', html, re.S).group(1)
+    count_field = re.search(r'<div class="field" id="field-count">(.*?)</div>', html, re.S).group(1)
+    assert "field-error" in text_field and "required" in text_field
+    assert "field-error" in count_field and "minimum" in count_field
+    assert 'value="0"' in count_field  # what was typed stays
+    ok = client.post("/ui/agents/echo/run", data={"csrf_token": csrf, "text": "hi", "count": "2"})
+    assert ok.status_code == 303 and "/ui/executions/" in ok.headers["Location"]
+    run = client.get(ok.headers["Location"]).get_data(as_text=True)
+    assert "&#34;count&#34;: 2" in run or '"count": 2' in run
+
+
+def test_schedule_pause_resume_from_the_page(client, org):
+    world(client, org)
+    sign_in(client, org.token)
+    csrf = page_csrf(client, "/ui/schedules/nightly")
+    response = client.post("/ui/schedules/nightly/pause", data={"csrf_token": csrf})
+    assert response.status_code == 303
+    page = client.get("/ui/schedules/nightly").get_data(as_text=True)
+    assert "paused" in page and ">Resume</button>" in page
+    client.post("/ui/schedules/nightly/resume", data={"csrf_token": csrf})
+    assert ">Pause</button>" in client.get("/ui/schedules/nightly").get_data(as_text=True)
+
+
+def test_sign_in_only_redirects_within_the_console(client, org):
+    page = client.get("/ui/login?next=//evil.example/")
+    response = client.post(
+        "/ui/login",
+        data={
+            "token": org.token,
+            "next": "//evil.example/",
+            "csrf_token": csrf_of(page.get_data(as_text=True)),
+        },
+    )
+    assert response.headers["Location"] == "/ui/"
+
+
+def test_text_postgresql_cannot_store_is_a_422_page_not_a_500(client, org):
+    make_agent(client, org)
+    sign_in(client, org.token)
+    for path in ("/ui/executions?agent=a%00b", "/ui/executions?q=%00", "/ui/agents/a%00b"):
+        response = client.get(path)
+        assert response.status_code == 422, path
+        assert "cannot be stored" in response.get_data(as_text=True)
+    csrf = page_csrf(client, "/ui/agents/echo")
+    response = client.post("/ui/agents/echo/run", data={"csrf_token": csrf, "text": "a\x00b"})
+    assert response.status_code == 422
+
+
+def test_over_https_the_session_cookie_is_secure(client, org):
+    https = "https://localhost"
+    page = client.get("/ui/login", base_url=https).get_data(as_text=True)
+    response = client.post(
+        "/ui/login", data={"token": org.token, "csrf_token": csrf_of(page)}, base_url=https
+    )
+    cookie = next(c for c in response.headers.getlist("Set-Cookie") if c.startswith("runyard_ui="))
+    assert "Secure" in cookie and "HttpOnly" in cookie
