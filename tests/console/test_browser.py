@@ -207,6 +207,12 @@ def test_a_chain_executions_page_follows_its_steps_by_status(page, base, live_cl
     page.wait_for_function(
         "document.querySelectorAll('#stages .status-succeeded').length === 2", timeout=20_000
     )
+    # The chain's own status follows too, and the polling stops once it ended.
+    page.wait_for_function(
+        "document.querySelector('#chain-live .summary .status-succeeded') !== null",
+        timeout=20_000,
+    )
+    assert page.locator("#chain-live[hx-get]").count() == 0
     assert page.evaluate("window.loadedOnce") is True
     for index in range(2):
         assert "succeeded" in steps.nth(index).inner_text()  # a text label, not colour alone

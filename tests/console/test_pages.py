@@ -126,7 +126,7 @@ def test_every_page_reads_as_plain_html(client, org):
     assert 'hx-trigger="every 1s"' in execution and ">Cancel</button>" in execution
     chain = client.get(f"/ui/chain-executions/{ids['chain_execution']}").get_data(as_text=True)
     assert "first" in chain and "second" in chain and "stage 0" in chain
-    assert 'hx-select="#stages"' in chain  # queued: the stages follow it
+    assert 'hx-select="#chain-live"' in chain  # queued: the page follows it
     listed = client.get("/ui/executions?q=echo").get_data(as_text=True)
     assert ids["execution"] in listed
     found = client.get(f"/ui/executions?q={ids['execution']}")
