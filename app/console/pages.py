@@ -13,7 +13,7 @@ from app.chains import services as chains
 from app.config import current_config
 from app.console import auth, forms, views
 from app.console.routes import bp
-from app.errors import NotFound, ValidationFailed
+from app.errors import NotFound, Unavailable, ValidationFailed
 from app.executions import services as executions
 from app.fleet import services as fleet
 from app.http import request_session
@@ -23,6 +23,10 @@ from app.stats import services as stats
 
 # Recent executions on an agent's page, versions listed there, deliveries per subscription.
 RECENT = 10
+# Workers listed on the overview (the Workers page pages through the rest); versions offered
+# by the agent page's diff form.
+FLEET_SHOWN = 100
+DIFF_VERSIONS = 100
 
 
 @bp.get("/agents")
@@ -49,7 +53,7 @@ def _agent_context(name: str) -> dict[str, Any]:
     window = request.args.get("window", "24h")
     if window not in stats.WINDOWS:
         window = "24h"
-    versions, _ = agents.list_versions(session, principal, name, offset=0, limit=RECENT)
+    versions, _ = agents.list_versions(session, principal, name, offset=0, limit=DIFF_VERSIONS)
     recent, _ = executions.list_executions(
         session,
         principal,
@@ -69,7 +73,26 @@ def _agent_context(name: str) -> dict[str, Any]:
         "fields": forms.fields_of(agent["input_schema"]),
         "values": {},
         "errors": {},
+        **_diff_context(session, principal, name, [v.version for v in versions]),
     }
+
+
+def _diff_context(session, principal, name: str, offered: list[str]) -> dict[str, Any]:
+    """The diff form's choices (by default the version before the newest, and the newest) and,
+    once the form asked for them, the diff of the two versions' definitions."""
+    old = request.args.get("from") or (offered[1] if len(offered) > 1 else offered[0])
+    new = request.args.get("to") or offered[0]
+    diff = None
+    if "from" in request.args and "to" in request.args:
+        old_row, new_row = (agents.get_version(session, principal, name, v) for v in (old, new))
+        diff = views.definition_diff(
+            (f"{name} {old}", _definition(old_row)), (f"{name} {new}", _definition(new_row))
+        )
+    return {"diff_from": old, "diff_to": new, "diff": diff}
+
+
+def _definition(version) -> dict[str, Any]:
+    return {field: getattr(version, field) for field in agents.VERSIONED_FIELDS}
 
 
 @bp.get("/agents/<name>")
@@ -181,13 +204,38 @@ def schedule_action(name: str, action: str):
     return redirect(url_for("console.schedule_page", name=name), 303)
 
 
+def _flower() -> str:
+    cfg = current_config()
+    return cfg.flower_url or f"http://127.0.0.1:{cfg.flower_port}"
+
+
 @bp.get("/workers")
 def worker_list():
     pager = views.Pager.from_args(request.args)
     items, pager.total = fleet.list_workers(auth.principal(), offset=pager.offset, limit=pager.size)
-    cfg = current_config()
-    flower = cfg.flower_url or f"http://127.0.0.1:{cfg.flower_port}"
-    return render_template("workers.html", items=items, pager=pager, args={}, flower=flower)
+    return render_template("workers.html", items=items, pager=pager, args={}, flower=_flower())
+
+
+@bp.get("/overview/workers")
+def overview_workers():
+    """The overview's workers section, loaded by htmx after the page: asking the workers can
+    wait up to a second on the broker, which the rest of the overview must not."""
+    error = None
+    try:
+        items, total = fleet.list_workers(auth.principal(), offset=0, limit=FLEET_SHOWN)
+    except Unavailable as exc:
+        items, total, error = [], 0, exc.message
+    slots = sum(w.concurrency or 0 for w in items)
+    busy = sum(w.active_executions for w in items)
+    return render_template(
+        "overview_workers.html",
+        items=items,
+        total=total,
+        slots=slots,
+        busy=busy,
+        error=error,
+        flower=_flower(),
+    )
 
 
 @bp.get("/notifications")

@@ -14,7 +14,9 @@ from app.errors import NotFound, RunyardError
 from app.executions import reruns
 from app.executions import services as executions
 from app.executions.models import STATUSES
+from app.flow import services as flow
 from app.http import request_session
+from app.stats import activity
 
 bp = Blueprint(
     "console",
@@ -77,8 +79,44 @@ def overview():
         session, principal, agent=None, status="failed", since=None, until=None, offset=0, limit=5
     )
     return render_template(
-        "overview.html", recent=recent, running=running, running_total=running_total, failed=failed
+        "overview.html",
+        recent=recent,
+        running=running,
+        running_total=running_total,
+        failed=failed,
+        charts=_activity_charts(session, principal),
+        queues=flow.queues(session, principal),
     )
+
+
+def _activity_charts(session, principal) -> list[dict[str, Any]]:
+    """Executions per minute and failure rate, over the last hour (by minute) and the last day
+    (by hour: executions per minute averaged over each hour)."""
+    charts = []
+    for name, heading, fmt, per in (
+        ("1h", "Last hour, by minute", "%H:%M", 1),
+        ("24h", "Last day, by hour", "%m-%d %H:00", 60),
+    ):
+        buckets = activity.series(session, principal, name)
+        finished = sum(b.finished for b in buckets)
+        failures = sum(b.failures for b in buckets)
+        charts.append(
+            {
+                "name": name,
+                "heading": heading,
+                "finished": finished,
+                "failures": failures,
+                "rate": [(b.start.strftime(fmt), round(b.finished / per, 2)) for b in buckets],
+                "failure_rate": [
+                    (
+                        b.start.strftime(fmt),
+                        None if b.failure_rate is None else round(100 * b.failure_rate, 1),
+                    )
+                    for b in buckets
+                ],
+            }
+        )
+    return charts
 
 
 @bp.get("/executions")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import json
 import uuid
 from collections.abc import Mapping
@@ -97,6 +98,10 @@ STATUS_MARKS = {
     "delivered": "✓",
     "paused": "⏸",
     "enabled": "▶",
+    "healthy": "✓",
+    "degraded": "!",
+    "failing": "✗",
+    "idle": "…",
 }
 
 
@@ -120,10 +125,12 @@ def duration(ms: int | None) -> str:
     return f"{ms} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
 
 
-def bar_chart(points: list[tuple[str, float]], unit: str = "") -> Markup:
-    """A small horizontal bar chart as inline SVG (server-side: no chart library, no script)."""
+def bar_chart(points: list[tuple[str, float]], unit: str = "", label: str = "") -> Markup:
+    """A small horizontal bar chart as inline SVG (server-side: no chart library, no script).
+    Its labels and values are text in the picture; `label` names it for screen readers."""
     if not points:
         return Markup('<p class="muted">Nothing to draw yet.</p>')
+    summary = label or ", ".join(f"{name} {value:g}{unit}" for name, value in points)
     top = max(value for _, value in points) or 1
     height = 22 * len(points)
     rows = []
@@ -145,8 +152,98 @@ def bar_chart(points: list[tuple[str, float]], unit: str = "") -> Markup:
             )
         )
     return Markup(
-        '<svg class="chart" role="img" viewBox="0 0 480 {h}" width="480" height="{h}">{rows}</svg>'
-    ).format(h=height, rows=Markup("").join(rows))
+        '<svg class="chart" role="img" aria-label="{summary}" viewBox="0 0 480 {h}" width="480"'
+        ' height="{h}">{rows}</svg>'
+    ).format(h=height, rows=Markup("").join(rows), summary=summary)
+
+
+def column_chart(points: list[tuple[str, float | None]], title: str, unit: str = "") -> Markup:
+    """Vertical bars as inline SVG, one per point (None: no data, no bar), oldest at the left,
+    followed by the same figures as a table (folded) so the chart reads without the picture."""
+    values = [value for _, value in points if value is not None]
+    top = max(values, default=0) or 1
+    width, height = 480, 100
+    step = width / max(1, len(points))
+    bars = []
+    for i, (label, value) in enumerate(points):
+        if not value:
+            continue
+        tall = max(1.0, (height - 2) * value / top)
+        bars.append(
+            Markup(
+                '<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" class="chart-bar">'
+                "<title>{label}: {value}{unit}</title></rect>"
+            ).format(
+                x=i * step + 0.5,
+                y=height - tall,
+                w=max(1.0, step - 1),
+                h=tall,
+                label=label,
+                value=f"{value:g}",
+                unit=unit,
+            )
+        )
+    summary = (
+        f"{title}: highest {max(values):g}{unit}, latest {points[-1][1] or 0:g}{unit}"
+        if values
+        else f"{title}: nothing yet"
+    )
+    first, last = (points[0][0], points[-1][0]) if points else ("", "")
+    rows = Markup("").join(
+        Markup("<tr><td>{}</td><td>{}</td></tr>").format(
+            label, "—" if value is None else f"{value:g}{unit}"
+        )
+        for label, value in points
+    )
+    return Markup(
+        '<figure class="column-chart"><figcaption>{title} <span class="muted">(max {top}{unit})'
+        "</span></figcaption>"
+        '<svg class="chart" role="img" aria-label="{summary}" viewBox="0 0 {w} {h}"'
+        ' width="{w}" height="{h}" preserveAspectRatio="none">'
+        '<line x1="0" y1="{h}" x2="{w}" y2="{h}" class="chart-axis"/>{bars}</svg>'
+        '<div class="chart-range muted"><span>{first}</span><span>{last}</span></div>'
+        "<details><summary>{summary} — as a table</summary>"
+        "<table><thead><tr><th>From (UTC)</th><th>{title}</th></tr></thead>"
+        "<tbody>{rows}</tbody></table></details></figure>"
+    ).format(
+        title=title,
+        top=f"{max(values, default=0):g}",
+        unit=unit,
+        summary=summary,
+        w=width,
+        h=height,
+        bars=Markup("").join(bars),
+        first=first,
+        last=last,
+        rows=rows,
+    )
+
+
+def definition_diff(old: tuple[str, Any], new: tuple[str, Any]) -> Markup:
+    """A unified diff of two versions' definitions as indented JSON, one line per span: added
+    lines marked + (class diff-add), removed ones - (diff-del), hunk headers @@ (diff-hunk)."""
+    (old_name, old_doc), (new_name, new_doc) = old, new
+
+    def lines(document: Any) -> list[str]:
+        return json.dumps(document, indent=2, sort_keys=True, default=str).splitlines()
+
+    diff = list(
+        difflib.unified_diff(
+            lines(old_doc), lines(new_doc), fromfile=old_name, tofile=new_name, lineterm=""
+        )
+    )
+    if not diff:
+        return Markup('<p class="empty">The two definitions are the same.</p>')
+    marked = []
+    for line in diff:
+        if line.startswith(("+++", "---")):
+            kind = "diff-file"
+        elif line.startswith("@@"):
+            kind = "diff-hunk"
+        else:
+            kind = {"+": "diff-add", "-": "diff-del"}.get(line[:1], "diff-same")
+        marked.append(Markup('<span class="{}">{}</span>').format(kind, line))
+    return Markup('<pre class="diff">{}</pre>').format(Markup("").join(marked))
 
 
 def install(bp: Blueprint) -> None:
@@ -157,4 +254,5 @@ def install(bp: Blueprint) -> None:
     bp.add_app_template_global(auth.csrf_token, "csrf_token")
     bp.add_app_template_global(auth.may, "may")
     bp.add_app_template_global(bar_chart, "bar_chart")
+    bp.add_app_template_global(column_chart, "column_chart")
     bp.add_app_template_global(escape, "escape")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
 from app.errors import NotFound, ValidationFailed
@@ -65,8 +65,18 @@ def usage(session: Session, principal: Principal) -> dict[str, Any]:
             "queued": counts.queued,
             "cpu_seconds_today": round(quotas.used_today(conn, principal.org_id), 3),
         },
-        "queues": [dict(row) for row in conn.execute(_QUEUES, params).mappings()],
+        "queues": _queues(conn, principal),
     }
+
+
+def queues(session: Session, principal: Principal) -> list[dict[str, Any]]:
+    """Per queue, the organization's queued executions and the age of the oldest (seconds)."""
+    principal.require("read")
+    return _queues(session.connection(), principal)
+
+
+def _queues(conn: Connection, principal: Principal) -> list[dict[str, Any]]:
+    return [dict(row) for row in conn.execute(_QUEUES, {"org_id": principal.org_id}).mappings()]
 
 
 def set_limits(session: Session, org_name: str, changes: dict[str, float | None]) -> OrgLimits:

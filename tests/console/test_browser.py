@@ -230,7 +230,25 @@ def test_every_list_page_in_the_browser(page, base, live_client, live_org):
     for name in ("", "agents", "executions", "chains", "schedules", "workers", "notifications"):
         response = page.goto(f"{base}/ui/{name}")
         assert response.status == 200, name
+        if not name:  # the overview's workers section arrives after the page
+            page.locator("#workers", has_text="busy slots").wait_for()
         shot(page, name or "overview")
     page.goto(f"{base}/ui/workers")
     assert page.locator("tbody tr").count() >= 1  # the test worker answered
     assert page.locator("a", has_text="Flower").get_attribute("href").startswith("http://")
+
+
+def test_the_agent_page_compares_two_versions(page, base, live_client, live_org):
+    python_agent(live_client, live_org, "echo", "echo")
+    wait_for(live_client, live_org, run(live_client, live_org, "echo", {"a": 1}))
+    changed = live_client.patch(
+        "/api/v1/agents/echo", json={"timeout_seconds": 45}, headers=live_org.headers
+    )
+    assert changed.status_code == 200, changed.get_json()
+    sign_in(page, base, live_org.token)
+    page.goto(f"{base}/ui/agents/echo")
+    page.click("text=Show the diff")
+    page.locator("pre.diff").wait_for()
+    assert page.locator("pre.diff .diff-add").count() >= 1
+    assert page.locator("pre.diff .diff-del").count() >= 1
+    shot(page, "agent")

@@ -276,3 +276,75 @@ def test_over_https_the_session_cookie_is_secure(client, org):
     )
     cookie = next(c for c in response.headers.getlist("Set-Cookie") if c.startswith("runyard_ui="))
     assert "Secure" in cookie and "HttpOnly" in cookie
+
+
+def test_the_overview_shows_activity_queues_and_workers(client, org, connection):
+    make_agent(client, org)
+    waiting = submit(client, org, {"text": "waits"}).get_json()
+    done = submit(client, org, {"text": "fails"}).get_json()
+    # One execution ended a moment ago: past the tally's watermark, read from executions.
+    connection.execute(
+        text(
+            "UPDATE executions SET status = 'failed', attempt = 1, started_at = now(), "
+            "finished_at = now() WHERE id = :id"
+        ),
+        {"id": done["id"]},
+    )
+    sign_in(client, org.token)
+    page = client.get("/ui/").get_data(as_text=True)
+    # Four charts (per minute and failure rate, last hour and last day), each with a text
+    # summary for screen readers and its figures as a table.
+    assert page.count('<svg class="chart" role="img" aria-label="') == 4
+    assert page.count("as a table</summary>") == 4
+    assert "Executions per minute: highest 1, latest 1" in page
+    assert "Failure rate: highest 100%, latest 100%" in page
+    assert "1 finished, 1 failed or timed out (100.0%)" in page
+    # The queue table: one queued execution on the default queue, its oldest wait.
+    queues = page.split('id="queues"')[1].split("</section>")[0]
+    assert "<th>Oldest wait</th>" in queues
+    assert re.search(r"<td>default</td><td>1</td><td>\d+ ms</td>", queues), queues
+    assert waiting["id"] in page  # latest executions
+    # Workers: loaded after the page (asking them can take a second), a link without script.
+    assert 'hx-get="/ui/overview/workers"' in page and 'href="/ui/workers"' in page
+    workers = client.get("/ui/overview/workers")
+    assert workers.status_code == 200
+    fragment = workers.get_data(as_text=True)
+    assert "busy slots" in fragment or "No worker answered" in fragment
+    assert ">Flower</a>" in fragment
+
+
+def test_the_overview_says_so_when_no_worker_answers(client, org, monkeypatch):
+    from app.fleet import services as fleet
+
+    monkeypatch.setattr(fleet, "list_workers", lambda principal, offset, limit: ([], 0))
+    sign_in(client, org.token)
+    fragment = client.get("/ui/overview/workers").get_data(as_text=True)
+    assert "No worker answered" in fragment and ">Flower</a>" in fragment
+
+
+def test_the_agent_page_diffs_two_versions(client, org):
+    make_agent(client, org)
+    schema = {
+        "type": "object",
+        "required": ["text"],
+        "properties": {"text": {"type": "string"}, "shout": {"type": "boolean"}},
+    }
+    changed = client.patch(
+        "/api/v1/agents/echo", json={"input_schema": schema}, headers=org.headers
+    ).get_json()
+    new = changed["current_version"]
+    assert new != "1.0.0"
+    sign_in(client, org.token)
+    page = client.get("/ui/agents/echo").get_data(as_text=True)
+    assert 'name="from"' in page and 'name="to"' in page
+    assert "<option selected>1.0.0</option>" in page and f"<option selected>{new}</option>" in page
+    assert '<pre class="diff">' not in page  # until asked
+    assert "Executions by status" in page and "Duration (ms)" in page
+    diff = client.get(f"/ui/agents/echo?from=1.0.0&to={new}").get_data(as_text=True)
+    assert '<span class="diff-file">--- echo 1.0.0</span>' in diff
+    assert f'<span class="diff-file">+++ echo {new}</span>' in diff
+    assert re.search(r'<span class="diff-add">\+ +&#34;shout&#34;: \{</span>', diff), diff
+    assert re.search(r'<span class="diff-del">- +&#34;additionalProperties&#34;: false', diff)
+    same = client.get("/ui/agents/echo?from=1.0.0&to=1.0.0").get_data(as_text=True)
+    assert "The two definitions are the same." in same
+    assert client.get("/ui/agents/echo?from=1.0.0&to=9.9.9").status_code == 404
