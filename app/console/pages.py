@@ -20,6 +20,9 @@ from app.http import request_session
 from app.notifications import services as notifications
 from app.schedules import services as schedules
 from app.stats import services as stats
+from app.triggers import services as triggers
+
+TRIGGERS_SHOWN = 50
 
 # Recent executions on an agent's page, versions listed there, deliveries per subscription.
 RECENT = 10
@@ -164,12 +167,20 @@ def chain_execution_rerun(execution_id: str):
 
 @bp.get("/schedules")
 def schedule_list():
+    session, principal = request_session(), auth.principal()
     pager = views.Pager.from_args(request.args)
     items, pager.total = schedules.list_schedules(
-        request_session(), auth.principal(), offset=pager.offset, limit=pager.size
+        session, principal, offset=pager.offset, limit=pager.size
     )
+    # The webhook triggers fire things too: the newest TRIGGERS_SHOWN beside the schedules.
+    hooks, hooks_total = triggers.list_triggers(session, principal, offset=0, limit=TRIGGERS_SHOWN)
     return render_template(
-        "schedules.html", items=[schedules.present(s) for s in items], pager=pager, args={}
+        "schedules.html",
+        items=[schedules.present(s) for s in items],
+        hooks=[triggers.present(t) for t in hooks],
+        hooks_total=hooks_total,
+        pager=pager,
+        args={},
     )
 
 

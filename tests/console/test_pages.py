@@ -348,3 +348,20 @@ def test_the_agent_page_diffs_two_versions(client, org):
     same = client.get("/ui/agents/echo?from=1.0.0&to=1.0.0").get_data(as_text=True)
     assert "The two definitions are the same." in same
     assert client.get("/ui/agents/echo?from=1.0.0&to=9.9.9").status_code == 404
+
+
+def test_the_schedules_page_lists_the_webhook_triggers(client, org, other_org):
+    sign_in(client, org.token)
+    assert "No webhook triggers" in client.get("/ui/schedules").get_data(as_text=True)
+    make_agent(client, org)
+    hook = {"name": "on-ticket", "target": {"agent": "echo"}, "input": {"text": "$.event.t"}}
+    created = client.post("/api/v1/triggers", json=hook, headers=org.headers).get_json()
+    theirs = {**hook, "name": "their-hook"}
+    make_agent(client, other_org)
+    assert (
+        client.post("/api/v1/triggers", json=theirs, headers=other_org.headers).status_code == 201
+    )
+    page = client.get("/ui/schedules").get_data(as_text=True)
+    assert "on-ticket" in page and f"/hooks/{created['id']}" in page and "agent echo" in page
+    assert "their-hook" not in page
+    assert created["secret"] not in page
