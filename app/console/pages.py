@@ -10,6 +10,8 @@ from app import runs
 from app.agents import services as agents
 from app.chains import reruns as chain_reruns
 from app.chains import services as chains
+from app.chains.definitions import plan_for
+from app.chains.plans import plans
 from app.config import current_config
 from app.console import auth, forms, views
 from app.console.routes import bp
@@ -145,16 +147,23 @@ def chain_page(name: str):
         offset=pager.offset,
         limit=pager.size,
     )
-    return render_template("chain.html", chain=chain, runs=runs_, pager=pager, args={"name": name})
+    plan = plan_for(chain["steps"], chain["on_failure"])
+    columns = [(n, [plan.steps[i] for i in stage]) for n, stage in enumerate(plan.stages)]
+    return render_template(
+        "chain.html", chain=chain, columns=columns, runs=runs_, pager=pager, args={"name": name}
+    )
 
 
 @bp.get("/chain-executions/<execution_id>")
 def chain_execution_page(execution_id: str):
     session = request_session()
-    ce = chains.present(session, chains.get_execution(session, auth.principal(), execution_id))
+    row = chains.get_execution(session, auth.principal(), execution_id)
+    ce = chains.present(session, row)
+    # The plan names each step's agent, also for a step no execution ran yet.
+    plan = plans.get(session.connection(), row.chain_version_id)
     stages: dict[int, list[dict]] = {}
-    for step in ce["steps"]:
-        stages.setdefault(step["stage"], []).append(step)
+    for step, planned in zip(ce["steps"], plan.steps, strict=True):
+        stages.setdefault(step["stage"], []).append({**step, "planned": planned})
     live = ce["status"] in ("queued", "running", "compensating")
     return render_template("chain_execution.html", ce=ce, stages=sorted(stages.items()), live=live)
 

@@ -172,7 +172,7 @@ def column_chart(points: list[tuple[str, float | None]], title: str, unit: str =
         bars.append(
             Markup(
                 '<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" class="chart-bar">'
-                "<title>{label}: {value}{unit}</title></rect>"
+                "<title>{label} UTC: {value}{unit}</title></rect>"
             ).format(
                 x=i * step + 0.5,
                 y=height - tall,
@@ -201,7 +201,7 @@ def column_chart(points: list[tuple[str, float | None]], title: str, unit: str =
         '<svg class="chart" role="img" aria-label="{summary}" viewBox="0 0 {w} {h}"'
         ' width="{w}" height="{h}" preserveAspectRatio="none">'
         '<line x1="0" y1="{h}" x2="{w}" y2="{h}" class="chart-axis"/>{bars}</svg>'
-        '<div class="chart-range muted"><span>{first}</span><span>{last}</span></div>'
+        '<div class="chart-range muted"><span>{first} UTC</span><span>{last} UTC</span></div>'
         "<details><summary>{summary} — as a table</summary>"
         "<table><thead><tr><th>From (UTC)</th><th>{title}</th></tr></thead>"
         "<tbody>{rows}</tbody></table></details></figure>"
@@ -216,6 +216,90 @@ def column_chart(points: list[tuple[str, float | None]], title: str, unit: str =
         first=first,
         last=last,
         rows=rows,
+    )
+
+
+TIMELINE_STATUSES = ("succeeded", "failed", "timed_out", "running", "cancelled")
+
+
+def attempt_timeline(
+    execution: Mapping[str, Any], attempts: list[Mapping[str, Any]], now: dt.datetime | None = None
+) -> Markup:
+    """An execution's attempts as inline SVG on one time axis, from its queued_at to its end (or
+    now while it runs): a bar per attempt from its start to its finish (or now), coloured by
+    status with the status as text, and the wait in the queue as a thin grey segment. The
+    attempts table below says the same in words."""
+    now = now or dt.datetime.now(dt.UTC)
+    start = execution.get("queued_at")
+    started = [a for a in attempts if a.get("started_at")]
+    if start is None or not started:
+        return Markup("")
+    end = execution.get("finished_at") or now
+    end = max([end, *(a.get("finished_at") or now for a in started)])
+    span = max((end - start).total_seconds(), 0.001)
+    left, width, row = 64, 560, 22
+
+    def x(moment: dt.datetime) -> float:
+        return left + width * max(0.0, (moment - start).total_seconds()) / span
+
+    first = min(a["started_at"] for a in started)
+    wait_s = max(0.0, (first - start).total_seconds())
+    parts = [
+        Markup(
+            '<text x="0" y="12">queued</text><rect class="tl-wait" x="{x:.1f}" y="6" '
+            'width="{w:.1f}" height="4"><title>waited {wait} in the queue</title></rect>'
+        ).format(x=left, w=max(1.0, x(first) - left), wait=duration(round(wait_s * 1000)))
+    ]
+    for i, a in enumerate(started, start=1):
+        y = i * row
+        finish = a.get("finished_at") or now
+        status = a.get("status") or "unknown"
+        kind = status if status in TIMELINE_STATUSES else "other"
+        bar_x, bar_w = x(a["started_at"]), max(2.0, x(finish) - x(a["started_at"]))
+        took = duration(round((finish - a["started_at"]).total_seconds() * 1000))
+        parts.append(
+            Markup(
+                '<g class="tl-attempt"><text x="0" y="{ty}">attempt {n}</text>'
+                '<rect class="tl-bar tl-{kind}" x="{x:.1f}" y="{y}" width="{w:.1f}" height="14">'
+                "<title>attempt {n}: {label}, {took}</title></rect>"
+                '<text x="{lx:.1f}" y="{ty}">{label}</text></g>'
+            ).format(
+                n=a.get("attempt", i),
+                kind=kind,
+                x=bar_x,
+                y=y,
+                w=bar_w,
+                ty=y + 11,
+                lx=bar_x + bar_w + 4,
+                label=status.replace("_", " "),
+                took=took,
+            )
+        )
+    height = (len(started) + 1) * row + 16
+    axis = height - 14
+    utc = dt.UTC
+    summary = (
+        f"{len(started)} attempt(s) over {duration(round(span * 1000))}, waited "
+        + duration(round(wait_s * 1000))
+        + " in the queue"
+    )
+    return Markup(
+        '<svg class="timeline" role="img" aria-label="{summary}" viewBox="0 0 {vw} {h}"'
+        ' width="{vw}" height="{h}">{parts}'
+        '<line class="tl-axis" x1="{l}" y1="{axis}" x2="{r}" y2="{axis}"/>'
+        '<text x="{l}" y="{ly}">{t0} UTC</text>'
+        '<text x="{r}" y="{ly}" text-anchor="end">{t1} UTC</text></svg>'
+    ).format(
+        summary=summary,
+        vw=left + width + 96,
+        h=height,
+        parts=Markup("").join(parts),
+        l=left,
+        r=left + width,
+        axis=axis,
+        ly=height - 2,
+        t0=start.astimezone(utc).strftime("%H:%M:%S"),
+        t1=end.astimezone(utc).strftime("%H:%M:%S"),
     )
 
 
@@ -255,4 +339,5 @@ def install(bp: Blueprint) -> None:
     bp.add_app_template_global(auth.may, "may")
     bp.add_app_template_global(bar_chart, "bar_chart")
     bp.add_app_template_global(column_chart, "column_chart")
+    bp.add_app_template_global(attempt_timeline, "attempt_timeline")
     bp.add_app_template_global(escape, "escape")

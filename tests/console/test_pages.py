@@ -365,3 +365,111 @@ def test_the_schedules_page_lists_the_webhook_triggers(client, org, other_org):
     assert "on-ticket" in page and f"/hooks/{created['id']}" in page and "agent echo" in page
     assert "their-hook" not in page
     assert created["secret"] not in page
+
+
+def test_the_chain_page_draws_its_steps_as_a_graph(client, org):
+    make_agent(client, org)
+    text_in = {"text": "$.input.text"}
+    chain = {
+        "name": "fanout",
+        "input_schema": CHAIN["input_schema"],
+        "steps": [
+            {
+                "name": "fetch",
+                "agent": "echo",
+                "input": text_in,
+                "compensate": {"agent": "echo", "input": text_in},
+            },
+            {
+                "name": "both",
+                "parallel": [
+                    {"name": "left", "agent": "echo", "version": "1.0.0", "input": text_in},
+                    {"name": "right", "agent": "echo", "input": text_in},
+                ],
+            },
+            {"name": "report", "agent": "echo", "input": text_in},
+        ],
+    }
+    created = client.post("/api/v1/chains", json=chain, headers=org.headers)
+    assert created.status_code == 201, created.get_json()
+    sign_in(client, org.token)
+    page = client.get("/ui/chains/fanout").get_data(as_text=True)
+    graph = page[page.index('<div class="graph"') : page.index("<details>")]
+    # One column per stage, the parallel steps stacked in theirs, an arrow between stages.
+    assert graph.count('<div class="graph-stage stage">') == 3
+    assert graph.count('<svg class="graph-arrow"') == 2
+    stages = graph.split('<div class="graph-stage stage">')[1:]
+    assert [s.count('class="step graph-step"') for s in stages] == [1, 2, 1]
+    assert "stage 1 · 2 in parallel" in stages[1] and "left" in stages[1] and "right" in stages[1]
+    assert "fetch" in stages[0] and "report" in stages[2]
+    assert "undo: agent echo" in stages[0] and "undo" not in stages[2]
+    assert "1.0.0" in stages[1]  # a pinned version is shown
+    # The numbered list stays, folded, for whoever reads it better as text.
+    assert "<summary>The steps as a list</summary>" in page and "<ol><li>" in page
+
+
+def test_the_chain_execution_page_draws_its_stages_with_their_status(client, org):
+    ids = world(client, org)
+    sign_in(client, org.token)
+    page = client.get(f"/ui/chain-executions/{ids['chain_execution']}").get_data(as_text=True)
+    assert '<div class="graph" id="stages"' in page
+    assert page.count('class="step graph-step"') == 2
+    assert page.count('<svg class="graph-arrow"') == 1
+    assert "agent</span> echo" in page  # from the plan, also for a step not run yet
+
+
+def test_the_execution_page_shows_its_attempts_as_a_timeline(client, org, connection):
+    make_agent(client, org)
+    done = submit(client, org, {"text": "twice"}).get_json()
+    # Attempt 1 failed and was retried (as recorded in execution_attempts); attempt 2, the
+    # execution row itself, succeeded. The queue wait: 2 s before attempt 1 started.
+    connection.execute(
+        text(
+            "UPDATE executions SET status = 'succeeded', attempt = 2, "
+            "queued_at = now() - interval '10 seconds', "
+            "started_at = now() - interval '4 seconds', finished_at = now() WHERE id = :id"
+        ),
+        {"id": done["id"]},
+    )
+    connection.execute(
+        text(
+            "INSERT INTO execution_attempts (execution_id, attempt, status, worker, started_at,"
+            " finished_at) VALUES (:id, 1, 'failed', 'w1', now() - interval '8 seconds',"
+            " now() - interval '6 seconds')"
+        ),
+        {"id": done["id"]},
+    )
+    sign_in(client, org.token)
+    for path in (f"/ui/executions/{done['id']}", f"/ui/executions/{done['id']}/live"):
+        page = client.get(path).get_data(as_text=True)
+        timeline = page[
+            page.index('<svg class="timeline"') : page.index(
+                "</svg>", page.index('<svg class="timeline"')
+            )
+        ]
+        assert 'aria-label="2 attempt(s) over 10.0 s, waited 2000 ms in the queue"' in timeline
+        assert timeline.count('<g class="tl-attempt">') == 2
+        assert '<rect class="tl-bar tl-failed"' in timeline
+        assert '<rect class="tl-bar tl-succeeded"' in timeline
+        assert ">failed</text>" in timeline and ">succeeded</text>" in timeline
+        assert timeline.count('class="tl-wait"') == 1 and "waited 2000 ms" in timeline
+        assert timeline.count(" UTC</text>") == 2
+        assert "<th>Worker</th>" in page  # the table stays
+    # The bars sit on the shared axis: attempt 1 at 2/10 of it, attempt 2 from 6/10 to the end.
+    bars = re.findall(r'<rect class="tl-bar tl-\w+" x="([\d.]+)" y="\d+" width="([\d.]+)"', page)
+    assert [(round(float(x)), round(float(w))) for x, w in bars] == [(176, 112), (400, 224)]
+
+
+def test_a_queued_execution_has_no_timeline_yet(client, org):
+    ids = world(client, org)
+    sign_in(client, org.token)
+    page = client.get(f"/ui/executions/{ids['execution']}").get_data(as_text=True)
+    assert 'class="timeline"' not in page and "No attempt yet" in page
+
+
+def test_the_overview_charts_say_their_times_are_utc(client, org):
+    sign_in(client, org.token)
+    page = client.get("/ui/").get_data(as_text=True)
+    assert re.search(
+        r'<div class="chart-range muted"><span>[^<]+ UTC</span><span>[^<]+ UTC</span>', page
+    )
