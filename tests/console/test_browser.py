@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -237,6 +237,8 @@ def test_every_list_page_in_the_browser(page, base, live_client, live_org):
         shot(page, name or "overview")
     page.goto(f"{base}/ui/workers")
     assert page.locator("tbody tr").count() >= 1  # the test worker answered
+    worker = page.locator("tbody tr td a").first  # each worker links to its page in Flower
+    assert unquote(worker.get_attribute("href")).endswith(f"/worker/{worker.inner_text()}")
     assert page.locator("a", has_text="Flower").get_attribute("href").startswith("http://")
 
 
