@@ -49,6 +49,9 @@ def agent_list():
         limit=pager.size,
     )
     described = [agents.describe(session, agent) for agent in items]
+    summaries = stats.agent_summaries(session, auth.principal(), [agent.id for agent in items])
+    for agent in described:
+        agent["summary"] = summaries[agent["id"]]
     return render_template("agents.html", items=described, pager=pager, args=request.args)
 
 

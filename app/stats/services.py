@@ -200,3 +200,22 @@ def agent_stats(session: Session, principal: Principal, ref: str, window: str) -
         "last_failure": last_failure,
         "health": health(success_rate),
     }
+
+
+def agent_summaries(
+    session: Session, principal: Principal, agent_ids: list[uuid.UUID], window: str = "24h"
+) -> dict[uuid.UUID, dict[str, Any]]:
+    """Health, success rate and p95 duration of each of these agents of the caller's
+    organization over `window` (a list page's column: the rollups, not the raw rows)."""
+    conn = session.connection()
+    summaries = {}
+    for agent_id in agent_ids:
+        tally = _finished(conn, principal.org_id, agent_id, window)
+        outcomes = tally.counts["succeeded"] + sum(tally.counts[status] for status in FAILURES)
+        rate = round(tally.counts["succeeded"] / outcomes, 4) if outcomes else None
+        summaries[agent_id] = {
+            "health": health(rate),
+            "success_rate": rate,
+            "p95_ms": _percentiles(tally.durations)["p95"],
+        }
+    return summaries

@@ -473,3 +473,23 @@ def test_the_overview_charts_say_their_times_are_utc(client, org):
     assert re.search(
         r'<div class="chart-range muted"><span>[^<]+ UTC</span><span>[^<]+ UTC</span>', page
     )
+
+
+def test_the_agents_list_shows_health_success_rate_and_p95(client, org, connection):
+    from app.stats import tally
+
+    make_agent(client, org)
+    execution = submit(client, org, {"text": "x"}).get_json()
+    connection.execute(
+        text(
+            "UPDATE executions SET status = 'succeeded', attempt = 1, "
+            "started_at = queued_at + interval '10 ms', "
+            "finished_at = queued_at + interval '130 ms' WHERE id = :id"
+        ),
+        {"id": execution["id"]},
+    )
+    tally.tally(lag_seconds=0)
+    sign_in(client, org.token)
+    page = client.get("/ui/agents").get_data(as_text=True)
+    assert "Health (24h)" in page and "healthy" in page and "100.0%" in page
+    assert re.search(r"<td>1[23]\d ms</td>", page), page  # p95 of one 120 ms run, in a bucket
