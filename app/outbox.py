@@ -55,6 +55,19 @@ def fanout(
     """
 
 
+def execution_fanout(source: str, event_type: str, where: str = "TRUE") -> str:
+    """`fanout` for the rows of `source` that are executions (a CTE returning their id, org_id
+    and agent_id): the events of an execution, narrowed by its agent."""
+    return fanout(
+        source,
+        org=f"{source}.org_id",
+        event_type=event_type,
+        subject=f"{source}.id",
+        agent=f"{source}.agent_id",
+        where=where,
+    )
+
+
 # A chain execution that reached succeeded or failed (app/chains/progress.py).
 _CHAIN_ENDED = text(
     "WITH ended AS (SELECT id, org_id, status FROM chain_executions "

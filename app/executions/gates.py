@@ -95,14 +95,7 @@ _SUPERSEDE = (
     + notify_if_watched()
     + """
     ), notified AS ("""
-    + outbox.fanout(
-        "changed",
-        org="changed.org_id",
-        event_type="'execution.cancelled'",
-        subject="changed.id",
-        agent="changed.agent_id",
-        where="changed.ended",
-    )
+    + outbox.execution_fanout("changed", "'execution.cancelled'", where="changed.ended")
     + """)
     SELECT id FROM changed
 """

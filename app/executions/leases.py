@@ -92,13 +92,7 @@ _EXPIRED_LOST = text(
     + RECORD_ATTEMPT.format(status="status")
     + "), notified AS ("
     # Their notification events (app/outbox.py), delivered by beat's poll.
-    + outbox.fanout(
-        "ended",
-        org="ended.org_id",
-        event_type="'execution.' || ended.status",
-        subject="ended.id",
-        agent="ended.agent_id",
-    )
+    + outbox.execution_fanout("ended", "'execution.' || ended.status")
     + ") SELECT id, chain_execution_id FROM ended"
 ).bindparams(bindparam("lost", type_=JSONB), bindparam("cancelled", type_=JSONB))
 

@@ -198,13 +198,7 @@ _FINISH_SQL = (
     + notify_if_watched()
     + """
     ), notified AS ("""
-    + outbox.fanout(
-        "finished",
-        org="finished.org_id",
-        event_type="'execution.' || finished.status",
-        subject="finished.id",
-        agent="finished.agent_id",
-    )
+    + outbox.execution_fanout("finished", "'execution.' || finished.status")
     + """)
     SELECT ARRAY(SELECT id FROM notified) FROM finished
 """
@@ -416,14 +410,7 @@ _CANCEL = text(
     + """
     ), notified AS ("""
     # A queued execution that ends here has its event (app/outbox.py), delivered by beat's poll.
-    + outbox.fanout(
-        "changed",
-        org="changed.org_id",
-        event_type="'execution.cancelled'",
-        subject="changed.id",
-        agent="changed.agent_id",
-        where="changed.ended",
-    )
+    + outbox.execution_fanout("changed", "'execution.cancelled'", where="changed.ended")
     + ") SELECT id, chain_execution_id, ended, gated FROM changed"
 ).bindparams(bindparam("error", type_=JSONB))
 

@@ -123,8 +123,11 @@ def spans(now: dt.datetime, window: dt.timedelta) -> dict[str, dt.datetime]:
     }
 
 
-def _finished(conn: Connection, org_id: uuid.UUID, agent_id: uuid.UUID, window: str) -> _Tally:
-    bounds = conn.execute(_NOW, {"org_id": org_id}).one()
+def _finished(
+    conn: Connection, org_id: uuid.UUID, agent_id: uuid.UUID, window: str, bounds: Any = None
+) -> _Tally:
+    """`bounds`: the _NOW row, when the caller read it once for several agents."""
+    bounds = bounds or conn.execute(_NOW, {"org_id": org_id}).one()
     edges = spans(bounds.now.astimezone(dt.UTC), WINDOWS[window])
     mark_at = bounds.mark_at or dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     mark_id = bounds.mark_id or uuid.UUID(int=0)
@@ -208,9 +211,10 @@ def agent_summaries(
     """Health, success rate and p95 duration of each of these agents of the caller's
     organization over `window` (a list page's column: the rollups, not the raw rows)."""
     conn = session.connection()
+    bounds = conn.execute(_NOW, {"org_id": principal.org_id}).one()
     summaries = {}
     for agent_id in agent_ids:
-        tally = _finished(conn, principal.org_id, agent_id, window)
+        tally = _finished(conn, principal.org_id, agent_id, window, bounds)
         outcomes = tally.counts["succeeded"] + sum(tally.counts[status] for status in FAILURES)
         rate = round(tally.counts["succeeded"] / outcomes, 4) if outcomes else None
         summaries[agent_id] = {
