@@ -17,7 +17,7 @@ from app.config import Config, current_config
 from app.db import page, utcnow
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.orgs.services import Principal
-from app.versioning import FIRST_VERSION, add_version, next_version
+from app.versioning import FIRST_VERSION, add_version, next_version, refuse_changelog
 
 DEFAULT_SCHEMA: dict[str, Any] = {"type": "object"}
 DEFAULT_RETRY: dict[str, Any] = {
@@ -243,13 +243,25 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> Agen
 
 
 def _add_version(
-    session: Session, agent: Agent, definition: dict[str, Any], version: str
+    session: Session,
+    agent: Agent,
+    definition: dict[str, Any],
+    version: str,
+    changelog: str | None = None,
 ) -> AgentVersion:
     agent.capabilities = definition["capabilities"]
-    return add_version(session, AgentVersion.agent_id, agent, definition, version)
+    return add_version(session, AgentVersion.agent_id, agent, definition, version, changelog)
 
 
-def update(session: Session, principal: Principal, ref: str, data: dict[str, Any]) -> Agent:
+def update(
+    session: Session,
+    principal: Principal,
+    ref: str,
+    data: dict[str, Any],
+    *,
+    changelog: str | None = None,
+) -> Agent:
+    """Apply a PATCH; a versioned change makes a new version, carrying `changelog`."""
     principal.require("agents:write")
     agent = resolve(session, principal, ref)
     if agent.archived_at is not None:
@@ -268,6 +280,7 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
     merged = {**definition, **changed}
     _check_http_timeout(merged["runtime"], merged["timeout_seconds"])
     if not changed:
+        refuse_changelog(changelog, "a versioned field (runtime, schemas, limits, ...)")
         if "version" in data and data["version"] != current.version:
             raise ValidationFailed(
                 "nothing versioned changed, so there is no new version to number",
@@ -281,7 +294,7 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
         session.flush()
         return agent
     version = next_version(session, AgentVersion.agent_id, agent, data.get("version"))
-    _add_version(session, agent, {**definition, **changed}, version)
+    _add_version(session, agent, {**definition, **changed}, version, changelog)
     return agent
 
 

@@ -38,7 +38,7 @@ from app.db import page, utcnow
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.executions.models import Execution
 from app.orgs.services import Principal
-from app.versioning import FIRST_VERSION, add_version, next_version
+from app.versioning import FIRST_VERSION, add_version, next_version, refuse_changelog
 
 VERSIONED_FIELDS = ("input_schema", "steps", "on_failure")
 
@@ -92,7 +92,7 @@ class Resolved:
     compensate_versions: list[AgentVersion | None]
 
 
-def _check_definition(session: Session, principal: Principal, document: dict[str, Any]) -> Resolved:
+def check_definition(session: Session, principal: Principal, document: dict[str, Any]) -> Resolved:
     """Everything that can be checked before anything runs; one 422 listing every problem."""
     cfg = current_config()
     jsonschemas.validate_definition(document, "chain")
@@ -146,9 +146,13 @@ def _check_definition(session: Session, principal: Principal, document: dict[str
 
 
 def _add_version(
-    session: Session, chain: Chain, definition: dict[str, Any], version: str
+    session: Session,
+    chain: Chain,
+    definition: dict[str, Any],
+    version: str,
+    changelog: str | None = None,
 ) -> ChainVersion:
-    return add_version(session, ChainVersion.chain_id, chain, definition, version)
+    return add_version(session, ChainVersion.chain_id, chain, definition, version, changelog)
 
 
 def _definition(data: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +166,7 @@ def _definition(data: dict[str, Any]) -> dict[str, Any]:
 def create(session: Session, principal: Principal, data: dict[str, Any]) -> Chain:
     principal.require("agents:write")
     definition = _definition(data)
-    _check_definition(session, principal, {**data, **definition})
+    check_definition(session, principal, {**data, **definition})
     chain = Chain(org_id=principal.org_id, name=data["name"], description=data.get("description"))
     session.add(chain)
     try:
@@ -177,7 +181,15 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> Chai
     return chain
 
 
-def update(session: Session, principal: Principal, ref: str, data: dict[str, Any]) -> Chain:
+def update(
+    session: Session,
+    principal: Principal,
+    ref: str,
+    data: dict[str, Any],
+    *,
+    changelog: str | None = None,
+) -> Chain:
+    """Apply a PATCH; a versioned change makes a new version, carrying `changelog`."""
     principal.require("agents:write")
     chain = resolve(session, principal, ref)
     if chain.archived_at is not None:
@@ -186,11 +198,12 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
     definition = {name: getattr(current, name) for name in VERSIONED_FIELDS}
     changed = {name: data[name] for name in VERSIONED_FIELDS if name in data}
     merged = {**definition, **changed}
-    _check_definition(session, principal, {"name": chain.name, **merged, **_unversioned(data)})
+    check_definition(session, principal, {"name": chain.name, **merged, **_unversioned(data)})
     if "description" in data:
         chain.description = data["description"]
         chain.updated_at = utcnow()
     if merged == definition:
+        refuse_changelog(changelog, "input_schema, steps or on_failure")
         if "version" in data and data["version"] != current.version:
             raise ValidationFailed(
                 "nothing versioned changed, so there is no new version to number",
@@ -201,7 +214,7 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
         session.flush()
         return chain
     version = next_version(session, ChainVersion.chain_id, chain, data.get("version"))
-    _add_version(session, chain, merged, version)
+    _add_version(session, chain, merged, version, changelog)
     return chain
 
 
