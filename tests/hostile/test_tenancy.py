@@ -24,6 +24,8 @@ BODIES = {
     Route("/api/v1/executions/<execution_id>/rerun", "POST"): {},
     Route("/api/v1/chain-executions/<execution_id>/rerun", "POST"): {"from": "failed"},
     Route("/api/v1/notifications/<notification_id>", "PATCH"): {"url": "http://127.0.0.2:1/"},
+    Route("/api/v1/agents/<ref>/rollback", "POST"): {"version": "1.0.0"},
+    Route("/api/v1/chains/<ref>/rollback", "POST"): {"version": "1.0.0"},
 }
 # Every route naming an object; a new one fails test_every_object_route_is_covered until it is
 # added here (with its body in BODIES if it takes one).
@@ -33,6 +35,8 @@ OBJECT_ROUTES = {
     Route("/api/v1/agents/<ref>", "DELETE"),
     Route("/api/v1/agents/<ref>/versions", "GET"),
     Route("/api/v1/agents/<ref>/versions/<version>", "GET"),
+    Route("/api/v1/agents/<ref>/versions/<version>/diff", "GET"),
+    Route("/api/v1/agents/<ref>/rollback", "POST"),
     Route("/api/v1/agents/<ref>/executions", "POST"),
     Route("/api/v1/agents/<ref>/executions/batch", "POST"),
     Route("/api/v1/agents/<ref>/stats", "GET"),
@@ -47,6 +51,8 @@ OBJECT_ROUTES = {
     Route("/api/v1/chains/<ref>", "DELETE"),
     Route("/api/v1/chains/<ref>/versions", "GET"),
     Route("/api/v1/chains/<ref>/versions/<version>", "GET"),
+    Route("/api/v1/chains/<ref>/versions/<version>/diff", "GET"),
+    Route("/api/v1/chains/<ref>/rollback", "POST"),
     Route("/api/v1/chains/<ref>/executions", "POST"),
     Route("/api/v1/chain-executions/<execution_id>", "GET"),
     Route("/api/v1/chain-executions/<execution_id>/cancel", "POST"),
