@@ -137,7 +137,7 @@ def _narrowed(wide: dict[str, Any], narrow: dict[str, Any], at: list[Any]) -> li
 
 def _unwalked(old: dict[str, Any], new: dict[str, Any], at: list[Any]) -> list[Break]:
     return [
-        _break([*at, keyword], f"{keyword} changed: not analysed, so counted as breaking")
+        _break([*at, keyword], f"{keyword} changed: not analyzed, so counted as breaking")
         for keyword in sorted((set(old) | set(new)) - WALKED)
         if old.get(keyword) != new.get(keyword)
     ]
