@@ -78,7 +78,8 @@ def update_agent(session: Session, principal: Principal, ref: str, data: dict[st
     agent = agents.resolve(session, principal, ref)
     schemas_change = "input_schema" in data or "output_schema" in data
     dependents = [] if force or not schemas_change else _unpinned_chains(session, agent)
-    # Problems the chains had already (another agent archived since, ...) are not this PATCH's.
+    # Where a chain failed its checks already (another agent archived since, ...) is not this
+    # PATCH's doing: compared by pointer, as the messages name the agent's version.
     before = {chain.name: _chain_problems(session, principal, chain) for chain in dependents}
     old_version_id = agent.current_version_id
     old_input = agents.current_version(session, agent).input_schema
@@ -87,16 +88,23 @@ def update_agent(session: Session, principal: Principal, ref: str, data: dict[st
         return agent
     errors: dict[str, list[str]] = {}
     for chain in dependents:
-        new = _chain_problems(session, principal, chain) - before[chain.name]
+        problems = _chain_problems(session, principal, chain)
+        new = [
+            f"{where}: {message}"
+            for where, messages in problems.items()
+            if where not in before[chain.name]
+            for message in messages
+        ]
         if new:
-            errors[f"chain:{chain.name}"] = sorted(f"{where}: {what}" for where, what in new)
+            errors[f"chain:{chain.name}"] = sorted(new)
     new_input = agents.current_version(session, agent).input_schema
     if new_input != old_input:
         errors.update(_refused_recent_inputs(session, agent, new_input))
     if errors:
+        named = sorted(errors)
+        more = f" and {len(named) - 3} more" if len(named) > 3 else ""
         raise Conflict(
-            f"the new version of agent {agent.name!r} would break {len(errors)} "
-            "dependent(s): " + ", ".join(sorted(errors)),
+            f"the new version of agent {agent.name!r} would break {', '.join(named[:3])}{more}",
             errors=errors,
             hint=FORCE_HINT,
         )
@@ -132,17 +140,15 @@ def _unpinned_chains(session: Session, agent: Agent) -> list[Chain]:
     ]
 
 
-def _chain_problems(session: Session, principal: Principal, chain: Chain) -> set[tuple[str, str]]:
-    """What the chain's creation checks say of its current version now, as (pointer, message)."""
+def _chain_problems(session: Session, principal: Principal, chain: Chain) -> dict[str, list[str]]:
+    """What the chain's creation checks say of its current version now, by pointer."""
     version = services.current_version(session, chain)
     document = {"name": chain.name, **_chain_definition(version)}
     try:
         services.check_definition(session, principal, document)
     except ValidationFailed as exc:
-        return {
-            (pointer, message) for pointer, messages in exc.errors.items() for message in messages
-        }
-    return set()
+        return exc.errors
+    return {}
 
 
 def _refused_recent_inputs(
