@@ -109,29 +109,42 @@ def _closed(schema: dict[str, Any]) -> bool:
     return any(schema.get(keyword) is False for keyword in CLOSERS)
 
 
-def _narrowed(wide: dict[str, Any], narrow: dict[str, Any], at: list[Any]) -> list[Break]:
-    """What `narrow` refuses that `wide` allowed, as far as type, values and bounds go."""
+def _narrowed(
+    wide: dict[str, Any], narrow: dict[str, Any], at: list[Any], output: bool
+) -> list[Break]:
+    """What `narrow` allows less of than `wide`, as far as type, values and bounds go. For an
+    input schema the new one is `narrow` (it refuses more); for an output schema the old one is
+    (the new one may produce more). Reasons read from the old version to the new."""
     breaks: list[Break] = []
+    old, new = (narrow, wide) if output else (wide, narrow)
     wide_types, narrow_types = _types(wide), _types(narrow)
     if narrow_types is not None and (wide_types is None or not wide_types <= narrow_types):
         gone = "any type" if wide_types is None else ", ".join(sorted(wide_types - narrow_types))
-        breaks.append(_break([*at, "type"], f"no longer allows {gone}"))
+        reason = f"may now be {gone}" if output else f"no longer allows {gone}"
+        breaks.append(_break([*at, "type"], reason))
     wide_values, narrow_values = _values(wide), _values(narrow)
     if narrow_values is not None and (
         wide_values is None or any(value not in narrow_values for value in wide_values)
     ):
         keyword = "const" if "const" in narrow else "enum"
-        breaks.append(_break([*at, keyword], "allows fewer values"))
+        reason = "may now be other values" if output else "allows fewer values"
+        breaks.append(_break([*at, keyword], reason))
     for keyword in (*LOWER_BOUNDS, *UPPER_BOUNDS):
         if _tighter(keyword, wide.get(keyword), narrow.get(keyword)):
             breaks.append(
-                _break([*at, keyword], f"{keyword} {wide.get(keyword)} -> {narrow.get(keyword)}")
+                _break([*at, keyword], f"{keyword} {old.get(keyword)} -> {new.get(keyword)}")
             )
     for keyword in EXACT:
         if keyword in narrow and narrow[keyword] != wide.get(keyword):
-            breaks.append(_break([*at, keyword], f"{keyword} is {narrow[keyword]!r}"))
+            reason = (
+                f"{keyword} {narrow[keyword]!r} is no longer promised"
+                if output
+                else f"{keyword} is now {narrow[keyword]!r}"
+            )
+            breaks.append(_break([*at, keyword], reason))
     if narrow.get("uniqueItems") is True and wide.get("uniqueItems") is not True:
-        breaks.append(_break([*at, "uniqueItems"], "items must now be unique"))
+        reason = "items may now repeat" if output else "items must now be unique"
+        breaks.append(_break([*at, "uniqueItems"], reason))
     return breaks
 
 
@@ -146,7 +159,7 @@ def _unwalked(old: dict[str, Any], new: dict[str, Any], at: list[Any]) -> list[B
 def input_breaks(old_value: Any, new_value: Any, at: list[Any]) -> list[Break]:
     """Where the new input schema refuses a value the old one accepted."""
     old, new = _schema(old_value), _schema(new_value)
-    breaks = _narrowed(old, new, at) + _unwalked(old, new, at)
+    breaks = _narrowed(old, new, at, output=False) + _unwalked(old, new, at)
     for name in sorted(set(new.get("required", [])) - set(old.get("required", []))):
         breaks.append(_break([*at, "required"], f"newly requires {name!r}"))
     for keyword in CLOSERS:
@@ -166,7 +179,7 @@ def input_breaks(old_value: Any, new_value: Any, at: list[Any]) -> list[Break]:
 def output_breaks(old_value: Any, new_value: Any, at: list[Any]) -> list[Break]:
     """Where the new output schema no longer promises what the old one did."""
     old, new = _schema(old_value), _schema(new_value)
-    breaks = _narrowed(new, old, at) + _unwalked(old, new, at)
+    breaks = _narrowed(new, old, at, output=True) + _unwalked(old, new, at)
     for name in sorted(set(old.get("required", [])) - set(new.get("required", []))):
         breaks.append(_break([*at, "required"], f"{name!r} is no longer required"))
     old_properties, new_properties = old.get("properties", {}), new.get("properties", {})
