@@ -117,8 +117,10 @@ class AgentRollback(MethodView):
     @blp.alt_response(404, description="no such agent or version")
     @blp.alt_response(409, description="the agent is archived")
     def post(self, data, ref):
-        """Make an earlier version current again (no new version is made; the next versioned
-        PATCH is numbered after the highest version)"""
+        """Make an earlier version current again
+
+        No version is made; the next versioned PATCH is numbered after the highest version.
+        """
         session = request_session()
         agent = lifecycle.rollback(session, current_principal(), ref, data["version"])
         session.commit()
@@ -131,8 +133,11 @@ class AgentVersionDiff(MethodView):
     @blp.response(200, VersionDiffSchema())
     @blp.alt_response(404, description="no such agent or version")
     def get(self, args, ref, version):
-        """Compare two versions: RFC 6902 changes from `against` to this one, and which break
-        callers"""
+        """Compare two versions
+
+        The RFC 6902 operations that turn version `against` into this one, and which of them
+        can break a caller of `against` (see `breaking`).
+        """
         return lifecycle.diff(
             request_session(), current_principal(), ref, version, args.get("against")
         )

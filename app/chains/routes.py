@@ -123,7 +123,10 @@ class ChainRollback(MethodView):
     @blp.alt_response(404, description="no such chain or version")
     @blp.alt_response(409, description="the chain is archived")
     def post(self, data, ref):
-        """Make an earlier chain version current again (no new version is made)"""
+        """Make an earlier chain version current again
+
+        No version is made; the next versioned PATCH is numbered after the highest version.
+        """
         session = request_session()
         chain = lifecycle.rollback(session, current_principal(), ref, data["version"])
         session.commit()
@@ -136,8 +139,11 @@ class ChainVersionDiff(MethodView):
     @blp.response(200, VersionDiffSchema())
     @blp.alt_response(404, description="no such chain or version")
     def get(self, args, ref, version):
-        """Compare two chain versions: RFC 6902 changes from `against` to this one, and which
-        break callers (input_schema)"""
+        """Compare two chain versions
+
+        The RFC 6902 operations that turn version `against` into this one, and which of them
+        can break a caller of `against` (its input_schema; see `breaking`).
+        """
         return lifecycle.diff(
             request_session(), current_principal(), ref, version, args.get("against")
         )
