@@ -2,6 +2,8 @@
 
 from marshmallow import Schema, fields
 
+from app.audit.schemas import created_by_field
+
 PATTERNS = (
     "local `$ref` only (remote ones are refused, never fetched). `pattern` and "
     "`patternProperties` run on RE2 (linear time, so no pattern can stall a request): "
@@ -144,6 +146,7 @@ class AgentVersionSchema(Schema):
         RateLimitSchema, allow_none=True, metadata={"description": RATE_LIMIT}
     )
     created_at = fields.DateTime()
+    created_by = created_by_field()
 
 
 class AgentQuerySchema(Schema):
