@@ -157,7 +157,7 @@ def _audited(statement: str, columns: str) -> str:
     trip."""
     return (
         f"WITH inserted AS ({statement}), "
-        f"{audit.ctes_when('EXISTS (SELECT 1 FROM inserted)')} "
+        f"{audit.cte_when('EXISTS (SELECT 1 FROM inserted)')} "
         f"SELECT {columns} FROM inserted"
     )
 

@@ -27,9 +27,8 @@ CREATED_BY_TABLES = (
 
 
 def upgrade() -> None:
-    # The head of each organization's chain: the one row every audited write updates, so seq
-    # stays gapless (the UPDATE's row lock orders writers) and the next event finds the hash it
-    # chains to without reading the events.
+    # The head of each organization's chain: the last sealed seq and hash, where the sealer
+    # takes up the chain (its row lock keeps two sealers of one organization apart).
     op.create_table(
         "audit_heads",
         sa.Column("org_id", sa.Uuid(), nullable=False),
@@ -44,24 +43,36 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("org_id", name=op.f("pk_audit_heads")),
     )
+    # Written by the change's own statement, unnumbered (seq NULL, the body still in two
+    # drafted pieces); the sealer numbers and hashes committed events in order (app/audit).
     op.create_table(
         "audit_events",
+        sa.Column("id", sa.BigInteger(), sa.Identity(), nullable=False),
         sa.Column("org_id", sa.Uuid(), nullable=False),
-        sa.Column("seq", sa.BigInteger(), nullable=False),
+        sa.Column("seq", sa.BigInteger(), nullable=True),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("action", sa.String(length=64), nullable=False),
         sa.Column("object_type", sa.String(length=32), nullable=False),
         sa.Column("object_id", sa.Text(), nullable=True),
         sa.Column("actor", sa.Text(), nullable=False),
-        sa.Column("body", sa.Text(), nullable=False),
-        sa.Column("hash", sa.String(length=64), nullable=False),
+        sa.Column("draft_head", sa.Text(), nullable=True),
+        sa.Column("draft_mid", sa.Text(), nullable=True),
+        sa.Column("body", sa.Text(), nullable=True),
+        sa.Column("hash", sa.String(length=64), nullable=True),
         sa.ForeignKeyConstraint(
             ["org_id"],
             ["organizations.id"],
             name=op.f("fk_audit_events_org_id_organizations"),
             ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("org_id", "seq", name=op.f("pk_audit_events")),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_events")),
+        sa.UniqueConstraint("org_id", "seq", name="uq_audit_events_org_id_seq"),
+    )
+    op.create_index(
+        "ix_audit_events_unsealed",
+        "audit_events",
+        ["org_id", "id"],
+        postgresql_where=sa.text("seq IS NULL"),
     )
     op.create_index("ix_audit_events_org_id_action", "audit_events", ["org_id", "action", "seq"])
     op.create_index(

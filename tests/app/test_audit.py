@@ -135,6 +135,8 @@ def _three_events(client, org) -> None:
     client.patch("/api/v1/agents/audited", json={"description": "x"}, headers=org.headers)
     client.post("/api/v1/agents/audited/executions", json={"input": {}}, headers=org.headers)
     client.post("/api/v1/agents/audited/executions", json={"input": {}}, headers=org.headers)
+    # Sealed (as beat does within a second): numbered, completed and hashed.
+    assert audit.seal_now(org.id) == 5
 
 
 def _verify(org, anchor=None) -> audit.Verdict:
@@ -268,11 +270,24 @@ def test_concurrent_submits_get_gapless_seqs_and_verify_names_a_tampered_event(a
             if response.status_code != 202:
                 failures.append(response.get_json())
 
+    submitting = threading.Event()
+    submitting.set()
+
+    def seal_meanwhile() -> None:
+        # Two sealers at once, while submits commit, as beat and a reader would.
+        while submitting.is_set():
+            audit.seal_now(live_org.id)
+
+    sealers = [threading.Thread(target=seal_meanwhile) for _ in range(2)]
     threads = [threading.Thread(target=submit_many) for _ in range(8)]
-    for thread in threads:
+    for thread in sealers + threads:
         thread.start()
     for thread in threads:
         thread.join()
+    submitting.clear()
+    for thread in sealers:
+        thread.join()
+    audit.seal_now(live_org.id)
     assert failures == []
     with db.engine.connect() as conn:
         seqs = (
