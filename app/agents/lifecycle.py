@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from app import versiondiff
 from app.agents import services
 from app.agents.models import Agent, AgentVersion
+from app.audit import services as audit
 from app.errors import Conflict
 from app.orgs.services import Principal
 from app.versioning import find_version, make_current
@@ -25,10 +26,22 @@ def rollback(session: Session, principal: Principal, ref: str, version: str) -> 
     if agent.archived_at is not None:
         raise Conflict(f"agent {agent.name!r} is archived", hint="archived agents cannot change")
     row = find_version(session, AgentVersion.agent_id, agent, version, "agent")
+    before = services._audited_state(session, agent)
     make_current(agent, row)
     # Copied from the current version for the capability filter (app/agents/models.py).
     agent.capabilities = row.capabilities
     session.flush()
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change(
+            "agent.rollback",
+            "agent",
+            agent.id,
+            agent.name,
+            audit.changes_between(before, services._audited_state(session, agent)),
+        ),
+    )
     return agent
 
 

@@ -2,6 +2,7 @@
 
 from marshmallow import Schema, fields, validate
 
+from app.audit.schemas import created_by_field
 from app.versiondiff import BREAKING_RULES
 
 PATTERNS = (
@@ -170,6 +171,7 @@ class AgentVersionSchema(Schema):
     )
     changelog = fields.String(allow_none=True)
     created_at = fields.DateTime()
+    created_by = created_by_field()
 
 
 class AgentQuerySchema(Schema):

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from app import jsonschemas
 from app.agents import flow
 from app.agents.models import Agent, AgentVersion
+from app.audit import services as audit
 from app.config import Config, current_config
 from app.db import page, utcnow
 from app.errors import Conflict, NotFound, ValidationFailed
@@ -238,19 +239,38 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> Agen
         "config": data.get("config", {}),
         **{field: flow.normalized(field, data.get(field)) for field in flow.FIELDS},
     }
-    _add_version(session, agent, definition, data.get("version", FIRST_VERSION))
+    _add_version(session, principal, agent, definition, data.get("version", FIRST_VERSION))
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change("agent.create", "agent", agent.id, agent.name),
+    )
     return agent
 
 
 def _add_version(
     session: Session,
+    principal: Principal,
     agent: Agent,
     definition: dict[str, Any],
     version: str,
     changelog: str | None = None,
 ) -> AgentVersion:
     agent.capabilities = definition["capabilities"]
-    return add_version(session, AgentVersion.agent_id, agent, definition, version, changelog)
+    return add_version(
+        session,
+        AgentVersion.agent_id,
+        agent,
+        {**definition, **audit.created_by(principal)},
+        version,
+        changelog,
+    )
+
+
+def _audited_state(session: Session, agent: Agent) -> dict[str, Any]:
+    """What an agent.update event's changes are computed between."""
+    shown = describe(session, agent)
+    return {key: value for key, value in shown.items() if key not in ("created_at", "updated_at")}
 
 
 def update(
@@ -267,6 +287,7 @@ def update(
     if agent.archived_at is not None:
         raise Conflict(f"agent {agent.name!r} is archived", hint="archived agents cannot change")
     _check_definition(data)
+    before = _audited_state(session, agent)
     if "description" in data:
         agent.description = data["description"]
         agent.updated_at = utcnow()
@@ -292,9 +313,17 @@ def update(
                 },
             )
         session.flush()
-        return agent
-    version = next_version(session, AgentVersion.agent_id, agent, data.get("version"))
-    _add_version(session, agent, {**definition, **changed}, version, changelog)
+    else:
+        version = next_version(session, AgentVersion.agent_id, agent, data.get("version"))
+        _add_version(session, principal, agent, {**definition, **changed}, version, changelog)
+    after = _audited_state(session, agent)
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change(
+            "agent.update", "agent", agent.id, agent.name, audit.changes_between(before, after)
+        ),
+    )
     return agent
 
 
@@ -314,6 +343,11 @@ def archive(session: Session, principal: Principal, ref: str) -> None:
         agent.archived_at = utcnow()
         agent.updated_at = agent.archived_at
         session.flush()
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change("agent.archive", "agent", agent.id, agent.name),
+    )
 
 
 def list_agents(

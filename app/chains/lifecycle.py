@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from app import jsonschemas, versiondiff
 from app.agents import services as agents
 from app.agents.models import Agent
+from app.audit import services as audit
 from app.chains import definitions, services
 from app.chains.models import Chain, ChainVersion
 from app.errors import Conflict, ValidationFailed
@@ -36,8 +37,21 @@ def rollback(session: Session, principal: Principal, ref: str, version: str) -> 
     chain = services.resolve(session, principal, ref)
     if chain.archived_at is not None:
         raise Conflict(f"chain {chain.name!r} is archived", hint="archived chains cannot change")
-    make_current(chain, find_version(session, ChainVersion.chain_id, chain, version, "chain"))
+    row = find_version(session, ChainVersion.chain_id, chain, version, "chain")
+    before = services._audited_state(session, chain)
+    make_current(chain, row)
     session.flush()
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change(
+            "chain.rollback",
+            "chain",
+            chain.id,
+            chain.name,
+            audit.changes_between(before, services._audited_state(session, chain)),
+        ),
+    )
     return chain
 
 

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from app import jsonschemas
 from app.agents.models import Agent, AgentVersion
+from app.audit import services as audit
 from app.chains import definitions, typecheck
 from app.chains.definitions import AgentSchemas, Plan, Problems
 from app.chains.models import Chain, ChainExecution, ChainVersion
@@ -147,12 +148,26 @@ def check_definition(session: Session, principal: Principal, document: dict[str,
 
 def _add_version(
     session: Session,
+    principal: Principal,
     chain: Chain,
     definition: dict[str, Any],
     version: str,
     changelog: str | None = None,
 ) -> ChainVersion:
-    return add_version(session, ChainVersion.chain_id, chain, definition, version, changelog)
+    return add_version(
+        session,
+        ChainVersion.chain_id,
+        chain,
+        {**definition, **audit.created_by(principal)},
+        version,
+        changelog,
+    )
+
+
+def _audited_state(session: Session, chain: Chain) -> dict[str, Any]:
+    """What a chain.update event's changes are computed between."""
+    shown = describe(session, chain)
+    return {key: value for key, value in shown.items() if key not in ("created_at", "updated_at")}
 
 
 def _definition(data: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +192,12 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> Chai
             f"a chain named {data['name']!r} exists already",
             hint="choose another name, or PATCH the existing chain (a new version)",
         ) from exc
-    _add_version(session, chain, definition, data.get("version", FIRST_VERSION))
+    _add_version(session, principal, chain, definition, data.get("version", FIRST_VERSION))
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change("chain.create", "chain", chain.id, chain.name),
+    )
     return chain
 
 
@@ -199,6 +219,7 @@ def update(
     changed = {name: data[name] for name in VERSIONED_FIELDS if name in data}
     merged = {**definition, **changed}
     check_definition(session, principal, {"name": chain.name, **merged, **_unversioned(data)})
+    before = _audited_state(session, chain)
     if "description" in data:
         chain.description = data["description"]
         chain.updated_at = utcnow()
@@ -212,9 +233,17 @@ def update(
                 },
             )
         session.flush()
-        return chain
-    version = next_version(session, ChainVersion.chain_id, chain, data.get("version"))
-    _add_version(session, chain, merged, version, changelog)
+    else:
+        version = next_version(session, ChainVersion.chain_id, chain, data.get("version"))
+        _add_version(session, principal, chain, merged, version, changelog)
+    after = _audited_state(session, chain)
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change(
+            "chain.update", "chain", chain.id, chain.name, audit.changes_between(before, after)
+        ),
+    )
     return chain
 
 
@@ -229,6 +258,11 @@ def archive(session: Session, principal: Principal, ref: str) -> None:
         chain.archived_at = utcnow()
         chain.updated_at = chain.archived_at
         session.flush()
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change("chain.archive", "chain", chain.id, chain.name),
+    )
 
 
 def list_chains(
@@ -369,6 +403,7 @@ def present(session: Session, execution: ChainExecution) -> dict[str, Any]:
         "duration_ms": (
             round((finished - started).total_seconds() * 1000) if started and finished else None
         ),
+        "created_by": execution.created_by,
     }
 
 

@@ -20,6 +20,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, text
 
+from app.audit import services as audit
 from app.db import driver
 from app.errors import ValidationFailed
 from app.executions.spec import DEFAULT_PRIORITY, VersionSpec
@@ -56,6 +57,8 @@ class Entry:
 
 
 FREE = Entry()
+# The created_by columns of what Runyard makes itself (schedule fires, webhook runs, steps).
+SYSTEM = audit.created_by(None)
 
 # The waiting_for of a new row: its hold, or `queue` when its organization has a full window
 # of unclaimed messages on the queue, or executions held back there already. The count stops at
@@ -83,13 +86,14 @@ _INSERT_SQL = (
     """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
                             priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
-                            rate_key, gated, rerun_of, traceparent)
+                            rate_key, gated, rerun_of, traceparent, created_by_token_id,
+                            created_by_token_name)
     SELECT %(id)s, a.org_id, a.id, %(version_id)s, a.name, %(version)s, 'queued', %(priority)s,
            %(input)s, 0, %(max_attempts)s, %(queue)s::text, """
     + WAITING_FOR_SQL.format(rank="1")
     + """,
            %(flow_key)s, %(rate_key)s, %(hold)s::text IS NOT NULL, %(rerun_of)s,
-           %(traceparent)s::text
+           %(traceparent)s::text, %(created_by_token_id)s, %(created_by_token_name)s::text
     FROM agents a
     WHERE a.id = %(agent_id)s AND a.org_id = %(org_id)s AND a.archived_at IS NULL
       AND (%(pinned)s OR a.current_version_id = %(version_id)s)
@@ -110,15 +114,17 @@ def insert(
     entry: Entry = FREE,
     rerun_of: uuid.UUID | None = None,
     traceparent: str | None = None,
+    created_by: dict[str, Any] = SYSTEM,
+    audited: audit.Prepared | None = None,
 ) -> Any:
     """Insert a queued execution; a row of (queued_at, waiting_for), or None when the agent was
     archived or (unless pinned) its current version changed since `spec` was read. `rerun_of`:
-    the execution it reruns."""
+    the execution it reruns; `audited`: the audit event the same statement writes."""
     with _nul_refused("/input"):
         row = (
             driver(conn)
             .execute(
-                _INSERT_SQL,
+                _INSERT_SQL if audited is None else _INSERT_AUDITED_SQL,
                 {
                     "id": execution_id,
                     "org_id": org_id,
@@ -136,12 +142,27 @@ def insert(
                     "window": entry.window,
                     "rerun_of": rerun_of,
                     "traceparent": traceparent,
+                    **created_by,
+                    **(audited.params if audited else {}),
                 },
             )
             .fetchone()
         )
     return row
 
+
+def _audited(statement: str, columns: str) -> str:
+    """`statement` (an INSERT ... RETURNING `columns`) with its audit event written by the same
+    statement, only if it inserted: the change and its event commit together, in one round
+    trip."""
+    return (
+        f"WITH inserted AS ({statement}), "
+        f"{audit.cte_when('EXISTS (SELECT 1 FROM inserted)')} "
+        f"SELECT {columns} FROM inserted"
+    )
+
+
+_INSERT_AUDITED_SQL = _audited(_INSERT_SQL, "queued_at, waiting_for")
 
 # A batch: one statement for every item, on the same condition as a single insert, so the batch
 # is stored whole or not at all (a stale cache shows up as no rows). Each item takes its place
@@ -151,13 +172,15 @@ _INSERT_BATCH_SQL = (
     """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
                             priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
-                            rate_key, gated, queued_at, rerun_of, traceparent)
+                            rate_key, gated, queued_at, rerun_of, traceparent,
+                            created_by_token_id, created_by_token_name)
     SELECT r.id, a.org_id, a.id, %(version_id)s, a.name, %(version)s, 'queued', r.priority,
            r.input, 0, %(max_attempts)s, %(queue)s::text, """
     + WAITING_FOR_SQL.format(rank="r.rank")
     + """,
            r.flow_key, r.rate_key, %(hold)s::text IS NOT NULL,
-           now() + make_interval(secs => (r.rank - 1) / 1e6), r.rerun_of, %(traceparent)s::text
+           now() + make_interval(secs => (r.rank - 1) / 1e6), r.rerun_of, %(traceparent)s::text,
+           %(created_by_token_id)s, %(created_by_token_name)s::text
     FROM agents a,
          ROWS FROM (json_to_recordset(%(rows)s::json)
                     AS (id uuid, priority smallint, input jsonb, flow_key text, rate_key text,
@@ -168,6 +191,7 @@ _INSERT_BATCH_SQL = (
     RETURNING id, waiting_for
 """
 )
+_INSERT_BATCH_AUDITED_SQL = _audited(_INSERT_BATCH_SQL, "id, waiting_for")
 
 
 @dataclass(frozen=True)
@@ -189,6 +213,8 @@ def insert_batch(
     pinned: bool,
     entry: Entry = FREE,
     traceparent: str | None = None,
+    created_by: dict[str, Any] = SYSTEM,
+    audited: audit.Prepared | None = None,
 ) -> dict[uuid.UUID, str | None] | None:
     """Insert rows as queued executions of `spec`, all or none: id -> waiting_for, or None when
     the agent was archived or (unless pinned) its current version changed since `spec` was
@@ -210,7 +236,7 @@ def insert_batch(
         inserted = (
             driver(conn)
             .execute(
-                _INSERT_BATCH_SQL,
+                _INSERT_BATCH_SQL if audited is None else _INSERT_BATCH_AUDITED_SQL,
                 {
                     "org_id": org_id,
                     "agent_id": spec.agent_id,
@@ -223,6 +249,8 @@ def insert_batch(
                     "hold": entry.hold,
                     "window": entry.window,
                     "traceparent": traceparent,
+                    **created_by,
+                    **(audited.params if audited else {}),
                 },
             )
             .fetchall()

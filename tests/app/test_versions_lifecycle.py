@@ -55,6 +55,12 @@ def test_rollback_makes_an_old_version_current_and_the_next_patch_follows_the_hi
     found = client.get("/api/v1/agents?capability=v1", headers=org.headers).get_json()
     assert [a["name"] for a in found] == ["echo"]
     assert client.get("/api/v1/agents?capability=v2", headers=org.headers).get_json() == []
+    [event] = client.get(
+        "/api/v1/audit", query_string={"action": "agent.rollback"}, headers=org.headers
+    ).get_json()
+    changes = {(op["op"], op["path"]): op.get("value") for op in event["changes"]}
+    assert changes[("replace", "/current_version")] == "1.0.0"
+    assert changes[("replace", "/config/v")] == 1
     after = patch(client, org, "/api/v1/agents/echo", {"config": {"v": 3}})
     assert after["current_version"] == "1.0.2"
     assert versions(client, org) == ["1.0.2", "1.0.1", "1.0.0"]
