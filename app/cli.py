@@ -270,6 +270,32 @@ def cmd_up(args: argparse.Namespace) -> int:
     return up(with_examples=not args.no_examples)
 
 
+def _add_audit_commands(commands) -> None:
+    audit = commands.add_parser("audit", help="the audit trail")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser(
+        "verify",
+        help="check an organization's hash chain: exit 0 when it holds, 1 naming the first "
+        "changed, removed or inserted event",
+    )
+    verify.add_argument("org", help="organization name")
+    verify.add_argument(
+        "--anchor",
+        type=_anchor,
+        metavar="SEQ:HASH",
+        help="a head printed by `runyard audit head` earlier and kept elsewhere: the chain must "
+        "still pass through it (catches a rewrite of the whole table)",
+    )
+    verify.add_argument("--json", action="store_true", help="print JSON")
+    verify.set_defaults(func=cmd_audit_verify)
+    head = audit_commands.add_parser(
+        "head", help="print the chain's head as SEQ:HASH, to keep outside the database"
+    )
+    head.add_argument("org", help="organization name")
+    head.add_argument("--json", action="store_true", help="print JSON")
+    head.set_defaults(func=cmd_audit_head)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runyard", description="Run versioned, typed agents.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -332,29 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("token_id")
     revoke.set_defaults(func=cmd_tokens_revoke)
 
-    audit = commands.add_parser("audit", help="the audit trail")
-    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
-    verify = audit_commands.add_parser(
-        "verify",
-        help="check an organization's hash chain: exit 0 when it holds, 1 naming the first "
-        "changed, removed or inserted event",
-    )
-    verify.add_argument("org", help="organization name")
-    verify.add_argument(
-        "--anchor",
-        type=_anchor,
-        metavar="SEQ:HASH",
-        help="a head printed by `runyard audit head` earlier and kept elsewhere: the chain must "
-        "still pass through it (catches a rewrite of the whole table)",
-    )
-    verify.add_argument("--json", action="store_true", help="print JSON")
-    verify.set_defaults(func=cmd_audit_verify)
-    head = audit_commands.add_parser(
-        "head", help="print the chain's head as SEQ:HASH, to keep outside the database"
-    )
-    head.add_argument("org", help="organization name")
-    head.add_argument("--json", action="store_true", help="print JSON")
-    head.set_defaults(func=cmd_audit_head)
+    _add_audit_commands(commands)
 
     api = commands.add_parser("api", help="serve the HTTP API (gunicorn)")
     api.add_argument("--host")
