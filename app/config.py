@@ -147,6 +147,9 @@ class Config:
     # Flower (empty: http://127.0.0.1:RUNYARD_FLOWER_PORT, as `runyard up` prints it).
     ui_session_hours: float = 12.0
     flower_url: str = ""
+    # Secrets at rest (app/secrets/crypto.py): base64 32-byte keys; the first encrypts, all
+    # decrypt.
+    secret_keys: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> Config:
@@ -227,6 +230,7 @@ class Config:
             notify_concurrency=max(1, _int("RUNYARD_NOTIFY_CONCURRENCY", cls.notify_concurrency)),
             notify_poll_seconds=_float("RUNYARD_NOTIFY_POLL_SECONDS", cls.notify_poll_seconds),
             metrics_max_agents=_int("RUNYARD_METRICS_MAX_AGENTS", cls.metrics_max_agents),
+            secret_keys=_list("RUNYARD_SECRET_KEYS", ""),
             **_console_settings(cls),
         )
 
@@ -472,6 +476,12 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "50",
         "agents per organization that /metrics labels by name (those with the most executions); "
         'the rest are summed under agent="other"',
+    ),
+    (
+        "RUNYARD_SECRET_KEYS",
+        "unset (`runyard up`: a key made in .runyard/secret-keys)",
+        "comma-separated AES-256 keys (base64 of 32 bytes) for secrets at rest: the first "
+        "encrypts, all decrypt; set the same list on the API and every worker",
     ),
     (
         "RUNYARD_UI_SESSION_HOURS",

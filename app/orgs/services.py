@@ -29,6 +29,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "executions:cancel": frozenset({"admin", "developer", "operator"}),
     # Subscriptions point the organization's events at a URL: reading one is managing it.
     "notifications": frozenset({"admin", "developer"}),
+    # Setting and deleting secrets; their values are never read back by anyone.
+    "secrets:write": frozenset({"admin", "developer"}),
 }
 
 
