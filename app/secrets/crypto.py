@@ -132,3 +132,10 @@ def keyring() -> Keyring:
             keys.append((key_id(raw), AESGCM(raw)))
         ring = _rings[texts] = Keyring(tuple(keys))
     return ring
+
+
+def readable(value: str, context: str) -> str:
+    """A stored webhook or notification secret in clear: opened when sealed; a clear value
+    left by the migration (no key was configured then) is taken as it is until
+    `runyard secrets reencrypt` seals it."""
+    return keyring().open(value, context) if is_sealed(value) else value

@@ -14,7 +14,7 @@ from app.db import page
 from app.errors import NotFound, ValidationFailed, json_pointer
 from app.orgs.services import Principal
 from app.secrets import references
-from app.secrets.crypto import keyring, sealed_key_id
+from app.secrets.crypto import is_sealed, keyring, sealed_key_id
 from app.secrets.models import Secret
 
 LIST_HINT = "GET /api/v1/secrets lists your organization's secrets"
@@ -137,3 +137,29 @@ def reencrypt(session: Session) -> tuple[int, int]:
             resealed += 1
     session.flush()
     return resealed, total
+
+
+# Tables whose `secret` column holds a sealed webhook or notification secret, and the prefix of
+# its associated data (`<prefix>:<row id>`).
+SEALED_COLUMNS = {"triggers": "trigger", "notifications": "notification"}
+
+
+def reencrypt_column(session: Session, table: str) -> tuple[int, int]:
+    """Seal every secret of `table` (triggers, notifications) that is in clear or under an
+    older key again under the first key: (resealed, total)."""
+    kind = SEALED_COLUMNS[table]
+    ring = keyring()
+    current = ring.current_id
+    rows = session.execute(text(f"SELECT id, secret FROM {table} FOR UPDATE")).all()
+    resealed = 0
+    for row_id, secret in rows:
+        if sealed_key_id(secret) == current:
+            continue
+        where = f"{kind}:{row_id}"
+        plain = ring.open(secret, where) if is_sealed(secret) else secret
+        session.execute(
+            text(f"UPDATE {table} SET secret = :secret WHERE id = :id"),
+            {"secret": ring.seal(plain, where), "id": row_id},
+        )
+        resealed += 1
+    return resealed, len(rows)

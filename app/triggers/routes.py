@@ -78,17 +78,28 @@ class Hook(MethodView):
         parameters=[
             {
                 "in": "header",
-                "name": services.SIGNATURE_HEADER,
-                "required": True,
+                "name": services.SIGNED_HEADER,
+                "required": False,
                 "schema": {"type": "string"},
-                "description": "sha256=<hex HMAC-SHA256 of the raw body with the secret>",
+                "description": '`t=<Unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>" '
+                "with the secret>`, t within 5 minutes of the server's clock: the scheme to "
+                "use (the timestamp is signed, so a captured request cannot be replayed later)",
+            },
+            {
+                "in": "header",
+                "name": services.SIGNATURE_HEADER,
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "older scheme, still accepted when Runyard-Signature is absent: "
+                "`sha256=<hex HMAC-SHA256 of the raw body with the secret>`",
             },
             {
                 "in": "header",
                 "name": services.TIMESTAMP_HEADER,
-                "required": True,
+                "required": False,
                 "schema": {"type": "string"},
-                "description": "Unix seconds (or ISO 8601), within 5 minutes of the server",
+                "description": "with X-Runyard-Signature only: Unix seconds (or ISO 8601), "
+                "within 5 minutes of the server",
             },
         ],
     )
@@ -97,12 +108,12 @@ class Hook(MethodView):
 
         Answers with `execution_id` for an agent target, `chain_execution_id` for a chain."""
         session = request_session()
+        headers = (services.SIGNED_HEADER, services.SIGNATURE_HEADER, services.TIMESTAMP_HEADER)
         body, launched = services.deliver(
             session,
             trigger_id,
             request.get_data(cache=True),
-            request.headers.get(services.SIGNATURE_HEADER),
-            request.headers.get(services.TIMESTAMP_HEADER),
+            {name: request.headers.get(name) for name in headers},
         )
         session.commit()
         runs.publish_after_commit(launched)
