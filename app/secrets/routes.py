@@ -37,12 +37,13 @@ class Secrets(MethodView):
 
 
 @blp.route("/<name>")
-@blp.doc(parameters=[NAME_PARAMETER])
 class SecretByName(MethodView):
     @blp.arguments(SecretPutSchema())
     @blp.response(200, SecretSchema())
     @blp.alt_response(403, description="the role may not set secrets (admin, developer may)")
+    @blp.alt_response(422, description="a name that does not match the pattern, or no value")
     @blp.alt_response(503, description="no encryption key is configured (RUNYARD_SECRET_KEYS)")
+    @blp.doc(parameters=[NAME_PARAMETER])
     def put(self, data, name):
         """Set a secret's value (a new secret, or its next version); the value is never shown"""
         session = request_session()
@@ -53,6 +54,7 @@ class SecretByName(MethodView):
     @blp.response(204)
     @blp.alt_response(403, description="the role may not delete secrets (admin, developer may)")
     @blp.alt_response(404, description="no such secret in your organization")
+    @blp.doc(parameters=[NAME_PARAMETER])
     def delete(self, name):
         """Delete a secret: executions of agents still referring to it fail (secret_missing)"""
         session = request_session()
