@@ -35,6 +35,7 @@ class Triggers(MethodView):
     @blp.response(201, TriggerSchema())
     @blp.alt_response(409, description="a trigger of that name exists")
     @blp.alt_response(422, description="unknown target, malformed reference or invalid input")
+    @blp.alt_response(503, description="no key to encrypt its secret (RUNYARD_SECRET_KEYS)")
     def post(self, data):
         """Create a webhook trigger; the answer holds its secret, shown this once"""
         session = request_session()
@@ -73,6 +74,9 @@ class Hook(MethodView):
     )
     @hooks.alt_response(422, description="the event lacks a referenced value, or the input fails")
     @hooks.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)
+    @hooks.alt_response(
+        503, description="no key in RUNYARD_SECRET_KEYS decrypts the trigger's stored secret"
+    )
     @hooks.doc(
         security=[],
         parameters=[
