@@ -1,12 +1,14 @@
 """Key rotation: sealed under key A, keys set to "B,A", `runyard secrets reencrypt`, then key B
 alone opens everything (secrets, webhook and notification secrets) and key A alone nothing."""
 
+import base64
 import dataclasses
 import json
 import os
 import re
 
 import pytest
+from sqlalchemy import text
 
 from app.config import current_config, use_config
 from app.db import db
@@ -62,6 +64,12 @@ def test_rotation_with_two_keys(app, live_org, keys):
         json={"name": "hook", "target": {"agent": "echo"}, "input": {}},
         headers=live_org.headers,
     ).get_json()
+    # As the migration leaves it when no key was configured: in clear.
+    with db.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE triggers SET secret = :secret WHERE id = :id"),
+            {"secret": trigger["secret"], "id": trigger["id"]},
+        )
     try:
         counts = reencrypt(f"{key_b},{key_a}")
         assert counts["secrets"][0] >= 1 and counts["triggers"][0] >= 1
@@ -71,6 +79,11 @@ def test_rotation_with_two_keys(app, live_org, keys):
         with db.hot() as conn:
             assert services.values(conn, live_org.id, frozenset({"rotated"})) == {"rotated": VALUE}
         assert deliver(client, trigger, {"n": 1}).status_code == 202
+        with db.hot() as conn:
+            stored = conn.execute(
+                text("SELECT secret FROM triggers WHERE id = :id"), {"id": trigger["id"]}
+            ).scalar_one()
+        assert stored.startswith("ry1.") and trigger["secret"] not in stored
 
         keys(key_a)
         with db.hot() as conn, pytest.raises(KeyMissing, match="not in RUNYARD_SECRET_KEYS"):
@@ -87,3 +100,16 @@ def test_reencrypt_without_a_key_says_how_to_set_one(app):
     result = runyard("secrets", "reencrypt", env=env)
     assert result.returncode == 2 and "RUNYARD_SECRET_KEYS" in result.stderr
     assert "hint:" in result.stderr
+
+
+def test_runyard_up_makes_one_key_readable_by_its_owner_only(tmp_path, monkeypatch):
+    from app.secrets.crypto import KEY_BYTES
+    from app.up import SECRET_KEYS_FILE, secret_keys
+
+    monkeypatch.delenv("RUNYARD_SECRET_KEYS", raising=False)
+    made = secret_keys(tmp_path)
+    assert len(base64.b64decode(made)) == KEY_BYTES
+    assert (tmp_path / SECRET_KEYS_FILE).stat().st_mode & 0o777 == 0o600
+    assert secret_keys(tmp_path) == made  # the next start reuses it
+    monkeypatch.setenv("RUNYARD_SECRET_KEYS", "configured")
+    assert secret_keys(tmp_path) == "configured"
