@@ -98,7 +98,10 @@ def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
         traceparent=claimed.traceparent,
     )
     try:
-        outcome = unresolved or _run_runtime(claimed, resolved, ctx, buffer)
+        if unresolved is not None:
+            outcome = unresolved
+        else:
+            outcome = _run_runtime(claimed, resolved, ctx, buffer)
         if outcome.ok:
             _check_output(spec, outcome, spec.limits.get("max_output_bytes", cfg.max_output_bytes))
         progress.flush()  # a value the throttle held back: no statement when there is none
