@@ -156,7 +156,7 @@ def _with_secrets(
                 "read the agent's secrets",
                 lambda c: secret_refs.resolve(c, spec),
             )
-    except (SecretsMissing, KeyMissing) as exc:
+    except (SecretsMissing, KeyMissing, secret_refs.SecretUnusable) as exc:
         return spec, None, secret_refs.failure(exc)
     return resolved, redactor, None
 

@@ -79,6 +79,7 @@ def resolve(conn: Connection, spec: VersionSpec) -> tuple[VersionSpec, Redactor 
     field = references.RUNTIME_FIELDS.get(runtime.get("type"))
     if field and isinstance(runtime.get(field), dict):
         runtime = {**runtime, field: references.substituted(runtime[field], values)}
+        _check_usable(spec.runtime[field], values)
     resolved = dataclasses.replace(
         spec, config=references.substituted(spec.config, values), runtime=runtime
     )
@@ -88,9 +89,27 @@ def resolve(conn: Connection, spec: VersionSpec) -> tuple[VersionSpec, Redactor 
     return resolved, Redactor(values)
 
 
+class SecretUnusable(RunyardError):
+    """A secret's value cannot stand where the agent puts it (a line break in a header)."""
+
+
+def _check_usable(references_at: dict[str, Any], values: dict[str, str]) -> None:
+    """Header and environment values are one line without NUL: a value breaking that would
+    fail deep in the runtime, with an error message quoting it in part."""
+    for name, node in references_at.items():
+        if references.is_reference(node) and any(
+            c in values[node[references.KEY]] for c in "\r\n\0"
+        ):
+            raise SecretUnusable(
+                f"the secret {node[references.KEY]!r} holds a line break or NUL, which "
+                f"{name!r} cannot carry",
+                hint="PUT the secret again as one line, or use it from config instead",
+            )
+
+
 def failure(exc: RunyardError) -> Outcome:
-    """The outcome of an execution whose secrets cannot be had: no retry helps until someone
-    sets the secret again or fixes the worker's keys."""
+    """The outcome of an execution whose secrets cannot be had or used: no retry helps until
+    someone sets the secret again or fixes the worker's keys."""
     return Outcome(
         error_type="secret_missing",
         error_message=exc.message,

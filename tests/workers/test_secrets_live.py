@@ -157,6 +157,22 @@ def test_a_deleted_secret_fails_the_execution_with_secret_missing(live_client, l
     assert "PUT /api/v1/secrets" in error["hint"]
 
 
+def test_a_header_secret_with_a_line_break_fails_without_calling(live_client, live_org):
+    put(live_client, live_org, "two-lines", "first\r\nX-Injected: yes")
+    with local_server() as server:
+        server.route("/call", Reply(200, {"ok": True}))
+        runtime = {
+            "type": "http",
+            "url": server.url("/call"),
+            "headers": {"Authorization": {"$secret": "two-lines"}},
+        }
+        define(live_client, live_org, "injector", runtime)
+        result = wait_for(live_client, live_org, run(live_client, live_org, "injector"))
+        assert server.seen("/call") == []
+    assert result["status"] == "failed" and result["error"]["type"] == "secret_missing"
+    assert "line break" in result["error"]["message"] and "first" not in json.dumps(result)
+
+
 # ---------------------------------------------------------------------------------------------
 # At rest
 
