@@ -45,8 +45,10 @@ def rollback(session: Session, principal: Principal, ref: str, version: str) -> 
     return agent
 
 
-def definition(row: AgentVersion) -> dict[str, Any]:
-    return {field: getattr(row, field) for field in services.VERSIONED_FIELDS}
+def _definition(row: AgentVersion, role: str) -> dict[str, Any]:
+    """What a diff compares: the versioned fields, masked for `role` as every answer is."""
+    shown = services.present_version(row, role)
+    return {field: shown[field] for field in services.VERSIONED_FIELDS}
 
 
 def diff(
@@ -59,7 +61,7 @@ def diff(
     old = find_version(
         session, AgentVersion.agent_id, agent, against or agent.current_version, "agent"
     )
-    before, after = definition(old), definition(new)
+    before, after = _definition(old, principal.role), _definition(new, principal.role)
     return {
         "from": old.version,
         "to": new.version,

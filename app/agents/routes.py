@@ -24,10 +24,10 @@ class Agents(MethodView):
     @blp.paginate()
     def get(self, args, pagination_parameters):
         """List agents, newest first"""
-        session = request_session()
+        session, principal = request_session(), current_principal()
         items, total = services.list_agents(
             session,
-            current_principal(),
+            principal,
             q=args.get("q"),
             tag=args.get("tag"),
             capability=args.get("capability"),
@@ -36,17 +36,17 @@ class Agents(MethodView):
             limit=pagination_parameters.page_size,
         )
         pagination_parameters.item_count = total
-        return [services.describe(session, agent) for agent in items]
+        return [services.describe(session, agent, principal.role) for agent in items]
 
     @blp.arguments(AgentCreateSchema())
     @blp.response(201, AgentSchema())
     @blp.alt_response(409, description="an agent of that name exists")
     def post(self, data):
         """Create an agent and its first version"""
-        session = request_session()
-        agent = services.create(session, current_principal(), data)
+        session, principal = request_session(), current_principal()
+        agent = services.create(session, principal, data)
         session.commit()
-        return services.describe(session, agent)
+        return services.describe(session, agent, principal.role)
 
 
 @blp.route("/<ref>")
@@ -55,8 +55,9 @@ class AgentByRef(MethodView):
     @blp.alt_response(404, description="no such agent in your organization")
     def get(self, ref):
         """Read an agent by id or name"""
-        session = request_session()
-        return services.describe(session, services.resolve(session, current_principal(), ref))
+        session, principal = request_session(), current_principal()
+        agent = services.resolve(session, principal, ref)
+        return services.describe(session, agent, principal.role)
 
     @blp.arguments(AgentPatchSchema())
     @blp.response(200, AgentSchema())
@@ -69,10 +70,10 @@ class AgentByRef(MethodView):
     )
     def patch(self, data, ref):
         """Change an agent; a versioned change makes a new immutable version"""
-        session = request_session()
-        agent = update_agent(session, current_principal(), ref, data)
+        session, principal = request_session(), current_principal()
+        agent = update_agent(session, principal, ref, data)
         session.commit()
-        return services.describe(session, agent)
+        return services.describe(session, agent, principal.role)
 
     @blp.response(204)
     @blp.alt_response(404, description="no such agent in your organization")
@@ -90,15 +91,16 @@ class AgentVersions(MethodView):
     @blp.paginate()
     def get(self, ref, pagination_parameters):
         """List an agent's versions, newest first"""
+        principal = current_principal()
         items, total = services.list_versions(
             request_session(),
-            current_principal(),
+            principal,
             ref,
             offset=pagination_parameters.first_item,
             limit=pagination_parameters.page_size,
         )
         pagination_parameters.item_count = total
-        return items
+        return [services.present_version(item, principal.role) for item in items]
 
 
 @blp.route("/<ref>/versions/<version>")
@@ -107,7 +109,9 @@ class AgentVersionByNumber(MethodView):
     @blp.alt_response(404, description="no such agent or version")
     def get(self, ref, version):
         """Read one version with its full definition"""
-        return services.get_version(request_session(), current_principal(), ref, version)
+        principal = current_principal()
+        found = services.get_version(request_session(), principal, ref, version)
+        return services.present_version(found, principal.role)
 
 
 @blp.route("/<ref>/rollback")
@@ -121,10 +125,10 @@ class AgentRollback(MethodView):
 
         No version is made; the next versioned PATCH is numbered after the highest version.
         """
-        session = request_session()
-        agent = lifecycle.rollback(session, current_principal(), ref, data["version"])
+        session, principal = request_session(), current_principal()
+        agent = lifecycle.rollback(session, principal, ref, data["version"])
         session.commit()
-        return services.describe(session, agent)
+        return services.describe(session, agent, principal.role)
 
 
 @blp.route("/<ref>/versions/<version>/diff")

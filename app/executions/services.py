@@ -179,6 +179,33 @@ def submit(
             None if execution_id in let_out else released.reasons.get(execution_id, waiting_for)
         )
     gates.publish_after_commit(released.let_out)
+    return _accepted(
+        principal,
+        execution_id,
+        target,
+        spec,
+        payload,
+        priority,
+        queued_at,
+        waiting_for,
+        rerun_of,
+        traceparent,
+    )
+
+
+def _accepted(
+    principal: Principal,
+    execution_id: uuid.UUID,
+    target: Target,
+    spec: VersionSpec,
+    payload: dict[str, Any],
+    priority: int,
+    queued_at: dt.datetime,
+    waiting_for: str | None,
+    rerun_of: uuid.UUID | None,
+    traceparent: str | None,
+) -> dict[str, Any]:
+    """A submit's answer: the execution as stored, without reading it back."""
     return {
         "id": execution_id,
         "agent_id": target.agent_id,

@@ -256,6 +256,18 @@ def test_diff_refusals(client, org, other_org):
     assert seen.status_code == 200, "reading a diff is reading versions"
 
 
+def test_a_diff_masks_literal_config_values_as_every_answer_does(client, org):
+    create_agent(client, org, config={"api_key": "literal-one"})
+    patch(client, org, "/api/v1/agents/echo", {"config": {"api_key": "literal-two"}})
+    path = "/api/v1/agents/echo/versions/1.0.1/diff?against=1.0.0"
+    admin = diff(client, org, path)
+    assert {"op": "replace", "path": "/config/api_key", "value": "literal-two"} in admin["changes"]
+    for role in ("operator", "viewer"):
+        shown = client.get(path, headers=bearer(make_token(org, role)))
+        assert shown.status_code == 200
+        assert "literal-" not in shown.get_data(as_text=True), role
+
+
 def test_a_chain_diff_names_a_narrowed_input(client, org, other_org):
     create_agent(client, org)
     chain = {"name": "pipe", "input_schema": TEXT_IN, "steps": [{"name": "one", "agent": "echo"}]}

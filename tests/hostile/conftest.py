@@ -73,6 +73,7 @@ class World:
     trigger: dict
     notification: dict
     event_id: str
+    secret: dict
 
     def values_for(self, route: Route, by: str = "name") -> dict[str, str]:
         """Path values naming this world's objects (by name or by id where a route takes
@@ -90,6 +91,7 @@ class World:
                 "notification_id": self.notification["id"],
                 "event_id": self.event_id,
             },
+            "secrets": {"name": self.secret["name"]},
         }
         return by_segment[route.rule.removeprefix("/api/v1").split("/")[1]]
 
@@ -159,6 +161,10 @@ def build_world(client, org) -> World:
         client.get(f"/api/v1/notifications/{notification['id']}/deliveries", headers=headers),
         200,
     )
+    secret = _created(
+        client.put("/api/v1/secrets/api-key", json={"value": "s3cr3t-value"}, headers=headers),
+        200,
+    )
     return World(
         agent,
         execution,
@@ -168,6 +174,7 @@ def build_world(client, org) -> World:
         trigger,
         notification,
         event["event_id"],
+        secret,
     )
 
 
