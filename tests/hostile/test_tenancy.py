@@ -24,6 +24,8 @@ BODIES = {
     Route("/api/v1/executions/<execution_id>/rerun", "POST"): {},
     Route("/api/v1/chain-executions/<execution_id>/rerun", "POST"): {"from": "failed"},
     Route("/api/v1/notifications/<notification_id>", "PATCH"): {"url": "http://127.0.0.2:1/"},
+    Route("/api/v1/agents/<ref>/rollback", "POST"): {"version": "1.0.0"},
+    Route("/api/v1/chains/<ref>/rollback", "POST"): {"version": "1.0.0"},
     Route("/api/v1/secrets/<name>", "PUT"): {"value": "theirs now"},
 }
 # Routes that name an object by a name of the caller's own namespace and make it when missing:
@@ -37,6 +39,8 @@ OBJECT_ROUTES = {
     Route("/api/v1/agents/<ref>", "DELETE"),
     Route("/api/v1/agents/<ref>/versions", "GET"),
     Route("/api/v1/agents/<ref>/versions/<version>", "GET"),
+    Route("/api/v1/agents/<ref>/versions/<version>/diff", "GET"),
+    Route("/api/v1/agents/<ref>/rollback", "POST"),
     Route("/api/v1/agents/<ref>/executions", "POST"),
     Route("/api/v1/agents/<ref>/executions/batch", "POST"),
     Route("/api/v1/agents/<ref>/stats", "GET"),
@@ -51,6 +55,8 @@ OBJECT_ROUTES = {
     Route("/api/v1/chains/<ref>", "DELETE"),
     Route("/api/v1/chains/<ref>/versions", "GET"),
     Route("/api/v1/chains/<ref>/versions/<version>", "GET"),
+    Route("/api/v1/chains/<ref>/versions/<version>/diff", "GET"),
+    Route("/api/v1/chains/<ref>/rollback", "POST"),
     Route("/api/v1/chains/<ref>/executions", "POST"),
     Route("/api/v1/chain-executions/<execution_id>", "GET"),
     Route("/api/v1/chain-executions/<execution_id>/cancel", "POST"),
