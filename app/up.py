@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -132,15 +133,31 @@ def load_examples(org_name: str = "default") -> list[str]:
     from app.agents import services
     from app.orgs.models import ApiToken
     from app.orgs.services import Principal, get_org_by_name
-    from runyard_examples import AGENTS
+    from runyard_client import discover
+    from runyard_examples import SCRIPT_AGENTS
 
+    # The python agents declare themselves (@runyard_client.agent), as `runyard agents sync
+    # --module runyard_examples` finds them; an unchanged one gets no new version.
+    definitions = [*discover("runyard_examples"), *SCRIPT_AGENTS]
     with db.session() as session:
         org = get_org_by_name(session, org_name)
         token = session.scalar(select(ApiToken).where(ApiToken.org_id == org.id).limit(1))
         principal = Principal(org.id, org.name, token.id, "examples", "admin")
-        names = [services.ensure(session, principal, definition).name for definition in AGENTS]
+        names = [services.ensure(session, principal, d).name for d in definitions]
         session.commit()
     return names
+
+
+def write_env(home: Path, values: dict[str, str]) -> Path:
+    """.runyard/env: what `celery -A workers inspect ...`, `runyard ...` and scripts need to reach
+    these servers (`set -a; . .runyard/env; set +a`). 0600: it holds the dev token."""
+    path = home / "env"
+    text = "".join(f"{name}={shlex.quote(value)}\n" for name, value in values.items())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    path.chmod(0o600)
+    return path
 
 
 def flower_command(port: int, user: str, password: str) -> list[str]:
@@ -258,9 +275,10 @@ Runyard is up.
   examples     {", ".join(examples) or "not loaded"}
   logs         {home / "logs"}
 
-Try:
-  curl -s -H "Authorization: Bearer {token}" -H "Content-Type: application/json" \\
-       -d '{{"input": {{"title": "Hello, Runyard!"}}}}' {api_url}/api/v1/agents/slugify/executions
+Try, in another shell:
+  set -a; . {home / "env"}; set +a
+  {Path(sys.executable).parent / "runyard"} run slugify --follow \\
+      --input '{{"title": "Hello, Runyard!"}}'
 
 Ctrl-C stops everything.""",
         flush=True,
@@ -309,6 +327,16 @@ def up(with_examples: bool = True) -> int:
         api_url = f"http://{cfg.api_host}:{cfg.api_port}"
         _wait_http(f"{api_url}/healthz", running.supervisor)
         _wait_log(running.supervisor, "worker", "ready.")
+        write_env(
+            home,
+            {
+                "DATABASE_URL": database_url,
+                "REDIS_URL": redis_url,
+                "RUNYARD_HOME": str(home),
+                "RUNYARD_URL": api_url,
+                "RUNYARD_TOKEN": token,
+            },
+        )
         examples = load_examples() if with_examples else []
         _print_welcome(cfg, home, api_url, token, flower_password, examples)
         return _watch(running.supervisor, stop)
