@@ -50,9 +50,9 @@ def _cell(row: dict[str, Any], column: str) -> str:
 
 
 def table(kind: str, rows: Iterable[dict[str, Any]]) -> None:
+    out = console()
     from rich.table import Table
 
-    out = console()
     grid = Table(box=None, header_style="bold")
     for column in COLUMNS[kind]:
         grid.add_column(column.split(".")[0].upper().replace("_", " "), overflow="fold")
@@ -68,13 +68,14 @@ def table(kind: str, rows: Iterable[dict[str, Any]]) -> None:
 
 def document(value: Any) -> None:
     """One object, readably: its JSON, highlighted."""
+    out = console()
     from rich.json import JSON
 
-    console().print(JSON.from_data(value, default=str))
+    out.print(JSON.from_data(value, default=str))
 
 
 def log_line(out: Any, line: dict[str, Any]) -> None:
-    from rich.text import Text
+    from rich.text import Text  # `out` is a rich console: rich is there
 
     level = str(line.get("level", "info"))
     text = Text(f"{str(line.get('ts', ''))[11:23]} ", style="dim")
