@@ -133,17 +133,13 @@ def load_examples(org_name: str = "default") -> list[str]:
     from app.agents import services
     from app.orgs.models import ApiToken
     from app.orgs.services import Principal, get_org_by_name
-    from runyard_client import discover
-    from runyard_examples import SCRIPT_AGENTS
+    from runyard_examples import AGENTS
 
-    # The python agents declare themselves (@runyard_client.agent), as `runyard agents sync
-    # --module runyard_examples` finds them; an unchanged one gets no new version.
-    definitions = [*discover("runyard_examples"), *SCRIPT_AGENTS]
     with db.session() as session:
         org = get_org_by_name(session, org_name)
         token = session.scalar(select(ApiToken).where(ApiToken.org_id == org.id).limit(1))
         principal = Principal(org.id, org.name, token.id, "examples", "admin")
-        names = [services.ensure(session, principal, d).name for d in definitions]
+        names = [services.ensure(session, principal, definition).name for definition in AGENTS]
         session.commit()
     return names
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from runyard_client import discover
+
 SLUGIFY_SOURCE = '''\
 import re
 import unicodedata
@@ -89,3 +91,6 @@ SCRIPT_AGENTS: list[dict[str, Any]] = [
         "tags": ["finance", "example"],
     },
 ]
+
+# Everything `runyard up` loads: the python agents as they declare themselves, then the scripts.
+AGENTS: list[dict[str, Any]] = [*discover("runyard_examples.text"), *SCRIPT_AGENTS]
