@@ -26,6 +26,8 @@ class Child:
     name: str
     process: subprocess.Popen
     log_path: Path
+    # Where this run's lines start in the (appended) log.
+    log_offset: int = 0
 
 
 class Supervisor:
@@ -38,12 +40,13 @@ class Supervisor:
     def start(self, name: str, argv: list[str]) -> None:
         log_path = self.home / "logs" / f"{name}.log"
         log_file = open(log_path, "ab")  # noqa: SIM115 - held open for the child's lifetime
+        offset = log_file.tell()
         # Own session: Ctrl-C reaches only this supervisor, which stops the children in order.
         process = subprocess.Popen(
             argv, env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
         )
         log_file.close()
-        self.children.append(Child(name, process, log_path))
+        self.children.append(Child(name, process, log_path, offset))
 
     def dead(self) -> Child | None:
         return next((c for c in self.children if c.process.poll() is not None), None)
@@ -85,7 +88,8 @@ def _wait_http(url: str, supervisor: Supervisor, timeout: float = 60.0) -> None:
 def _wait_log(supervisor: Supervisor, name: str, marker: str, timeout: float = 60.0) -> None:
     """Wait until a child writes `marker` to its log (Celery's worker says "ready.")."""
     child = next(c for c in supervisor.children if c.name == name)
-    start = child.log_path.stat().st_size if child.log_path.exists() else 0
+    # From where the child started: on a loaded machine it may be ready before the API is.
+    start = child.log_offset
     deadline = time.monotonic() + timeout
     while marker not in child.log_path.read_text(errors="replace")[start:]:
         if child.process.poll() is not None:
