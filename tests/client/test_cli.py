@@ -125,7 +125,7 @@ def test_run_follow_exit_codes_and_json(cli, runyard):
     assert invalid.returncode == 2 and "title" in invalid.stderr and "hint" in invalid.stderr
 
 
-def test_executions_logs_chains_and_schedules(cli, runyard):
+def test_executions_logs_chains_and_schedules(cli, runyard, tmp_path):
     runtime = {"type": "python", "entrypoint": "tests.agents:reporter"}
     runyard.agents.create({"name": "reporter", "runtime": runtime})
     runyard.agents.create(
@@ -149,15 +149,16 @@ def test_executions_logs_chains_and_schedules(cli, runyard):
     assert cli("executions", "get", waiting["id"], "--json").returncode == 1
     assert cli("executions", "cancel", waiting["id"]).returncode == 2
 
-    runyard.chains.create(
-        {
-            "name": "twice",
-            "steps": [
-                {"name": "one", "agent": "reporter"},
-                {"name": "two", "agent": "reporter", "input": {"lines": 1}},
-            ],
-        }
-    )
+    chain = tmp_path / "twice.json"
+    steps = [
+        {"name": "one", "agent": "reporter"},
+        {"name": "two", "agent": "reporter", "input": {"lines": 1}},
+    ]
+    chain.write_text(json.dumps({"kind": "chain", "name": "twice", "steps": steps}))
+    created = as_json(cli("agents", "apply", "-f", str(chain), "--json"))
+    assert [(c["kind"], c["action"]) for c in created] == [("chain", "created")]
+    again = as_json(cli("agents", "apply", "-f", str(chain), "--json"))
+    assert [(c["action"], c["version"]) for c in again] == [("unchanged", "1.0.0")]
     assert [c["name"] for c in as_json(cli("chains", "ls", "--json"))] == ["twice"]
     chain_run = as_json(
         cli("chains", "run", "twice", "--input", '{"lines": 1, "pause": 0}', "--json")

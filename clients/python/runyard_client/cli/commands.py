@@ -4,6 +4,7 @@ returns the exit code (0 done, 1 an execution failed, timed out or was cancelled
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -209,9 +210,7 @@ def cmd_run(args: argparse.Namespace, client: Runyard) -> int:
 
 def cmd_executions_ls(args: argparse.Namespace, client: Runyard) -> int:
     rows = client.executions.list(agent=args.agent, status=args.status, since=args.since)
-    return listing(
-        args, "executions", (row for _, row in zip(range(args.limit), rows, strict=False))
-    )
+    return listing(args, "executions", itertools.islice(rows, args.limit))
 
 
 def cmd_executions_get(args: argparse.Namespace, client: Runyard) -> int:
