@@ -115,6 +115,11 @@ def test_run_follow_exit_codes_and_json(cli, runyard):
         source.unlink()
     assert by_file["output"] == {"slug": "hello-runyard"}
 
+    sleepy = {**runtime, "entrypoint": "tests.agents:sleepy"}
+    runyard.agents.create({"name": "sleepy", "runtime": sleepy, "timeout_seconds": 1})
+    timed_out = cli("run", "sleepy", "--input", '{"seconds": 5}', "--follow")
+    assert timed_out.returncode == 1 and "timed_out" in timed_out.stdout
+
     failed = cli("run", "boom", "--follow")
     assert failed.returncode == 1 and "runtime_error" in failed.stdout
     assert cli("run", "boom", "--json").returncode == 1
