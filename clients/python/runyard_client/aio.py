@@ -209,17 +209,22 @@ class AsyncExecutions:
             headers["Last-Event-ID"] = str(last_event_id)
         timeout = httpx.Timeout(self._c._http.timeout.connect, read=None)
         path = f"/executions/{execution_id}/events"
-        async with self._c._http.stream("GET", path, headers=headers, timeout=timeout) as response:
-            if response.status_code >= 400:
-                await response.aread()
-                _core.raise_for(response)
-            parser = _core.SSEParser()
-            async for line in response.aiter_lines():
-                event = parser.feed(line)
-                if event is not None:
-                    yield event
-                    if event["event"] == "end":
-                        return
+        try:
+            async with self._c._http.stream(
+                "GET", path, headers=headers, timeout=timeout
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _core.raise_for(response)
+                parser = _core.SSEParser()
+                async for line in response.aiter_lines():
+                    event = parser.feed(line)
+                    if event is not None:
+                        yield event
+                        if event["event"] == "end":
+                            return
+        except httpx.TransportError as exc:
+            raise _core.connection_error(exc, self._c.url) from exc
 
     async def wait(self, execution_id: str, *, timeout: float | None = None) -> Execution:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -238,17 +238,21 @@ class Executions:
         # The server sends a keepalive comment every 15 s: no read timeout on a live stream.
         timeout = httpx.Timeout(self._c._http.timeout.connect, read=None)
         path = f"/executions/{execution_id}/events"
-        with self._c._http.stream("GET", path, headers=headers, timeout=timeout) as response:
-            if response.status_code >= 400:
-                response.read()
-                _core.raise_for(response)
-            parser = _core.SSEParser()
-            for line in response.iter_lines():
-                event = parser.feed(line)
-                if event is not None:
-                    yield event
-                    if event["event"] == "end":
-                        return
+        try:
+            with self._c._http.stream("GET", path, headers=headers, timeout=timeout) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _core.raise_for(response)
+                parser = _core.SSEParser()
+                for line in response.iter_lines():
+                    event = parser.feed(line)
+                    if event is not None:
+                        yield event
+                        if event["event"] == "end":
+                            return
+        except httpx.TransportError as exc:
+            # Dropped or refused: resume with last_event_id set to the last log line's seq.
+            raise _core.connection_error(exc, self._c.url) from exc
 
     def wait(self, execution_id: str, *, timeout: float | None = None) -> Execution:
         """Poll until the execution ends (WaitTimeout past `timeout` seconds)."""

@@ -6,17 +6,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import time
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from runyard_client import manifests
 from runyard_client.cli import render
 from runyard_client.client import Runyard
 from runyard_client.config import write_profile
 from runyard_client.discovery import discover
-from runyard_client.errors import RunyardError
+from runyard_client.errors import ConnectionFailed, RunyardError, Unavailable
 from runyard_client.types import TERMINAL
 
 
@@ -153,7 +152,7 @@ def _final(args: argparse.Namespace, execution: dict[str, Any]) -> int:
 def _events(client: Runyard, execution_id: str) -> Any:
     """The execution's events; a dropped stream is resumed after the last line seen."""
     last: int | None = None
-    for _ in range(5):
+    for attempt in range(5):
         try:
             for event in client.executions.stream(execution_id, last_event_id=last):
                 if event["event"] == "log" and event.get("id"):
@@ -161,8 +160,9 @@ def _events(client: Runyard, execution_id: str) -> Any:
                 yield event
                 if event["event"] == "end":
                     return
-        except httpx.TransportError:
-            continue
+        except (ConnectionFailed, Unavailable):
+            # A restarting API, or one whose stream slots are all taken (503).
+            time.sleep(min(2**attempt * 0.5, 5))
     yield {"event": "end", "data": client.executions.wait(execution_id), "id": None}
 
 
@@ -261,8 +261,6 @@ def cmd_chains_ls(args: argparse.Namespace, client: Runyard) -> int:
 
 
 def cmd_chains_run(args: argparse.Namespace, client: Runyard) -> int:
-    import time
-
     execution = client.chains.run(args.chain, parse_input(args.input))
     if args.no_wait:
         return one(args, execution)
