@@ -15,6 +15,7 @@ blp = Blueprint("agents", __name__, url_prefix="/api/v1/agents", description="Ag
 
 @blp.route("")
 class Agents(MethodView):
+    @blp.doc(operationId="listAgents")
     @blp.arguments(AgentQuerySchema(), location="query")
     @blp.response(200, AgentSchema(many=True))
     @blp.paginate()
@@ -34,6 +35,7 @@ class Agents(MethodView):
         pagination_parameters.item_count = total
         return [services.describe(session, agent) for agent in items]
 
+    @blp.doc(operationId="createAgent")
     @blp.arguments(AgentCreateSchema())
     @blp.response(201, AgentSchema())
     @blp.alt_response(409, description="an agent of that name exists")
@@ -47,6 +49,7 @@ class Agents(MethodView):
 
 @blp.route("/<ref>")
 class AgentByRef(MethodView):
+    @blp.doc(operationId="getAgent")
     @blp.response(200, AgentSchema())
     @blp.alt_response(404, description="no such agent in your organization")
     def get(self, ref):
@@ -54,6 +57,7 @@ class AgentByRef(MethodView):
         session = request_session()
         return services.describe(session, services.resolve(session, current_principal(), ref))
 
+    @blp.doc(operationId="updateAgent")
     @blp.arguments(AgentPatchSchema())
     @blp.response(200, AgentSchema())
     @blp.alt_response(404, description="no such agent in your organization")
@@ -65,6 +69,7 @@ class AgentByRef(MethodView):
         session.commit()
         return services.describe(session, agent)
 
+    @blp.doc(operationId="archiveAgent")
     @blp.response(204)
     @blp.alt_response(404, description="no such agent in your organization")
     def delete(self, ref):
@@ -76,6 +81,7 @@ class AgentByRef(MethodView):
 
 @blp.route("/<ref>/versions")
 class AgentVersions(MethodView):
+    @blp.doc(operationId="listAgentVersions")
     @blp.response(200, AgentVersionSchema(many=True))
     @blp.alt_response(404, description="no such agent in your organization")
     @blp.paginate()
@@ -94,6 +100,7 @@ class AgentVersions(MethodView):
 
 @blp.route("/<ref>/versions/<version>")
 class AgentVersionByNumber(MethodView):
+    @blp.doc(operationId="getAgentVersion")
     @blp.response(200, AgentVersionSchema())
     @blp.alt_response(404, description="no such agent or version")
     def get(self, ref, version):

@@ -28,6 +28,7 @@ blp = Blueprint("chains", __name__, url_prefix="/api/v1", description="Chains an
 
 @blp.route("/chains")
 class Chains(MethodView):
+    @blp.doc(operationId="listChains")
     @blp.arguments(ChainQuerySchema(), location="query")
     @blp.response(200, ChainSchema(many=True))
     @blp.paginate()
@@ -44,6 +45,7 @@ class Chains(MethodView):
         pagination_parameters.item_count = total
         return [services.describe(session, chain) for chain in items]
 
+    @blp.doc(operationId="createChain")
     @blp.arguments(ChainCreateSchema())
     @blp.response(201, ChainSchema())
     @blp.alt_response(409, description="a chain of that name exists")
@@ -60,6 +62,7 @@ class Chains(MethodView):
 
 @blp.route("/chains/<ref>")
 class ChainByRef(MethodView):
+    @blp.doc(operationId="getChain")
     @blp.response(200, ChainSchema())
     @blp.alt_response(404, description="no such chain in your organization")
     def get(self, ref):
@@ -67,6 +70,7 @@ class ChainByRef(MethodView):
         session = request_session()
         return services.describe(session, services.resolve(session, current_principal(), ref))
 
+    @blp.doc(operationId="updateChain")
     @blp.arguments(ChainPatchSchema())
     @blp.response(200, ChainSchema())
     @blp.alt_response(404, description="no such chain in your organization")
@@ -78,6 +82,7 @@ class ChainByRef(MethodView):
         session.commit()
         return services.describe(session, chain)
 
+    @blp.doc(operationId="archiveChain")
     @blp.response(204)
     @blp.alt_response(404, description="no such chain in your organization")
     def delete(self, ref):
@@ -89,6 +94,7 @@ class ChainByRef(MethodView):
 
 @blp.route("/chains/<ref>/versions")
 class ChainVersions(MethodView):
+    @blp.doc(operationId="listChainVersions")
     @blp.response(200, ChainVersionSchema(many=True))
     @blp.alt_response(404, description="no such chain in your organization")
     @blp.paginate()
@@ -107,6 +113,7 @@ class ChainVersions(MethodView):
 
 @blp.route("/chains/<ref>/versions/<version>")
 class ChainVersionByNumber(MethodView):
+    @blp.doc(operationId="getChainVersion")
     @blp.response(200, ChainVersionSchema())
     @blp.alt_response(404, description="no such chain or version")
     def get(self, ref, version):
@@ -116,6 +123,7 @@ class ChainVersionByNumber(MethodView):
 
 @blp.route("/chains/<ref>/executions")
 class ChainSubmit(MethodView):
+    @blp.doc(operationId="submitChainExecution")
     @blp.arguments(ChainSubmitSchema())
     @blp.response(202, ChainExecutionSchema())
     @blp.alt_response(404, description="no such chain or version")
@@ -141,6 +149,7 @@ class ChainSubmit(MethodView):
 
 @blp.route("/chain-executions")
 class ChainExecutions(MethodView):
+    @blp.doc(operationId="listChainExecutions")
     @blp.arguments(ChainExecutionQuerySchema(), location="query")
     @blp.response(200, ChainExecutionSchema(many=True))
     @blp.alt_response(404, description="the `chain` filter names no chain of yours")
@@ -162,6 +171,7 @@ class ChainExecutions(MethodView):
 
 @blp.route("/chain-executions/<execution_id>")
 class ChainExecutionById(MethodView):
+    @blp.doc(operationId="getChainExecution")
     @blp.response(200, ChainExecutionSchema())
     @blp.alt_response(404, description="no such chain execution in your organization")
     def get(self, execution_id):
@@ -174,6 +184,7 @@ class ChainExecutionById(MethodView):
 
 @blp.route("/chain-executions/<execution_id>/cancel")
 class ChainCancel(MethodView):
+    @blp.doc(operationId="cancelChainExecution")
     @blp.response(202, ChainExecutionSchema())
     @blp.alt_response(404, description="no such chain execution in your organization")
     @blp.alt_response(409, description="the chain execution has finished")
@@ -187,6 +198,7 @@ class ChainCancel(MethodView):
 
 @blp.route("/chain-executions/<execution_id>/rerun")
 class ChainRerun(MethodView):
+    @blp.doc(operationId="rerunChainExecution")
     @blp.arguments(ChainRerunSchema())
     @blp.response(202, ChainExecutionSchema())
     @blp.alt_response(404, description="no such chain execution in your organization")
@@ -210,6 +222,7 @@ class ChainRerun(MethodView):
 
 @blp.route("/chain-executions/<execution_id>/events")
 class ChainEvents(MethodView):
+    @blp.doc(operationId="streamChainExecutionEvents")
     @blp.response(200, content_type="text/event-stream")
     @blp.doc(responses=stream_doc(["step", "compensation", "end"]))
     @blp.alt_response(404, description="no such chain execution in your organization")
