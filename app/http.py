@@ -109,11 +109,29 @@ class ErrorSchema(flask_smorest.error_handler.ErrorSchema):
 IDEMPOTENCY_PARAMETER = "IdempotencyKey"
 
 
+NULL_ONLY = {"type": "object", "nullable": True, "enum": [None]}
+
+
+def _nullable_nested_is_null(_converter, _field, ret, **_kwargs) -> dict:
+    """apispec writes a nullable nested schema (OpenAPI 3.0) as `anyOf: [{type: object,
+    nullable: true}, {$ref}]`, whose first branch lets any object through: make it null only."""
+    branches = ret.get("anyOf")
+    if not branches or {"type": "object", "nullable": True} not in branches:
+        return {}
+    return {
+        "anyOf": [
+            NULL_ONLY if branch == {"type": "object", "nullable": True} else branch
+            for branch in branches
+        ]
+    }
+
+
 class RunyardApi(Api):
     ERROR_SCHEMA = ErrorSchema
 
     def _init_spec(self, **kwargs):
         super()._init_spec(**kwargs)
+        self.ma_plugin.converter.add_attribute_function(_nullable_nested_is_null)
         self.spec.components.parameter(
             IDEMPOTENCY_PARAMETER,
             "header",

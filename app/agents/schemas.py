@@ -2,6 +2,8 @@
 
 from marshmallow import Schema, fields
 
+from app.openapi import item_rule, rule
+
 PATTERNS = (
     "local `$ref` only (remote ones are refused, never fetched). `pattern` and "
     "`patternProperties` run on RE2 (linear time, so no pattern can stall a request): "
@@ -75,25 +77,35 @@ RATE_LIMIT = (
 )
 
 
+RUNTIME = rule(
+    "agent",
+    "runtime",
+    description="one of: `{type: python, entrypoint: module:function}` (the module under a "
+    "prefix of RUNYARD_AGENT_MODULES), `{type: script, language: python, source}`, "
+    "`{type: command, argv, env, cwd}` (argv[0] listed in RUNYARD_ALLOWED_COMMANDS), "
+    "`{type: http, url, headers, timeout_seconds}` (the url's host public or listed in "
+    "RUNYARD_HTTP_ALLOW_HOSTS)",
+)
+
+
 class AgentDefinitionFields(Schema):
-    description = fields.String(allow_none=True)
-    runtime = fields.Dict(
-        metadata={
-            "description": "`{type: python, entrypoint: module:function}` or "
-            "`{type: script, language: python, source}` or "
-            "`{type: http, url, headers, timeout_seconds}`"
-        }
-    )
+    description = fields.String(allow_none=True, metadata=rule("agent", "description"))
+    runtime = fields.Dict(metadata=RUNTIME)
     input_schema = fields.Dict(metadata={"description": "JSON Schema Draft 2020-12; " + PATTERNS})
     output_schema = fields.Dict(metadata={"description": "JSON Schema Draft 2020-12; " + PATTERNS})
     timeout_seconds = fields.Integer(strict=True, metadata={"minimum": 1, "maximum": 86400})
-    retry = fields.Dict(metadata={"description": "`{max_retries, backoff_seconds, ...}`"})
-    limits = fields.Dict(
-        metadata={"description": "`{memory_mb, cpu_seconds, max_output_bytes, max_log_lines}`"}
+    retry = fields.Dict(metadata=rule("agent", "retry"))
+    limits = fields.Dict(metadata=rule("agent", "limits"))
+    queue = fields.String(
+        metadata=rule("agent", "queue", description="Celery queue its executions go to")
     )
-    queue = fields.String(metadata={"description": "Celery queue its executions go to"})
-    capabilities = fields.List(fields.String())
-    tags = fields.List(fields.String())
+    capabilities = fields.List(
+        fields.String(metadata=item_rule("agent", "capabilities")),
+        metadata=rule("agent", "capabilities"),
+    )
+    tags = fields.List(
+        fields.String(metadata=item_rule("agent", "tags")), metadata=rule("agent", "tags")
+    )
     config = fields.Dict(metadata={"description": "given to the agent as ctx.config"})
     concurrency = fields.Nested(
         ConcurrencySchema, allow_none=True, metadata={"description": CONCURRENCY}
@@ -105,13 +117,20 @@ class AgentDefinitionFields(Schema):
 
 class AgentCreateSchema(AgentDefinitionFields):
     name = fields.String(required=True, metadata={"pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"})
-    runtime = fields.Dict(required=True)
-    version = fields.String(metadata={"description": "first version, default 1.0.0"})
+    runtime = fields.Dict(required=True, metadata=RUNTIME)
+    version = fields.String(
+        metadata=rule("agent", "version", description="first version, default 1.0.0")
+    )
 
 
 class AgentPatchSchema(AgentDefinitionFields):
     version = fields.String(
-        metadata={"description": "number of the new version; default: next patch number"}
+        metadata=rule(
+            "agent",
+            "version",
+            description="number of the new version, above every existing one and only with "
+            "a versioned change; default: next patch number",
+        )
     )
 
 

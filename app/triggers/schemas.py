@@ -1,11 +1,11 @@
 from marshmallow import Schema, fields
 
-from app.schedules.schemas import NAME, TargetSchema
+from app.schedules.schemas import NAME, ONE_KIND, TargetSchema
 
 
 class TriggerCreateSchema(Schema):
     name = fields.String(required=True, validate=NAME)
-    target = fields.Nested(TargetSchema, required=True)
+    target = fields.Nested(TargetSchema, required=True, metadata=ONE_KIND)
     input = fields.Dict(
         load_default=dict,
         metadata={
@@ -18,7 +18,7 @@ class TriggerCreateSchema(Schema):
 class TriggerSchema(Schema):
     id = fields.UUID()
     name = fields.String()
-    target = fields.Nested(TargetSchema)
+    target = fields.Nested(TargetSchema, metadata=ONE_KIND)
     input = fields.Dict()
     url = fields.String(metadata={"description": "POST here; no token, a signature instead"})
     secret = fields.String(metadata={"description": "HMAC key; shown once, at creation"})
