@@ -81,10 +81,12 @@ RUNTIME = rule(
     "agent",
     "runtime",
     description="one of: `{type: python, entrypoint: module:function}` (the module under a "
-    "prefix of RUNYARD_AGENT_MODULES), `{type: script, language: python, source}`, "
+    "prefix of RUNYARD_AGENT_MODULES), `{type: script, language: python, source}` "
+    "(the source compiles), "
     "`{type: command, argv, env, cwd}` (argv[0] listed in RUNYARD_ALLOWED_COMMANDS), "
     "`{type: http, url, headers, timeout_seconds}` (the url's host public or listed in "
-    "RUNYARD_HTTP_ALLOW_HOSTS)",
+    "RUNYARD_HTTP_ALLOW_HOSTS; not the headers the runtime sets: Host, Content-Length, "
+    "Content-Type, Transfer-Encoding, Connection)",
 )
 
 
@@ -93,7 +95,14 @@ class AgentDefinitionFields(Schema):
     runtime = fields.Dict(metadata=RUNTIME)
     input_schema = fields.Dict(metadata={"description": "JSON Schema Draft 2020-12; " + PATTERNS})
     output_schema = fields.Dict(metadata={"description": "JSON Schema Draft 2020-12; " + PATTERNS})
-    timeout_seconds = fields.Integer(strict=True, metadata={"minimum": 1, "maximum": 86400})
+    timeout_seconds = fields.Integer(
+        strict=True,
+        metadata={
+            "minimum": 1,
+            "maximum": 86400,
+            "description": "at most this installation's RUNYARD_MAX_TIMEOUT_SECONDS",
+        },
+    )
     retry = fields.Dict(metadata=rule("agent", "retry"))
     limits = fields.Dict(metadata=rule("agent", "limits"))
     queue = fields.String(
