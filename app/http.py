@@ -138,7 +138,13 @@ class RunyardApi(Api):
             {
                 "name": idempotency.HEADER,
                 "required": False,
-                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                # Printable, as check_key wants; ASCII, as a header carries it unchanged.
+                "schema": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 255,
+                    "pattern": "^[!-~]([ -~]*[!-~])?$",
+                },
                 "description": "Send the request again with the same key (within 24 hours, "
                 "same body) and get the first answer again, with `Idempotency-Replayed: true`, "
                 "instead of doing it twice. The same key with another body: 422. While the "
