@@ -215,3 +215,20 @@ def test_what_the_document_allows_the_server_accepts(app, live_org):
     assert not failures, "\n\n".join(failures)
     assert set(ran) == {operation.label for operation in operations}
     print(f"positive data: {sum(ran.values())} cases over {len(ran)} operations")
+
+
+def test_patterns_from_the_definitions_mean_what_the_server_matches():
+    """`\\s` is spelled out as Python's (the server's), so an ECMA-262 client matches alike."""
+    from app.openapi import _document, rule
+
+    original = _document("agent")["$defs"]["http_runtime"]["properties"]["url"]["pattern"]
+    [http] = [
+        runtime
+        for runtime in rule("agent", "runtime")["oneOf"]
+        if runtime["properties"]["type"]["enum"] == ["http"]
+    ]
+    converted = http["properties"]["url"]["pattern"]
+    assert "\\s" not in converted and "\\S" not in converted
+    for code in [*range(0x3001), 0xFEFF]:
+        for url in (f"https://a{chr(code)}b/", f"https://a/b{chr(code)}c"):
+            assert bool(re.match(original, url)) == bool(re.match(converted, url)), hex(code)
