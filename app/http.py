@@ -112,18 +112,42 @@ class ErrorSchema(flask_smorest.error_handler.ErrorSchema):
 IDEMPOTENCY_PARAMETER = "IdempotencyKey"
 
 
+NULL_ONLY = {"type": "object", "nullable": True, "enum": [None]}
+
+
+def _nullable_nested_is_null(_converter, _field, ret, **_kwargs) -> dict:
+    """apispec writes a nullable nested schema (OpenAPI 3.0) as `anyOf: [{type: object,
+    nullable: true}, {$ref}]`, whose first branch lets any object through: make it null only."""
+    branches = ret.get("anyOf")
+    if not branches or {"type": "object", "nullable": True} not in branches:
+        return {}
+    return {
+        "anyOf": [
+            NULL_ONLY if branch == {"type": "object", "nullable": True} else branch
+            for branch in branches
+        ]
+    }
+
+
 class RunyardApi(Api):
     ERROR_SCHEMA = ErrorSchema
 
     def _init_spec(self, **kwargs):
         super()._init_spec(**kwargs)
+        self.ma_plugin.converter.add_attribute_function(_nullable_nested_is_null)
         self.spec.components.parameter(
             IDEMPOTENCY_PARAMETER,
             "header",
             {
                 "name": idempotency.HEADER,
                 "required": False,
-                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                # Printable, as check_key wants; ASCII, as a header carries it unchanged.
+                "schema": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 255,
+                    "pattern": "^[!-~]([ -~]*[!-~])?$",
+                },
                 "description": "Send the request again with the same key (within 24 hours, "
                 "same body) and get the first answer again, with `Idempotency-Replayed: true`, "
                 "instead of doing it twice. The same key with another body: 422. While the "

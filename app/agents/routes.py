@@ -19,6 +19,7 @@ blp = Blueprint("agents", __name__, url_prefix="/api/v1/agents", description="Ag
 
 @blp.route("")
 class Agents(MethodView):
+    @blp.doc(operationId="listAgents")
     @blp.arguments(AgentQuerySchema(), location="query")
     @blp.response(200, AgentSchema(many=True))
     @blp.paginate()
@@ -38,6 +39,7 @@ class Agents(MethodView):
         pagination_parameters.item_count = total
         return [services.describe(session, agent, principal.role) for agent in items]
 
+    @blp.doc(operationId="createAgent")
     @blp.arguments(AgentCreateSchema())
     @blp.response(201, AgentSchema())
     @blp.alt_response(409, description="an agent of that name exists")
@@ -51,6 +53,7 @@ class Agents(MethodView):
 
 @blp.route("/<ref>")
 class AgentByRef(MethodView):
+    @blp.doc(operationId="getAgent")
     @blp.response(200, AgentSchema())
     @blp.alt_response(404, description="no such agent in your organization")
     def get(self, ref):
@@ -59,6 +62,7 @@ class AgentByRef(MethodView):
         agent = services.resolve(session, principal, ref)
         return services.describe(session, agent, principal.role)
 
+    @blp.doc(operationId="updateAgent")
     @blp.arguments(AgentPatchSchema())
     @blp.response(200, AgentSchema())
     @blp.alt_response(404, description="no such agent in your organization")
@@ -75,6 +79,7 @@ class AgentByRef(MethodView):
         session.commit()
         return services.describe(session, agent, principal.role)
 
+    @blp.doc(operationId="archiveAgent")
     @blp.response(204)
     @blp.alt_response(404, description="no such agent in your organization")
     def delete(self, ref):
@@ -86,6 +91,7 @@ class AgentByRef(MethodView):
 
 @blp.route("/<ref>/versions")
 class AgentVersions(MethodView):
+    @blp.doc(operationId="listAgentVersions")
     @blp.response(200, AgentVersionSchema(many=True))
     @blp.alt_response(404, description="no such agent in your organization")
     @blp.paginate()
@@ -105,6 +111,7 @@ class AgentVersions(MethodView):
 
 @blp.route("/<ref>/versions/<version>")
 class AgentVersionByNumber(MethodView):
+    @blp.doc(operationId="getAgentVersion")
     @blp.response(200, AgentVersionSchema())
     @blp.alt_response(404, description="no such agent or version")
     def get(self, ref, version):
@@ -116,6 +123,7 @@ class AgentVersionByNumber(MethodView):
 
 @blp.route("/<ref>/rollback")
 class AgentRollback(MethodView):
+    @blp.doc(operationId="rollbackAgent")
     @blp.arguments(RollbackSchema())
     @blp.response(200, AgentSchema())
     @blp.alt_response(404, description="no such agent or version")
@@ -133,6 +141,7 @@ class AgentRollback(MethodView):
 
 @blp.route("/<ref>/versions/<version>/diff")
 class AgentVersionDiff(MethodView):
+    @blp.doc(operationId="diffAgentVersions")
     @blp.arguments(DiffQuerySchema(), location="query")
     @blp.response(200, VersionDiffSchema())
     @blp.alt_response(404, description="no such agent or version")

@@ -3,6 +3,7 @@
 from marshmallow import Schema, fields, validate
 
 from app.audit.schemas import created_by_field
+from app.openapi import item_rule, rule
 from app.versiondiff import BREAKING_RULES
 
 PATTERNS = (
@@ -99,27 +100,46 @@ CONFIG = (
 )
 
 
+RUNTIME = rule(
+    "agent",
+    "runtime",
+    description="one of: `{type: python, entrypoint: module:function}` (the module under a "
+    "prefix of RUNYARD_AGENT_MODULES), `{type: script, language: python, source}` "
+    "(the source compiles), "
+    "`{type: command, argv, env, cwd}` (argv[0] listed in RUNYARD_ALLOWED_COMMANDS), "
+    "`{type: http, url, headers, timeout_seconds}` (the url's host public or listed in "
+    "RUNYARD_HTTP_ALLOW_HOSTS; not the headers the runtime sets: Host, Content-Length, "
+    "Content-Type, Transfer-Encoding, Connection). A command's `env` values and an http "
+    'runtime\'s `headers` values may be `{"$secret": "<name>"}` (see `config`); literal header '
+    'values are shown as `"***"` to operator and viewer',
+)
+
+
 class AgentDefinitionFields(Schema):
-    description = fields.String(allow_none=True)
-    runtime = fields.Dict(
-        metadata={
-            "description": "`{type: python, entrypoint: module:function}` or "
-            "`{type: script, language: python, source}` or "
-            "`{type: http, url, headers, timeout_seconds}`. A command's `env` values and an "
-            'http runtime\'s `headers` values may be `{"$secret": "<name>"}` (see '
-            '`config`); literal header values are shown as `"***"` to operator and viewer'
-        }
-    )
+    description = fields.String(allow_none=True, metadata=rule("agent", "description"))
+    runtime = fields.Dict(metadata=RUNTIME)
     input_schema = fields.Dict(metadata={"description": "JSON Schema Draft 2020-12; " + PATTERNS})
     output_schema = fields.Dict(metadata={"description": "JSON Schema Draft 2020-12; " + PATTERNS})
-    timeout_seconds = fields.Integer(strict=True, metadata={"minimum": 1, "maximum": 86400})
-    retry = fields.Dict(metadata={"description": "`{max_retries, backoff_seconds, ...}`"})
-    limits = fields.Dict(
-        metadata={"description": "`{memory_mb, cpu_seconds, max_output_bytes, max_log_lines}`"}
+    timeout_seconds = fields.Integer(
+        strict=True,
+        metadata={
+            "minimum": 1,
+            "maximum": 86400,
+            "description": "at most this installation's RUNYARD_MAX_TIMEOUT_SECONDS",
+        },
     )
-    queue = fields.String(metadata={"description": "Celery queue its executions go to"})
-    capabilities = fields.List(fields.String())
-    tags = fields.List(fields.String())
+    retry = fields.Dict(metadata=rule("agent", "retry"))
+    limits = fields.Dict(metadata=rule("agent", "limits"))
+    queue = fields.String(
+        metadata=rule("agent", "queue", description="Celery queue its executions go to")
+    )
+    capabilities = fields.List(
+        fields.String(metadata=item_rule("agent", "capabilities")),
+        metadata=rule("agent", "capabilities"),
+    )
+    tags = fields.List(
+        fields.String(metadata=item_rule("agent", "tags")), metadata=rule("agent", "tags")
+    )
     config = fields.Dict(metadata={"description": CONFIG})
     concurrency = fields.Nested(
         ConcurrencySchema, allow_none=True, metadata={"description": CONCURRENCY}
@@ -131,13 +151,20 @@ class AgentDefinitionFields(Schema):
 
 class AgentCreateSchema(AgentDefinitionFields):
     name = fields.String(required=True, metadata={"pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"})
-    runtime = fields.Dict(required=True)
-    version = fields.String(metadata={"description": "first version, default 1.0.0"})
+    runtime = fields.Dict(required=True, metadata=RUNTIME)
+    version = fields.String(
+        metadata=rule("agent", "version", description="first version, default 1.0.0")
+    )
 
 
 class AgentPatchSchema(AgentDefinitionFields):
     version = fields.String(
-        metadata={"description": "number of the new version; default: next patch number"}
+        metadata=rule(
+            "agent",
+            "version",
+            description="number of the new version, above every existing one and only with "
+            "a versioned change; default: next patch number",
+        )
     )
     changelog = changelog_field()
     force = fields.Boolean(

@@ -9,6 +9,7 @@ blp = Blueprint("audit", __name__, url_prefix="/api/v1", description="The audit 
 
 @blp.route("/audit")
 class Audit(MethodView):
+    @blp.doc(operationId="listAuditEvents")
     @blp.arguments(AuditQuerySchema(), location="query")
     @blp.response(200, AuditEventSchema(many=True))
     @blp.alt_response(403, description="only an admin reads the audit trail")

@@ -318,6 +318,8 @@ def list_events(
     if until is not None:
         query = query.where(AuditEvent.at < until)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    if offset >= total:  # also a page past PostgreSQL's bigint OFFSET: no rows, no query
+        return [], total
     rows = session.execute(query.order_by(AuditEvent.seq.desc()).offset(offset).limit(limit))
     return [{**json.loads(body), "hash": hashed} for body, hashed in rows], total
 

@@ -29,6 +29,7 @@ blp = Blueprint("chains", __name__, url_prefix="/api/v1", description="Chains an
 
 @blp.route("/chains")
 class Chains(MethodView):
+    @blp.doc(operationId="listChains")
     @blp.arguments(ChainQuerySchema(), location="query")
     @blp.response(200, ChainSchema(many=True))
     @blp.paginate()
@@ -45,6 +46,7 @@ class Chains(MethodView):
         pagination_parameters.item_count = total
         return [services.describe(session, chain) for chain in items]
 
+    @blp.doc(operationId="createChain")
     @blp.arguments(ChainCreateSchema())
     @blp.response(201, ChainSchema())
     @blp.alt_response(409, description="a chain of that name exists")
@@ -61,6 +63,7 @@ class Chains(MethodView):
 
 @blp.route("/chains/<ref>")
 class ChainByRef(MethodView):
+    @blp.doc(operationId="getChain")
     @blp.response(200, ChainSchema())
     @blp.alt_response(404, description="no such chain in your organization")
     def get(self, ref):
@@ -68,6 +71,7 @@ class ChainByRef(MethodView):
         session = request_session()
         return services.describe(session, services.resolve(session, current_principal(), ref))
 
+    @blp.doc(operationId="updateChain")
     @blp.arguments(ChainPatchSchema())
     @blp.response(200, ChainSchema())
     @blp.alt_response(404, description="no such chain in your organization")
@@ -80,6 +84,7 @@ class ChainByRef(MethodView):
         session.commit()
         return services.describe(session, chain)
 
+    @blp.doc(operationId="archiveChain")
     @blp.response(204)
     @blp.alt_response(404, description="no such chain in your organization")
     def delete(self, ref):
@@ -91,6 +96,7 @@ class ChainByRef(MethodView):
 
 @blp.route("/chains/<ref>/versions")
 class ChainVersions(MethodView):
+    @blp.doc(operationId="listChainVersions")
     @blp.response(200, ChainVersionSchema(many=True))
     @blp.alt_response(404, description="no such chain in your organization")
     @blp.paginate()
@@ -109,6 +115,7 @@ class ChainVersions(MethodView):
 
 @blp.route("/chains/<ref>/versions/<version>")
 class ChainVersionByNumber(MethodView):
+    @blp.doc(operationId="getChainVersion")
     @blp.response(200, ChainVersionSchema())
     @blp.alt_response(404, description="no such chain or version")
     def get(self, ref, version):
@@ -118,6 +125,7 @@ class ChainVersionByNumber(MethodView):
 
 @blp.route("/chains/<ref>/rollback")
 class ChainRollback(MethodView):
+    @blp.doc(operationId="rollbackChain")
     @blp.arguments(RollbackSchema())
     @blp.response(200, ChainSchema())
     @blp.alt_response(404, description="no such chain or version")
@@ -135,6 +143,7 @@ class ChainRollback(MethodView):
 
 @blp.route("/chains/<ref>/versions/<version>/diff")
 class ChainVersionDiff(MethodView):
+    @blp.doc(operationId="diffChainVersions")
     @blp.arguments(DiffQuerySchema(), location="query")
     @blp.response(200, VersionDiffSchema())
     @blp.alt_response(404, description="no such chain or version")
@@ -151,6 +160,7 @@ class ChainVersionDiff(MethodView):
 
 @blp.route("/chains/<ref>/executions")
 class ChainSubmit(MethodView):
+    @blp.doc(operationId="submitChainExecution")
     @blp.arguments(ChainSubmitSchema())
     @blp.response(202, ChainExecutionSchema())
     @blp.alt_response(404, description="no such chain or version")
@@ -176,6 +186,7 @@ class ChainSubmit(MethodView):
 
 @blp.route("/chain-executions")
 class ChainExecutions(MethodView):
+    @blp.doc(operationId="listChainExecutions")
     @blp.arguments(ChainExecutionQuerySchema(), location="query")
     @blp.response(200, ChainExecutionSchema(many=True))
     @blp.alt_response(404, description="the `chain` filter names no chain of yours")
@@ -197,6 +208,7 @@ class ChainExecutions(MethodView):
 
 @blp.route("/chain-executions/<execution_id>")
 class ChainExecutionById(MethodView):
+    @blp.doc(operationId="getChainExecution")
     @blp.response(200, ChainExecutionSchema())
     @blp.alt_response(404, description="no such chain execution in your organization")
     def get(self, execution_id):
@@ -209,6 +221,7 @@ class ChainExecutionById(MethodView):
 
 @blp.route("/chain-executions/<execution_id>/cancel")
 class ChainCancel(MethodView):
+    @blp.doc(operationId="cancelChainExecution")
     @blp.response(202, ChainExecutionSchema())
     @blp.alt_response(404, description="no such chain execution in your organization")
     @blp.alt_response(409, description="the chain execution has finished")
@@ -222,6 +235,7 @@ class ChainCancel(MethodView):
 
 @blp.route("/chain-executions/<execution_id>/rerun")
 class ChainRerun(MethodView):
+    @blp.doc(operationId="rerunChainExecution")
     @blp.arguments(ChainRerunSchema())
     @blp.response(202, ChainExecutionSchema())
     @blp.alt_response(404, description="no such chain execution in your organization")
@@ -245,6 +259,7 @@ class ChainRerun(MethodView):
 
 @blp.route("/chain-executions/<execution_id>/events")
 class ChainEvents(MethodView):
+    @blp.doc(operationId="streamChainExecutionEvents")
     @blp.response(200, content_type="text/event-stream")
     @blp.doc(responses=stream_doc(["step", "compensation", "end"]))
     @blp.alt_response(404, description="no such chain execution in your organization")

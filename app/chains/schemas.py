@@ -6,20 +6,22 @@ from app.agents.schemas import PATTERNS, changelog_field
 from app.audit.schemas import created_by_field
 from app.chains.models import CHAIN_STATUSES
 from app.executions.schemas import ErrorInfoSchema, priority_field
+from app.openapi import item_rule, rule
+
+STEPS = rule(
+    "chain",
+    "steps",
+    description="`{name, agent, version?, input?, compensate?}` or `{name, parallel: [steps]}`",
+)
+STEP = item_rule("chain", "steps")
 
 
 class ChainDefinitionFields(Schema):
-    description = fields.String(allow_none=True)
+    description = fields.String(allow_none=True, metadata=rule("chain", "description"))
     input_schema = fields.Dict(
         metadata={"description": "JSON Schema Draft 2020-12 of the chain's input; " + PATTERNS}
     )
-    steps = fields.List(
-        fields.Dict(),
-        metadata={
-            "description": "`{name, agent, version?, input?, compensate?}` or "
-            "`{name, parallel: [steps]}`; see schemas/chain.json"
-        },
-    )
+    steps = fields.List(fields.Dict(metadata=STEP), metadata=STEPS)
     on_failure = fields.String(
         validate=validate.OneOf(["stop", "continue"]),
         metadata={
@@ -33,13 +35,20 @@ class ChainDefinitionFields(Schema):
 
 class ChainCreateSchema(ChainDefinitionFields):
     name = fields.String(required=True, metadata={"pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"})
-    steps = fields.List(fields.Dict(), required=True)
-    version = fields.String(metadata={"description": "first version, default 1.0.0"})
+    steps = fields.List(fields.Dict(metadata=STEP), required=True, metadata=STEPS)
+    version = fields.String(
+        metadata=rule("chain", "version", description="first version, default 1.0.0")
+    )
 
 
 class ChainPatchSchema(ChainDefinitionFields):
     version = fields.String(
-        metadata={"description": "number of the new version; default: next patch number"}
+        metadata=rule(
+            "chain",
+            "version",
+            description="number of the new version, above every existing one and only with "
+            "a versioned change; default: next patch number",
+        )
     )
     changelog = changelog_field()
 

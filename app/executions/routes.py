@@ -37,6 +37,7 @@ def _traceparent() -> str | None:
 
 @blp.route("/agents/<ref>/executions")
 class Submit(MethodView):
+    @blp.doc(operationId="submitExecution")
     @blp.arguments(SubmitSchema())
     @blp.response(202, ExecutionSchema())
     @blp.alt_response(404, description="no such agent or version")
@@ -65,6 +66,7 @@ class Submit(MethodView):
 
 @blp.route("/agents/<ref>/executions/batch")
 class SubmitBatch(MethodView):
+    @blp.doc(operationId="submitExecutionBatch")
     @blp.arguments(BatchSubmitSchema())
     @blp.response(202, BatchSchema())
     @blp.alt_response(404, description="no such agent or version")
@@ -96,6 +98,7 @@ class SubmitBatch(MethodView):
 
 @blp.route("/executions")
 class Executions(MethodView):
+    @blp.doc(operationId="listExecutions")
     @blp.arguments(ExecutionQuerySchema(), location="query")
     @blp.response(200, ExecutionSchema(many=True))
     @blp.paginate()
@@ -118,6 +121,7 @@ class Executions(MethodView):
 
 @blp.route("/executions/<execution_id>")
 class ExecutionById(MethodView):
+    @blp.doc(operationId="getExecution")
     @blp.response(200, ExecutionSchema())
     @blp.alt_response(404, description="no such execution in your organization")
     def get(self, execution_id):
@@ -127,6 +131,7 @@ class ExecutionById(MethodView):
 
 @blp.route("/executions/<execution_id>/cancel")
 class Cancel(MethodView):
+    @blp.doc(operationId="cancelExecution")
     @blp.response(202, ExecutionSchema())
     @blp.alt_response(404, description="no such execution in your organization")
     @blp.alt_response(409, description="the execution has finished")
@@ -144,6 +149,7 @@ class Cancel(MethodView):
 
 @blp.route("/executions/<execution_id>/attempts")
 class Attempts(MethodView):
+    @blp.doc(operationId="listExecutionAttempts")
     @blp.response(200, AttemptSchema(many=True))
     @blp.alt_response(404, description="no such execution in your organization")
     def get(self, execution_id):
@@ -153,6 +159,7 @@ class Attempts(MethodView):
 
 @blp.route("/executions/<execution_id>/logs")
 class Logs(MethodView):
+    @blp.doc(operationId="listExecutionLogs")
     @blp.arguments(LogQuerySchema(), location="query")
     @blp.response(200, LogLineSchema(many=True))
     @blp.alt_response(
@@ -203,6 +210,7 @@ class Logs(MethodView):
 
 @blp.route("/logs")
 class LogSearch(MethodView):
+    @blp.doc(operationId="searchLogs")
     @blp.arguments(LogSearchQuerySchema(), location="query")
     @blp.response(200, LogSearchLineSchema(many=True))
     @blp.paginate()
@@ -225,6 +233,7 @@ class LogSearch(MethodView):
 
 @blp.route("/executions/<execution_id>/rerun")
 class Rerun(MethodView):
+    @blp.doc(operationId="rerunExecution")
     @blp.arguments(RerunSchema())
     @blp.response(202, ExecutionSchema())
     @blp.alt_response(
@@ -254,6 +263,7 @@ class Rerun(MethodView):
 
 @blp.route("/executions/rerun")
 class BulkRerun(MethodView):
+    @blp.doc(operationId="rerunExecutions")
     @blp.arguments(BulkRerunSchema())
     @blp.response(202, BulkRerunResultSchema())
     @blp.alt_response(200, schema=BulkRerunResultSchema(), description="a dry run: the count")
@@ -288,6 +298,7 @@ class BulkRerun(MethodView):
 
 @blp.route("/executions/<execution_id>/events")
 class Events(MethodView):
+    @blp.doc(operationId="streamExecutionEvents")
     @blp.arguments(EventStreamHeadersSchema(), location="headers")
     @blp.response(200, content_type="text/event-stream")
     @blp.doc(responses=events.stream_doc(["log", "status", "end"]))

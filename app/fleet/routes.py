@@ -9,6 +9,7 @@ blp = Blueprint("fleet", __name__, url_prefix="/api/v1", description="Workers")
 
 @blp.route("/workers")
 class Workers(MethodView):
+    @blp.doc(operationId="listWorkers")
     @blp.response(200, WorkerSchema(many=True))
     @blp.alt_response(503, description="the broker cannot be reached")
     @blp.paginate()

@@ -9,6 +9,7 @@ blp = Blueprint("flow", __name__, url_prefix="/api/v1", description="Limits and 
 
 @blp.route("/usage")
 class Usage(MethodView):
+    @blp.doc(operationId="getUsage")
     @blp.response(200, UsageSchema())
     def get(self):
         """The organization's limits, what it uses of them, and its queues

@@ -26,6 +26,7 @@ FORBIDDEN = "the token's role is not admin or developer"
 
 @blp.route("")
 class Notifications(MethodView):
+    @blp.doc(operationId="listNotifications")
     @blp.response(200, NotificationSchema(many=True))
     @blp.alt_response(403, description=FORBIDDEN)
     @blp.paginate()
@@ -40,6 +41,7 @@ class Notifications(MethodView):
         pagination_parameters.item_count = total
         return [services.present(item) for item in items]
 
+    @blp.doc(operationId="createNotification")
     @blp.arguments(NotificationCreateSchema())
     @blp.response(201, NotificationSchema())
     @blp.alt_response(403, description=FORBIDDEN)
@@ -65,6 +67,7 @@ class Notifications(MethodView):
 
 @blp.route("/<notification_id>")
 class NotificationById(MethodView):
+    @blp.doc(operationId="getNotification")
     @blp.response(200, NotificationSchema())
     @blp.alt_response(403, description=FORBIDDEN)
     @blp.alt_response(404, description=NOT_FOUND)
@@ -74,6 +77,7 @@ class NotificationById(MethodView):
             services.get(request_session(), current_principal(), notification_id)
         )
 
+    @blp.doc(operationId="updateNotification")
     @blp.arguments(NotificationPatchSchema())
     @blp.response(200, NotificationSchema())
     @blp.alt_response(403, description=FORBIDDEN)
@@ -87,6 +91,7 @@ class NotificationById(MethodView):
         session.commit()
         return services.present(notification)
 
+    @blp.doc(operationId="deleteNotification")
     @blp.response(204)
     @blp.alt_response(403, description=FORBIDDEN)
     @blp.alt_response(404, description=NOT_FOUND)
@@ -99,6 +104,7 @@ class NotificationById(MethodView):
 
 @blp.route("/<notification_id>/deliveries")
 class Deliveries(MethodView):
+    @blp.doc(operationId="listNotificationDeliveries")
     @blp.response(200, NotificationDeliverySchema(many=True))
     @blp.alt_response(403, description=FORBIDDEN)
     @blp.alt_response(404, description=NOT_FOUND)
@@ -118,6 +124,7 @@ class Deliveries(MethodView):
 
 @blp.route("/<notification_id>/deliveries/<event_id>/redeliver")
 class Redeliver(MethodView):
+    @blp.doc(operationId="redeliverNotificationEvent")
     @blp.response(202, RedeliverSchema())
     @blp.alt_response(403, description=FORBIDDEN)
     @blp.alt_response(404, description="no such notification or event in your organization")

@@ -14,7 +14,10 @@ URL = fields.String(
     validate=validate.Length(max=2048),
     metadata={
         "description": "http(s) URL the events are POSTed to; its host must pass the http "
-        "runtime's address guard (public addresses, or hosts in RUNYARD_HTTP_ALLOW_HOSTS)"
+        "runtime's address guard (public addresses, or hosts in RUNYARD_HTTP_ALLOW_HOSTS)",
+        # http(s), then an RFC 3986 host name or IPv4 address, with user and port optional.
+        "pattern": r"^[Hh][Tt][Tt][Pp][Ss]?://([A-Za-z0-9._~%!$&'()*+,;=:-]*@)?"
+        r"[A-Za-z0-9._~%!$&'()*+,;=-]+(:[0-9]{1,4})?([/?#]\S*)?$",
     },
 )
 

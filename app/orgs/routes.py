@@ -8,6 +8,7 @@ blp = Blueprint("orgs", __name__, url_prefix="/api/v1", description="The caller"
 
 @blp.route("/me")
 class Me(MethodView):
+    @blp.doc(operationId="getMe")
     @blp.response(200, MeSchema())
     def get(self):
         """Who the token belongs to: its organization and role"""

@@ -16,6 +16,7 @@ blp = Blueprint("schedules", __name__, url_prefix="/api/v1/schedules", descripti
 
 @blp.route("")
 class Schedules(MethodView):
+    @blp.doc(operationId="listSchedules")
     @blp.response(200, ScheduleSchema(many=True))
     @blp.paginate()
     def get(self, pagination_parameters):
@@ -29,6 +30,7 @@ class Schedules(MethodView):
         pagination_parameters.item_count = total
         return [services.present(item) for item in items]
 
+    @blp.doc(operationId="createSchedule")
     @blp.arguments(ScheduleCreateSchema())
     @blp.response(201, ScheduleSchema())
     @blp.alt_response(409, description="a schedule of that name exists")
@@ -43,12 +45,14 @@ class Schedules(MethodView):
 
 @blp.route("/<ref>")
 class ScheduleByRef(MethodView):
+    @blp.doc(operationId="getSchedule")
     @blp.response(200, ScheduleSchema())
     @blp.alt_response(404, description="no such schedule in your organization")
     def get(self, ref):
         """Read a schedule by id or name"""
         return services.present(services.get(request_session(), current_principal(), ref))
 
+    @blp.doc(operationId="updateSchedule")
     @blp.arguments(SchedulePatchSchema())
     @blp.response(200, ScheduleSchema())
     @blp.alt_response(404, description="no such schedule in your organization")
@@ -60,6 +64,7 @@ class ScheduleByRef(MethodView):
         session.commit()
         return services.present(schedule)
 
+    @blp.doc(operationId="deleteSchedule")
     @blp.response(204)
     @blp.alt_response(404, description="no such schedule in your organization")
     def delete(self, ref):
@@ -71,6 +76,7 @@ class ScheduleByRef(MethodView):
 
 @blp.route("/<ref>/pause")
 class Pause(MethodView):
+    @blp.doc(operationId="pauseSchedule")
     @blp.response(200, ScheduleSchema())
     @blp.alt_response(404, description="no such schedule in your organization")
     def post(self, ref):
@@ -83,6 +89,7 @@ class Pause(MethodView):
 
 @blp.route("/<ref>/resume")
 class Resume(MethodView):
+    @blp.doc(operationId="resumeSchedule")
     @blp.response(200, ScheduleSchema())
     @blp.alt_response(404, description="no such schedule in your organization")
     def post(self, ref):
@@ -95,6 +102,7 @@ class Resume(MethodView):
 
 @blp.route("/<ref>/trigger")
 class Trigger(MethodView):
+    @blp.doc(operationId="triggerSchedule")
     @blp.response(202, FireSchema())
     @blp.alt_response(404, description="no such schedule in your organization")
     @blp.alt_response(
@@ -118,6 +126,7 @@ class Trigger(MethodView):
 
 @blp.route("/<ref>/history")
 class History(MethodView):
+    @blp.doc(operationId="listScheduleHistory")
     @blp.response(200, FireSchema(many=True))
     @blp.alt_response(404, description="no such schedule in your organization")
     @blp.paginate()

@@ -8,6 +8,10 @@ from app.schedules.models import CATCHUP, FIRE_KINDS, FIRE_STATUSES, OVERLAP
 NAME = validate.Regexp(r"^[a-z0-9][a-z0-9_-]{0,62}$", error="lowercase letters, digits, - and _")
 
 
+# What TargetSchema.one_kind checks, for the OpenAPI document (on each field that nests it).
+ONE_KIND = {"oneOf": [{"required": ["agent"]}, {"required": ["chain"]}]}
+
+
 class TargetSchema(Schema):
     agent = fields.String(metadata={"description": "agent name"})
     chain = fields.String(
@@ -24,7 +28,7 @@ class TargetSchema(Schema):
 
 
 class ScheduleFields(Schema):
-    target = fields.Nested(TargetSchema)
+    target = fields.Nested(TargetSchema, metadata=ONE_KIND)
     cron = fields.String(
         metadata={"description": "5 fields, or 6 with seconds first: `0 2 * * *`, `*/5 * * * * *`"}
     )
@@ -56,7 +60,7 @@ class ScheduleFields(Schema):
 
 class ScheduleCreateSchema(ScheduleFields):
     name = fields.String(required=True, validate=NAME)
-    target = fields.Nested(TargetSchema, required=True)
+    target = fields.Nested(TargetSchema, required=True, metadata=ONE_KIND)
     cron = fields.String(required=True)
     timezone = fields.String(load_default="UTC")
     input = fields.Dict(load_default=dict)

@@ -22,6 +22,7 @@ NAME_PARAMETER = {
 
 @blp.route("")
 class Secrets(MethodView):
+    @blp.doc(operationId="listSecrets")
     @blp.response(200, SecretSchema(many=True))
     @blp.paginate()
     def get(self, pagination_parameters):
@@ -38,6 +39,7 @@ class Secrets(MethodView):
 
 @blp.route("/<name>")
 class SecretByName(MethodView):
+    @blp.doc(operationId="putSecret")
     @blp.arguments(SecretPutSchema())
     @blp.response(200, SecretSchema())
     @blp.alt_response(403, description="the role may not set secrets (admin, developer may)")
@@ -51,6 +53,7 @@ class SecretByName(MethodView):
         session.commit()
         return body
 
+    @blp.doc(operationId="deleteSecret")
     @blp.response(204)
     @blp.alt_response(403, description="the role may not delete secrets (admin, developer may)")
     @blp.alt_response(404, description="no such secret in your organization")

@@ -11,6 +11,7 @@ blp = Blueprint(
 
 @blp.route("/<ref>/stats")
 class AgentStats(MethodView):
+    @blp.doc(operationId="getAgentStats")
     @blp.arguments(StatsQuerySchema(), location="query")
     @blp.response(200, AgentStatsSchema())
     @blp.alt_response(404, description="no such agent in your organization")

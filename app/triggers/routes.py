@@ -18,6 +18,7 @@ hooks = Blueprint(
 
 @blp.route("")
 class Triggers(MethodView):
+    @blp.doc(operationId="listTriggers")
     @blp.response(200, TriggerSchema(many=True))
     @blp.paginate()
     def get(self, pagination_parameters):
@@ -31,6 +32,7 @@ class Triggers(MethodView):
         pagination_parameters.item_count = total
         return [services.present(item) for item in items]
 
+    @blp.doc(operationId="createTrigger")
     @blp.arguments(TriggerCreateSchema())
     @blp.response(201, TriggerSchema())
     @blp.alt_response(409, description="a trigger of that name exists")
@@ -46,12 +48,14 @@ class Triggers(MethodView):
 
 @blp.route("/<ref>")
 class TriggerByRef(MethodView):
+    @blp.doc(operationId="getTrigger")
     @blp.response(200, TriggerSchema())
     @blp.alt_response(404, description="no such trigger in your organization")
     def get(self, ref):
         """Read a trigger by id or name (without its secret)"""
         return services.present(services.get(request_session(), current_principal(), ref))
 
+    @blp.doc(operationId="deleteTrigger")
     @blp.response(204)
     @blp.alt_response(404, description="no such trigger in your organization")
     def delete(self, ref):
@@ -63,6 +67,7 @@ class TriggerByRef(MethodView):
 
 @hooks.route("/<trigger_id>")
 class Hook(MethodView):
+    @hooks.doc(operationId="deliverHook")
     @hooks.response(202, DeliverySchema())
     @hooks.alt_response(400, description="the body is not JSON")
     @hooks.alt_response(401, description="bad or missing signature, stale timestamp, or a replay")

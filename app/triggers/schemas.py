@@ -1,12 +1,12 @@
 from marshmallow import Schema, fields
 
 from app.audit.schemas import created_by_field
-from app.schedules.schemas import NAME, TargetSchema
+from app.schedules.schemas import NAME, ONE_KIND, TargetSchema
 
 
 class TriggerCreateSchema(Schema):
     name = fields.String(required=True, validate=NAME)
-    target = fields.Nested(TargetSchema, required=True)
+    target = fields.Nested(TargetSchema, required=True, metadata=ONE_KIND)
     input = fields.Dict(
         load_default=dict,
         metadata={
@@ -19,7 +19,7 @@ class TriggerCreateSchema(Schema):
 class TriggerSchema(Schema):
     id = fields.UUID()
     name = fields.String()
-    target = fields.Nested(TargetSchema)
+    target = fields.Nested(TargetSchema, metadata=ONE_KIND)
     input = fields.Dict()
     url = fields.String(metadata={"description": "POST here; no token, a signature instead"})
     secret = fields.String(metadata={"description": "HMAC key; shown once, at creation"})
