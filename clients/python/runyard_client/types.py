@@ -12,7 +12,7 @@ TERMINAL = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
 class ErrorInfo(TypedDict, total=False):
     type: str
     message: str
-    hint: str | None
+    hint: str
 
 
 class Progress(TypedDict, total=False):
@@ -43,12 +43,20 @@ class Agent(TypedDict, total=False):
     archived_at: str | None
 
 
+class CreatedBy(TypedDict):
+    """The token that made a row (null for what Runyard made itself)."""
+
+    token_id: str
+    token_name: str
+
+
 class Execution(TypedDict, total=False):
     id: str
     agent_id: str
     agent_name: str
     agent_version: str
     status: Status
+    priority: int
     input: dict[str, Any]
     output: dict[str, Any] | None
     error: ErrorInfo | None
@@ -62,6 +70,8 @@ class Execution(TypedDict, total=False):
     finished_at: str | None
     duration_ms: int | None
     resource_usage: dict[str, Any] | None
+    traceparent: str | None
+    created_by: CreatedBy | None
 
 
 class LogLine(TypedDict, total=False):
@@ -70,6 +80,7 @@ class LogLine(TypedDict, total=False):
     level: str
     message: str
     fields: dict[str, Any]
+    attempt: int
 
 
 class Event(TypedDict):
@@ -83,20 +94,34 @@ class Event(TypedDict):
 class Chain(TypedDict, total=False):
     id: str
     name: str
-    current_version: str
+    description: str | None
+    input_schema: dict[str, Any]
     steps: list[dict[str, Any]]
+    on_failure: str
+    current_version: str
     created_at: str
+    updated_at: str
+    archived_at: str | None
 
 
 class ChainExecution(TypedDict, total=False):
     id: str
     chain_id: str
+    chain_name: str
     chain_version: str
     status: str
+    priority: int
     input: dict[str, Any]
     output: dict[str, Any] | None
     error: ErrorInfo | None
+    rerun_of: str | None
     steps: list[dict[str, Any]]
+    compensations: list[dict[str, Any]]
+    queued_at: str
+    started_at: str | None
+    finished_at: str | None
+    duration_ms: int | None
+    created_by: CreatedBy | None
 
 
 class Schedule(TypedDict, total=False):
@@ -105,14 +130,28 @@ class Schedule(TypedDict, total=False):
     target: dict[str, Any]
     cron: str
     timezone: str
+    input: dict[str, Any]
     enabled: bool
+    overlap: str
+    catchup: str
+    catchup_window_seconds: int
+    pause_after_failures: int
+    consecutive_failures: int
     next_fire_at: str | None
+    last_fire_at: str | None
+    last_execution_id: str | None
+    paused_reason: str | None
+    created_at: str
+    updated_at: str
+    created_by: CreatedBy | None
 
 
 class ScheduleFire(TypedDict, total=False):
     fire_time: str
-    fired_at: str | None
+    fired_at: str
+    kind: str
     status: str
+    execution_status: str | None
     execution_id: str | None
     chain_execution_id: str | None
     skipped_reason: str | None
