@@ -1,6 +1,8 @@
 """Request and response bodies. The definition's deeper rules live in schemas/agent.json."""
 
-from marshmallow import Schema, fields
+from marshmallow import Schema, fields, validate
+
+from app.agents.models import VISIBILITIES
 
 PATTERNS = (
     "local `$ref` only (remote ones are refused, never fetched). `pattern` and "
@@ -101,6 +103,15 @@ class AgentDefinitionFields(Schema):
     rate_limit = fields.Nested(
         RateLimitSchema, allow_none=True, metadata={"description": RATE_LIMIT}
     )
+    visibility = fields.String(
+        validate=validate.OneOf(VISIBILITIES),
+        metadata={
+            "description": "`private` (the default): your organization's alone. `public`: "
+            "listed in GET /api/v1/catalog and runnable by every organization (POST "
+            "/api/v1/catalog/{org}/{agent}/executions), each run the caller's own; only an "
+            "admin makes an agent public (403 otherwise). Not versioned: changes in place"
+        },
+    )
 
 
 class AgentCreateSchema(AgentDefinitionFields):
@@ -122,6 +133,13 @@ class AgentSchema(AgentDefinitionFields):
     created_at = fields.DateTime()
     updated_at = fields.DateTime()
     archived_at = fields.DateTime(allow_none=True)
+    catalog_runs = fields.Integer(
+        metadata={
+            "description": "executions other organizations started through the catalog, "
+            "counted as they were submitted (their inputs and outputs are theirs: you never "
+            "see them)"
+        }
+    )
 
 
 class AgentVersionSchema(Schema):

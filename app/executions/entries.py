@@ -79,20 +79,44 @@ WAITING_FOR_SQL = """CASE
             ) > %(window)s::int) THEN 'queue'
     END"""
 
-_INSERT_SQL = (
-    """
+_INSERT_INTO = """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
                             priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
                             rate_key, gated, rerun_of, traceparent)
-    SELECT %(id)s, a.org_id, a.id, %(version_id)s, a.name, %(version)s, 'queued', %(priority)s,
+    SELECT %(id)s, {org_id}, a.id, %(version_id)s, a.name, %(version)s, 'queued', %(priority)s,
            %(input)s, 0, %(max_attempts)s, %(queue)s::text, """
-    + WAITING_FOR_SQL.format(rank="1")
+_INSERT_VALUES = (
+    WAITING_FOR_SQL.format(rank="1")
     + """,
            %(flow_key)s, %(rate_key)s, %(hold)s::text IS NOT NULL, %(rerun_of)s,
-           %(traceparent)s::text
+           %(traceparent)s::text"""
+)
+_INSERT_SQL = (
+    _INSERT_INTO.format(org_id="a.org_id")
+    + _INSERT_VALUES
+    + """
     FROM agents a
     WHERE a.id = %(agent_id)s AND a.org_id = %(org_id)s AND a.archived_at IS NULL
       AND (%(pinned)s OR a.current_version_id = %(version_id)s)
+    RETURNING queued_at, waiting_for
+"""
+)
+# A run through the catalog (app/catalog): the row belongs to the caller's organization, the
+# agent to its owner, and it is inserted only while the agent is public and live. The same
+# statement counts the run on the agent (its owner sees how often the catalog runs it).
+_INSERT_PUBLIC_SQL = (
+    """
+    WITH a AS (
+        UPDATE agents
+        SET catalog_runs = catalog_runs + (org_id <> %(org_id)s)::int
+        WHERE id = %(agent_id)s AND visibility = 'public' AND archived_at IS NULL
+          AND (%(pinned)s OR current_version_id = %(version_id)s)
+        RETURNING id, name
+    )"""
+    + _INSERT_INTO.format(org_id="%(org_id)s")
+    + _INSERT_VALUES
+    + """
+    FROM a
     RETURNING queued_at, waiting_for
 """
 )
@@ -110,15 +134,17 @@ def insert(
     entry: Entry = FREE,
     rerun_of: uuid.UUID | None = None,
     traceparent: str | None = None,
+    public: bool = False,
 ) -> Any:
     """Insert a queued execution; a row of (queued_at, waiting_for), or None when the agent was
     archived or (unless pinned) its current version changed since `spec` was read. `rerun_of`:
-    the execution it reruns."""
+    the execution it reruns. `public`: the agent may be another organization's, if it is in
+    the catalog (None when it no longer is)."""
     with _nul_refused("/input"):
         row = (
             driver(conn)
             .execute(
-                _INSERT_SQL,
+                _INSERT_PUBLIC_SQL if public else _INSERT_SQL,
                 {
                     "id": execution_id,
                     "org_id": org_id,

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
-from app.agents.lookup import find_agent, find_version_id
+from app.agents.lookup import CatalogRef, find_agent, find_public_agent, find_version_id
 from app.agents.models import Agent
 from app.db import db, driver, page
 from app.errors import Conflict, NotFound, ValidationFailed
@@ -67,30 +67,42 @@ class TargetCache:
 targets = TargetCache()
 
 
-def _lookup_target(conn: Connection, principal: Principal, ref: str, version: str | None) -> Target:
-    row = find_agent(conn, principal.org_id, ref, by_id=True)
-    if row is None:
-        raise NotFound(f"no agent {ref!r}", hint="GET /api/v1/agents lists your agents")
-    if row["archived_at"] is not None:
-        raise Conflict(
-            f"agent {row['name']!r} is archived and takes no new executions",
-            hint="create a new agent, or run another one",
-        )
+def _lookup_target(
+    conn: Connection, principal: Principal, ref: str | CatalogRef, version: str | None
+) -> Target:
+    if isinstance(ref, CatalogRef):
+        row = find_public_agent(conn, ref)
+        if row is None:
+            raise NotFound(
+                f"no public agent {ref}",
+                hint="GET /api/v1/catalog lists the agents every organization may run",
+            )
+    else:
+        row = find_agent(conn, principal.org_id, ref, by_id=True)
+        if row is None:
+            raise NotFound(f"no agent {ref!r}", hint="GET /api/v1/agents lists your agents")
+        if row["archived_at"] is not None:
+            raise Conflict(
+                f"agent {row['name']!r} is archived and takes no new executions",
+                hint="create a new agent, or run another one",
+            )
     if version is None:
         return Target(row["id"], row["current_version_id"], pinned=False)
     version_id = find_version_id(conn, row["id"], version)
     if version_id is None:
-        raise NotFound(
-            f"agent {row['name']!r} has no version {version!r}",
-            hint=f"GET /api/v1/agents/{row['name']}/versions lists them",
+        where = (
+            "GET /api/v1/catalog shows its current_version"
+            if isinstance(ref, CatalogRef)
+            else f"GET /api/v1/agents/{row['name']}/versions lists them"
         )
+        raise NotFound(f"agent {row['name']!r} has no version {version!r}", hint=where)
     return Target(row["id"], version_id, pinned=True)
 
 
 def _insert_for_target(
     conn: Connection,
     principal: Principal,
-    ref: str,
+    ref: str | CatalogRef,
     version: str | None,
     insert: Callable[[Connection, VersionSpec, Target], Any],
 ) -> tuple[Target, VersionSpec, Any]:
@@ -122,7 +134,7 @@ def _refuse_invalid(spec: VersionSpec, errors: dict[str, Any], what: str) -> Non
 
 def submit(
     principal: Principal,
-    ref: str,
+    ref: str | CatalogRef,
     payload: dict[str, Any],
     *,
     version: str | None = None,
@@ -130,7 +142,8 @@ def submit(
     rerun_of: uuid.UUID | None = None,
     traceparent: str | None = None,
 ) -> dict[str, Any]:
-    """Store and queue one execution (a rerun names the execution it reruns in `rerun_of`)."""
+    """Store and queue one execution (a rerun names the execution it reruns in `rerun_of`).
+    A CatalogRef runs another organization's public agent: the execution is the caller's."""
     principal.require("executions:submit")
     execution_id = uuid.uuid4()
     released = gates.Released()
@@ -152,6 +165,7 @@ def submit(
                 entry=entry,
                 rerun_of=rerun_of,
                 traceparent=traceparent,
+                public=isinstance(ref, CatalogRef),
             )
 
         if entry.hold is None:
