@@ -73,6 +73,8 @@ class World:
     trigger: dict
     notification: dict
     event_id: str
+    token: dict
+    org_name: str
 
     def values_for(self, route: Route, by: str = "name") -> dict[str, str]:
         """Path values naming this world's objects (by name or by id where a route takes
@@ -90,6 +92,10 @@ class World:
                 "notification_id": self.notification["id"],
                 "event_id": self.event_id,
             },
+            "tokens": {"token_id": self.token["id"]},
+            # The world's agent is private: to another organization the catalog has no such
+            # agent (a 404), as for any object of ours it names.
+            "catalog": {"org": self.org_name, "agent": self.agent["name"]},
         }
         return by_segment[route.rule.removeprefix("/api/v1").split("/")[1]]
 
@@ -159,6 +165,10 @@ def build_world(client, org) -> World:
         client.get(f"/api/v1/notifications/{notification['id']}/deliveries", headers=headers),
         200,
     )
+    token = _created(
+        client.post("/api/v1/tokens", json={"name": "reader", "role": "viewer"}, headers=headers),
+        201,
+    )
     return World(
         agent,
         execution,
@@ -168,6 +178,8 @@ def build_world(client, org) -> World:
         trigger,
         notification,
         event["event_id"],
+        token,
+        org.name,
     )
 
 

@@ -127,6 +127,8 @@ def valid_bodies(world) -> dict[Route, dict]:
             "events": ["execution.failed"],
         },
         Route("/api/v1/notifications/<notification_id>", "PATCH"): {"name": "changed"},
+        Route("/api/v1/tokens", "POST"): {"name": "fresh", "role": "viewer"},
+        Route("/api/v1/catalog/<org>/<agent>/executions", "POST"): {"input": {}},
     }
 
 
@@ -169,6 +171,11 @@ def test_server_owned_fields_are_422_keyed_by_field(app, client, org, world):
     spec = client.get("/api/v1/openapi.json").get_json()
     bodies = valid_bodies(world)
     finish_world(world)
+    # The catalog runs public agents only (its owner's own run included).
+    published = client.patch(
+        "/api/v1/agents/echo", json={"visibility": "public"}, headers=org.headers
+    )
+    assert published.status_code == 200
     assert set(bodies) == set(body_routes(app)) - {HOOK}
     for route, body in bodies.items():
         path = fill(route, world.values_for(route))

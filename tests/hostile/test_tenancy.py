@@ -24,6 +24,7 @@ BODIES = {
     Route("/api/v1/executions/<execution_id>/rerun", "POST"): {},
     Route("/api/v1/chain-executions/<execution_id>/rerun", "POST"): {"from": "failed"},
     Route("/api/v1/notifications/<notification_id>", "PATCH"): {"url": "http://127.0.0.2:1/"},
+    Route("/api/v1/catalog/<org>/<agent>/executions", "POST"): {"input": {}},
 }
 # Every route naming an object; a new one fails test_every_object_route_is_covered until it is
 # added here (with its body in BODIES if it takes one).
@@ -66,6 +67,9 @@ OBJECT_ROUTES = {
     Route("/api/v1/notifications/<notification_id>", "DELETE"),
     Route("/api/v1/notifications/<notification_id>/deliveries", "GET"),
     Route("/api/v1/notifications/<notification_id>/deliveries/<event_id>/redeliver", "POST"),
+    Route("/api/v1/tokens/<token_id>", "DELETE"),
+    # It names another organization's agent by design: a private one (the world's) is a 404.
+    Route("/api/v1/catalog/<org>/<agent>/executions", "POST"),
 }
 
 
@@ -131,6 +135,7 @@ def test_another_organizations_lists_show_nothing_of_ours(app, client, org, othe
         world.schedule["id"],
         world.trigger["id"],
         world.notification["id"],
+        world.token["id"],
     ]
     lists = [route for route in api_routes(app) if route.method == "GET" and not route.arguments]
     assert len(lists) >= 8
