@@ -16,7 +16,23 @@ branch_labels = None
 depends_on = None
 
 
+# The tally's tables are keyed by organization as well as agent: a run through the catalog is
+# counted for the organization that ran it, in rows of its own, apart from the owner's.
+STATS_KEYS = {
+    "agent_stats_rollups": ["agent_id", "span_seconds", "bucket_start"],
+    "execution_totals": ["agent_id", "queue", "status"],
+    "submission_totals": ["agent_id"],
+}
+
+
+def _rekey(table: str, columns: list[str]) -> None:
+    op.drop_constraint(f"pk_{table}", table, type_="primary")
+    op.create_primary_key(f"pk_{table}", table, columns)
+
+
 def upgrade() -> None:
+    for table, key in STATS_KEYS.items():
+        _rekey(table, [*key, "org_id"])
     op.add_column("api_tokens", sa.Column("last_used_at", sa.DateTime(timezone=True)))
     op.add_column(
         "agents",
@@ -45,3 +61,7 @@ def downgrade() -> None:
     op.drop_constraint(op.f("ck_agents_visibility"), "agents", type_="check")
     op.drop_column("agents", "visibility")
     op.drop_column("api_tokens", "last_used_at")
+    for table, key in STATS_KEYS.items():
+        # Rows of the same agent by several organizations become one again.
+        op.execute(f"DELETE FROM {table}")
+        _rekey(table, key)

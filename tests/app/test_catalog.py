@@ -185,3 +185,36 @@ def test_a_worker_runs_a_catalog_run_to_success(live_client, live_org, other_liv
     assert live_client.get(path, headers=live_org.headers).status_code == 404
     owner_view = live_client.get("/api/v1/agents/echo", headers=live_org.headers).get_json()
     assert owner_view["catalog_runs"] == 1
+
+
+def test_the_tally_counts_a_catalog_run_for_the_organization_that_ran_it(
+    client, org, other_org, connection
+):
+    """Each organization's rows: the owner's stats count its own runs, and the caller's
+    figures (its activity, its metrics) count the runs it made, catalog ones included."""
+    from app.stats import tally
+
+    publish(client, org)
+    theirs = run(client, other_org, org).get_json()
+    ours = client.post(
+        "/api/v1/agents/echo/executions", json={"input": {"text": "x"}}, headers=org.headers
+    ).get_json()
+    connection.execute(
+        text(
+            "UPDATE executions SET status = 'succeeded', attempt = 1, "
+            "started_at = now() - interval '2 minutes', finished_at = now() - interval '1 minute' "
+            "WHERE id = ANY(:ids)"
+        ),
+        {"ids": [theirs["id"], ours["id"]]},
+    )
+    tally.tally(lag_seconds=0)
+    counted = connection.execute(
+        text(
+            "SELECT org_id, sum(succeeded) FROM agent_stats_rollups "
+            "WHERE agent_id = :agent AND span_seconds = 60 GROUP BY org_id"
+        ),
+        {"agent": theirs["agent_id"]},
+    ).all()
+    assert dict(counted) == {org.id: 1, other_org.id: 1}
+    stats = client.get("/api/v1/agents/echo/stats", headers=org.headers).get_json()
+    assert stats["counts"]["succeeded"] == 1
