@@ -69,6 +69,17 @@ def _entry(agent: Agent, version: AgentVersion, owners: dict) -> dict[str, Any]:
     }
 
 
+def owner_elsewhere(session: Session, principal: Principal, agent_id: Any) -> str | None:
+    """The name of the organization that owns the agent, when it is not the caller's (the
+    execution was a run through the catalog); else None."""
+    owner = session.execute(
+        select(Organization.id, Organization.name)
+        .join(Agent, Agent.org_id == Organization.id)
+        .where(Agent.id == agent_id)
+    ).first()
+    return None if owner is None or owner.id == principal.org_id else owner.name
+
+
 def run(
     principal: Principal,
     org: str,

@@ -218,3 +218,14 @@ def test_the_tally_counts_a_catalog_run_for_the_organization_that_ran_it(
     assert dict(counted) == {org.id: 1, other_org.id: 1}
     stats = client.get("/api/v1/agents/echo/stats", headers=org.headers).get_json()
     assert stats["counts"]["succeeded"] == 1
+
+
+def test_the_callers_console_page_of_a_catalog_run_names_the_owner(client, org, other_org):
+    from tests.console.helpers import sign_in
+
+    publish(client, org)
+    execution = run(client, other_org, org).get_json()
+    sign_in(client, other_org.token)
+    page = client.get(f"/ui/executions/{execution['id']}").get_data(as_text=True)
+    assert f"{org.name}/echo (from the catalog)" in page
+    assert "/ui/agents/echo" not in page  # the caller has no such agent page
