@@ -69,6 +69,7 @@ def build_app(config: Config | None = None) -> Flask:
     )
     api = http.RunyardApi(app)
     from app.agents.routes import blp as agents_blp
+    from app.audit.routes import blp as audit_blp
     from app.catalog.routes import blp as catalog_blp
     from app.chains.routes import blp as chains_blp
     from app.executions.routes import blp as executions_blp
@@ -93,6 +94,7 @@ def build_app(config: Config | None = None) -> Flask:
         notifications_blp,
         hooks_blp,
         stats_blp,
+        audit_blp,
         catalog_blp,
     ):
         api.register_blueprint(blueprint)

@@ -159,6 +159,66 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audited_org(session, name: str):
+    from app.errors import NotFound
+    from app.orgs import services
+
+    org = services.get_org_by_name(session, name)
+    if org is None:
+        raise NotFound(f"no organization {name!r}", hint="runyard orgs create NAME")
+    return org
+
+
+def _anchor(raw: str):
+    from app.audit.services import Head
+
+    seq, _, hashed = raw.partition(":")
+    if not seq.isdigit() or len(hashed) != 64:
+        raise argparse.ArgumentTypeError(f"SEQ:HASH as `runyard audit head` prints it: {raw!r}")
+    return Head(int(seq), hashed)
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from app.audit import services as audit
+    from app.db import db
+
+    _database_url()
+    with db.session() as session:
+        org = _audited_org(session, args.org)
+        verdict = audit.verify(session, org.id, args.anchor)
+    holds = verdict.bad_seq is None
+    if args.json:
+        print(
+            json.dumps(
+                {"org": org.name, "holds": holds, "events": verdict.count}
+                | ({} if holds else {"bad_seq": verdict.bad_seq, "reason": verdict.reason})
+            )
+        )
+    elif holds:
+        anchored = f", through the anchor at seq {args.anchor.seq}" if args.anchor else ""
+        print(f"{verdict.count} events: the audit trail of {org.name} holds{anchored}")
+    else:
+        print(
+            f"seq {verdict.bad_seq}: {verdict.reason} (the {verdict.count} events before it hold)"
+        )
+    return 0 if holds else 1
+
+
+def cmd_audit_head(args: argparse.Namespace) -> int:
+    from app.audit import services as audit
+    from app.db import db
+
+    _database_url()
+    with db.session() as session:
+        org = _audited_org(session, args.org)
+        head = audit.head(session, org.id)
+    if args.json:
+        print(json.dumps({"org": org.name, "seq": head.seq, "hash": head.hash}))
+    else:
+        print(f"{head.seq}:{head.hash}")
+    return 0
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
 
@@ -271,6 +331,30 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = tokens_commands.add_parser("revoke", help="revoke a token by id")
     revoke.add_argument("token_id")
     revoke.set_defaults(func=cmd_tokens_revoke)
+
+    audit = commands.add_parser("audit", help="the audit trail")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser(
+        "verify",
+        help="check an organization's hash chain: exit 0 when it holds, 1 naming the first "
+        "changed, removed or inserted event",
+    )
+    verify.add_argument("org", help="organization name")
+    verify.add_argument(
+        "--anchor",
+        type=_anchor,
+        metavar="SEQ:HASH",
+        help="a head printed by `runyard audit head` earlier and kept elsewhere: the chain must "
+        "still pass through it (catches a rewrite of the whole table)",
+    )
+    verify.add_argument("--json", action="store_true", help="print JSON")
+    verify.set_defaults(func=cmd_audit_verify)
+    head = audit_commands.add_parser(
+        "head", help="print the chain's head as SEQ:HASH, to keep outside the database"
+    )
+    head.add_argument("org", help="organization name")
+    head.add_argument("--json", action="store_true", help="print JSON")
+    head.set_defaults(func=cmd_audit_head)
 
     api = commands.add_parser("api", help="serve the HTTP API (gunicorn)")
     api.add_argument("--host")

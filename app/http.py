@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
+import uuid
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -18,6 +20,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
 from app import storable
+from app.audit import services as audit
 from app.db import db
 from app.errors import (
     QuotaExceeded,
@@ -156,9 +159,37 @@ def install(app: Flask, api: RunyardApi) -> None:
     # Before-request hooks run in the order they are installed: the token first (an idempotency
     # key belongs to the caller's organization), then the body checks, then the key (a refused
     # body is no answer to remember).
+    _install_request_origin(app)
     _install_request_checks(app)
     error_response = _install_error_handlers(app, api)
     _install_idempotency(app, error_response)
+
+
+REQUEST_ID_HEADER = "X-Request-Id"
+# A caller's own request id is kept when it is a plain token; anything else gets a fresh one.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _install_request_origin(app: Flask) -> None:
+    """Every request has an id (the caller's `X-Request-Id`, or a new one), answered in the same
+    header and written with the audit events the request makes, beside the caller's address."""
+
+    @app.before_request
+    def request_origin():
+        given = request.headers.get(REQUEST_ID_HEADER, "")
+        g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        audit.begin_origin(g.request_id, request.remote_addr)
+
+    @app.after_request
+    def answer_request_id(response):
+        request_id = g.get("request_id")
+        if request_id is not None:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        return response
+
+    @app.teardown_request
+    def forget_origin(_exc: BaseException | None):
+        audit.end_origin()
 
 
 def _install_request_checks(app: Flask) -> None:

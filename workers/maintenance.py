@@ -23,7 +23,8 @@ these jobs in a thread of its own, at their own pace, whatever the workers are d
   RUNYARD_RETENTION_BATCH rows a transaction, for at most RETENTION_BUDGET_SECONDS a run); the
   statistics tally (app/stats/tally.py), every STATS_TALLY_SECONDS: finished executions into the
   rollups of GET /agents/{ref}/stats and the totals of /metrics, submits, schedule lag; and the
-  pruning of rollups past the longest stats window, hourly.
+  pruning of rollups past the longest stats window, hourly; and the audit trail's sealer
+  (app/audit/services.py), every AUDIT_SEAL_SECONDS: committed events numbered and chained.
 
 Two beats may run at once: the sweep takes a lock in the broker's Redis, the resume check marks
 the chains it looked at, pruning twice deletes nothing twice (retention skips the rows the other
@@ -38,6 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from app.audit import services as audit
 from app.chains import progress
 from app.chains import retention as chain_retention
 from app.config import current_config
@@ -56,6 +58,8 @@ FLOW_TICK_SECONDS = 0.25
 RETENTION_BUDGET_SECONDS = 10.0
 STATS_TALLY_SECONDS = 5.0
 STATS_PRUNE_SECONDS = 3600.0
+# Committed audit events get their seq and hash within about this long (readers seal first).
+AUDIT_SEAL_SECONDS = 1.0
 
 
 @dataclass
@@ -136,6 +140,13 @@ def _tally_stats() -> None:
         log.info("stats: tally behind, counted %s this round", report)
 
 
+def _seal_audit() -> None:
+    with db.begin() as conn:
+        sealed = audit.seal_all(conn)
+    if sealed:
+        log.debug("audit: sealed %d events", sealed)
+
+
 def _prune_stats() -> None:
     deleted = tally.prune()
     if deleted:
@@ -160,6 +171,7 @@ def housekeeping_jobs() -> list[Job]:
         Job("retention", current_config().retention_interval_seconds, _retention),
         Job("stats-tally", STATS_TALLY_SECONDS, _tally_stats),
         Job("stats-prune", STATS_PRUNE_SECONDS, _prune_stats),
+        Job("audit-seal", AUDIT_SEAL_SECONDS, _seal_audit),
     ]
 
 

@@ -15,11 +15,12 @@ _AGENT_SQL = (
 )
 _BY_ID = text(_AGENT_SQL + "id = :ref")
 _BY_NAME = text(_AGENT_SQL + "name = :ref")
-# A catalog entry: a public, live agent of any organization, by owner and name or by id.
+# A catalog entry: a live agent of any organization that is public or the caller's own, by
+# owner and name or by id.
 _PUBLIC_SQL = (
     "SELECT a.id, a.name, a.current_version_id, a.archived_at FROM agents a "
     "JOIN organizations o ON o.id = a.org_id "
-    "WHERE a.visibility = 'public' AND a.archived_at IS NULL AND "
+    "WHERE (a.visibility = 'public' OR a.org_id = :caller) AND a.archived_at IS NULL AND "
 )
 _PUBLIC_BY_NAME = text(_PUBLIC_SQL + "o.name = :org AND a.name = :name")
 _PUBLIC_BY_ID = text(_PUBLIC_SQL + "a.id = :id")
@@ -39,12 +40,15 @@ def find_agent(conn: Connection, org_id: uuid.UUID, ref: str, *, by_id: bool) ->
     return conn.execute(_BY_NAME, {"org_id": org_id, "ref": ref}).mappings().first()
 
 
-def find_public_agent(conn: Connection, ref: CatalogRef) -> Any:
-    """A public agent's row as find_agent answers it, or None when there is no such agent, or
-    it is private or archived (to other organizations, all three are the same 404)."""
+def find_public_agent(conn: Connection, ref: CatalogRef, caller: uuid.UUID) -> Any:
+    """A public agent's row as find_agent answers it (or, private, one of the `caller`
+    organization's own), or None when there is no such agent, or it is another's private or
+    archived one (to other organizations, all three are the same 404)."""
     if ref.agent_id is not None:
-        return conn.execute(_PUBLIC_BY_ID, {"id": ref.agent_id}).mappings().first()
-    return conn.execute(_PUBLIC_BY_NAME, {"org": ref.org, "name": ref.name}).mappings().first()
+        params = {"id": ref.agent_id, "caller": caller}
+        return conn.execute(_PUBLIC_BY_ID, params).mappings().first()
+    params = {"org": ref.org, "name": ref.name, "caller": caller}
+    return conn.execute(_PUBLIC_BY_NAME, params).mappings().first()
 
 
 @dataclass(frozen=True)

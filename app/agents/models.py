@@ -19,6 +19,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, TSVECTOR
 from sqlalchemy.orm import Mapped, mapped_column
 
+from app.audit.models import CreatedBy
 from app.db import Base, now_column, uuid_pk
 
 # The `q` filter searches words of the name and description; pg_trgm is not in every PostgreSQL
@@ -69,7 +70,7 @@ class Agent(Base):
     )
 
 
-class AgentVersion(Base):
+class AgentVersion(CreatedBy, Base):
     """An immutable definition. Rows are inserted, never updated."""
 
     __tablename__ = "agent_versions"

@@ -3,6 +3,7 @@
 from marshmallow import Schema, fields, validate
 
 from app.agents.models import VISIBILITIES
+from app.audit.schemas import created_by_field
 
 PATTERNS = (
     "local `$ref` only (remote ones are refused, never fetched). `pattern` and "
@@ -162,6 +163,7 @@ class AgentVersionSchema(Schema):
         RateLimitSchema, allow_none=True, metadata={"description": RATE_LIMIT}
     )
     created_at = fields.DateTime()
+    created_by = created_by_field()
 
 
 class AgentQuerySchema(Schema):

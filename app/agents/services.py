@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from app import jsonschemas
 from app.agents import flow
 from app.agents.models import Agent, AgentVersion
+from app.audit import services as audit
 from app.config import Config, current_config
 from app.db import page, utcnow
 from app.errors import Conflict, NotFound, ValidationFailed
@@ -247,15 +248,36 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> Agen
         "config": data.get("config", {}),
         **{field: flow.normalized(field, data.get(field)) for field in flow.FIELDS},
     }
-    _add_version(session, agent, definition, data.get("version", FIRST_VERSION))
+    _add_version(session, principal, agent, definition, data.get("version", FIRST_VERSION))
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change("agent.create", "agent", agent.id, agent.name),
+    )
     return agent
 
 
 def _add_version(
-    session: Session, agent: Agent, definition: dict[str, Any], version: str
+    session: Session,
+    principal: Principal,
+    agent: Agent,
+    definition: dict[str, Any],
+    version: str,
 ) -> AgentVersion:
     agent.capabilities = definition["capabilities"]
-    return add_version(session, AgentVersion.agent_id, agent, definition, version)
+    return add_version(
+        session,
+        AgentVersion.agent_id,
+        agent,
+        {**definition, **audit.created_by(principal)},
+        version,
+    )
+
+
+def _audited_state(session: Session, agent: Agent) -> dict[str, Any]:
+    """What an agent.update event's changes are computed between."""
+    shown = describe(session, agent)
+    return {key: value for key, value in shown.items() if key not in ("created_at", "updated_at")}
 
 
 def update(session: Session, principal: Principal, ref: str, data: dict[str, Any]) -> Agent:
@@ -265,6 +287,7 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
         raise Conflict(f"agent {agent.name!r} is archived", hint="archived agents cannot change")
     _check_visibility(principal, agent, data)
     _check_definition(data)
+    before = _audited_state(session, agent)
     for field in ("description", "visibility"):
         if field in data:
             setattr(agent, field, data[field])
@@ -290,9 +313,17 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
                 },
             )
         session.flush()
-        return agent
-    version = next_version(session, AgentVersion.agent_id, agent, data.get("version"))
-    _add_version(session, agent, {**definition, **changed}, version)
+    else:
+        version = next_version(session, AgentVersion.agent_id, agent, data.get("version"))
+        _add_version(session, principal, agent, {**definition, **changed}, version)
+    after = _audited_state(session, agent)
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change(
+            "agent.update", "agent", agent.id, agent.name, audit.changes_between(before, after)
+        ),
+    )
     return agent
 
 
@@ -312,6 +343,11 @@ def archive(session: Session, principal: Principal, ref: str) -> None:
         agent.archived_at = utcnow()
         agent.updated_at = agent.archived_at
         session.flush()
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change("agent.archive", "agent", agent.id, agent.name),
+    )
 
 
 def list_agents(

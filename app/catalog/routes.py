@@ -40,7 +40,9 @@ class CatalogRun(MethodView):
     @blp.arguments(CatalogSubmitSchema())
     @blp.response(202, ExecutionSchema())
     @blp.alt_response(
-        404, description="no such public agent (private, archived or absent), or no such version"
+        404,
+        description="no such public agent (another's private one, archived or absent), or no "
+        "such version",
     )
     @blp.alt_response(
         409,
@@ -49,7 +51,7 @@ class CatalogRun(MethodView):
     )
     @blp.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)
     def post(self, data, org, agent):
-        """Run another organization's public agent: the execution is yours
+        """Run another organization's public agent (or one of yours): the execution is yours
 
         It counts against your organization's quotas and limits (the agent's own concurrency
         and rate limit apply among your organization's runs of it), and you read it, its logs

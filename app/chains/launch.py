@@ -11,6 +11,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
 from app import broker, jsonschemas
+from app.audit import services as audit
 from app.chains import definitions, services
 from app.chains.models import Chain, ChainExecution, ChainVersion
 from app.chains.plans import plans
@@ -47,9 +48,17 @@ def submit(
         session, principal.org_id, chain, chain_version, payload, priority=priority
     )
     execution.traceparent = traceparent
+    execution.created_by_token_id = principal.token_id
+    execution.created_by_token_name = principal.token_name
     # Its first step is one more execution not yet started.
     quotas.admit(session.connection(), principal.org_id, executions=1)
     session.add(execution)
+    session.flush()
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change("chain_execution.submit", "chain_execution", execution.id, chain.name),
+    )
     session.commit()
     db.after_commit(_publish_submitted, execution.id, chain_version.id)
     return execution

@@ -17,6 +17,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from app.audit.models import CreatedBy
 from app.db import JSONB, Base, now_column, uuid_pk
 
 # queued -> running -> succeeded | failed | cancelled; a `stop` failure passes through
@@ -45,7 +46,7 @@ class Chain(Base):
     archived_at: Mapped[dt.datetime | None]
 
 
-class ChainVersion(Base):
+class ChainVersion(CreatedBy, Base):
     """An immutable chain definition (input_schema, steps, on_failure). Inserted, never updated."""
 
     __tablename__ = "chain_versions"
@@ -67,7 +68,7 @@ class ChainVersion(Base):
     created_at: Mapped[dt.datetime] = now_column()
 
 
-class ChainExecution(Base):
+class ChainExecution(CreatedBy, Base):
     __tablename__ = "chain_executions"
     __table_args__ = (
         CheckConstraint(f"status IN {CHAIN_STATUSES!r}", name="status"),

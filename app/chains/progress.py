@@ -22,6 +22,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
 from app import outbox
+from app.audit import services as audit
 from app.chains import services
 from app.chains.definitions import Plan
 from app.chains.launch import publish_from
@@ -509,7 +510,11 @@ def cancel(session: Session, principal: Principal, chain_execution_id: str) -> C
     """The chain first (no step starts after this), then its running steps."""
     principal.require("executions:cancel")
     execution = services.get_execution(session, principal, chain_execution_id)
-    with db.hot() as conn:
+    # End the read's transaction first: in a keyed request the session is a savepoint of the
+    # request's transaction, and the cancel must not land inside it (the session's close rolls
+    # it back, cancel and audit event with it).
+    session.commit()
+    with db.begin() as conn:
         done = conn.execute(
             _CANCEL_CHAIN,
             {
@@ -531,6 +536,14 @@ def cancel(session: Session, principal: Principal, chain_execution_id: str) -> C
                 hint=f"GET /api/v1/chain-executions/{execution.id} shows how it ended",
             )
         live = conn.execute(_LIVE_STEPS, {"id": execution.id}).scalars().all()
+        # One event for the request: the steps' cancels below are part of it.
+        audit.record(
+            conn,
+            audit.Actor.of(principal),
+            audit.Change(
+                "chain_execution.cancel", "chain_execution", execution.id, execution.chain_name
+            ),
+        )
     for execution_id in live:
         with contextlib.suppress(Conflict):  # it finished meanwhile
             executions.cancel(
@@ -539,6 +552,7 @@ def cancel(session: Session, principal: Principal, chain_execution_id: str) -> C
                 str(execution_id),
                 move_chains_on=move_on,
                 reason="cancelled with its chain",
+                audited=False,
             )
     session.refresh(execution)
     return execution

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.audit import services as audit
 from app.chains import launch, services
 from app.chains.definitions import Plan
 from app.chains.models import ACTIVE_CHAIN_STATUSES, Chain, ChainExecution
@@ -107,6 +108,8 @@ def rerun(
     stage = _start_stage(plan, rows, start)
     reused = _reused(plan, rows, stage)
     execution = _copy(original, started=stage > 0)
+    execution.created_by_token_id = principal.token_id
+    execution.created_by_token_name = principal.token_name
     # Its first step to run is one more execution not yet started (as a submit counts it).
     quotas.admit(session.connection(), principal.org_id, executions=1)
     session.add(execution)
@@ -116,6 +119,17 @@ def rerun(
     ]
     if copies:
         entries.insert_reused_steps(session.connection(), execution.id, copies)
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change(
+            "chain_execution.rerun",
+            "chain_execution",
+            execution.id,
+            execution.chain_name,
+            [{"op": "add", "path": "/rerun_of", "value": str(original.id)}],
+        ),
+    )
     session.commit()
     db.after_commit(_publish, execution.id, execution.chain_version_id, stage)
     return execution

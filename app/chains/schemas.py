@@ -3,6 +3,7 @@
 from marshmallow import Schema, fields, validate
 
 from app.agents.schemas import PATTERNS
+from app.audit.schemas import created_by_field
 from app.chains.models import CHAIN_STATUSES
 from app.executions.schemas import ErrorInfoSchema, priority_field
 
@@ -59,6 +60,7 @@ class ChainVersionSchema(Schema):
     steps = fields.List(fields.Dict())
     on_failure = fields.String()
     created_at = fields.DateTime()
+    created_by = created_by_field()
 
 
 class ChainQuerySchema(Schema):
@@ -119,6 +121,7 @@ class ChainExecutionSchema(Schema):
     started_at = fields.DateTime(allow_none=True)
     finished_at = fields.DateTime(allow_none=True)
     duration_ms = fields.Integer(allow_none=True)
+    created_by = created_by_field()
 
 
 class ChainExecutionQuerySchema(Schema):

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from app import jsonschemas
 from app.agents.models import Agent, AgentVersion
+from app.audit import services as audit
 from app.chains import definitions, typecheck
 from app.chains.definitions import AgentSchemas, Plan, Problems
 from app.chains.models import Chain, ChainExecution, ChainVersion
@@ -146,9 +147,25 @@ def _check_definition(session: Session, principal: Principal, document: dict[str
 
 
 def _add_version(
-    session: Session, chain: Chain, definition: dict[str, Any], version: str
+    session: Session,
+    principal: Principal,
+    chain: Chain,
+    definition: dict[str, Any],
+    version: str,
 ) -> ChainVersion:
-    return add_version(session, ChainVersion.chain_id, chain, definition, version)
+    return add_version(
+        session,
+        ChainVersion.chain_id,
+        chain,
+        {**definition, **audit.created_by(principal)},
+        version,
+    )
+
+
+def _audited_state(session: Session, chain: Chain) -> dict[str, Any]:
+    """What a chain.update event's changes are computed between."""
+    shown = describe(session, chain)
+    return {key: value for key, value in shown.items() if key not in ("created_at", "updated_at")}
 
 
 def _definition(data: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +190,12 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> Chai
             f"a chain named {data['name']!r} exists already",
             hint="choose another name, or PATCH the existing chain (a new version)",
         ) from exc
-    _add_version(session, chain, definition, data.get("version", FIRST_VERSION))
+    _add_version(session, principal, chain, definition, data.get("version", FIRST_VERSION))
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change("chain.create", "chain", chain.id, chain.name),
+    )
     return chain
 
 
@@ -187,6 +209,7 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
     changed = {name: data[name] for name in VERSIONED_FIELDS if name in data}
     merged = {**definition, **changed}
     _check_definition(session, principal, {"name": chain.name, **merged, **_unversioned(data)})
+    before = _audited_state(session, chain)
     if "description" in data:
         chain.description = data["description"]
         chain.updated_at = utcnow()
@@ -199,9 +222,17 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
                 },
             )
         session.flush()
-        return chain
-    version = next_version(session, ChainVersion.chain_id, chain, data.get("version"))
-    _add_version(session, chain, merged, version)
+    else:
+        version = next_version(session, ChainVersion.chain_id, chain, data.get("version"))
+        _add_version(session, principal, chain, merged, version)
+    after = _audited_state(session, chain)
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change(
+            "chain.update", "chain", chain.id, chain.name, audit.changes_between(before, after)
+        ),
+    )
     return chain
 
 
@@ -216,6 +247,11 @@ def archive(session: Session, principal: Principal, ref: str) -> None:
         chain.archived_at = utcnow()
         chain.updated_at = chain.archived_at
         session.flush()
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change("chain.archive", "chain", chain.id, chain.name),
+    )
 
 
 def list_chains(
@@ -356,6 +392,7 @@ def present(session: Session, execution: ChainExecution) -> dict[str, Any]:
         "duration_ms": (
             round((finished - started).total_seconds() * 1000) if started and finished else None
         ),
+        "created_by": execution.created_by,
     }
 
 

@@ -20,6 +20,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, text
 
+from app.audit import services as audit
 from app.db import driver
 from app.errors import ValidationFailed
 from app.executions.spec import DEFAULT_PRIORITY, VersionSpec
@@ -56,6 +57,8 @@ class Entry:
 
 
 FREE = Entry()
+# The created_by columns of what Runyard makes itself (schedule fires, webhook runs, steps).
+SYSTEM = audit.created_by(None)
 
 # The waiting_for of a new row: its hold, or `queue` when its organization has a full window
 # of unclaimed messages on the queue, or executions held back there already. The count stops at
@@ -82,14 +85,15 @@ WAITING_FOR_SQL = """CASE
 _INSERT_INTO = """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
                             priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
-                            rate_key, gated, rerun_of, traceparent)
+                            rate_key, gated, rerun_of, traceparent, created_by_token_id,
+                            created_by_token_name)
     SELECT %(id)s, {org_id}, a.id, %(version_id)s, a.name, %(version)s, 'queued', %(priority)s,
            %(input)s, 0, %(max_attempts)s, %(queue)s::text, """
 _INSERT_VALUES = (
     WAITING_FOR_SQL.format(rank="1")
     + """,
            %(flow_key)s, %(rate_key)s, %(hold)s::text IS NOT NULL, %(rerun_of)s,
-           %(traceparent)s::text"""
+           %(traceparent)s::text, %(created_by_token_id)s, %(created_by_token_name)s::text"""
 )
 _INSERT_SQL = (
     _INSERT_INTO.format(org_id="a.org_id")
@@ -102,24 +106,26 @@ _INSERT_SQL = (
 """
 )
 # A run through the catalog (app/catalog): the row belongs to the caller's organization, the
-# agent to its owner, and it is inserted only while the agent is public and live. The same
-# statement counts the run on the agent (its owner sees how often the catalog runs it).
-_INSERT_PUBLIC_SQL = (
-    """
-    WITH a AS (
+# agent to its owner, and it is inserted only while the agent is live and public (or the
+# caller's own). The same statement counts another organization's run on the agent (its owner
+# sees how often the catalog runs it).
+_COUNT_CATALOG_RUN = """a AS (
         UPDATE agents
         SET catalog_runs = catalog_runs + (org_id <> %(org_id)s)::int
-        WHERE id = %(agent_id)s AND visibility = 'public' AND archived_at IS NULL
+        WHERE id = %(agent_id)s AND (visibility = 'public' OR org_id = %(org_id)s)
+          AND archived_at IS NULL
           AND (%(pinned)s OR current_version_id = %(version_id)s)
         RETURNING id, name
     )"""
-    + _INSERT_INTO.format(org_id="%(org_id)s")
+_INSERT_PUBLIC = (
+    _INSERT_INTO.format(org_id="%(org_id)s")
     + _INSERT_VALUES
     + """
     FROM a
     RETURNING queued_at, waiting_for
 """
 )
+_INSERT_PUBLIC_SQL = f"WITH {_COUNT_CATALOG_RUN} {_INSERT_PUBLIC}"
 
 
 def insert(
@@ -134,17 +140,23 @@ def insert(
     entry: Entry = FREE,
     rerun_of: uuid.UUID | None = None,
     traceparent: str | None = None,
+    created_by: dict[str, Any] = SYSTEM,
+    audited: audit.Prepared | None = None,
     public: bool = False,
 ) -> Any:
     """Insert a queued execution; a row of (queued_at, waiting_for), or None when the agent was
     archived or (unless pinned) its current version changed since `spec` was read. `rerun_of`:
-    the execution it reruns. `public`: the agent may be another organization's, if it is in
-    the catalog (None when it no longer is)."""
+    the execution it reruns; `audited`: the audit event the same statement writes. `public`:
+    the agent may be another organization's, if it is public (None when it no longer is)."""
+    if public:
+        statement = _INSERT_PUBLIC_SQL if audited is None else _INSERT_PUBLIC_AUDITED_SQL
+    else:
+        statement = _INSERT_SQL if audited is None else _INSERT_AUDITED_SQL
     with _nul_refused("/input"):
         row = (
             driver(conn)
             .execute(
-                _INSERT_PUBLIC_SQL if public else _INSERT_SQL,
+                statement,
                 {
                     "id": execution_id,
                     "org_id": org_id,
@@ -162,12 +174,31 @@ def insert(
                     "window": entry.window,
                     "rerun_of": rerun_of,
                     "traceparent": traceparent,
+                    **created_by,
+                    **(audited.params if audited else {}),
                 },
             )
             .fetchone()
         )
     return row
 
+
+def _audited(statement: str, columns: str, before: str = "") -> str:
+    """`statement` (an INSERT ... RETURNING `columns`) with its audit event written by the same
+    statement, only if it inserted: the change and its event commit together, in one round
+    trip. `before`: CTEs the statement reads (`name AS (...), `)."""
+    return (
+        f"WITH {before}inserted AS ({statement}), "
+        f"{audit.cte_when('EXISTS (SELECT 1 FROM inserted)')} "
+        f"SELECT {columns} FROM inserted"
+    )
+
+
+_INSERT_AUDITED_SQL = _audited(_INSERT_SQL, "queued_at, waiting_for")
+# A data-modifying CTE must be at the top level: the count comes first, beside the insert.
+_INSERT_PUBLIC_AUDITED_SQL = _audited(
+    _INSERT_PUBLIC, "queued_at, waiting_for", before=f"{_COUNT_CATALOG_RUN}, "
+)
 
 # A batch: one statement for every item, on the same condition as a single insert, so the batch
 # is stored whole or not at all (a stale cache shows up as no rows). Each item takes its place
@@ -177,13 +208,15 @@ _INSERT_BATCH_SQL = (
     """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
                             priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
-                            rate_key, gated, queued_at, rerun_of, traceparent)
+                            rate_key, gated, queued_at, rerun_of, traceparent,
+                            created_by_token_id, created_by_token_name)
     SELECT r.id, a.org_id, a.id, %(version_id)s, a.name, %(version)s, 'queued', r.priority,
            r.input, 0, %(max_attempts)s, %(queue)s::text, """
     + WAITING_FOR_SQL.format(rank="r.rank")
     + """,
            r.flow_key, r.rate_key, %(hold)s::text IS NOT NULL,
-           now() + make_interval(secs => (r.rank - 1) / 1e6), r.rerun_of, %(traceparent)s::text
+           now() + make_interval(secs => (r.rank - 1) / 1e6), r.rerun_of, %(traceparent)s::text,
+           %(created_by_token_id)s, %(created_by_token_name)s::text
     FROM agents a,
          ROWS FROM (json_to_recordset(%(rows)s::json)
                     AS (id uuid, priority smallint, input jsonb, flow_key text, rate_key text,
@@ -194,6 +227,7 @@ _INSERT_BATCH_SQL = (
     RETURNING id, waiting_for
 """
 )
+_INSERT_BATCH_AUDITED_SQL = _audited(_INSERT_BATCH_SQL, "id, waiting_for")
 
 
 @dataclass(frozen=True)
@@ -215,6 +249,8 @@ def insert_batch(
     pinned: bool,
     entry: Entry = FREE,
     traceparent: str | None = None,
+    created_by: dict[str, Any] = SYSTEM,
+    audited: audit.Prepared | None = None,
 ) -> dict[uuid.UUID, str | None] | None:
     """Insert rows as queued executions of `spec`, all or none: id -> waiting_for, or None when
     the agent was archived or (unless pinned) its current version changed since `spec` was
@@ -236,7 +272,7 @@ def insert_batch(
         inserted = (
             driver(conn)
             .execute(
-                _INSERT_BATCH_SQL,
+                _INSERT_BATCH_SQL if audited is None else _INSERT_BATCH_AUDITED_SQL,
                 {
                     "org_id": org_id,
                     "agent_id": spec.agent_id,
@@ -249,6 +285,8 @@ def insert_batch(
                     "hold": entry.hold,
                     "window": entry.window,
                     "traceparent": traceparent,
+                    **created_by,
+                    **(audited.params if audited else {}),
                 },
             )
             .fetchall()

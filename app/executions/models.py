@@ -16,11 +16,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from app.audit.models import CreatedBy
 from app.db import Base
 from app.executions.spec import STATUSES, WAITING_FOR
 
 
-class Execution(Base):
+class Execution(CreatedBy, Base):
     __tablename__ = "executions"
     __table_args__ = (
         CheckConstraint(f"status IN {STATUSES!r}", name="status"),

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.agents.lookup import CatalogRef
 from app.agents.models import Agent
+from app.audit import services as audit
 from app.db import driver
 from app.errors import Conflict, ValidationFailed
 from app.executions import entries, gates, services
@@ -191,6 +192,20 @@ def rerun_matching(
                     traceparent=traceparent,
                 )
             )
+        reruns = {
+            str(row.id): str(row.rerun_of) for members in groups.values() for _, row in members
+        }
+        audit.record(
+            conn,
+            audit.Actor.of(principal),
+            audit.Change(
+                "execution.rerun_bulk",
+                "execution",
+                None,
+                None,
+                [{"op": "add", "path": "/reruns", "value": reruns}],
+            ),
+        )
     services.publish_batches(stored, released)
     ids: list[uuid.UUID | None] = [None] * len(originals)
     for members in groups.values():

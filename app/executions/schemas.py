@@ -2,6 +2,7 @@ import datetime as dt
 
 from marshmallow import EXCLUDE, Schema, fields, validate
 
+from app.audit.schemas import created_by_field
 from app.executions.spec import LEVELS, LIMIT_WAITS, STATUSES, TERMINAL_STATUSES
 
 
@@ -110,6 +111,7 @@ class ExecutionSchema(Schema):
             "ignored), handed to the runtime: ctx.traceparent, TRACEPARENT, the http header"
         },
     )
+    created_by = created_by_field()
 
 
 class AttemptSchema(Schema):

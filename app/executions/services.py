@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.agents.lookup import CatalogRef, find_agent, find_public_agent, find_version_id
 from app.agents.models import Agent
+from app.audit import services as audit
 from app.db import db, driver, page
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.executions import entries, gates, store
@@ -71,7 +72,7 @@ def _lookup_target(
     conn: Connection, principal: Principal, ref: str | CatalogRef, version: str | None
 ) -> Target:
     if isinstance(ref, CatalogRef):
-        row = find_public_agent(conn, ref)
+        row = find_public_agent(conn, ref, principal.org_id)
         if row is None:
             raise NotFound(
                 f"no public agent {ref}",
@@ -142,11 +143,12 @@ def submit(
     rerun_of: uuid.UUID | None = None,
     traceparent: str | None = None,
 ) -> dict[str, Any]:
-    """Store and queue one execution (a rerun names the execution it reruns in `rerun_of`).
-    A CatalogRef runs another organization's public agent: the execution is the caller's."""
+    """Store and queue one execution (a rerun names the execution it reruns in `rerun_of`; a
+    CatalogRef, another organization's public agent: the execution is the caller's)."""
     principal.require("executions:submit")
     execution_id = uuid.uuid4()
     released = gates.Released()
+    actor, created_by = audit.Actor.of(principal), audit.created_by(principal)
 
     def insert(conn: Connection, spec: VersionSpec, target: Target) -> Any:
         errors = spec.input_errors(payload)
@@ -165,6 +167,8 @@ def submit(
                 entry=entry,
                 rerun_of=rerun_of,
                 traceparent=traceparent,
+                created_by=created_by,
+                audited=audit.prepare(actor, _submitted(execution_id, spec, rerun_of)),
                 public=isinstance(ref, CatalogRef),
             )
 
@@ -197,20 +201,43 @@ def submit(
         "status": "queued",
         "priority": priority,
         "input": payload,
-        "output": None,
-        "error": None,
         "attempts": 0,
         "queued_at": queued_at,
-        "started_at": None,
-        "finished_at": None,
-        "duration_ms": None,
-        "resource_usage": None,
-        "chain_execution_id": None,
+        **NOT_STARTED,
         "waiting_for": shown_waiting_for(waiting_for),
         "rerun_of": rerun_of,
-        "progress": None,
         "traceparent": traceparent,
+        "created_by": audit.shown_created_by(principal.token_id, principal.token_name),
     }
+
+
+# What a submit answers of an execution no worker has started.
+NOT_STARTED = dict.fromkeys(
+    [
+        "output",
+        "error",
+        "started_at",
+        "finished_at",
+        "duration_ms",
+        "resource_usage",
+        "chain_execution_id",
+        "progress",
+    ]
+)
+
+
+def _submitted(
+    execution_id: uuid.UUID, spec: VersionSpec, rerun_of: uuid.UUID | None
+) -> audit.Change:
+    if rerun_of is None:
+        return audit.Change("execution.submit", "execution", execution_id, spec.agent_name)
+    return audit.Change(
+        "execution.rerun",
+        "execution",
+        execution_id,
+        spec.agent_name,
+        [{"op": "add", "path": "/rerun_of", "value": str(rerun_of)}],
+    )
 
 
 def shown_waiting_for(waiting_for: str | None) -> str | None:
@@ -266,10 +293,21 @@ def submit_batch(
     principal.require("executions:submit")
     rows = [entries.BatchRow(uuid.uuid4(), item["priority"], item["input"]) for item in items]
     released = gates.Released()
+    ids = [row.id for row in rows]
+
+    def audited(spec: VersionSpec) -> audit.Change:
+        # One event for the whole batch, naming every execution it made.
+        created = [{"op": "add", "path": "/executions", "value": [str(i) for i in ids]}]
+        return audit.Change(
+            "execution.submit_batch", "agent", spec.agent_id, spec.agent_name, created
+        )
+
     with quotas.admitted(principal.org_id, executions=len(rows)) as conn:
-        stored = store_batch(conn, principal, ref, version, rows, released, traceparent=traceparent)
+        stored = store_batch(
+            conn, principal, ref, version, rows, released, traceparent=traceparent, audited=audited
+        )
     publish_batches([stored], released)
-    return [row.id for row in rows]
+    return ids
 
 
 @dataclass(frozen=True)
@@ -288,10 +326,12 @@ def store_batch(
     released: gates.Released,
     pointer: Callable[[int], str] = lambda index: f"/items/{index}/input",
     traceparent: str | None = None,
+    audited: Callable[[VersionSpec], audit.Change] | None = None,
 ) -> StoredBatch:
     """Check and insert a batch of one agent version, all or none, on a connection the
     organization's quotas admitted it on (publish it with publish_batches once committed).
-    Invalid inputs: 422 keyed by `pointer(index)`."""
+    Invalid inputs: 422 keyed by `pointer(index)`. `audited`: the audit event the insert
+    writes, given the version it runs."""
 
     def insert(conn: Connection, spec: VersionSpec, target: Target) -> Any:
         errors: dict[str, Any] = {}
@@ -309,6 +349,10 @@ def store_batch(
                 pinned=target.pinned,
                 entry=entry,
                 traceparent=traceparent,
+                created_by=audit.created_by(principal),
+                audited=audit.prepare(audit.Actor.of(principal), audited(spec))
+                if audited
+                else None,
             )
 
         if entry.hold is None:
@@ -364,6 +408,9 @@ def present(row: Mapping[str, Any] | Execution) -> dict[str, Any]:
         "rerun_of": get("rerun_of"),
         "progress": get("progress"),
         "traceparent": get("traceparent"),
+        "created_by": audit.shown_created_by(
+            get("created_by_token_id"), get("created_by_token_name")
+        ),
     }
 
 
@@ -494,16 +541,24 @@ def cancel(
     *,
     move_chains_on: ChainsMoveOn,
     reason: str = "cancelled before it started",
+    audited: bool = True,
 ) -> Execution:
     """Cancel is a row change, so it holds across restarts: a queued execution's claim then
     finds nothing to take (the message is dropped), and a running one's worker sees the request
     within CANCEL_CHECK_SECONDS and stops it (workers/runtimes/child.py, workers/watchdog.py).
 
     No Celery revoke is sent: it would add nothing the claim does not already guarantee, and
-    its broadcast retries without bound while the broker is away, which would hang the cancel."""
+    its broadcast retries without bound while the broker is away, which would hang the cancel.
+    `audited`: False when the cancel is part of another audited change (its chain's cancel)."""
     principal.require("executions:cancel")
-    with db.hot() as conn:
+    with db.begin() as conn:
         done = store.cancel(conn, principal.org_id, _parse_id(execution_id), reason)
+        if done is not None and audited:
+            audit.record(
+                conn,
+                audit.Actor.of(principal),
+                audit.Change("execution.cancel", "execution", done.id, done.agent_name),
+            )
         if done is not None and done.ended and done.gated:
             # It may have been let out to run: its slot goes to the next one waiting.
             released = gates.released_in_transaction(conn, principal.org_id)

@@ -405,13 +405,14 @@ _CANCEL = text(
         error = CASE WHEN status = 'queued' THEN :error ELSE error END,
         waiting_for = NULL
     WHERE id = :id AND org_id = :org_id AND status IN ('queued', 'running')
-    RETURNING id, chain_execution_id, status = 'cancelled' AS ended, gated, org_id, agent_id, """
+    RETURNING id, chain_execution_id, status = 'cancelled' AS ended, gated, org_id, agent_id,
+              agent_name, """
     + notify_if_watched()
     + """
     ), notified AS ("""
     # A queued execution that ends here has its event (app/outbox.py), delivered by beat's poll.
     + outbox.execution_fanout("changed", "'execution.cancelled'", where="changed.ended")
-    + ") SELECT id, chain_execution_id, ended, gated FROM changed"
+    + ") SELECT id, chain_execution_id, ended, gated, agent_name FROM changed"
 ).bindparams(bindparam("error", type_=JSONB))
 
 

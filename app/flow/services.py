@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
+from app.audit import services as audit
 from app.errors import NotFound, ValidationFailed
 from app.flow import quotas
 from app.flow.limits import NAMES, OrgLimits, cache, read
@@ -80,17 +81,27 @@ def _queues(conn: Connection, principal: Principal) -> list[dict[str, Any]]:
 
 
 def set_limits(session: Session, org_name: str, changes: dict[str, float | None]) -> OrgLimits:
-    """Set the given limits (None removes one) of an organization; its limits after."""
+    """Set the given limits (None removes one) of an organization; its limits after. An admin
+    command (`runyard orgs limits`): audited as the OS user that ran it."""
     org = get_org_by_name(session, org_name)
     if org is None:
         raise NotFound(f"no organization {org_name!r}", hint="runyard orgs create NAME")
+    before = limits_of(org).as_dict()
     for name, value in changes.items():
         if name not in SETTABLE:
             raise ValidationFailed(f"{name} cannot be set", errors={name: [f"one of {SETTABLE}"]})
         setattr(org, name, _checked(name, value))
     session.flush()
     cache.forget(org.id)
-    return limits_of(org)
+    after = limits_of(org)
+    audit.record(
+        session,
+        audit.Actor.cli(org.id),
+        audit.Change(
+            "org.limits", "org", org.id, org.name, audit.changes_between(before, after.as_dict())
+        ),
+    )
+    return after
 
 
 def limits_of(org: Organization) -> OrgLimits:

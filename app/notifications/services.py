@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.address_guard import AddressRefused, ResolutionFailed, checked_addresses
 from app.agents.lookup import find_agent
+from app.audit import services as audit
 from app.config import current_config
 from app.db import page, utcnow
 from app.errors import Conflict, NotFound, ValidationFailed
@@ -112,7 +113,28 @@ def create(
     _apply_filter(session, principal, notification, data["filter"])
     session.add(notification)
     _flush_or_conflict(session, data["name"])
+    _audit(session, principal, "notification.create", notification)
     return notification, secret
+
+
+def _audit(
+    session: Session,
+    principal: Principal,
+    action: str,
+    notification: Notification,
+    changes: list[dict[str, Any]] | None = None,
+) -> None:
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change(action, "notification", notification.id, notification.name, changes),
+    )
+
+
+def _audited_state(notification: Notification) -> dict[str, Any]:
+    """Never the secret."""
+    shown = present(notification)
+    return {key: shown[key] for key in ("name", "url", "events", "filter")}
 
 
 def get(session: Session, principal: Principal, notification_id: str) -> Notification:
@@ -151,6 +173,7 @@ def change(
     session: Session, principal: Principal, notification_id: str, data: dict[str, Any]
 ) -> Notification:
     notification = get(session, principal, notification_id)
+    before = _audited_state(notification)
     if "url" in data:
         check_url(data["url"])
         notification.url = data["url"]
@@ -162,13 +185,17 @@ def change(
         _apply_filter(session, principal, notification, data["filter"])
     notification.updated_at = utcnow()
     _flush_or_conflict(session, notification.name)
+    changes = audit.changes_between(before, _audited_state(notification))
+    _audit(session, principal, "notification.update", notification, changes)
     return notification
 
 
 def delete(session: Session, principal: Principal, notification_id: str) -> None:
     """Its pending deliveries go with it (they are rows of the subscription)."""
-    session.delete(get(session, principal, notification_id))
+    notification = get(session, principal, notification_id)
+    session.delete(notification)
     session.flush()
+    _audit(session, principal, "notification.delete", notification)
 
 
 def present(notification: Notification, secret: str | None = None) -> dict[str, Any]:
@@ -253,4 +280,11 @@ def redeliver(
             f"no event {event_id!r} for this notification",
             hint="GET /api/v1/notifications/{id}/deliveries lists them",
         )
+    _audit(
+        session,
+        principal,
+        "notification.redeliver",
+        notification,
+        [{"op": "replace", "path": f"/deliveries/{found}/status", "value": "pending"}],
+    )
     return found

@@ -15,6 +15,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.audit import services as audit
 from app.config import current_config
 from app.db import db, page, utcnow
 from app.errors import Conflict, Forbidden, NotFound, Unauthorized, ValidationFailed
@@ -32,6 +33,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "executions:cancel": frozenset({"admin", "developer", "operator"}),
     # Subscriptions point the organization's events at a URL: reading one is managing it.
     "notifications": frozenset({"admin", "developer"}),
+    "audit:read": frozenset({"admin"}),
     "tokens": frozenset({"admin"}),
     # Listing an agent in the catalog opens it to every organization.
     "agents:publish": frozenset({"admin"}),
@@ -84,6 +86,8 @@ def create_org(session: Session, name: str) -> tuple[Organization, str]:
     except IntegrityError as exc:
         session.rollback()
         raise Conflict(f"an organization named {name!r} exists already") from exc
+    # An admin command (`runyard orgs create`, `runyard up`): audited as the OS user.
+    audit.record(session, audit.Actor.cli(org.id), audit.Change("org.create", "org", org.id, name))
     token = create_token(session, org.id, name="admin", role="admin")
     return org, token
 

@@ -17,6 +17,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from app.audit.models import CreatedBy
 from app.db import Base, now_column, uuid_pk
 
 OVERLAP = ("skip", "allow", "buffer_one", "cancel_other")
@@ -28,7 +29,7 @@ FIRE_STATUSES = ("fired", "skipped", "buffered", "failed")
 FIRE_KINDS = ("scheduled", "catchup", "manual")
 
 
-class Schedule(Base):
+class Schedule(CreatedBy, Base):
     __tablename__ = "schedules"
     __table_args__ = (
         UniqueConstraint("org_id", "name", name="uq_schedules_org_id_name"),

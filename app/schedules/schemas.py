@@ -2,6 +2,7 @@
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
+from app.audit.schemas import created_by_field
 from app.schedules.models import CATCHUP, FIRE_KINDS, FIRE_STATUSES, OVERLAP
 
 NAME = validate.Regexp(r"^[a-z0-9][a-z0-9_-]{0,62}$", error="lowercase letters, digits, - and _")
@@ -89,6 +90,7 @@ class ScheduleSchema(ScheduleFields):
     paused_reason = fields.String(allow_none=True)
     created_at = fields.DateTime()
     updated_at = fields.DateTime()
+    created_by = created_by_field()
 
 
 class FireSchema(Schema):

@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import outbox, runs
+from app.audit import services as audit
 from app.db import db, page, utcnow
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.flow import quotas
@@ -104,9 +105,31 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> Sche
     _apply_target(session, schedule, data["target"], data["input"])
     if schedule.enabled:
         schedule.next_fire_at = cron.next_after(schedule.cron, schedule.timezone, utcnow())
+    schedule.created_by_token_id = principal.token_id
+    schedule.created_by_token_name = principal.token_name
     session.add(schedule)
     _flush_or_conflict(session, schedule.name)
+    _audit(session, principal, "schedule.create", schedule)
     return schedule
+
+
+def _audit(
+    session: Session,
+    principal: Principal,
+    action: str,
+    schedule: Schedule,
+    changes: list[dict[str, Any]] | None = None,
+) -> None:
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change(action, "schedule", schedule.id, schedule.name, changes),
+    )
+
+
+def _audited_state(schedule: Schedule) -> dict[str, Any]:
+    shown = present(schedule)
+    return {key: shown[key] for key in EDITABLE}
 
 
 def _flush_or_conflict(session: Session, name: str) -> None:
@@ -124,6 +147,7 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
     principal.require("agents:write")
     # Locked: beat skips a schedule being edited (SKIP LOCKED) and sees the edit next tick.
     schedule = get(session, principal, ref, lock=True)
+    before = _audited_state(schedule)
     was_enabled = schedule.enabled
     merged = {field: getattr(schedule, field, None) for field in EDITABLE}
     merged["target"] = _target_of(schedule)
@@ -142,6 +166,8 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
         schedule.next_fire_at = cron.next_after(schedule.cron, schedule.timezone, utcnow())
     schedule.updated_at = utcnow()
     _flush_or_conflict(session, schedule.name)
+    changes = audit.changes_between(before, _audited_state(schedule))
+    _audit(session, principal, "schedule.update", schedule, changes)
     return schedule
 
 
@@ -175,6 +201,7 @@ def pause(session: Session, principal: Principal, ref: str) -> Schedule:
         _set_enabled(session, schedule, False, reason="paused through the API")
         schedule.updated_at = utcnow()
         session.flush()
+    _audit(session, principal, "schedule.pause", schedule)
     return schedule
 
 
@@ -185,13 +212,16 @@ def resume(session: Session, principal: Principal, ref: str) -> Schedule:
         _set_enabled(session, schedule, True, reason="")
         schedule.updated_at = utcnow()
         session.flush()
+    _audit(session, principal, "schedule.resume", schedule)
     return schedule
 
 
 def delete(session: Session, principal: Principal, ref: str) -> None:
     principal.require("agents:write")
-    session.delete(get(session, principal, ref, lock=True))
+    schedule = get(session, principal, ref, lock=True)
+    session.delete(schedule)
     session.flush()
+    _audit(session, principal, "schedule.delete", schedule)
 
 
 def list_schedules(
@@ -221,6 +251,7 @@ def present(schedule: Schedule) -> dict[str, Any]:
         "paused_reason": schedule.paused_reason,
         "created_at": schedule.created_at,
         "updated_at": schedule.updated_at,
+        "created_by": schedule.created_by,
     }
 
 
@@ -295,6 +326,13 @@ def trigger_now(session: Session, principal: Principal, ref: str) -> tuple[dict,
     schedule.last_execution_id = run_id
     schedule.last_fire_at = now
     session.flush()
+    _audit(
+        session,
+        principal,
+        "schedule.trigger",
+        schedule,
+        [{"op": "add", "path": "/last_execution_id", "value": str(run_id)}],
+    )
     entry = {
         "fire_time": now,
         "fired_at": now,

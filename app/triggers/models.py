@@ -7,10 +7,11 @@ from typing import Any
 from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
+from app.audit.models import CreatedBy
 from app.db import Base, now_column, uuid_pk
 
 
-class Trigger(Base):
+class Trigger(CreatedBy, Base):
     """A webhook that starts its target. The secret is kept in clear because checking an
     HMAC needs it; it is shown once, at creation, and never again."""
 

@@ -1,5 +1,6 @@
 from marshmallow import Schema, fields
 
+from app.audit.schemas import created_by_field
 from app.schedules.schemas import NAME, TargetSchema
 
 
@@ -23,6 +24,7 @@ class TriggerSchema(Schema):
     url = fields.String(metadata={"description": "POST here; no token, a signature instead"})
     secret = fields.String(metadata={"description": "HMAC key; shown once, at creation"})
     created_at = fields.DateTime()
+    created_by = created_by_field()
 
 
 class DeliverySchema(Schema):

@@ -33,6 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import runs, storable
+from app.audit import services as audit
 from app.db import page, utcnow
 from app.errors import (
     Conflict,
@@ -161,6 +162,8 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> tupl
         chain_id=target.chain_id,
         input=data["input"],
         secret=secret,
+        created_by_token_id=principal.token_id,
+        created_by_token_name=principal.token_name,
     )
     session.add(trigger)
     try:
@@ -170,6 +173,11 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> tupl
         raise Conflict(
             f"a trigger named {data['name']!r} exists already", hint="choose another name"
         ) from exc
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change("trigger.create", "trigger", trigger.id, trigger.name),
+    )
     return trigger, secret
 
 
@@ -194,8 +202,14 @@ def list_triggers(
 
 def delete(session: Session, principal: Principal, ref: str) -> None:
     principal.require("agents:write")
-    session.delete(get(session, principal, ref))
+    trigger = get(session, principal, ref)
+    session.delete(trigger)
     session.flush()
+    audit.record(
+        session,
+        audit.Actor.of(principal),
+        audit.Change("trigger.delete", "trigger", trigger.id, trigger.name),
+    )
 
 
 def present(trigger: Trigger, secret: str | None = None) -> dict[str, Any]:
@@ -209,6 +223,7 @@ def present(trigger: Trigger, secret: str | None = None) -> dict[str, Any]:
         "input": trigger.input,
         "url": f"/hooks/{trigger.id}",
         "created_at": trigger.created_at,
+        "created_by": trigger.created_by,
     }
     if secret is not None:
         body["secret"] = secret

@@ -127,6 +127,10 @@ def test_a_catalog_run_checks_the_input_and_the_version(client, org, other_org):
 def test_private_archived_and_unknown_agents_are_404(client, org, other_org):
     publish(client, org, {**ECHO, "name": "private"})
     assert run(client, other_org, org, agent="private").status_code == 404
+    # Its owner may run it through the catalog path too: its own agent, not a catalog run.
+    assert run(client, org, org, agent="private").status_code == 202
+    owner_view = client.get("/api/v1/agents/private", headers=org.headers).get_json()
+    assert owner_view["catalog_runs"] == 0
     assert run(client, other_org, org, agent="nobody").status_code == 404
     assert run(client, other_org, other_org, agent="echo").status_code == 404
     publish(client, org)

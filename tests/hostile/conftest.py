@@ -93,8 +93,8 @@ class World:
                 "event_id": self.event_id,
             },
             "tokens": {"token_id": self.token["id"]},
-            # The world's agent is private: to another organization the catalog has no such
-            # agent (a 404), as for any object of ours it names.
+            # The world's agent is private: the catalog runs it for us (our own), and to another
+            # organization has no such agent (a 404), as for any object of ours it names.
             "catalog": {"org": self.org_name, "agent": self.agent["name"]},
         }
         return by_segment[route.rule.removeprefix("/api/v1").split("/")[1]]
