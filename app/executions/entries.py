@@ -125,7 +125,6 @@ _INSERT_PUBLIC = (
     RETURNING queued_at, waiting_for
 """
 )
-_INSERT_PUBLIC_SQL = f"WITH {_COUNT_CATALOG_RUN} {_INSERT_PUBLIC}"
 
 
 def insert(
@@ -149,7 +148,8 @@ def insert(
     the execution it reruns; `audited`: the audit event the same statement writes. `public`:
     the agent may be another organization's, if it is public (None when it no longer is)."""
     if public:
-        statement = _INSERT_PUBLIC_SQL if audited is None else _INSERT_PUBLIC_AUDITED_SQL
+        assert audited is not None, "a run through the catalog is an audited submit"
+        statement = _INSERT_PUBLIC_AUDITED_SQL
     else:
         statement = _INSERT_SQL if audited is None else _INSERT_AUDITED_SQL
     with _nul_refused("/input"):

@@ -233,3 +233,14 @@ def test_the_callers_console_page_of_a_catalog_run_names_the_owner(client, org, 
     page = client.get(f"/ui/executions/{execution['id']}").get_data(as_text=True)
     assert f"{org.name}/echo (from the catalog)" in page
     assert "/ui/agents/echo" not in page  # the caller has no such agent page
+
+
+def test_a_catalog_run_is_audited_in_the_callers_trail(client, org, other_org):
+    publish(client, org)
+    execution = run(client, other_org, org).get_json()
+    query = {"action": "execution.submit"}
+    theirs = client.get("/api/v1/audit", query_string=query, headers=other_org.headers).get_json()
+    assert [event["object"]["id"] for event in theirs] == [execution["id"]]
+    ours = client.get("/api/v1/audit", query_string=query, headers=org.headers).get_json()
+    assert ours == []
+    assert execution["created_by"]["token_id"] is not None
