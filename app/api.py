@@ -78,6 +78,7 @@ def build_app(config: Config | None = None) -> Flask:
     from app.notifications.routes import blp as notifications_blp
     from app.orgs.routes import blp as orgs_blp
     from app.schedules.routes import blp as schedules_blp
+    from app.secrets.routes import blp as secrets_blp
     from app.stats.routes import blp as stats_blp
     from app.triggers.routes import blp as triggers_blp
     from app.triggers.routes import hooks as hooks_blp
@@ -92,6 +93,7 @@ def build_app(config: Config | None = None) -> Flask:
         schedules_blp,
         triggers_blp,
         notifications_blp,
+        secrets_blp,
         hooks_blp,
         stats_blp,
         audit_blp,

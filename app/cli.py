@@ -219,6 +219,32 @@ def cmd_audit_head(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_secrets_reencrypt(_args: argparse.Namespace) -> int:
+    """Seal every secret, webhook secret and notification secret under the first key."""
+    from app.config import Config, use_config
+    from app.db import db
+    from app.secrets import services
+    from app.up import SECRET_KEYS_FILE, secret_keys
+
+    cfg = current_config()
+    if not cfg.secret_keys and (cfg.home / SECRET_KEYS_FILE).exists():
+        print(
+            f"runyard: RUNYARD_SECRET_KEYS is unset; using {cfg.home / SECRET_KEYS_FILE}",
+            file=sys.stderr,
+        )
+        os.environ["RUNYARD_SECRET_KEYS"] = secret_keys(cfg.home)
+        use_config(Config.from_env())
+    _database_url()
+    with db.session() as session:
+        counts = {"secrets": services.reencrypt(session)}
+        for table in services.SEALED_COLUMNS:
+            counts[table] = services.reencrypt_column(session, table)
+        session.commit()
+    for what, (resealed, total) in counts.items():
+        print(f"{what}: {resealed} re-encrypted, {total} in all")
+    return 0
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
 
@@ -268,6 +294,42 @@ def cmd_up(args: argparse.Namespace) -> int:
     from app.up import up
 
     return up(with_examples=not args.no_examples)
+
+
+def _add_audit_commands(commands) -> None:
+    audit = commands.add_parser("audit", help="the audit trail")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser(
+        "verify",
+        help="check an organization's hash chain: exit 0 when it holds, 1 naming the first "
+        "changed, removed or inserted event",
+    )
+    verify.add_argument("org", help="organization name")
+    verify.add_argument(
+        "--anchor",
+        type=_anchor,
+        metavar="SEQ:HASH",
+        help="a head printed by `runyard audit head` earlier and kept elsewhere: the chain must "
+        "still pass through it (catches a rewrite of the whole table)",
+    )
+    verify.add_argument("--json", action="store_true", help="print JSON")
+    verify.set_defaults(func=cmd_audit_verify)
+    head = audit_commands.add_parser(
+        "head", help="print the chain's head as SEQ:HASH, to keep outside the database"
+    )
+    head.add_argument("org", help="organization name")
+    head.add_argument("--json", action="store_true", help="print JSON")
+    head.set_defaults(func=cmd_audit_head)
+
+
+def _add_secrets_commands(commands) -> None:
+    secrets_parser = commands.add_parser("secrets", help="secrets at rest")
+    secrets_commands = secrets_parser.add_subparsers(dest="secrets_command", required=True)
+    secrets_commands.add_parser(
+        "reencrypt",
+        help="seal every secret (and webhook and notification secret) under the first key of "
+        "RUNYARD_SECRET_KEYS; run it after putting a new key first",
+    ).set_defaults(func=cmd_secrets_reencrypt)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,29 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("token_id")
     revoke.set_defaults(func=cmd_tokens_revoke)
 
-    audit = commands.add_parser("audit", help="the audit trail")
-    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
-    verify = audit_commands.add_parser(
-        "verify",
-        help="check an organization's hash chain: exit 0 when it holds, 1 naming the first "
-        "changed, removed or inserted event",
-    )
-    verify.add_argument("org", help="organization name")
-    verify.add_argument(
-        "--anchor",
-        type=_anchor,
-        metavar="SEQ:HASH",
-        help="a head printed by `runyard audit head` earlier and kept elsewhere: the chain must "
-        "still pass through it (catches a rewrite of the whole table)",
-    )
-    verify.add_argument("--json", action="store_true", help="print JSON")
-    verify.set_defaults(func=cmd_audit_verify)
-    head = audit_commands.add_parser(
-        "head", help="print the chain's head as SEQ:HASH, to keep outside the database"
-    )
-    head.add_argument("org", help="organization name")
-    head.add_argument("--json", action="store_true", help="print JSON")
-    head.set_defaults(func=cmd_audit_head)
+    _add_audit_commands(commands)
+    _add_secrets_commands(commands)
 
     api = commands.add_parser("api", help="serve the HTTP API (gunicorn)")
     api.add_argument("--host")

@@ -147,6 +147,9 @@ class Config:
     # Flower (empty: http://127.0.0.1:RUNYARD_FLOWER_PORT, as `runyard up` prints it).
     ui_session_hours: float = 12.0
     flower_url: str = ""
+    # Secrets at rest (app/secrets/crypto.py): base64 32-byte keys; the first encrypts, all
+    # decrypt.
+    secret_keys: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> Config:
@@ -203,8 +206,6 @@ class Config:
                 "RUNYARD_STREAM_KEEPALIVE_SECONDS", cls.stream_keepalive_seconds
             ),
             flower_port=_int("RUNYARD_FLOWER_PORT", cls.flower_port),
-            flower_user=os.environ.get("RUNYARD_FLOWER_USER", cls.flower_user),
-            flower_password=os.environ.get("RUNYARD_FLOWER_PASSWORD", ""),
             worker_concurrency=_int("RUNYARD_WORKER_CONCURRENCY", 0),
             http_allow_hosts=_list("RUNYARD_HTTP_ALLOW_HOSTS", ""),
             default_max_running=_optional_limit("RUNYARD_DEFAULT_MAX_RUNNING", int),
@@ -227,6 +228,7 @@ class Config:
             notify_concurrency=max(1, _int("RUNYARD_NOTIFY_CONCURRENCY", cls.notify_concurrency)),
             notify_poll_seconds=_float("RUNYARD_NOTIFY_POLL_SECONDS", cls.notify_poll_seconds),
             metrics_max_agents=_int("RUNYARD_METRICS_MAX_AGENTS", cls.metrics_max_agents),
+            **_credential_settings(cls),
             **_console_settings(cls),
         )
 
@@ -242,6 +244,14 @@ class Config:
                 "which starts an embedded PostgreSQL when it is unset."
             )
         return self.database_url
+
+
+def _credential_settings(cls: type[Config]) -> dict[str, object]:
+    return {
+        "flower_user": os.environ.get("RUNYARD_FLOWER_USER", cls.flower_user),
+        "flower_password": os.environ.get("RUNYARD_FLOWER_PASSWORD", ""),
+        "secret_keys": _list("RUNYARD_SECRET_KEYS", ""),
+    }
 
 
 def _console_settings(cls: type[Config]) -> dict[str, object]:
@@ -472,6 +482,12 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "50",
         "agents per organization that /metrics labels by name (those with the most executions); "
         'the rest are summed under agent="other"',
+    ),
+    (
+        "RUNYARD_SECRET_KEYS",
+        "unset (`runyard up`: a key made in .runyard/secret-keys)",
+        "comma-separated AES-256 keys (base64 of 32 bytes) for secrets at rest: the first "
+        "encrypts, all decrypt; set the same list on the API and every worker",
     ),
     (
         "RUNYARD_UI_SESSION_HOURS",

@@ -9,6 +9,7 @@ from app.idempotency.models import IdempotencyKey
 from app.notifications.models import Notification, NotificationEvent
 from app.orgs.models import ApiToken, Organization
 from app.schedules.models import Schedule, ScheduleFire
+from app.secrets.models import Secret
 from app.stats.models import (
     AgentStatsRollup,
     ExecutionTotal,
@@ -38,6 +39,7 @@ __all__ = [
     "Schedule",
     "ScheduleFire",
     "ScheduleLagTotal",
+    "Secret",
     "StatsWatermark",
     "SubmissionTotal",
     "Trigger",

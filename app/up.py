@@ -109,6 +109,26 @@ def _secret(path: Path) -> str:
     return value
 
 
+SECRET_KEYS_FILE = "secret-keys"
+
+
+def secret_keys(home: Path) -> str:
+    """RUNYARD_SECRET_KEYS, else the key kept in `home` (made on the first start, readable by
+    its owner only): secrets, webhook and notification secrets are sealed under it."""
+    configured = os.environ.get("RUNYARD_SECRET_KEYS", "").strip()
+    if configured:
+        return configured
+    path = home / SECRET_KEYS_FILE
+    if not path.exists():
+        from app.secrets.crypto import new_key
+
+        # Created 0600 from the start: no moment when another user could read it.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(new_key() + "\n")
+    return path.read_text().strip()
+
+
 def _dev_token(home: Path) -> str:
     """The `default` organization's admin token: reused while it still works."""
     from app.errors import Unauthorized
@@ -299,6 +319,9 @@ def up(with_examples: bool = True) -> int:
         signal.signal(sig, stop)
     try:
         database_url, redis_url = _start_servers(cfg, home, running)
+        # In this process's environment before the migrations run (they seal clear webhook
+        # secrets), and so in every child's.
+        os.environ["RUNYARD_SECRET_KEYS"] = secret_keys(home)
         env = {
             **os.environ,
             "DATABASE_URL": database_url,

@@ -14,6 +14,7 @@ Two kinds of test:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import signal
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = f"{os.getpid()}"
 TEST_AGENT_MODULES = "runyard_examples,tests.agents"
 TEST_ALLOWED_COMMANDS = "python3,sh"
+TEST_SECRET_KEY = base64.b64encode(os.urandom(32)).decode()
 
 _embedded: list = []
 
@@ -91,6 +93,8 @@ def pytest_configure(config: pytest.Config) -> None:
             "RUNYARD_CHILD_MAX_FILE_MB": "8",
             # http agents in tests call a server on 127.0.0.1; other loopback names stay refused.
             "RUNYARD_HTTP_ALLOW_HOSTS": "127.0.0.1,127.0.0.2",
+            # Secrets, webhook and notification secrets are sealed under it (a fresh one per run).
+            "RUNYARD_SECRET_KEYS": TEST_SECRET_KEY,
         }
     )
     from app.migrate import upgrade

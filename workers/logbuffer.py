@@ -17,6 +17,7 @@ from app.db import DATABASE_ERRORS, db
 from app.executions import store
 from app.executions.spec import LEVELS
 from workers.attempt import AttemptDatabase
+from workers.secret_refs import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,11 @@ class LogBuffer:
         flush_seconds: float,
         max_chars: int,
         max_lines: int,
+        redactor: Redactor | None = None,
     ) -> None:
         self._database = database
+        # The values of the secrets the execution resolved, written as [secret:<name>].
+        self._redactor = redactor
         self._execution_id = execution_id
         self._attempt = attempt
         self._seq = last_seq
@@ -82,6 +86,11 @@ class LogBuffer:
         self._held_back = False
 
     def add(self, level: int, message: str, fields: dict[str, Any] | None = None) -> None:
+        stored_fields = _jsonable(fields) if fields else None
+        if self._redactor is not None:
+            # Before escaping and cutting, which could hide a value from the redactor.
+            message = self._redactor.text(message)
+            stored_fields = self._redactor.value(stored_fields)
         # PostgreSQL cannot hold NUL or a lone surrogate: show them, never fail the execution.
         message = storable.escaped(message)
         if len(message) > self._max_chars:
@@ -92,7 +101,7 @@ class LogBuffer:
                 self._dropped += 1
                 return
             self._kept += 1
-            self._append(level, message, json.dumps(_jsonable(fields)) if fields else None)
+            self._append(level, message, json.dumps(stored_fields) if fields else None)
             due = (
                 len(self._pending) >= self._batch_lines
                 or time.monotonic() - self._last_flush >= self._flush_seconds

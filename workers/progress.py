@@ -22,6 +22,7 @@ from app.db import DATABASE_ERRORS, db
 from app.executions import store
 from app.executions.spec import Claim
 from workers.attempt import AttemptDatabase
+from workers.secret_refs import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,12 @@ MIN_INTERVAL_SECONDS = 0.25
 
 
 class ProgressReporter:
-    def __init__(self, database: AttemptDatabase, claimed: Claim) -> None:
+    def __init__(
+        self, database: AttemptDatabase, claimed: Claim, redactor: Redactor | None = None
+    ) -> None:
         self._database = database
+        # The execution's secret values, written as [secret:<name>] in messages.
+        self._redactor = redactor
         self._claimed = claimed
         self._owner = threading.get_ident()
         self._lock = threading.Lock()
@@ -44,6 +49,8 @@ class ProgressReporter:
         """Keep the latest value (checked by the caller: workers/context.py) and write it if
         the interval allows."""
         at = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+        if message is not None and self._redactor is not None:
+            message = self._redactor.text(message)
         with self._lock:
             self._pending = {"fraction": fraction, "message": message, "at": at}
         self.flush_if_due()

@@ -17,7 +17,9 @@ from app.db import DATABASE_ERRORS, db
 from app.executions import gates, store
 from app.executions.spec import Claim, VersionSpec
 from app.executions.versions import specs
-from workers import settle
+from app.secrets.crypto import KeyMissing
+from app.secrets.services import SecretsMissing
+from workers import secret_refs, settle
 from workers.attempt import AttemptDatabase
 from workers.context import AgentLog, Context
 from workers.lease import lease_keeper
@@ -72,6 +74,7 @@ def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
             "load its agent version",
             lambda conn: specs.get(conn, claimed.version_id),
         )
+    resolved, redactor, unresolved = _with_secrets(database, claimed, spec)
     buffer = LogBuffer(
         database,
         execution_id,
@@ -81,20 +84,24 @@ def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
         flush_seconds=cfg.log_flush_seconds,
         max_chars=cfg.log_line_max_chars,
         max_lines=spec.limits.get("max_log_lines", cfg.max_log_lines),
+        redactor=redactor,
     )
-    progress = ProgressReporter(database, claimed)
+    progress = ProgressReporter(database, claimed, redactor)
     ctx = Context(
         execution_id=execution_id,
         attempt=claimed.attempt,
         agent={"name": spec.agent_name, "version": spec.version},
-        config=spec.config,
+        config=resolved.config,
         log=AgentLog(buffer),
         check_cancel=CancelCheck(database, execution_id),
         progress=progress,
         traceparent=claimed.traceparent,
     )
     try:
-        outcome = _run_runtime(claimed, spec, ctx, buffer)
+        if unresolved is not None:
+            outcome = unresolved
+        else:
+            outcome = _run_runtime(claimed, resolved, ctx, buffer)
         if outcome.ok:
             _check_output(spec, outcome, spec.limits.get("max_output_bytes", cfg.max_output_bytes))
         progress.flush()  # a value the throttle held back: no statement when there is none
@@ -113,6 +120,8 @@ def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
             error_type="runtime_error",
             error_message=f"the worker failed while running the agent: {type(exc).__name__}: {exc}",
         )
+    if redactor is not None:
+        redactor.outcome(outcome)
     lease_keeper.settling(claimed)
     try:
         with database.connection() as conn:
@@ -127,6 +136,29 @@ def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
             "record the outcome",
             lambda conn: _settle(conn, claimed, spec, outcome, buffer),
         )
+
+
+def _with_secrets(
+    database: AttemptDatabase, claimed: Claim, spec: VersionSpec
+) -> tuple[VersionSpec, secret_refs.Redactor | None, Outcome | None]:
+    """The spec the runtime runs (its secret references replaced by their values), the redactor
+    of those values, and the outcome to record instead of running when they cannot be had."""
+    if not secret_refs.names_of(spec):
+        return spec, None, None
+    try:
+        try:
+            with database.connection() as conn:
+                resolved, redactor = secret_refs.resolve(conn, spec)
+        except DATABASE_ERRORS:
+            resolved, redactor = _once_the_database_answers(
+                database,
+                claimed,
+                "read the agent's secrets",
+                lambda c: secret_refs.resolve(c, spec),
+            )
+    except (SecretsMissing, KeyMissing, secret_refs.SecretUnusable) as exc:
+        return spec, None, secret_refs.failure(exc)
+    return resolved, redactor, None
 
 
 class CancelCheck:

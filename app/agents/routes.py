@@ -20,10 +20,10 @@ class Agents(MethodView):
     @blp.paginate()
     def get(self, args, pagination_parameters):
         """List agents, newest first"""
-        session = request_session()
+        session, principal = request_session(), current_principal()
         items, total = services.list_agents(
             session,
-            current_principal(),
+            principal,
             q=args.get("q"),
             tag=args.get("tag"),
             capability=args.get("capability"),
@@ -32,17 +32,17 @@ class Agents(MethodView):
             limit=pagination_parameters.page_size,
         )
         pagination_parameters.item_count = total
-        return [services.describe(session, agent) for agent in items]
+        return [services.describe(session, agent, principal.role) for agent in items]
 
     @blp.arguments(AgentCreateSchema())
     @blp.response(201, AgentSchema())
     @blp.alt_response(409, description="an agent of that name exists")
     def post(self, data):
         """Create an agent and its first version"""
-        session = request_session()
-        agent = services.create(session, current_principal(), data)
+        session, principal = request_session(), current_principal()
+        agent = services.create(session, principal, data)
         session.commit()
-        return services.describe(session, agent)
+        return services.describe(session, agent, principal.role)
 
 
 @blp.route("/<ref>")
@@ -51,8 +51,9 @@ class AgentByRef(MethodView):
     @blp.alt_response(404, description="no such agent in your organization")
     def get(self, ref):
         """Read an agent by id or name"""
-        session = request_session()
-        return services.describe(session, services.resolve(session, current_principal(), ref))
+        session, principal = request_session(), current_principal()
+        agent = services.resolve(session, principal, ref)
+        return services.describe(session, agent, principal.role)
 
     @blp.arguments(AgentPatchSchema())
     @blp.response(200, AgentSchema())
@@ -60,10 +61,10 @@ class AgentByRef(MethodView):
     @blp.alt_response(409, description="the agent is archived")
     def patch(self, data, ref):
         """Change an agent; a versioned change makes a new immutable version"""
-        session = request_session()
-        agent = services.update(session, current_principal(), ref, data)
+        session, principal = request_session(), current_principal()
+        agent = services.update(session, principal, ref, data)
         session.commit()
-        return services.describe(session, agent)
+        return services.describe(session, agent, principal.role)
 
     @blp.response(204)
     @blp.alt_response(404, description="no such agent in your organization")
@@ -81,15 +82,16 @@ class AgentVersions(MethodView):
     @blp.paginate()
     def get(self, ref, pagination_parameters):
         """List an agent's versions, newest first"""
+        principal = current_principal()
         items, total = services.list_versions(
             request_session(),
-            current_principal(),
+            principal,
             ref,
             offset=pagination_parameters.first_item,
             limit=pagination_parameters.page_size,
         )
         pagination_parameters.item_count = total
-        return items
+        return [services.present_version(item, principal.role) for item in items]
 
 
 @blp.route("/<ref>/versions/<version>")
@@ -98,4 +100,6 @@ class AgentVersionByNumber(MethodView):
     @blp.alt_response(404, description="no such agent or version")
     def get(self, ref, version):
         """Read one version with its full definition"""
-        return services.get_version(request_session(), current_principal(), ref, version)
+        principal = current_principal()
+        found = services.get_version(request_session(), principal, ref, version)
+        return services.present_version(found, principal.role)

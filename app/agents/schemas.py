@@ -78,13 +78,23 @@ RATE_LIMIT = (
 )
 
 
+CONFIG = (
+    "given to the agent as ctx.config. Any value, at any depth, may be "
+    '`{"$secret": "<name>"}`: a secret of the organization (PUT /api/v1/secrets/{name}; an '
+    "unknown name is a 422), replaced by its value on the worker at run time and never shown. "
+    'Literal values are shown as `"***"` to operator and viewer'
+)
+
+
 class AgentDefinitionFields(Schema):
     description = fields.String(allow_none=True)
     runtime = fields.Dict(
         metadata={
             "description": "`{type: python, entrypoint: module:function}` or "
             "`{type: script, language: python, source}` or "
-            "`{type: http, url, headers, timeout_seconds}`"
+            "`{type: http, url, headers, timeout_seconds}`. A command's `env` values and an "
+            'http runtime\'s `headers` values may be `{"$secret": "<name>"}` (see '
+            '`config`); literal header values are shown as `"***"` to operator and viewer'
         }
     )
     input_schema = fields.Dict(metadata={"description": "JSON Schema Draft 2020-12; " + PATTERNS})
@@ -97,7 +107,7 @@ class AgentDefinitionFields(Schema):
     queue = fields.String(metadata={"description": "Celery queue its executions go to"})
     capabilities = fields.List(fields.String())
     tags = fields.List(fields.String())
-    config = fields.Dict(metadata={"description": "given to the agent as ctx.config"})
+    config = fields.Dict(metadata={"description": CONFIG})
     concurrency = fields.Nested(
         ConcurrencySchema, allow_none=True, metadata={"description": CONCURRENCY}
     )
@@ -155,7 +165,7 @@ class AgentVersionSchema(Schema):
     limits = fields.Dict()
     queue = fields.String()
     capabilities = fields.List(fields.String())
-    config = fields.Dict()
+    config = fields.Dict(metadata={"description": CONFIG})
     concurrency = fields.Nested(
         ConcurrencySchema, allow_none=True, metadata={"description": CONCURRENCY}
     )

@@ -18,6 +18,8 @@ from app.config import Config, current_config
 from app.db import page, utcnow
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.orgs.services import Principal
+from app.secrets import references
+from app.secrets import services as secret_store
 from app.versioning import FIRST_VERSION, add_version, next_version
 
 DEFAULT_SCHEMA: dict[str, Any] = {"type": "object"}
@@ -218,6 +220,7 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> Agen
     principal.require("agents:write")
     _check_visibility(principal, None, data)
     _check_definition(data)
+    secret_store.check_references(session, principal.org_id, data.get("config"), data["runtime"])
     _check_http_timeout(data["runtime"], data.get("timeout_seconds", 300))
     agent = Agent(
         org_id=principal.org_id,
@@ -275,8 +278,9 @@ def _add_version(
 
 
 def _audited_state(session: Session, agent: Agent) -> dict[str, Any]:
-    """What an agent.update event's changes are computed between."""
-    shown = describe(session, agent)
+    """What an agent.update event's changes are computed between (as an admin, who reads the
+    trail, sees the agent: $secret references stay references, never values)."""
+    shown = describe(session, agent, "admin")
     return {key: value for key, value in shown.items() if key not in ("created_at", "updated_at")}
 
 
@@ -287,6 +291,9 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
         raise Conflict(f"agent {agent.name!r} is archived", hint="archived agents cannot change")
     _check_visibility(principal, agent, data)
     _check_definition(data)
+    secret_store.check_references(
+        session, principal.org_id, data.get("config"), data.get("runtime")
+    )
     before = _audited_state(session, agent)
     for field in ("description", "visibility"):
         if field in data:
@@ -417,22 +424,41 @@ def get_version(session: Session, principal: Principal, ref: str, version: str) 
     return row
 
 
-def describe(session: Session, agent: Agent) -> dict[str, Any]:
-    """The agent as the API shows it: its fields and its current version's definition."""
+def describe(session: Session, agent: Agent, role: str) -> dict[str, Any]:
+    """The agent as the API shows it to `role`: its fields and its current version's definition
+    (literal config and header values masked for operator and viewer)."""
     version = current_version(session, agent)
-    return {
-        "id": agent.id,
-        "name": agent.name,
-        "description": agent.description,
-        "tags": agent.tags,
-        **{field: getattr(version, field) for field in VERSIONED_FIELDS},
-        "current_version": agent.current_version,
-        "created_at": agent.created_at,
-        "updated_at": agent.updated_at,
-        "archived_at": agent.archived_at,
-        "visibility": agent.visibility,
-        "catalog_runs": agent.catalog_runs,
-    }
+    return references.masked_for(
+        role,
+        {
+            "id": agent.id,
+            "name": agent.name,
+            "description": agent.description,
+            "tags": agent.tags,
+            **{field: getattr(version, field) for field in VERSIONED_FIELDS},
+            "current_version": agent.current_version,
+            "created_at": agent.created_at,
+            "updated_at": agent.updated_at,
+            "archived_at": agent.archived_at,
+            "visibility": agent.visibility,
+            "catalog_runs": agent.catalog_runs,
+        },
+    )
+
+
+def present_version(version: AgentVersion, role: str) -> dict[str, Any]:
+    """A version as the API shows it to `role` (masked as `describe` does)."""
+    return references.masked_for(
+        role,
+        {
+            "id": version.id,
+            "agent_id": version.agent_id,
+            "version": version.version,
+            **{field: getattr(version, field) for field in VERSIONED_FIELDS},
+            "created_at": version.created_at,
+            "created_by": version.created_by,
+        },
+    )
 
 
 def ensure(session: Session, principal: Principal, definition: dict[str, Any]) -> Agent:

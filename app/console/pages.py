@@ -48,7 +48,7 @@ def agent_list():
         offset=pager.offset,
         limit=pager.size,
     )
-    described = [agents.describe(session, agent) for agent in items]
+    described = [agents.describe(session, agent, auth.principal().role) for agent in items]
     summaries = stats.agent_summaries(session, auth.principal(), [agent.id for agent in items])
     for agent in described:
         agent["summary"] = summaries[agent["id"]]
@@ -57,7 +57,7 @@ def agent_list():
 
 def _agent_context(name: str) -> dict[str, Any]:
     session, principal = request_session(), auth.principal()
-    agent = agents.describe(session, agents.resolve(session, principal, name))
+    agent = agents.describe(session, agents.resolve(session, principal, name), principal.role)
     window = request.args.get("window", "24h")
     if window not in stats.WINDOWS:
         window = "24h"
@@ -94,13 +94,16 @@ def _diff_context(session, principal, name: str, offered: list[str]) -> dict[str
     if "from" in request.args and "to" in request.args:
         old_row, new_row = (agents.get_version(session, principal, name, v) for v in (old, new))
         diff = views.definition_diff(
-            (f"{name} {old}", _definition(old_row)), (f"{name} {new}", _definition(new_row))
+            (f"{name} {old}", _definition(old_row, principal.role)),
+            (f"{name} {new}", _definition(new_row, principal.role)),
         )
     return {"diff_from": old, "diff_to": new, "diff": diff}
 
 
-def _definition(version) -> dict[str, Any]:
-    return {field: getattr(version, field) for field in agents.VERSIONED_FIELDS}
+def _definition(version, role: str) -> dict[str, Any]:
+    """What the diff compares: the versioned fields, masked for `role` as the API masks them."""
+    shown = agents.present_version(version, role)
+    return {field: shown[field] for field in agents.VERSIONED_FIELDS}
 
 
 @bp.get("/agents/<name>")

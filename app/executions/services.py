@@ -9,7 +9,6 @@ here, submit, is one statement on an autocommit connection.
 from __future__ import annotations
 
 import datetime as dt
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
-from app.agents.lookup import CatalogRef, find_agent, find_public_agent, find_version_id
+from app.agents.lookup import CatalogRef
 from app.agents.models import Agent
 from app.audit import services as audit
 from app.db import db, driver, page
@@ -28,100 +27,12 @@ from app.executions import logs as log_lines
 from app.executions.dispatch import Dispatch, dispatcher
 from app.executions.models import Execution, ExecutionAttempt, ExecutionLog
 from app.executions.spec import DEFAULT_PRIORITY, LEVELS, VersionSpec
-from app.executions.versions import specs
+from app.executions.targets import Target, insert_for_target
 from app.flow import quotas
 from app.orgs.services import Principal
 
 # ---------------------------------------------------------------------------------------------
 # Submit
-
-
-@dataclass(frozen=True)
-class Target:
-    agent_id: uuid.UUID
-    version_id: uuid.UUID
-    pinned: bool
-
-
-class TargetCache:
-    """(org, agent ref, version) -> ids. May be stale: the INSERT re-checks what it relies on."""
-
-    def __init__(self, ttl_seconds: float = 30.0) -> None:
-        self.ttl_seconds = ttl_seconds
-        self._entries: dict[tuple, tuple[float, Target]] = {}
-
-    def get(self, key: tuple) -> Target | None:
-        entry = self._entries.get(key)
-        if entry and entry[0] > time.monotonic():
-            return entry[1]
-        return None
-
-    def put(self, key: tuple, target: Target) -> None:
-        if len(self._entries) > 10_000:
-            self._entries.clear()
-        self._entries[key] = (time.monotonic() + self.ttl_seconds, target)
-
-    def forget(self, key: tuple) -> None:
-        self._entries.pop(key, None)
-
-
-targets = TargetCache()
-
-
-def _lookup_target(
-    conn: Connection, principal: Principal, ref: str | CatalogRef, version: str | None
-) -> Target:
-    if isinstance(ref, CatalogRef):
-        row = find_public_agent(conn, ref, principal.org_id)
-        if row is None:
-            raise NotFound(
-                f"no public agent {ref}",
-                hint="GET /api/v1/catalog lists the agents every organization may run",
-            )
-    else:
-        row = find_agent(conn, principal.org_id, ref, by_id=True)
-        if row is None:
-            raise NotFound(f"no agent {ref!r}", hint="GET /api/v1/agents lists your agents")
-        if row["archived_at"] is not None:
-            raise Conflict(
-                f"agent {row['name']!r} is archived and takes no new executions",
-                hint="create a new agent, or run another one",
-            )
-    if version is None:
-        return Target(row["id"], row["current_version_id"], pinned=False)
-    version_id = find_version_id(conn, row["id"], version)
-    if version_id is None:
-        where = (
-            "GET /api/v1/catalog shows its current_version"
-            if isinstance(ref, CatalogRef)
-            else f"GET /api/v1/agents/{row['name']}/versions lists them"
-        )
-        raise NotFound(f"agent {row['name']!r} has no version {version!r}", hint=where)
-    return Target(row["id"], version_id, pinned=True)
-
-
-def _insert_for_target(
-    conn: Connection,
-    principal: Principal,
-    ref: str | CatalogRef,
-    version: str | None,
-    insert: Callable[[Connection, VersionSpec, Target], Any],
-) -> tuple[Target, VersionSpec, Any]:
-    """Find the agent version a submit runs (the cache first), then `insert(conn, spec, target)`,
-    which checks the input and inserts (None when the cached target was stale: looked up and
-    tried once more)."""
-    key = (principal.org_id, ref, version)
-    for fresh in (False, True):
-        target = None if fresh else targets.get(key)
-        if target is None:
-            target = _lookup_target(conn, principal, ref, version)
-            targets.put(key, target)
-        spec = specs.get(conn, target.version_id)
-        inserted = insert(conn, spec, target)
-        if inserted is not None:
-            return target, spec, inserted
-        targets.forget(key)
-    raise Conflict("the agent changed while submitting", hint="submit again")
 
 
 def _refuse_invalid(spec: VersionSpec, errors: dict[str, Any], what: str) -> None:
@@ -179,7 +90,7 @@ def submit(
         )
 
     with quotas.admitted(principal.org_id, executions=1) as conn:
-        target, spec, (queued_at, waiting_for) = _insert_for_target(
+        target, spec, (queued_at, waiting_for) = insert_for_target(
             conn, principal, ref, version, insert
         )
     if waiting_for is None:
@@ -193,6 +104,33 @@ def submit(
             None if execution_id in let_out else released.reasons.get(execution_id, waiting_for)
         )
     gates.publish_after_commit(released.let_out)
+    return _accepted(
+        principal,
+        execution_id,
+        target,
+        spec,
+        payload,
+        priority,
+        queued_at,
+        waiting_for,
+        rerun_of,
+        traceparent,
+    )
+
+
+def _accepted(
+    principal: Principal,
+    execution_id: uuid.UUID,
+    target: Target,
+    spec: VersionSpec,
+    payload: dict[str, Any],
+    priority: int,
+    queued_at: dt.datetime,
+    waiting_for: str | None,
+    rerun_of: uuid.UUID | None,
+    traceparent: str | None,
+) -> dict[str, Any]:
+    """A submit's answer: the execution as stored, without reading it back."""
     return {
         "id": execution_id,
         "agent_id": target.agent_id,
@@ -201,29 +139,21 @@ def submit(
         "status": "queued",
         "priority": priority,
         "input": payload,
+        "output": None,
+        "error": None,
         "attempts": 0,
         "queued_at": queued_at,
-        **NOT_STARTED,
+        "started_at": None,
+        "finished_at": None,
+        "duration_ms": None,
+        "resource_usage": None,
+        "chain_execution_id": None,
         "waiting_for": shown_waiting_for(waiting_for),
         "rerun_of": rerun_of,
+        "progress": None,
         "traceparent": traceparent,
         "created_by": audit.shown_created_by(principal.token_id, principal.token_name),
     }
-
-
-# What a submit answers of an execution no worker has started.
-NOT_STARTED = dict.fromkeys(
-    [
-        "output",
-        "error",
-        "started_at",
-        "finished_at",
-        "duration_ms",
-        "resource_usage",
-        "chain_execution_id",
-        "progress",
-    ]
-)
 
 
 def _submitted(
@@ -360,7 +290,7 @@ def store_batch(
         new = [(row.id, row.input) for row in rows]
         return _insert_held(conn, principal.org_id, spec, new, insert_rows, released)
 
-    _, spec, waiting = _insert_for_target(conn, principal, ref, version, insert)
+    _, spec, waiting = insert_for_target(conn, principal, ref, version, insert)
     return StoredBatch(spec, rows, waiting)
 
 

@@ -50,6 +50,9 @@ HINTS = {
     "when unset); return less, or store large results elsewhere and return a reference",
     "file_size_limit": "the agent wrote a file over RUNYARD_CHILD_MAX_FILE_MB",
     "process_limit": "the agent ran more processes at once than RUNYARD_CHILD_MAX_PROCESSES",
+    "secret_missing": "a secret the agent refers to was deleted, no key in the worker's "
+    "RUNYARD_SECRET_KEYS opens it, or its value cannot stand where it is used (a line break in "
+    "a header); PUT /api/v1/secrets/<name> again, or fix the worker's keys",
     "superseded": "a newer execution of the same concurrency key replaced it (the agent's "
     "concurrency.on_limit is cancel_running)",
 }

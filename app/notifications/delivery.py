@@ -27,9 +27,11 @@ from app.chains.schemas import ChainExecutionSchema
 from app.executions import services as executions
 from app.executions.models import Execution
 from app.executions.schemas import ExecutionSchema
+from app.notifications.services import sealing_context
 from app.schedules import services as schedules
 from app.schedules.models import Schedule
 from app.schedules.schemas import ScheduleSchema
+from app.secrets.crypto import readable
 
 # Longer than a delivery's 10 s: an event is claimed by one run at a time.
 CLAIM_LEASE_SECONDS = 60
@@ -46,7 +48,8 @@ _CLAIM = """
             ORDER BY next_attempt_at LIMIT :limit
             FOR UPDATE SKIP LOCKED))
       AND n.id = e.notification_id
-    RETURNING e.id, e.type, e.subject_id, e.data, e.created_at, e.attempts, n.url, n.secret
+    RETURNING e.id, e.type, e.subject_id, e.data, e.created_at, e.attempts, n.url, n.secret,
+              n.id AS notification_id
 """
 _CLAIM_DUE = text(_CLAIM.format(only=""))
 _CLAIM_THESE = text(_CLAIM.format(only="AND id = ANY(:ids)"))
@@ -146,7 +149,9 @@ def prepare(session: Session, rows: list[Any]) -> list[Due]:
             "data": data,
         }
         encoded = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        prepared.append(Due(row.id, row.url, row.secret, encoded, row.attempts))
+        # Sealed at rest; a clear one left by the migration (no key then) is used as it is.
+        secret = readable(row.secret, sealing_context(row.notification_id))
+        prepared.append(Due(row.id, row.url, secret, encoded, row.attempts))
     return prepared
 
 

@@ -34,9 +34,9 @@ DELIVERY_STATUSES = ("pending", "delivered", "failed")
 
 
 class Notification(Base):
-    """A subscription: the events of an organization POSTed, signed, to a URL. The secret is
-    kept in clear, like a trigger's: signing with HMAC needs it (the project has no key to
-    encrypt it with); it is shown once, at creation."""
+    """A subscription: the events of an organization POSTed, signed, to a URL. The signing
+    secret is sealed at rest (app/secrets/crypto.py, `notification:<id>` as associated data);
+    it is shown once, at creation."""
 
     __tablename__ = "notifications"
     __table_args__ = (

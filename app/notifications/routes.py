@@ -49,6 +49,7 @@ class Notifications(MethodView):
         description="an unknown event type or agent, or a URL that is not http(s) or whose "
         "address the guard refuses (by JSON pointer)",
     )
+    @blp.alt_response(503, description="no key to encrypt its secret (RUNYARD_SECRET_KEYS)")
     def post(self, data):
         """Subscribe a URL to events; the answer holds the signing secret, shown this once
 

@@ -21,6 +21,7 @@ from app.db import page, utcnow
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.notifications.models import Notification, NotificationEvent
 from app.orgs.services import Principal
+from app.secrets.crypto import keyring
 
 SECRET_PREFIX = "whsec_"
 
@@ -96,6 +97,11 @@ def _flush_or_conflict(session: Session, name: str) -> None:
         ) from exc
 
 
+def sealing_context(notification_id: uuid.UUID) -> str:
+    """The associated data of a subscription's sealed signing secret."""
+    return f"notification:{notification_id}"
+
+
 def create(
     session: Session, principal: Principal, data: dict[str, Any]
 ) -> tuple[Notification, str]:
@@ -103,12 +109,14 @@ def create(
     principal.require("notifications")
     check_url(data["url"])
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+    notification_id = uuid.uuid4()
     notification = Notification(
+        id=notification_id,
         org_id=principal.org_id,
         name=data["name"],
         url=data["url"],
         events=sorted(set(data["events"])),
-        secret=secret,
+        secret=keyring().seal(secret, sealing_context(notification_id)),
     )
     _apply_filter(session, principal, notification, data["filter"])
     session.add(notification)

@@ -34,6 +34,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     # Subscriptions point the organization's events at a URL: reading one is managing it.
     "notifications": frozenset({"admin", "developer"}),
     "audit:read": frozenset({"admin"}),
+    # Setting and deleting secrets; their values are never read back by anyone.
+    "secrets:write": frozenset({"admin", "developer"}),
     "tokens": frozenset({"admin"}),
     # Listing an agent in the catalog opens it to every organization.
     "agents:publish": frozenset({"admin"}),

@@ -12,8 +12,9 @@ from app.db import Base, now_column, uuid_pk
 
 
 class Trigger(CreatedBy, Base):
-    """A webhook that starts its target. The secret is kept in clear because checking an
-    HMAC needs it; it is shown once, at creation, and never again."""
+    """A webhook that starts its target. Its secret is sealed at rest (app/secrets/crypto.py,
+    `trigger:<id>` as associated data): checking an HMAC needs it back, so it cannot be
+    hashed; it is shown once, at creation, and never again."""
 
     __tablename__ = "triggers"
     __table_args__ = (

@@ -35,6 +35,7 @@ class Triggers(MethodView):
     @blp.response(201, TriggerSchema())
     @blp.alt_response(409, description="a trigger of that name exists")
     @blp.alt_response(422, description="unknown target, malformed reference or invalid input")
+    @blp.alt_response(503, description="no key to encrypt its secret (RUNYARD_SECRET_KEYS)")
     def post(self, data):
         """Create a webhook trigger; the answer holds its secret, shown this once"""
         session = request_session()
@@ -73,22 +74,36 @@ class Hook(MethodView):
     )
     @hooks.alt_response(422, description="the event lacks a referenced value, or the input fails")
     @hooks.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)
+    @hooks.alt_response(
+        503, description="no key in RUNYARD_SECRET_KEYS decrypts the trigger's stored secret"
+    )
     @hooks.doc(
         security=[],
         parameters=[
             {
                 "in": "header",
-                "name": services.SIGNATURE_HEADER,
-                "required": True,
+                "name": services.SIGNED_HEADER,
+                "required": False,
                 "schema": {"type": "string"},
-                "description": "sha256=<hex HMAC-SHA256 of the raw body with the secret>",
+                "description": '`t=<Unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>" '
+                "with the secret>`, t within 5 minutes of the server's clock: the scheme to "
+                "use (the timestamp is signed, so a captured request cannot be replayed later)",
+            },
+            {
+                "in": "header",
+                "name": services.SIGNATURE_HEADER,
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "older scheme, still accepted when Runyard-Signature is absent: "
+                "`sha256=<hex HMAC-SHA256 of the raw body with the secret>`",
             },
             {
                 "in": "header",
                 "name": services.TIMESTAMP_HEADER,
-                "required": True,
+                "required": False,
                 "schema": {"type": "string"},
-                "description": "Unix seconds (or ISO 8601), within 5 minutes of the server",
+                "description": "with X-Runyard-Signature only: Unix seconds (or ISO 8601), "
+                "within 5 minutes of the server",
             },
         ],
     )
@@ -97,12 +112,12 @@ class Hook(MethodView):
 
         Answers with `execution_id` for an agent target, `chain_execution_id` for a chain."""
         session = request_session()
+        headers = (services.SIGNED_HEADER, services.SIGNATURE_HEADER, services.TIMESTAMP_HEADER)
         body, launched = services.deliver(
             session,
             trigger_id,
             request.get_data(cache=True),
-            request.headers.get(services.SIGNATURE_HEADER),
-            request.headers.get(services.TIMESTAMP_HEADER),
+            {name: request.headers.get(name) for name in headers},
         )
         session.commit()
         runs.publish_after_commit(launched)

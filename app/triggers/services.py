@@ -1,16 +1,19 @@
 """Webhook triggers: outside systems start a target with a signed POST /hooks/<id>.
 
-A delivery is accepted when:
-- `X-Runyard-Signature: sha256=<hex>` is the HMAC-SHA256 of the raw body with the trigger's
-  secret (compared in constant time),
-- `X-Runyard-Timestamp` (Unix seconds, or ISO 8601) lies within TIMESTAMP_TOLERANCE of now,
-- the signature was not accepted before. Seen signatures are rows of trigger_deliveries,
-  written in the same transaction as the execution they start: a delivery is either fully
-  accepted (remembered and run) or not at all, so a sender may retry a request that failed.
-  They are kept for REPLAY_MEMORY, much longer than the timestamp window, because the signature
-  covers the body only: a captured request re-sent later with a fresh timestamp still carries
-  an old signature and is refused. Send an event id in the body so that two genuine events
-  never share a body.
+A delivery is accepted when it carries one of two signatures, made with the trigger's secret:
+- `Runyard-Signature: t=<Unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">` (the scheme
+  notifications are sent with): the timestamp is signed, so it must lie within
+  TIMESTAMP_TOLERANCE of now and a captured request cannot be re-sent later with a fresh one;
+- the older `X-Runyard-Signature: sha256=<hex HMAC-SHA256 of the raw body>` with
+  `X-Runyard-Timestamp` (Unix seconds, or ISO 8601) within TIMESTAMP_TOLERANCE of now, still
+  accepted. Its timestamp is not signed: the replay memory below is all that stops a captured
+  request re-sent with a fresh timestamp, and only for REPLAY_MEMORY;
+and when the signature was not accepted before. Seen signatures are rows of trigger_deliveries,
+written in the same transaction as the execution they start: a delivery is either fully
+accepted (remembered and run) or not at all, so a sender may retry a request that failed. Send
+an event id in the body so that two genuine events never share a body.
+
+The secret is stored sealed (app/secrets/crypto.py), with `trigger:<id>` as associated data.
 
 Everything else answers 401 (bad or missing signature, stale timestamp, replay), 400 (a body
 that is not JSON) or 422 (a `$.event...` reference that finds nothing, an input that fails the
@@ -45,8 +48,10 @@ from app.errors import (
 )
 from app.flow import quotas
 from app.orgs.services import Principal
+from app.secrets.crypto import keyring, readable
 from app.triggers.models import Trigger
 
+SIGNED_HEADER = "Runyard-Signature"
 SIGNATURE_HEADER = "X-Runyard-Signature"
 TIMESTAMP_HEADER = "X-Runyard-Timestamp"
 TIMESTAMP_TOLERANCE = dt.timedelta(minutes=5)
@@ -54,8 +59,10 @@ REPLAY_MEMORY = dt.timedelta(hours=24)
 SECRET_PREFIX = "whsec_"
 _SEGMENT = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]")
 SIGNING_HINT = (
-    "send X-Runyard-Signature: sha256=<hex HMAC-SHA256 of the raw body with the trigger's "
-    "secret> and X-Runyard-Timestamp: <Unix seconds>, within 5 minutes of the server's clock"
+    'send Runyard-Signature: t=<Unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>" with '
+    "the trigger's secret>, t within 5 minutes of the server's clock (the older "
+    "X-Runyard-Signature: sha256=<hex HMAC-SHA256 of the raw body> with X-Runyard-Timestamp is "
+    "still accepted)"
 )
 
 
@@ -151,7 +158,9 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> tupl
     if not check_template(data["input"]):
         runs.check_input(conn, target, data["input"])
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+    trigger_id = uuid.uuid4()
     trigger = Trigger(
+        id=trigger_id,
         org_id=principal.org_id,
         name=data["name"],
         target_kind=target.kind,
@@ -161,7 +170,7 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> tupl
         version_id=target.version_id,
         chain_id=target.chain_id,
         input=data["input"],
-        secret=secret,
+        secret=keyring().seal(secret, sealing_context(trigger_id)),
         created_by_token_id=principal.token_id,
         created_by_token_name=principal.token_name,
     )
@@ -242,25 +251,56 @@ def _parse_timestamp(raw: str) -> dt.datetime:
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
-def verify(secret: str, body: bytes, signature: str | None, timestamp: str | None) -> str:
-    """The signature's hex digest when the request is authentic and fresh; else 401."""
-    if not signature or not signature.startswith("sha256="):
-        raise Unauthorized(f"missing or malformed {SIGNATURE_HEADER}", hint=SIGNING_HINT)
-    expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    given = signature.removeprefix("sha256=").strip().lower()
+def _same(expected: str, given: str) -> bool:
     # Bytes: compare_digest refuses a str with characters outside ASCII (a 500, not a 401).
-    if not hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace")):
+    return hmac.compare_digest(expected.encode(), given.strip().lower().encode("utf-8", "replace"))
+
+
+def _check_fresh(sent_at: dt.datetime, header: str) -> None:
+    if abs(utcnow() - sent_at) > TIMESTAMP_TOLERANCE:
+        raise Unauthorized(
+            f"the {header} timestamp is more than 5 minutes away from the server's clock",
+            hint="sign and send each request when it is made; check the sender's clock",
+        )
+
+
+def verify_signed(secret: str, body: bytes, header: str) -> str:
+    """`Runyard-Signature: t=..,v1=..`: the digest when authentic and fresh; else 401."""
+    parts: dict[str, list[str]] = {}
+    for item in header.split(","):
+        key, _, value = item.strip().partition("=")
+        parts.setdefault(key, []).append(value)
+    stamp, given = parts.get("t", [""])[0], parts.get("v1", [])
+    if not stamp.isdigit() or len(stamp) > 10 or not given:
+        raise Unauthorized(f"malformed {SIGNED_HEADER}", hint=SIGNING_HINT)
+    expected = hmac.new(secret.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
+    # Several v1 values are allowed, so that a sender can sign with an old and a new secret.
+    if not any(_same(expected, value) for value in given):
+        raise Unauthorized("bad signature", hint=SIGNING_HINT)
+    _check_fresh(dt.datetime.fromtimestamp(int(stamp), dt.UTC), SIGNED_HEADER)
+    return expected
+
+
+def verify(secret: str, body: bytes, signature: str | None, timestamp: str | None) -> str:
+    """The older scheme: the signature's hex digest when authentic and fresh; else 401."""
+    if not signature or not signature.startswith("sha256="):
+        raise Unauthorized(
+            f"missing or malformed {SIGNED_HEADER} (or {SIGNATURE_HEADER})", hint=SIGNING_HINT
+        )
+    expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    if not _same(expected, signature.removeprefix("sha256=")):
         raise Unauthorized("bad signature", hint=SIGNING_HINT)
     try:
         sent_at = _parse_timestamp(timestamp or "")
     except ValueError:
         raise Unauthorized(f"missing or malformed {TIMESTAMP_HEADER}", hint=SIGNING_HINT) from None
-    if abs(utcnow() - sent_at) > TIMESTAMP_TOLERANCE:
-        raise Unauthorized(
-            f"{TIMESTAMP_HEADER} is more than 5 minutes away from the server's clock",
-            hint="sign and send each request when it is made; check the sender's clock",
-        )
+    _check_fresh(sent_at, TIMESTAMP_HEADER)
     return expected
+
+
+def sealing_context(trigger_id: uuid.UUID) -> str:
+    """The associated data of a trigger's sealed secret."""
+    return f"trigger:{trigger_id}"
 
 
 _REMEMBER = text(
@@ -277,7 +317,7 @@ _FORGET_OLD = text(
 
 
 def deliver(
-    session: Session, trigger_ref: str, body: bytes, signature: str | None, timestamp: str | None
+    session: Session, trigger_ref: str, body: bytes, headers: dict[str, str | None]
 ) -> tuple[dict[str, Any], runs.Launched]:
     """Check and run one delivery; the caller commits, then publishes what this returns."""
     try:
@@ -286,7 +326,12 @@ def deliver(
         trigger = None
     if trigger is None:
         raise NotFound(f"no trigger {trigger_ref!r}")
-    digest = verify(trigger.secret, body, signature, timestamp)
+    secret = readable(trigger.secret, sealing_context(trigger.id))
+    signed = headers.get(SIGNED_HEADER)
+    if signed is not None:
+        digest = verify_signed(secret, body, signed)
+    else:
+        digest = verify(secret, body, headers.get(SIGNATURE_HEADER), headers.get(TIMESTAMP_HEADER))
     try:
         # UTF-8 only, strictly: json.loads on bytes would also take UTF-16/32 and raw
         # surrogates, past the escape check below.

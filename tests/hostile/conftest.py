@@ -73,6 +73,7 @@ class World:
     trigger: dict
     notification: dict
     event_id: str
+    secret: dict
     token: dict
     org_name: str
 
@@ -92,6 +93,7 @@ class World:
                 "notification_id": self.notification["id"],
                 "event_id": self.event_id,
             },
+            "secrets": {"name": self.secret["name"]},
             "tokens": {"token_id": self.token["id"]},
             # The world's agent is private: the catalog runs it for us (our own), and to another
             # organization has no such agent (a 404), as for any object of ours it names.
@@ -165,6 +167,10 @@ def build_world(client, org) -> World:
         client.get(f"/api/v1/notifications/{notification['id']}/deliveries", headers=headers),
         200,
     )
+    secret = _created(
+        client.put("/api/v1/secrets/api-key", json={"value": "s3cr3t-value"}, headers=headers),
+        200,
+    )
     token = _created(
         client.post("/api/v1/tokens", json={"name": "reader", "role": "viewer"}, headers=headers),
         201,
@@ -178,6 +184,7 @@ def build_world(client, org) -> World:
         trigger,
         notification,
         event["event_id"],
+        secret,
         token,
         org.name,
     )

@@ -24,8 +24,12 @@ BODIES = {
     Route("/api/v1/executions/<execution_id>/rerun", "POST"): {},
     Route("/api/v1/chain-executions/<execution_id>/rerun", "POST"): {"from": "failed"},
     Route("/api/v1/notifications/<notification_id>", "PATCH"): {"url": "http://127.0.0.2:1/"},
+    Route("/api/v1/secrets/<name>", "PUT"): {"value": "theirs now"},
     Route("/api/v1/catalog/<org>/<agent>/executions", "POST"): {"input": {}},
 }
+# Routes that name an object by a name of the caller's own namespace and make it when missing:
+# another organization's token makes its own object (200), never touching ours.
+UPSERTS = {Route("/api/v1/secrets/<name>", "PUT")}
 # Every route naming an object; a new one fails test_every_object_route_is_covered until it is
 # added here (with its body in BODIES if it takes one).
 OBJECT_ROUTES = {
@@ -67,6 +71,8 @@ OBJECT_ROUTES = {
     Route("/api/v1/notifications/<notification_id>", "DELETE"),
     Route("/api/v1/notifications/<notification_id>/deliveries", "GET"),
     Route("/api/v1/notifications/<notification_id>/deliveries/<event_id>/redeliver", "POST"),
+    Route("/api/v1/secrets/<name>", "PUT"),
+    Route("/api/v1/secrets/<name>", "DELETE"),
     Route("/api/v1/tokens/<token_id>", "DELETE"),
     # It names another organization's agent by design: a private one (the world's) is a 404.
     Route("/api/v1/catalog/<org>/<agent>/executions", "POST"),
@@ -93,6 +99,7 @@ def snapshot(client, org, world) -> dict[str, object]:
         "/api/v1/schedules",
         "/api/v1/triggers",
         "/api/v1/notifications",
+        "/api/v1/secrets",
     ):
         seen[path] = client.get(path, headers=org.headers).get_json()
     return seen
@@ -110,7 +117,10 @@ def test_another_organizations_token_gets_404_on_every_object_route(
             json=BODIES.get(route),
             headers=other_org.headers,
         )
-        assert_error_shape(response, 404)
+        if route in UPSERTS:
+            assert response.status_code == 200 and response.get_json()["version"] == 1, route
+        else:
+            assert_error_shape(response, 404)
     assert snapshot(client, org, world) == before
 
 

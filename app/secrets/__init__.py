@@ -1,0 +1,1 @@
+"""Secrets: write-only values sealed at rest, referenced by agents as {"$secret": "name"}."""
