@@ -280,10 +280,11 @@ _STAMP = text(
 
 
 def _stamp_last_use(token_id: uuid.UUID) -> None:
-    """One statement, once a minute per token and process. A failure costs the stamp, never
-    the request."""
+    """One statement, once a minute per token and process, on a connection of its own (its row
+    lock never outlives the statement, whatever transaction the caller is in). A failure costs
+    the stamp, never the request."""
     try:
-        with db.hot() as conn:
+        with db.detached() as conn:
             conn.execute(_STAMP, {"id": token_id})
     except Exception:
         log.warning("could not record the use of token %s", token_id, exc_info=True)

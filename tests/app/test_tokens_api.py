@@ -5,6 +5,7 @@ import time
 
 from sqlalchemy import text
 
+from app.db import db
 from app.orgs import services
 from tests.app.test_quotas_live import _call, api_server
 from tests.conftest import bearer, make_token
@@ -102,40 +103,47 @@ def test_another_organizations_token_is_404(client, org, other_org):
     assert theirs["id"] not in ids
 
 
-def _last_used(connection, token_id):
-    return connection.execute(
-        text("SELECT last_used_at FROM api_tokens WHERE id = :id"), {"id": token_id}
-    ).scalar()
+def _last_used(token_id):
+    with db.hot() as conn:
+        return conn.execute(
+            text("SELECT last_used_at FROM api_tokens WHERE id = :id"), {"id": token_id}
+        ).scalar()
 
 
-def test_last_used_at_is_stamped_at_most_once_a_minute(client, org, connection):
-    issued = _issue(client, org)
+def _set_last_used(token_id, seconds_ago: int) -> None:
+    with db.hot() as conn:
+        conn.execute(
+            text(
+                "UPDATE api_tokens SET last_used_at = now() - make_interval(secs => :ago) "
+                "WHERE id = :id"
+            ),
+            {"id": token_id, "ago": seconds_ago},
+        )
+
+
+def test_last_used_at_is_stamped_at_most_once_a_minute(app, live_org):
+    """Committed tokens: the stamp has a connection of its own (db.detached)."""
+    client = app.test_client()
+    issued = _issue(client, live_org)
     assert issued["last_used_at"] is None
     headers = bearer(issued["token"])
     client.get("/api/v1/me", headers=headers)
-    first = _last_used(connection, issued["id"])
-    assert first is not None
-    listed = {t["id"]: t for t in client.get(TOKENS, headers=org.headers).get_json()}
+    assert _last_used(issued["id"]) is not None
+    listed = {t["id"]: t for t in client.get(TOKENS, headers=live_org.headers).get_json()}
     assert listed[issued["id"]]["last_used_at"] is not None
     # Put the stamp 30 s back: neither this process (it stamped a moment ago) nor another one
     # (forgetting stands for a fresh process) writes again within the minute.
-    connection.execute(
-        text("UPDATE api_tokens SET last_used_at = now() - interval '30 seconds' WHERE id = :id"),
-        {"id": issued["id"]},
-    )
-    thirty_back = _last_used(connection, issued["id"])
+    _set_last_used(issued["id"], 30)
+    thirty_back = _last_used(issued["id"])
     client.get("/api/v1/me", headers=headers)
     services.last_use.forget()
     client.get("/api/v1/me", headers=headers)
-    assert _last_used(connection, issued["id"]) == thirty_back
+    assert _last_used(issued["id"]) == thirty_back
     # Once the stored stamp is over a minute old, the next process to see the token writes.
-    connection.execute(
-        text("UPDATE api_tokens SET last_used_at = now() - interval '61 seconds' WHERE id = :id"),
-        {"id": issued["id"]},
-    )
+    _set_last_used(issued["id"], 61)
     services.last_use.forget()
     client.get("/api/v1/me", headers=headers)
-    assert _last_used(connection, issued["id"]) > thirty_back
+    assert _last_used(issued["id"]) > thirty_back
 
 
 def test_a_token_revoked_through_the_api_stops_working_on_a_live_server(live_org, app, tmp_path):
