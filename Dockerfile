@@ -24,8 +24,10 @@ RUN python -c "import configparser; c = configparser.RawConfigParser(); c.read('
 # The tree stays owned by root and read-only for the runtime user; bytecode is compiled here
 # because that user cannot write __pycache__.
 COPY . .
-RUN pip install --no-cache-dir -e . \
-    && python -m compileall -q app workers runyard_examples migrations celeryconfig.py
+# The client package brings the `runyard` command (client commands plus the admin ones).
+RUN pip install --no-cache-dir -e './clients/python[cli]' -e . \
+    && python -m compileall -q app workers runyard_examples migrations celeryconfig.py \
+       clients/python/runyard_client
 
 # Agents run inside the worker's child processes: never as root.
 RUN useradd --create-home --uid 10001 --user-group runyard

@@ -6,10 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint format bench clean
 
-$(STAMP): setup.cfg pyproject.toml
+# The server and, beside it, the client package (clients/python), whose `runyard` command runs
+# the client commands and the server's admin commands. The client goes second: a venv made
+# before it had the server's own `runyard` script, which upgrading the server deletes.
+$(STAMP): setup.cfg pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]'
+	$(BIN)/python -m pip install --quiet -e './clients/python[cli]'
 	touch $(STAMP)
 
 run: $(STAMP)

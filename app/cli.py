@@ -409,6 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def commands() -> dict[str, str]:
+    """The admin commands and their help, for the `runyard` of runyard-client, which runs them
+    through `main` (this module is its `runyard.commands` entry point, in setup.cfg)."""
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {choice.dest: choice.help for choice in action._choices_actions}
+
+
 def main(argv: list[str] | None = None) -> int:
     from app.errors import RunyardError
     from app.hardening import make_undumpable

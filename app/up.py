@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -25,6 +26,8 @@ class Child:
     name: str
     process: subprocess.Popen
     log_path: Path
+    # Where this run's lines start in the (appended) log.
+    log_offset: int = 0
 
 
 class Supervisor:
@@ -39,6 +42,7 @@ class Supervisor:
         in argv: any local user reads a process's command line in `ps`)."""
         log_path = self.home / "logs" / f"{name}.log"
         log_file = open(log_path, "ab")  # noqa: SIM115 - held open for the child's lifetime
+        offset = log_file.tell()
         # Own session: Ctrl-C reaches only this supervisor, which stops the children in order.
         process = subprocess.Popen(
             argv,
@@ -48,7 +52,7 @@ class Supervisor:
             start_new_session=True,
         )
         log_file.close()
-        self.children.append(Child(name, process, log_path))
+        self.children.append(Child(name, process, log_path, offset))
 
     def dead(self) -> Child | None:
         return next((c for c in self.children if c.process.poll() is not None), None)
@@ -90,7 +94,8 @@ def _wait_http(url: str, supervisor: Supervisor, timeout: float = 60.0) -> None:
 def _wait_log(supervisor: Supervisor, name: str, marker: str, timeout: float = 60.0) -> None:
     """Wait until a child writes `marker` to its log (Celery's worker says "ready.")."""
     child = next(c for c in supervisor.children if c.name == name)
-    start = child.log_path.stat().st_size if child.log_path.exists() else 0
+    # From where the child started: on a loaded machine it may be ready before the API is.
+    start = child.log_offset
     deadline = time.monotonic() + timeout
     while marker not in child.log_path.read_text(errors="replace")[start:]:
         if child.process.poll() is not None:
@@ -167,6 +172,18 @@ def load_examples(org_name: str = "default") -> list[str]:
         names = [services.ensure(session, principal, definition).name for definition in AGENTS]
         session.commit()
     return names
+
+
+def write_env(home: Path, values: dict[str, str]) -> Path:
+    """.runyard/env: what `celery -A workers inspect ...`, `runyard ...` and scripts need to reach
+    these servers (`set -a; . .runyard/env; set +a`). 0600: it holds the dev token."""
+    path = home / "env"
+    text = "".join(f"{name}={shlex.quote(value)}\n" for name, value in values.items())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    path.chmod(0o600)
+    return path
 
 
 def flower_command(port: int, user: str, password: str) -> tuple[list[str], dict[str, str]]:
@@ -284,9 +301,10 @@ Runyard is up.
   examples     {", ".join(examples) or "not loaded"}
   logs         {home / "logs"}
 
-Try:
-  curl -s -H "Authorization: Bearer {token}" -H "Content-Type: application/json" \\
-       -d '{{"input": {{"title": "Hello, Runyard!"}}}}' {api_url}/api/v1/agents/slugify/executions
+Try, in another shell:
+  set -a; . {home / "env"}; set +a
+  {Path(sys.executable).parent / "runyard"} run slugify --follow \\
+      --input '{{"title": "Hello, Runyard!"}}'
 
 Ctrl-C stops everything.""",
         flush=True,
@@ -338,6 +356,16 @@ def up(with_examples: bool = True) -> int:
         api_url = f"http://{cfg.api_host}:{cfg.api_port}"
         _wait_http(f"{api_url}/healthz", running.supervisor)
         _wait_log(running.supervisor, "worker", "ready.")
+        write_env(
+            home,
+            {
+                "DATABASE_URL": database_url,
+                "REDIS_URL": redis_url,
+                "RUNYARD_HOME": str(home),
+                "RUNYARD_URL": api_url,
+                "RUNYARD_TOKEN": token,
+            },
+        )
         examples = load_examples() if with_examples else []
         _print_welcome(cfg, home, api_url, token, flower_password, examples)
         return _watch(running.supervisor, stop)

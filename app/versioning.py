@@ -1,5 +1,5 @@
 """Semantic versions of definitions (agents, chains): every versioned change adds an immutable
-version row and makes it the current one."""
+version row and makes it the current one; a rollback makes an existing one current again."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
-from app.errors import ValidationFailed
+from app.errors import NotFound, ValidationFailed
 
 FIRST_VERSION = "1.0.0"
 
@@ -42,8 +42,22 @@ def next_version(session: Session, owner_column: Any, owner: Any, wanted: str | 
     return wanted
 
 
+def refuse_changelog(changelog: str | None, what: str) -> None:
+    """A PATCH that makes no new version has nowhere to keep a changelog (422)."""
+    if changelog is not None:
+        raise ValidationFailed(
+            "nothing versioned changed, so there is no new version for the changelog",
+            errors={"/changelog": [f"only given with a change to {what}"]},
+        )
+
+
 def add_version(
-    session: Session, owner_column: Any, owner: Any, definition: dict[str, Any], version: str
+    session: Session,
+    owner_column: Any,
+    owner: Any,
+    definition: dict[str, Any],
+    version: str,
+    changelog: str | None = None,
 ) -> Any:
     """Insert the owner's version `version` of `definition` and make it current."""
     major, minor, patch = parse_semver(version)
@@ -54,6 +68,7 @@ def add_version(
         major=major,
         minor=minor,
         patch=patch,
+        changelog=changelog,
         **definition,
     )
     session.add(row)
@@ -63,3 +78,26 @@ def add_version(
     owner.updated_at = utcnow()
     session.flush()
     return row
+
+
+def find_version(session: Session, owner_column: Any, owner: Any, version: str, kind: str) -> Any:
+    """The owner's version `version` (404 naming where the versions are listed)."""
+    version_model = owner_column.class_
+    row = session.scalar(
+        select(version_model).where(owner_column == owner.id, version_model.version == version)
+    )
+    if row is None:
+        raise NotFound(
+            f"{kind} {owner.name!r} has no version {version!r}",
+            hint=f"GET /api/v1/{kind}s/{owner.name}/versions lists them",
+        )
+    return row
+
+
+def make_current(owner: Any, row: Any) -> None:
+    """Point the owner at an existing version (a rollback): no version is made, and the next
+    one is still numbered after the highest (next_version)."""
+    if owner.current_version_id != row.id:
+        owner.current_version_id = row.id
+        owner.current_version = row.version
+        owner.updated_at = utcnow()

@@ -1,14 +1,13 @@
-"""Example agents that `runyard up` loads into the `default` organization."""
+"""Example agents that `runyard up` loads into the `default` organization: the `script` agents
+below, and the `python` agents of runyard_examples.text, which declare themselves with
+`@runyard_client.agent`. examples/agents/ holds all of them as manifests
+(`runyard agents apply -f examples/agents`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-TEXT_INPUT = {
-    "type": "object",
-    "required": ["text"],
-    "properties": {"text": {"type": "string", "minLength": 1}},
-}
+from runyard_client import discover
 
 SLUGIFY_SOURCE = '''\
 import re
@@ -37,41 +36,7 @@ def main(input, ctx):
     return {"subtotal": round(subtotal, 2), "tax": tax, "total": round(subtotal + tax, 2)}
 '''
 
-AGENTS: list[dict[str, Any]] = [
-    {
-        "name": "summarize-ticket",
-        "description": "First sentences and keywords of a support ticket",
-        "runtime": {"type": "python", "entrypoint": "runyard_examples.text:summarize"},
-        "input_schema": TEXT_INPUT,
-        "output_schema": {
-            "type": "object",
-            "required": ["summary", "keywords"],
-            "properties": {
-                "summary": {"type": "string"},
-                "keywords": {"type": "array", "items": {"type": "string"}},
-                "words": {"type": "integer"},
-            },
-        },
-        "timeout_seconds": 30,
-        "capabilities": ["nlp"],
-        "tags": ["support", "example"],
-        "config": {"max_sentences": 2},
-    },
-    {
-        "name": "word-count",
-        "description": "Word count and most frequent words of a text",
-        "runtime": {"type": "python", "entrypoint": "runyard_examples.text:word_count"},
-        "input_schema": {
-            **TEXT_INPUT,
-            "properties": {
-                **TEXT_INPUT["properties"],
-                "top": {"type": "integer", "minimum": 1, "maximum": 50},
-            },
-        },
-        "output_schema": {"type": "object", "required": ["words", "top"]},
-        "timeout_seconds": 30,
-        "tags": ["example"],
-    },
+SCRIPT_AGENTS: list[dict[str, Any]] = [
     {
         "name": "slugify",
         "description": "URL slug of a title (a script agent: runs in a child process)",
@@ -126,3 +91,6 @@ AGENTS: list[dict[str, Any]] = [
         "tags": ["finance", "example"],
     },
 ]
+
+# Everything `runyard up` loads: the python agents as they declare themselves, then the scripts.
+AGENTS: list[dict[str, Any]] = [*discover("runyard_examples.text"), *SCRIPT_AGENTS]

@@ -1,10 +1,14 @@
-"""Example `python` agents: small text tools a support team would recognise."""
+"""Example `python` agents: small text tools a support team would recognise. Each declares
+itself with `@runyard_client.agent`: `runyard up` (and `runyard agents sync --module
+runyard_examples`) creates or updates them."""
 
 from __future__ import annotations
 
 import re
 from collections import Counter
 from typing import Any
+
+import runyard_client
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
@@ -53,6 +57,31 @@ _STOPWORDS = frozenset(
 )
 
 
+TEXT_INPUT = {
+    "type": "object",
+    "required": ["text"],
+    "properties": {"text": {"type": "string", "minLength": 1}},
+}
+
+
+@runyard_client.agent(
+    "summarize-ticket",
+    description="First sentences and keywords of a support ticket",
+    input_schema=TEXT_INPUT,
+    output_schema={
+        "type": "object",
+        "required": ["summary", "keywords"],
+        "properties": {
+            "summary": {"type": "string"},
+            "keywords": {"type": "array", "items": {"type": "string"}},
+            "words": {"type": "integer"},
+        },
+    },
+    timeout_seconds=30,
+    capabilities=["nlp"],
+    tags=["support", "example"],
+    config={"max_sentences": 2},
+)
 def summarize(payload: dict[str, Any], ctx) -> dict[str, Any]:
     """The first sentences of a ticket (up to `max_sentences` in ctx.config) and its keywords."""
     text = payload["text"].strip()
@@ -64,6 +93,20 @@ def summarize(payload: dict[str, Any], ctx) -> dict[str, Any]:
     return {"summary": " ".join(sentences[:limit]), "keywords": keywords, "words": len(words)}
 
 
+@runyard_client.agent(
+    "word-count",
+    description="Word count and most frequent words of a text",
+    input_schema={
+        **TEXT_INPUT,
+        "properties": {
+            **TEXT_INPUT["properties"],
+            "top": {"type": "integer", "minimum": 1, "maximum": 50},
+        },
+    },
+    output_schema={"type": "object", "required": ["words", "top"]},
+    timeout_seconds=30,
+    tags=["example"],
+)
 def word_count(payload: dict[str, Any], ctx) -> dict[str, Any]:
     """Counts words and the most frequent ones; prints a line per step, as agents often do."""
     words = [w.lower() for w in _WORD.findall(payload["text"])]

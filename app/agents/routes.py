@@ -1,13 +1,17 @@
 from flask.views import MethodView
 
-from app.agents import services
+from app.agents import lifecycle, services
 from app.agents.schemas import (
     AgentCreateSchema,
     AgentPatchSchema,
     AgentQuerySchema,
     AgentSchema,
     AgentVersionSchema,
+    DiffQuerySchema,
+    RollbackSchema,
+    VersionDiffSchema,
 )
+from app.chains.lifecycle import update_agent
 from app.http import Blueprint, current_principal, request_session
 
 blp = Blueprint("agents", __name__, url_prefix="/api/v1/agents", description="Agents and versions")
@@ -58,11 +62,16 @@ class AgentByRef(MethodView):
     @blp.arguments(AgentPatchSchema())
     @blp.response(200, AgentSchema())
     @blp.alt_response(404, description="no such agent in your organization")
-    @blp.alt_response(409, description="the agent is archived")
+    @blp.alt_response(
+        409,
+        description="the agent is archived, or the new version would break a chain that runs "
+        "the agent unpinned (`errors` key `chain:<name>`) or refuse an input of one of its "
+        "latest 100 succeeded executions (`execution:<id>`); `force: true` goes ahead",
+    )
     def patch(self, data, ref):
         """Change an agent; a versioned change makes a new immutable version"""
         session, principal = request_session(), current_principal()
-        agent = services.update(session, principal, ref, data)
+        agent = update_agent(session, principal, ref, data)
         session.commit()
         return services.describe(session, agent, principal.role)
 
@@ -103,3 +112,36 @@ class AgentVersionByNumber(MethodView):
         principal = current_principal()
         found = services.get_version(request_session(), principal, ref, version)
         return services.present_version(found, principal.role)
+
+
+@blp.route("/<ref>/rollback")
+class AgentRollback(MethodView):
+    @blp.arguments(RollbackSchema())
+    @blp.response(200, AgentSchema())
+    @blp.alt_response(404, description="no such agent or version")
+    @blp.alt_response(409, description="the agent is archived")
+    def post(self, data, ref):
+        """Make an earlier version current again
+
+        No version is made; the next versioned PATCH is numbered after the highest version.
+        """
+        session, principal = request_session(), current_principal()
+        agent = lifecycle.rollback(session, principal, ref, data["version"])
+        session.commit()
+        return services.describe(session, agent, principal.role)
+
+
+@blp.route("/<ref>/versions/<version>/diff")
+class AgentVersionDiff(MethodView):
+    @blp.arguments(DiffQuerySchema(), location="query")
+    @blp.response(200, VersionDiffSchema())
+    @blp.alt_response(404, description="no such agent or version")
+    def get(self, args, ref, version):
+        """Compare two versions
+
+        The RFC 6902 operations that turn version `against` into this one, and which of them
+        can break a caller of `against` (see `breaking`).
+        """
+        return lifecycle.diff(
+            request_session(), current_principal(), ref, version, args.get("against")
+        )

@@ -4,6 +4,7 @@ from marshmallow import Schema, fields, validate
 
 from app.agents.models import VISIBILITIES
 from app.audit.schemas import created_by_field
+from app.versiondiff import BREAKING_RULES
 
 PATTERNS = (
     "local `$ref` only (remote ones are refused, never fetched). `pattern` and "
@@ -78,6 +79,19 @@ RATE_LIMIT = (
 )
 
 
+CHANGELOG_MAX = 4000
+
+
+def changelog_field() -> fields.String:
+    return fields.String(
+        validate=validate.Length(min=1, max=CHANGELOG_MAX),
+        metadata={
+            "description": "what the new version changes, kept on the version (only with a "
+            "versioned change: otherwise 422)"
+        },
+    )
+
+
 CONFIG = (
     "given to the agent as ctx.config. Any value, at any depth, may be "
     '`{"$secret": "<name>"}`: a secret of the organization (PUT /api/v1/secrets/{name}; an '
@@ -135,6 +149,16 @@ class AgentPatchSchema(AgentDefinitionFields):
     version = fields.String(
         metadata={"description": "number of the new version; default: next patch number"}
     )
+    changelog = changelog_field()
+    force = fields.Boolean(
+        load_default=False,
+        metadata={
+            "description": "make the new version even when it would break a chain that runs "
+            "the agent unpinned, or refuse an input one of the agent's latest 100 succeeded "
+            "executions had (without it, such a PATCH answers 409 naming each break in "
+            "`errors`: `chain:<name>` or `execution:<id>`)"
+        },
+    )
 
 
 class AgentSchema(AgentDefinitionFields):
@@ -172,6 +196,7 @@ class AgentVersionSchema(Schema):
     rate_limit = fields.Nested(
         RateLimitSchema, allow_none=True, metadata={"description": RATE_LIMIT}
     )
+    changelog = fields.String(allow_none=True)
     created_at = fields.DateTime()
     created_by = created_by_field()
 
@@ -182,4 +207,38 @@ class AgentQuerySchema(Schema):
     capability = fields.String()
     archived = fields.Boolean(
         load_default=False, metadata={"description": "include archived agents"}
+    )
+
+
+class RollbackSchema(Schema):
+    version = fields.String(
+        required=True,
+        validate=validate.Length(min=1, max=32),
+        metadata={"description": "an existing version to make current again", "example": "1.0.0"},
+    )
+
+
+class DiffQuerySchema(Schema):
+    against = fields.String(
+        validate=validate.Length(min=1, max=32),
+        metadata={"description": "the version to compare from; default: the current version"},
+    )
+
+
+class BreakingChangeSchema(Schema):
+    path = fields.String(metadata={"description": "JSON pointer into the definition"})
+    reason = fields.String()
+
+
+class VersionDiffSchema(Schema):
+    from_ = fields.String(
+        attribute="from", data_key="from", metadata={"description": "the `against` version"}
+    )
+    to = fields.String(metadata={"description": "the version in the path"})
+    changes = fields.List(
+        fields.Dict(),
+        metadata={"description": "RFC 6902 operations that turn `from` into `to`"},
+    )
+    breaking = fields.List(
+        fields.Nested(BreakingChangeSchema), metadata={"description": BREAKING_RULES}
     )

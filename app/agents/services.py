@@ -20,7 +20,7 @@ from app.errors import Conflict, NotFound, ValidationFailed
 from app.orgs.services import Principal
 from app.secrets import references
 from app.secrets import services as secret_store
-from app.versioning import FIRST_VERSION, add_version, next_version
+from app.versioning import FIRST_VERSION, add_version, next_version, refuse_changelog
 
 DEFAULT_SCHEMA: dict[str, Any] = {"type": "object"}
 DEFAULT_RETRY: dict[str, Any] = {
@@ -266,6 +266,7 @@ def _add_version(
     agent: Agent,
     definition: dict[str, Any],
     version: str,
+    changelog: str | None = None,
 ) -> AgentVersion:
     agent.capabilities = definition["capabilities"]
     return add_version(
@@ -274,6 +275,7 @@ def _add_version(
         agent,
         {**definition, **audit.created_by(principal)},
         version,
+        changelog,
     )
 
 
@@ -284,7 +286,15 @@ def _audited_state(session: Session, agent: Agent) -> dict[str, Any]:
     return {key: value for key, value in shown.items() if key not in ("created_at", "updated_at")}
 
 
-def update(session: Session, principal: Principal, ref: str, data: dict[str, Any]) -> Agent:
+def update(
+    session: Session,
+    principal: Principal,
+    ref: str,
+    data: dict[str, Any],
+    *,
+    changelog: str | None = None,
+) -> Agent:
+    """Apply a PATCH; a versioned change makes a new version, carrying `changelog`."""
     principal.require("agents:write")
     agent = resolve(session, principal, ref)
     if agent.archived_at is not None:
@@ -309,6 +319,7 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
     merged = {**definition, **changed}
     _check_http_timeout(merged["runtime"], merged["timeout_seconds"])
     if not changed:
+        refuse_changelog(changelog, "a versioned field (runtime, schemas, limits, ...)")
         if "version" in data and data["version"] != current.version:
             raise ValidationFailed(
                 "nothing versioned changed, so there is no new version to number",
@@ -322,7 +333,7 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
         session.flush()
     else:
         version = next_version(session, AgentVersion.agent_id, agent, data.get("version"))
-        _add_version(session, principal, agent, {**definition, **changed}, version)
+        _add_version(session, principal, agent, {**definition, **changed}, version, changelog)
     after = _audited_state(session, agent)
     audit.record(
         session,
@@ -455,6 +466,7 @@ def present_version(version: AgentVersion, role: str) -> dict[str, Any]:
             "agent_id": version.agent_id,
             "version": version.version,
             **{field: getattr(version, field) for field in VERSIONED_FIELDS},
+            "changelog": version.changelog,
             "created_at": version.created_at,
             "created_by": version.created_by,
         },

@@ -65,6 +65,8 @@ class ChainVersion(CreatedBy, Base):
     input_schema: Mapped[dict[str, Any]]
     steps: Mapped[list[Any]] = mapped_column(JSONB)
     on_failure: Mapped[str] = mapped_column(String(16))
+    # What the version changed, in its author's words (PATCH `changelog`).
+    changelog: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = now_column()
 
 

@@ -1,7 +1,8 @@
 from flask import Response, request
 from flask.views import MethodView
 
-from app.chains import events, launch, progress, reruns, services
+from app.agents.schemas import DiffQuerySchema, RollbackSchema, VersionDiffSchema
+from app.chains import events, launch, lifecycle, progress, reruns, services
 from app.chains.schemas import (
     ChainCreateSchema,
     ChainExecutionQuerySchema,
@@ -74,7 +75,8 @@ class ChainByRef(MethodView):
     def patch(self, data, ref):
         """Change a chain; a change to input_schema, steps or on_failure makes a new version"""
         session = request_session()
-        chain = services.update(session, current_principal(), ref, data)
+        changelog = data.pop("changelog", None)
+        chain = services.update(session, current_principal(), ref, data, changelog=changelog)
         session.commit()
         return services.describe(session, chain)
 
@@ -112,6 +114,39 @@ class ChainVersionByNumber(MethodView):
     def get(self, ref, version):
         """Read one chain version"""
         return services.get_version(request_session(), current_principal(), ref, version)
+
+
+@blp.route("/chains/<ref>/rollback")
+class ChainRollback(MethodView):
+    @blp.arguments(RollbackSchema())
+    @blp.response(200, ChainSchema())
+    @blp.alt_response(404, description="no such chain or version")
+    @blp.alt_response(409, description="the chain is archived")
+    def post(self, data, ref):
+        """Make an earlier chain version current again
+
+        No version is made; the next versioned PATCH is numbered after the highest version.
+        """
+        session = request_session()
+        chain = lifecycle.rollback(session, current_principal(), ref, data["version"])
+        session.commit()
+        return services.describe(session, chain)
+
+
+@blp.route("/chains/<ref>/versions/<version>/diff")
+class ChainVersionDiff(MethodView):
+    @blp.arguments(DiffQuerySchema(), location="query")
+    @blp.response(200, VersionDiffSchema())
+    @blp.alt_response(404, description="no such chain or version")
+    def get(self, args, ref, version):
+        """Compare two chain versions
+
+        The RFC 6902 operations that turn version `against` into this one, and which of them
+        can break a caller of `against` (its input_schema; see `breaking`).
+        """
+        return lifecycle.diff(
+            request_session(), current_principal(), ref, version, args.get("against")
+        )
 
 
 @blp.route("/chains/<ref>/executions")

@@ -2,7 +2,7 @@
 
 from marshmallow import Schema, fields, validate
 
-from app.agents.schemas import PATTERNS
+from app.agents.schemas import PATTERNS, changelog_field
 from app.audit.schemas import created_by_field
 from app.chains.models import CHAIN_STATUSES
 from app.executions.schemas import ErrorInfoSchema, priority_field
@@ -41,6 +41,7 @@ class ChainPatchSchema(ChainDefinitionFields):
     version = fields.String(
         metadata={"description": "number of the new version; default: next patch number"}
     )
+    changelog = changelog_field()
 
 
 class ChainSchema(ChainDefinitionFields):
@@ -59,6 +60,7 @@ class ChainVersionSchema(Schema):
     input_schema = fields.Dict()
     steps = fields.List(fields.Dict())
     on_failure = fields.String()
+    changelog = fields.String(allow_none=True)
     created_at = fields.DateTime()
     created_by = created_by_field()
 

@@ -39,7 +39,7 @@ from app.db import page, utcnow
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.executions.models import Execution
 from app.orgs.services import Principal
-from app.versioning import FIRST_VERSION, add_version, next_version
+from app.versioning import FIRST_VERSION, add_version, next_version, refuse_changelog
 
 VERSIONED_FIELDS = ("input_schema", "steps", "on_failure")
 
@@ -93,7 +93,7 @@ class Resolved:
     compensate_versions: list[AgentVersion | None]
 
 
-def _check_definition(session: Session, principal: Principal, document: dict[str, Any]) -> Resolved:
+def check_definition(session: Session, principal: Principal, document: dict[str, Any]) -> Resolved:
     """Everything that can be checked before anything runs; one 422 listing every problem."""
     cfg = current_config()
     jsonschemas.validate_definition(document, "chain")
@@ -152,6 +152,7 @@ def _add_version(
     chain: Chain,
     definition: dict[str, Any],
     version: str,
+    changelog: str | None = None,
 ) -> ChainVersion:
     return add_version(
         session,
@@ -159,6 +160,7 @@ def _add_version(
         chain,
         {**definition, **audit.created_by(principal)},
         version,
+        changelog,
     )
 
 
@@ -179,7 +181,7 @@ def _definition(data: dict[str, Any]) -> dict[str, Any]:
 def create(session: Session, principal: Principal, data: dict[str, Any]) -> Chain:
     principal.require("agents:write")
     definition = _definition(data)
-    _check_definition(session, principal, {**data, **definition})
+    check_definition(session, principal, {**data, **definition})
     chain = Chain(org_id=principal.org_id, name=data["name"], description=data.get("description"))
     session.add(chain)
     try:
@@ -199,7 +201,15 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> Chai
     return chain
 
 
-def update(session: Session, principal: Principal, ref: str, data: dict[str, Any]) -> Chain:
+def update(
+    session: Session,
+    principal: Principal,
+    ref: str,
+    data: dict[str, Any],
+    *,
+    changelog: str | None = None,
+) -> Chain:
+    """Apply a PATCH; a versioned change makes a new version, carrying `changelog`."""
     principal.require("agents:write")
     chain = resolve(session, principal, ref)
     if chain.archived_at is not None:
@@ -208,12 +218,13 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
     definition = {name: getattr(current, name) for name in VERSIONED_FIELDS}
     changed = {name: data[name] for name in VERSIONED_FIELDS if name in data}
     merged = {**definition, **changed}
-    _check_definition(session, principal, {"name": chain.name, **merged, **_unversioned(data)})
+    check_definition(session, principal, {"name": chain.name, **merged, **_unversioned(data)})
     before = _audited_state(session, chain)
     if "description" in data:
         chain.description = data["description"]
         chain.updated_at = utcnow()
     if merged == definition:
+        refuse_changelog(changelog, "input_schema, steps or on_failure")
         if "version" in data and data["version"] != current.version:
             raise ValidationFailed(
                 "nothing versioned changed, so there is no new version to number",
@@ -224,7 +235,7 @@ def update(session: Session, principal: Principal, ref: str, data: dict[str, Any
         session.flush()
     else:
         version = next_version(session, ChainVersion.chain_id, chain, data.get("version"))
-        _add_version(session, principal, chain, merged, version)
+        _add_version(session, principal, chain, merged, version, changelog)
     after = _audited_state(session, chain)
     audit.record(
         session,

@@ -7,6 +7,7 @@ from typing import Any
 from flask import redirect, render_template, request, url_for
 
 from app import runs
+from app.agents import lifecycle
 from app.agents import services as agents
 from app.chains import reruns as chain_reruns
 from app.chains import services as chains
@@ -87,17 +88,19 @@ def _agent_context(name: str) -> dict[str, Any]:
 
 def _diff_context(session, principal, name: str, offered: list[str]) -> dict[str, Any]:
     """The diff form's choices (by default the version before the newest, and the newest) and,
-    once the form asked for them, the diff of the two versions' definitions."""
+    once the form asked for them, the diff of the two versions' definitions and its breaking
+    changes (as the API's diff names them)."""
     old = request.args.get("from") or (offered[1] if len(offered) > 1 else offered[0])
     new = request.args.get("to") or offered[0]
-    diff = None
+    diff, breaking = None, []
     if "from" in request.args and "to" in request.args:
         old_row, new_row = (agents.get_version(session, principal, name, v) for v in (old, new))
         diff = views.definition_diff(
             (f"{name} {old}", _definition(old_row, principal.role)),
             (f"{name} {new}", _definition(new_row, principal.role)),
         )
-    return {"diff_from": old, "diff_to": new, "diff": diff}
+        breaking = lifecycle.diff(session, principal, name, new, old)["breaking"]
+    return {"diff_from": old, "diff_to": new, "diff": diff, "breaking": breaking}
 
 
 def _definition(version, role: str) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """tokens over the API (last_used_at) and the catalog (agents' visibility and catalog_runs)
 
 Revision ID: 0018_tokens_catalog
-Revises: 0016_secrets
+Revises: 0017_versions
 Create Date: 2026-12-07 10:30:00.000000
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0018_tokens_catalog"
-down_revision = "0016_secrets"
+down_revision = "0017_versions"
 branch_labels = None
 depends_on = None
 

@@ -330,7 +330,9 @@ def test_the_agent_page_diffs_two_versions(client, org):
         "properties": {"text": {"type": "string"}, "shout": {"type": "boolean"}},
     }
     changed = client.patch(
-        "/api/v1/agents/echo", json={"input_schema": schema}, headers=org.headers
+        "/api/v1/agents/echo",
+        json={"input_schema": schema, "changelog": "optional shout"},
+        headers=org.headers,
     ).get_json()
     new = changed["current_version"]
     assert new != "1.0.0"
@@ -345,6 +347,11 @@ def test_the_agent_page_diffs_two_versions(client, org):
     assert f'<span class="diff-file">+++ echo {new}</span>' in diff
     assert re.search(r'<span class="diff-add">\+ +&#34;shout&#34;: \{</span>', diff), diff
     assert re.search(r'<span class="diff-del">- +&#34;additionalProperties&#34;: false', diff)
+    assert "No breaking change for callers of 1.0.0." in diff and "optional shout" in diff
+    # Back the other way, the input refuses unlisted properties again, and `shout` with them.
+    back = client.get(f"/ui/agents/echo?from={new}&to=1.0.0").get_data(as_text=True)
+    assert "<code>/input_schema/additionalProperties</code>: refuses properties it" in back
+    assert "<code>/input_schema/properties/shout</code>: no longer accepts &#39;shout&#39;" in back
     same = client.get("/ui/agents/echo?from=1.0.0&to=1.0.0").get_data(as_text=True)
     assert "The two definitions are the same." in same
     assert client.get("/ui/agents/echo?from=1.0.0&to=9.9.9").status_code == 404

@@ -1,0 +1,318 @@
+"""The synchronous client: `Runyard(url, token)`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from runyard_client import _core, manifests
+from runyard_client.config import resolve
+from runyard_client.errors import ExecutionFailed, NotFound, WaitTimeout
+from runyard_client.types import (
+    TERMINAL,
+    Agent,
+    Chain,
+    ChainExecution,
+    Event,
+    Execution,
+    LogLine,
+    Schedule,
+    ScheduleFire,
+)
+
+PAGE_SIZE = 100
+
+
+class Runyard:
+    """A Runyard server's API. `url` and `token` default to RUNYARD_URL / RUNYARD_TOKEN, then
+    to the profile `runyard login` saved."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retry: _core.RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        profile = resolve(url, token)
+        self.url = profile.url
+        self.retry = retry or _core.RetryPolicy()
+        self._http = httpx.Client(
+            base_url=f"{profile.url}/api/v1",
+            headers={"Authorization": f"Bearer {profile.token}", "User-Agent": _core.USER_AGENT},
+            timeout=timeout,
+            transport=transport,
+        )
+        self.agents = Agents(self)
+        self.executions = Executions(self)
+        self.chains = Chains(self)
+        self.schedules = Schedules(self)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Runyard:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        creates: bool = False,
+    ) -> httpx.Response:
+        """One request. `creates` (a POST that makes something): a fresh Idempotency-Key, and
+        retries with that same key on connection errors, 503 and 429."""
+        headers = _core.idempotency_headers() if creates else {}
+        params = {k: v for k, v in (params or {}).items() if v is not None}
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(
+                    method, path, json=json, params=params, headers=headers
+                )
+            except httpx.TransportError as exc:
+                wait = self.retry.delay(attempt, None) if creates or method == "GET" else None
+                if wait is None:
+                    raise _core.connection_error(exc, self.url) from exc
+            else:
+                if not creates or response.status_code not in _core.RETRY_STATUSES:
+                    return response
+                wait = self.retry.delay(attempt, _core.retry_after(response))
+                if wait is None:
+                    return response
+            time.sleep(wait)
+            attempt += 1
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        return _core.decode(self.request(method, path, **kwargs))
+
+    def pages(self, path: str, params: dict[str, Any] | None = None) -> Iterator[Any]:
+        """Every item of a list, page after page (X-Pagination)."""
+        page: int | None = 1
+        while page is not None:
+            response = self.request(
+                "GET", path, params={**(params or {}), "page": page, "page_size": PAGE_SIZE}
+            )
+            yield from _core.decode(response)
+            page = _core.next_page(response)
+
+    def me(self) -> dict[str, Any]:
+        return self.call("GET", "/me")
+
+    def run(
+        self,
+        agent: str,
+        input: dict[str, Any],
+        *,
+        version: str | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> Any:
+        """Submit and, with `wait`, return the output once it succeeded; raise ExecutionFailed
+        when it failed, timed out or was cancelled (WaitTimeout past `timeout` seconds).
+        Without `wait`, return the queued execution."""
+        execution = self.executions.submit(agent, input, version=version)
+        if not wait:
+            return execution
+        done = self.executions.wait(execution["id"], timeout=timeout)
+        if done["status"] != "succeeded":
+            raise ExecutionFailed(dict(done))
+        return done["output"]
+
+
+class Agents:
+    def __init__(self, client: Runyard) -> None:
+        self._c = client
+
+    def create(self, definition: dict[str, Any]) -> Agent:
+        return self._c.call("POST", "/agents", json=definition, creates=True)
+
+    def get(self, ref: str) -> Agent:
+        return self._c.call("GET", f"/agents/{ref}")
+
+    def list(self, **filters: Any) -> Iterator[Agent]:
+        return self._c.pages("/agents", filters)
+
+    def update(self, ref: str, changes: dict[str, Any]) -> Agent:
+        return self._c.call("PATCH", f"/agents/{ref}", json=changes)
+
+    def archive(self, ref: str) -> None:
+        self._c.call("DELETE", f"/agents/{ref}")
+
+    def versions(self, ref: str) -> Iterator[dict[str, Any]]:
+        return self._c.pages(f"/agents/{ref}/versions")
+
+    def apply(self, definition: dict[str, Any], *, dry_run: bool = False) -> manifests.Change:
+        """Make the server's agent match `definition`: create it, or PATCH only the fields that
+        differ from its current definition (so an unchanged agent gets no new version)."""
+        return _apply(self, "agent", definition, dry_run)
+
+
+def _apply(resource: Any, kind: str, definition: dict[str, Any], dry_run: bool) -> manifests.Change:
+    name = definition["name"]
+    try:
+        current = resource.get(name)
+    except NotFound:
+        created = None if dry_run else resource.create(definition)
+        return manifests.Change(kind, name, "created", version=_version(created))
+    changed = manifests.changes(definition, dict(current))
+    if not changed:
+        return manifests.Change(kind, name, "unchanged", version=current.get("current_version"))
+    updated = None if dry_run else resource.update(name, {key: definition[key] for key in changed})
+    return manifests.Change(kind, name, "updated", changed, _version(updated))
+
+
+def _version(obj: Any) -> str | None:
+    return obj.get("current_version") if obj else None
+
+
+class Executions:
+    def __init__(self, client: Runyard) -> None:
+        self._c = client
+
+    def submit(
+        self,
+        agent: str,
+        input: dict[str, Any],
+        *,
+        version: str | None = None,
+        priority: int | None = None,
+    ) -> Execution:
+        body: dict[str, Any] = {"input": input}
+        if version is not None:
+            body["version"] = version
+        if priority is not None:
+            body["priority"] = priority
+        return self._c.call("POST", f"/agents/{agent}/executions", json=body, creates=True)
+
+    def submit_batch(
+        self, agent: str, inputs: list[dict[str, Any]], *, version: str | None = None
+    ) -> list[str]:
+        """Submit many inputs at once (all or nothing); the new execution ids in order."""
+        body: dict[str, Any] = {"items": [{"input": item} for item in inputs]}
+        if version is not None:
+            body["version"] = version
+        path = f"/agents/{agent}/executions/batch"
+        return self._c.call("POST", path, json=body, creates=True)["ids"]
+
+    def get(self, execution_id: str) -> Execution:
+        return self._c.call("GET", f"/executions/{execution_id}")
+
+    def list(self, **filters: Any) -> Iterator[Execution]:
+        return self._c.pages("/executions", filters)
+
+    def cancel(self, execution_id: str) -> Execution:
+        return self._c.call("POST", f"/executions/{execution_id}/cancel")
+
+    def rerun(
+        self,
+        execution_id: str,
+        *,
+        input: dict[str, Any] | None = None,
+        version: str | None = None,
+    ) -> Execution:
+        body = {k: v for k, v in {"input": input, "version": version}.items() if v is not None}
+        return self._c.call("POST", f"/executions/{execution_id}/rerun", json=body, creates=True)
+
+    def logs(self, execution_id: str, **filters: Any) -> list[LogLine]:
+        return self._c.call("GET", f"/executions/{execution_id}/logs", params=filters)
+
+    def stream(self, execution_id: str, *, last_event_id: int | None = None) -> Iterator[Event]:
+        """Live events (`log`, `status`, then `end`) from the execution's event stream."""
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
+        # The server sends a keepalive comment every 15 s: no read timeout on a live stream.
+        timeout = httpx.Timeout(self._c._http.timeout.connect, read=None)
+        path = f"/executions/{execution_id}/events"
+        try:
+            with self._c._http.stream("GET", path, headers=headers, timeout=timeout) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _core.raise_for(response)
+                parser = _core.SSEParser()
+                for line in response.iter_lines():
+                    event = parser.feed(line)
+                    if event is not None:
+                        yield event
+                        if event["event"] == "end":
+                            return
+        except httpx.TransportError as exc:
+            # Dropped or refused: resume with last_event_id set to the last log line's seq.
+            raise _core.connection_error(exc, self._c.url) from exc
+
+    def wait(self, execution_id: str, *, timeout: float | None = None) -> Execution:
+        """Poll until the execution ends (WaitTimeout past `timeout` seconds)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.05
+        while True:
+            execution = self.get(execution_id)
+            if execution["status"] in TERMINAL:
+                return execution
+            if deadline is not None and time.monotonic() > deadline:
+                raise WaitTimeout(dict(execution), timeout or 0)
+            time.sleep(pause)
+            pause = min(pause * 1.5, 1.0)
+
+
+class Chains:
+    def __init__(self, client: Runyard) -> None:
+        self._c = client
+
+    def create(self, definition: dict[str, Any]) -> Chain:
+        return self._c.call("POST", "/chains", json=definition, creates=True)
+
+    def get(self, ref: str) -> Chain:
+        return self._c.call("GET", f"/chains/{ref}")
+
+    def list(self, **filters: Any) -> Iterator[Chain]:
+        return self._c.pages("/chains", filters)
+
+    def update(self, ref: str, changes: dict[str, Any]) -> Chain:
+        return self._c.call("PATCH", f"/chains/{ref}", json=changes)
+
+    def run(self, chain: str, input: dict[str, Any]) -> ChainExecution:
+        path = f"/chains/{chain}/executions"
+        return self._c.call("POST", path, json={"input": input}, creates=True)
+
+    def get_execution(self, execution_id: str) -> ChainExecution:
+        return self._c.call("GET", f"/chain-executions/{execution_id}")
+
+    def apply(self, definition: dict[str, Any], *, dry_run: bool = False) -> manifests.Change:
+        return _apply(self, "chain", definition, dry_run)
+
+
+class Schedules:
+    def __init__(self, client: Runyard) -> None:
+        self._c = client
+
+    def list(self, **filters: Any) -> Iterator[Schedule]:
+        return self._c.pages("/schedules", filters)
+
+    def get(self, ref: str) -> Schedule:
+        return self._c.call("GET", f"/schedules/{ref}")
+
+    def pause(self, ref: str) -> Schedule:
+        return self._c.call("POST", f"/schedules/{ref}/pause")
+
+    def resume(self, ref: str) -> Schedule:
+        return self._c.call("POST", f"/schedules/{ref}/resume")
+
+    def trigger(self, ref: str) -> dict[str, Any]:
+        return self._c.call("POST", f"/schedules/{ref}/trigger", creates=True)
+
+    def history(self, ref: str) -> Iterator[ScheduleFire]:
+        return self._c.pages(f"/schedules/{ref}/history")
