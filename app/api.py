@@ -70,6 +70,7 @@ def build_app(config: Config | None = None) -> Flask:
     api = http.RunyardApi(app)
     from app.agents.routes import blp as agents_blp
     from app.audit.routes import blp as audit_blp
+    from app.catalog.routes import blp as catalog_blp
     from app.chains.routes import blp as chains_blp
     from app.executions.routes import blp as executions_blp
     from app.fleet.routes import blp as fleet_blp
@@ -96,6 +97,7 @@ def build_app(config: Config | None = None) -> Flask:
         hooks_blp,
         stats_blp,
         audit_blp,
+        catalog_blp,
     ):
         api.register_blueprint(blueprint)
     http.install(app, api)

@@ -245,6 +245,17 @@ class Database:
                 self.drop_if_dead(conn)
                 raise
 
+    @contextmanager
+    def detached(self) -> Iterator[Connection]:
+        """An autocommit connection of its own, outside any request's or test's transaction:
+        for bookkeeping (a token's last use) that must neither join nor hold up the work it
+        records. It sees committed rows only."""
+        self.engine  # noqa: B018
+        autocommit = self._autocommit
+        assert autocommit is not None
+        with autocommit.connect() as conn:
+            yield conn
+
     def drop_if_dead(self, conn: Connection) -> None:
         """After a database error on a `hot()` connection: if the server went away (a restart, a
         failover), drop the connection and the rest of its pool at once. The hot statements run

@@ -37,13 +37,19 @@ class Supervisor:
         self.children: list[Child] = []
         (home / "logs").mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, argv: list[str]) -> None:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        """Start a child; `env` adds to the supervisor's environment (secrets go there, never
+        in argv: any local user reads a process's command line in `ps`)."""
         log_path = self.home / "logs" / f"{name}.log"
         log_file = open(log_path, "ab")  # noqa: SIM115 - held open for the child's lifetime
         offset = log_file.tell()
         # Own session: Ctrl-C reaches only this supervisor, which stops the children in order.
         process = subprocess.Popen(
-            argv, env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            env={**self.env, **(env or {})},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log_file.close()
         self.children.append(Child(name, process, log_path, offset))
@@ -180,21 +186,20 @@ def write_env(home: Path, values: dict[str, str]) -> Path:
     return path
 
 
-def flower_command(port: int, user: str, password: str) -> list[str]:
+def flower_command(port: int, user: str, password: str) -> tuple[list[str], dict[str, str]]:
     """Flower on loopback, behind HTTP basic auth: its pages and API show task arguments and
-    can shut workers down, so it never runs open."""
+    can shut workers down, so it never runs open. The argv, and the environment to add: the
+    credentials travel in FLOWER_BASIC_AUTH (which Flower reads), not on the command line,
+    where every local user could read them (`ps`, /proc/<pid>/cmdline); a process's
+    environment is readable by its own user only."""
     if not password:
         raise ValueError("Flower needs a password (RUNYARD_FLOWER_PASSWORD)")
+    if "," in user or "," in password:
+        # Flower splits FLOWER_BASIC_AUTH at commas (a list of user:password pairs).
+        raise ValueError("RUNYARD_FLOWER_USER and RUNYARD_FLOWER_PASSWORD cannot hold a comma")
     celery = Path(sys.executable).parent / "celery"
-    return [
-        str(celery),
-        "-A",
-        "workers",
-        "flower",
-        f"--port={port}",
-        "--address=127.0.0.1",
-        f"--basic-auth={user}:{password}",
-    ]
+    argv = [str(celery), "-A", "workers", "flower", f"--port={port}", "--address=127.0.0.1"]
+    return argv, {"FLOWER_BASIC_AUTH": f"{user}:{password}"}
 
 
 class _StopRequest:
@@ -277,7 +282,8 @@ def _start_processes(supervisor: Supervisor, cfg: Config, home: Path, flower_pas
     supervisor.start(
         "beat", [*celery, "beat", "-l", "INFO", "-s", str(home / "celerybeat-schedule")]
     )
-    supervisor.start("flower", flower_command(cfg.flower_port, cfg.flower_user, flower_password))
+    argv, env = flower_command(cfg.flower_port, cfg.flower_user, flower_password)
+    supervisor.start("flower", argv, env)
 
 
 def _print_welcome(

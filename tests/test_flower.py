@@ -6,7 +6,6 @@ import base64
 import os
 import re
 import signal
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from app.embedded import free_port
-from app.up import flower_command
+from app.up import Supervisor, flower_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,19 +32,17 @@ def _status(url: str, credentials: str | None = None) -> int:
         return error.code
 
 
+PASSWORD = "s3cret-test"
+
+
 @pytest.fixture
 def flower(app, tmp_path):
+    """Flower started as `runyard up` starts it (its Supervisor): (base URL, process)."""
     port = free_port()
-    log_path = tmp_path / "flower.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            flower_command(port, "runyard", "s3cret-test"),
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    supervisor = Supervisor(tmp_path, {**os.environ, "PYTHONPATH": str(ROOT)})
+    argv, env = flower_command(port, "runyard", PASSWORD)
+    supervisor.start("flower", argv, env)
+    [child] = supervisor.children
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -56,26 +53,40 @@ def flower(app, tmp_path):
             except urllib.error.HTTPError:
                 break  # it answers: up
             except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"flower did not start:\n{log_path.read_text()[-3000:]}")
+                if child.process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"flower did not start:\n{child.log_path.read_text()[-3000:]}")
                 time.sleep(0.2)
-        yield base
+        yield base, child.process
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=15)
+        os.killpg(child.process.pid, signal.SIGTERM)
+        child.process.wait(timeout=15)
 
 
 def test_flower_pages_and_api_need_the_password(flower):
+    flower, _process = flower
     for path in ("/", "/workers", "/tasks", "/api/workers", "/api/tasks"):
         assert _status(flower + path) == 401, path
         assert _status(flower + path, "runyard:wrong") == 401, path
-    assert _status(flower + "/", "runyard:s3cret-test") == 200
-    assert _status(flower + "/api/tasks", "runyard:s3cret-test") == 200
+    assert _status(flower + "/", f"runyard:{PASSWORD}") == 200
+    assert _status(flower + "/api/tasks", f"runyard:{PASSWORD}") == 200
+
+
+def test_the_password_is_not_on_flowers_command_line(flower):
+    """Any local user reads /proc/<pid>/cmdline (`ps`); the environment only its own user."""
+    _base, process = flower
+    command_line = Path(f"/proc/{process.pid}/cmdline").read_bytes()
+    assert b"flower" in command_line
+    assert PASSWORD.encode() not in command_line
+    assert f"FLOWER_BASIC_AUTH=runyard:{PASSWORD}".encode() in (
+        Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+    )
 
 
 def test_flower_refuses_to_start_without_a_password():
     with pytest.raises(ValueError, match="RUNYARD_FLOWER_PASSWORD"):
         flower_command(5555, "runyard", "")
+    with pytest.raises(ValueError, match="comma"):
+        flower_command(5555, "runyard", "a,b")
 
 
 def test_compose_runs_flower_behind_auth_on_loopback():
@@ -84,6 +95,8 @@ def test_compose_runs_flower_behind_auth_on_loopback():
     flower = flower[: flower.index("\nvolumes:")]
     # `:?` makes every compose command fail when the password is unset, never start Flower open.
     assert re.search(
-        r"--basic-auth=\$\{RUNYARD_FLOWER_USER:-\w+\}:\$\{RUNYARD_FLOWER_PASSWORD:\?", flower
+        r"FLOWER_BASIC_AUTH: \$\{RUNYARD_FLOWER_USER:-\w+\}:\$\{RUNYARD_FLOWER_PASSWORD:\?",
+        flower,
     )
+    assert "--basic-auth" not in flower  # never on the command line: `ps` shows it
     assert '"127.0.0.1:5555:5555"' in flower

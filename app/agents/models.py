@@ -5,6 +5,8 @@ import uuid
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
     Computed,
     ForeignKey,
     Index,
@@ -12,6 +14,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, TSVECTOR
 from sqlalchemy.orm import Mapped, mapped_column
@@ -23,6 +26,7 @@ from app.db import Base, now_column, uuid_pk
 # build (the embedded one lacks it), full-text search is. A stored generated column keeps the
 # index on a plain column, which Alembic can compare with the models.
 SEARCH_VECTOR = "to_tsvector('simple', name || ' ' || coalesce(description, ''))"
+VISIBILITIES = ("private", "public")
 
 
 class Agent(Base):
@@ -33,6 +37,14 @@ class Agent(Base):
         Index("ix_agents_tags", "tags", postgresql_using="gin"),
         Index("ix_agents_capabilities", "capabilities", postgresql_using="gin"),
         Index("ix_agents_search", "search", postgresql_using="gin"),
+        CheckConstraint(f"visibility IN {VISIBILITIES!r}", name="visibility"),
+        # GET /catalog: the public, live agents of every organization, newest first.
+        Index(
+            "ix_agents_catalog",
+            text("created_at DESC"),
+            "id",
+            postgresql_where=text("visibility = 'public' AND archived_at IS NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = uuid_pk()
@@ -49,6 +61,10 @@ class Agent(Base):
     created_at: Mapped[dt.datetime] = now_column()
     updated_at: Mapped[dt.datetime] = now_column()
     archived_at: Mapped[dt.datetime | None]
+    # `public`: listed in the catalog and runnable by every organization (app/catalog).
+    visibility: Mapped[str] = mapped_column(String(16), server_default="private")
+    # Executions other organizations started through the catalog (counted as they are stored).
+    catalog_runs: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     search: Mapped[str] = mapped_column(
         TSVECTOR, Computed(SEARCH_VECTOR, persisted=True), deferred=True
     )

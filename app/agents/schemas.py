@@ -2,6 +2,7 @@
 
 from marshmallow import Schema, fields, validate
 
+from app.agents.models import VISIBILITIES
 from app.audit.schemas import created_by_field
 from app.openapi import item_rule, rule
 from app.versiondiff import BREAKING_RULES
@@ -147,6 +148,15 @@ class AgentDefinitionFields(Schema):
     rate_limit = fields.Nested(
         RateLimitSchema, allow_none=True, metadata={"description": RATE_LIMIT}
     )
+    visibility = fields.String(
+        validate=validate.OneOf(VISIBILITIES),
+        metadata={
+            "description": "`private` (the default): your organization's alone. `public`: "
+            "listed in GET /api/v1/catalog and runnable by every organization (POST "
+            "/api/v1/catalog/{org}/{agent}/executions), each run the caller's own; only an "
+            "admin makes an agent public (403 otherwise). Not versioned: changes in place"
+        },
+    )
 
 
 class AgentCreateSchema(AgentDefinitionFields):
@@ -185,6 +195,13 @@ class AgentSchema(AgentDefinitionFields):
     created_at = fields.DateTime()
     updated_at = fields.DateTime()
     archived_at = fields.DateTime(allow_none=True)
+    catalog_runs = fields.Integer(
+        metadata={
+            "description": "executions other organizations started through the catalog, "
+            "counted as they were submitted (their inputs and outputs are theirs: you never "
+            "see them)"
+        }
+    )
 
 
 class AgentVersionSchema(Schema):

@@ -209,8 +209,16 @@ def current_version(session: Session, agent: Agent) -> AgentVersion:
     return version
 
 
+def _check_visibility(principal: Principal, agent: Agent | None, data: dict[str, Any]) -> None:
+    """Making an agent public opens it to every organization: an admin's decision. (Making
+    it private again is any writer's: it takes the agent out of the catalog.)"""
+    if data.get("visibility") == "public" and (agent is None or agent.visibility != "public"):
+        principal.require("agents:publish")
+
+
 def create(session: Session, principal: Principal, data: dict[str, Any]) -> Agent:
     principal.require("agents:write")
+    _check_visibility(principal, None, data)
     _check_definition(data)
     secret_store.check_references(session, principal.org_id, data.get("config"), data["runtime"])
     _check_http_timeout(data["runtime"], data.get("timeout_seconds", 300))
@@ -219,6 +227,7 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> Agen
         name=data["name"],
         description=data.get("description"),
         tags=data.get("tags", []),
+        visibility=data.get("visibility", "private"),
     )
     session.add(agent)
     try:
@@ -290,14 +299,16 @@ def update(
     agent = resolve(session, principal, ref)
     if agent.archived_at is not None:
         raise Conflict(f"agent {agent.name!r} is archived", hint="archived agents cannot change")
+    _check_visibility(principal, agent, data)
     _check_definition(data)
     secret_store.check_references(
         session, principal.org_id, data.get("config"), data.get("runtime")
     )
     before = _audited_state(session, agent)
-    if "description" in data:
-        agent.description = data["description"]
-        agent.updated_at = utcnow()
+    for field in ("description", "visibility"):
+        if field in data:
+            setattr(agent, field, data[field])
+            agent.updated_at = utcnow()
     if "tags" in data:
         agent.tags = data["tags"]
         agent.updated_at = utcnow()
@@ -368,19 +379,13 @@ def list_agents(
     offset: int,
     limit: int,
 ) -> tuple[list[Agent], int]:
-    query = select(Agent).where(Agent.org_id == principal.org_id)
+    query = searched(select(Agent).where(Agent.org_id == principal.org_id), q)
     if not include_archived:
         query = query.where(Agent.archived_at.is_(None))
     if tag:
         query = query.where(Agent.tags.contains([tag]))
     if capability:
         query = query.where(Agent.capabilities.contains([capability]))
-    if q:
-        words = [w for w in "".join(c if c.isalnum() else " " for c in q).split() if w]
-        if words:
-            # Each word matches as a prefix of a word of the name or description.
-            tsquery = " & ".join(f"{w.lower()}:*" for w in words)
-            query = query.where(Agent.search.op("@@")(func.to_tsquery("simple", tsquery)))
     items, total = page(
         session, query, Agent.created_at.desc(), Agent.id, offset=offset, limit=limit
     )
@@ -388,6 +393,15 @@ def list_agents(
     version_ids = [agent.current_version_id for agent in items]
     session.scalars(select(AgentVersion).where(AgentVersion.id.in_(version_ids))).all()
     return items, total
+
+
+def searched(query: Any, q: str | None) -> Any:
+    """Agents whose name and description hold every word of `q`, each as a word's prefix."""
+    words = [w for w in "".join(c if c.isalnum() else " " for c in q or "").split() if w]
+    if not words:
+        return query
+    tsquery = " & ".join(f"{w.lower()}:*" for w in words)
+    return query.where(Agent.search.op("@@")(func.to_tsquery("simple", tsquery)))
 
 
 def list_versions(
@@ -437,6 +451,8 @@ def describe(session: Session, agent: Agent, role: str) -> dict[str, Any]:
             "created_at": agent.created_at,
             "updated_at": agent.updated_at,
             "archived_at": agent.archived_at,
+            "visibility": agent.visibility,
+            "catalog_runs": agent.catalog_runs,
         },
     )
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Response, redirect, render_template, request, url_for
 
+from app.catalog import services as catalog
 from app.chains import progress
 from app.config import current_config
 from app.console import auth, sessions, views
@@ -156,6 +157,8 @@ def _execution_context(execution_id: str) -> dict[str, Any]:
         "lines": lines,
         "attempts": executions.attempts(session, principal, execution_id),
         "live": execution["status"] in ("queued", "running"),
+        # A run through the catalog: the agent is another organization's (no page of ours).
+        "catalog_owner": catalog.owner_elsewhere(session, principal, execution["agent_id"]),
     }
 
 

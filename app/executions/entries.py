@@ -82,21 +82,46 @@ WAITING_FOR_SQL = """CASE
             ) > %(window)s::int) THEN 'queue'
     END"""
 
-_INSERT_SQL = (
-    """
+_INSERT_INTO = """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
                             priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
                             rate_key, gated, rerun_of, traceparent, created_by_token_id,
                             created_by_token_name)
-    SELECT %(id)s, a.org_id, a.id, %(version_id)s, a.name, %(version)s, 'queued', %(priority)s,
+    SELECT %(id)s, {org_id}, a.id, %(version_id)s, a.name, %(version)s, 'queued', %(priority)s,
            %(input)s, 0, %(max_attempts)s, %(queue)s::text, """
-    + WAITING_FOR_SQL.format(rank="1")
+_INSERT_VALUES = (
+    WAITING_FOR_SQL.format(rank="1")
     + """,
            %(flow_key)s, %(rate_key)s, %(hold)s::text IS NOT NULL, %(rerun_of)s,
-           %(traceparent)s::text, %(created_by_token_id)s, %(created_by_token_name)s::text
+           %(traceparent)s::text, %(created_by_token_id)s, %(created_by_token_name)s::text"""
+)
+_INSERT_SQL = (
+    _INSERT_INTO.format(org_id="a.org_id")
+    + _INSERT_VALUES
+    + """
     FROM agents a
     WHERE a.id = %(agent_id)s AND a.org_id = %(org_id)s AND a.archived_at IS NULL
       AND (%(pinned)s OR a.current_version_id = %(version_id)s)
+    RETURNING queued_at, waiting_for
+"""
+)
+# A run through the catalog (app/catalog): the row belongs to the caller's organization, the
+# agent to its owner, and it is inserted only while the agent is live and public (or the
+# caller's own). The same statement counts another organization's run on the agent (its owner
+# sees how often the catalog runs it).
+_COUNT_CATALOG_RUN = """a AS (
+        UPDATE agents
+        SET catalog_runs = catalog_runs + (org_id <> %(org_id)s)::int
+        WHERE id = %(agent_id)s AND (visibility = 'public' OR org_id = %(org_id)s)
+          AND archived_at IS NULL
+          AND (%(pinned)s OR current_version_id = %(version_id)s)
+        RETURNING id, name
+    )"""
+_INSERT_PUBLIC = (
+    _INSERT_INTO.format(org_id="%(org_id)s")
+    + _INSERT_VALUES
+    + """
+    FROM a
     RETURNING queued_at, waiting_for
 """
 )
@@ -116,15 +141,22 @@ def insert(
     traceparent: str | None = None,
     created_by: dict[str, Any] = SYSTEM,
     audited: audit.Prepared | None = None,
+    public: bool = False,
 ) -> Any:
     """Insert a queued execution; a row of (queued_at, waiting_for), or None when the agent was
     archived or (unless pinned) its current version changed since `spec` was read. `rerun_of`:
-    the execution it reruns; `audited`: the audit event the same statement writes."""
+    the execution it reruns; `audited`: the audit event the same statement writes. `public`:
+    the agent may be another organization's, if it is public (None when it no longer is)."""
+    if public:
+        assert audited is not None, "a run through the catalog is an audited submit"
+        statement = _INSERT_PUBLIC_AUDITED_SQL
+    else:
+        statement = _INSERT_SQL if audited is None else _INSERT_AUDITED_SQL
     with _nul_refused("/input"):
         row = (
             driver(conn)
             .execute(
-                _INSERT_SQL if audited is None else _INSERT_AUDITED_SQL,
+                statement,
                 {
                     "id": execution_id,
                     "org_id": org_id,
@@ -151,18 +183,22 @@ def insert(
     return row
 
 
-def _audited(statement: str, columns: str) -> str:
+def _audited(statement: str, columns: str, before: str = "") -> str:
     """`statement` (an INSERT ... RETURNING `columns`) with its audit event written by the same
     statement, only if it inserted: the change and its event commit together, in one round
-    trip."""
+    trip. `before`: CTEs the statement reads (`name AS (...), `)."""
     return (
-        f"WITH inserted AS ({statement}), "
+        f"WITH {before}inserted AS ({statement}), "
         f"{audit.cte_when('EXISTS (SELECT 1 FROM inserted)')} "
         f"SELECT {columns} FROM inserted"
     )
 
 
 _INSERT_AUDITED_SQL = _audited(_INSERT_SQL, "queued_at, waiting_for")
+# A data-modifying CTE must be at the top level: the count comes first, beside the insert.
+_INSERT_PUBLIC_AUDITED_SQL = _audited(
+    _INSERT_PUBLIC, "queued_at, waiting_for", before=f"{_COUNT_CATALOG_RUN}, "
+)
 
 # A batch: one statement for every item, on the same condition as a single insert, so the batch
 # is stored whole or not at all (a stale cache shows up as no rows). Each item takes its place

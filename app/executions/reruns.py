@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.agents.lookup import CatalogRef
 from app.agents.models import Agent
 from app.audit import services as audit
 from app.db import driver
@@ -67,12 +68,20 @@ def rerun(
             "execution is rerun",
             hint=f"wait for it to end, or POST /api/v1/executions/{original.id}/cancel first",
         )
+    # Another organization's agent was run through the catalog, and is run through it again
+    # (a 404 once it is private or archived).
+    owner = session.scalar(select(Agent.org_id).where(Agent.id == original.agent_id))
+    ref = (
+        str(original.agent_id)
+        if owner == principal.org_id
+        else CatalogRef(agent_id=original.agent_id)
+    )
     _end_read(session)
     # By id: an agent renamed since is still found. An archived agent answers 409 (the submit's
     # own refusal); a deleted agent took its executions with it, so the original is a 404.
     return services.submit(
         principal,
-        str(original.agent_id),
+        ref,
         original.input if payload is None else payload,
         version=_version_for(version, original.agent_version),
         priority=original.priority,
@@ -101,7 +110,9 @@ def _agent_ids(principal: Principal, agent: str) -> Any:
 
 def _matching(principal: Principal, where: Filter):
     """Finished executions of the caller's organization that the filter matches. Chain steps
-    are left out: a step is rerun with its chain (POST /chain-executions/{id}/rerun)."""
+    are left out: a step is rerun with its chain (POST /chain-executions/{id}/rerun); so are
+    runs of other organizations' agents through the catalog: each is rerun on its own (POST
+    /executions/{id}/rerun), where the agent's being public is checked."""
     if (
         where.finished_after is not None
         and where.finished_before is not None
@@ -116,6 +127,7 @@ def _matching(principal: Principal, where: Filter):
         Execution.org_id == principal.org_id,
         Execution.chain_execution_id.is_(None),
         Execution.finished_at.is_not(None),
+        Execution.agent_id.in_(select(Agent.id).where(Agent.org_id == principal.org_id)),
     )
     if where.agent:
         query = query.where(Execution.agent_id.in_(_agent_ids(principal, where.agent)))

@@ -9,7 +9,6 @@ here, submit, is one statement on an autocommit connection.
 from __future__ import annotations
 
 import datetime as dt
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
-from app.agents.lookup import find_agent, find_version_id
+from app.agents.lookup import CatalogRef
 from app.agents.models import Agent
 from app.audit import services as audit
 from app.db import db, driver, page
@@ -28,88 +27,12 @@ from app.executions import logs as log_lines
 from app.executions.dispatch import Dispatch, dispatcher
 from app.executions.models import Execution, ExecutionAttempt, ExecutionLog
 from app.executions.spec import DEFAULT_PRIORITY, LEVELS, VersionSpec
-from app.executions.versions import specs
+from app.executions.targets import Target, insert_for_target
 from app.flow import quotas
 from app.orgs.services import Principal
 
 # ---------------------------------------------------------------------------------------------
 # Submit
-
-
-@dataclass(frozen=True)
-class Target:
-    agent_id: uuid.UUID
-    version_id: uuid.UUID
-    pinned: bool
-
-
-class TargetCache:
-    """(org, agent ref, version) -> ids. May be stale: the INSERT re-checks what it relies on."""
-
-    def __init__(self, ttl_seconds: float = 30.0) -> None:
-        self.ttl_seconds = ttl_seconds
-        self._entries: dict[tuple, tuple[float, Target]] = {}
-
-    def get(self, key: tuple) -> Target | None:
-        entry = self._entries.get(key)
-        if entry and entry[0] > time.monotonic():
-            return entry[1]
-        return None
-
-    def put(self, key: tuple, target: Target) -> None:
-        if len(self._entries) > 10_000:
-            self._entries.clear()
-        self._entries[key] = (time.monotonic() + self.ttl_seconds, target)
-
-    def forget(self, key: tuple) -> None:
-        self._entries.pop(key, None)
-
-
-targets = TargetCache()
-
-
-def _lookup_target(conn: Connection, principal: Principal, ref: str, version: str | None) -> Target:
-    row = find_agent(conn, principal.org_id, ref, by_id=True)
-    if row is None:
-        raise NotFound(f"no agent {ref!r}", hint="GET /api/v1/agents lists your agents")
-    if row["archived_at"] is not None:
-        raise Conflict(
-            f"agent {row['name']!r} is archived and takes no new executions",
-            hint="create a new agent, or run another one",
-        )
-    if version is None:
-        return Target(row["id"], row["current_version_id"], pinned=False)
-    version_id = find_version_id(conn, row["id"], version)
-    if version_id is None:
-        raise NotFound(
-            f"agent {row['name']!r} has no version {version!r}",
-            hint=f"GET /api/v1/agents/{row['name']}/versions lists them",
-        )
-    return Target(row["id"], version_id, pinned=True)
-
-
-def _insert_for_target(
-    conn: Connection,
-    principal: Principal,
-    ref: str,
-    version: str | None,
-    insert: Callable[[Connection, VersionSpec, Target], Any],
-) -> tuple[Target, VersionSpec, Any]:
-    """Find the agent version a submit runs (the cache first), then `insert(conn, spec, target)`,
-    which checks the input and inserts (None when the cached target was stale: looked up and
-    tried once more)."""
-    key = (principal.org_id, ref, version)
-    for fresh in (False, True):
-        target = None if fresh else targets.get(key)
-        if target is None:
-            target = _lookup_target(conn, principal, ref, version)
-            targets.put(key, target)
-        spec = specs.get(conn, target.version_id)
-        inserted = insert(conn, spec, target)
-        if inserted is not None:
-            return target, spec, inserted
-        targets.forget(key)
-    raise Conflict("the agent changed while submitting", hint="submit again")
 
 
 def _refuse_invalid(spec: VersionSpec, errors: dict[str, Any], what: str) -> None:
@@ -123,7 +46,7 @@ def _refuse_invalid(spec: VersionSpec, errors: dict[str, Any], what: str) -> Non
 
 def submit(
     principal: Principal,
-    ref: str,
+    ref: str | CatalogRef,
     payload: dict[str, Any],
     *,
     version: str | None = None,
@@ -131,7 +54,8 @@ def submit(
     rerun_of: uuid.UUID | None = None,
     traceparent: str | None = None,
 ) -> dict[str, Any]:
-    """Store and queue one execution (a rerun names the execution it reruns in `rerun_of`)."""
+    """Store and queue one execution (a rerun names the execution it reruns in `rerun_of`; a
+    CatalogRef, another organization's public agent: the execution is the caller's)."""
     principal.require("executions:submit")
     execution_id = uuid.uuid4()
     released = gates.Released()
@@ -156,6 +80,7 @@ def submit(
                 traceparent=traceparent,
                 created_by=created_by,
                 audited=audit.prepare(actor, _submitted(execution_id, spec, rerun_of)),
+                public=isinstance(ref, CatalogRef),
             )
 
         if entry.hold is None:
@@ -165,7 +90,7 @@ def submit(
         )
 
     with quotas.admitted(principal.org_id, executions=1) as conn:
-        target, spec, (queued_at, waiting_for) = _insert_for_target(
+        target, spec, (queued_at, waiting_for) = insert_for_target(
             conn, principal, ref, version, insert
         )
     if waiting_for is None:
@@ -365,7 +290,7 @@ def store_batch(
         new = [(row.id, row.input) for row in rows]
         return _insert_held(conn, principal.org_id, spec, new, insert_rows, released)
 
-    _, spec, waiting = _insert_for_target(conn, principal, ref, version, insert)
+    _, spec, waiting = insert_for_target(conn, principal, ref, version, insert)
     return StoredBatch(spec, rows, waiting)
 
 

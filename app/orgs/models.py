@@ -60,3 +60,5 @@ class ApiToken(Base):
     created_at: Mapped[dt.datetime] = now_column()
     expires_at: Mapped[dt.datetime | None]
     revoked_at: Mapped[dt.datetime | None]
+    # Set when a request used it, at most once a minute per API process (app/orgs/services.py).
+    last_used_at: Mapped[dt.datetime | None]

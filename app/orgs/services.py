@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import secrets
 import threading
 import time
@@ -16,9 +17,11 @@ from sqlalchemy.orm import Session
 
 from app.audit import services as audit
 from app.config import current_config
-from app.db import db, utcnow
+from app.db import db, page, utcnow
 from app.errors import Conflict, Forbidden, NotFound, Unauthorized, ValidationFailed
 from app.orgs.models import ROLES, ApiToken, Organization
+
+log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "ry_"
 
@@ -33,6 +36,9 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "audit:read": frozenset({"admin"}),
     # Setting and deleting secrets; their values are never read back by anyone.
     "secrets:write": frozenset({"admin", "developer"}),
+    "tokens": frozenset({"admin"}),
+    # Listing an agent in the catalog opens it to every organization.
+    "agents:publish": frozenset({"admin"}),
 }
 
 
@@ -96,30 +102,87 @@ def create_token(
     role: str,
     expires_at: dt.datetime | None = None,
 ) -> str:
+    """A new token of the organization, returned once, in clear (only its hash is stored)."""
+    return _new_token(session, org_id, name=name, role=role, expires_at=expires_at)[1]
+
+
+def _new_token(
+    session: Session,
+    org_id: uuid.UUID,
+    *,
+    name: str,
+    role: str,
+    expires_at: dt.datetime | None = None,
+) -> tuple[ApiToken, str]:
     if role not in ROLES:
         raise ValidationFailed(f"unknown role {role!r}", errors={"role": [f"one of {ROLES}"]})
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    session.add(
-        ApiToken(
-            org_id=org_id,
-            name=name,
-            role=role,
-            token_hash=hash_token(token),
-            prefix=token[:10],
-            expires_at=expires_at,
-        )
+    row = ApiToken(
+        org_id=org_id,
+        name=name,
+        role=role,
+        token_hash=hash_token(token),
+        prefix=token[:10],
+        expires_at=expires_at,
     )
+    session.add(row)
     session.flush()
-    return token
+    return row, token
 
 
 def revoke_token(session: Session, token_id: uuid.UUID) -> None:
+    """Revoke any organization's token (the admin command line)."""
     found = session.get(ApiToken, token_id)
     if found is None:
         raise NotFound("no such token")
-    found.revoked_at = utcnow()
-    session.flush()
+    _revoke(session, found)
+
+
+def _revoke(session: Session, token: ApiToken) -> None:
+    # Revoking twice keeps the first time: the answer is the same, and so is the record.
+    if token.revoked_at is None:
+        token.revoked_at = utcnow()
+        session.flush()
+    # This process forgets it at once; the others within RUNYARD_TOKEN_CACHE_SECONDS.
     token_cache.clear()
+
+
+# Tokens over the API (admins only): issue, list, revoke, within the caller's organization.
+
+
+def issue(
+    session: Session, principal: Principal, *, name: str, role: str, expires_in_days: int | None
+) -> tuple[ApiToken, str]:
+    """A new token of the caller's organization and its secret (shown once)."""
+    principal.require("tokens")
+    expires_at = None
+    if expires_in_days is not None:
+        expires_at = utcnow() + dt.timedelta(days=expires_in_days)
+    return _new_token(session, principal.org_id, name=name, role=role, expires_at=expires_at)
+
+
+def list_org_tokens(
+    session: Session, principal: Principal, *, offset: int, limit: int
+) -> tuple[list[ApiToken], int]:
+    principal.require("tokens")
+    query = select(ApiToken).where(ApiToken.org_id == principal.org_id)
+    return page(
+        session, query, ApiToken.created_at.desc(), ApiToken.id.desc(), offset=offset, limit=limit
+    )
+
+
+def revoke(session: Session, principal: Principal, token_id: uuid.UUID) -> None:
+    """Revoke a token of the caller's organization; revoking one twice is no error. An admin
+    may revoke the very token it calls with: the next request with it answers 401."""
+    principal.require("tokens")
+    found = session.scalar(
+        select(ApiToken).where(ApiToken.id == token_id, ApiToken.org_id == principal.org_id)
+    )
+    if found is None:
+        raise NotFound(
+            f"no token {token_id}", hint="GET /api/v1/tokens lists your organization's tokens"
+        )
+    _revoke(session, found)
 
 
 def list_tokens(session: Session, org_name: str) -> list[ApiToken]:
@@ -138,14 +201,15 @@ def get_org_by_name(session: Session, name: str) -> Organization | None:
 
 
 class TokenCache:
-    """Token lookups, trusted for a few seconds.
+    """Token lookups, trusted for RUNYARD_TOKEN_CACHE_SECONDS (default 5).
 
     Each API request would otherwise cost a query. A revoked token therefore keeps working for at
-    most RUNYARD_TOKEN_CACHE_SECONDS in other API processes (in the revoking process, at once).
+    most that long in other API processes (in the revoking process, not at all: it clears its
+    cache). An expired token is refused at once everywhere: its expiry is checked on every
+    request, cached or not.
     """
 
-    def __init__(self, ttl_seconds: float = 5.0, max_entries: int = 10_000) -> None:
-        self.ttl_seconds = ttl_seconds
+    def __init__(self, max_entries: int = 10_000) -> None:
         self.max_entries = max_entries
         self._entries: dict[str, tuple[float, Principal | None]] = {}
         self._lock = threading.Lock()
@@ -156,11 +220,11 @@ class TokenCache:
             return False, None
         return True, entry[1]
 
-    def put(self, token_hash: str, principal: Principal | None) -> None:
+    def put(self, token_hash: str, principal: Principal | None, ttl_seconds: float) -> None:
         with self._lock:
             if len(self._entries) >= self.max_entries:
                 self._entries.clear()
-            self._entries[token_hash] = (time.monotonic() + self.ttl_seconds, principal)
+            self._entries[token_hash] = (time.monotonic() + ttl_seconds, principal)
 
     def clear(self) -> None:
         with self._lock:
@@ -176,6 +240,54 @@ _LOOKUP = text(
     WHERE t.token_hash = :token_hash AND t.revoked_at IS NULL
     """
 )
+
+
+class LastUse:
+    """`last_used_at`, kept cheaply: each API process stamps a token at most once per
+    STAMP_SECONDS, and the UPDATE writes only when the stored time is older than that, so
+    however many processes there are, a token's row is written about once a minute while it
+    is in use, never once per request."""
+
+    STAMP_SECONDS = 60
+
+    def __init__(self) -> None:
+        self._stamped: dict[uuid.UUID, float] = {}
+
+    def due(self, token_id: uuid.UUID) -> bool:
+        """Whether this process should stamp the token now (and, if so, it counts as done)."""
+        now = time.monotonic()
+        last = self._stamped.get(token_id)
+        if last is not None and now - last < self.STAMP_SECONDS:
+            return False
+        if len(self._stamped) >= 10_000:
+            self._stamped.clear()
+        self._stamped[token_id] = now
+        return True
+
+    def forget(self) -> None:
+        self._stamped.clear()
+
+
+last_use = LastUse()
+
+_STAMP = text(
+    f"""
+    UPDATE api_tokens SET last_used_at = now()
+    WHERE id = :id AND (last_used_at IS NULL
+                        OR last_used_at < now() - interval '{LastUse.STAMP_SECONDS} seconds')
+    """
+)
+
+
+def _stamp_last_use(token_id: uuid.UUID) -> None:
+    """One statement, once a minute per token and process, on a connection of its own (its row
+    lock never outlives the statement, whatever transaction the caller is in). A failure costs
+    the stamp, never the request."""
+    try:
+        with db.detached() as conn:
+            conn.execute(_STAMP, {"id": token_id})
+    except Exception:
+        log.warning("could not record the use of token %s", token_id, exc_info=True)
 
 
 def authenticate(authorization: str | None) -> Principal:
@@ -207,7 +319,7 @@ def authenticate(authorization: str | None) -> Principal:
             if row
             else None
         )
-        token_cache.put(token_hash, principal)
+        token_cache.put(token_hash, principal, current_config().token_cache_seconds)
     if principal is None:
         raise Unauthorized(
             "invalid or revoked token",
@@ -215,4 +327,6 @@ def authenticate(authorization: str | None) -> Principal:
         )
     if principal.expires_at is not None and principal.expires_at <= utcnow():
         raise Unauthorized("token expired", hint="ask an admin of your organization for a new one")
+    if last_use.due(principal.token_id):
+        _stamp_last_use(principal.token_id)
     return principal

@@ -17,8 +17,12 @@ from app.db import Base
 ZERO_UUID = "00000000-0000-0000-0000-000000000000"
 
 
-def _org() -> Mapped[uuid.UUID]:
-    return mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+def _org(primary_key: bool = False) -> Mapped[uuid.UUID]:
+    """The organization whose executions a row counts: part of the key where an agent's rows
+    may be several organizations' (a public agent's runs through the catalog)."""
+    return mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=primary_key
+    )
 
 
 def _agent() -> Mapped[uuid.UUID]:
@@ -56,7 +60,7 @@ class AgentStatsRollup(Base):
     agent_id: Mapped[uuid.UUID] = _agent()
     span_seconds: Mapped[int] = mapped_column(Integer, primary_key=True)
     bucket_start: Mapped[dt.datetime] = mapped_column(primary_key=True)
-    org_id: Mapped[uuid.UUID] = _org()
+    org_id: Mapped[uuid.UUID] = _org(primary_key=True)
     succeeded: Mapped[int] = mapped_column(BigInteger)
     failed: Mapped[int] = mapped_column(BigInteger)
     timed_out: Mapped[int] = mapped_column(BigInteger)
@@ -75,7 +79,7 @@ class ExecutionTotal(Base):
     agent_id: Mapped[uuid.UUID] = _agent()
     queue: Mapped[str] = mapped_column(String(63), primary_key=True)
     status: Mapped[str] = mapped_column(String(16), primary_key=True)
-    org_id: Mapped[uuid.UUID] = _org()
+    org_id: Mapped[uuid.UUID] = _org(primary_key=True)
     executions: Mapped[int] = mapped_column(BigInteger)
     durations: Mapped[list[int]] = _hist()
     duration_ms_sum: Mapped[float]
@@ -87,7 +91,7 @@ class SubmissionTotal(Base):
     __tablename__ = "submission_totals"
 
     agent_id: Mapped[uuid.UUID] = _agent()
-    org_id: Mapped[uuid.UUID] = _org()
+    org_id: Mapped[uuid.UUID] = _org(primary_key=True)
     submitted: Mapped[int] = mapped_column(BigInteger)
 
 

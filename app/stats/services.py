@@ -46,7 +46,8 @@ _ROLLED_UP = text(
     """
     SELECT succeeded, failed, timed_out, cancelled, durations, queue_waits, last_failure_id
     FROM agent_stats_rollups
-    WHERE agent_id = :agent_id AND (
+    -- The organization's own runs: another's through the catalog are its own to see.
+    WHERE agent_id = :agent_id AND org_id = :org_id AND (
       (span_seconds = 60 AND ((bucket_start >= :start AND bucket_start < :first_hour)
                               OR bucket_start >= :last_hour))
       OR (span_seconds = 3600 AND ((bucket_start >= :first_hour AND bucket_start < :first_day)
@@ -131,7 +132,7 @@ def _finished(
     edges = spans(bounds.now.astimezone(dt.UTC), WINDOWS[window])
     mark_at = bounds.mark_at or dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     mark_id = bounds.mark_id or uuid.UUID(int=0)
-    rows = conn.execute(_ROLLED_UP, {"agent_id": agent_id, **edges}).all()
+    rows = conn.execute(_ROLLED_UP, {"agent_id": agent_id, "org_id": org_id, **edges}).all()
     rows.append(
         conn.execute(
             _TAIL,

@@ -79,7 +79,7 @@ _FINISHED = text(
                 FILTER (WHERE status IN ('failed', 'timed_out')))[1],
              max(finished_at) FILTER (WHERE status IN ('failed', 'timed_out'))
       FROM spans GROUP BY agent_id, span_seconds, bucket_start
-      ON CONFLICT (agent_id, span_seconds, bucket_start) DO UPDATE SET
+      ON CONFLICT (agent_id, span_seconds, bucket_start, org_id) DO UPDATE SET
         succeeded = r.succeeded + excluded.succeeded,
         failed = r.failed + excluded.failed,
         timed_out = r.timed_out + excluded.timed_out,
@@ -97,7 +97,7 @@ _FINISHED = text(
              runyard_hist(runyard_hist_bucket(duration_ms)), coalesce(sum(duration_ms), 0),
              runyard_hist(runyard_hist_bucket(wait_ms)), coalesce(sum(wait_ms), 0)
       FROM batch GROUP BY agent_id, queue, status
-      ON CONFLICT (agent_id, queue, status) DO UPDATE SET
+      ON CONFLICT (agent_id, queue, status, org_id) DO UPDATE SET
         executions = t.executions + excluded.executions,
         durations = runyard_hist_merge(t.durations, excluded.durations),
         duration_ms_sum = t.duration_ms_sum + excluded.duration_ms_sum,
@@ -125,7 +125,7 @@ _SUBMITTED = text(
     counted AS (
       INSERT INTO submission_totals AS s (agent_id, org_id, submitted)
       SELECT agent_id, :org_id, count(*) FROM batch GROUP BY agent_id
-      ON CONFLICT (agent_id) DO UPDATE SET submitted = s.submitted + excluded.submitted
+      ON CONFLICT (agent_id, org_id) DO UPDATE SET submitted = s.submitted + excluded.submitted
     )
     SELECT queued_at, id, (SELECT count(*) FROM batch) AS n
     FROM batch ORDER BY queued_at DESC, id DESC LIMIT 1

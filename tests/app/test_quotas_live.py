@@ -35,9 +35,10 @@ def _call(base: str, path: str, body: dict | None, headers: dict) -> int:
 
 
 @contextlib.contextmanager
-def api_server(log_path: Path) -> Iterator[str]:
+def api_server(log_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A real `runyard api` (one gunicorn worker); `env` adds to the test environment."""
     port = free_port()
-    env = {**os.environ, "RUNYARD_API_WORKERS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "RUNYARD_API_WORKERS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             [RUNYARD, "api", "--port", str(port)],

@@ -74,6 +74,8 @@ class World:
     notification: dict
     event_id: str
     secret: dict
+    token: dict
+    org_name: str
 
     def values_for(self, route: Route, by: str = "name") -> dict[str, str]:
         """Path values naming this world's objects (by name or by id where a route takes
@@ -92,6 +94,10 @@ class World:
                 "event_id": self.event_id,
             },
             "secrets": {"name": self.secret["name"]},
+            "tokens": {"token_id": self.token["id"]},
+            # The world's agent is private: the catalog runs it for us (our own), and to another
+            # organization has no such agent (a 404), as for any object of ours it names.
+            "catalog": {"org": self.org_name, "agent": self.agent["name"]},
         }
         return by_segment[route.rule.removeprefix("/api/v1").split("/")[1]]
 
@@ -165,6 +171,10 @@ def build_world(client, org) -> World:
         client.put("/api/v1/secrets/api-key", json={"value": "s3cr3t-value"}, headers=headers),
         200,
     )
+    token = _created(
+        client.post("/api/v1/tokens", json={"name": "reader", "role": "viewer"}, headers=headers),
+        201,
+    )
     return World(
         agent,
         execution,
@@ -175,6 +185,8 @@ def build_world(client, org) -> World:
         notification,
         event["event_id"],
         secret,
+        token,
+        org.name,
     )
 
 

@@ -130,6 +130,8 @@ def valid_bodies(world) -> dict[Route, dict]:
         Route("/api/v1/agents/<ref>/rollback", "POST"): {"version": "1.0.0"},
         Route("/api/v1/chains/<ref>/rollback", "POST"): {"version": "1.0.0"},
         Route("/api/v1/secrets/<name>", "PUT"): {"value": "a new value"},
+        Route("/api/v1/tokens", "POST"): {"name": "fresh", "role": "viewer"},
+        Route("/api/v1/catalog/<org>/<agent>/executions", "POST"): {"input": {}},
     }
 
 

@@ -27,6 +27,7 @@ BODIES = {
     Route("/api/v1/agents/<ref>/rollback", "POST"): {"version": "1.0.0"},
     Route("/api/v1/chains/<ref>/rollback", "POST"): {"version": "1.0.0"},
     Route("/api/v1/secrets/<name>", "PUT"): {"value": "theirs now"},
+    Route("/api/v1/catalog/<org>/<agent>/executions", "POST"): {"input": {}},
 }
 # Routes that name an object by a name of the caller's own namespace and make it when missing:
 # another organization's token makes its own object (200), never touching ours.
@@ -78,6 +79,9 @@ OBJECT_ROUTES = {
     Route("/api/v1/notifications/<notification_id>/deliveries/<event_id>/redeliver", "POST"),
     Route("/api/v1/secrets/<name>", "PUT"),
     Route("/api/v1/secrets/<name>", "DELETE"),
+    Route("/api/v1/tokens/<token_id>", "DELETE"),
+    # It names another organization's agent by design: a private one (the world's) is a 404.
+    Route("/api/v1/catalog/<org>/<agent>/executions", "POST"),
 }
 
 
@@ -147,6 +151,7 @@ def test_another_organizations_lists_show_nothing_of_ours(app, client, org, othe
         world.schedule["id"],
         world.trigger["id"],
         world.notification["id"],
+        world.token["id"],
     ]
     lists = [route for route in api_routes(app) if route.method == "GET" and not route.arguments]
     assert len(lists) >= 8
