@@ -90,6 +90,7 @@ def _limit(raw: str) -> float | None:
 
 
 def cmd_tokens_create(args: argparse.Namespace) -> int:
+    from app.audit import services as audit
     from app.db import db
     from app.errors import NotFound
     from app.orgs import services
@@ -99,7 +100,9 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
         org = services.get_org_by_name(session, args.org)
         if org is None:
             raise NotFound(f"no organization {args.org!r}")
-        token = services.create_token(session, org.id, name=args.name, role=args.role)
+        token = services.create_token(
+            session, org.id, name=args.name, role=args.role, audited_as=audit.Actor.cli(org.id)
+        )
         session.commit()
     if args.json:
         print(

@@ -18,6 +18,7 @@ blp = Blueprint(
 
 @blp.route("")
 class Catalog(MethodView):
+    @blp.doc(operationId="listCatalog")
     @blp.arguments(CatalogQuerySchema(), location="query")
     @blp.response(200, CatalogEntrySchema(many=True))
     @blp.paginate()
@@ -37,6 +38,7 @@ class Catalog(MethodView):
 
 @blp.route("/<org>/<agent>/executions")
 class CatalogRun(MethodView):
+    @blp.doc(operationId="submitCatalogExecution")
     @blp.arguments(CatalogSubmitSchema())
     @blp.response(202, ExecutionSchema())
     @blp.alt_response(

@@ -37,6 +37,7 @@ class Me(MethodView):
 
 @blp.route("/tokens")
 class Tokens(MethodView):
+    @blp.doc(operationId="listTokens")
     @blp.response(200, TokenSchema(many=True))
     @blp.alt_response(403, description=FORBIDDEN)
     @blp.paginate()
@@ -51,6 +52,7 @@ class Tokens(MethodView):
         pagination_parameters.item_count = total
         return items
 
+    @blp.doc(operationId="createToken")
     @blp.arguments(TokenCreateSchema())
     @blp.response(201, IssuedTokenSchema())
     @blp.alt_response(403, description=FORBIDDEN)
@@ -70,6 +72,7 @@ class Tokens(MethodView):
 
 @blp.route("/tokens/<token_id>")
 class TokenById(MethodView):
+    @blp.doc(operationId="revokeToken")
     @blp.response(204)
     @blp.alt_response(403, description=FORBIDDEN)
     @blp.alt_response(404, description="no such token in your organization")

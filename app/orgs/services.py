@@ -101,9 +101,30 @@ def create_token(
     name: str,
     role: str,
     expires_at: dt.datetime | None = None,
+    audited_as: audit.Actor | None = None,
 ) -> str:
-    """A new token of the organization, returned once, in clear (only its hash is stored)."""
-    return _new_token(session, org_id, name=name, role=role, expires_at=expires_at)[1]
+    """A new token of the organization, returned once, in clear (only its hash is stored).
+    `audited_as`: the actor of the token.create event (the admin command line's OS user)."""
+    row, token = _new_token(session, org_id, name=name, role=role, expires_at=expires_at)
+    if audited_as is not None:
+        _audit_created(session, audited_as, row)
+    return token
+
+
+def _audit_created(session: Session, actor: audit.Actor, row: ApiToken) -> None:
+    # The role and expiry, never the token.
+    granted = {"role": row.role, "expires_at": row.expires_at}
+    audit.record(
+        session,
+        actor,
+        audit.Change(
+            "token.create",
+            "token",
+            row.id,
+            row.name,
+            [{"op": "add", "path": f"/{key}", "value": value} for key, value in granted.items()],
+        ),
+    )
 
 
 def _new_token(
@@ -135,14 +156,15 @@ def revoke_token(session: Session, token_id: uuid.UUID) -> None:
     found = session.get(ApiToken, token_id)
     if found is None:
         raise NotFound("no such token")
-    _revoke(session, found)
+    _revoke(session, found, audit.Actor.cli(found.org_id))
 
 
-def _revoke(session: Session, token: ApiToken) -> None:
+def _revoke(session: Session, token: ApiToken, actor: audit.Actor) -> None:
     # Revoking twice keeps the first time: the answer is the same, and so is the record.
     if token.revoked_at is None:
         token.revoked_at = utcnow()
         session.flush()
+    audit.record(session, actor, audit.Change("token.revoke", "token", token.id, token.name))
     # This process forgets it at once; the others within RUNYARD_TOKEN_CACHE_SECONDS.
     token_cache.clear()
 
@@ -158,7 +180,9 @@ def issue(
     expires_at = None
     if expires_in_days is not None:
         expires_at = utcnow() + dt.timedelta(days=expires_in_days)
-    return _new_token(session, principal.org_id, name=name, role=role, expires_at=expires_at)
+    row, token = _new_token(session, principal.org_id, name=name, role=role, expires_at=expires_at)
+    _audit_created(session, audit.Actor.of(principal), row)
+    return row, token
 
 
 def list_org_tokens(
@@ -182,7 +206,7 @@ def revoke(session: Session, principal: Principal, token_id: uuid.UUID) -> None:
         raise NotFound(
             f"no token {token_id}", hint="GET /api/v1/tokens lists your organization's tokens"
         )
-    _revoke(session, found)
+    _revoke(session, found, audit.Actor.of(principal))
 
 
 def list_tokens(session: Session, org_name: str) -> list[ApiToken]:

@@ -334,6 +334,22 @@ def test_admin_commands_are_audited_as_the_os_user(app, live_org):
     } in event["changes"]
 
 
+def test_token_commands_are_audited_without_the_token(app, live_org):
+    created = runyard("tokens", "create", live_org.name, "--role", "viewer", "--json")
+    assert created.returncode == 0, created.stderr
+    secret = json.loads(created.stdout)["token"]
+    listed = json.loads(runyard("tokens", "list", live_org.name, "--json").stdout)
+    [viewer] = [token for token in listed if token["role"] == "viewer"]
+    assert runyard("tokens", "revoke", viewer["id"]).returncode == 0
+    client = app.test_client()
+    [made] = _events(client, live_org, action="token.create")
+    [revoked] = _events(client, live_org, action="token.revoke")
+    assert made["object"]["id"] == revoked["object"]["id"] == viewer["id"]
+    assert {"op": "add", "path": "/role", "value": "viewer"} in made["changes"]
+    assert set(made["actor"]) == {"cli"} == set(revoked["actor"])
+    assert secret not in json.dumps(_events(client, live_org))
+
+
 def test_verify_of_an_unknown_org_is_a_clear_error():
     result = runyard("audit", "verify", "no-such-org")
     assert result.returncode == 2 and "no organization" in result.stderr

@@ -38,6 +38,8 @@ class Agent(TypedDict, total=False):
     concurrency: dict[str, Any] | None
     rate_limit: dict[str, Any] | None
     current_version: str
+    visibility: Literal["private", "public"]
+    catalog_runs: int
     created_at: str
     updated_at: str
     archived_at: str | None
