@@ -58,8 +58,10 @@ def add_version(
     definition: dict[str, Any],
     version: str,
     changelog: str | None = None,
+    created_by: dict[str, Any] | None = None,
 ) -> Any:
-    """Insert the owner's version `version` of `definition` and make it current."""
+    """Insert the owner's version `version` of `definition` and make it current;
+    `created_by`: its created_by_* columns (audit.created_by of the caller)."""
     major, minor, patch = parse_semver(version)
     row = owner_column.class_(
         **{owner_column.key: owner.id},
@@ -70,6 +72,7 @@ def add_version(
         patch=patch,
         changelog=changelog,
         **definition,
+        **(created_by or {}),
     )
     session.add(row)
     session.flush()

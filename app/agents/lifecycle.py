@@ -26,7 +26,7 @@ def rollback(session: Session, principal: Principal, ref: str, version: str) -> 
     if agent.archived_at is not None:
         raise Conflict(f"agent {agent.name!r} is archived", hint="archived agents cannot change")
     row = find_version(session, AgentVersion.agent_id, agent, version, "agent")
-    before = services._audited_state(session, agent)
+    before = services.audited_state(session, agent)
     make_current(agent, row)
     # Copied from the current version for the capability filter (app/agents/models.py).
     agent.capabilities = row.capabilities
@@ -39,7 +39,7 @@ def rollback(session: Session, principal: Principal, ref: str, version: str) -> 
             "agent",
             agent.id,
             agent.name,
-            audit.changes_between(before, services._audited_state(session, agent)),
+            audit.changes_between(before, services.audited_state(session, agent)),
         ),
     )
     return agent

@@ -273,17 +273,17 @@ def _add_version(
         session,
         AgentVersion.agent_id,
         agent,
-        {**definition, **audit.created_by(principal)},
+        definition,
         version,
         changelog,
+        audit.created_by(principal),
     )
 
 
-def _audited_state(session: Session, agent: Agent) -> dict[str, Any]:
-    """What an agent.update event's changes are computed between (as an admin, who reads the
-    trail, sees the agent: $secret references stay references, never values)."""
-    shown = describe(session, agent, "admin")
-    return {key: value for key, value in shown.items() if key not in ("created_at", "updated_at")}
+def audited_state(session: Session, agent: Agent) -> dict[str, Any]:
+    """What an agent's update and rollback events compare (as an admin, who reads the trail,
+    sees the agent: $secret references stay references, never values)."""
+    return audit.snapshot(describe(session, agent, "admin"))
 
 
 def update(
@@ -304,7 +304,7 @@ def update(
     secret_store.check_references(
         session, principal.org_id, data.get("config"), data.get("runtime")
     )
-    before = _audited_state(session, agent)
+    before = audited_state(session, agent)
     for field in ("description", "visibility"):
         if field in data:
             setattr(agent, field, data[field])
@@ -334,7 +334,7 @@ def update(
     else:
         version = next_version(session, AgentVersion.agent_id, agent, data.get("version"))
         _add_version(session, principal, agent, {**definition, **changed}, version, changelog)
-    after = _audited_state(session, agent)
+    after = audited_state(session, agent)
     audit.record(
         session,
         audit.Actor.of(principal),

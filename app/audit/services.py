@@ -199,6 +199,12 @@ def cte_when(condition: str) -> str:
     return f"audit_written AS ({_WRITE_EVENT} WHERE {condition})"
 
 
+def snapshot(shown: dict[str, Any]) -> dict[str, Any]:
+    """An object as an answer shows it, less the times every change moves: what an update's
+    changes are computed between."""
+    return {key: value for key, value in shown.items() if key not in ("created_at", "updated_at")}
+
+
 def changes_between(before: Any, after: Any) -> list[dict[str, Any]]:
     """RFC 6902 operations that turn `before` into `after` (ids and times as strings)."""
     return jsonpatch.make_patch(json.loads(canonical(before)), json.loads(canonical(after))).patch

@@ -38,7 +38,7 @@ def rollback(session: Session, principal: Principal, ref: str, version: str) -> 
     if chain.archived_at is not None:
         raise Conflict(f"chain {chain.name!r} is archived", hint="archived chains cannot change")
     row = find_version(session, ChainVersion.chain_id, chain, version, "chain")
-    before = services._audited_state(session, chain)
+    before = services.audited_state(session, chain)
     make_current(chain, row)
     session.flush()
     audit.record(
@@ -49,7 +49,7 @@ def rollback(session: Session, principal: Principal, ref: str, version: str) -> 
             "chain",
             chain.id,
             chain.name,
-            audit.changes_between(before, services._audited_state(session, chain)),
+            audit.changes_between(before, services.audited_state(session, chain)),
         ),
     )
     return chain

@@ -158,16 +158,16 @@ def _add_version(
         session,
         ChainVersion.chain_id,
         chain,
-        {**definition, **audit.created_by(principal)},
+        definition,
         version,
         changelog,
+        audit.created_by(principal),
     )
 
 
-def _audited_state(session: Session, chain: Chain) -> dict[str, Any]:
-    """What a chain.update event's changes are computed between."""
-    shown = describe(session, chain)
-    return {key: value for key, value in shown.items() if key not in ("created_at", "updated_at")}
+def audited_state(session: Session, chain: Chain) -> dict[str, Any]:
+    """What a chain's update and rollback events compare."""
+    return audit.snapshot(describe(session, chain))
 
 
 def _definition(data: dict[str, Any]) -> dict[str, Any]:
@@ -219,7 +219,7 @@ def update(
     changed = {name: data[name] for name in VERSIONED_FIELDS if name in data}
     merged = {**definition, **changed}
     check_definition(session, principal, {"name": chain.name, **merged, **_unversioned(data)})
-    before = _audited_state(session, chain)
+    before = audited_state(session, chain)
     if "description" in data:
         chain.description = data["description"]
         chain.updated_at = utcnow()
@@ -236,7 +236,7 @@ def update(
     else:
         version = next_version(session, ChainVersion.chain_id, chain, data.get("version"))
         _add_version(session, principal, chain, merged, version, changelog)
-    after = _audited_state(session, chain)
+    after = audited_state(session, chain)
     audit.record(
         session,
         audit.Actor.of(principal),
