@@ -241,7 +241,7 @@ class Database:
         with autocommit.connect() as conn:
             try:
                 yield conn
-            except psycopg.OperationalError:
+            except (psycopg.OperationalError, OperationalError):
                 self.drop_if_dead(conn)
                 raise
 
@@ -258,15 +258,20 @@ class Database:
 
     def drop_if_dead(self, conn: Connection) -> None:
         """After a database error on a `hot()` connection: if the server went away (a restart, a
-        failover), drop the connection and the rest of its pool at once. The hot statements run
-        on the driver connection directly, so SQLAlchemy never learns of it and would hand out
-        the pool's other dead connections one statement at a time."""
-        if conn.invalidated or conn.closed:
+        failover), drop the connection and the rest of its pool at once, and the ORM's pool too:
+        its connections died with the same server. The hot statements run on the driver
+        connection directly, so SQLAlchemy never learns of it and would hand out the pools'
+        other dead connections one request at a time (each a 503 after the server is back)."""
+        if conn.closed:
             return
-        if conn.connection.driver_connection.closed:
-            conn.invalidate()
-            if self._autocommit is not None:
-                self._autocommit.dispose()
+        # Invalidated: SQLAlchemy saw the disconnect (a statement through it) and dropped this
+        # pool, but not the other.
+        if conn.invalidated or conn.connection.driver_connection.closed:
+            if not conn.invalidated:
+                conn.invalidate()
+            for engine in (self._autocommit, self._engine):
+                if engine is not None:
+                    engine.dispose()
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
