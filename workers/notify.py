@@ -17,8 +17,6 @@ at once.
 from __future__ import annotations
 
 import functools
-import hashlib
-import hmac
 import logging
 import ssl
 import time
@@ -26,6 +24,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from app import signing
 from app.config import current_config
 from app.db import db
 from app.notifications import delivery
@@ -58,17 +57,12 @@ def _tls_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
-def signature(secret: str, body: bytes, timestamp: int) -> str:
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return f"t={timestamp},v1={digest.hexdigest()}"
-
-
 def send(due: delivery.Due, allow_hosts: tuple[str, ...]) -> Result:
     headers = {
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
         "Runyard-Event-Id": str(due.id),
-        "Runyard-Signature": signature(due.secret, due.body, int(time.time())),
+        "Runyard-Signature": signing.header(due.secret, int(time.time()), due.body),
     }
     try:
         answer = post_once(

@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import jsonpatch
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
 from app.audit.models import GENESIS, AuditEvent, AuditHead
-from app.db import db, driver
+from app.db import db, driver, page
 
 # ---------------------------------------------------------------------------------------------
 # Who and where
@@ -308,9 +308,7 @@ def list_events(
     """An organization's events, newest first: sealed first, so that every event committed
     before the call is listed with its seq."""
     seal_now(org_id)
-    query = select(AuditEvent.body, AuditEvent.hash).where(
-        AuditEvent.org_id == org_id, AuditEvent.seq.is_not(None)
-    )
+    query = select(AuditEvent).where(AuditEvent.org_id == org_id, AuditEvent.seq.is_not(None))
     if action is not None:
         query = query.where(AuditEvent.action == action)
     if object_type is not None:
@@ -323,11 +321,8 @@ def list_events(
         query = query.where(AuditEvent.at >= since)
     if until is not None:
         query = query.where(AuditEvent.at < until)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    if offset >= total:  # also a page past PostgreSQL's bigint OFFSET: no rows, no query
-        return [], total
-    rows = session.execute(query.order_by(AuditEvent.seq.desc()).offset(offset).limit(limit))
-    return [{**json.loads(body), "hash": hashed} for body, hashed in rows], total
+    events, total = page(session, query, AuditEvent.seq.desc(), offset=offset, limit=limit)
+    return [{**json.loads(event.body), "hash": event.hash} for event in events], total
 
 
 @dataclass(frozen=True)

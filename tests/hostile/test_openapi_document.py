@@ -12,13 +12,12 @@ import uuid
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
+from hypothesis import given
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.hostile.conftest import Route, World, build_world
-from tests.hostile.test_openapi_fuzz import end_the_executions
+from tests.hostile.conftest import World, build_world
+from tests.hostile.test_openapi_fuzz import bounded, end_the_executions, strategy_for
 
 METHODS = ("get", "put", "post", "patch", "delete")
 MAX_EXAMPLES = 50
@@ -154,29 +153,10 @@ def test_every_operation_has_a_unique_camel_case_operation_id(client):
     assert {name: ids.get(name) for name in CONTRACT_IDS} == CONTRACT_IDS
 
 
-def positive_strategy(operation, world: World):
-    """Valid requests only; half of them name a real object of the organization."""
-    rule = operation.path.replace("{", "<").replace("}", ">")
-    names = [parameter.name for parameter in operation.path_parameters]
-    # By id: a PATCH may rename the object.
-    route = Route(rule, operation.method.upper())
-    real = {name: world.values_for(route, by="id")[name] for name in names}
-    strategies = [operation.as_strategy(GenerationMode.POSITIVE)]
-    if real:
-        strategies.append(operation.as_strategy(GenerationMode.POSITIVE, path_parameters=real))
-    return st.one_of(strategies)
-
-
 def accept(operation, world: World, headers: dict[str, str], ran: dict[str, int]) -> None:
-    @settings(
-        max_examples=MAX_EXAMPLES,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        phases=[Phase.generate],
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(case=positive_strategy(operation, world))
+    # Valid requests only; by id, as a PATCH may rename the object.
+    @bounded(MAX_EXAMPLES)
+    @given(case=strategy_for(operation, world, (GenerationMode.POSITIVE,), by="id"))
     def run(case):
         ran[operation.label] = ran.get(operation.label, 0) + 1
         # One key per request: the same key again with another body is a 422 by design, a

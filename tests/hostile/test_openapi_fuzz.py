@@ -64,30 +64,43 @@ CHECKS = [
 ]
 
 
-def strategy_for(operation, world: World):
-    """Valid and invalid requests, half of them naming a real object of the organization."""
+def strategy_for(
+    operation,
+    world: World,
+    modes=(GenerationMode.POSITIVE, GenerationMode.NEGATIVE),
+    by: str = "name",
+):
+    """Requests of the given modes (valid and invalid by default), half of them naming a real
+    object of the organization (by name, or by id where a route takes either)."""
     rule = operation.path.replace("{", "<").replace("}", ">")
     names = [parameter.name for parameter in operation.path_parameters]
-    real = {name: world.values_for(Route(rule, operation.method.upper()))[name] for name in names}
+    route = Route(rule, operation.method.upper())
+    real = {name: world.values_for(route, by=by)[name] for name in names}
     strategies = []
-    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+    for mode in modes:
         strategies.append(operation.as_strategy(mode))
         if real:
             strategies.append(operation.as_strategy(mode, path_parameters=real))
     return st.one_of(strategies)
 
 
-def fuzz(operation, world: World, headers: dict[str, str], ran: dict[str, int]) -> None:
-    """One bounded, derandomized Hypothesis run of one operation."""
-
-    @settings(
-        max_examples=MAX_EXAMPLES,
+def bounded(max_examples: int):
+    """A derandomized Hypothesis run of at most `max_examples` cases, no shrinking, no
+    example database."""
+    return settings(
+        max_examples=max_examples,
         deadline=None,
         derandomize=True,
         database=None,
         phases=[Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
+
+
+def fuzz(operation, world: World, headers: dict[str, str], ran: dict[str, int]) -> None:
+    """One bounded, derandomized Hypothesis run of one operation."""
+
+    @bounded(MAX_EXAMPLES)
     @given(case=strategy_for(operation, world))
     def run(case):
         ran[operation.label] = ran.get(operation.label, 0) + 1

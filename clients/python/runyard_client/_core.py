@@ -48,6 +48,34 @@ def retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+def http_options(url: str, token: str, timeout: float, transport: Any) -> dict[str, Any]:
+    """The keyword arguments of the sync and the async httpx client alike."""
+    return {
+        "base_url": f"{url}/api/v1",
+        "headers": {"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT},
+        "timeout": timeout,
+        "transport": transport,
+    }
+
+
+def retry_wait(
+    policy: RetryPolicy,
+    attempt: int,
+    *,
+    method: str,
+    creates: bool,
+    response: httpx.Response | None,
+) -> float | None:
+    """Seconds to wait before sending a request again, or None to stop: after a connection
+    error (`response` None) a read or a create is retried; after an answer, only a create
+    refused with 429 or 503 (its Idempotency-Key keeps the retry from running it twice)."""
+    if response is None:
+        return policy.delay(attempt, None) if creates or method == "GET" else None
+    if not creates or response.status_code not in RETRY_STATUSES:
+        return None
+    return policy.delay(attempt, retry_after(response))
+
+
 def idempotency_headers() -> dict[str, str]:
     return {"Idempotency-Key": str(uuid.uuid4())}
 

@@ -43,10 +43,7 @@ class Runyard:
         self.url = profile.url
         self.retry = retry or _core.RetryPolicy()
         self._http = httpx.Client(
-            base_url=f"{profile.url}/api/v1",
-            headers={"Authorization": f"Bearer {profile.token}", "User-Agent": _core.USER_AGENT},
-            timeout=timeout,
-            transport=transport,
+            **_core.http_options(profile.url, profile.token, timeout, transport)
         )
         self.agents = Agents(self)
         self.executions = Executions(self)
@@ -84,13 +81,15 @@ class Runyard:
                     method, path, json=json, params=params, headers=headers
                 )
             except httpx.TransportError as exc:
-                wait = self.retry.delay(attempt, None) if creates or method == "GET" else None
+                wait = _core.retry_wait(
+                    self.retry, attempt, method=method, creates=creates, response=None
+                )
                 if wait is None:
                     raise _core.connection_error(exc, self.url) from exc
             else:
-                if not creates or response.status_code not in _core.RETRY_STATUSES:
-                    return response
-                wait = self.retry.delay(attempt, _core.retry_after(response))
+                wait = _core.retry_wait(
+                    self.retry, attempt, method=method, creates=creates, response=response
+                )
                 if wait is None:
                     return response
             time.sleep(wait)
