@@ -158,3 +158,71 @@ def reporter(payload, ctx):
     except ValueError as exc:
         refused = str(exc)
     return {"traceparent": ctx.traceparent, "refused": refused}
+
+
+# ---------------------------------------------------------------------------------------------
+# Durable agents (tests/workers/test_durable.py)
+
+
+def double(payload, ctx):
+    return {"n": payload["n"] * 2}
+
+
+def fan_out(payload, ctx):
+    """Starts `count` children of `child` and gathers their outputs."""
+    ids = [ctx.start(payload["child"], {"n": n}) for n in range(payload["count"])]
+    outputs = ctx.wait(ids)
+    return {"total": sum(output["n"] for output in outputs), "children": len(ids)}
+
+
+def run_child(payload, ctx):
+    """ctx.run, catching ChildFailed when asked to."""
+    from workers.context import ChildFailed
+
+    try:
+        return {"output": ctx.run(payload["child"], payload.get("input", {}))}
+    except ChildFailed as exc:
+        if not payload.get("catch"):
+            raise
+        return {"failed": exc.as_dict()}
+
+
+def ledger(payload, ctx):
+    """Appends a line per step to a file, pausing between steps (for a kill to land there)."""
+    path = payload["path"]
+
+    def write(line):
+        with open(path, "a") as ledger_file:
+            ledger_file.write(line + "\n")
+        return line
+
+    for step in range(payload["steps"]):
+        ctx.step(f"write-{step}", write, f"step {step}")
+        time.sleep(payload.get("pause", 0))
+    return {"attempt": ctx.attempt}
+
+
+def sleeper(payload, ctx):
+    before = ctx.step("before", time.time)
+    ctx.sleep(payload["seconds"])
+    return {"slept": time.time() - before}
+
+
+def waits_for_event(payload, ctx):
+    data = ctx.wait_for_event(
+        payload["event"],
+        match=payload.get("match"),
+        timeout_seconds=payload.get("timeout", 3600),
+        lookback_seconds=payload.get("lookback", 0),
+    )
+    return {"data": data}
+
+
+def changes_its_calls(payload, ctx):
+    """Nondeterministic: the first run steps, the replay starts a child at the same place."""
+    if ctx.attempt == 1 and not os.path.exists(payload["marker"]):
+        open(payload["marker"], "w").close()
+        ctx.step("first", lambda: 1)
+        ctx.sleep(1)
+    ctx.start("double", {"n": 1})
+    return {}

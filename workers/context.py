@@ -86,9 +86,66 @@ class AgentLog:
         self._buffer.flush_if_due()
 
 
+class Suspended(BaseException):
+    """A durable call must wait (a child, a sleep, an event): the run ends here and the
+    execution waits. A BaseException, so that an agent's `except Exception` cannot swallow it."""
+
+    def __init__(self, wait: Any) -> None:
+        super().__init__("the execution waits")
+        self.wait = wait
+
+
+class Nondeterministic(BaseException):
+    """A replay asked for other durable calls than the journal holds: the execution fails with
+    `nondeterministic` (never retried: it would differ again)."""
+
+
+class ChildFailed(Exception):
+    """ctx.run / ctx.wait: a child execution did not succeed; carries its status and error."""
+
+    def __init__(self, execution_id: str, agent: str, status: str, error: dict | None) -> None:
+        self.execution_id = execution_id
+        self.agent = agent
+        self.status = status
+        self.error = error or {"type": status, "message": "", "hint": ""}
+        super().__init__(
+            f"child execution {execution_id} ({agent}) {status}: "
+            f"{self.error.get('type')}: {self.error.get('message')}"
+            + (f" (hint: {self.error['hint']})" if self.error.get("hint") else "")
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "execution_id": self.execution_id,
+            "agent": self.agent,
+            "status": self.status,
+            "error": self.error,
+        }
+
+
+class DurableCalls(Protocol):
+    """The journal behind ctx's durable calls (workers/durable.py)."""
+
+    def step_begin(self, name: str) -> tuple[bool, int, Any]: ...
+
+    def step_record(self, seq: int, name: str, value: Any) -> Any: ...
+
+    def start(self, agent: str, payload: Any, version: str | None = None) -> str: ...
+
+    def wait(self, ids: list[str]) -> list[Any]: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+    def sleep_until(self, when: Any) -> None: ...
+
+    def wait_for_event(
+        self, name: str, match: dict | None, timeout_seconds: float, lookback_seconds: float
+    ) -> Any: ...
+
+
 class Context:
     """The `ctx` argument of an agent: who it is, its config, its log, its progress, its trace
-    context, and cancellation."""
+    context, cancellation, and the durable calls (steps, children, sleeps, event waits)."""
 
     # With the child runtimes' 1 s grace, a cancelled script or command is gone within 2 s.
     CANCEL_CHECK_SECONDS = 0.5
@@ -104,6 +161,8 @@ class Context:
         check_cancel: Callable[[], bool],
         progress: ProgressSink | None = None,
         traceparent: str | None = None,
+        durable: DurableCalls | None = None,
+        state: Any = None,
     ) -> None:
         self.execution_id = str(execution_id)
         self.attempt = attempt
@@ -116,6 +175,9 @@ class Context:
         self._check_cancel = check_cancel
         self._cancelled = False
         self._checked_at = 0.0
+        self._durable = durable
+        # ctx.state: the agent's key/value state (workers/agent_state.py).
+        self.state = state
 
     def cancelled(self) -> bool:
         """True once a cancel was asked; asks the database at most every CANCEL_CHECK_SECONDS."""
@@ -141,6 +203,89 @@ class Context:
     def mark_cancelled(self) -> None:
         """The watchdog saw the cancel request: no need to ask the database again."""
         self._cancelled = True
+
+    # Durable calls (API.md, "Agents working together"): each is recorded in the execution's
+    # journal and answered from it when the agent runs again after a wait or a retry.
+
+    def _calls(self) -> DurableCalls:
+        if self._durable is None:
+            raise RuntimeError("durable calls are not available in this run")
+        return self._durable
+
+    def step(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` once per execution; its JSON result is recorded and returned again on
+        every later run, without calling `fn`."""
+        if not isinstance(name, str) or not name:
+            raise TypeError("ctx.step(name, fn, *args): name must be a non-empty string")
+        found, seq, result = self._calls().step_begin(name)
+        if found:
+            return result
+        return self._calls().step_record(seq, name, fn(*args))
+
+    def start(self, agent: str, input: Any, version: str | None = None) -> str:
+        """Start a child execution of `agent` (name or id); its id, at once."""
+        return self._calls().start(agent, input, version)
+
+    def wait(self, ids: list[str]) -> list[Any]:
+        """The outputs of children started with ctx.start, in order, once all have ended;
+        raises ChildFailed for the first one (in order) that did not succeed."""
+        return self._calls().wait(list(ids))
+
+    def run(self, agent: str, input: Any, version: str | None = None) -> Any:
+        """Start a child execution and return its output once it succeeded (ChildFailed
+        otherwise). The execution waits meanwhile, holding no worker."""
+        return self.wait([self.start(agent, input, version)])[0]
+
+    def sleep(self, seconds: float) -> None:
+        """A durable sleep of at least 1 s: the execution waits, holding no worker."""
+        self._calls().sleep(seconds)
+
+    def sleep_until(self, when: Any) -> None:
+        """Sleep until `when` (an aware datetime, or ISO 8601 text with its offset)."""
+        self._calls().sleep_until(when)
+
+    def wait_for_event(
+        self,
+        name: str,
+        match: dict | None = None,
+        timeout_seconds: float = 3600,
+        lookback_seconds: float = 0,
+    ) -> Any:
+        """The data of the first event `name` whose data matches `match` (dotted path ->
+        value), or None after `timeout_seconds`; an event sent up to `lookback_seconds` before
+        the wait counts."""
+        return self._calls().wait_for_event(name, match, timeout_seconds, lookback_seconds)
+
+    def answer(self, op: str, args: list[Any]) -> tuple[dict[str, Any], Any]:
+        """A durable call made by a `script` agent's process (script_child.py), as the reply
+        it reads, and the wait when the call suspended the run (None otherwise)."""
+        try:
+            return {"ok": self._call(op, args)}, None
+        except Suspended as suspended:
+            return {"suspend": True}, suspended.wait
+        except Nondeterministic as exc:
+            return {"nondeterministic": str(exc)}, None
+        except ChildFailed as exc:
+            return {"raise": "ChildFailed", "message": str(exc), "child": exc.as_dict()}, None
+        except Exception as exc:
+            kind = type(exc).__name__
+            if kind not in ("TypeError", "StateConflict"):
+                kind = "ValueError" if isinstance(exc, ValueError) else "RuntimeError"
+            return {"raise": kind, "message": str(exc)}, None
+
+    def _call(self, op: str, args: list[Any]) -> Any:
+        calls = self._calls()
+        if op == "step.begin":
+            return list(calls.step_begin(*args))
+        if op == "step.record":
+            return calls.step_record(*args)
+        if op in ("start", "wait", "sleep", "sleep_until", "wait_for_event"):
+            return getattr(calls, op)(*args)
+        if op.startswith("state.") and self.state is not None:
+            method = op.removeprefix("state.")
+            if method in ("get", "entry", "set", "delete"):
+                return getattr(self.state, method)(*args)
+        raise ValueError(f"unknown durable call {op!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return {

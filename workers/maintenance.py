@@ -44,7 +44,8 @@ from app.chains import progress
 from app.chains import retention as chain_retention
 from app.config import current_config
 from app.db import db
-from app.executions import gates, recovery, store
+from app.executions import gates, recovery, store, waiting
+from app.executions import services as executions
 from app.idempotency import services as idempotency
 from app.notifications import delivery
 from app.stats import tally
@@ -60,6 +61,8 @@ STATS_TALLY_SECONDS = 5.0
 STATS_PRUNE_SECONDS = 3600.0
 # Committed audit events get their seq and hash within about this long (readers seal first).
 AUDIT_SEAL_SECONDS = 1.0
+# A durable sleep or event timeout resumes within about this long of its due time.
+DURABLE_TICK_SECONDS = 0.5
 
 
 @dataclass
@@ -95,6 +98,18 @@ def _flow_tick() -> None:
     let_out = gates.flow_tick()
     if let_out:
         log.debug("flow: let out %d held executions", let_out)
+
+
+def _durable_tick() -> None:
+    """Wake the durable executions whose sleep or event wait is due, and finish cancel
+    cascades cut short."""
+    with db.hot() as conn:
+        woken = waiting.wake_due(conn)
+    if woken:
+        log.debug("durable: woke %d waiting executions", len(woken))
+    orphans = executions.cancel_orphans()
+    if orphans:
+        log.warning("durable: cancelled %d children of cancelled parents", orphans)
 
 
 def _prune_idempotency_keys() -> None:
@@ -160,6 +175,7 @@ def default_jobs() -> list[Job]:
         Job("sweep", interval, _sweep),
         Job("chains-resume", interval, _resume_chains),
         Job("flow-tick", FLOW_TICK_SECONDS, _flow_tick),
+        Job("durable-tick", DURABLE_TICK_SECONDS, _durable_tick),
         Job("idempotency-prune", IDEMPOTENCY_PRUNE_SECONDS, _prune_idempotency_keys),
     ]
 

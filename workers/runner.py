@@ -22,6 +22,7 @@ from app.secrets.services import SecretsMissing
 from workers import secret_refs, settle
 from workers.attempt import AttemptDatabase
 from workers.context import AgentLog, Context
+from workers.durable import Journal
 from workers.lease import lease_keeper
 from workers.logbuffer import LogBuffer
 from workers.progress import ProgressReporter
@@ -96,6 +97,7 @@ def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
         check_cancel=CancelCheck(database, execution_id),
         progress=progress,
         traceparent=claimed.traceparent,
+        durable=Journal(database, claimed),
     )
     try:
         if unresolved is not None:
@@ -192,6 +194,23 @@ class CancelCheck:
 def _settle(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome, buffer: LogBuffer) -> None:
     # The log lines a flush could not write go first: a finished execution has its whole log.
     buffer.write_pending(conn)
+    if outcome.suspended is not None:
+        if not store.cancel_requested(conn, claimed.execution_id):
+            if settle.suspend(conn, claimed, outcome) is None:
+                log.warning(
+                    "execution %s attempt %d: its wait was fenced out (the row is no longer "
+                    "this attempt's)",
+                    claimed.execution_id,
+                    claimed.attempt,
+                )
+            return
+        # A cancel asked while it ran: it ends here instead of waiting.
+        outcome = Outcome(
+            error_type="cancelled",
+            error_message="cancelled while it ran",
+            cancelled=True,
+            usage=outcome.usage,
+        )
     if not outcome.ok and store.cancel_requested(conn, claimed.execution_id):
         # It failed after a cancel was asked (often because of it): report the cancel.
         outcome.cancelled = True

@@ -17,8 +17,8 @@ from typing import Any
 from app import outbox
 from app.chains import progress
 from app.db import driver
-from app.executions import dispatch, gates, store
-from app.executions.spec import Claim, VersionSpec, error_body
+from app.executions import dispatch, gates, store, waiting
+from app.executions.spec import TERMINAL_STATUSES, Claim, VersionSpec, error_body
 from workers.runtimes import Outcome
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,20 @@ def record(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome) -> str | N
     if status == "queued" and spec.rate_limit is None:  # committed: published with its backoff
         delay = backoff_seconds(spec.retry, claimed.attempt)
         dispatch.publish(claimed.execution_id, spec, claimed.priority, countdown=delay)
+    _wake_parent(conn, claimed, status)
     return status
+
+
+def _wake_parent(conn, claimed: Claim, status: str | None) -> None:
+    """A child's end committed: publish its parent when that end woke it."""
+    if claimed.parent_execution_id is not None and status in TERMINAL_STATUSES:
+        waiting.publish_parent(conn, claimed.parent_execution_id)
+
+
+def suspend(conn, claimed: Claim, outcome: Outcome) -> str | None:
+    """A durable call made the run wait: the execution waits (or, when what it waits for
+    happened meanwhile, is queued again at once); None when fenced out."""
+    return waiting.suspend(conn, claimed, outcome.suspended, outcome.usage)
 
 
 def _freeing_a_slot(conn, claimed: Claim, write):
@@ -109,6 +122,7 @@ def ended(conn, claimed: Claim, status: str, error: dict[str, Any], usage: dict)
 
     done = _freeing_a_slot(conn, claimed, write) if claimed.gated else write()
     outbox.publish(done.events)
+    _wake_parent(conn, claimed, status if done else None)
     return bool(done)
 
 

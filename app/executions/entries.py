@@ -489,3 +489,61 @@ def stamp_dispatched(conn: Connection, ids: list[uuid.UUID]) -> None:
         ),
         {"ids": ids},
     )
+
+
+# A durable agent's child (ctx.start / ctx.run), inserted only while its parent's attempt still
+# runs: a parent whose lease ran out starts nothing. It takes its parent's organization,
+# priority, trace context and creator, and sits one level deeper. Held back for a limit like
+# any submit (gates), otherwise stamped dispatched: the caller publishes it once committed.
+_INSERT_CHILD_SQL = """
+    INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
+                            priority, input, attempt, max_attempts, dispatched_at, queue,
+                            waiting_for, flow_key, rate_key, gated, traceparent,
+                            parent_execution_id, depth, created_by_token_id,
+                            created_by_token_name)
+    SELECT %(id)s, p.org_id, %(agent_id)s, %(version_id)s, %(agent_name)s, %(agent_version)s,
+           'queued', p.priority, %(input)s, 0, %(max_attempts)s,
+           CASE WHEN %(hold)s::text IS NULL THEN now() END, %(queue)s, %(hold)s::text,
+           %(flow_key)s, %(rate_key)s, %(hold)s::text IS NOT NULL, p.traceparent, p.id,
+           p.depth + 1, p.created_by_token_id, p.created_by_token_name
+    FROM executions p
+    WHERE p.id = %(parent_id)s AND p.attempt = %(attempt)s AND p.status = 'running'
+    RETURNING priority
+"""
+
+
+def insert_child(
+    conn: Connection,
+    execution_id: uuid.UUID,
+    parent_id: uuid.UUID,
+    parent_attempt: int,
+    spec: VersionSpec,
+    payload: dict[str, Any],
+    hold: str | None,
+) -> int | None:
+    """Insert a child execution in the caller's transaction: its priority (its parent's), or
+    None when the parent's attempt no longer runs (the insert is fenced by it)."""
+    with _nul_refused("/input"):
+        row = (
+            driver(conn)
+            .execute(
+                _INSERT_CHILD_SQL,
+                {
+                    "id": execution_id,
+                    "parent_id": parent_id,
+                    "attempt": parent_attempt,
+                    "agent_id": spec.agent_id,
+                    "version_id": spec.id,
+                    "agent_name": spec.agent_name,
+                    "agent_version": spec.version,
+                    "input": Jsonb(payload),
+                    "max_attempts": spec.max_attempts,
+                    "queue": spec.queue,
+                    "hold": hold,
+                    "flow_key": spec.flow_key(payload),
+                    "rate_key": spec.rate_key(payload),
+                },
+            )
+            .fetchone()
+        )
+    return None if row is None else row[0]

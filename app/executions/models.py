@@ -5,6 +5,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     CheckConstraint,
     ForeignKey,
     Index,
@@ -12,13 +13,15 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
+    Uuid,
     text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.audit.models import CreatedBy
 from app.db import Base
-from app.executions.spec import STATUSES, WAITING_FOR
+from app.executions.spec import JOURNAL_KINDS, STATUSES, WAITING_FOR
 
 
 class Execution(CreatedBy, Base):
@@ -114,6 +117,16 @@ class Execution(CreatedBy, Base):
         ),
         # Deleting an execution sets the rerun_of of its reruns NULL: found through this index.
         Index("ix_executions_rerun_of", "rerun_of", postgresql_where=text("rerun_of IS NOT NULL")),
+        # Durable agents (app/executions/waiting.py): an execution's children, and the waits
+        # beat wakes when their time comes.
+        Index(
+            "ix_executions_parent_execution_id",
+            "parent_execution_id",
+            postgresql_where=text("parent_execution_id IS NOT NULL"),
+        ),
+        Index(
+            "ix_executions_waiting_wake_at", "wake_at", postgresql_where=text("status = 'waiting'")
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
@@ -166,6 +179,17 @@ class Execution(CreatedBy, Base):
     progress: Mapped[dict[str, Any] | None]
     traceparent: Mapped[str | None] = mapped_column(String(55))
     watched_until: Mapped[dt.datetime | None]
+    # Durable agents: the execution that started this one through ctx.run / ctx.start and how
+    # deep it is (a root is 0); `resuming` marks a waiting execution queued again (its claim
+    # keeps the attempt: a resume is not a retry); while `waiting`, when beat wakes it (a
+    # sleep's due time, an event wait's timeout) and the children it waits for.
+    parent_execution_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("executions.id", ondelete="SET NULL")
+    )
+    depth: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    resuming: Mapped[bool] = mapped_column(server_default=text("false"))
+    wake_at: Mapped[dt.datetime | None]
+    awaiting: Mapped[list[uuid.UUID] | None] = mapped_column(ARRAY(Uuid))
 
 
 class ExecutionAttempt(Base):
@@ -207,3 +231,47 @@ class ExecutionLog(Base):
     level: Mapped[int] = mapped_column(SmallInteger)
     message: Mapped[str] = mapped_column(Text)
     fields: Mapped[dict[str, Any] | None]
+
+
+class JournalEntry(Base):
+    """One durable call of an execution (ctx.step, ctx.start / ctx.run, ctx.sleep,
+    ctx.wait_for_event), in call order: a replay answers each call from here (app/durable).
+
+    `status`: a step is `done`; a child, `pending` until it ends, then its terminal status (the
+    trigger of migration 0019 writes it, with `result` {output, error}); a sleep, `pending` then
+    `done`; an event wait, `pending`, then `received` (`result`: the event's data) or
+    `timed_out`."""
+
+    __tablename__ = "execution_journal"
+    __table_args__ = (
+        CheckConstraint(f"kind IN {JOURNAL_KINDS!r}", name="kind"),
+        Index(
+            "ix_execution_journal_child_execution_id",
+            "child_execution_id",
+            unique=True,
+            postgresql_where=text("child_execution_id IS NOT NULL"),
+        ),
+        Index(
+            "ix_execution_journal_pending_events",
+            "org_id",
+            "name",
+            postgresql_where=text("kind = 'event' AND status = 'pending'"),
+        ),
+    )
+
+    execution_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("executions.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    org_id: Mapped[uuid.UUID]
+    kind: Mapped[str] = mapped_column(String(8))
+    name: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    result: Mapped[Any | None] = mapped_column(JSONB)
+    at: Mapped[dt.datetime] = mapped_column(server_default=text("now()"))
+    child_execution_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("executions.id", ondelete="SET NULL")
+    )
+    # A sleep's due time, an event wait's timeout; an event wait's match ([{"path", "value"}]).
+    due_at: Mapped[dt.datetime | None]
+    match: Mapped[Any | None] = mapped_column(JSONB)

@@ -22,7 +22,7 @@ from app.agents.models import Agent
 from app.audit import services as audit
 from app.db import db, driver, page
 from app.errors import Conflict, NotFound, ValidationFailed
-from app.executions import entries, gates, store
+from app.executions import entries, gates, store, waiting
 from app.executions import logs as log_lines
 from app.executions.dispatch import Dispatch, dispatcher
 from app.executions.models import Execution, ExecutionAttempt, ExecutionLog
@@ -497,6 +497,8 @@ def cancel(
         # No worker records this step's end: its chain moves on from here. (A running step's
         # worker records the cancel and moves the chain on itself.)
         move_chains_on([done.chain_execution_id])
+    if done is not None:
+        move_chains_on(cancel_descendants(principal.org_id, [done.id]))
     execution = get(session, principal, execution_id)
     if done is None:
         raise Conflict(
@@ -505,6 +507,42 @@ def cancel(
         )
     session.refresh(execution)
     return execution
+
+
+def cancel_descendants(org_id: uuid.UUID, parent_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    """Cancel the unfinished children (and theirs) of cancelled executions, each in a
+    transaction of its own after the parent's committed: a child's end locks its parent's row
+    (the journal trigger), so ending them in the parent's transaction could deadlock with a
+    child's worker. The sweeper finishes a cascade cut short (`cancel_orphans`). Returns the
+    chain executions of chain steps that ended here, for the caller to move on."""
+    with db.hot() as conn:
+        children = waiting.unfinished_descendants(conn, parent_ids)
+    return _cancel_each([(child_id, org_id) for child_id in children])
+
+
+def cancel_orphans() -> int:
+    """Beat: cancel the unfinished children of cancelled parents that a cascade missed (the
+    API process stopped halfway through); how many."""
+    with db.hot() as conn:
+        orphans = waiting.orphans_of_cancelled(conn)
+    _cancel_each([(row[0], row[1]) for row in orphans])
+    return len(orphans)
+
+
+def _cancel_each(executions: list[tuple[uuid.UUID, uuid.UUID]]) -> list[uuid.UUID]:
+    chains: list[uuid.UUID] = []
+    for execution_id, org_id in executions:
+        with db.hot() as conn:
+            released = gates.Released()
+            with driver(conn).transaction():
+                done = store.cancel(conn, org_id, execution_id, "cancelled with its parent")
+                if done is not None and done.ended and done.gated:
+                    gates.lock(conn, org_id)
+                    released = gates.release(conn, org_id)
+            gates.publish(conn, released.let_out)
+        if done is not None and done.ended and done.chain_execution_id is not None:
+            chains.append(done.chain_execution_id)
+    return chains
 
 
 def request_cancel(

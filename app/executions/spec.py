@@ -17,8 +17,12 @@ from jsonschema.protocols import Validator
 
 from app import jsonschemas
 
-STATUSES = ("queued", "running", "succeeded", "failed", "timed_out", "cancelled")
+# `waiting`: a durable agent waits for a child, a sleep or an event, holding no worker and no
+# slot (app/executions/waiting.py); what it waits for queues it again.
+STATUSES = ("queued", "running", "waiting", "succeeded", "failed", "timed_out", "cancelled")
 TERMINAL_STATUSES = ("succeeded", "failed", "timed_out", "cancelled")
+# What a durable call records in the journal (app/durable).
+JOURNAL_KINDS = ("step", "child", "sleep", "event")
 # Why a queued execution is held back with no message in the broker. "queue": its organization
 # has its share of the queue's window in the broker already (fairness); the API shows it as
 # null, since nothing but its turn holds it. The others are the limits of API.md.
@@ -53,6 +57,9 @@ HINTS = {
     "secret_missing": "a secret the agent refers to was deleted, no key in the worker's "
     "RUNYARD_SECRET_KEYS opens it, or its value cannot stand where it is used (a line break in "
     "a header); PUT /api/v1/secrets/<name> again, or fix the worker's keys",
+    "nondeterministic": "a durable agent ran again and asked for other durable calls (ctx.step, "
+    "ctx.run, ctx.sleep, ctx.wait_for_event) than its journal holds; code between durable calls "
+    "must make the same calls in the same order on every run (README, Durable agents)",
     "superseded": "a newer execution of the same concurrency key replaced it (the agent's "
     "concurrency.on_limit is cancel_running)",
 }
@@ -168,3 +175,5 @@ class Claim:
     gated: bool = False
     # The W3C traceparent it was submitted with, handed to the runtime.
     traceparent: str | None = None
+    # Set for a child of a durable agent: its end may wake the parent (app/durable/waits.py).
+    parent_execution_id: uuid.UUID | None = None

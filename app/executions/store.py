@@ -58,8 +58,11 @@ _HOLDING = """
 _CLAIM_SQL = (
     """
     UPDATE executions
-    SET status = 'running', attempt = attempt + 1, started_at = now(), worker = %(worker)s,
-        resource_usage = NULL,
+    -- A resumed durable execution (`resuming`: it waited for a child, a sleep or an event)
+    -- goes on in the attempt that waited: a resume is not a retry, and it started already.
+    SET status = 'running', attempt = attempt + CASE WHEN resuming THEN 0 ELSE 1 END,
+        started_at = CASE WHEN resuming THEN started_at ELSE now() END, resuming = false,
+        worker = %(worker)s, resource_usage = NULL,
         dispatched_at = coalesce(dispatched_at, now()),
         lease_until = now() + make_interval(secs => %(lease)s)
     -- Not written `waiting_for IS NULL`: that matches ix_executions_org_id_queue_unclaimed's
@@ -67,7 +70,7 @@ _CLAIM_SQL = (
     WHERE id = %(id)s AND status = 'queued' AND (waiting_for IS NULL) IS TRUE
     RETURNING attempt, version_id, input, priority,
               (SELECT coalesce(max(seq), 0) FROM execution_logs WHERE execution_id = %(id)s),
-              chain_execution_id, org_id, gated, traceparent, queue,
+              chain_execution_id, org_id, gated, traceparent, parent_execution_id, queue,
               CASE WHEN """
     + _HOLDING
     + """ THEN (SELECT %(window)s::int * o.weight FROM organizations o
@@ -389,7 +392,8 @@ def cancel_requested(conn: Connection, execution_id: uuid.UUID) -> bool:
 # Cancel
 
 
-# One statement for both states: a retry or the sweeper may put a running execution back to
+# One statement for every unfinished state (a waiting durable execution ends like a queued
+# one: no worker holds it): a retry or the sweeper may put a running execution back to
 # `queued` at any moment, and two statements (queued, then running) could both miss it and
 # answer 409 while the retry goes on. A queued execution ends here; a running one is asked to
 # stop (its worker records the end). SET reads the row as it was; RETURNING, as it is now.
@@ -397,14 +401,14 @@ _CANCEL = text(
     """
     WITH changed AS (
     UPDATE executions
-    SET status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
-        cancel_requested_at = CASE
-            WHEN status = 'queued' THEN now() ELSE coalesce(cancel_requested_at, now()) END,
-        finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
-        lease_until = CASE WHEN status = 'queued' THEN NULL ELSE lease_until END,
-        error = CASE WHEN status = 'queued' THEN :error ELSE error END,
-        waiting_for = NULL
-    WHERE id = :id AND org_id = :org_id AND status IN ('queued', 'running')
+    SET status = CASE WHEN status IN ('queued', 'waiting') THEN 'cancelled' ELSE status END,
+        cancel_requested_at = CASE WHEN status IN ('queued', 'waiting') THEN now()
+                                   ELSE coalesce(cancel_requested_at, now()) END,
+        finished_at = CASE WHEN status IN ('queued', 'waiting') THEN now() ELSE finished_at END,
+        lease_until = CASE WHEN status IN ('queued', 'waiting') THEN NULL ELSE lease_until END,
+        error = CASE WHEN status IN ('queued', 'waiting') THEN :error ELSE error END,
+        waiting_for = NULL, wake_at = NULL, awaiting = NULL, resuming = false
+    WHERE id = :id AND org_id = :org_id AND status IN ('queued', 'running', 'waiting')
     RETURNING id, chain_execution_id, status = 'cancelled' AS ended, gated, org_id, agent_id,
               agent_name, """
     + notify_if_watched()

@@ -23,10 +23,18 @@ class Outcome:
     retryable: bool = True
     # Shown as the error's `hint` instead of the generic hint of its type, when set.
     hint: str | None = None
+    # Set when a durable call made the run wait (workers/durable.py): what it waits for. The
+    # run recorded no outcome; the execution waits, and runs again once that happens.
+    suspended: Any = None
 
     @property
     def ok(self) -> bool:
-        return self.error_type is None
+        return self.error_type is None and self.suspended is None
+
+
+def nondeterministic(message: str) -> Outcome:
+    """A replay that asked for other durable calls than the journal holds: final."""
+    return Outcome(error_type="nondeterministic", error_message=message, retryable=False)
 
 
 class Runtime(Protocol):

@@ -22,8 +22,8 @@ from billiard.exceptions import SoftTimeLimitExceeded
 
 from app.config import current_config
 from app.executions.spec import LEVELS, VersionSpec
-from workers.context import Context, LogLines
-from workers.runtimes import Outcome
+from workers.context import Context, LogLines, Nondeterministic, Suspended
+from workers.runtimes import Outcome, nondeterministic
 from workers.runtimes.lines import LineWriter
 
 
@@ -50,6 +50,10 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
                 )
             else:
                 outcome.output = function(payload, ctx)
+    except Suspended as suspended:
+        outcome = Outcome(suspended=suspended.wait)
+    except Nondeterministic as exc:
+        outcome = nondeterministic(str(exc))
     except SoftTimeLimitExceeded:
         outcome = Outcome(
             error_type="timeout",
