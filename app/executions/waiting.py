@@ -74,9 +74,20 @@ _REQUEUE = (
     + _WOKEN.format(row="executions")
     + """
     WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-    RETURNING id, version_id, priority, gated, """
+    RETURNING id, version_id, priority, gated, org_id, """
     + notify_if_watched()
 )
+
+
+@dataclass(frozen=True)
+class Woken:
+    """A waiting row queued again, to publish once committed."""
+
+    id: uuid.UUID
+    version_id: uuid.UUID
+    priority: int
+    gated: bool
+    org_id: uuid.UUID
 
 
 @dataclass(frozen=True)
@@ -110,7 +121,7 @@ def suspend(conn: Connection, claimed: Claim, wait: Wait, usage: dict) -> str | 
             gates.lock(conn, claimed.org_id)
         (due,) = pg.execute(_ALREADY_DUE, params).fetchone()
         if due:
-            row = pg.execute(_REQUEUE, params).fetchone()
+            row = Woken(*pg.execute(_REQUEUE, params).fetchone()[:5])
             if not row.gated:
                 woken.append(LetOut(row.id, row.version_id, row.priority))
             status = "queued"
@@ -150,7 +161,7 @@ _WAKE = (
 )
 
 
-def _woken(conn: Connection, rows) -> list[uuid.UUID]:
+def _woken(conn: Connection, rows: list[Woken]) -> list[uuid.UUID]:
     """Publish woken rows once committed: the plain ones at once, the gated ones through their
     organizations' gates."""
     plain = [LetOut(row.id, row.version_id, row.priority) for row in rows if not row.gated]
@@ -164,7 +175,7 @@ def wake_due(conn: Connection, batch: int = 500) -> list[uuid.UUID]:
     """Wake the waiting executions whose time came (beat); their ids."""
     pg = driver(conn)
     with pg.transaction():
-        rows = pg.execute(_WAKE_DUE, {"batch": batch}).fetchall()
+        rows = [Woken(*row[:5]) for row in pg.execute(_WAKE_DUE, {"batch": batch})]
     return _woken(conn, rows)
 
 
@@ -176,15 +187,15 @@ def lock_waiting(conn: Connection, ids: list[uuid.UUID]) -> None:
         )
 
 
-def wake(conn: Connection, ids: list[uuid.UUID]) -> list:
+def wake(conn: Connection, ids: list[uuid.UUID]) -> list[Woken]:
     """Queue again those of `ids` that wait, in the caller's transaction (which locked them
     before it wrote what wakes them); publish the rows with `publish_woken` once committed."""
     if not ids:
         return []
-    return driver(conn).execute(_WAKE, {"ids": ids}).fetchall()
+    return [Woken(*row[:5]) for row in driver(conn).execute(_WAKE, {"ids": ids})]
 
 
-def publish_woken(conn: Connection, rows: list) -> list[uuid.UUID]:
+def publish_woken(conn: Connection, rows: list[Woken]) -> list[uuid.UUID]:
     return _woken(conn, rows)
 
 

@@ -147,14 +147,16 @@ def run_child(
     control: tuple[int, int, ByteLines] | None = None,
     cancel_signal: int = signal.SIGTERM,
     child_peak_rss_mb: Callable[[], float] = lambda: 0.0,
+    extra_fds: tuple[int, ...] = (),
 ) -> ChildRun:
     """Start `argv` under the spec's limits, feed it `stdin`, route its lines, and supervise it
     until it and its group are gone. `control` is an extra pipe the child writes lines to:
-    (read end, write end passed to the child, where its lines go)."""
+    (read end, write end passed to the child, where its lines go). `extra_fds` are passed to
+    the child too, and closed here once it started (the read end of a reply pipe)."""
     limits = ChildLimits.for_spec(spec)
     launch_env = {**env, "RUNYARD_CHILD_LIMITS": json.dumps(limits.rlimits())}
     started = time.perf_counter()
-    pass_fds = () if control is None else (control[1],)
+    pass_fds = (() if control is None else (control[1],)) + extra_fds
     try:
         process = _launch(argv, launch_env, cwd, pass_fds)
     except OSError as exc:

@@ -6,6 +6,7 @@ directory, and the limits and supervision of workers/runtimes/child.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -26,16 +27,38 @@ CHILD = Path(__file__).with_name("script_child.py")
 CONTROL_LINE_MAX_BYTES = 80 * 1024 * 1024
 
 
+class _Fd:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines) -> Outcome:
     add = logs.add
     result: dict[str, Any] = {}
+    # Durable calls (ctx.step, ctx.run, ctx.state...) go up the control channel as
+    # {"call": [op, args]}; the answer comes back as one line on this pipe.
+    reply_read, reply_write = os.pipe()
+    suspended: list[Any] = []
+
+    def answer(op: str, args: list[Any]) -> None:
+        reply, wait = ctx.answer(op, args)
+        if wait is not None:
+            suspended.append(wait)
+        data = (json.dumps(reply, default=repr) + "\n").encode()
+        while data:
+            data = data[os.write(reply_write, data) :]
 
     def on_control(line: str) -> None:
         if not line:
             return
         try:
             message = json.loads(line)
-            if "log" in message:
+            if "call" in message:
+                answer(*message["call"])
+            elif "log" in message:
                 level, text, fields = message["log"]
                 add(int(level), str(text), fields or None)
             elif "progress" in message:
@@ -58,7 +81,10 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
         }
     ).encode()
     control_read, control_write = os.pipe()
-    with tempfile.TemporaryDirectory(prefix="runyard-script-") as workdir:
+    with (
+        tempfile.TemporaryDirectory(prefix="runyard-script-") as workdir,
+        contextlib.closing(_Fd(reply_write)),
+    ):
         run = run_child(
             # -I: isolated from the worker's environment; -u: prints reach us line by line,
             # in order with ctx.log (-I makes Python ignore PYTHONUNBUFFERED).
@@ -68,6 +94,7 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
                 "LANG": "C.UTF-8",
                 "HOME": workdir,
                 "RUNYARD_CONTROL_FD": str(control_write),
+                "RUNYARD_REPLY_FD": str(reply_read),
                 **trace_env(ctx),
             },
             cwd=workdir,
@@ -86,10 +113,14 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
             # The script's ctx.cancelled() turns true on SIGUSR1; the kill follows the grace.
             cancel_signal=signal.SIGUSR1,
             child_peak_rss_mb=lambda: result.get("usage", {}).get("max_rss_kb", 0) / 1024,
+            extra_fds=(reply_read,),
         )
     outcome = run.outcome
     outcome.usage = run.usage
     if outcome.error_type or outcome.cancelled:
+        return outcome
+    if suspended:
+        outcome.suspended = suspended[-1]
         return outcome
     if "output" in result:
         outcome.output = result["output"]
@@ -97,6 +128,7 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
     if "error" in result:
         outcome.error_type = result["error"]["type"]
         outcome.error_message = result["error"]["message"]
+        outcome.retryable = outcome.error_type != "nondeterministic"
         return outcome
     outcome.error_type = "runtime_error"
     outcome.error_message = (

@@ -3,8 +3,9 @@
 Standalone on purpose: it imports nothing of Runyard, so the child starts fast and sees none of
 the worker's settings or secrets. Protocol: the request (source, input, ctx) arrives as JSON on
 stdin; JSON lines go back on the file descriptor named by RUNYARD_CONTROL_FD:
-{"log": [level, message, fields]} and {"progress": [fraction, message]}, then {"output": ...}
-or {"error": {"type", "message"}}.
+{"log": [level, message, fields]} and {"progress": [fraction, message]}, durable calls as
+{"call": [op, args]} (each answered by one JSON line on RUNYARD_REPLY_FD), then
+{"output": ...}, {"error": {"type", "message"}} or {"suspended": true}.
 """
 
 import errno
@@ -77,11 +78,88 @@ class LogLines:
         return False
 
 
+class Suspended(BaseException):
+    """The worker says the run must wait (a child, a sleep, an event): unwind and end."""
+
+
+class Nondeterministic(BaseException):
+    """The worker says this run's durable calls differ from the journal's."""
+
+
+class ChildFailed(Exception):
+    """A child execution did not succeed (ctx.run, ctx.wait)."""
+
+    def __init__(self, message, child):
+        super().__init__(message)
+        self.execution_id = child["execution_id"]
+        self.agent = child["agent"]
+        self.status = child["status"]
+        self.error = child["error"]
+
+    def as_dict(self):
+        return {
+            "execution_id": self.execution_id,
+            "agent": self.agent,
+            "status": self.status,
+            "error": self.error,
+        }
+
+
+class StateConflict(Exception):
+    """ctx.state.set with an expected_version that is not the key's version."""
+
+
+ERRORS = {"StateConflict": StateConflict, "TypeError": TypeError, "ValueError": ValueError}
+
+
+class Calls:
+    """Durable calls: a request line on the control channel, the worker's answer on the reply
+    descriptor (RUNYARD_REPLY_FD)."""
+
+    def __init__(self, send, replies):
+        self._send = send
+        self._replies = replies
+
+    def __call__(self, op, *args):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._send({"call": [op, list(args)]})
+        reply = json.loads(self._replies.readline())
+        if "ok" in reply:
+            return reply["ok"]
+        if reply.get("suspend"):
+            raise Suspended()
+        if "nondeterministic" in reply:
+            raise Nondeterministic(reply["nondeterministic"])
+        if reply.get("raise") == "ChildFailed":
+            raise ChildFailed(reply["message"], reply["child"])
+        raise ERRORS.get(reply.get("raise"), RuntimeError)(reply.get("message"))
+
+
+class State:
+    """ctx.state, answered by the worker."""
+
+    def __init__(self, call):
+        self._call = call
+
+    def get(self, key, default=None):
+        return self._call("state.get", key, default)
+
+    def entry(self, key):
+        return self._call("state.entry", key)
+
+    def set(self, key, value, expected_version=None):
+        return self._call("state.set", key, value, expected_version)
+
+    def delete(self, key):
+        return self._call("state.delete", key)
+
+
 class Ctx:
     """The `ctx` of main(input, ctx): the execution, the agent's config, a log, progress, the
-    trace context, and whether a cancel was asked for."""
+    trace context, whether a cancel was asked for, and the durable calls."""
 
-    def __init__(self, request_ctx, log, cancel_requests, send):
+    def __init__(self, request_ctx, log, cancel_requests, send, call):
         self.execution_id = request_ctx["execution_id"]
         self.attempt = request_ctx["attempt"]
         self.agent = request_ctx["agent"]
@@ -90,6 +168,32 @@ class Ctx:
         self.log = log
         self._cancel_requests = cancel_requests
         self._send = send
+        self._call = call
+        self.state = State(call)
+
+    def step(self, name, fn, *args):
+        found, seq, result = self._call("step.begin", name)
+        if found:
+            return result
+        return self._call("step.record", seq, name, fn(*args))
+
+    def start(self, agent, input, version=None):
+        return self._call("start", agent, input, version)
+
+    def wait(self, ids):
+        return self._call("wait", list(ids))
+
+    def run(self, agent, input, version=None):
+        return self.wait([self.start(agent, input, version)])[0]
+
+    def sleep(self, seconds):
+        self._call("sleep", seconds)
+
+    def sleep_until(self, when):
+        self._call("sleep_until", when if isinstance(when, str) else when.isoformat())
+
+    def wait_for_event(self, name, match=None, timeout_seconds=3600, lookback_seconds=0):
+        return self._call("wait_for_event", name, match, timeout_seconds, lookback_seconds)
 
     def cancelled(self):
         return bool(self._cancel_requests)
@@ -118,7 +222,11 @@ NO_OUTPUT = object()
 
 def run_script(request: dict, ctx: Ctx, send):
     """The value the script's main(input, ctx) returns, or NO_OUTPUT once its error is sent."""
-    namespace = {"__name__": "runyard_script"}
+    namespace = {
+        "__name__": "runyard_script",
+        "ChildFailed": ChildFailed,
+        "StateConflict": StateConflict,
+    }
     try:
         exec(compile(request["source"], "<agent script>", "exec"), namespace)
         entry = namespace.get("main")
@@ -133,6 +241,12 @@ def run_script(request: dict, ctx: Ctx, send):
             )
             return NO_OUTPUT
         return entry(request["input"], ctx)
+    except Suspended:
+        send({"suspended": True})
+        return NO_OUTPUT
+    except Nondeterministic as exc:
+        send({"error": {"type": "nondeterministic", "message": str(exc)}})
+        return NO_OUTPUT
     except BaseException as exc:
         sys.stdout.flush()
         # Drop this runner's own frame: the user's traceback starts in their script.
@@ -174,7 +288,8 @@ def main() -> None:
     sys.stderr = LogLines(send, LEVELS["warning"])
     cancel_requests = []
     signal.signal(signal.SIGUSR1, lambda *_: cancel_requests.append(True))
-    ctx = Ctx(request["ctx"], Log(send), cancel_requests, send)
+    replies = os.fdopen(int(os.environ["RUNYARD_REPLY_FD"]), "r", closefd=True)
+    ctx = Ctx(request["ctx"], Log(send), cancel_requests, send, Calls(send, replies))
     output = run_script(request, ctx, send)
     if output is not NO_OUTPUT:
         send_output(control, send, output, request["max_output_bytes"])
