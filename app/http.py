@@ -54,6 +54,8 @@ SERVER_OWNED = {
     "output",
     "error",
     "resource_usage",
+    "parent_execution_id",
+    "children",
 }
 
 

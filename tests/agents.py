@@ -187,7 +187,7 @@ def run_child(payload, ctx):
         return {"failed": exc.as_dict()}
 
 
-def ledger(payload, ctx):
+def step_ledger(payload, ctx):
     """Appends a line per step to a file, pausing between steps (for a kill to land there)."""
     path = payload["path"]
 

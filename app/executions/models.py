@@ -14,10 +14,12 @@ from sqlalchemy import (
     String,
     Text,
     Uuid,
+    func,
+    select,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
+from sqlalchemy.orm import Mapped, column_property, mapped_column
 
 from app.audit.models import CreatedBy
 from app.db import Base
@@ -190,6 +192,23 @@ class Execution(CreatedBy, Base):
     resuming: Mapped[bool] = mapped_column(server_default=text("false"))
     wake_at: Mapped[dt.datetime | None]
     awaiting: Mapped[list[uuid.UUID] | None] = mapped_column(ARRAY(Uuid))
+
+
+# The ids of an execution's children, oldest first: one probe of
+# ix_executions_parent_execution_id per execution read through the ORM (the API's reads; the
+# hot paths write with SQL of their own).
+_child = Execution.__table__.alias("child")
+Execution.children = column_property(
+    select(
+        func.coalesce(
+            func.array_agg(aggregate_order_by(_child.c.id, _child.c.queued_at)),
+            text("'{}'::uuid[]"),
+        )
+    )
+    .where(_child.c.parent_execution_id == Execution.id)
+    .correlate_except(_child)
+    .scalar_subquery()
+)
 
 
 class ExecutionAttempt(Base):

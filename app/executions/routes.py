@@ -12,6 +12,7 @@ from app.executions.schemas import (
     EventStreamHeadersSchema,
     ExecutionQuerySchema,
     ExecutionSchema,
+    JournalEntrySchema,
     LogLineSchema,
     LogQuerySchema,
     LogSearchLineSchema,
@@ -145,6 +146,17 @@ class Cancel(MethodView):
             move_chains_on=progress.move_on,
         )
         return services.present(cancelled)
+
+
+@blp.route("/executions/<execution_id>/journal")
+class Journal(MethodView):
+    @blp.doc(operationId="listExecutionJournal")
+    @blp.response(200, JournalEntrySchema(many=True))
+    @blp.alt_response(404, description="no such execution in your organization")
+    def get(self, execution_id):
+        """The durable calls an execution recorded, in order (steps, children, sleeps, event
+        waits): what a replay answers from"""
+        return services.journal(request_session(), current_principal(), execution_id)
 
 
 @blp.route("/executions/<execution_id>/attempts")

@@ -3,7 +3,7 @@ import datetime as dt
 from marshmallow import EXCLUDE, Schema, fields, validate
 
 from app.audit.schemas import created_by_field
-from app.executions.spec import LEVELS, LIMIT_WAITS, STATUSES, TERMINAL_STATUSES
+from app.executions.spec import JOURNAL_KINDS, LEVELS, LIMIT_WAITS, STATUSES, TERMINAL_STATUSES
 
 
 def priority_field(description: str) -> fields.Integer:
@@ -98,6 +98,14 @@ class ExecutionSchema(Schema):
             "description": "the execution this one reruns (POST /executions/{id}/rerun or the "
             "bulk rerun); on a chain step, the step execution whose outcome it reuses"
         },
+    )
+    parent_execution_id = fields.UUID(
+        allow_none=True,
+        metadata={"description": "the durable execution that started this one (ctx.run)"},
+    )
+    children = fields.List(
+        fields.UUID(),
+        metadata={"description": "the executions this one started with ctx.run / ctx.start"},
     )
     progress = fields.Nested(
         ProgressSchema,
@@ -281,4 +289,32 @@ class EventStreamHeadersSchema(Schema):
         strict=False,
         validate=validate.Range(min=0, max=2**31 - 1),
         metadata={"description": "resume after the log line with this seq"},
+    )
+
+
+class JournalEntrySchema(Schema):
+    seq = fields.Integer()
+    kind = fields.String(metadata={"enum": list(JOURNAL_KINDS)})
+    name = fields.String(
+        metadata={
+            "description": "the step's name, the child's agent, sleep or sleep_until, the event"
+        }
+    )
+    status = fields.String(
+        metadata={
+            "description": "a step: done; a child: pending, then its terminal status; a sleep: "
+            "pending, then done; an event wait: pending, then received or timed_out"
+        }
+    )
+    result = fields.Raw(
+        allow_none=True,
+        metadata={
+            "description": "a step's recorded result; a child's {output, error}; the data of "
+            "the event a wait received"
+        },
+    )
+    at = fields.DateTime(metadata={"description": "when the call was recorded or last changed"})
+    child_execution_id = fields.UUID(allow_none=True)
+    due_at = fields.DateTime(
+        allow_none=True, metadata={"description": "a sleep's due time, an event wait's timeout"}
     )

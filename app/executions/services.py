@@ -25,7 +25,7 @@ from app.errors import Conflict, NotFound, ValidationFailed
 from app.executions import entries, gates, store, waiting
 from app.executions import logs as log_lines
 from app.executions.dispatch import Dispatch, dispatcher
-from app.executions.models import Execution, ExecutionAttempt, ExecutionLog
+from app.executions.models import Execution, ExecutionAttempt, ExecutionLog, JournalEntry
 from app.executions.spec import DEFAULT_PRIORITY, LEVELS, VersionSpec
 from app.executions.targets import Target, insert_for_target
 from app.flow import quotas
@@ -336,6 +336,8 @@ def present(row: Mapping[str, Any] | Execution) -> dict[str, Any]:
         "chain_execution_id": get("chain_execution_id"),
         "waiting_for": shown_waiting_for(get("waiting_for")),
         "rerun_of": get("rerun_of"),
+        "parent_execution_id": get("parent_execution_id"),
+        "children": list((row.get("children") if isinstance(row, Mapping) else row.children) or []),
         "progress": get("progress"),
         "traceparent": get("traceparent"),
         "created_by": audit.shown_created_by(
@@ -416,6 +418,18 @@ def logs(
         query = query.where(ExecutionLog.seq > after_seq)
     rows = session.scalars(query.order_by(ExecutionLog.seq).limit(limit)).all()
     return [log_lines.line(r) for r in rows]
+
+
+def journal(session: Session, principal: Principal, execution_id: str) -> list[JournalEntry]:
+    """The durable calls an execution recorded, in order (404 for another organization's)."""
+    execution = get(session, principal, execution_id)
+    return list(
+        session.scalars(
+            select(JournalEntry)
+            .where(JournalEntry.execution_id == execution.id)
+            .order_by(JournalEntry.seq)
+        )
+    )
 
 
 def attempts(session: Session, principal: Principal, execution_id: str) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ MIRRORS = {
     "Progress": "Progress",
     "Agent": "Agent",
     "Execution": "Execution",
+    "JournalEntry": "JournalEntry",
     "LogLine": "LogLine",
     "Chain": "Chain",
     "ChainExecution": "ChainExecution",

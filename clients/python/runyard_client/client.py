@@ -18,6 +18,7 @@ from runyard_client.types import (
     ChainExecution,
     Event,
     Execution,
+    JournalEntry,
     LogLine,
     Schedule,
     ScheduleFire,
@@ -228,6 +229,10 @@ class Executions:
 
     def logs(self, execution_id: str, **filters: Any) -> list[LogLine]:
         return self._c.call("GET", f"/executions/{execution_id}/logs", params=filters)
+
+    def journal(self, execution_id: str) -> list[JournalEntry]:
+        """A durable execution's recorded calls, in order."""
+        return self._c.call("GET", f"/executions/{execution_id}/journal")
 
     def stream(self, execution_id: str, *, last_event_id: int | None = None) -> Iterator[Event]:
         """Live events (`log`, `status`, then `end`) from the execution's event stream."""

@@ -74,6 +74,21 @@ class Execution(TypedDict, total=False):
     resource_usage: dict[str, Any] | None
     traceparent: str | None
     created_by: CreatedBy | None
+    parent_execution_id: str | None
+    children: list[str]
+
+
+class JournalEntry(TypedDict, total=False):
+    """One durable call of an execution (GET /executions/{id}/journal)."""
+
+    seq: int
+    kind: Literal["step", "child", "sleep", "event"]
+    name: str
+    status: str
+    result: Any | None
+    at: str
+    child_execution_id: str | None
+    due_at: str | None
 
 
 class LogLine(TypedDict, total=False):
