@@ -111,6 +111,9 @@ class Config:
     python_cancel_grace_seconds: float = 5.0
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # Where agents reach the API with their execution token (command and http runtimes): the
+    # API's URL as the worker hosts see it. Unset: http://RUNYARD_API_HOST:RUNYARD_API_PORT.
+    api_url: str = ""
     api_workers: int = 2
     api_threads: int = 4
     # Live event streams (app/executions/events.py): open streams a `runyard api` process
@@ -197,6 +200,7 @@ class Config:
             ),
             api_host=os.environ.get("RUNYARD_API_HOST", cls.api_host),
             api_port=_int("RUNYARD_API_PORT", cls.api_port),
+            api_url=os.environ.get("RUNYARD_API_URL", cls.api_url),
             api_workers=_int("RUNYARD_API_WORKERS", cls.api_workers),
             api_threads=_int("RUNYARD_API_THREADS", cls.api_threads),
             max_streams_per_process=_int(
@@ -231,6 +235,11 @@ class Config:
             **_credential_settings(cls),
             **_console_settings(cls),
         )
+
+    @property
+    def agents_api_url(self) -> str:
+        """The API's URL handed to agents (RUNYARD_API_URL in a command's environment)."""
+        return (self.api_url or f"http://{self.api_host}:{self.api_port}").rstrip("/")
 
     def allows_module(self, module: str) -> bool:
         """May a `python` agent's entrypoint name this module (RUNYARD_AGENT_MODULES)?"""
@@ -376,6 +385,12 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "RUNYARD_API_HOST / RUNYARD_API_PORT",
         "127.0.0.1 / 8000",
         "where `runyard up` serves the API",
+    ),
+    (
+        "RUNYARD_API_URL",
+        "http://RUNYARD_API_HOST:RUNYARD_API_PORT",
+        "the API's URL as agents on the worker hosts reach it: `command` agents get it as "
+        "RUNYARD_API_URL, `http` agents as `api_url`, beside their execution token",
     ),
     (
         "RUNYARD_API_WORKERS / RUNYARD_API_THREADS",

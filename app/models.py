@@ -4,7 +4,7 @@ from app.agents.models import Agent, AgentVersion
 from app.chains.models import Chain, ChainExecution, ChainVersion
 from app.console.models import UiSession
 from app.db import Base
-from app.executions.models import Execution, ExecutionLog, JournalEntry
+from app.executions.models import Execution, ExecutionLog, ExecutionToken, JournalEntry
 from app.idempotency.models import IdempotencyKey
 from app.notifications.models import Notification, NotificationEvent
 from app.orgs.models import ApiToken, Organization
@@ -31,6 +31,7 @@ __all__ = [
     "ChainVersion",
     "Execution",
     "ExecutionLog",
+    "ExecutionToken",
     "ExecutionTotal",
     "IdempotencyKey",
     "JournalEntry",

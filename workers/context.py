@@ -163,6 +163,7 @@ class Context:
         traceparent: str | None = None,
         durable: DurableCalls | None = None,
         state: Any = None,
+        issue_token: Callable[[], str] | None = None,
     ) -> None:
         self.execution_id = str(execution_id)
         self.attempt = attempt
@@ -178,6 +179,8 @@ class Context:
         self._durable = durable
         # ctx.state: the agent's key/value state (workers/agent_state.py).
         self.state = state
+        self._issue_token = issue_token
+        self._token: str | None = None
 
     def cancelled(self) -> bool:
         """True once a cancel was asked; asks the database at most every CANCEL_CHECK_SECONDS."""
@@ -203,6 +206,15 @@ class Context:
     def mark_cancelled(self) -> None:
         """The watchdog saw the cancel request: no need to ask the database again."""
         self._cancelled = True
+
+    def execution_token(self) -> str:
+        """The run's own API token (RUNYARD_EXECUTION_TOKEN for `command` agents, the
+        `execution_token` of an `http` agent's request), issued on first use."""
+        if self._token is None:
+            if self._issue_token is None:
+                raise RuntimeError("no execution token in this run")
+            self._token = self._issue_token()
+        return self._token
 
     # Durable calls (API.md, "Agents working together"): each is recorded in the execution's
     # journal and answered from it when the agent runs again after a wait or a retry.

@@ -98,6 +98,7 @@ def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
         progress=progress,
         traceparent=claimed.traceparent,
         durable=Journal(database, claimed),
+        issue_token=lambda: _issue_token(database, claimed),
     )
     try:
         if unresolved is not None:
@@ -161,6 +162,11 @@ def _with_secrets(
     except (SecretsMissing, KeyMissing, secret_refs.SecretUnusable) as exc:
         return spec, None, secret_refs.failure(exc)
     return resolved, redactor, None
+
+
+def _issue_token(database: AttemptDatabase, claimed: Claim) -> str:
+    with database.connection() as conn:
+        return store.issue_execution_token(conn, claimed)
 
 
 class CancelCheck:

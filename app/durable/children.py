@@ -10,8 +10,10 @@ from typing import Any
 from sqlalchemy import Connection
 
 from app.agents.lookup import find_agent, find_version_id
-from app.db import driver
+from app.audit import services as audit
+from app.db import db, driver
 from app.durable import journal
+from app.errors import Conflict, NotFound, ValidationFailed
 from app.executions import entries, gates
 from app.executions.store import LetOut
 from app.executions.versions import specs
@@ -51,12 +53,15 @@ def start(
     org_id: uuid.UUID,
     parent_id: uuid.UUID,
     attempt: int,
-    seq: int,
+    seq: int | None,
     agent: str,
     payload: Any,
     version: str | None = None,
+    audited: audit.Actor | None = None,
 ) -> uuid.UUID:
-    """Start a child of the parent's running attempt as its journal entry `seq`; its id."""
+    """Start a child of the parent's running attempt as its journal entry `seq` (None: the
+    next one, for a child started over the API with the execution's token, which writes an
+    audit event as the execution); the child's id."""
     spec = _spec(conn, org_id, agent, version)
     errors = spec.input_errors(payload, "/input")
     if errors:
@@ -83,14 +88,57 @@ def start(
         priority = entries.insert_child(conn, child_id, parent_id, attempt, spec, payload, hold)
         if priority is None:
             raise journal.Fenced(f"execution {parent_id}: attempt {attempt} no longer runs")
+        if seq is None:
+            # Children started over the API at once take their numbers one after the other.
+            pg.execute("SELECT 1 FROM executions WHERE id = %s FOR UPDATE", (parent_id,))
         pg.execute(
             "INSERT INTO execution_journal "
             "(execution_id, seq, org_id, kind, name, status, child_execution_id) "
-            "VALUES (%s, %s, %s, 'child', %s, 'pending', %s)",
-            (parent_id, seq, org_id, spec.agent_name, child_id),
+            "VALUES (%(parent)s, coalesce(%(seq)s, (SELECT coalesce(max(seq), 0) + 1 "
+            "FROM execution_journal WHERE execution_id = %(parent)s)), %(org)s, 'child', "
+            "%(name)s, 'pending', %(child)s)",
+            {"parent": parent_id, "seq": seq, "org": org_id, "name": agent, "child": child_id},
         )
+        if audited is not None:
+            audit.record(
+                conn,
+                audited,
+                audit.Change("execution.submit", "execution", child_id, spec.agent_name),
+            )
         if hold is not None:
             released = gates.release(conn, org_id)
     let_out = released.let_out if hold is not None else [LetOut(child_id, spec.id, priority)]
     gates.publish(conn, let_out)
     return child_id
+
+
+def start_over_api(principal: Any, agent: str, payload: Any, version: str | None) -> uuid.UUID:
+    """A submit made with an execution's own token (a command or http agent's
+    RUNYARD_EXECUTION_TOKEN): the new execution is that execution's child. 404 for an agent
+    the organization lacks, 422 for what the child rules refuse, 409 once the run ended."""
+    with db.hot() as conn:
+        if find_agent(conn, principal.org_id, agent, by_id=True) is None:
+            raise NotFound(f"no agent {agent!r}", hint="GET /api/v1/agents lists your agents")
+        try:
+            return start(
+                conn,
+                principal.org_id,
+                principal.execution_id,
+                principal.execution_attempt,
+                None,
+                agent,
+                payload,
+                version,
+                audited=audit.Actor.of(principal),
+            )
+        except journal.Fenced as exc:
+            raise Conflict(
+                "the execution this token belongs to no longer runs",
+                hint="an execution token starts children only while its execution runs",
+            ) from exc
+        except ChildRefused as exc:
+            raise ValidationFailed(
+                str(exc).removeprefix("ctx.start: "),
+                errors={"/input": [str(exc)]},
+                hint=f"GET /api/v1/agents/{agent} shows its input_schema and versions",
+            ) from exc

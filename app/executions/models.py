@@ -294,3 +294,17 @@ class JournalEntry(Base):
     # A sleep's due time, an event wait's timeout; an event wait's match ([{"path", "value"}]).
     due_at: Mapped[dt.datetime | None]
     match: Mapped[Any | None] = mapped_column(JSONB)
+
+
+class ExecutionToken(Base):
+    """The token a `command` or `http` agent calls the API with (RUNYARD_EXECUTION_TOKEN),
+    stored hashed, one per execution: issued for an attempt, it answers only while that
+    attempt runs (app/orgs/services.py), so it expires with the run."""
+
+    __tablename__ = "execution_tokens"
+
+    execution_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("executions.id", ondelete="CASCADE"), primary_key=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)

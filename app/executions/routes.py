@@ -2,6 +2,7 @@ from flask import Response, request
 from flask.views import MethodView
 
 from app.chains import progress
+from app.durable import children
 from app.executions import events, logs, reruns, services
 from app.executions.schemas import (
     AttemptSchema,
@@ -54,9 +55,14 @@ class Submit(MethodView):
         Past the organization's max_running or the agent's concurrency or rate_limit it waits,
         `queued`, and `waiting_for` says why. A W3C `traceparent` header is kept with the
         execution and handed to the runtime (ctx.traceparent, TRACEPARENT, the http runtime's
-        header); a malformed one is ignored."""
+        header); a malformed one is ignored. Made with an execution's own token
+        (RUNYARD_EXECUTION_TOKEN), the new execution is that execution's child."""
+        principal = current_principal()
+        if principal.execution_id is not None:
+            child_id = children.start_over_api(principal, ref, data["input"], data.get("version"))
+            return services.present(services.get(request_session(), principal, child_id))
         return services.submit(
-            current_principal(),
+            principal,
             ref,
             data["input"],
             version=data.get("version"),

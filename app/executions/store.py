@@ -9,6 +9,7 @@ lease ran out cannot overwrite a newer attempt's result.
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from app import outbox
 from app.db import driver
 from app.executions.spec import TERMINAL_STATUSES, Claim, error_body
+from app.orgs.services import EXECUTION_TOKEN_PREFIX, hash_token
 
 # ---------------------------------------------------------------------------------------------
 # Live events (app/executions/events.py)
@@ -377,6 +379,23 @@ def watch(pg: Any, execution_ids: list[uuid.UUID], seconds: float) -> None:
     autocommit): the worker's writes to them NOTIFY meanwhile."""
     if execution_ids:
         pg.execute(_WATCH_SQL, {"ids": execution_ids, "seconds": seconds})
+
+
+_ISSUE_TOKEN = """
+    INSERT INTO execution_tokens (execution_id, attempt, token_hash)
+    VALUES (%(id)s, %(attempt)s, %(hash)s)
+    ON CONFLICT (execution_id) DO UPDATE
+    SET attempt = excluded.attempt, token_hash = excluded.token_hash
+"""
+
+
+def issue_execution_token(conn: Connection, claimed: Claim) -> str:
+    """A new token for the claimed attempt (a command or http agent's RUNYARD_EXECUTION_TOKEN),
+    replacing any earlier attempt's: it answers while this attempt runs (app/orgs/services)."""
+    token = EXECUTION_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    params = {"id": claimed.execution_id, "attempt": claimed.attempt, "hash": hash_token(token)}
+    driver(conn).execute(_ISSUE_TOKEN, params)
+    return token
 
 
 def cancel_requested(conn: Connection, execution_id: uuid.UUID) -> bool:

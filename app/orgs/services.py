@@ -24,12 +24,18 @@ from app.orgs.models import ROLES, ApiToken, Organization
 log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "ry_"
+# A running execution's own token (RUNYARD_EXECUTION_TOKEN): role "execution", good only while
+# the attempt it was issued to runs.
+EXECUTION_TOKEN_PREFIX = "rye_"
+EXECUTION_ROLE = "execution"
 
-# What each role may do. Reading is open to every role of the organization.
+# What each role may do. Reading is open to every role of the organization, and to a running
+# execution's own token, which may also start executions (its children), send events, and
+# use the agent's state and documents.
 PERMISSIONS: dict[str, frozenset[str]] = {
-    "read": frozenset(ROLES),
+    "read": frozenset(ROLES) | {EXECUTION_ROLE},
     "agents:write": frozenset({"admin", "developer"}),
-    "executions:submit": frozenset({"admin", "developer", "operator"}),
+    "executions:submit": frozenset({"admin", "developer", "operator", EXECUTION_ROLE}),
     "executions:cancel": frozenset({"admin", "developer", "operator"}),
     # Subscriptions point the organization's events at a URL: reading one is managing it.
     "notifications": frozenset({"admin", "developer"}),
@@ -52,6 +58,9 @@ class Principal:
     token_name: str
     role: str
     expires_at: dt.datetime | None = None
+    # Set for an execution's own token: what it starts are that execution's children.
+    execution_id: uuid.UUID | None = None
+    execution_attempt: int | None = None
 
     def require(self, permission: str) -> None:
         if self.role not in PERMISSIONS[permission]:
@@ -314,6 +323,38 @@ def _stamp_last_use(token_id: uuid.UUID) -> None:
         log.warning("could not record the use of token %s", token_id, exc_info=True)
 
 
+# Not cached: the token stops working the moment its attempt ends.
+_EXECUTION_LOOKUP = text(
+    """
+    SELECT e.id, e.attempt, e.agent_name, o.id AS org_id, o.name AS org_name
+    FROM execution_tokens t
+    JOIN executions e ON e.id = t.execution_id AND e.attempt = t.attempt
+                     AND e.status = 'running'
+    JOIN organizations o ON o.id = e.org_id
+    WHERE t.token_hash = :token_hash
+    """
+)
+
+
+def _execution_principal(token_hash: str) -> Principal:
+    with db.hot() as conn:
+        row = conn.execute(_EXECUTION_LOOKUP, {"token_hash": token_hash}).mappings().first()
+    if row is None:
+        raise Unauthorized(
+            "invalid or expired execution token",
+            hint="an execution token works only while the execution it was issued to runs",
+        )
+    return Principal(
+        org_id=row["org_id"],
+        org_name=row["org_name"],
+        token_id=row["id"],
+        token_name=f"execution {row['id']} ({row['agent_name']})",
+        role=EXECUTION_ROLE,
+        execution_id=row["id"],
+        execution_attempt=row["attempt"],
+    )
+
+
 def authenticate(authorization: str | None) -> Principal:
     """Resolve an `Authorization: Bearer ...` header to a principal, or raise 401."""
     if not authorization:
@@ -327,6 +368,8 @@ def authenticate(authorization: str | None) -> Principal:
             "malformed Authorization header", hint="the form is 'Authorization: Bearer <token>'"
         )
     token_hash = hash_token(token)
+    if token.startswith(EXECUTION_TOKEN_PREFIX):
+        return _execution_principal(token_hash)
     known, principal = token_cache.get(token_hash)
     if not known:
         with db.hot() as conn:

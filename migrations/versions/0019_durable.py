@@ -134,6 +134,20 @@ def upgrade() -> None:
         ["org_id", "name"],
         postgresql_where=sa.text("kind = 'event' AND status = 'pending'"),
     )
+    op.create_table(
+        "execution_tokens",
+        sa.Column("execution_id", sa.Uuid(), nullable=False),
+        sa.Column("attempt", sa.Integer(), nullable=False),
+        sa.Column("token_hash", sa.String(length=64), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["execution_id"],
+            ["executions.id"],
+            name=op.f("fk_execution_tokens_execution_id_executions"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("execution_id", name=op.f("pk_execution_tokens")),
+        sa.UniqueConstraint("token_hash", name=op.f("uq_execution_tokens_token_hash")),
+    )
     op.execute(CHILD_ENDED)
     op.execute(
         "CREATE TRIGGER executions_child_ended AFTER UPDATE OF status ON executions "
@@ -147,6 +161,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DROP TRIGGER executions_child_ended ON executions")
     op.execute("DROP FUNCTION runyard_child_ended()")
+    op.drop_table("execution_tokens")
     op.drop_index("ix_execution_journal_pending_events", table_name="execution_journal")
     op.drop_index("ix_execution_journal_child_execution_id", table_name="execution_journal")
     op.drop_table("execution_journal")

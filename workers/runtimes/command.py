@@ -83,6 +83,9 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
             "RUNYARD_OUTPUT_PATH": str(output_path),
             "RUNYARD_EXECUTION_ID": ctx.execution_id,
             "RUNYARD_ATTEMPT": str(ctx.attempt),
+            # The run's own token for the API (children, state, events, documents).
+            "RUNYARD_EXECUTION_TOKEN": ctx.execution_token(),
+            "RUNYARD_API_URL": cfg.agents_api_url,
             **trace_env(ctx),
         }
         run = run_child(

@@ -423,6 +423,9 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
             "execution_id": ctx.execution_id,
             "attempt": ctx.attempt,
             "agent": ctx.agent,
+            # The run's own token for the API (children, state, events, documents).
+            "execution_token": ctx.execution_token(),
+            "api_url": cfg.agents_api_url,
         }
     ).encode()
     headers = {

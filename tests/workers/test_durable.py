@@ -1,0 +1,311 @@
+"""Durable agents with real workers and a real beat: children, gathering, sleeps, replay,
+nondeterminism, cancel cascades, bounds, and the execution token of command agents."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from app.db import db
+from tests.app.test_events_live import api  # noqa: F401 (a live `runyard api`)
+from tests.beat import BeatProcess
+from tests.conftest import RUN_ID, bearer, celery_worker, wait_for, wait_until
+from tests.workers.test_runs import define, python_agent, run, script_agent
+
+pytestmark = pytest.mark.worker
+
+TERMINAL = ("succeeded", "failed", "timed_out", "cancelled")
+
+
+@pytest.fixture(scope="module")
+def beat(app, tmp_path_factory):
+    """Beat wakes due sleeps and timed-out event waits."""
+    process = BeatProcess(tmp_path_factory.mktemp("durable-beat"), "beat")
+    process.wait_ready()
+    yield process
+    process.stop()
+
+
+def get(client, org, execution_id):
+    return client.get(f"/api/v1/executions/{execution_id}", headers=org.headers).get_json()
+
+
+def journal(client, org, execution_id):
+    response = client.get(f"/api/v1/executions/{execution_id}/journal", headers=org.headers)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def status_of(execution_id) -> str:
+    with db.hot() as conn:
+        return conn.execute(
+            text("SELECT status FROM executions WHERE id = :id"), {"id": execution_id}
+        ).scalar_one()
+
+
+# ---------------------------------------------------------------------------------------------
+# Children
+
+
+def test_a_parent_gathers_ten_children_on_a_worker_of_concurrency_one(
+    live_client, live_org, tmp_path
+):
+    """The parent holds no worker process while it waits: with a single one, its children run
+    in it and the parent resumes after them (a blocking parent would deadlock the pool)."""
+    queue = f"durable-c1-{RUN_ID}"
+    python_agent(live_client, live_org, "double", "double", queue=queue)
+    python_agent(live_client, live_org, "fan", "fan_out", queue=queue)
+    with celery_worker(tmp_path / "c1.log", queues=queue, concurrency=1, name="c1"):
+        execution_id = run(live_client, live_org, "fan", {"child": "double", "count": 10})
+        result = wait_for(live_client, live_org, execution_id, timeout=60)
+    assert result["status"] == "succeeded", result
+    assert result["output"] == {"total": 90, "children": 10}
+    assert result["attempts"] == 1  # resumes are not retries
+    assert len(result["children"]) == 10
+    child = get(live_client, live_org, result["children"][3])
+    assert child["parent_execution_id"] == execution_id
+    assert child["output"] == {"n": 6}
+    entries = journal(live_client, live_org, execution_id)
+    assert [entry["seq"] for entry in entries] == list(range(1, 11))
+    assert {entry["kind"] for entry in entries} == {"child"}
+    assert all(entry["status"] == "succeeded" for entry in entries)
+    assert entries[3]["result"]["output"] == {"n": 6}
+    assert entries[3]["child_execution_id"] == result["children"][3]
+
+
+def test_a_failed_child_reaches_its_parent_as_child_failed(live_client, live_org):
+    python_agent(live_client, live_org, "boom", "boom")
+    python_agent(live_client, live_org, "runner", "run_child")
+    caught = run(live_client, live_org, "runner", {"child": "boom", "catch": True})
+    result = wait_for(live_client, live_org, caught, timeout=30)
+    assert result["status"] == "succeeded", result
+    failed = result["output"]["failed"]
+    assert failed["status"] == "failed"
+    assert failed["error"]["type"] == "runtime_error"
+    assert "the agent blew up" in failed["error"]["message"]
+    assert failed["error"]["hint"]
+    uncaught = run(live_client, live_org, "runner", {"child": "boom"})
+    result = wait_for(live_client, live_org, uncaught, timeout=30)
+    assert result["status"] == "failed"
+    assert "ChildFailed" in result["error"]["message"]
+    assert "the agent blew up" in result["error"]["message"]
+
+
+def test_a_child_refused_fails_the_parent_with_the_reason(live_client, live_org):
+    python_agent(live_client, live_org, "runner", "run_child")
+    execution_id = run(live_client, live_org, "runner", {"child": "no-such-agent"})
+    result = wait_for(live_client, live_org, execution_id, timeout=30)
+    assert result["status"] == "failed"
+    assert "no agent 'no-such-agent'" in result["error"]["message"]
+    define(
+        live_client,
+        live_org,
+        "strict",
+        {"type": "python", "entrypoint": "tests.agents:double"},
+        input_schema={"type": "object", "required": ["n"]},
+    )
+    execution_id = run(live_client, live_org, "runner", {"child": "strict", "input": {}})
+    result = wait_for(live_client, live_org, execution_id, timeout=30)
+    assert result["status"] == "failed"
+    assert "the input is refused" in result["error"]["message"]
+
+
+RECURSIVE = """
+def main(input, ctx):
+    if input["left"] == 0:
+        return {"depth": 0}
+    return {"depth": 1 + ctx.run("recursive", {"left": input["left"] - 1})["depth"]}
+"""
+
+
+def test_children_nest_ten_deep_and_no_deeper(live_client, live_org):
+    script_agent(live_client, live_org, "recursive", RECURSIVE)
+    ten = run(live_client, live_org, "recursive", {"left": 10})
+    result = wait_for(live_client, live_org, ten, timeout=90)
+    assert result["status"] == "succeeded", result
+    assert result["output"] == {"depth": 10}
+    eleven = run(live_client, live_org, "recursive", {"left": 11})
+    result = wait_for(live_client, live_org, eleven, timeout=90)
+    assert result["status"] == "failed"
+    assert "executions nest at most 10 deep" in result["error"]["message"]
+
+
+WAITS_ON_A_SLEEPER = """
+def main(input, ctx):
+    ctx.run("sleepy", {"seconds": 30})
+    return {}
+"""
+
+
+def test_cancelling_a_waiting_parent_cancels_its_running_child(live_client, live_org):
+    python_agent(live_client, live_org, "sleepy", "wait_for_cancel")
+    script_agent(live_client, live_org, "parent", WAITS_ON_A_SLEEPER)
+    parent = run(live_client, live_org, "parent", {})
+    wait_until(lambda: get(live_client, live_org, parent)["status"] == "waiting", timeout=20)
+    (child,) = get(live_client, live_org, parent)["children"]
+    wait_until(lambda: get(live_client, live_org, child)["status"] == "running", timeout=20)
+    response = live_client.post(f"/api/v1/executions/{parent}/cancel", headers=live_org.headers)
+    assert response.status_code == 202, response.get_json()
+    assert response.get_json()["status"] == "cancelled"
+    assert wait_for(live_client, live_org, child, timeout=20)["status"] == "cancelled"
+    # The child's end does not bring the cancelled parent back.
+    time.sleep(1)
+    assert get(live_client, live_org, parent)["status"] == "cancelled"
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps, sleeps, replay
+
+
+def test_a_sleep_holds_no_worker_and_resumes_from_the_journal(live_client, live_org, beat):
+    python_agent(live_client, live_org, "sleeper", "sleeper")
+    execution_id = run(live_client, live_org, "sleeper", {"seconds": 2})
+    wait_until(lambda: get(live_client, live_org, execution_id)["status"] == "waiting", timeout=20)
+    with db.hot() as conn:
+        lease, wake_at = conn.execute(
+            text("SELECT lease_until, wake_at FROM executions WHERE id = :id"),
+            {"id": execution_id},
+        ).one()
+    assert lease is None and wake_at is not None
+    result = wait_for(live_client, live_org, execution_id, timeout=30)
+    assert result["status"] == "succeeded", result
+    # The step recorded before the sleep answered the replay: `before` is the first run's.
+    assert result["output"]["slept"] >= 2
+    kinds = [
+        (entry["kind"], entry["name"], entry["status"])
+        for entry in journal(live_client, live_org, execution_id)
+    ]
+    assert kinds == [("step", "before", "done"), ("sleep", "sleep", "done")]
+
+
+def test_a_sleep_shorter_than_a_second_is_refused(live_client, live_org):
+    script_agent(
+        live_client, live_org, "quick", "def main(input, ctx):\n    ctx.sleep(0.1)\n    return {}"
+    )
+    result = wait_for(live_client, live_org, run(live_client, live_org, "quick", {}))
+    assert result["status"] == "failed"
+    assert "at least 1 s" in result["error"]["message"]
+
+
+def test_a_replay_that_asks_for_other_calls_fails_as_nondeterministic(
+    live_client, live_org, beat, tmp_path
+):
+    python_agent(live_client, live_org, "double", "double")
+    python_agent(live_client, live_org, "fickle", "changes_its_calls", retry={"max_retries": 2})
+    execution_id = run(live_client, live_org, "fickle", {"marker": str(tmp_path / "m")})
+    result = wait_for(live_client, live_org, execution_id, timeout=30)
+    assert result["status"] == "failed"
+    assert result["error"]["type"] == "nondeterministic"
+    assert "durable call #1" in result["error"]["message"]
+    assert "child 'double'" in result["error"]["message"]
+    assert "step 'first'" in result["error"]["message"]
+    assert "same order" in result["error"]["hint"]
+    assert result["attempts"] == 1  # never retried: it would differ again
+
+
+def test_a_retry_replays_the_steps_a_failed_attempt_recorded(live_client, live_org, tmp_path):
+    ledger = tmp_path / "ledger.txt"
+    source = (
+        "def main(input, ctx):\n"
+        "    def write(line):\n"
+        "        with open(input['path'], 'a') as f:\n"
+        "            f.write(line + '\\n')\n"
+        "        return line\n"
+        "    ctx.step('one', write, 'one')\n"
+        "    if ctx.attempt == 1:\n"
+        "        raise ConnectionError('transient')\n"
+        "    ctx.step('two', write, 'two')\n"
+        "    return {'attempt': ctx.attempt}\n"
+    )
+    script_agent(
+        live_client,
+        live_org,
+        "retrying",
+        source,
+        retry={"max_retries": 1, "backoff_seconds": 0.1, "jitter": False},
+    )
+    result = wait_for(
+        live_client, live_org, run(live_client, live_org, "retrying", {"path": str(ledger)})
+    )
+    assert result["status"] == "succeeded", result
+    assert result["output"] == {"attempt": 2}
+    assert ledger.read_text().splitlines() == ["one", "two"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The execution token: command agents reach the same over REST
+
+COMMAND_PARENT = r"""
+import json, os, sys, time, urllib.request
+api, token = os.environ["RUNYARD_API_URL"], os.environ["RUNYARD_EXECUTION_TOKEN"]
+def call(method, path, body=None):
+    request = urllib.request.Request(api + "/api/v1" + path, method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        return json.load(response)
+child = call("POST", "/agents/double/executions", {"input": {"n": 21}})
+while child["status"] not in ("succeeded", "failed", "timed_out", "cancelled"):
+    time.sleep(0.1)
+    child = call("GET", "/executions/" + child["id"])
+json.dump({"child": child["id"], "output": child["output"], "token": token},
+          open(os.environ["RUNYARD_OUTPUT_PATH"], "w"))
+"""
+
+
+@pytest.fixture
+def api_server(api):  # noqa: F811
+    host, port = api
+    return f"http://{host}:{port}"
+
+
+def test_a_command_agent_starts_a_child_with_its_execution_token(
+    live_client, live_org, api_server, tmp_path
+):
+    python_agent(live_client, live_org, "double", "double")
+    queue = f"durable-token-{RUN_ID}"
+    define(
+        live_client,
+        live_org,
+        "commander",
+        {"type": "command", "argv": ["python3", "-c", COMMAND_PARENT]},
+        queue=queue,
+    )
+    with celery_worker(
+        tmp_path / "token.log", queues=queue, name="token", env={"RUNYARD_API_URL": api_server}
+    ):
+        execution_id = run(live_client, live_org, "commander", {})
+        result = wait_for(live_client, live_org, execution_id, timeout=60)
+    assert result["status"] == "succeeded", result
+    output = result["output"]
+    assert output["output"] == {"n": 42}
+    assert result["children"] == [output["child"]]
+    assert get(live_client, live_org, output["child"])["parent_execution_id"] == execution_id
+    (entry,) = journal(live_client, live_org, execution_id)
+    assert (entry["kind"], entry["name"], entry["status"]) == ("child", "double", "succeeded")
+    # The token expired with its execution.
+    response = live_client.get("/api/v1/agents", headers=bearer(output["token"]))
+    assert response.status_code == 401
+    assert "execution token" in response.get_json()["message"]
+
+
+def test_an_execution_token_is_not_an_admin(live_client, live_org):
+    """What the token may not do (it starts no agents' definitions, reads no audit trail) and
+    that a made-up one is refused."""
+    response = live_client.get("/api/v1/agents", headers=bearer("rye_" + uuid.uuid4().hex))
+    assert response.status_code == 401
+    assert "hint" in response.get_json()
+
+
+def test_the_journal_of_another_organization_is_a_404(live_client, live_org, other_live_org):
+    python_agent(live_client, live_org, "double", "double")
+    execution_id = run(live_client, live_org, "double", {"n": 1})
+    response = live_client.get(
+        f"/api/v1/executions/{execution_id}/journal", headers=other_live_org.headers
+    )
+    assert response.status_code == 404
+    assert json.loads(response.data)["hint"]
