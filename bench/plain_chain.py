@@ -50,3 +50,22 @@ def sleep_step(payload: dict, ctx) -> dict:
     """The Runyard agent: sleeps ctx.config["sleep_ms"] and passes its input on."""
     time.sleep(ctx.config.get("sleep_ms", 10) / 1000)
     return payload
+
+
+@app.task(name="bench.gather")
+def gather(results: list) -> int:
+    """bench/durable.py's chord callback: what the fan-out's parent does with its children."""
+    return len(results)
+
+
+def fan_out(payload: dict, ctx) -> dict:
+    """The Runyard parent of bench/durable.py: starts `count` children and waits for them all."""
+    ids = [ctx.start(payload["child"], {"n": n}) for n in range(payload["count"])]
+    return {"gathered": len(ctx.wait(ids))}
+
+
+def resumes_on_event(payload: dict, ctx) -> dict:
+    """bench/durable.py's event waiter: logs the moment it runs again after the event."""
+    data = ctx.wait_for_event(payload["event"], match={"key": payload["key"]})
+    ctx.log.info("resumed")
+    return {"data": data}

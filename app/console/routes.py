@@ -156,7 +156,8 @@ def _execution_context(execution_id: str) -> dict[str, Any]:
         "e": execution,
         "lines": lines,
         "attempts": executions.attempts(session, principal, execution_id),
-        "live": execution["status"] in ("queued", "running"),
+        "journal": executions.journal(session, principal, execution_id),
+        "live": execution["status"] in ("queued", "running", "waiting"),
         # A run through the catalog: the agent is another organization's (no page of ours).
         "catalog_owner": catalog.owner_elsewhere(session, principal, execution["agent_id"]),
     }

@@ -86,6 +86,9 @@ def time_tag(value: dt.datetime | None) -> Markup:
 STATUS_MARKS = {
     "queued": "◷",
     "running": "▶",
+    "waiting": "⏳",
+    "done": "✓",
+    "received": "✉",
     "succeeded": "✓",
     "failed": "✗",
     "timed_out": "⌛",

@@ -150,6 +150,8 @@ def _accepted(
         "chain_execution_id": None,
         "waiting_for": shown_waiting_for(waiting_for),
         "rerun_of": rerun_of,
+        "parent_execution_id": None,
+        "children": [],
         "progress": None,
         "traceparent": traceparent,
         "created_by": audit.shown_created_by(principal.token_id, principal.token_name),
