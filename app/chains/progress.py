@@ -39,7 +39,7 @@ from app.orgs.services import Principal
 log = logging.getLogger(__name__)
 
 FAILED_STATUSES = ("failed", "timed_out", "cancelled")
-LIVE_STATUSES = ("queued", "running")
+LIVE_STATUSES = ("queued", "running", "waiting")
 
 
 # With its chain.succeeded events (app/outbox.py) in the same statement.
@@ -418,7 +418,7 @@ _STALLED_SQL = text(
       AND NOT EXISTS (
           SELECT 1 FROM executions e
           WHERE e.chain_execution_id = ce.id
-            AND (e.status IN ('queued', 'running')
+            AND (e.status IN ('queued', 'running', 'waiting')
                  OR e.finished_at > now() - make_interval(secs => :grace)))
     ORDER BY coalesce(ce.resume_checked_at, ce.queued_at) LIMIT :batch
     """
@@ -486,7 +486,8 @@ _CANCEL_CHAIN = text(
 
 
 _LIVE_STEPS = text(
-    "SELECT id FROM executions WHERE chain_execution_id = :id AND status IN ('queued', 'running')"
+    "SELECT id FROM executions WHERE chain_execution_id = :id "
+    "AND status IN ('queued', 'running', 'waiting')"
 )
 
 

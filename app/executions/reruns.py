@@ -62,7 +62,7 @@ def rerun(
     current one, or `x.y.z`), its priority. 409 while it has not finished."""
     principal.require("executions:submit")
     original = services.get(session, principal, execution_id)
-    if original.status in ("queued", "running"):
+    if original.status in ("queued", "running", "waiting"):
         raise Conflict(
             f"execution {original.id} has not finished ({original.status}); only a finished "
             "execution is rerun",

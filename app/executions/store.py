@@ -368,7 +368,7 @@ def record_progress(
 # once per stream or per tick; a finished one is never written.
 _WATCH_SQL = """
     UPDATE executions SET watched_until = now() + make_interval(secs => %(seconds)s)
-    WHERE id = ANY(%(ids)s) AND status IN ('queued', 'running')
+    WHERE id = ANY(%(ids)s) AND status IN ('queued', 'running', 'waiting')
       AND (watched_until IS NULL
            OR watched_until < now() + make_interval(secs => %(seconds)s / 2.0))
 """

@@ -42,7 +42,7 @@ class AgentStatsSchema(Schema):
         keys=fields.String(),
         values=fields.Integer(),
         metadata={
-            "description": "executions by status: `queued` and `running` right now, the "
+            "description": "executions by status: `queued`, `running` and `waiting` right now, the "
             "finished statuses over the window (by finished_at, from the start of its first "
             "minute)"
         },

@@ -77,7 +77,7 @@ _TAIL = text(
 _LIVE = text(
     """
     SELECT status, count(*) AS count FROM executions
-    WHERE org_id = :org_id AND agent_id = :agent_id AND status IN ('queued', 'running')
+    WHERE org_id = :org_id AND agent_id = :agent_id AND status IN ('queued', 'running', 'waiting')
     GROUP BY status
     """
 )
@@ -183,7 +183,12 @@ def agent_stats(session: Session, principal: Principal, ref: str, window: str) -
         (row.status, row.count)
         for row in conn.execute(_LIVE, {"org_id": principal.org_id, "agent_id": agent.id})
     )
-    counts = {"queued": live.get("queued", 0), "running": live.get("running", 0), **counts}
+    counts = {
+        "queued": live.get("queued", 0),
+        "running": live.get("running", 0),
+        "waiting": live.get("waiting", 0),
+        **counts,
+    }
     outcomes = counts["succeeded"] + sum(counts[status] for status in FAILURES)
     success_rate = round(counts["succeeded"] / outcomes, 4) if outcomes else None
     last_failure = None

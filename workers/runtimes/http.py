@@ -17,7 +17,8 @@ The worker POSTs `{"input", "execution_id", "attempt", "agent"}` as JSON. How an
 
 Progress: the final answer may carry `Runyard-Progress: <0..1>` (and `Runyard-Progress-Message`),
 recorded as the execution's progress like ctx.progress; a malformed one is logged at warning.
-The execution's W3C trace context goes out as the `traceparent` header, when it has one.
+The execution's W3C trace context goes out as the `traceparent` header, when it has one; its own
+API token (while it runs) and the API's URL as `Runyard-Execution-Token` and `Runyard-Api-Url`.
 
 The standard library's http.client does the HTTP: it lets the connection go to the address the
 guard checked while the Host header and TLS (SNI and certificate check) use the URL's host name.
@@ -423,9 +424,6 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
             "execution_id": ctx.execution_id,
             "attempt": ctx.attempt,
             "agent": ctx.agent,
-            # The run's own token for the API (children, state, events, documents).
-            "execution_token": ctx.execution_token(),
-            "api_url": cfg.agents_api_url,
         }
     ).encode()
     headers = {
@@ -433,6 +431,10 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
         "Accept": "application/json",
         **runtime.get("headers", {}),
         "Content-Type": "application/json",
+        # The run's own token for the API (children, state, events, documents), and where the
+        # API is: headers, so that the body stays what API.md says the worker POSTs.
+        "Runyard-Execution-Token": ctx.execution_token(),
+        "Runyard-Api-Url": cfg.agents_api_url,
     }
     if ctx.traceparent:
         # The execution's trace context, over any the agent's headers set (in any case).
