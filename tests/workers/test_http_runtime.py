@@ -251,6 +251,8 @@ def test_http_agent_succeeds_with_its_output_checked(live_client, live_org, serv
     (request,) = server.seen("/sum")
     assert request.method == "POST" and request.headers["X-Agent"] == "summer"
     assert request.headers["Content-Type"] == "application/json"
+    assert request.headers["Runyard-Execution-Token"].startswith("rye_")
+    assert request.headers["Runyard-Api-Url"].startswith("http://")
     assert request.json() == {
         "input": {"numbers": [1, 2]},
         "execution_id": execution_id,
