@@ -159,8 +159,15 @@ def build_world(client, org) -> World:
         201,
     )
     # A cancelled execution of its own gives the notification an event (in the cancel's CTE).
+    # Its agent's queue has no worker: it is still queued when the cancel comes.
+    _created(
+        client.post(
+            "/api/v1/agents", json={**AGENT, "name": "parked", "queue": "parked"}, headers=headers
+        ),
+        201,
+    )
     cancelled = _created(
-        client.post("/api/v1/agents/echo/executions", json={"input": {}}, headers=headers), 202
+        client.post("/api/v1/agents/parked/executions", json={"input": {}}, headers=headers), 202
     )
     _created(client.post(f"/api/v1/executions/{cancelled['id']}/cancel", headers=headers), 202)
     [event] = _created(

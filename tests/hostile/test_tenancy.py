@@ -49,6 +49,7 @@ OBJECT_ROUTES = {
     Route("/api/v1/executions/<execution_id>/cancel", "POST"),
     Route("/api/v1/executions/<execution_id>/rerun", "POST"),
     Route("/api/v1/executions/<execution_id>/attempts", "GET"),
+    Route("/api/v1/executions/<execution_id>/journal", "GET"),
     Route("/api/v1/executions/<execution_id>/logs", "GET"),
     Route("/api/v1/executions/<execution_id>/events", "GET"),
     Route("/api/v1/chains/<ref>", "GET"),

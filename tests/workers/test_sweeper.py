@@ -198,7 +198,7 @@ def test_beat_runs_the_sweeper_itself_whatever_the_workers_do(agent_id, broker, 
         while sorted(queued_messages(broker)) != sorted(ids):
             assert time.monotonic() < deadline, beat.log()
             time.sleep(0.1)
-        jobs = "sweep, chains-resume, flow-tick, idempotency-prune"
+        jobs = "sweep, chains-resume, flow-tick, durable-tick, idempotency-prune"
         assert f"maintenance in beat: {jobs}" in beat.log()
         # The slow jobs have a thread of their own: they never hold back the flow tick.
         assert "housekeeping in beat: retention, stats-tally, stats-prune" in beat.log()
