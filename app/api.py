@@ -79,6 +79,7 @@ def build_app(config: Config | None = None) -> Flask:
     from app.orgs.routes import blp as orgs_blp
     from app.schedules.routes import blp as schedules_blp
     from app.secrets.routes import blp as secrets_blp
+    from app.state.routes import blp as state_blp
     from app.stats.routes import blp as stats_blp
     from app.triggers.routes import blp as triggers_blp
     from app.triggers.routes import hooks as hooks_blp
@@ -98,6 +99,7 @@ def build_app(config: Config | None = None) -> Flask:
         stats_blp,
         audit_blp,
         catalog_blp,
+        state_blp,
     ):
         api.register_blueprint(blueprint)
     http.install(app, api)

@@ -33,6 +33,31 @@ class Conflict(RunyardError):
     status_code = 409
 
 
+class StateConflict(Conflict):
+    """A state write whose `expected_version` is not the entry's current version (0: the entry
+    does not exist). Raised to agent code by `ctx.state.set`, and answered 412 over HTTP when
+    it came from `If-Match`. Here, with no imports, so that the runtimes may import it."""
+
+    def __init__(self, key: str, expected_version: int, current_version: int) -> None:
+        now = f"at version {current_version}" if current_version else "not set"
+        wanted = f"version {expected_version}" if expected_version else "not set"
+        super().__init__(
+            f"state {key!r} is {now}, not {wanted} as expected",
+            errors={"version": [f"expected {expected_version}, current {current_version}"]},
+            hint="read the entry again (ctx.state.entry(key), or GET "
+            "/api/v1/agents/{ref}/state/{key} and its ETag) and retry with its version",
+        )
+        self.key = key
+        self.expected_version = expected_version
+        self.current_version = current_version
+
+
+class PreconditionFailed(RunyardError):
+    """412: a conditional request (If-Match) whose condition does not hold; nothing changed."""
+
+    status_code = 412
+
+
 class UnsupportedMediaType(RunyardError):
     status_code = 415
 

@@ -10,6 +10,7 @@ from app.notifications.models import Notification, NotificationEvent
 from app.orgs.models import ApiToken, Organization
 from app.schedules.models import Schedule, ScheduleFire
 from app.secrets.models import Secret
+from app.state.models import AgentState
 from app.stats.models import (
     AgentStatsRollup,
     ExecutionTotal,
@@ -23,6 +24,7 @@ metadata = Base.metadata
 
 __all__ = [
     "Agent",
+    "AgentState",
     "AgentStatsRollup",
     "AgentVersion",
     "ApiToken",

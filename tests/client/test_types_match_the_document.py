@@ -23,6 +23,8 @@ MIRRORS = {
     "ChainExecution": "ChainExecution",
     "Schedule": "Schedule",
     "ScheduleFire": "Fire",
+    "StateKey": "StateKey",
+    "StateEntry": "StateEntry",
 }
 PYTHON_TYPES = {
     "string": str,
@@ -60,7 +62,9 @@ def _fits(hint, schema: dict, schemas: dict) -> str | None:
     nullable = bool(schema.get("nullable"))
     schema = _resolved(schema, schemas)
     nullable = nullable or bool(schema.get("nullable"))
-    arms = list(typing.get_args(hint)) if isinstance(hint, types.UnionType) else [hint]
+    # `X | None` of a class is a types.UnionType; `Any | None` a typing.Union.
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    arms = list(typing.get_args(hint)) if union else [hint]
     if (type(None) in arms) != nullable:
         return f"nullable is {nullable} in the document"
     arms = [arm for arm in arms if arm is not type(None)]

@@ -82,7 +82,7 @@ class World:
         either), chosen by the route's first segment."""
         ref = {kind: getattr(self, kind)[by] for kind in ("agent", "chain", "schedule", "trigger")}
         by_segment = {
-            "agents": {"ref": ref["agent"], "version": "1.0.1"},
+            "agents": {"ref": ref["agent"], "version": "1.0.1", "key": STATE_KEY},
             "executions": {"execution_id": self.execution["id"]},
             "chains": {"ref": ref["chain"], "version": "1.0.0"},
             "chain-executions": {"execution_id": self.chain_execution["id"]},
@@ -102,6 +102,8 @@ class World:
         return by_segment[route.rule.removeprefix("/api/v1").split("/")[1]]
 
 
+# The key of the world agent's state entry.
+STATE_KEY = "cursor"
 AGENT = {
     "name": "echo",
     "runtime": {"type": "python", "entrypoint": "tests.agents:echo"},
@@ -176,6 +178,10 @@ def build_world(client, org) -> World:
     )
     secret = _created(
         client.put("/api/v1/secrets/api-key", json={"value": "s3cr3t-value"}, headers=headers),
+        200,
+    )
+    _created(
+        client.put(f"/api/v1/agents/echo/state/{STATE_KEY}", json={"value": 1}, headers=headers),
         200,
     )
     token = _created(

@@ -36,6 +36,7 @@ REMOVALS = [
     Route("/api/v1/triggers/<ref>", "DELETE"),
     Route("/api/v1/notifications/<notification_id>", "DELETE"),
     Route("/api/v1/secrets/<name>", "DELETE"),
+    Route("/api/v1/agents/<ref>/state/<key>", "DELETE"),
     Route("/api/v1/tokens/<token_id>", "DELETE"),
     Route("/api/v1/chains/<ref>", "DELETE"),
     Route("/api/v1/agents/<ref>", "DELETE"),

@@ -132,6 +132,7 @@ def valid_bodies(world) -> dict[Route, dict]:
         Route("/api/v1/secrets/<name>", "PUT"): {"value": "a new value"},
         Route("/api/v1/tokens", "POST"): {"name": "fresh", "role": "viewer"},
         Route("/api/v1/catalog/<org>/<agent>/executions", "POST"): {"input": {}},
+        Route("/api/v1/agents/<ref>/state/<key>", "PUT"): {"value": {"page": 2}},
     }
 
 

@@ -28,6 +28,7 @@ BODIES = {
     Route("/api/v1/chains/<ref>/rollback", "POST"): {"version": "1.0.0"},
     Route("/api/v1/secrets/<name>", "PUT"): {"value": "theirs now"},
     Route("/api/v1/catalog/<org>/<agent>/executions", "POST"): {"input": {}},
+    Route("/api/v1/agents/<ref>/state/<key>", "PUT"): {"value": "theirs now"},
 }
 # Routes that name an object by a name of the caller's own namespace and make it when missing:
 # another organization's token makes its own object (200), never touching ours.
@@ -45,6 +46,10 @@ OBJECT_ROUTES = {
     Route("/api/v1/agents/<ref>/executions", "POST"),
     Route("/api/v1/agents/<ref>/executions/batch", "POST"),
     Route("/api/v1/agents/<ref>/stats", "GET"),
+    Route("/api/v1/agents/<ref>/state", "GET"),
+    Route("/api/v1/agents/<ref>/state/<key>", "GET"),
+    Route("/api/v1/agents/<ref>/state/<key>", "PUT"),
+    Route("/api/v1/agents/<ref>/state/<key>", "DELETE"),
     Route("/api/v1/executions/<execution_id>", "GET"),
     Route("/api/v1/executions/<execution_id>/cancel", "POST"),
     Route("/api/v1/executions/<execution_id>/rerun", "POST"),

@@ -22,6 +22,8 @@ from runyard_client.types import (
     LogLine,
     Schedule,
     ScheduleFire,
+    StateEntry,
+    StateKey,
 )
 
 PAGE_SIZE = 100
@@ -50,6 +52,7 @@ class Runyard:
         self.executions = Executions(self)
         self.chains = Chains(self)
         self.schedules = Schedules(self)
+        self.state = State(self)
 
     def close(self) -> None:
         self._http.close()
@@ -70,10 +73,11 @@ class Runyard:
         json: Any = None,
         params: dict[str, Any] | None = None,
         creates: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> httpx.Response:
         """One request. `creates` (a POST that makes something): a fresh Idempotency-Key, and
         retries with that same key on connection errors, 503 and 429."""
-        headers = _core.idempotency_headers() if creates else {}
+        headers = {**(_core.idempotency_headers() if creates else {}), **(headers or {})}
         params = {k: v for k, v in (params or {}).items() if v is not None}
         attempt = 0
         while True:
@@ -320,3 +324,44 @@ class Schedules:
 
     def history(self, ref: str) -> Iterator[ScheduleFire]:
         return self._c.pages(f"/schedules/{ref}/history")
+
+
+class State:
+    """An agent's state: JSON values by key, each with a version that grows by one per write
+    (what the agent's runs read and write as `ctx.state`)."""
+
+    def __init__(self, client: Runyard) -> None:
+        self._c = client
+
+    def keys(self, agent: str) -> Iterator[StateKey]:
+        return self._c.pages(f"/agents/{agent}/state")
+
+    def get(self, agent: str, key: str) -> StateEntry:
+        """`{"key", "value", "version", "updated_at"}`; NotFound when the key is not set."""
+        return self._c.call("GET", _state_path(agent, key))
+
+    def put(
+        self, agent: str, key: str, value: Any, *, expected_version: int | None = None
+    ) -> StateEntry:
+        """Set the value; with `expected_version`, only if the entry is at that version (0: the
+        key is not set yet), else PreconditionFailed and nothing changes."""
+        return self._c.call(
+            "PUT",
+            _state_path(agent, key),
+            json={"value": value},
+            headers=_if_match(expected_version),
+        )
+
+    def delete(self, agent: str, key: str, *, expected_version: int | None = None) -> None:
+        """NotFound when the key is not set; PreconditionFailed as for `put`."""
+        self._c.call("DELETE", _state_path(agent, key), headers=_if_match(expected_version))
+
+
+def _state_path(agent: str, key: str) -> str:
+    # "." and ".." would be taken for path steps (httpx removes them): sent percent-encoded.
+    segment = key.replace(".", "%2E") if key in (".", "..") else key
+    return f"/agents/{agent}/state/{segment}"
+
+
+def _if_match(expected_version: int | None) -> dict[str, str]:
+    return {} if expected_version is None else {"If-Match": f'"{expected_version}"'}

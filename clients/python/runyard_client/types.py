@@ -172,3 +172,16 @@ class ScheduleFire(TypedDict, total=False):
     execution_id: str | None
     chain_execution_id: str | None
     skipped_reason: str | None
+
+
+class StateKey(TypedDict, total=False):
+    key: str
+    version: int
+    updated_at: str
+
+
+class StateEntry(TypedDict, total=False):
+    key: str
+    value: Any | None
+    version: int
+    updated_at: str
