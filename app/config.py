@@ -390,7 +390,8 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "RUNYARD_API_URL",
         "http://RUNYARD_API_HOST:RUNYARD_API_PORT",
         "the API's URL as agents on the worker hosts reach it: `command` agents get it as "
-        "RUNYARD_API_URL, `http` agents in the header Runyard-Api-Url, beside their execution token",
+        "RUNYARD_API_URL, `http` agents in the header Runyard-Api-Url, beside their execution "
+        "token",
     ),
     (
         "RUNYARD_API_WORKERS / RUNYARD_API_THREADS",

@@ -226,3 +226,17 @@ def changes_its_calls(payload, ctx):
         ctx.sleep(1)
     ctx.start("double", {"n": 1})
     return {}
+
+
+def counter(payload, ctx):
+    """Adds one to the state key `count` by compare-and-set, trying again on a conflict."""
+    from workers.context import StateConflict
+
+    while True:
+        entry = ctx.state.entry("count")
+        value, version = (entry["value"], entry["version"]) if entry else (0, 0)
+        try:
+            ctx.state.set("count", value + 1, expected_version=version)
+            return {"count": value + 1}
+        except StateConflict:
+            continue

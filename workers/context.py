@@ -13,7 +13,11 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from app import storable
+from app.errors import StateConflict
 from app.executions.spec import LEVELS
+
+# Agents import the exceptions of durable calls from here: ChildFailed, StateConflict.
+__all__ = ["ChildFailed", "Context", "Nondeterministic", "StateConflict", "Suspended"]
 
 
 class LogLines(Protocol):
@@ -282,7 +286,8 @@ class Context:
         except Exception as exc:
             kind = type(exc).__name__
             if kind not in ("TypeError", "StateConflict"):
-                kind = "ValueError" if isinstance(exc, ValueError) else "RuntimeError"
+                refused = isinstance(exc, ValueError) or kind == "ValidationFailed"
+                kind = "ValueError" if refused else "RuntimeError"
             return {"raise": kind, "message": str(exc)}, None
 
     def _call(self, op: str, args: list[Any]) -> Any:

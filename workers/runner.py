@@ -20,6 +20,7 @@ from app.executions.versions import specs
 from app.secrets.crypto import KeyMissing
 from app.secrets.services import SecretsMissing
 from workers import secret_refs, settle
+from workers.agent_state import AgentState
 from workers.attempt import AttemptDatabase
 from workers.context import AgentLog, Context
 from workers.durable import Journal
@@ -98,6 +99,8 @@ def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
         progress=progress,
         traceparent=claimed.traceparent,
         durable=Journal(database, claimed),
+        # The execution's organization: a catalog run keeps its own state, apart from the owner's.
+        state=AgentState(database.connection, claimed.org_id, spec.agent_id),
         issue_token=lambda: _issue_token(database, claimed),
     )
     try:

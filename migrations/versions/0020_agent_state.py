@@ -1,7 +1,7 @@
 """agent state: JSON values per agent and organization, versioned for compare-and-set
 
 Revision ID: 0020_agent_state
-Revises: 0018_tokens_catalog
+Revises: 0019_durable
 Create Date: 2026-12-08 10:00:00.000000
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0020_agent_state"
-down_revision = "0018_tokens_catalog"
+down_revision = "0019_durable"
 branch_labels = None
 depends_on = None
 

@@ -309,3 +309,45 @@ def test_the_journal_of_another_organization_is_a_404(live_client, live_org, oth
     )
     assert response.status_code == 404
     assert json.loads(response.data)["hint"]
+
+
+# ---------------------------------------------------------------------------------------------
+# State from agents
+
+STATE_SCRIPT = """
+def main(input, ctx):
+    before = ctx.state.get("greeting", "none")
+    version = ctx.state.set("greeting", input["say"])
+    try:
+        ctx.state.set("greeting", "never", expected_version=version + 5)
+    except StateConflict:
+        conflicted = True
+    ctx.state.delete("scratch")
+    return {"before": before, "version": version, "conflicted": conflicted,
+            "entry": ctx.state.entry("greeting")}
+"""
+
+
+def test_agents_compare_and_set_their_state_under_concurrent_runs(live_client, live_org):
+    python_agent(live_client, live_org, "counter", "counter")
+    ids = [run(live_client, live_org, "counter", {}) for _ in range(12)]
+    results = [wait_for(live_client, live_org, execution_id, timeout=60) for execution_id in ids]
+    assert all(r["status"] == "succeeded" for r in results), results
+    assert sorted(r["output"]["count"] for r in results) == list(range(1, 13))
+    response = live_client.get("/api/v1/agents/counter/state/count", headers=live_org.headers)
+    assert response.status_code == 200
+    assert response.get_json()["value"] == 12 and response.headers["ETag"] == '"12"'
+
+
+def test_a_script_agent_reads_and_writes_its_state(live_client, live_org):
+    script_agent(live_client, live_org, "stateful", STATE_SCRIPT)
+    first = wait_for(live_client, live_org, run(live_client, live_org, "stateful", {"say": "hi"}))
+    assert first["status"] == "succeeded", first
+    assert first["output"] == {
+        "before": "none",
+        "version": 1,
+        "conflicted": True,
+        "entry": {"value": "hi", "version": 1},
+    }
+    second = wait_for(live_client, live_org, run(live_client, live_org, "stateful", {"say": "yo"}))
+    assert second["output"]["before"] == "hi" and second["output"]["version"] == 2
