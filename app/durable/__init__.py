@@ -1,0 +1,1 @@
+"""Durable execution: steps, children, sleeps and event waits (the lead's package)."""
