@@ -22,6 +22,10 @@ MIRRORS = {
     "ChainExecution": "ChainExecution",
     "Schedule": "Schedule",
     "ScheduleFire": "Fire",
+    "Trigger": "Trigger",
+    "EventStarted": "EventStarted",
+    "EventAccepted": "EventAccepted",
+    "SentEvent": "Event",
 }
 PYTHON_TYPES = {
     "string": str,
