@@ -204,10 +204,10 @@ def housekeeping_jobs() -> list[Job]:
     or a tally catching up must not hold back the flow tick and the sweep by seconds."""
     return [
         Job("retention", current_config().retention_interval_seconds, _retention),
-        Job("events", EVENT_HOUSEKEEPING_SECONDS, _event_housekeeping),
         Job("stats-tally", STATS_TALLY_SECONDS, _tally_stats),
         Job("stats-prune", STATS_PRUNE_SECONDS, _prune_stats),
         Job("audit-seal", AUDIT_SEAL_SECONDS, _seal_audit),
+        Job("events", EVENT_HOUSEKEEPING_SECONDS, _event_housekeeping),
     ]
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from app import runs
-from app.errors import Conflict, QuotaExceeded, RunyardError, ValidationFailed
+from app.errors import Conflict, QuotaExceeded, RunyardError, ValidationFailed, json_pointer
 from app.flow import quotas
 from app.triggers.references import references_in, render
 from app.triggers.targets import launch_for
@@ -49,7 +49,9 @@ ERROR_MESSAGE_CHARS = 2000
 def check_filter(event_filter: dict[str, Any]) -> None:
     """422 for a filter whose keys are no dotted paths."""
     errors = {
-        f"/on_event/filter/{path}": ["not a dotted path (keys joined by dots, none empty)"]
+        json_pointer(("on_event", "filter", path)): [
+            "not a dotted path (keys joined by dots, none empty)"
+        ]
         for path in event_filter
         if not FILTER_PATH.match(path)
     }

@@ -315,6 +315,10 @@ def test_event_trigger_definitions_are_checked(client, org):
         ({"on_event": {"name": "a", "filter": {"a..b": 1}}}, "/on_event/filter"),
         ({"on_event": {"name": "a", "filter": {"": 1}}}, "/on_event/filter"),
         ({"on_event": {"name": "a", "filter": []}}, "/on_event/filter"),
+        (
+            {"on_event": {"name": "a", "filter": {f"k{n}": n for n in range(33)}}},
+            "/on_event/filter",
+        ),
         ({"on_event": {"name": "a", "other": 1}}, "/on_event/other"),
         ({"input": {"text": "$.event.order.id"}}, "/input/text"),
         ({"input": {"text": "$.event..x"}}, "/input/text"),
