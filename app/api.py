@@ -72,6 +72,7 @@ def build_app(config: Config | None = None) -> Flask:
     from app.audit.routes import blp as audit_blp
     from app.catalog.routes import blp as catalog_blp
     from app.chains.routes import blp as chains_blp
+    from app.events.routes import blp as events_blp
     from app.executions.routes import blp as executions_blp
     from app.fleet.routes import blp as fleet_blp
     from app.flow.routes import blp as flow_blp
@@ -93,6 +94,7 @@ def build_app(config: Config | None = None) -> Flask:
         flow_blp,
         schedules_blp,
         triggers_blp,
+        events_blp,
         notifications_blp,
         secrets_blp,
         hooks_blp,

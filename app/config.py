@@ -103,6 +103,8 @@ class Config:
     retention_days: int = 30
     retention_batch: int = 1000
     retention_interval_seconds: float = 300.0
+    # Events sent to POST /api/v1/events older than this many days are deleted by beat (0: kept).
+    event_retention_days: int = 7
     # GET /logs with q (a scan, not an index): the widest since..until it reads.
     log_search_max_days: int = 7
     child_max_file_mb: int = 64
@@ -191,6 +193,7 @@ class Config:
             retention_interval_seconds=_float(
                 "RUNYARD_RETENTION_INTERVAL_SECONDS", cls.retention_interval_seconds
             ),
+            event_retention_days=_int("RUNYARD_EVENT_RETENTION_DAYS", cls.event_retention_days),
             log_search_max_days=_int("RUNYARD_LOG_SEARCH_MAX_DAYS", cls.log_search_max_days),
             child_max_file_mb=_int("RUNYARD_CHILD_MAX_FILE_MB", cls.child_max_file_mb),
             child_max_processes=_int("RUNYARD_CHILD_MAX_PROCESSES", cls.child_max_processes),
@@ -356,6 +359,12 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
     ),
     ("RUNYARD_RETENTION_BATCH", "1000", "executions retention deletes a statement"),
     ("RUNYARD_RETENTION_INTERVAL_SECONDS", "300", "how often beat runs retention"),
+    (
+        "RUNYARD_EVENT_RETENTION_DAYS",
+        "7",
+        "days events sent to POST /api/v1/events are kept (0: forever); an event's id "
+        "deduplicates for 24 hours either way",
+    ),
     (
         "RUNYARD_LOG_SEARCH_MAX_DAYS",
         "7",

@@ -4,6 +4,7 @@ from app.agents.models import Agent, AgentVersion
 from app.chains.models import Chain, ChainExecution, ChainVersion
 from app.console.models import UiSession
 from app.db import Base
+from app.events.models import Event
 from app.executions.models import Execution, ExecutionLog, ExecutionToken, JournalEntry
 from app.idempotency.models import IdempotencyKey
 from app.notifications.models import Notification, NotificationEvent
@@ -31,6 +32,7 @@ __all__ = [
     "Chain",
     "ChainExecution",
     "ChainVersion",
+    "Event",
     "Execution",
     "ExecutionLog",
     "ExecutionToken",

@@ -23,7 +23,9 @@ these jobs in a thread of its own, at their own pace, whatever the workers are d
   RUNYARD_RETENTION_BATCH rows a transaction, for at most RETENTION_BUDGET_SECONDS a run); the
   statistics tally (app/stats/tally.py), every STATS_TALLY_SECONDS: finished executions into the
   rollups of GET /agents/{ref}/stats and the totals of /metrics, submits, schedule lag; and the
-  pruning of rollups past the longest stats window, hourly; and the audit trail's sealer
+  pruning of rollups past the longest stats window, hourly; events (app/events/services.py),
+  every EVENT_HOUSEKEEPING_SECONDS: the dedupe keys of events past 24 hours cleared, events
+  past RUNYARD_EVENT_RETENTION_DAYS deleted; and the audit trail's sealer
   (app/audit/services.py), every AUDIT_SEAL_SECONDS: committed events numbered and chained.
 
 Two beats may run at once: the sweep takes a lock in the broker's Redis, the resume check marks
@@ -44,6 +46,7 @@ from app.chains import progress
 from app.chains import retention as chain_retention
 from app.config import current_config
 from app.db import db
+from app.events import services as events
 from app.executions import gates, recovery, store, waiting
 from app.executions import services as executions
 from app.idempotency import services as idempotency
@@ -57,6 +60,9 @@ IDEMPOTENCY_PRUNE_SECONDS = 600.0
 # Also how late a rate-limited execution may start once its window has room.
 FLOW_TICK_SECONDS = 0.25
 RETENTION_BUDGET_SECONDS = 10.0
+# Event ids free again once 24 hours old (the accept path frees a conflicting one itself: this
+# only keeps the unique index small) and events past RUNYARD_EVENT_RETENTION_DAYS.
+EVENT_HOUSEKEEPING_SECONDS = 600.0
 STATS_TALLY_SECONDS = 5.0
 STATS_PRUNE_SECONDS = 3600.0
 # Committed audit events get their seq and hash within about this long (readers seal first).
@@ -149,6 +155,35 @@ def _retention() -> None:
         log.info("retention: deleted %d finished executions and chain executions", deleted)
 
 
+def event_housekeeping(
+    budget_seconds: float = RETENTION_BUDGET_SECONDS, batch: int | None = None
+) -> tuple[int, int]:
+    """Free the ids of events past their 24 hours of deduplication, then delete events past
+    RUNYARD_EVENT_RETENTION_DAYS, a batch per transaction, within the budget: (freed, deleted)."""
+    cfg = current_config()
+    batch = batch or cfg.retention_batch
+    deadline = time.monotonic() + budget_seconds
+    totals = [0, 0]
+    steps = (
+        lambda conn: events.release_dedupe_keys(conn, batch),
+        lambda conn: events.delete_expired(conn, cfg.event_retention_days, batch),
+    )
+    for index, step in enumerate(steps):
+        while time.monotonic() < deadline:
+            with db.begin() as conn:
+                count = step(conn)
+            totals[index] += count
+            if count < batch:
+                break
+    return totals[0], totals[1]
+
+
+def _event_housekeeping() -> None:
+    freed, deleted = event_housekeeping()
+    if freed or deleted:
+        log.info("events: freed %d ids past 24 hours, deleted %d past retention", freed, deleted)
+
+
 def _tally_stats() -> None:
     report = tally.tally()
     if not report.caught_up:
@@ -188,6 +223,7 @@ def housekeeping_jobs() -> list[Job]:
         Job("stats-tally", STATS_TALLY_SECONDS, _tally_stats),
         Job("stats-prune", STATS_PRUNE_SECONDS, _prune_stats),
         Job("audit-seal", AUDIT_SEAL_SECONDS, _seal_audit),
+        Job("events", EVENT_HOUSEKEEPING_SECONDS, _event_housekeeping),
     ]
 
 

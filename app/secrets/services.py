@@ -169,7 +169,10 @@ def reencrypt_column(session: Session, table: str) -> tuple[int, int]:
     kind = SEALED_COLUMNS[table]
     ring = keyring()
     current = ring.current_id
-    rows = session.execute(text(f"SELECT id, secret FROM {table} FOR UPDATE")).all()
+    # An event trigger has no secret.
+    rows = session.execute(
+        text(f"SELECT id, secret FROM {table} WHERE secret IS NOT NULL FOR UPDATE")
+    ).all()
     resealed = 0
     for row_id, secret in rows:
         if sealed_key_id(secret) == current:

@@ -7,7 +7,12 @@ from app.http import Blueprint, current_principal, request_session
 from app.triggers import services
 from app.triggers.schemas import DeliverySchema, TriggerCreateSchema, TriggerSchema
 
-blp = Blueprint("triggers", __name__, url_prefix="/api/v1/triggers", description="Webhook triggers")
+blp = Blueprint(
+    "triggers",
+    __name__,
+    url_prefix="/api/v1/triggers",
+    description="Webhook triggers (signed POST /hooks/<id>) and event triggers (on_event)",
+)
 hooks = Blueprint(
     "hooks",
     __name__,
@@ -22,7 +27,7 @@ class Triggers(MethodView):
     @blp.response(200, TriggerSchema(many=True))
     @blp.paginate()
     def get(self, pagination_parameters):
-        """List webhook triggers, newest first (never their secrets)"""
+        """List webhook and event triggers, newest first (never their secrets)"""
         items, total = services.list_triggers(
             request_session(),
             current_principal(),
@@ -36,10 +41,20 @@ class Triggers(MethodView):
     @blp.arguments(TriggerCreateSchema())
     @blp.response(201, TriggerSchema())
     @blp.alt_response(409, description="a trigger of that name exists")
-    @blp.alt_response(422, description="unknown target, malformed reference or invalid input")
+    @blp.alt_response(
+        422,
+        description="unknown target, malformed reference or filter, invalid input, or (with "
+        "on_event) a reference to what an event does not hold",
+    )
     @blp.alt_response(503, description="no key to encrypt its secret (RUNYARD_SECRET_KEYS)")
     def post(self, data):
-        """Create a webhook trigger; the answer holds its secret, shown this once"""
+        """Create a webhook trigger (the answer holds its secret, shown this once) or, with
+        `on_event`, an event trigger
+
+        An event trigger starts its target on each event of its name (and filter) sent to POST
+        /api/v1/events; it has no secret and no URL. A failure to start it (a reference that
+        finds nothing in the event, an input the target refuses, a quota) never fails the
+        event: the event's `started` holds an entry with an `error` for it."""
         session = request_session()
         trigger, secret = services.create(session, current_principal(), data)
         session.commit()
@@ -71,7 +86,7 @@ class Hook(MethodView):
     @hooks.response(202, DeliverySchema())
     @hooks.alt_response(400, description="the body is not JSON")
     @hooks.alt_response(401, description="bad or missing signature, stale timestamp, or a replay")
-    @hooks.alt_response(404, description="no such trigger")
+    @hooks.alt_response(404, description="no such trigger, or an event trigger (it has no URL)")
     @hooks.alt_response(
         409,
         description="the target chain, or the agent of one of its steps, is archived; or the "

@@ -1,4 +1,7 @@
-"""Webhook triggers: outside systems start a target with a signed POST /hooks/<id>.
+"""Triggers: webhook triggers, which outside systems fire with a signed POST /hooks/<id>, and
+event triggers (`on_event`, on_event.py), which events sent to POST /api/v1/events fire. Both
+start a target (an agent or a chain) with their `input`, its `$.event...` references
+(references.py) replaced by parts of the event.
 
 A delivery is accepted when it carries one of two signatures, made with the trigger's secret:
 - `Runyard-Signature: t=<Unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">` (the scheme
@@ -26,7 +29,6 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-import re
 import secrets
 import uuid
 from typing import Any
@@ -43,13 +45,14 @@ from app.errors import (
     NotFound,
     RunyardError,
     Unauthorized,
-    ValidationFailed,
-    json_pointer,
 )
 from app.flow import quotas
 from app.orgs.services import Principal
 from app.secrets.crypto import keyring, readable
+from app.triggers import on_event
 from app.triggers.models import Trigger
+from app.triggers.references import check_template, render
+from app.triggers.targets import launch_for
 
 SIGNED_HEADER = "Runyard-Signature"
 SIGNATURE_HEADER = "X-Runyard-Signature"
@@ -57,7 +60,6 @@ TIMESTAMP_HEADER = "X-Runyard-Timestamp"
 TIMESTAMP_TOLERANCE = dt.timedelta(minutes=5)
 REPLAY_MEMORY = dt.timedelta(hours=24)
 SECRET_PREFIX = "whsec_"
-_SEGMENT = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]")
 SIGNING_HINT = (
     'send Runyard-Signature: t=<Unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>" with '
     "the trigger's secret>, t within 5 minutes of the server's clock (the older "
@@ -67,98 +69,25 @@ SIGNING_HINT = (
 
 
 # ---------------------------------------------------------------------------------------------
-# `$.event...` references
-
-
-def _parse_reference(reference: str) -> list[str | int]:
-    """`$.event.a.b[0]` -> ["a", "b", 0]; ValueError for anything else."""
-    if not (reference == "$.event" or reference.startswith(("$.event.", "$.event["))):
-        raise ValueError("references start with $.event")
-    rest = reference[len("$.event") :]
-    path: list[str | int] = []
-    position = 0
-    while position < len(rest):
-        match = _SEGMENT.match(rest, position)
-        if match is None:
-            raise ValueError(f"cannot read {rest[position:]!r}: use .key or [index]")
-        path.append(match.group(1) if match.group(1) is not None else int(match.group(2)))
-        position = match.end()
-    return path
-
-
-def _references(template: Any, path: tuple = ()) -> list[tuple[tuple, str]]:
-    if isinstance(template, str) and template.startswith("$."):
-        return [(path, template)]
-    if isinstance(template, dict):
-        return [ref for key, value in template.items() for ref in _references(value, (*path, key))]
-    if isinstance(template, list):
-        return [ref for i, value in enumerate(template) for ref in _references(value, (*path, i))]
-    return []
-
-
-def check_template(template: dict[str, Any]) -> bool:
-    """422 for a malformed reference; True when the template has references at all."""
-    errors: dict[str, list[str]] = {}
-    found = _references(template)
-    for path, reference in found:
-        try:
-            _parse_reference(reference)
-        except ValueError as exc:
-            errors[json_pointer(("input", *path))] = [f"{reference!r}: {exc}"]
-    if errors:
-        raise ValidationFailed(
-            "the input holds malformed references",
-            errors=errors,
-            hint="a string starting with $. reads the delivered body, e.g. $.event.ticket.id",
-        )
-    return bool(found)
-
-
-def render(template: Any, event: Any) -> Any:
-    """The input for one delivery: every reference replaced by what it names in the event."""
-    errors: dict[str, list[str]] = {}
-
-    def walk(node: Any, path: tuple) -> Any:
-        if isinstance(node, str) and node.startswith("$."):
-            value = event
-            for segment in _parse_reference(node):
-                try:
-                    value = value[segment]
-                except (KeyError, IndexError, TypeError):
-                    errors[json_pointer(("input", *path))] = [
-                        f"{node}: the event has nothing at {segment!r}"
-                    ]
-                    return None
-            return value
-        if isinstance(node, dict):
-            return {key: walk(value, (*path, key)) for key, value in node.items()}
-        if isinstance(node, list):
-            return [walk(value, (*path, i)) for i, value in enumerate(node)]
-        return node
-
-    rendered = walk(template, ())
-    if errors:
-        raise ValidationFailed(
-            "the delivered event lacks what the trigger's input references",
-            errors=errors,
-            hint="GET /api/v1/triggers/{id} shows the input and its references",
-        )
-    return rendered
-
-
-# ---------------------------------------------------------------------------------------------
 # Definitions
 
 
-def create(session: Session, principal: Principal, data: dict[str, Any]) -> tuple[Trigger, str]:
-    """The trigger and its secret, returned once."""
+def create(
+    session: Session, principal: Principal, data: dict[str, Any]
+) -> tuple[Trigger, str | None]:
+    """The trigger, and a webhook trigger's secret, returned once (None for an event trigger)."""
     principal.require("agents:write")
     conn = session.connection()
     target = runs.resolve(conn, principal.org_id, data["target"])
+    listens = data.get("on_event")
+    if listens is not None:
+        on_event.check_filter(listens.get("filter") or {})
     if not check_template(data["input"]):
         runs.check_input(conn, target, data["input"])
-    secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+    elif listens is not None:
+        on_event.check_event_references(data["input"])
     trigger_id = uuid.uuid4()
+    secret = None if listens is not None else SECRET_PREFIX + secrets.token_urlsafe(32)
     trigger = Trigger(
         id=trigger_id,
         org_id=principal.org_id,
@@ -170,7 +99,10 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> tupl
         version_id=target.version_id,
         chain_id=target.chain_id,
         input=data["input"],
-        secret=keyring().seal(secret, sealing_context(trigger_id)),
+        secret=None if secret is None else keyring().seal(secret, sealing_context(trigger_id)),
+        event_name=None if listens is None else listens["name"],
+        # An empty filter is no filter: every event of the name.
+        event_filter=(listens or {}).get("filter") or None,
         created_by_token_id=principal.token_id,
         created_by_token_name=principal.token_name,
     )
@@ -225,12 +157,16 @@ def present(trigger: Trigger, secret: str | None = None) -> dict[str, Any]:
     target: dict[str, Any] = {trigger.target_kind: trigger.target_name}
     if trigger.target_version:
         target["version"] = trigger.target_version
+    listens = None
+    if trigger.event_name is not None:
+        listens = {"name": trigger.event_name, "filter": trigger.event_filter or {}}
     body = {
         "id": trigger.id,
         "name": trigger.name,
         "target": target,
         "input": trigger.input,
-        "url": f"/hooks/{trigger.id}",
+        "url": None if listens is not None else f"/hooks/{trigger.id}",
+        "on_event": listens,
         "created_at": trigger.created_at,
         "created_by": trigger.created_by,
     }
@@ -324,7 +260,8 @@ def deliver(
         trigger = session.get(Trigger, uuid.UUID(trigger_ref))
     except ValueError:
         trigger = None
-    if trigger is None:
+    # An event trigger has no URL: it is started by POST /api/v1/events only.
+    if trigger is None or trigger.secret is None:
         raise NotFound(f"no trigger {trigger_ref!r}")
     secret = readable(trigger.secret, sealing_context(trigger.id))
     signed = headers.get(SIGNED_HEADER)
@@ -346,20 +283,16 @@ def deliver(
     payload = render(trigger.input, event)
     conn = session.connection()
     run_id = uuid.uuid4()
-    if trigger.chain_id is not None:
-        launch: runs.Launch | runs.ChainLaunch = runs.chain_launch(
-            conn, trigger.org_id, trigger.chain_id, trigger.target_version, payload, run_id
-        )
-    else:
-        spec = runs.spec_for(conn, trigger.agent_id, trigger.version_id)
-        errors = spec.input_errors(payload)
-        if errors:
-            raise ValidationFailed(
-                "the rendered input does not match the agent's input_schema",
-                errors=errors,
-                hint=f"GET /api/v1/agents/{spec.agent_name} shows the input_schema",
-            )
-        launch = runs.Launch(run_id, trigger.org_id, spec, payload)
+    launch = launch_for(
+        conn,
+        trigger.org_id,
+        agent_id=trigger.agent_id,
+        chain_id=trigger.chain_id,
+        version_id=trigger.version_id,
+        target_version=trigger.target_version,
+        payload=payload,
+        run_id=run_id,
+    )
     quotas.admit(conn, trigger.org_id, executions=1)
     conn.execute(_FORGET_OLD, {"trigger_id": trigger.id, "before": utcnow() - REPLAY_MEMORY})
     remembered = conn.execute(

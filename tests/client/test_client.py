@@ -34,6 +34,29 @@ def test_run_returns_the_output_or_raises_execution_failed(runyard):
     assert runyard.executions.wait(queued["id"], timeout=30)["output"]["echo"] == {"n": 1}
 
 
+def test_send_event_starts_an_event_trigger_once_per_id(runyard):
+    python_agent(runyard, "echo", "echo")
+    trigger = runyard.call(
+        "POST",
+        "/triggers",
+        json={
+            "name": "on-paid",
+            "target": {"agent": "echo"},
+            "input": {"order": "$.event.data.order_id"},
+            "on_event": {"name": "order.paid"},
+        },
+    )
+    assert trigger["on_event"] == {"name": "order.paid", "filter": {}} and trigger["url"] is None
+    sent = runyard.send_event("order.paid", {"order_id": "A-1"}, id="order-A-1")
+    assert sent["duplicate"] is False and sent["event_id"] == "order-A-1"
+    [started] = sent["started"]
+    done = runyard.executions.wait(started["execution_id"], timeout=30)
+    assert done["output"]["echo"] == {"order": "A-1"}
+    again = runyard.send_event("order.paid", {"order_id": "A-1"}, id="order-A-1")
+    assert again["duplicate"] is True and again["id"] == sent["id"] and again["started"] == []
+    assert [event["id"] for event in runyard.events(name="order.paid")] == [sent["id"]]
+
+
 def test_errors_are_one_class_per_status_with_the_servers_hint(runyard, base_url, live_org):
     with pytest.raises(runyard_client.NotFound) as missing:
         runyard.agents.get("no-such-agent")

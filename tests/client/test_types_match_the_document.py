@@ -25,6 +25,10 @@ MIRRORS = {
     "ScheduleFire": "Fire",
     "StateKey": "StateKey",
     "StateEntry": "StateEntry",
+    "Trigger": "Trigger",
+    "EventStarted": "EventStarted",
+    "EventAccepted": "EventAccepted",
+    "SentEvent": "Event",
 }
 PYTHON_TYPES = {
     "string": str,

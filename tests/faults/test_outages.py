@@ -80,8 +80,9 @@ def test_database_down_answers_503_fast_and_recovers_without_a_restart(stack):
         submit = stack.api.submit("ledger", {"ledger": str(stack.ledger), "n": 3})
         read = stack.api.call("GET", f"/api/v1/executions/{execution_id}")
         listing = stack.api.call("GET", "/api/v1/executions")
+        event = stack.api.call("POST", "/api/v1/events", {"name": "outage", "id": "during"})
         ready = stack.api.call("GET", "/readyz")
-        for reply in (submit, read, listing, ready):
+        for reply in (submit, read, listing, event, ready):
             assert reply.status == 503, reply.body
             assert_error_shape(reply.body, 503)
             assert reply.seconds < DATABASE_DOWN_BOUND_SECONDS, reply.seconds
@@ -100,6 +101,9 @@ def test_database_down_answers_503_fast_and_recovers_without_a_restart(stack):
         assert submitted.status == 503 and failures <= 3, submitted.body
     reread = stack.api.call("GET", f"/api/v1/executions/{execution_id}")
     assert reread.status == 200, reread.body
+    # The event refused during the outage left nothing behind: its id is new.
+    event = stack.api.call("POST", "/api/v1/events", {"name": "outage", "id": "during"})
+    assert event.status == 202 and event.body["duplicate"] is False, event.body
     assert stack.api.call("GET", "/readyz").status == 200
     new_id = uuid.UUID(submitted.body["id"])
     wait_until_ended(stack.database_url, [new_id], timeout=30)

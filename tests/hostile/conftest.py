@@ -76,6 +76,8 @@ class World:
     secret: dict
     token: dict
     org_name: str
+    # An event sent to POST /api/v1/events (with a sender's id).
+    sent_event: dict | None = None
 
     def values_for(self, route: Route, by: str = "name") -> dict[str, str]:
         """Path values naming this world's objects (by name or by id where a route takes
@@ -95,6 +97,8 @@ class World:
             },
             "secrets": {"name": self.secret["name"]},
             "tokens": {"token_id": self.token["id"]},
+            # By its id, or by the sender's id.
+            "events": {"ref": self.sent_event["id" if by == "id" else "event_id"]},
             # The world's agent is private: the catalog runs it for us (our own), and to another
             # organization has no such agent (a 404), as for any object of ours it names.
             "catalog": {"org": self.org_name, "agent": self.agent["name"]},
@@ -188,6 +192,14 @@ def build_world(client, org) -> World:
         client.post("/api/v1/tokens", json={"name": "reader", "role": "viewer"}, headers=headers),
         201,
     )
+    sent_event = _created(
+        client.post(
+            "/api/v1/events",
+            json={"name": "order.paid", "data": {"order": 1}, "id": "world-event"},
+            headers=headers,
+        ),
+        202,
+    )
     return World(
         agent,
         execution,
@@ -200,6 +212,7 @@ def build_world(client, org) -> World:
         secret,
         token,
         org.name,
+        sent_event,
     )
 
 

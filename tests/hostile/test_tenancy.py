@@ -86,6 +86,7 @@ OBJECT_ROUTES = {
     Route("/api/v1/secrets/<name>", "PUT"),
     Route("/api/v1/secrets/<name>", "DELETE"),
     Route("/api/v1/tokens/<token_id>", "DELETE"),
+    Route("/api/v1/events/<ref>", "GET"),
     # It names another organization's agent by design: a private one (the world's) is a 404.
     Route("/api/v1/catalog/<org>/<agent>/executions", "POST"),
 }
@@ -112,6 +113,7 @@ def snapshot(client, org, world) -> dict[str, object]:
         "/api/v1/triggers",
         "/api/v1/notifications",
         "/api/v1/secrets",
+        "/api/v1/events",
     ):
         seen[path] = client.get(path, headers=org.headers).get_json()
     return seen
@@ -158,6 +160,7 @@ def test_another_organizations_lists_show_nothing_of_ours(app, client, org, othe
         world.trigger["id"],
         world.notification["id"],
         world.token["id"],
+        world.sent_event["id"],
     ]
     lists = [route for route in api_routes(app) if route.method == "GET" and not route.arguments]
     assert len(lists) >= 8

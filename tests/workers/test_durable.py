@@ -351,3 +351,83 @@ def test_a_script_agent_reads_and_writes_its_state(live_client, live_org):
     }
     second = wait_for(live_client, live_org, run(live_client, live_org, "stateful", {"say": "yo"}))
     assert second["output"]["before"] == "hi" and second["output"]["version"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Events
+
+
+def send(client, org, name, data, event_id=None):
+    body = {"name": name, "data": data, **({"id": event_id} if event_id else {})}
+    response = client.post("/api/v1/events", json=body, headers=org.headers)
+    assert response.status_code == 202, response.get_json()
+    return response.get_json()
+
+
+def wait_status(client, org, execution_id, status, timeout=20):
+    wait_until(lambda: get(client, org, execution_id)["status"] == status, timeout=timeout)
+
+
+def test_an_event_resumes_the_waits_it_matches_within_a_second(live_client, live_org):
+    python_agent(live_client, live_org, "waiter", "waits_for_event")
+    mine = run(live_client, live_org, "waiter", {"event": "order.paid", "match": {"order.id": 7}})
+    other = run(live_client, live_org, "waiter", {"event": "order.paid", "match": {"order.id": 8}})
+    for execution_id in (mine, other):
+        wait_status(live_client, live_org, execution_id, "waiting")
+    sent = time.monotonic()
+    answer = send(live_client, live_org, "order.paid", {"order": {"id": 7}, "amount": 12})
+    assert answer["resumed"] == [mine]
+    result = wait_for(live_client, live_org, mine, timeout=10)
+    assert time.monotonic() - sent < 1.5
+    assert result["output"] == {"data": {"order": {"id": 7}, "amount": 12}}
+    assert get(live_client, live_org, other)["status"] == "waiting"
+    (entry,) = journal(live_client, live_org, mine)
+    assert (entry["kind"], entry["name"], entry["status"]) == ("event", "order.paid", "received")
+    # The same id again within 24 hours: accepted once, resumes nothing more.
+    first = send(live_client, live_org, "order.paid", {"order": {"id": 8}}, event_id="pay-8")
+    again = send(live_client, live_org, "order.paid", {"order": {"id": 8}}, event_id="pay-8")
+    assert first["resumed"] == [other] and again["duplicate"] is True and again["resumed"] == []
+    assert wait_for(live_client, live_org, other, timeout=10)["status"] == "succeeded"
+    listed = live_client.get("/api/v1/events?name=order.paid", headers=live_org.headers)
+    assert {tuple(e["resumed"]) for e in listed.get_json()} == {(mine,), (other,)}
+
+
+def test_a_wait_looks_back_for_an_event_sent_before_it(live_client, live_org):
+    python_agent(live_client, live_org, "waiter", "waits_for_event")
+    send(live_client, live_org, "invoice.sent", {"invoice": "A-1"})
+    blind = run(live_client, live_org, "waiter", {"event": "invoice.sent", "timeout": 60})
+    looking = run(
+        live_client,
+        live_org,
+        "waiter",
+        {"event": "invoice.sent", "match": {"invoice": "A-1"}, "lookback": 60},
+    )
+    assert wait_for(live_client, live_org, looking, timeout=20)["output"] == {
+        "data": {"invoice": "A-1"}
+    }
+    wait_status(live_client, live_org, blind, "waiting")
+
+
+def test_a_wait_times_out_with_none(live_client, live_org, beat):
+    python_agent(live_client, live_org, "waiter", "waits_for_event")
+    execution_id = run(live_client, live_org, "waiter", {"event": "never.sent", "timeout": 2})
+    result = wait_for(live_client, live_org, execution_id, timeout=30)
+    assert result["status"] == "succeeded", result
+    assert result["output"] == {"data": None}
+    (entry,) = journal(live_client, live_org, execution_id)
+    assert entry["status"] == "timed_out"
+    # An event after the timeout finds no wait.
+    assert send(live_client, live_org, "never.sent", {})["resumed"] == []
+
+
+def test_an_event_of_one_organization_resumes_nothing_of_another(
+    live_client, live_org, other_live_org
+):
+    python_agent(live_client, live_org, "waiter", "waits_for_event")
+    execution_id = run(live_client, live_org, "waiter", {"event": "shared.name"})
+    wait_status(live_client, live_org, execution_id, "waiting")
+    assert send(live_client, other_live_org, "shared.name", {})["resumed"] == []
+    time.sleep(0.5)
+    assert get(live_client, live_org, execution_id)["status"] == "waiting"
+    cancel = live_client.post(f"/api/v1/executions/{execution_id}/cancel", headers=live_org.headers)
+    assert cancel.status_code == 202

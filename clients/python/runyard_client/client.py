@@ -17,11 +17,13 @@ from runyard_client.types import (
     Chain,
     ChainExecution,
     Event,
+    EventAccepted,
     Execution,
     JournalEntry,
     LogLine,
     Schedule,
     ScheduleFire,
+    SentEvent,
     StateEntry,
     StateKey,
 )
@@ -115,6 +117,21 @@ class Runyard:
 
     def me(self) -> dict[str, Any]:
         return self.call("GET", "/me")
+
+    def send_event(
+        self, name: str, data: dict[str, Any] | None = None, *, id: str | None = None
+    ) -> EventAccepted:
+        """Send an event: it resumes the executions waiting on it and starts the event
+        triggers on its name. With an `id`, the same event sent again within 24 hours is
+        accepted once (`duplicate: true`), so a retry is safe."""
+        body: dict[str, Any] = {"name": name, "data": data if data is not None else {}}
+        if id is not None:
+            body["id"] = id
+        return self.call("POST", "/events", json=body, creates=True)
+
+    def events(self, **filters: Any) -> Iterator[SentEvent]:
+        """The organization's events, newest first (filters: name, since, until)."""
+        return self.pages("/events", filters)
 
     def run(
         self,

@@ -185,3 +185,54 @@ class StateEntry(TypedDict, total=False):
     value: Any | None
     version: int
     updated_at: str
+
+
+class Trigger(TypedDict, total=False):
+    """A webhook trigger (`url`, and `secret` in the create answer only) or an event trigger
+    (`on_event`: `{"name", "filter"}`, no URL, no secret)."""
+
+    id: str
+    name: str
+    target: dict[str, Any]
+    input: dict[str, Any]
+    url: str | None
+    secret: str
+    on_event: dict[str, Any] | None
+    created_at: str
+    created_by: CreatedBy | None
+
+
+class EventStarted(TypedDict, total=False):
+    """What one event trigger did with an event: the run it started, or the `error`
+    (`{"type", "message", "hint"}`) that kept it from starting one."""
+
+    trigger_id: str
+    execution_id: str
+    chain_execution_id: str
+    error: dict[str, Any]
+
+
+class EventAccepted(TypedDict, total=False):
+    """POST /events' answer. `duplicate`: the same id was accepted within 24 hours; this one
+    delivered nothing (`id` is the first event's)."""
+
+    id: str
+    event_id: str
+    name: str
+    received_at: str
+    resumed: list[str]
+    started: list[EventStarted]
+    duplicate: bool
+
+
+class SentEvent(TypedDict, total=False):
+    """An event as GET /events lists it (not a stream's Event)."""
+
+    id: str
+    event_id: str
+    name: str
+    data: dict[str, Any]
+    received_at: str
+    resumed: list[str]
+    started: list[EventStarted]
+    created_by: CreatedBy | None
