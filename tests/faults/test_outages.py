@@ -1,6 +1,7 @@
 """Outages as a client sees them: the broker down, then PostgreSQL down, and both back, with
 the same API and worker processes throughout (no restart)."""
 
+import threading
 import time
 import uuid
 
@@ -124,5 +125,73 @@ def test_database_down_answers_503_fast_and_recovers_without_a_restart(stack):
                 "readyz_503": ready.seconds,
                 "down_for": back - injected,
             },
+        )
+    )
+
+
+def test_an_event_sent_across_a_database_restart_is_delivered_or_refused_never_lost(stack):
+    """Executions wait for events; PostgreSQL restarts while a sender posts one event per
+    waiter (retrying each refused one, as a sender does). Every event answered 202 resumed its
+    waiter, and every waiter ends with its own event's data."""
+    wait_until_healthy(stack)
+    created = stack.api.call(
+        "POST",
+        "/api/v1/agents",
+        {
+            "name": "waiter",
+            "runtime": {"type": "python", "entrypoint": "tests.agents:waits_for_event"},
+        },
+    )
+    assert created.status == 201, created.body
+    waiters = []
+    for n in range(5):
+        reply = stack.api.submit("waiter", {"event": "restart.go", "match": {"n": n}})
+        assert reply.status == 202, reply.body
+        waiters.append(uuid.UUID(reply.body["id"]))
+    deadline = time.monotonic() + 30
+    while stack.count(waiters, "status = 'waiting'") < len(waiters):
+        assert time.monotonic() < deadline, "the waiters never waited"
+        time.sleep(0.1)
+    answers: dict[int, list[int]] = {n: [] for n in range(5)}
+
+    def send_all() -> None:
+        for n in range(5):
+            while True:
+                reply = stack.api.call(
+                    "POST",
+                    "/api/v1/events",
+                    {"name": "restart.go", "data": {"n": n}, "id": f"restart-{n}"},
+                    timeout=15,
+                )
+                answers[n].append(reply.status)
+                if reply.status == 202:
+                    break
+                assert reply.status == 503, reply.body
+                time.sleep(0.2)
+            time.sleep(0.3)
+
+    sender = threading.Thread(target=send_all)
+    sender.start()
+    stack.postgres.stop()
+    time.sleep(1.5)
+    stack.start_postgres()
+    sender.join(timeout=60)
+    assert not sender.is_alive()
+    wait_until_ended(stack.database_url, waiters, timeout=30)
+    for n, execution_id in enumerate(waiters):
+        read = stack.api.call("GET", f"/api/v1/executions/{execution_id}")
+        assert read.body["status"] == "succeeded", read.body
+        assert read.body["output"] == {"data": {"n": n}}, read.body
+    accepted = stack.sql("SELECT count(*) FROM events WHERE name = 'restart.go'")[0][0]
+    assert accepted == 5, answers
+    REPORTS.append(
+        FaultReport(
+            "events across a database restart: each accepted once and delivered",
+            accepted=5,
+            lost=0,
+            duplicated=0,
+            reruns=0,
+            recovery_seconds=0.0,
+            details={"refused_503": sum(s.count(503) for s in answers.values())},
         )
     )
