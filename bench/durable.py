@@ -153,6 +153,8 @@ class PlainChord(Plain):
                 done = dt.datetime.fromisoformat(meta["date_done"])
                 if done.tzinfo is None:
                     done = done.replace(tzinfo=dt.UTC)
+                # Drops the backend's subscription to it now, while its Redis still runs.
+                result.forget()
                 return done.timestamp() - t0
             self.children.check("plain-worker")
             if time.monotonic() > deadline:
