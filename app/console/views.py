@@ -86,7 +86,7 @@ def time_tag(value: dt.datetime | None) -> Markup:
 STATUS_MARKS = {
     "queued": "◷",
     "running": "▶",
-    "waiting": "⏳",
+    "waiting": "◐",
     "done": "✓",
     "received": "✉",
     "succeeded": "✓",

@@ -14,7 +14,7 @@ import pytest
 
 from tests.app.test_events_live import api  # noqa: F401 (the live `runyard api` fixture)
 from tests.conftest import ROOT, make_token, wait_for
-from tests.workers.test_runs import python_agent, run
+from tests.workers.test_runs import python_agent, run, script_agent
 
 pytestmark = pytest.mark.worker
 
@@ -256,3 +256,36 @@ def test_the_agent_page_compares_two_versions(page, base, live_client, live_org)
     assert page.locator("pre.diff .diff-add").count() >= 1
     assert page.locator("pre.diff .diff-del").count() >= 1
     shot(page, "agent")
+
+
+def test_a_durable_execution_shows_its_wait_then_its_journal(page, base, live_client, live_org):
+    """The page follows a parent through `waiting` to its end without a reload, and lists its
+    journal with links to its children; a child links back to its parent."""
+    python_agent(live_client, live_org, "double", "double")
+    python_agent(live_client, live_org, "waiter", "waits_for_event")
+    script_agent(
+        live_client,
+        live_org,
+        "gatherer",
+        "def main(input, ctx):\n"
+        "    outs = ctx.wait([ctx.start('double', {'n': n}) for n in range(3)])\n"
+        "    ctx.run('waiter', {'event': 'page.go'})\n"
+        "    return {'outs': outs}\n",
+    )
+    execution_id = run(live_client, live_org, "gatherer", {})
+    sign_in(page, base, live_org.token)
+    page.goto(f"{base}/ui/executions/{execution_id}")
+    page.wait_for_selector("#live .big .status-waiting", timeout=20_000)
+    page.wait_for_selector("#journal >> text=waiter", timeout=20_000)
+    shot(page, "execution-waiting")
+    response = live_client.post(
+        "/api/v1/events", json={"name": "page.go", "data": {}}, headers=live_org.headers
+    )
+    assert response.status_code == 202
+    page.wait_for_selector("#live .big .status-succeeded", timeout=20_000)
+    journal = page.inner_text("#journal")
+    assert "4 durable calls" in journal and "4 children" in journal
+    shot(page, "execution-durable")
+    page.click("#journal >> text=waiter")
+    page.wait_for_selector("text=child of", timeout=10_000)
+    assert execution_id in page.content()
