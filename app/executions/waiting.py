@@ -245,11 +245,16 @@ def unfinished_descendants(conn: Connection, ids: list[uuid.UUID]) -> list[uuid.
     return [row[0] for row in driver(conn).execute(_UNFINISHED_DESCENDANTS, {"ids": ids})]
 
 
+# Driven by the children (ix_executions_parent_execution_id holds only them): a backlog of
+# plain executions costs this nothing.
 _ORPHANS = """
-    SELECT c.id, c.org_id FROM executions c JOIN executions p ON p.id = c.parent_execution_id
-    WHERE c.status IN ('queued', 'running', 'waiting') AND c.cancel_requested_at IS NULL
-      AND p.status IN ('succeeded', 'failed', 'timed_out', 'cancelled')
-      AND p.cancel_requested_at IS NOT NULL
+    SELECT c.id, c.org_id FROM executions c
+    WHERE c.parent_execution_id IS NOT NULL
+      AND c.status IN ('queued', 'running', 'waiting') AND c.cancel_requested_at IS NULL
+      AND EXISTS (
+          SELECT 1 FROM executions p
+          WHERE p.id = c.parent_execution_id AND p.cancel_requested_at IS NOT NULL
+            AND p.status IN ('succeeded', 'failed', 'timed_out', 'cancelled'))
     LIMIT %(batch)s
 """
 
