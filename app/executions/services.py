@@ -514,6 +514,7 @@ def cancel(
         # worker records the cancel and moves the chain on itself.)
         move_chains_on([done.chain_execution_id])
     if done is not None:
+        _wake_parent(done)
         move_chains_on(cancel_descendants(principal.org_id, [done.id]))
     execution = get(session, principal, execution_id)
     if done is None:
@@ -536,6 +537,14 @@ def cancel_descendants(org_id: uuid.UUID, parent_ids: list[uuid.UUID]) -> list[u
     return _cancel_each([(child_id, org_id) for child_id in children])
 
 
+def _wake_parent(done: Any) -> None:
+    """A child that ended here may have woken its waiting parent (the journal trigger queued
+    it unpublished): publish it now rather than at the sweeper's next look."""
+    if done.ended and done.parent_execution_id is not None:
+        with db.hot() as conn:
+            waiting.publish_parent(conn, done.parent_execution_id)
+
+
 def cancel_orphans() -> int:
     """Beat: cancel the unfinished children of cancelled parents that a cascade missed (the
     API process stopped halfway through); how many."""
@@ -556,6 +565,8 @@ def _cancel_each(executions: list[tuple[uuid.UUID, uuid.UUID]]) -> list[uuid.UUI
                     gates.lock(conn, org_id)
                     released = gates.release(conn, org_id)
             gates.publish(conn, released.let_out)
+        if done is not None:
+            _wake_parent(done)
         if done is not None and done.ended and done.chain_execution_id is not None:
             chains.append(done.chain_execution_id)
     return chains

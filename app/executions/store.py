@@ -429,13 +429,13 @@ _CANCEL = text(
         waiting_for = NULL, wake_at = NULL, awaiting = NULL, resuming = false
     WHERE id = :id AND org_id = :org_id AND status IN ('queued', 'running', 'waiting')
     RETURNING id, chain_execution_id, status = 'cancelled' AS ended, gated, org_id, agent_id,
-              agent_name, """
+              agent_name, parent_execution_id, """
     + notify_if_watched()
     + """
     ), notified AS ("""
     # A queued execution that ends here has its event (app/outbox.py), delivered by beat's poll.
     + outbox.execution_fanout("changed", "'execution.cancelled'", where="changed.ended")
-    + ") SELECT id, chain_execution_id, ended, gated, agent_name FROM changed"
+    + ") SELECT id, chain_execution_id, ended, gated, agent_name, parent_execution_id FROM changed"
 ).bindparams(bindparam("error", type_=JSONB))
 
 

@@ -431,3 +431,17 @@ def test_an_event_of_one_organization_resumes_nothing_of_another(
     assert get(live_client, live_org, execution_id)["status"] == "waiting"
     cancel = live_client.post(f"/api/v1/executions/{execution_id}/cancel", headers=live_org.headers)
     assert cancel.status_code == 202
+
+
+def test_a_child_cancelled_over_the_api_wakes_its_parent_at_once(live_client, live_org):
+    python_agent(live_client, live_org, "sleepy", "wait_for_cancel")
+    python_agent(live_client, live_org, "runner", "run_child")
+    parent = run(live_client, live_org, "runner", {"child": "sleepy", "catch": True})
+    wait_status(live_client, live_org, parent, "waiting")
+    (child,) = get(live_client, live_org, parent)["children"]
+    cancelled = time.monotonic()
+    response = live_client.post(f"/api/v1/executions/{child}/cancel", headers=live_org.headers)
+    assert response.status_code == 202
+    result = wait_for(live_client, live_org, parent, timeout=20)
+    assert time.monotonic() - cancelled < 10  # not left for the sweeper's 30 s grace
+    assert result["output"]["failed"]["status"] == "cancelled"
