@@ -72,6 +72,7 @@ def build_app(config: Config | None = None) -> Flask:
     from app.audit.routes import blp as audit_blp
     from app.catalog.routes import blp as catalog_blp
     from app.chains.routes import blp as chains_blp
+    from app.documents.routes import blp as documents_blp
     from app.executions.routes import blp as executions_blp
     from app.fleet.routes import blp as fleet_blp
     from app.flow.routes import blp as flow_blp
@@ -98,6 +99,7 @@ def build_app(config: Config | None = None) -> Flask:
         stats_blp,
         audit_blp,
         catalog_blp,
+        documents_blp,
     ):
         api.register_blueprint(blueprint)
     http.install(app, api)
@@ -105,7 +107,7 @@ def build_app(config: Config | None = None) -> Flask:
     from app.console.pages import bp as console_bp
 
     app.register_blueprint(console_bp)
-    app.wsgi_app = http.ChunkedBodyLimit(app.wsgi_app, cfg.max_body_bytes)
+    app.wsgi_app = http.ChunkedBodyLimit(app.wsgi_app, cfg.max_body_bytes, http.raw_bodies(app))
     app.teardown_appcontext(http.close_request_session)
     _operational_routes(app)
     # Imported here, not at the top: prometheus_client fixes its (multiprocess) mode on import,

@@ -150,6 +150,11 @@ class Config:
     # Secrets at rest (app/secrets/crypto.py): base64 32-byte keys; the first encrypts, all
     # decrypt.
     secret_keys: tuple[str, ...] = ()
+    # Documents (app/documents): the largest upload, and where their bytes live: in PostgreSQL
+    # (None, the default) or as files named by id in this directory, shared by the API and
+    # every worker.
+    max_document_mb: int = 20
+    documents_path: Path | None = None
 
     @classmethod
     def from_env(cls) -> Config:
@@ -230,7 +235,12 @@ class Config:
             metrics_max_agents=_int("RUNYARD_METRICS_MAX_AGENTS", cls.metrics_max_agents),
             **_credential_settings(cls),
             **_console_settings(cls),
+            **_document_settings(cls),
         )
+
+    @property
+    def max_document_bytes(self) -> int:
+        return self.max_document_mb * 1024 * 1024
 
     def allows_module(self, module: str) -> bool:
         """May a `python` agent's entrypoint name this module (RUNYARD_AGENT_MODULES)?"""
@@ -259,6 +269,14 @@ def _console_settings(cls: type[Config]) -> dict[str, object]:
         "ui_session_hours": _positive_float("RUNYARD_UI_SESSION_HOURS", cls.ui_session_hours),
         "flower_url": os.environ.get("RUNYARD_FLOWER_URL", ""),
     }
+
+
+def _document_settings(cls: type[Config]) -> dict[str, object]:
+    max_mb = _int("RUNYARD_MAX_DOCUMENT_MB", cls.max_document_mb)
+    if max_mb < 1:
+        raise ValueError(f"RUNYARD_MAX_DOCUMENT_MB must be 1 or more, got {max_mb}")
+    path = os.environ.get("RUNYARD_DOCUMENTS_PATH", "").strip()
+    return {"max_document_mb": max_mb, "documents_path": Path(path) if path else None}
 
 
 # (environment variable, default, meaning): the README's configuration table.
@@ -488,6 +506,19 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "unset (`runyard up`: a key made in .runyard/secret-keys)",
         "comma-separated AES-256 keys (base64 of 32 bytes) for secrets at rest: the first "
         "encrypts, all decrypt; set the same list on the API and every worker",
+    ),
+    (
+        "RUNYARD_MAX_DOCUMENT_MB",
+        "20",
+        "largest document `POST /api/v1/documents` takes, in MiB (larger answers 413); the "
+        "request body limit of that route only",
+    ),
+    (
+        "RUNYARD_DOCUMENTS_PATH",
+        "unset: documents' bytes in PostgreSQL",
+        "a directory shared by the API and every worker (a volume or NFS mount) where "
+        "documents' bytes are kept as files named by id, instead of in PostgreSQL: for large "
+        "files; set the same path everywhere",
     ),
     (
         "RUNYARD_UI_SESSION_HOURS",

@@ -4,6 +4,7 @@ from app.agents.models import Agent, AgentVersion
 from app.chains.models import Chain, ChainExecution, ChainVersion
 from app.console.models import UiSession
 from app.db import Base
+from app.documents.models import Document, ExecutionDocument
 from app.executions.models import Execution, ExecutionLog
 from app.idempotency.models import IdempotencyKey
 from app.notifications.models import Notification, NotificationEvent
@@ -29,7 +30,9 @@ __all__ = [
     "Chain",
     "ChainExecution",
     "ChainVersion",
+    "Document",
     "Execution",
+    "ExecutionDocument",
     "ExecutionLog",
     "ExecutionTotal",
     "IdempotencyKey",
