@@ -21,6 +21,7 @@ from app.agents.lookup import CatalogRef
 from app.agents.models import Agent
 from app.audit import services as audit
 from app.db import db, driver, page
+from app.documents import services as attachments
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.executions import entries, gates, store
 from app.executions import logs as log_lines
@@ -53,9 +54,11 @@ def submit(
     priority: int = DEFAULT_PRIORITY,
     rerun_of: uuid.UUID | None = None,
     traceparent: str | None = None,
+    documents: list[uuid.UUID] | None = None,
 ) -> dict[str, Any]:
     """Store and queue one execution (a rerun names the execution it reruns in `rerun_of`; a
-    CatalogRef, another organization's public agent: the execution is the caller's)."""
+    CatalogRef, another organization's public agent: the execution is the caller's).
+    `documents`: the organization's documents to hand it, linked in the same transaction."""
     principal.require("executions:submit")
     execution_id = uuid.uuid4()
     released = gates.Released()
@@ -89,7 +92,10 @@ def submit(
             conn, principal.org_id, spec, [(execution_id, payload)], insert_row, released
         )
 
-    with quotas.admitted(principal.org_id, executions=1) as conn:
+    with (
+        quotas.admitted(principal.org_id, executions=1) as conn,
+        attachments.attaching(conn, principal.org_id, {execution_id: documents or []}) as handed,
+    ):
         target, spec, (queued_at, waiting_for) = insert_for_target(
             conn, principal, ref, version, insert
         )
@@ -104,7 +110,7 @@ def submit(
             None if execution_id in let_out else released.reasons.get(execution_id, waiting_for)
         )
     gates.publish_after_commit(released.let_out)
-    return _accepted(
+    accepted = _accepted(
         principal,
         execution_id,
         target,
@@ -116,6 +122,8 @@ def submit(
         rerun_of,
         traceparent,
     )
+    accepted["documents"] = handed.get(execution_id, [])
+    return accepted
 
 
 def _accepted(
@@ -217,9 +225,10 @@ def submit_batch(
     version: str | None = None,
     traceparent: str | None = None,
 ) -> list[uuid.UUID]:
-    """Store and queue one execution per item (`input`, `priority`), all or none: one invalid
-    input refuses the whole batch (422 keyed /items/<i>/input/...). Published in bulk, after
-    the commit, by the dispatcher; items held back wait in PostgreSQL (app/executions/gates.py)."""
+    """Store and queue one execution per item (`input`, `priority`, `documents`), all or none:
+    one invalid input refuses the whole batch (422 keyed /items/<i>/input/...). Published in
+    bulk, after the commit, by the dispatcher; items held back wait in PostgreSQL
+    (app/executions/gates.py)."""
     principal.require("executions:submit")
     rows = [entries.BatchRow(uuid.uuid4(), item["priority"], item["input"]) for item in items]
     released = gates.Released()
@@ -232,7 +241,11 @@ def submit_batch(
             "execution.submit_batch", "agent", spec.agent_id, spec.agent_name, created
         )
 
-    with quotas.admitted(principal.org_id, executions=len(rows)) as conn:
+    handed = {row.id: item.get("documents") or [] for row, item in zip(rows, items, strict=True)}
+    with (
+        quotas.admitted(principal.org_id, executions=len(rows)) as conn,
+        attachments.attaching(conn, principal.org_id, handed, attachments.batch_pointer),
+    ):
         stored = store_batch(
             conn, principal, ref, version, rows, released, traceparent=traceparent, audited=audited
         )
