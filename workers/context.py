@@ -10,10 +10,12 @@ import math
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from app import storable
 from app.executions.spec import LEVELS
+from workers.context_documents import Document, DocumentSource, HandedDocuments, HandedFiles
 
 
 class LogLines(Protocol):
@@ -104,6 +106,7 @@ class Context:
         check_cancel: Callable[[], bool],
         progress: ProgressSink | None = None,
         traceparent: str | None = None,
+        documents: DocumentSource | None = None,
     ) -> None:
         self.execution_id = str(execution_id)
         self.attempt = attempt
@@ -116,6 +119,8 @@ class Context:
         self._check_cancel = check_cancel
         self._cancelled = False
         self._checked_at = 0.0
+        # Read on first use only (workers/context_documents.py).
+        self._documents = HandedDocuments(documents)
 
     def cancelled(self) -> bool:
         """True once a cancel was asked; asks the database at most every CANCEL_CHECK_SECONDS."""
@@ -137,6 +142,20 @@ class Context:
         self.log.flush_if_due()
         if self._progress is not None:
             self._progress.flush_if_due()
+
+    @property
+    def documents(self) -> list[dict[str, Any]]:
+        """The documents the execution was handed: `[{"id", "name", "content_type", "size"}]`
+        in the submit's order (read from the database on first use)."""
+        return self._documents.listed()
+
+    def document(self, document_id: str) -> Document:
+        """One of ctx.documents, to `.read()` (bytes) or `.text()`; LookupError for another."""
+        return self._documents.open(document_id)
+
+    def write_documents(self, directory: Path) -> HandedFiles:
+        """The documents as files in `directory`, for a child process (script, command)."""
+        return self._documents.write_files(directory)
 
     def mark_cancelled(self) -> None:
         """The watchdog saw the cancel request: no need to ask the database again."""

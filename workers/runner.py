@@ -22,6 +22,7 @@ from app.secrets.services import SecretsMissing
 from workers import secret_refs, settle
 from workers.attempt import AttemptDatabase
 from workers.context import AgentLog, Context
+from workers.documents import DocumentLoader
 from workers.lease import lease_keeper
 from workers.logbuffer import LogBuffer
 from workers.progress import ProgressReporter
@@ -96,6 +97,7 @@ def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
         check_cancel=CancelCheck(database, execution_id),
         progress=progress,
         traceparent=claimed.traceparent,
+        documents=DocumentLoader(database, execution_id),
     )
     try:
         if unresolved is not None:

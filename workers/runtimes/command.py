@@ -9,7 +9,8 @@ Progress (ctx.progress of the other runtimes): a line on stdout or stderr that s
 `runyard:progress ` followed by a fraction from 0 to 1 and, optionally, a message
 (`runyard:progress 0.25 parsed the input`). Such a line is progress, not a log line; a
 malformed one is logged at warning with what is wrong with it. TRACEPARENT carries the
-execution's W3C trace context, when it has one.
+execution's W3C trace context, when it has one. RUNYARD_DOCUMENTS_DIR names a directory
+holding the documents the execution was handed, one file each, under its name made safe.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
 
     with tempfile.TemporaryDirectory(prefix="runyard-command-") as workdir:
         output_path = Path(workdir) / "output.json"
+        handed = ctx.write_documents(Path(workdir) / "documents")
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "LANG": "C.UTF-8",
@@ -84,6 +86,7 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
             "RUNYARD_EXECUTION_ID": ctx.execution_id,
             "RUNYARD_ATTEMPT": str(ctx.attempt),
             **trace_env(ctx),
+            **handed.env,
         }
         run = run_child(
             argv,

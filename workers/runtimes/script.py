@@ -59,6 +59,7 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
     ).encode()
     control_read, control_write = os.pipe()
     with tempfile.TemporaryDirectory(prefix="runyard-script-") as workdir:
+        handed = ctx.write_documents(Path(workdir) / "documents")
         run = run_child(
             # -I: isolated from the worker's environment; -u: prints reach us line by line,
             # in order with ctx.log (-I makes Python ignore PYTHONUNBUFFERED).
@@ -69,9 +70,10 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
                 "HOME": workdir,
                 "RUNYARD_CONTROL_FD": str(control_write),
                 **trace_env(ctx),
+                **handed.env,
             },
             cwd=workdir,
-            stdin=request,
+            stdin=handed.added_to(request),
             spec=spec,
             ctx=ctx,
             logs=logs,
