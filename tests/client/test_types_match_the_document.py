@@ -17,6 +17,8 @@ MIRRORS = {
     "Progress": "Progress",
     "Agent": "Agent",
     "Execution": "Execution",
+    "Document": "Document",
+    "AttachedDocument": "AttachedDocument",
     "LogLine": "LogLine",
     "Chain": "Chain",
     "ChainExecution": "ChainExecution",

@@ -76,6 +76,7 @@ class World:
     secret: dict
     token: dict
     org_name: str
+    document: dict
 
     def values_for(self, route: Route, by: str = "name") -> dict[str, str]:
         """Path values naming this world's objects (by name or by id where a route takes
@@ -98,6 +99,7 @@ class World:
             # The world's agent is private: the catalog runs it for us (our own), and to another
             # organization has no such agent (a 404), as for any object of ours it names.
             "catalog": {"org": self.org_name, "agent": self.agent["name"]},
+            "documents": {"document_id": self.document["id"]},
         }
         return by_segment[route.rule.removeprefix("/api/v1").split("/")[1]]
 
@@ -175,6 +177,7 @@ def build_world(client, org) -> World:
         client.post("/api/v1/tokens", json={"name": "reader", "role": "viewer"}, headers=headers),
         201,
     )
+    document = _created(upload_document(client, org), 201)
     return World(
         agent,
         execution,
@@ -187,6 +190,17 @@ def build_world(client, org) -> World:
         secret,
         token,
         org.name,
+        document,
+    )
+
+
+def upload_document(client, org, headers=None):
+    """A document upload: its body is a file, not JSON (tests/hostile/test_bodies.py RAW)."""
+    return client.post(
+        "/api/v1/documents",
+        query_string={"name": "notes.txt"},
+        data=b"some notes\n",
+        headers={**(headers or org.headers), "Content-Type": "text/plain"},
     )
 
 

@@ -52,6 +52,24 @@ class CreatedBy(TypedDict):
     token_name: str
 
 
+class AttachedDocument(TypedDict, total=False):
+    """A document as an execution lists it (and as ctx.documents shows it)."""
+
+    id: str
+    name: str
+    content_type: str
+    size: int
+
+
+class Document(TypedDict, total=False):
+    id: str
+    name: str
+    content_type: str
+    size: int
+    sha256: str
+    created_at: str
+
+
 class Execution(TypedDict, total=False):
     id: str
     agent_id: str
@@ -74,6 +92,8 @@ class Execution(TypedDict, total=False):
     resource_usage: dict[str, Any] | None
     traceparent: str | None
     created_by: CreatedBy | None
+    # On a submit's answer and GET /executions/{id}; absent from lists.
+    documents: list[AttachedDocument]
 
 
 class LogLine(TypedDict, total=False):
