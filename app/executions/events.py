@@ -38,6 +38,7 @@ from sqlalchemy import select
 
 from app.config import current_config
 from app.db import db, driver
+from app.documents import services as documents
 from app.errors import Unavailable
 from app.executions import store
 from app.executions.logs import line as line_entry
@@ -355,7 +356,7 @@ def execution_events(
                 shown, sent = state, True
                 yield sse("status", state)
             if row["status"] in TERMINAL_STATUSES:
-                yield sse("end", execution_schema.dump(present(row)))
+                yield sse("end", execution_schema.dump(_as_read(row)))
                 return
             if sent:
                 last_sent = time.monotonic()
@@ -364,6 +365,12 @@ def execution_events(
                 yield KEEPALIVE
 
     return produce
+
+
+def _as_read(row: Any) -> dict[str, Any]:
+    """The execution as GET /executions/{id} shows it, with its documents."""
+    with db.hot() as conn:
+        return {**present(row), "documents": documents.attached(conn, row["id"])}
 
 
 def _read(

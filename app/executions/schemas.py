@@ -119,8 +119,8 @@ class ExecutionSchema(Schema):
         fields.Nested(AttachedDocumentSchema),
         metadata={
             "description": "the documents the execution was handed, in the submit's order "
-            "(empty when none); on GET /executions/{id} and a submit's answer only, not on "
-            "lists (one more read per execution)"
+            "(empty when none); on GET /executions/{id}, a submit's answer and the event "
+            "stream's `end`, not on lists (one more read per execution)"
         },
     )
 
