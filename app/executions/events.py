@@ -38,13 +38,12 @@ from sqlalchemy import select
 
 from app.config import current_config
 from app.db import db, driver
-from app.documents import services as documents
 from app.errors import Unavailable
 from app.executions import store
 from app.executions.logs import line as line_entry
 from app.executions.models import Execution, ExecutionLog
 from app.executions.schemas import ExecutionSchema, LogLineSchema
-from app.executions.services import present, shown_waiting_for
+from app.executions.services import present_in_full, shown_waiting_for
 from app.executions.spec import TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
@@ -356,7 +355,9 @@ def execution_events(
                 shown, sent = state, True
                 yield sse("status", state)
             if row["status"] in TERMINAL_STATUSES:
-                yield sse("end", execution_schema.dump(_as_read(row)))
+                with db.hot() as conn:
+                    shown_in_full = present_in_full(conn, row)
+                yield sse("end", execution_schema.dump(shown_in_full))
                 return
             if sent:
                 last_sent = time.monotonic()
@@ -365,12 +366,6 @@ def execution_events(
                 yield KEEPALIVE
 
     return produce
-
-
-def _as_read(row: Any) -> dict[str, Any]:
-    """The execution as GET /executions/{id} shows it, with its documents."""
-    with db.hot() as conn:
-        return {**present(row), "documents": documents.attached(conn, row["id"])}
 
 
 def _read(

@@ -2,7 +2,6 @@ from flask import Response, request
 from flask.views import MethodView
 
 from app.chains import progress
-from app.documents import services as documents
 from app.executions import events, logs, reruns, services
 from app.executions.schemas import (
     AttemptSchema,
@@ -136,10 +135,7 @@ class ExecutionById(MethodView):
         """Read an execution, with the documents it was handed"""
         session = request_session()
         execution = services.get(session, current_principal(), execution_id)
-        return {
-            **services.present(execution),
-            "documents": documents.attached(session, execution.id),
-        }
+        return services.present_in_full(session, execution)
 
 
 @blp.route("/executions/<execution_id>/cancel")

@@ -119,8 +119,9 @@ class ExecutionSchema(Schema):
         fields.Nested(AttachedDocumentSchema),
         metadata={
             "description": "the documents the execution was handed, in the submit's order "
-            "(empty when none); on GET /executions/{id}, a submit's answer and the event "
-            "stream's `end`, not on lists (one more read per execution)"
+            "(empty when none); on GET /executions/{id} and where an execution is shown as "
+            "GET shows it (a submit's answer, the event stream's `end`, a notification's "
+            "`data`), not on lists (one more read per execution)"
         },
     )
 

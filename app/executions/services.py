@@ -357,6 +357,14 @@ def present(row: Mapping[str, Any] | Execution) -> dict[str, Any]:
     }
 
 
+def present_in_full(conn: Connection | Session, row: Mapping[str, Any] | Execution) -> dict:
+    """One execution as GET /executions/{id} shows it (also its stream's `end` and its
+    notifications): `present`, and the documents it was handed (one indexed read; lists leave
+    them out)."""
+    execution_id = row["id"] if isinstance(row, Mapping) else row.id
+    return {**present(row), "documents": attachments.attached(conn, execution_id)}
+
+
 def _parse_id(execution_id: str | uuid.UUID) -> uuid.UUID:
     try:
         return execution_id if isinstance(execution_id, uuid.UUID) else uuid.UUID(execution_id)

@@ -92,7 +92,7 @@ class Execution(TypedDict, total=False):
     resource_usage: dict[str, Any] | None
     traceparent: str | None
     created_by: CreatedBy | None
-    # On a submit's answer, GET /executions/{id} and a stream's `end`; absent from lists.
+    # Where an execution is shown as GET /executions/{id} shows it; absent from lists.
     documents: list[AttachedDocument]
 
 
