@@ -68,10 +68,31 @@ def build_app(config: Config | None = None) -> Flask:
         },
     )
     api = http.RunyardApi(app)
+    _register_blueprints(api)
+    http.install(app, api)
+    # The console's pages (/ui/): a plain Flask blueprint, outside the API's spec.
+    from app.console.pages import bp as console_bp
+
+    app.register_blueprint(console_bp)
+    app.wsgi_app = http.ChunkedBodyLimit(app.wsgi_app, cfg.max_body_bytes, http.raw_bodies(app))
+    app.teardown_appcontext(http.close_request_session)
+    _operational_routes(app)
+    # Imported here, not at the top: prometheus_client fixes its (multiprocess) mode on import,
+    # and `runyard api` sets PROMETHEUS_MULTIPROC_DIR only after this package is loaded.
+    from app import metrics
+
+    metrics.install(app)
+    return app
+
+
+def _register_blueprints(api: http.RunyardApi) -> None:
+    """The API's blueprints, in the order the OpenAPI document lists them (imported here, as
+    the console's are: the routes import the services, which take the configuration)."""
     from app.agents.routes import blp as agents_blp
     from app.audit.routes import blp as audit_blp
     from app.catalog.routes import blp as catalog_blp
     from app.chains.routes import blp as chains_blp
+    from app.documents.routes import blp as documents_blp
     from app.events.routes import blp as events_blp
     from app.executions.routes import blp as executions_blp
     from app.fleet.routes import blp as fleet_blp
@@ -102,22 +123,9 @@ def build_app(config: Config | None = None) -> Flask:
         audit_blp,
         catalog_blp,
         state_blp,
+        documents_blp,
     ):
         api.register_blueprint(blueprint)
-    http.install(app, api)
-    # The console's pages (/ui/): a plain Flask blueprint, outside the API's spec.
-    from app.console.pages import bp as console_bp
-
-    app.register_blueprint(console_bp)
-    app.wsgi_app = http.ChunkedBodyLimit(app.wsgi_app, cfg.max_body_bytes)
-    app.teardown_appcontext(http.close_request_session)
-    _operational_routes(app)
-    # Imported here, not at the top: prometheus_client fixes its (multiprocess) mode on import,
-    # and `runyard api` sets PROMETHEUS_MULTIPROC_DIR only after this package is loaded.
-    from app import metrics
-
-    metrics.install(app)
-    return app
 
 
 READY_HINTS = {

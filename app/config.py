@@ -155,6 +155,11 @@ class Config:
     # Secrets at rest (app/secrets/crypto.py): base64 32-byte keys; the first encrypts, all
     # decrypt.
     secret_keys: tuple[str, ...] = ()
+    # Documents (app/documents): the largest upload, and where their bytes live: in PostgreSQL
+    # (None, the default) or as files named by id in this directory, shared by the API and
+    # every worker.
+    max_document_mb: int = 20
+    documents_path: Path | None = None
 
     @classmethod
     def from_env(cls) -> Config:
@@ -193,7 +198,6 @@ class Config:
             retention_interval_seconds=_float(
                 "RUNYARD_RETENTION_INTERVAL_SECONDS", cls.retention_interval_seconds
             ),
-            event_retention_days=_int("RUNYARD_EVENT_RETENTION_DAYS", cls.event_retention_days),
             log_search_max_days=_int("RUNYARD_LOG_SEARCH_MAX_DAYS", cls.log_search_max_days),
             child_max_file_mb=_int("RUNYARD_CHILD_MAX_FILE_MB", cls.child_max_file_mb),
             child_max_processes=_int("RUNYARD_CHILD_MAX_PROCESSES", cls.child_max_processes),
@@ -203,15 +207,8 @@ class Config:
             ),
             api_host=os.environ.get("RUNYARD_API_HOST", cls.api_host),
             api_port=_int("RUNYARD_API_PORT", cls.api_port),
-            api_url=os.environ.get("RUNYARD_API_URL", cls.api_url),
             api_workers=_int("RUNYARD_API_WORKERS", cls.api_workers),
             api_threads=_int("RUNYARD_API_THREADS", cls.api_threads),
-            max_streams_per_process=_int(
-                "RUNYARD_MAX_STREAMS_PER_PROCESS", cls.max_streams_per_process
-            ),
-            stream_keepalive_seconds=_positive_float(
-                "RUNYARD_STREAM_KEEPALIVE_SECONDS", cls.stream_keepalive_seconds
-            ),
             flower_port=_int("RUNYARD_FLOWER_PORT", cls.flower_port),
             worker_concurrency=_int("RUNYARD_WORKER_CONCURRENCY", 0),
             http_allow_hosts=_list("RUNYARD_HTTP_ALLOW_HOSTS", ""),
@@ -237,12 +234,18 @@ class Config:
             metrics_max_agents=_int("RUNYARD_METRICS_MAX_AGENTS", cls.metrics_max_agents),
             **_credential_settings(cls),
             **_console_settings(cls),
+            **_agents_together_settings(cls),
+            **_document_settings(cls),
         )
 
     @property
     def agents_api_url(self) -> str:
         """The API's URL handed to agents (RUNYARD_API_URL in a command's environment)."""
         return (self.api_url or f"http://{self.api_host}:{self.api_port}").rstrip("/")
+
+    @property
+    def max_document_bytes(self) -> int:
+        return self.max_document_mb * 1024 * 1024
 
     def allows_module(self, module: str) -> bool:
         """May a `python` agent's entrypoint name this module (RUNYARD_AGENT_MODULES)?"""
@@ -267,10 +270,34 @@ def _credential_settings(cls: type[Config]) -> dict[str, object]:
 
 
 def _console_settings(cls: type[Config]) -> dict[str, object]:
+    """The console's, and the live event streams' it shares with the API."""
     return {
+        "max_streams_per_process": _int(
+            "RUNYARD_MAX_STREAMS_PER_PROCESS", cls.max_streams_per_process
+        ),
+        "stream_keepalive_seconds": _positive_float(
+            "RUNYARD_STREAM_KEEPALIVE_SECONDS", cls.stream_keepalive_seconds
+        ),
         "ui_session_hours": _positive_float("RUNYARD_UI_SESSION_HOURS", cls.ui_session_hours),
         "flower_url": os.environ.get("RUNYARD_FLOWER_URL", ""),
     }
+
+
+def _agents_together_settings(cls: type[Config]) -> dict[str, object]:
+    """Durable agents' surroundings: where their execution token reaches the API, how long
+    events are kept."""
+    return {
+        "api_url": os.environ.get("RUNYARD_API_URL", cls.api_url),
+        "event_retention_days": _int("RUNYARD_EVENT_RETENTION_DAYS", cls.event_retention_days),
+    }
+
+
+def _document_settings(cls: type[Config]) -> dict[str, object]:
+    max_mb = _int("RUNYARD_MAX_DOCUMENT_MB", cls.max_document_mb)
+    if max_mb < 1:
+        raise ValueError(f"RUNYARD_MAX_DOCUMENT_MB must be 1 or more, got {max_mb}")
+    path = os.environ.get("RUNYARD_DOCUMENTS_PATH", "").strip()
+    return {"max_document_mb": max_mb, "documents_path": Path(path) if path else None}
 
 
 # (environment variable, default, meaning): the README's configuration table.
@@ -513,6 +540,19 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "unset (`runyard up`: a key made in .runyard/secret-keys)",
         "comma-separated AES-256 keys (base64 of 32 bytes) for secrets at rest: the first "
         "encrypts, all decrypt; set the same list on the API and every worker",
+    ),
+    (
+        "RUNYARD_MAX_DOCUMENT_MB",
+        "20",
+        "largest document `POST /api/v1/documents` takes, in MiB (larger answers 413); the "
+        "request body limit of that route only",
+    ),
+    (
+        "RUNYARD_DOCUMENTS_PATH",
+        "unset: documents' bytes in PostgreSQL",
+        "a directory shared by the API and every worker (a volume or NFS mount) where "
+        "documents' bytes are kept as files named by id, instead of in PostgreSQL: for large "
+        "files; set the same path everywhere",
     ),
     (
         "RUNYARD_UI_SESSION_HOURS",

@@ -8,6 +8,7 @@ import logging
 import re
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -181,6 +182,24 @@ def _default_message(error: HTTPException, errors: dict) -> str:
     return error.description or error.name
 
 
+@dataclass(frozen=True)
+class RawBody:
+    """A route whose body is a file (any media type, not JSON; a document upload): read up to
+    `max_bytes()` instead of RUNYARD_MAX_BODY_BYTES, and not checked as JSON. Past the limit
+    it answers 413 with `too_large(size)` (size None when the body is chunked)."""
+
+    max_bytes: Callable[[], int]
+    too_large: Callable[[int | None], RunyardError]
+
+
+RAW_BODIES = "runyard_raw_bodies"
+
+
+def raw_bodies(app: Flask) -> dict[tuple[str, str], RawBody]:
+    """(method, path) -> RawBody: the routes that take a file as their body."""
+    return app.extensions.setdefault(RAW_BODIES, {})
+
+
 def install(app: Flask, api: RunyardApi) -> None:
     # Before-request hooks run in the order they are installed: the token first (an idempotency
     # key belongs to the caller's organization), then the body checks, then the key (a refused
@@ -219,7 +238,9 @@ def _install_request_origin(app: Flask) -> None:
 
 
 def _install_request_checks(app: Flask) -> None:
-    """Who calls (the token), and what a body may be (JSON, text PostgreSQL can store)."""
+    """Who calls (the token), and what a body may be (JSON, text PostgreSQL can store; a file
+    on a RawBody route)."""
+    files = raw_bodies(app)
 
     @app.before_request
     def require_token():
@@ -230,6 +251,15 @@ def _install_request_checks(app: Flask) -> None:
     @app.before_request
     def require_json_body():
         if request.method not in BODY_METHODS or not request.path.startswith("/api/v1"):
+            return
+        raw = files.get((request.method, request.path))
+        if raw is not None:
+            # A file: its own limit (set before anything reads the body), any media type.
+            max_bytes = raw.max_bytes()
+            if (request.content_length or 0) > max_bytes:
+                raise raw.too_large(request.content_length)
+            request.max_content_length = max_bytes
+            g.raw_body = True
             return
         chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
         if ((request.content_length or 0) > 0 or chunked) and not request.is_json:
@@ -253,8 +283,10 @@ def _install_request_checks(app: Flask) -> None:
             for name, value in parameters
             if isinstance(value, str) and (found := storable.problem(value))
         }
-        if request.method in BODY_METHODS and storable.may_hold_unstorable(
-            request.get_data(cache=True)
+        if (
+            request.method in BODY_METHODS
+            and not g.get("raw_body")
+            and storable.may_hold_unstorable(request.get_data(cache=True))
         ):
             problems.update(storable.document_problems(request.get_json(silent=True)))
         storable.refuse(problems)
@@ -412,23 +444,31 @@ class ChunkedBodyLimit:
 
     Werkzeug applies MAX_CONTENT_LENGTH to a chunked body by cutting it at the limit without a
     word, which then reads as malformed JSON (400). Read such a body here instead, up to one
-    byte past the limit, and hand the application a plain, sized body.
+    byte past the limit (a RawBody route's own), and hand the application a plain, sized body.
     """
 
-    def __init__(self, wsgi_app, max_bytes: int) -> None:
+    def __init__(
+        self, wsgi_app, max_bytes: int, raw: dict[tuple[str, str], RawBody] | None = None
+    ) -> None:
         self.wsgi_app = wsgi_app
         self.max_bytes = max_bytes
+        self.raw = raw if raw is not None else {}
 
     def __call__(self, environ, start_response):
         if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-            body = environ["wsgi.input"].read(self.max_bytes + 1)
-            if len(body) > self.max_bytes:
+            raw = self.raw.get((environ.get("REQUEST_METHOD"), environ.get("PATH_INFO")))
+            max_bytes = self.max_bytes if raw is None else raw.max_bytes()
+            body = environ["wsgi.input"].read(max_bytes + 1)
+            if len(body) > max_bytes:
+                refused = None if raw is None else raw.too_large(None)
                 payload = json.dumps(
                     _body(
                         413,
                         "Request Entity Too Large",
-                        "request body too large (RUNYARD_MAX_BODY_BYTES)",
-                        hint=HTTP_HINTS[413],
+                        refused.message
+                        if refused
+                        else "request body too large (RUNYARD_MAX_BODY_BYTES)",
+                        hint=refused.hint if refused else HTTP_HINTS[413],
                     )
                 ).encode()
                 start_response(

@@ -4,6 +4,7 @@ from app.agents.models import Agent, AgentVersion
 from app.chains.models import Chain, ChainExecution, ChainVersion
 from app.console.models import UiSession
 from app.db import Base
+from app.documents.models import Document, ExecutionDocument
 from app.events.models import Event
 from app.executions.models import Execution, ExecutionLog, ExecutionToken, JournalEntry
 from app.idempotency.models import IdempotencyKey
@@ -32,8 +33,10 @@ __all__ = [
     "Chain",
     "ChainExecution",
     "ChainVersion",
+    "Document",
     "Event",
     "Execution",
+    "ExecutionDocument",
     "ExecutionLog",
     "ExecutionToken",
     "ExecutionTotal",

@@ -119,3 +119,33 @@ def ticket_digest(payload: dict[str, Any], ctx) -> dict[str, Any]:
         ctx.state.set("cursor", cursor)
     ctx.log.info("digest", new=len(new), cursor=cursor)
     return {"new": len(new), "cursor": cursor}
+
+
+@runyard_client.agent(
+    "document-word-count",
+    description='Words in each document attached to the submit ("documents": [ids])',
+    input_schema={"type": "object", "properties": {"top": {"type": "integer", "minimum": 1}}},
+    output_schema={
+        "type": "object",
+        "required": ["documents"],
+        "properties": {
+            "documents": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name", "words"],
+                    "properties": {"name": {"type": "string"}, "words": {"type": "integer"}},
+                },
+            }
+        },
+    },
+    timeout_seconds=60,
+    tags=["documents", "example"],
+)
+def document_word_count(payload: dict[str, Any], ctx) -> dict[str, Any]:
+    """Reads each attached document as text (ctx.document(id).text()) and counts its words."""
+    counted = []
+    for document in ctx.documents:
+        text = ctx.document(document["id"]).text()
+        counted.append({"name": document["name"], "words": len(text.split())})
+    return {"documents": counted}

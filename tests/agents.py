@@ -240,3 +240,22 @@ def counter(payload, ctx):
             return {"count": value + 1}
         except StateConflict:
             continue
+
+
+def read_documents(payload, ctx):
+    """Returns what ctx.documents lists, the sha256 of each document's bytes, the first one's
+    text, and what ctx.document says of an id the execution was not handed."""
+    import hashlib
+
+    listed = ctx.documents
+    try:
+        ctx.document("00000000-0000-0000-0000-000000000000")
+        refused = None
+    except LookupError as exc:
+        refused = str(exc)
+    return {
+        "documents": listed,
+        "sha256": [hashlib.sha256(ctx.document(d["id"]).read()).hexdigest() for d in listed],
+        "text": ctx.document(listed[0]["id"]).text() if listed else None,
+        "refused": refused,
+    }

@@ -52,6 +52,8 @@ def test_only_the_store_and_the_sweepers_leases_write_executions():
         "app/executions/entries.py",
         "app/executions/leases.py",
         "app/executions/gates.py",
+        # A durable execution's wait and wake (the status `waiting`).
+        "app/executions/waiting.py",
     }
     writers = {
         str(path.relative_to(ROOT))

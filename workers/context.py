@@ -10,11 +10,13 @@ import math
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from app import storable
 from app.errors import StateConflict
 from app.executions.spec import LEVELS
+from workers.context_documents import Document, DocumentSource, HandedDocuments, HandedFiles
 
 # Agents import the exceptions of durable calls from here: ChildFailed, StateConflict.
 __all__ = ["ChildFailed", "Context", "Nondeterministic", "StateConflict", "Suspended"]
@@ -168,6 +170,7 @@ class Context:
         durable: DurableCalls | None = None,
         state: Any = None,
         issue_token: Callable[[], str] | None = None,
+        documents: DocumentSource | None = None,
     ) -> None:
         self.execution_id = str(execution_id)
         self.attempt = attempt
@@ -185,6 +188,8 @@ class Context:
         self.state = state
         self._issue_token = issue_token
         self._token: str | None = None
+        # Read on first use only (workers/context_documents.py).
+        self._documents = HandedDocuments(documents)
 
     def cancelled(self) -> bool:
         """True once a cancel was asked; asks the database at most every CANCEL_CHECK_SECONDS."""
@@ -206,6 +211,20 @@ class Context:
         self.log.flush_if_due()
         if self._progress is not None:
             self._progress.flush_if_due()
+
+    @property
+    def documents(self) -> list[dict[str, Any]]:
+        """The documents the execution was handed: `[{"id", "name", "content_type", "size"}]`
+        in the submit's order (read from the database on first use)."""
+        return self._documents.listed()
+
+    def document(self, document_id: str) -> Document:
+        """One of ctx.documents, to `.read()` (bytes) or `.text()`; LookupError for another."""
+        return self._documents.open(document_id)
+
+    def write_documents(self, directory: Path) -> HandedFiles:
+        """The documents as files in `directory`, for a child process (script, command)."""
+        return self._documents.write_files(directory)
 
     def mark_cancelled(self) -> None:
         """The watchdog saw the cancel request: no need to ask the database again."""

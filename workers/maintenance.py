@@ -47,8 +47,7 @@ from app.chains import retention as chain_retention
 from app.config import current_config
 from app.db import db
 from app.events import services as events
-from app.executions import gates, recovery, store, waiting
-from app.executions import services as executions
+from app.executions import cancels, gates, recovery, store, waiting
 from app.idempotency import services as idempotency
 from app.notifications import delivery
 from app.stats import tally
@@ -113,7 +112,7 @@ def _durable_tick() -> None:
         woken = waiting.wake_due(conn)
     if woken:
         log.debug("durable: woke %d waiting executions", len(woken))
-    orphans = executions.cancel_orphans()
+    orphans = cancels.cancel_orphans()
     if orphans:
         log.warning("durable: cancelled %d children of cancelled parents", orphans)
 

@@ -23,6 +23,7 @@ from workers import secret_refs, settle
 from workers.agent_state import AgentState
 from workers.attempt import AttemptDatabase
 from workers.context import AgentLog, Context
+from workers.documents import DocumentLoader
 from workers.durable import Journal
 from workers.lease import lease_keeper
 from workers.logbuffer import LogBuffer
@@ -102,6 +103,7 @@ def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
         # The execution's organization: a catalog run keeps its own state, apart from the owner's.
         state=AgentState(database.connection, claimed.org_id, spec.agent_id),
         issue_token=lambda: _issue_token(database, claimed),
+        documents=DocumentLoader(database, execution_id),
     )
     try:
         if unresolved is not None:

@@ -67,4 +67,5 @@ class CatalogRun(MethodView):
             version=data.get("version"),
             priority=data["priority"],
             traceparent=parse_traceparent(request.headers.get("traceparent")),
+            documents=data.get("documents"),
         )

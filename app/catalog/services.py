@@ -89,8 +89,10 @@ def run(
     version: str | None = None,
     priority: int = DEFAULT_PRIORITY,
     traceparent: str | None = None,
+    documents: list[Any] | None = None,
 ) -> dict[str, Any]:
-    """Run another organization's public agent as the caller's own execution."""
+    """Run another organization's public agent as the caller's own execution (handed the
+    caller's `documents`)."""
     return executions.submit(
         principal,
         CatalogRef(org=org, name=agent),
@@ -98,4 +100,5 @@ def run(
         version=version,
         priority=priority,
         traceparent=traceparent,
+        documents=documents,
     )

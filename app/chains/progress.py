@@ -31,8 +31,7 @@ from app.chains.plans import plans
 from app.config import current_config
 from app.db import db, driver
 from app.errors import Conflict
-from app.executions import services as executions
-from app.executions import store
+from app.executions import cancels, store
 from app.executions.spec import TERMINAL_STATUSES, error_body
 from app.orgs.services import Principal
 
@@ -504,7 +503,7 @@ def request_cancel(
     if conn.execute(_CANCEL_CHAIN, params).first() is None:
         return
     live = conn.execute(_LIVE_STEPS, {"id": chain_execution_id}).scalars().all()
-    executions.request_cancel(conn, org_id, list(live), "cancelled with its chain")
+    cancels.request_cancel(conn, org_id, list(live), "cancelled with its chain")
 
 
 def cancel(session: Session, principal: Principal, chain_execution_id: str) -> ChainExecution:
@@ -547,7 +546,7 @@ def cancel(session: Session, principal: Principal, chain_execution_id: str) -> C
         )
     for execution_id in live:
         with contextlib.suppress(Conflict):  # it finished meanwhile
-            executions.cancel(
+            cancels.cancel(
                 session,
                 principal,
                 str(execution_id),

@@ -12,7 +12,7 @@ from app.chains import progress
 from app.config import current_config
 from app.console import auth, sessions, views
 from app.errors import NotFound, RunyardError
-from app.executions import reruns
+from app.executions import cancels, reruns
 from app.executions import services as executions
 from app.executions.models import STATUSES
 from app.flow import services as flow
@@ -177,7 +177,7 @@ def execution_live(execution_id: str):
 
 @bp.post("/executions/<execution_id>/cancel")
 def execution_cancel(execution_id: str):
-    executions.cancel(
+    cancels.cancel(
         request_session(), auth.principal(), execution_id, move_chains_on=progress.move_on
     )
     return redirect(url_for("console.execution_page", execution_id=execution_id), 303)

@@ -43,7 +43,7 @@ from app.executions import store
 from app.executions.logs import line as line_entry
 from app.executions.models import Execution, ExecutionLog
 from app.executions.schemas import ExecutionSchema, LogLineSchema
-from app.executions.services import present, shown_waiting_for
+from app.executions.services import present_in_full, shown_waiting_for
 from app.executions.spec import TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,9 @@ def execution_events(
                 shown, sent = state, True
                 yield sse("status", state)
             if row["status"] in TERMINAL_STATUSES:
-                yield sse("end", execution_schema.dump(present(row)))
+                with db.hot() as conn:
+                    shown_in_full = present_in_full(conn, row)
+                yield sse("end", execution_schema.dump(shown_in_full))
                 return
             if sent:
                 last_sent = time.monotonic()

@@ -3,7 +3,7 @@ from flask.views import MethodView
 
 from app.chains import progress
 from app.durable import children
-from app.executions import events, logs, reruns, services
+from app.executions import cancels, events, logs, reruns, services
 from app.executions.schemas import (
     AttemptSchema,
     BatchSchema,
@@ -48,6 +48,11 @@ class Submit(MethodView):
         description="the agent is archived, or its concurrency key is full and its "
         "concurrency.on_limit is reject: nothing stored",
     )
+    @blp.alt_response(
+        422,
+        description="the input fails the input schema, or `documents` names one that is not "
+        "the organization's (keyed /documents/<n>): nothing stored",
+    )
     @blp.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)
     def post(self, data, ref):
         """Run an agent: the execution is stored, queued and answered at once
@@ -68,6 +73,7 @@ class Submit(MethodView):
             version=data.get("version"),
             priority=data["priority"],
             traceparent=_traceparent(),
+            documents=data.get("documents"),
         )
 
 
@@ -84,8 +90,9 @@ class SubmitBatch(MethodView):
     )
     @blp.alt_response(
         422,
-        description="an item's input fails the input schema, or the batch is larger than "
-        "max_queued: nothing stored",
+        description="an item's input fails the input schema, an item's `documents` names one "
+        "that is not the organization's (keyed /items/<i>/documents/<n>), or the batch is "
+        "larger than max_queued: nothing stored",
     )
     @blp.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)
     def post(self, data, ref):
@@ -132,8 +139,10 @@ class ExecutionById(MethodView):
     @blp.response(200, ExecutionSchema())
     @blp.alt_response(404, description="no such execution in your organization")
     def get(self, execution_id):
-        """Read an execution"""
-        return services.present(services.get(request_session(), current_principal(), execution_id))
+        """Read an execution, with the documents it was handed"""
+        session = request_session()
+        execution = services.get(session, current_principal(), execution_id)
+        return services.present_in_full(session, execution)
 
 
 @blp.route("/executions/<execution_id>/cancel")
@@ -144,7 +153,7 @@ class Cancel(MethodView):
     @blp.alt_response(409, description="the execution has finished")
     def post(self, execution_id):
         """Cancel: a queued execution never starts, a running one is asked to stop"""
-        cancelled = services.cancel(
+        cancelled = cancels.cancel(
             request_session(),
             current_principal(),
             execution_id,

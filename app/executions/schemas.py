@@ -3,6 +3,7 @@ import datetime as dt
 from marshmallow import EXCLUDE, Schema, fields, validate
 
 from app.audit.schemas import created_by_field
+from app.documents.schemas import AttachedDocumentSchema, documents_field
 from app.executions.spec import JOURNAL_KINDS, LEVELS, LIMIT_WAITS, STATUSES, TERMINAL_STATUSES
 
 
@@ -19,11 +20,13 @@ class SubmitSchema(Schema):
     input = fields.Dict(required=True, metadata={"description": "checked against input_schema"})
     version = fields.String(metadata={"description": "pin a version; default: the current one"})
     priority = priority_field("0..9, higher runs first")
+    documents = documents_field()
 
 
 class BatchItemSchema(Schema):
     input = fields.Dict(required=True, metadata={"description": "checked against input_schema"})
     priority = priority_field("0..9, higher runs first")
+    documents = documents_field()
 
 
 class BatchSubmitSchema(Schema):
@@ -120,6 +123,15 @@ class ExecutionSchema(Schema):
         },
     )
     created_by = created_by_field()
+    documents = fields.List(
+        fields.Nested(AttachedDocumentSchema),
+        metadata={
+            "description": "the documents the execution was handed, in the submit's order "
+            "(empty when none); on GET /executions/{id} and where an execution is shown as "
+            "GET shows it (a submit's answer, the event stream's `end`, a notification's "
+            "`data`), not on lists (one more read per execution)"
+        },
+    )
 
 
 class AttemptSchema(Schema):

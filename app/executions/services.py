@@ -21,8 +21,9 @@ from app.agents.lookup import CatalogRef
 from app.agents.models import Agent
 from app.audit import services as audit
 from app.db import db, driver, page
-from app.errors import Conflict, NotFound, ValidationFailed
-from app.executions import entries, gates, store, waiting
+from app.documents import services as attachments
+from app.errors import NotFound, ValidationFailed
+from app.executions import entries, gates
 from app.executions import logs as log_lines
 from app.executions.dispatch import Dispatch, dispatcher
 from app.executions.models import Execution, ExecutionAttempt, ExecutionLog, JournalEntry
@@ -53,9 +54,11 @@ def submit(
     priority: int = DEFAULT_PRIORITY,
     rerun_of: uuid.UUID | None = None,
     traceparent: str | None = None,
+    documents: list[uuid.UUID] | None = None,
 ) -> dict[str, Any]:
     """Store and queue one execution (a rerun names the execution it reruns in `rerun_of`; a
-    CatalogRef, another organization's public agent: the execution is the caller's)."""
+    CatalogRef, another organization's public agent: the execution is the caller's).
+    `documents`: the organization's documents to hand it, linked in the same transaction."""
     principal.require("executions:submit")
     execution_id = uuid.uuid4()
     released = gates.Released()
@@ -89,7 +92,10 @@ def submit(
             conn, principal.org_id, spec, [(execution_id, payload)], insert_row, released
         )
 
-    with quotas.admitted(principal.org_id, executions=1) as conn:
+    with (
+        quotas.admitted(principal.org_id, executions=1) as conn,
+        attachments.attaching(conn, principal.org_id, {execution_id: documents or []}) as handed,
+    ):
         target, spec, (queued_at, waiting_for) = insert_for_target(
             conn, principal, ref, version, insert
         )
@@ -104,7 +110,7 @@ def submit(
             None if execution_id in let_out else released.reasons.get(execution_id, waiting_for)
         )
     gates.publish_after_commit(released.let_out)
-    return _accepted(
+    accepted = _accepted(
         principal,
         execution_id,
         target,
@@ -116,6 +122,8 @@ def submit(
         rerun_of,
         traceparent,
     )
+    accepted["documents"] = handed.get(execution_id, [])
+    return accepted
 
 
 def _accepted(
@@ -219,9 +227,10 @@ def submit_batch(
     version: str | None = None,
     traceparent: str | None = None,
 ) -> list[uuid.UUID]:
-    """Store and queue one execution per item (`input`, `priority`), all or none: one invalid
-    input refuses the whole batch (422 keyed /items/<i>/input/...). Published in bulk, after
-    the commit, by the dispatcher; items held back wait in PostgreSQL (app/executions/gates.py)."""
+    """Store and queue one execution per item (`input`, `priority`, `documents`), all or none:
+    one invalid input refuses the whole batch (422 keyed /items/<i>/input/...). Published in
+    bulk, after the commit, by the dispatcher; items held back wait in PostgreSQL
+    (app/executions/gates.py)."""
     principal.require("executions:submit")
     rows = [entries.BatchRow(uuid.uuid4(), item["priority"], item["input"]) for item in items]
     released = gates.Released()
@@ -234,7 +243,11 @@ def submit_batch(
             "execution.submit_batch", "agent", spec.agent_id, spec.agent_name, created
         )
 
-    with quotas.admitted(principal.org_id, executions=len(rows)) as conn:
+    handed = {row.id: item.get("documents") or [] for row, item in zip(rows, items, strict=True)}
+    with (
+        quotas.admitted(principal.org_id, executions=len(rows)) as conn,
+        attachments.attaching(conn, principal.org_id, handed, attachments.batch_pointer),
+    ):
         stored = store_batch(
             conn, principal, ref, version, rows, released, traceparent=traceparent, audited=audited
         )
@@ -348,7 +361,15 @@ def present(row: Mapping[str, Any] | Execution) -> dict[str, Any]:
     }
 
 
-def _parse_id(execution_id: str | uuid.UUID) -> uuid.UUID:
+def present_in_full(conn: Connection | Session, row: Mapping[str, Any] | Execution) -> dict:
+    """One execution as GET /executions/{id} shows it (also its stream's `end` and its
+    notifications): `present`, and the documents it was handed (one indexed read; lists leave
+    them out)."""
+    execution_id = row["id"] if isinstance(row, Mapping) else row.id
+    return {**present(row), "documents": attachments.attached(conn, execution_id)}
+
+
+def parse_id(execution_id: str | uuid.UUID) -> uuid.UUID:
     try:
         return execution_id if isinstance(execution_id, uuid.UUID) else uuid.UUID(execution_id)
     except ValueError as exc:
@@ -358,7 +379,7 @@ def _parse_id(execution_id: str | uuid.UUID) -> uuid.UUID:
 def get(session: Session, principal: Principal, execution_id: str | uuid.UUID) -> Execution:
     found = session.scalar(
         select(Execution).where(
-            Execution.id == _parse_id(execution_id), Execution.org_id == principal.org_id
+            Execution.id == parse_id(execution_id), Execution.org_id == principal.org_id
         )
     )
     if found is None:
@@ -469,113 +490,3 @@ def attempts(session: Session, principal: Principal, execution_id: str) -> list[
             }
         )
     return listed
-
-
-# ---------------------------------------------------------------------------------------------
-# Cancelling
-
-
-# Called with the chain executions of steps that a cancel ended before any worker ran them: no
-# worker records their end, so the caller (the layer that knows chains) moves those chains on.
-ChainsMoveOn = Callable[[list[uuid.UUID]], None]
-
-
-def cancel(
-    session: Session,
-    principal: Principal,
-    execution_id: str,
-    *,
-    move_chains_on: ChainsMoveOn,
-    reason: str = "cancelled before it started",
-    audited: bool = True,
-) -> Execution:
-    """Cancel is a row change, so it holds across restarts: a queued execution's claim then
-    finds nothing to take (the message is dropped), and a running one's worker sees the request
-    within CANCEL_CHECK_SECONDS and stops it (workers/runtimes/child.py, workers/watchdog.py).
-
-    No Celery revoke is sent: it would add nothing the claim does not already guarantee, and
-    its broadcast retries without bound while the broker is away, which would hang the cancel.
-    `audited`: False when the cancel is part of another audited change (its chain's cancel)."""
-    principal.require("executions:cancel")
-    with db.begin() as conn:
-        done = store.cancel(conn, principal.org_id, _parse_id(execution_id), reason)
-        if done is not None and audited:
-            audit.record(
-                conn,
-                audit.Actor.of(principal),
-                audit.Change("execution.cancel", "execution", done.id, done.agent_name),
-            )
-        if done is not None and done.ended and done.gated:
-            # It may have been let out to run: its slot goes to the next one waiting.
-            released = gates.released_in_transaction(conn, principal.org_id)
-            gates.publish_after_commit(released.let_out)
-    if done is not None and done.ended and done.chain_execution_id is not None:
-        # No worker records this step's end: its chain moves on from here. (A running step's
-        # worker records the cancel and moves the chain on itself.)
-        move_chains_on([done.chain_execution_id])
-    if done is not None:
-        _wake_parent(done)
-        move_chains_on(cancel_descendants(principal.org_id, [done.id]))
-    execution = get(session, principal, execution_id)
-    if done is None:
-        raise Conflict(
-            f"execution {execution.id} has finished ({execution.status}); nothing to cancel",
-            hint=f"GET /api/v1/executions/{execution.id} shows how it ended",
-        )
-    session.refresh(execution)
-    return execution
-
-
-def cancel_descendants(org_id: uuid.UUID, parent_ids: list[uuid.UUID]) -> list[uuid.UUID]:
-    """Cancel the unfinished children (and theirs) of cancelled executions, each in a
-    transaction of its own after the parent's committed: a child's end locks its parent's row
-    (the journal trigger), so ending them in the parent's transaction could deadlock with a
-    child's worker. The sweeper finishes a cascade cut short (`cancel_orphans`). Returns the
-    chain executions of chain steps that ended here, for the caller to move on."""
-    with db.hot() as conn:
-        children = waiting.unfinished_descendants(conn, parent_ids)
-    return _cancel_each([(child_id, org_id) for child_id in children])
-
-
-def _wake_parent(done: Any) -> None:
-    """A child that ended here may have woken its waiting parent (the journal trigger queued
-    it unpublished): publish it now rather than at the sweeper's next look."""
-    if done.ended and done.parent_execution_id is not None:
-        with db.hot() as conn:
-            waiting.publish_parent(conn, done.parent_execution_id)
-
-
-def cancel_orphans() -> int:
-    """Beat: cancel the unfinished children of cancelled parents that a cascade missed (the
-    API process stopped halfway through); how many."""
-    with db.hot() as conn:
-        orphans = waiting.orphans_of_cancelled(conn)
-    _cancel_each([(row[0], row[1]) for row in orphans])
-    return len(orphans)
-
-
-def _cancel_each(executions: list[tuple[uuid.UUID, uuid.UUID]]) -> list[uuid.UUID]:
-    chains: list[uuid.UUID] = []
-    for execution_id, org_id in executions:
-        with db.hot() as conn:
-            released = gates.Released()
-            with driver(conn).transaction():
-                done = store.cancel(conn, org_id, execution_id, "cancelled with its parent")
-                if done is not None and done.ended and done.gated:
-                    gates.lock(conn, org_id)
-                    released = gates.release(conn, org_id)
-            gates.publish(conn, released.let_out)
-        if done is not None:
-            _wake_parent(done)
-        if done is not None and done.ended and done.chain_execution_id is not None:
-            chains.append(done.chain_execution_id)
-    return chains
-
-
-def request_cancel(
-    conn: Connection, org_id: uuid.UUID, execution_ids: list[uuid.UUID], message: str
-) -> None:
-    """Cancel from inside a caller's transaction (a schedule's overlap policy cancel_other):
-    the same row changes as `cancel`, for executions that have not finished."""
-    for execution_id in execution_ids:
-        store.cancel(conn, org_id, execution_id, message)

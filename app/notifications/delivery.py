@@ -162,7 +162,7 @@ def _data_of(session: Session, event_type: str, subject_id: uuid.UUID | None) ->
     if kind == "execution":
         execution = session.get(Execution, subject_id)
         if execution is not None:
-            return ExecutionSchema().dump(executions.present(execution))
+            return ExecutionSchema().dump(executions.present_in_full(session, execution))
     elif kind == "chain":
         chain_execution = session.get(ChainExecution, subject_id)
         if chain_execution is not None:

@@ -39,7 +39,7 @@ from app.chains import progress
 from app.db import db, utcnow
 from app.db import driver as db_driver
 from app.errors import RunyardError
-from app.executions import services as executions
+from app.executions import cancels
 from app.executions.spec import TERMINAL_STATUSES
 from app.executions.versions import specs
 from app.flow import quotas
@@ -226,7 +226,7 @@ def _write(conn: Connection, planner: _Planner) -> runs.Launched:
             if is_chain:
                 progress.request_cancel(conn, org_id, previous, message)
             else:
-                executions.request_cancel(conn, org_id, [previous], message)
+                cancels.request_cancel(conn, org_id, [previous], message)
     updates = batch.updates
     for update in updates:
         if update["last_execution_id"] not in inserted:

@@ -1,7 +1,7 @@
 """events sent to an organization, and triggers that start a target on an event
 
 Revision ID: 0022_events
-Revises: 0020_agent_state
+Revises: 0021_documents
 Create Date: 2026-12-08 09:00:00.000000
 
 `events` keeps what POST /api/v1/events accepted: what it resumed and started, and a
@@ -20,7 +20,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0022_events"
-down_revision = "0020_agent_state"
+down_revision = "0021_documents"
 branch_labels = None
 depends_on = None
 

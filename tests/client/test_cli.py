@@ -74,6 +74,7 @@ def test_apply_the_examples_twice_makes_no_new_version_then_dry_run_and_prune(cl
 def test_sync_registers_the_declared_agents_once(cli):
     first = as_json(cli("agents", "sync", "--module", "runyard_examples", "--json"))
     assert {c["name"]: c["action"] for c in first} == {
+        "document-word-count": "created",
         "refund-approval": "created",
         "summarize-ticket": "created",
         "summarize-tickets": "created",

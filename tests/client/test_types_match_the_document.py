@@ -18,6 +18,8 @@ MIRRORS = {
     "Agent": "Agent",
     "Execution": "Execution",
     "JournalEntry": "JournalEntry",
+    "Document": "Document",
+    "AttachedDocument": "AttachedDocument",
     "LogLine": "LogLine",
     "Chain": "Chain",
     "ChainExecution": "ChainExecution",

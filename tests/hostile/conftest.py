@@ -77,7 +77,8 @@ class World:
     token: dict
     org_name: str
     # An event sent to POST /api/v1/events (with a sender's id).
-    sent_event: dict | None = None
+    sent_event: dict
+    document: dict
 
     def values_for(self, route: Route, by: str = "name") -> dict[str, str]:
         """Path values naming this world's objects (by name or by id where a route takes
@@ -102,6 +103,7 @@ class World:
             # The world's agent is private: the catalog runs it for us (our own), and to another
             # organization has no such agent (a 404), as for any object of ours it names.
             "catalog": {"org": self.org_name, "agent": self.agent["name"]},
+            "documents": {"document_id": self.document["id"]},
         }
         return by_segment[route.rule.removeprefix("/api/v1").split("/")[1]]
 
@@ -200,6 +202,7 @@ def build_world(client, org) -> World:
         ),
         202,
     )
+    document = _created(upload_document(client, org), 201)
     return World(
         agent,
         execution,
@@ -213,6 +216,17 @@ def build_world(client, org) -> World:
         token,
         org.name,
         sent_event,
+        document,
+    )
+
+
+def upload_document(client, org, headers=None):
+    """A document upload: its body is a file, not JSON (tests/hostile/test_bodies.py RAW)."""
+    return client.post(
+        "/api/v1/documents",
+        query_string={"name": "notes.txt"},
+        data=b"some notes\n",
+        headers={**(headers or org.headers), "Content-Type": "text/plain"},
     )
 
 

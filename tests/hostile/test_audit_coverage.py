@@ -9,8 +9,8 @@ from sqlalchemy import text
 
 from app.audit import services as audit
 from app.db import db
-from tests.hostile.conftest import Route, app_routes, fill
-from tests.hostile.test_bodies import HOOK, finish_world, valid_bodies
+from tests.hostile.conftest import Route, app_routes, fill, upload_document
+from tests.hostile.test_bodies import HOOK, RAW, finish_world, valid_bodies
 
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 # Acts on the world's queued execution and chain execution, before they are finished.
@@ -30,8 +30,11 @@ ACTIONS = [
     Route("/api/v1/schedules/<ref>/trigger", "POST"),
     Route("/api/v1/notifications/<notification_id>/deliveries/<event_id>/redeliver", "POST"),
 ]
+# Their body is a file, not JSON.
+UPLOADS = [Route("/api/v1/documents", "POST")]
 # Last: they take the world's objects away.
 REMOVALS = [
+    Route("/api/v1/documents/<document_id>", "DELETE"),
     Route("/api/v1/schedules/<ref>", "DELETE"),
     Route("/api/v1/triggers/<ref>", "DELETE"),
     Route("/api/v1/notifications/<notification_id>", "DELETE"),
@@ -68,6 +71,7 @@ def test_every_write_route_writes_one_event_and_the_chain_holds(app, client, org
     creates = valid_bodies(world)
     phases = [
         [route for route in creates if route not in RERUNS],
+        UPLOADS,
         ACTIONS,
         CANCELS,
         "finish",
@@ -86,12 +90,15 @@ def test_every_write_route_writes_one_event_and_the_chain_holds(app, client, org
             headers = dict(org.headers)
             if keyed and route.method == "POST":
                 headers["Idempotency-Key"] = f"audit-{id(phase)}-{number}"
-            response = client.open(
-                fill(route, world.values_for(route)),
-                method=route.method,
-                json=body,
-                headers=headers,
-            )
+            if route in RAW:
+                response = upload_document(client, org, headers)
+            else:
+                response = client.open(
+                    fill(route, world.values_for(route)),
+                    method=route.method,
+                    json=body,
+                    headers=headers,
+                )
             assert response.status_code < 300, (route, response.get_json())
             assert _head(org) == before + 1, route
     with db.session() as session:

@@ -34,6 +34,9 @@ BODYLESS = {
 HOOK = Route("/hooks/<trigger_id>", "POST")
 # The body's `id` is the sender's id of the event (its dedupe key), not a Runyard id.
 TAKES_AN_ID = {Route("/api/v1/events", "POST")}
+# Routes whose body is a file, of any media type (app/http.py RawBody): any bytes are a valid
+# body, up to a limit of their own. test_a_file_body_is_any_bytes_up_to_its_own_limit.
+RAW = {Route("/api/v1/documents", "POST")}
 # The console's forms take form fields, not JSON, and are not in the spec: tests/console and
 # tests/hostile/test_console_tenancy.py cover them.
 CONSOLE = "/ui/"
@@ -48,10 +51,11 @@ def spec_path(route: Route) -> str:
 
 
 def body_routes(app) -> list[Route]:
+    """The routes that take a JSON body."""
     return [
         route
         for route in json_routes(app)
-        if route.method in BODY_METHODS and route not in BODYLESS
+        if route.method in BODY_METHODS and route not in BODYLESS and route not in RAW
     ]
 
 
@@ -86,6 +90,41 @@ def test_oversized_body_is_413_on_every_body_route(app, client, org, world):
     big = json.dumps({"input": {"blob": "x" * (1024 * 1024 + 1)}})
     for route in body_routes(app):
         assert_error_shape(_post(client, route, world, org, big), 413)
+
+
+def test_a_file_body_is_any_bytes_up_to_its_own_limit(client, org, world):
+    """Nested JSON, NUL escapes, binary: a file is not parsed; past RUNYARD_MAX_DOCUMENT_MB
+    (not RUNYARD_MAX_BODY_BYTES) it is a 413 in the error shape."""
+    import dataclasses
+
+    from app.config import current_config, use_config
+
+    [route] = RAW
+    for data in (DEEP_ARRAYS.encode(), b'{"a": "\\u0000"}', bytes(range(256))):
+        for content_type in ("application/json", "application/octet-stream"):
+            response = client.post(
+                route.rule,
+                query_string={"name": "file"},
+                data=data,
+                headers={**org.headers, "Content-Type": content_type},
+            )
+            assert response.status_code == 201, response.get_json()
+    configured = current_config()
+    use_config(dataclasses.replace(configured, max_document_mb=2))
+    try:
+        for size, status in ((2 * 1024 * 1024 + 1, 413), (1024 * 1024 + 1, 201)):
+            response = client.post(
+                route.rule, query_string={"name": "big"}, data=b"x" * size, headers=org.headers
+            )
+            assert response.status_code == status, response.get_json()
+        assert_error_shape(
+            client.post(
+                route.rule, query_string={"name": "big"}, data=b"x" * (3 << 20), headers=org.headers
+            ),
+            413,
+        )
+    finally:
+        use_config(configured)
 
 
 def test_bodyless_routes_never_parse_what_is_sent(client, org, world):

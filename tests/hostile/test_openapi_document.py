@@ -51,6 +51,8 @@ NEW_VERSION = (r"/version", r"must be greater than every existing version|only g
 # A changelog describes a new version: a PATCH that makes none has nothing to describe.
 CHANGELOG = (r"/changelog", r"only given with a change")
 INPUT = (r"/input(/.*)?", r"")
+# The ids of documents a submit hands its execution must be the organization's.
+DOCUMENTS = (r"(/items/\d+)?/documents/\d+", r"^no document .* in your organization$")
 TARGET = (r"/target/(agent|chain)", r"no such (agent|chain) in your organization")
 # A chain's creation checks its steps against each other and against the agents they name
 # (references, unique names, agents and versions that exist, compatible schemas); every such
@@ -75,8 +77,9 @@ NOTIFICATION = [
 NOT_IN_A_SCHEMA: dict[str, list[tuple[str, str]]] = {
     "POST /api/v1/agents": AGENT_DEFINITION,
     "PATCH /api/v1/agents/{ref}": [*AGENT_DEFINITION, NEW_VERSION, CHANGELOG],
-    "POST /api/v1/agents/{ref}/executions": [INPUT],
-    "POST /api/v1/agents/{ref}/executions/batch": [(r"/items/\d+/input(/.*)?", r"")],
+    "POST /api/v1/agents/{ref}/executions": [INPUT, DOCUMENTS],
+    "POST /api/v1/agents/{ref}/executions/batch": [(r"/items/\d+/input(/.*)?", r""), DOCUMENTS],
+    "POST /api/v1/catalog/{org}/{agent}/executions": [INPUT, DOCUMENTS],
     "POST /api/v1/executions/{execution_id}/rerun": [INPUT],
     "POST /api/v1/chains": CHAIN_DEFINITION,
     "PATCH /api/v1/chains/{ref}": [*CHAIN_DEFINITION, NEW_VERSION, CHANGELOG],

@@ -89,6 +89,9 @@ OBJECT_ROUTES = {
     Route("/api/v1/events/<ref>", "GET"),
     # It names another organization's agent by design: a private one (the world's) is a 404.
     Route("/api/v1/catalog/<org>/<agent>/executions", "POST"),
+    Route("/api/v1/documents/<document_id>", "GET"),
+    Route("/api/v1/documents/<document_id>", "DELETE"),
+    Route("/api/v1/documents/<document_id>/content", "GET"),
 }
 
 
@@ -102,7 +105,10 @@ def snapshot(client, org, world) -> dict[str, object]:
     for route in sorted(OBJECT_ROUTES, key=lambda r: r.rule):
         if route.method == "GET":
             path = fill(route, world.values_for(route))
-            seen[path] = client.get(path, headers=org.headers).get_json()
+            answer = client.get(path, headers=org.headers)
+            # A document's content is its bytes (an event stream is left unread: it stays open).
+            is_bytes = answer.mimetype == "text/plain"
+            seen[path] = answer.data if is_bytes else answer.get_json()
     for path in (
         "/api/v1/agents",
         "/api/v1/executions",
@@ -114,6 +120,7 @@ def snapshot(client, org, world) -> dict[str, object]:
         "/api/v1/notifications",
         "/api/v1/secrets",
         "/api/v1/events",
+        "/api/v1/documents",
     ):
         seen[path] = client.get(path, headers=org.headers).get_json()
     return seen
@@ -161,6 +168,7 @@ def test_another_organizations_lists_show_nothing_of_ours(app, client, org, othe
         world.notification["id"],
         world.token["id"],
         world.sent_event["id"],
+        world.document["id"],
     ]
     lists = [route for route in api_routes(app) if route.method == "GET" and not route.arguments]
     assert len(lists) >= 8

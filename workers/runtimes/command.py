@@ -9,7 +9,8 @@ Progress (ctx.progress of the other runtimes): a line on stdout or stderr that s
 `runyard:progress ` followed by a fraction from 0 to 1 and, optionally, a message
 (`runyard:progress 0.25 parsed the input`). Such a line is progress, not a log line; a
 malformed one is logged at warning with what is wrong with it. TRACEPARENT carries the
-execution's W3C trace context, when it has one.
+execution's W3C trace context, when it has one. RUNYARD_DOCUMENTS_DIR names a directory
+holding the documents the execution was handed, one file each, under its name made safe.
 """
 
 from __future__ import annotations
@@ -74,20 +75,7 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
 
     with tempfile.TemporaryDirectory(prefix="runyard-command-") as workdir:
         output_path = Path(workdir) / "output.json"
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "LANG": "C.UTF-8",
-            "HOME": workdir,
-            **spec.runtime.get("env", {}),
-            # After the agent's env: schemas/agent.json reserves these names anyway.
-            "RUNYARD_OUTPUT_PATH": str(output_path),
-            "RUNYARD_EXECUTION_ID": ctx.execution_id,
-            "RUNYARD_ATTEMPT": str(ctx.attempt),
-            # The run's own token for the API (children, state, events, documents).
-            "RUNYARD_EXECUTION_TOKEN": ctx.execution_token(),
-            "RUNYARD_API_URL": cfg.agents_api_url,
-            **trace_env(ctx),
-        }
+        env = _environment(spec, ctx, Path(workdir), output_path)
         run = run_child(
             argv,
             env=env,
@@ -120,6 +108,27 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
                 outcome.error_type = "memory_limit"
             return outcome
         return _read_output(output_path, spec, cfg.max_output_bytes, outcome)
+
+
+def _environment(spec: VersionSpec, ctx: Context, workdir: Path, output: Path) -> dict[str, str]:
+    """The child's whole environment: the worker's PATH and locale, the agent's env, then what
+    Runyard hands every command (its documents written into the work directory)."""
+    handed = ctx.write_documents(workdir / "documents")
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "LANG": "C.UTF-8",
+        "HOME": str(workdir),
+        **spec.runtime.get("env", {}),
+        # After the agent's env: schemas/agent.json reserves these names anyway.
+        "RUNYARD_OUTPUT_PATH": str(output),
+        "RUNYARD_EXECUTION_ID": ctx.execution_id,
+        "RUNYARD_ATTEMPT": str(ctx.attempt),
+        # The run's own token for the API (children, state, events, documents).
+        "RUNYARD_EXECUTION_TOKEN": ctx.execution_token(),
+        "RUNYARD_API_URL": current_config().agents_api_url,
+        **trace_env(ctx),
+        **handed.env,
+    }
 
 
 PROGRESS_PREFIX = "runyard:progress "

@@ -27,48 +27,52 @@ CHILD = Path(__file__).with_name("script_child.py")
 CONTROL_LINE_MAX_BYTES = 80 * 1024 * 1024
 
 
-class _Fd:
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+class _Control:
+    """What the script says on its control channel: log lines, progress, durable calls (each
+    answered with one line on the reply pipe, whose read end the child gets), and its end."""
 
-    def close(self) -> None:
-        os.close(self.fd)
+    def __init__(self, ctx: Context, logs: LogLines) -> None:
+        self._ctx = ctx
+        self._add = logs.add
+        self.result: dict[str, Any] = {}
+        # Set when a durable call made the run wait: what it waits for.
+        self.suspended: Any = None
+        self.reply_read, self._reply_write = os.pipe()
 
-
-def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines) -> Outcome:
-    add = logs.add
-    result: dict[str, Any] = {}
-    # Durable calls (ctx.step, ctx.run, ctx.state...) go up the control channel as
-    # {"call": [op, args]}; the answer comes back as one line on this pipe.
-    reply_read, reply_write = os.pipe()
-    suspended: list[Any] = []
-
-    def answer(op: str, args: list[Any]) -> None:
-        reply, wait = ctx.answer(op, args)
-        if wait is not None:
-            suspended.append(wait)
-        data = (json.dumps(reply, default=repr) + "\n").encode()
-        while data:
-            data = data[os.write(reply_write, data) :]
-
-    def on_control(line: str) -> None:
+    def on_line(self, line: str) -> None:
         if not line:
             return
         try:
             message = json.loads(line)
             if "call" in message:
-                answer(*message["call"])
+                self._answer(*message["call"])
             elif "log" in message:
                 level, text, fields = message["log"]
-                add(int(level), str(text), fields or None)
+                self._add(int(level), str(text), fields or None)
             elif "progress" in message:
-                ctx.progress(*message["progress"])
+                self._ctx.progress(*message["progress"])
             else:
-                result.update(message)
+                self.result.update(message)
         except (ValueError, TypeError, AttributeError):
             # The script wrote on our descriptor itself: keep what it said, as a log line.
-            add(LEVELS["warning"], line)
+            self._add(LEVELS["warning"], line)
 
+    def _answer(self, op: str, args: list[Any]) -> None:
+        reply, wait = self._ctx.answer(op, args)
+        if wait is not None:
+            self.suspended = wait
+        data = (json.dumps(reply, default=repr) + "\n").encode()
+        while data:
+            data = data[os.write(self._reply_write, data) :]
+
+    def close(self) -> None:
+        os.close(self._reply_write)
+
+
+def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines) -> Outcome:
+    add = logs.add
+    channel = _Control(ctx, logs)
+    result = channel.result
     request = json.dumps(
         {
             "source": spec.runtime["source"],
@@ -83,8 +87,9 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
     control_read, control_write = os.pipe()
     with (
         tempfile.TemporaryDirectory(prefix="runyard-script-") as workdir,
-        contextlib.closing(_Fd(reply_write)),
+        contextlib.closing(channel),
     ):
+        handed = ctx.write_documents(Path(workdir) / "documents")
         run = run_child(
             # -I: isolated from the worker's environment; -u: prints reach us line by line,
             # in order with ctx.log (-I makes Python ignore PYTHONUNBUFFERED).
@@ -94,11 +99,12 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
                 "LANG": "C.UTF-8",
                 "HOME": workdir,
                 "RUNYARD_CONTROL_FD": str(control_write),
-                "RUNYARD_REPLY_FD": str(reply_read),
+                "RUNYARD_REPLY_FD": str(channel.reply_read),
                 **trace_env(ctx),
+                **handed.env,
             },
             cwd=workdir,
-            stdin=request,
+            stdin=handed.added_to(request),
             spec=spec,
             ctx=ctx,
             logs=logs,
@@ -108,19 +114,19 @@ def run(spec: VersionSpec, payload: dict[str, Any], ctx: Context, logs: LogLines
             control=(
                 control_read,
                 control_write,
-                ByteLines(on_control, max_bytes=CONTROL_LINE_MAX_BYTES),
+                ByteLines(channel.on_line, max_bytes=CONTROL_LINE_MAX_BYTES),
             ),
             # The script's ctx.cancelled() turns true on SIGUSR1; the kill follows the grace.
             cancel_signal=signal.SIGUSR1,
             child_peak_rss_mb=lambda: result.get("usage", {}).get("max_rss_kb", 0) / 1024,
-            extra_fds=(reply_read,),
+            extra_fds=(channel.reply_read,),
         )
     outcome = run.outcome
     outcome.usage = run.usage
     if outcome.error_type or outcome.cancelled:
         return outcome
-    if suspended:
-        outcome.suspended = suspended[-1]
+    if channel.suspended is not None:
+        outcome.suspended = channel.suspended
         return outcome
     if "output" in result:
         outcome.output = result["output"]

@@ -5,7 +5,9 @@ the worker's settings or secrets. Protocol: the request (source, input, ctx) arr
 stdin; JSON lines go back on the file descriptor named by RUNYARD_CONTROL_FD:
 {"log": [level, message, fields]} and {"progress": [fraction, message]}, durable calls as
 {"call": [op, args]} (each answered by one JSON line on RUNYARD_REPLY_FD), then
-{"output": ...}, {"error": {"type", "message"}} or {"suspended": true}.
+{"output": ...}, {"error": {"type", "message"}} or {"suspended": true}. The documents the
+execution was handed are files in RUNYARD_DOCUMENTS_DIR, listed in the request's `documents`
+(ctx.documents, ctx.document(id)).
 """
 
 import errno
@@ -216,6 +218,49 @@ class Ctx:
         self._send({"progress": [fraction, message]})
 
 
+class Document:
+    """What ctx.document(id) returns: `id`, `name`, `content_type`, `size`, `path` (its file in
+    RUNYARD_DOCUMENTS_DIR), and the bytes through read() or text()."""
+
+    def __init__(self, shown, path):
+        self.id = shown["id"]
+        self.name = shown["name"]
+        self.content_type = shown["content_type"]
+        self.size = shown["size"]
+        self.path = path
+
+    def read(self):
+        with open(self.path, "rb") as handle:
+            return handle.read()
+
+    def text(self, encoding="utf-8", errors="strict"):
+        return self.read().decode(encoding, errors)
+
+    def __repr__(self):
+        return f"<Document {self.id} {self.name!r} {self.content_type} {self.size} bytes>"
+
+
+def hand_documents(ctx, handed):
+    """Give the script's ctx its documents: ctx.documents (a list of {"id", "name",
+    "content_type", "size"}) and ctx.document(id)."""
+    directory = os.environ.get("RUNYARD_DOCUMENTS_DIR", "")
+    ctx.documents = [
+        {key: d[key] for key in ("id", "name", "content_type", "size")} for d in handed
+    ]
+    files = {d["id"]: Document(d, os.path.join(directory, d["file"])) for d in handed}
+
+    def document(document_id):
+        found = files.get(str(document_id))
+        if found is None:
+            raise LookupError(
+                f"no document {document_id} was handed to this execution (handed: "
+                f"{', '.join(files) or 'none'}); list them in the submit's `documents`"
+            )
+        return found
+
+    ctx.document = document
+
+
 # What run_script returns when the script gave no output: it failed, and said so already.
 NO_OUTPUT = object()
 
@@ -290,6 +335,7 @@ def main() -> None:
     signal.signal(signal.SIGUSR1, lambda *_: cancel_requests.append(True))
     replies = os.fdopen(int(os.environ["RUNYARD_REPLY_FD"]), "r", closefd=True)
     ctx = Ctx(request["ctx"], Log(send), cancel_requests, send, Calls(send, replies))
+    hand_documents(ctx, request.get("documents", []))
     output = run_script(request, ctx, send)
     if output is not NO_OUTPUT:
         send_output(control, send, output, request["max_output_bytes"])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import mimetypes
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +18,7 @@ from runyard_client.types import (
     Agent,
     Chain,
     ChainExecution,
+    Document,
     Event,
     EventAccepted,
     Execution,
@@ -55,6 +58,7 @@ class Runyard:
         self.chains = Chains(self)
         self.schedules = Schedules(self)
         self.state = State(self)
+        self.documents = Documents(self)
 
     def close(self) -> None:
         self._http.close()
@@ -76,16 +80,21 @@ class Runyard:
         params: dict[str, Any] | None = None,
         creates: bool = False,
         headers: dict[str, str] | None = None,
+        content: bytes | None = None,
+        content_type: str | None = None,
     ) -> httpx.Response:
         """One request. `creates` (a POST that makes something): a fresh Idempotency-Key, and
-        retries with that same key on connection errors, 503 and 429."""
+        retries with that same key on connection errors, 503 and 429. `content`: a raw body
+        (a document's bytes) of `content_type`, instead of `json`."""
         headers = {**(_core.idempotency_headers() if creates else {}), **(headers or {})}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
         params = {k: v for k, v in (params or {}).items() if v is not None}
         attempt = 0
         while True:
             try:
                 response = self._http.request(
-                    method, path, json=json, params=params, headers=headers
+                    method, path, json=json, params=params, headers=headers, content=content
                 )
             except httpx.TransportError as exc:
                 wait = _core.retry_wait(
@@ -133,6 +142,17 @@ class Runyard:
         """The organization's events, newest first (filters: name, since, until)."""
         return self.pages("/events", filters)
 
+    def upload_document(
+        self,
+        file: str | Path | bytes,
+        *,
+        name: str | None = None,
+        content_type: str | None = None,
+    ) -> Document:
+        """Upload a document (a path, or bytes with a `name`); hand it to executions by its id
+        (`documents=[...]` of run and submit). See Documents.upload."""
+        return self.documents.upload(file, name=name, content_type=content_type)
+
     def run(
         self,
         agent: str,
@@ -141,11 +161,12 @@ class Runyard:
         version: str | None = None,
         wait: bool = True,
         timeout: float | None = None,
+        documents: list[str] | None = None,
     ) -> Any:
         """Submit and, with `wait`, return the output once it succeeded; raise ExecutionFailed
         when it failed, timed out or was cancelled (WaitTimeout past `timeout` seconds).
-        Without `wait`, return the queued execution."""
-        execution = self.executions.submit(agent, input, version=version)
+        Without `wait`, return the queued execution. `documents`: ids of documents to hand it."""
+        execution = self.executions.submit(agent, input, version=version, documents=documents)
         if not wait:
             return execution
         done = self.executions.wait(execution["id"], timeout=timeout)
@@ -211,12 +232,15 @@ class Executions:
         *,
         version: str | None = None,
         priority: int | None = None,
+        documents: list[str] | None = None,
     ) -> Execution:
         body: dict[str, Any] = {"input": input}
         if version is not None:
             body["version"] = version
         if priority is not None:
             body["priority"] = priority
+        if documents:
+            body["documents"] = list(documents)
         return self._c.call("POST", f"/agents/{agent}/executions", json=body, creates=True)
 
     def submit_batch(
@@ -382,3 +406,54 @@ def _state_path(agent: str, key: str) -> str:
 
 def _if_match(expected_version: int | None) -> dict[str, str]:
     return {} if expected_version is None else {"If-Match": f'"{expected_version}"'}
+
+
+class Documents:
+    """Files handed to agents as context: upload once, list their ids in a submit's
+    `documents`."""
+
+    def __init__(self, client: Runyard) -> None:
+        self._c = client
+
+    def upload(
+        self,
+        file: str | Path | bytes,
+        *,
+        name: str | None = None,
+        content_type: str | None = None,
+    ) -> Document:
+        """Upload a file: a path (its name and media type guessed from it unless given), or
+        bytes (`name` required)."""
+        if isinstance(file, bytes):
+            if not name:
+                raise ValueError("name= is required when uploading bytes")
+            data = file
+        else:
+            path = Path(file)
+            data = path.read_bytes()
+            name = name or path.name
+            content_type = content_type or mimetypes.guess_type(path.name)[0]
+        return self._c.call(
+            "POST",
+            "/documents",
+            params={"name": name},
+            content=data,
+            content_type=content_type or "application/octet-stream",
+            creates=True,
+        )
+
+    def get(self, document_id: str) -> Document:
+        return self._c.call("GET", f"/documents/{document_id}")
+
+    def list(self, **filters: Any) -> Iterator[Document]:
+        """Newest first; `q`: a part of the name."""
+        return self._c.pages("/documents", filters)
+
+    def content(self, document_id: str) -> bytes:
+        response = self._c.request("GET", f"/documents/{document_id}/content")
+        _core.raise_for(response)
+        return response.content
+
+    def delete(self, document_id: str) -> None:
+        """409 (Conflict) while an execution that has not finished uses it."""
+        self._c.call("DELETE", f"/documents/{document_id}")

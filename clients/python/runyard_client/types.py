@@ -52,6 +52,24 @@ class CreatedBy(TypedDict):
     token_name: str
 
 
+class AttachedDocument(TypedDict, total=False):
+    """A document as an execution lists it (and as ctx.documents shows it)."""
+
+    id: str
+    name: str
+    content_type: str
+    size: int
+
+
+class Document(TypedDict, total=False):
+    id: str
+    name: str
+    content_type: str
+    size: int
+    sha256: str
+    created_at: str
+
+
 class Execution(TypedDict, total=False):
     id: str
     agent_id: str
@@ -76,6 +94,8 @@ class Execution(TypedDict, total=False):
     created_by: CreatedBy | None
     parent_execution_id: str | None
     children: list[str]
+    # Where an execution is shown as GET /executions/{id} shows it; absent from lists.
+    documents: list[AttachedDocument]
 
 
 class JournalEntry(TypedDict, total=False):
