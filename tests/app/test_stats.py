@@ -82,6 +82,7 @@ def test_counts_percentiles_and_last_failure_from_rollups_and_tail(client, org, 
     assert body["counts"] == {
         "queued": 1,
         "running": 0,
+        "waiting": 0,
         "succeeded": 100,
         "failed": 1,
         "timed_out": 1,
@@ -127,7 +128,7 @@ def test_an_idle_agent(client, org, connection):
     body = stats(client, org, "1h")
     assert body == {
         "window": "1h",
-        "counts": dict.fromkeys(("queued", "running", *services.FINISHED), 0),
+        "counts": dict.fromkeys(("queued", "running", "waiting", *services.FINISHED), 0),
         "success_rate": None,
         "duration_ms": {"p50": None, "p95": None, "p99": None},
         "queue_wait_ms": {"p50": None, "p95": None, "p99": None},
