@@ -308,6 +308,26 @@ class Plain(Side):
             self.app.pool.force_close_all()
 
 
+def bench_env(database_url: str, redis_url: str) -> dict[str, str]:
+    """The environment of every process a bench starts (and this one's REDIS_URL and agent
+    modules): its own servers, the bench's agent modules, no broker set elsewhere."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "RUNYARD_AGENT_MODULES": "runyard_examples,bench.plain_chain",
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
+    for name in ("RUNYARD_BROKER_URL", "RUNYARD_RESULT_BACKEND"):
+        env.pop(name, None)
+    os.environ.update(
+        {"REDIS_URL": redis_url, "RUNYARD_AGENT_MODULES": env["RUNYARD_AGENT_MODULES"]}
+    )
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40)
@@ -333,20 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         database_url = setup_database(cleanups)
         redis_url = setup_redis(cleanups)
-        env = {
-            **os.environ,
-            "DATABASE_URL": database_url,
-            "REDIS_URL": redis_url,
-            "RUNYARD_AGENT_MODULES": "runyard_examples,bench.plain_chain",
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
-            ),
-        }
-        for name in ("RUNYARD_BROKER_URL", "RUNYARD_RESULT_BACKEND"):
-            env.pop(name, None)
-        os.environ.update(
-            {"REDIS_URL": redis_url, "RUNYARD_AGENT_MODULES": env["RUNYARD_AGENT_MODULES"]}
-        )
+        env = bench_env(database_url, redis_url)
         # Both sides are up at once, on Redis databases of their own, and their chains alternate:
         # a change in the machine's load (2 shared cores) falls on both alike.
         runyard = Runyard(args, children, env, database_url)

@@ -43,6 +43,7 @@ from bench.chain import (  # noqa: E402 - after the sys.path fix above
     Plain,
     Runyard,
     Side,
+    bench_env,
     loadavg,
     setup_database,
     setup_redis,
@@ -194,20 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         database_url = setup_database(cleanups)
         redis_url = setup_redis(cleanups)
-        env = {
-            **os.environ,
-            "DATABASE_URL": database_url,
-            "REDIS_URL": redis_url,
-            "RUNYARD_AGENT_MODULES": "runyard_examples,bench.plain_chain",
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
-            ),
-        }
-        for name in ("RUNYARD_BROKER_URL", "RUNYARD_RESULT_BACKEND"):
-            env.pop(name, None)
-        os.environ.update(
-            {"REDIS_URL": redis_url, "RUNYARD_AGENT_MODULES": env["RUNYARD_AGENT_MODULES"]}
-        )
+        env = bench_env(database_url, redis_url)
         runyard = RunyardFanOut(args, children, env, database_url)
         plain = PlainChord(args, children, env, redis_url.rsplit("/", 1)[0] + "/1")
         sides: tuple[Side, ...] = (runyard, plain)
