@@ -445,3 +445,29 @@ def test_a_child_cancelled_over_the_api_wakes_its_parent_at_once(live_client, li
     result = wait_for(live_client, live_org, parent, timeout=20)
     assert time.monotonic() - cancelled < 10  # not left for the sweeper's 30 s grace
     assert result["output"]["failed"]["status"] == "cancelled"
+
+
+def test_a_durable_step_of_a_chain_waits_then_moves_its_chain_on(live_client, live_org, beat):
+    """The canvas stops at a step that waits; the step resumes as a plain execution and its end
+    carries the chain to the next step."""
+    from tests.workers.test_chains_runs import wait_chain
+
+    python_agent(live_client, live_org, "sleeper", "sleeper")
+    python_agent(live_client, live_org, "echo", "echo")
+    body = {
+        "name": "nap",
+        "steps": [
+            {"name": "nap", "agent": "sleeper", "input": {"seconds": 1}},
+            {"name": "after", "agent": "echo", "input": {"slept": "$.steps.nap.output.slept"}},
+        ],
+    }
+    response = live_client.post("/api/v1/chains", json=body, headers=live_org.headers)
+    assert response.status_code == 201, response.get_json()
+    response = live_client.post(
+        "/api/v1/chains/nap/executions", json={"input": {}}, headers=live_org.headers
+    )
+    assert response.status_code == 202, response.get_json()
+    result = wait_chain(live_client, live_org, response.get_json()["id"], timeout=30)
+    assert result["status"] == "succeeded", result
+    after = next(step for step in result["steps"] if step["name"] == "after")
+    assert get(live_client, live_org, after["execution_id"])["output"]["echo"]["slept"] >= 1
