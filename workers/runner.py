@@ -206,16 +206,17 @@ def _settle(conn, claimed: Claim, spec: VersionSpec, outcome: Outcome, buffer: L
     # The log lines a flush could not write go first: a finished execution has its whole log.
     buffer.write_pending(conn)
     if outcome.suspended is not None:
-        if not store.cancel_requested(conn, claimed.execution_id):
-            if settle.suspend(conn, claimed, outcome) is None:
-                log.warning(
-                    "execution %s attempt %d: its wait was fenced out (the row is no longer "
-                    "this attempt's)",
-                    claimed.execution_id,
-                    claimed.attempt,
-                )
+        waited = settle.suspend(conn, claimed, outcome)
+        if waited is None:
+            log.warning(
+                "execution %s attempt %d: its wait was fenced out (the row is no longer this "
+                "attempt's)",
+                claimed.execution_id,
+                claimed.attempt,
+            )
+        if waited != "cancel":
             return
-        # A cancel asked while it ran: it ends here instead of waiting.
+        # A cancel asked while it ran (seen under the row's lock): it ends instead of waiting.
         outcome = Outcome(
             error_type="cancelled",
             error_message="cancelled while it ran",

@@ -62,7 +62,8 @@ def _wake_parent(conn, claimed: Claim, status: str | None) -> None:
 
 def suspend(conn, claimed: Claim, outcome: Outcome) -> str | None:
     """A durable call made the run wait: the execution waits (or, when what it waits for
-    happened meanwhile, is queued again at once); None when fenced out."""
+    happened meanwhile, is queued again at once); None when fenced out; "cancel" when a cancel
+    was asked, for the caller to record instead."""
     return waiting.suspend(conn, claimed, outcome.suspended, outcome.usage)
 
 

@@ -42,7 +42,7 @@ _WOKEN = """
 """
 
 _LOCK_RUNNING = """
-    SELECT 1 FROM executions
+    SELECT cancel_requested_at IS NOT NULL FROM executions
     WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
     FOR UPDATE
 """
@@ -103,7 +103,8 @@ class Wait:
 def suspend(conn: Connection, claimed: Claim, wait: Wait, usage: dict) -> str | None:
     """End a run that must wait: "waiting", or "queued" when what it waits for has happened
     already (it is published again at once), or None when the row is no longer this attempt's.
-    A cancel asked meanwhile is the caller's to record: this leaves such a row running."""
+    "cancel" when a cancel was asked (read under the row's lock, so none slips in between): the
+    row is left running, for the caller to record the cancel."""
     pg = driver(conn)
     params = {
         "id": claimed.execution_id,
@@ -115,8 +116,11 @@ def suspend(conn: Connection, claimed: Claim, wait: Wait, usage: dict) -> str | 
     }
     woken: list[LetOut] = []
     with pg.transaction():
-        if pg.execute(_LOCK_RUNNING, params).fetchone() is None:
+        locked = pg.execute(_LOCK_RUNNING, params).fetchone()
+        if locked is None:
             return None
+        if locked[0]:
+            return "cancel"
         if claimed.gated:
             gates.lock(conn, claimed.org_id)
         (due,) = pg.execute(_ALREADY_DUE, params).fetchone()

@@ -471,3 +471,24 @@ def test_a_durable_step_of_a_chain_waits_then_moves_its_chain_on(live_client, li
     assert result["status"] == "succeeded", result
     after = next(step for step in result["steps"] if step["name"] == "after")
     assert get(live_client, live_org, after["execution_id"])["output"]["echo"]["slept"] >= 1
+
+
+def test_a_run_cancelled_just_before_it_would_wait_ends_cancelled(live_client, live_org, beat):
+    """A cancel asked while a durable run goes on ends it `cancelled`, whether the runtime
+    stops it first or it reaches its wait first (the suspend reads the cancel under the row's
+    lock and records it instead of waiting)."""
+    script_agent(
+        live_client,
+        live_org,
+        "late-sleeper",
+        "import time\n"
+        "def main(input, ctx):\n"
+        "    time.sleep(1.5)\n"
+        "    ctx.sleep(60)\n"
+        "    return {}\n",
+    )
+    execution_id = run(live_client, live_org, "late-sleeper", {})
+    wait_status(live_client, live_org, execution_id, "running")
+    live_client.post(f"/api/v1/executions/{execution_id}/cancel", headers=live_org.headers)
+    result = wait_for(live_client, live_org, execution_id, timeout=20)
+    assert result["status"] == "cancelled", result
