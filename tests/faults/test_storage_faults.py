@@ -92,10 +92,10 @@ def test_redis_flushed_with_executions_queued_and_dispatched(stack):
     wait_until_healthy(stack)
     broker = redis.Redis.from_url(stack.redis.url)
     ids = stack.submit_ledger(200, seconds=0.1)
-    # Ten more than the assertion below needs: the workers go on claiming between this count
-    # and the one taken after the flush.
+    # Up to the fair window (RUNYARD_FAIR_WINDOW, 32) waits published in the broker, topped up
+    # as the workers claim; the count after the flush may find a few taken meanwhile.
     wait_until(
-        lambda: stack.count(ids, "status = 'queued' AND dispatched_at IS NOT NULL") >= 40,
+        lambda: stack.count(ids, "status = 'queued' AND dispatched_at IS NOT NULL") >= 30,
         timeout=15,
     )
     injected = time.monotonic()
@@ -113,7 +113,7 @@ def test_redis_flushed_with_executions_queued_and_dispatched(stack):
         dispatched_at_fault=dispatched_at_fault,
         running_at_fault=running_at_fault,
     )
-    assert dispatched_at_fault >= 30, "the flush found no published message waiting"
+    assert dispatched_at_fault >= 20, "the flush found few published messages waiting"
     assert report.lost == 0 and report.duplicated == 0, report
     # The republished duplicates were fenced by the claim: not one execution took a second
     # attempt, and those running at the flush finished on their first.
