@@ -259,3 +259,23 @@ def read_documents(payload, ctx):
         "text": ctx.document(listed[0]["id"]).text() if listed else None,
         "refused": refused,
     }
+
+
+def retries_a_step(payload, ctx):
+    """A step whose function fails once, tried again in a loop, then a sleep (a replay)."""
+    marker = payload["marker"]
+
+    def flaky():
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            raise ValueError("first try")
+        return "second try"
+
+    while True:
+        try:
+            value = ctx.step("flaky", flaky)
+            break
+        except ValueError:
+            continue
+    ctx.sleep(1)
+    return {"value": value, "after": ctx.step("after", lambda: "done")}

@@ -136,6 +136,8 @@ class DurableCalls(Protocol):
 
     def step_record(self, seq: int, name: str, value: Any) -> Any: ...
 
+    def abandon(self, seq: int) -> None: ...
+
     def start(self, agent: str, payload: Any, version: str | None = None) -> str: ...
 
     def wait(self, ids: list[str]) -> list[Any]: ...
@@ -255,7 +257,12 @@ class Context:
         found, seq, result = self._calls().step_begin(name)
         if found:
             return result
-        return self._calls().step_record(seq, name, fn(*args))
+        try:
+            value = fn(*args)
+        except BaseException:
+            self._calls().abandon(seq)  # not recorded: a step tried again takes its number
+            raise
+        return self._calls().step_record(seq, name, value)
 
     def start(self, agent: str, input: Any, version: str | None = None) -> str:
         """Start a child execution of `agent` (name or id); its id, at once."""
@@ -315,6 +322,8 @@ class Context:
             return list(calls.step_begin(*args))
         if op == "step.record":
             return calls.step_record(*args)
+        if op == "step.abandon":
+            return calls.abandon(*args)
         if op in ("start", "wait", "sleep", "sleep_until", "wait_for_event"):
             return getattr(calls, op)(*args)
         if op.startswith("state.") and self.state is not None:

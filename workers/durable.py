@@ -62,6 +62,12 @@ class Journal:
             )
         return self._seq, found
 
+    def abandon(self, seq: int) -> None:
+        """The call numbered `seq` failed before it was recorded (a step whose function raised,
+        a child refused): the next call takes its number, as it will on a replay."""
+        if seq == self._seq and (self._entries is None or seq not in self._entries):
+            self._seq -= 1
+
     def _keep(self, entry: journal.Entry) -> journal.Entry:
         assert self._entries is not None
         self._entries[entry.seq] = entry
@@ -74,7 +80,11 @@ class Journal:
         return (True, seq, found.result) if found is not None else (False, seq, None)
 
     def step_record(self, seq: int, name: str, value: Any) -> Any:
-        value = _json_copy(value, f"the result of ctx.step({name!r})")
+        try:
+            value = _json_copy(value, f"the result of ctx.step({name!r})")
+        except TypeError:
+            self.abandon(seq)
+            raise
         with self._database.connection() as conn:
             self._keep(
                 journal.record(
@@ -98,18 +108,22 @@ class Journal:
         seq, found = self._next("child", agent)
         if found is not None:
             return str(found.child_execution_id)
-        payload = _json_copy(payload, f"the input of ctx.start({agent!r})")
-        with self._database.connection() as conn:
-            child_id = children.start(
-                conn,
-                self._claimed.org_id,
-                self._id,
-                self._claimed.attempt,
-                seq,
-                agent,
-                payload,
-                version,
-            )
+        try:
+            payload = _json_copy(payload, f"the input of ctx.start({agent!r})")
+            with self._database.connection() as conn:
+                child_id = children.start(
+                    conn,
+                    self._claimed.org_id,
+                    self._id,
+                    self._claimed.attempt,
+                    seq,
+                    agent,
+                    payload,
+                    version,
+                )
+        except Exception:
+            self.abandon(seq)
+            raise
         now = dt.datetime.now(dt.UTC)
         self._keep(journal.Entry(seq, "child", agent, "pending", None, child_id, None, now))
         return str(child_id)

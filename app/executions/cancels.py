@@ -41,6 +41,9 @@ def cancel(
     `audited`: False when the cancel is part of another audited change (its chain's cancel)."""
     principal.require("executions:cancel")
     with db.begin() as conn:
+        # The organization's flow lock first, as a finish takes it: the cancel's row lock (and
+        # a child's parent's, through the journal trigger) come after it, never before.
+        gates.lock(conn, principal.org_id)
         done = store.cancel(conn, principal.org_id, parse_id(execution_id), reason)
         if done is not None and audited:
             audit.record(
@@ -103,9 +106,9 @@ def _cancel_each(executions: list[tuple[uuid.UUID, uuid.UUID]]) -> list[uuid.UUI
         with db.hot() as conn:
             released = gates.Released()
             with driver(conn).transaction():
+                gates.lock(conn, org_id)  # before the rows, as in `cancel`
                 done = store.cancel(conn, org_id, execution_id, "cancelled with its parent")
                 if done is not None and done.ended and done.gated:
-                    gates.lock(conn, org_id)
                     released = gates.release(conn, org_id)
             gates.publish(conn, released.let_out)
         if done is not None:

@@ -190,6 +190,9 @@ class Execution(CreatedBy, Base):
     )
     depth: Mapped[int] = mapped_column(SmallInteger, server_default="0")
     resuming: Mapped[bool] = mapped_column(server_default=text("false"))
+    # Counts the wakes: with the attempt (which a resume keeps), it tells one run of the
+    # attempt from the next, and fences a stale retry of a suspend (app/executions/waiting.py).
+    resumes: Mapped[int] = mapped_column(Integer, server_default="0")
     wake_at: Mapped[dt.datetime | None]
     awaiting: Mapped[list[uuid.UUID] | None] = mapped_column(ARRAY(Uuid))
 

@@ -177,3 +177,6 @@ class Claim:
     traceparent: str | None = None
     # Set for a child of a durable agent: its end may wake the parent (app/durable/waits.py).
     parent_execution_id: uuid.UUID | None = None
+    # How many times it was woken before this claim: a resume keeps the attempt, so this tells
+    # this run from the next one of the same attempt.
+    resumes: int = 0

@@ -72,7 +72,8 @@ _CLAIM_SQL = (
     WHERE id = %(id)s AND status = 'queued' AND (waiting_for IS NULL) IS TRUE
     RETURNING attempt, version_id, input, priority,
               (SELECT coalesce(max(seq), 0) FROM execution_logs WHERE execution_id = %(id)s),
-              chain_execution_id, org_id, gated, traceparent, parent_execution_id, queue,
+              chain_execution_id, org_id, gated, traceparent, parent_execution_id, resumes,
+              queue,
               CASE WHEN """
     + _HOLDING
     + """ THEN (SELECT %(window)s::int * o.weight FROM organizations o

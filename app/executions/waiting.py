@@ -36,14 +36,15 @@ from app.executions.store import LetOut, notify_if_watched
 # What a woken row becomes. A gated one is held for the gates ('org_max_running' until the
 # gates say which limit holds it), the others go out at once.
 _WOKEN = """
-    status = 'queued', resuming = true, wake_at = NULL, awaiting = NULL,
+    status = 'queued', resuming = true, resumes = {row}.resumes + 1, wake_at = NULL,
+    awaiting = NULL,
     waiting_for = CASE WHEN {row}.gated THEN 'org_max_running' END,
     dispatched_at = CASE WHEN {row}.gated THEN NULL ELSE now() END
 """
 
 _LOCK_RUNNING = """
     SELECT cancel_requested_at IS NOT NULL FROM executions
-    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+    WHERE id = %(id)s AND attempt = %(attempt)s AND resumes = %(resumes)s AND status = 'running'
     FOR UPDATE
 """
 
@@ -65,7 +66,8 @@ _SUSPEND = """
     UPDATE executions
     SET status = 'waiting', lease_until = NULL, wake_at = %(wake_at)s,
         awaiting = %(awaiting)s, resource_usage = %(usage)s
-    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+    WHERE id = %(id)s AND attempt = %(attempt)s AND resumes = %(resumes)s
+      AND status = 'running'
     RETURNING """ + notify_if_watched()
 
 _REQUEUE = (
@@ -73,7 +75,7 @@ _REQUEUE = (
     UPDATE executions SET lease_until = NULL, resource_usage = %(usage)s, """
     + _WOKEN.format(row="executions")
     + """
-    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+    WHERE id = %(id)s AND attempt = %(attempt)s AND resumes = %(resumes)s AND status = 'running'
     RETURNING id, version_id, priority, gated, org_id, """
     + notify_if_watched()
 )
@@ -112,17 +114,20 @@ def suspend(conn: Connection, claimed: Claim, wait: Wait, usage: dict) -> str | 
         "awaiting": wait.awaiting,
         "wake_at": wait.wake_at,
         "event_seq": wait.event_seq,
+        "resumes": claimed.resumes,
         "usage": Jsonb(usage),
     }
     woken: list[LetOut] = []
     with pg.transaction():
+        if claimed.gated:
+            # The flow lock before the row's, in the order a gated child's finish takes them
+            # (flow lock, the child, then this row through the journal trigger).
+            gates.lock(conn, claimed.org_id)
         locked = pg.execute(_LOCK_RUNNING, params).fetchone()
         if locked is None:
             return None
         if locked[0]:
             return "cancel"
-        if claimed.gated:
-            gates.lock(conn, claimed.org_id)
         (due,) = pg.execute(_ALREADY_DUE, params).fetchone()
         if due:
             row = Woken(*pg.execute(_REQUEUE, params).fetchone()[:5])

@@ -33,8 +33,8 @@ BEGIN
         result = jsonb_build_object('output', NEW.output, 'error', NEW.error)
     WHERE child_execution_id = NEW.id AND status = 'pending';
     UPDATE executions p
-    SET status = 'queued', resuming = true, dispatched_at = NULL, wake_at = NULL,
-        awaiting = NULL,
+    SET status = 'queued', resuming = true, resumes = p.resumes + 1, dispatched_at = NULL,
+        wake_at = NULL, awaiting = NULL,
         -- A parent a limit applies to waits for its slot again (app/executions/gates.py).
         waiting_for = CASE WHEN p.gated THEN 'org_max_running' END
     WHERE p.id = NEW.parent_execution_id AND p.status = 'waiting'
@@ -73,6 +73,10 @@ def upgrade() -> None:
     op.add_column(
         "executions",
         sa.Column("resuming", sa.Boolean(), server_default=sa.text("false"), nullable=False),
+    )
+    op.add_column(
+        "executions",
+        sa.Column("resumes", sa.Integer(), server_default=sa.text("0"), nullable=False),
     )
     op.add_column("executions", sa.Column("wake_at", sa.DateTime(timezone=True)))
     op.add_column("executions", sa.Column("awaiting", postgresql.ARRAY(sa.Uuid())))
@@ -167,7 +171,7 @@ def downgrade() -> None:
     op.drop_table("execution_journal")
     op.drop_index("ix_executions_waiting_wake_at", table_name="executions")
     op.drop_index("ix_executions_parent_execution_id", table_name="executions")
-    for column in ("awaiting", "wake_at", "resuming", "depth"):
+    for column in ("awaiting", "wake_at", "resumes", "resuming", "depth"):
         op.drop_column("executions", column)
     op.drop_constraint(
         op.f("fk_executions_parent_execution_id_executions"), "executions", type_="foreignkey"

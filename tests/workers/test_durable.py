@@ -492,3 +492,17 @@ def test_a_run_cancelled_just_before_it_would_wait_ends_cancelled(live_client, l
     live_client.post(f"/api/v1/executions/{execution_id}/cancel", headers=live_org.headers)
     result = wait_for(live_client, live_org, execution_id, timeout=20)
     assert result["status"] == "cancelled", result
+
+
+def test_a_step_that_raised_leaves_no_gap_in_the_journal(live_client, live_org, beat, tmp_path):
+    """A failed step is not recorded and its number goes to the next call: tried again in the
+    same run, the step and the calls after it replay in order."""
+    python_agent(live_client, live_org, "retrier", "retries_a_step")
+    execution_id = run(live_client, live_org, "retrier", {"marker": str(tmp_path / "m")})
+    result = wait_for(live_client, live_org, execution_id, timeout=30)
+    assert result["status"] == "succeeded", result
+    assert result["output"] == {"value": "second try", "after": "done"}
+    entries = [
+        (e["seq"], e["kind"], e["name"]) for e in journal(live_client, live_org, execution_id)
+    ]
+    assert entries == [(1, "step", "flaky"), (2, "sleep", "sleep"), (3, "step", "after")]

@@ -59,11 +59,14 @@ class _Control:
 
     def _answer(self, op: str, args: list[Any]) -> None:
         reply, wait = self._ctx.answer(op, args)
-        if wait is not None:
+        if wait is not None and self.suspended is None:  # the first wait is the run's
             self.suspended = wait
         data = (json.dumps(reply, default=repr) + "\n").encode()
-        while data:
-            data = data[os.write(self._reply_write, data) :]
+        try:
+            while data:
+                data = data[os.write(self._reply_write, data) :]
+        except OSError:
+            pass  # the child is gone (killed, or it closed the pipe): nobody reads the answer
 
     def close(self) -> None:
         os.close(self._reply_write)

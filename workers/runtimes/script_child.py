@@ -177,7 +177,12 @@ class Ctx:
         found, seq, result = self._call("step.begin", name)
         if found:
             return result
-        return self._call("step.record", seq, name, fn(*args))
+        try:
+            value = fn(*args)
+        except BaseException:
+            self._call("step.abandon", seq)  # not recorded: a step tried again takes its number
+            raise
+        return self._call("step.record", seq, name, value)
 
     def start(self, agent, input, version=None):
         return self._call("start", agent, input, version)
