@@ -33,9 +33,9 @@ class Entry:
     at: dt.datetime
 
 
-_ENTRIES = """
-    SELECT seq, kind, name, status, result, child_execution_id, due_at, at
-    FROM execution_journal WHERE execution_id = %s ORDER BY seq
+_ENTRY_COLUMNS = "seq, kind, name, status, result, child_execution_id, due_at, at"
+_ENTRIES = f"""
+    SELECT {_ENTRY_COLUMNS} FROM execution_journal WHERE execution_id = %s ORDER BY seq
 """
 
 
@@ -47,8 +47,7 @@ def entry(conn: Connection, execution_id: uuid.UUID, seq: int) -> Entry | None:
     row = (
         driver(conn)
         .execute(
-            "SELECT seq, kind, name, status, result, child_execution_id, due_at, at "
-            "FROM execution_journal WHERE execution_id = %s AND seq = %s",
+            f"SELECT {_ENTRY_COLUMNS} FROM execution_journal WHERE execution_id = %s AND seq = %s",
             (execution_id, seq),
         )
         .fetchone()

@@ -170,7 +170,7 @@ _WAKE = (
 )
 
 
-def _woken(conn: Connection, rows: list[Woken]) -> list[uuid.UUID]:
+def publish_woken(conn: Connection, rows: list[Woken]) -> list[uuid.UUID]:
     """Publish woken rows once committed: the plain ones at once, the gated ones through their
     organizations' gates."""
     plain = [LetOut(row.id, row.version_id, row.priority) for row in rows if not row.gated]
@@ -185,15 +185,7 @@ def wake_due(conn: Connection, batch: int = 500) -> list[uuid.UUID]:
     pg = driver(conn)
     with pg.transaction():
         rows = [Woken(*row[:5]) for row in pg.execute(_WAKE_DUE, {"batch": batch})]
-    return _woken(conn, rows)
-
-
-def lock_waiting(conn: Connection, ids: list[uuid.UUID]) -> None:
-    """Lock rows before writing what wakes them (their journal), in the caller's transaction."""
-    if ids:
-        driver(conn).execute(
-            "SELECT 1 FROM executions WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (ids,)
-        )
+    return publish_woken(conn, rows)
 
 
 def wake(conn: Connection, ids: list[uuid.UUID]) -> list[Woken]:
@@ -202,10 +194,6 @@ def wake(conn: Connection, ids: list[uuid.UUID]) -> list[Woken]:
     if not ids:
         return []
     return [Woken(*row[:5]) for row in driver(conn).execute(_WAKE, {"ids": ids})]
-
-
-def publish_woken(conn: Connection, rows: list[Woken]) -> list[uuid.UUID]:
-    return _woken(conn, rows)
 
 
 _WOKEN_PARENT = """
