@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import math
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from app.db import DATABASE_ERRORS
 from app.durable import children, journal, waits
 from app.executions.spec import Claim
 from app.executions.waiting import Wait
@@ -24,6 +28,14 @@ from workers.attempt import AttemptDatabase
 from workers.context import ChildFailed, Nondeterministic, Suspended
 
 MIN_SLEEP_SECONDS = 1.0
+# How long a durable call waits for PostgreSQL to answer again (a restart, a failover) before
+# it fails the run; the agent's timeout_seconds comes first when shorter.
+DATABASE_PATIENCE_SECONDS = 120.0
+FIRST_PAUSE_SECONDS = 0.5
+MAX_PAUSE_SECONDS = 5.0
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _json_copy(value: Any, what: str) -> Any:
@@ -47,10 +59,36 @@ class Journal:
     def _id(self) -> uuid.UUID:
         return self._claimed.execution_id
 
+    def _database_answering(self, action: Callable[[Any, bool], T]) -> T:
+        """`action(conn, retried)` once PostgreSQL answers: a restart or a failover during a
+        durable call delays the agent instead of failing it. A try that committed but lost its
+        answer is seen by the next (`retried`: look for what an earlier try recorded)."""
+        deadline = time.monotonic() + DATABASE_PATIENCE_SECONDS
+        pause, retried = FIRST_PAUSE_SECONDS, False
+        while True:
+            try:
+                with self._database.connection() as conn:
+                    return action(conn, retried)
+            except DATABASE_ERRORS:
+                if time.monotonic() + pause > deadline:
+                    raise
+                log.warning(
+                    "execution %s: the database cannot answer a durable call; trying again in "
+                    "%.1fs",
+                    self._id,
+                    pause,
+                )
+            time.sleep(pause)
+            pause, retried = min(pause * 2, MAX_PAUSE_SECONDS), True
+
+    def _recorded(self, conn: Any, retried: bool, seq: int) -> journal.Entry | None:
+        return journal.entry(conn, self._id, seq) if retried else None
+
     def _next(self, kind: str, name: str) -> tuple[int, journal.Entry | None]:
         if self._entries is None:
-            with self._database.connection() as conn:
-                self._entries = journal.entries(conn, self._id)
+            self._entries = self._database_answering(
+                lambda conn, _retried: journal.entries(conn, self._id)
+            )
         self._seq += 1
         found = self._entries.get(self._seq)
         if found is not None and (found.kind != kind or found.name != name):
@@ -85,19 +123,20 @@ class Journal:
         except TypeError:
             self.abandon(seq)
             raise
-        with self._database.connection() as conn:
-            self._keep(
-                journal.record(
-                    conn,
-                    self._id,
-                    self._claimed.attempt,
-                    seq,
-                    "step",
-                    name,
-                    status="done",
-                    result=value,
-                )
+
+        def record(conn: Any, retried: bool) -> journal.Entry:
+            return self._recorded(conn, retried, seq) or journal.record(
+                conn,
+                self._id,
+                self._claimed.attempt,
+                seq,
+                "step",
+                name,
+                status="done",
+                result=value,
             )
+
+        self._keep(self._database_answering(record))
         return value
 
     # children ------------------------------------------------------------------------------
@@ -110,8 +149,12 @@ class Journal:
             return str(found.child_execution_id)
         try:
             payload = _json_copy(payload, f"the input of ctx.start({agent!r})")
-            with self._database.connection() as conn:
-                child_id = children.start(
+
+            def start(conn: Any, retried: bool) -> uuid.UUID:
+                earlier = self._recorded(conn, retried, seq)
+                if earlier is not None:
+                    return earlier.child_execution_id
+                return children.start(
                     conn,
                     self._claimed.org_id,
                     self._id,
@@ -121,6 +164,8 @@ class Journal:
                     payload,
                     version,
                 )
+
+            child_id = self._database_answering(start)
         except Exception:
             self.abandon(seq)
             raise
@@ -130,8 +175,7 @@ class Journal:
 
     def wait(self, ids: list[str]) -> list[Any]:
         # Read afresh: the children's ends are written into the journal as they happen.
-        with self._database.connection() as conn:
-            recorded = journal.entries(conn, self._id)
+        recorded = self._database_answering(lambda conn, _retried: journal.entries(conn, self._id))
         mine = {str(e.child_execution_id): e for e in recorded.values() if e.kind == "child"}
         unknown = [child for child in ids if str(child) not in mine]
         if unknown:
@@ -174,8 +218,10 @@ class Journal:
         self._sleep("sleep_until", until=when)
 
     def _sleep(self, name: str, **due: Any) -> None:
-        seq, found = self._next("sleep", name)
-        with self._database.connection() as conn:
+        seq, first = self._next("sleep", name)
+
+        def sleep(conn: Any, retried: bool) -> journal.Entry:
+            found = first or self._recorded(conn, retried, seq)
             if found is None:
                 found = journal.record(
                     conn,
@@ -189,7 +235,9 @@ class Journal:
                 )
             if found.status == "pending":
                 found = journal.settle_pending(conn, self._id, self._claimed.attempt, seq, "done")
-        self._keep(found)
+            return found
+
+        found = self._keep(self._database_answering(sleep))
         if found.status == "pending":
             raise Suspended(Wait(awaiting=[], wake_at=found.due_at))
 
@@ -206,8 +254,10 @@ class Journal:
         ):
             if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
                 raise ValueError(f"ctx.wait_for_event: {what} must be a number >= 0")
-        seq, found = self._next("event", name)
-        with self._database.connection() as conn:
+        seq, first = self._next("event", name)
+
+        def wait(conn: Any, retried: bool) -> journal.Entry:
+            found = first or self._recorded(conn, retried, seq)
             if found is None:
                 found = waits.register(
                     conn,
@@ -224,7 +274,9 @@ class Journal:
                 found = journal.settle_pending(
                     conn, self._id, self._claimed.attempt, seq, "timed_out"
                 )
-        self._keep(found)
+            return found
+
+        found = self._keep(self._database_answering(wait))
         if found.status == "received":
             return found.result
         if found.status == "timed_out":
