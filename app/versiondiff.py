@@ -16,6 +16,7 @@ from typing import Any
 
 import jsonpatch
 
+from app.agents import capabilities
 from app.errors import json_pointer
 
 BREAKING_RULES = (
@@ -216,10 +217,8 @@ def agent_breaks(old: dict[str, Any], new: dict[str, Any]) -> list[Break]:
     was, now = old["retry"].get("max_retries", 0), new["retry"].get("max_retries", 0)
     if now < was:
         breaks.append(_break(["retry", "max_retries"], f"fewer retries: {was} -> {now}"))
-    for capability in sorted(
-        set(map(str, old["capabilities"])) - set(map(str, new["capabilities"]))
-    ):
-        breaks.append(_break(["capabilities"], f"no longer offers {capability!r}"))
+    for reason in capabilities.removed(old["capabilities"], new["capabilities"]):
+        breaks.append(_break(["capabilities"], reason))
     return breaks
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app import versiondiff
-from app.agents import services
+from app.agents import capabilities, services
 from app.agents.models import Agent, AgentVersion
 from app.audit import services as audit
 from app.errors import Conflict
@@ -29,7 +29,7 @@ def rollback(session: Session, principal: Principal, ref: str, version: str) -> 
     before = services.audited_state(session, agent)
     make_current(agent, row)
     # Copied from the current version for the capability filter (app/agents/models.py).
-    agent.capabilities = row.capabilities
+    agent.capabilities = capabilities.names(row.capabilities)
     session.flush()
     audit.record(
         session,

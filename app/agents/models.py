@@ -16,7 +16,7 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, TSVECTOR
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TSVECTOR
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.audit.models import CreatedBy
@@ -93,7 +93,8 @@ class AgentVersion(CreatedBy, Base):
     retry: Mapped[dict[str, Any]]
     limits: Mapped[dict[str, Any]]
     queue: Mapped[str] = mapped_column(String(63))
-    capabilities: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    # As the definition gave them: names, or {"name", "providers"?, "chains"?, "authority"?}.
+    capabilities: Mapped[list[Any]] = mapped_column(JSONB)
     config: Mapped[dict[str, Any]]
     # Flow control (versioned like the rest): {"limit", "key"?, "on_limit"} and
     # {"limit", "period_seconds", "key"?}, or None.

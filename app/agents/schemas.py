@@ -135,7 +135,8 @@ class AgentDefinitionFields(Schema):
         metadata=rule("agent", "queue", description="Celery queue its executions go to")
     )
     capabilities = fields.List(
-        fields.String(metadata=item_rule("agent", "capabilities")),
+        # Raw: a name or an object (schemas/agent.json checks which).
+        fields.Raw(metadata=item_rule("agent", "capabilities")),
         metadata=rule("agent", "capabilities"),
     )
     tags = fields.List(
@@ -215,7 +216,10 @@ class AgentVersionSchema(Schema):
     retry = fields.Dict()
     limits = fields.Dict()
     queue = fields.String()
-    capabilities = fields.List(fields.String())
+    capabilities = fields.List(
+        fields.Raw(metadata=item_rule("agent", "capabilities")),
+        metadata={"description": "as the definition gave them: names or objects"},
+    )
     config = fields.Dict(metadata={"description": CONFIG})
     concurrency = fields.Nested(
         ConcurrencySchema, allow_none=True, metadata={"description": CONCURRENCY}

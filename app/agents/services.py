@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import jsonschemas
-from app.agents import flow
+from app.agents import capabilities, flow
 from app.agents.models import Agent, AgentVersion
 from app.audit import services as audit
 from app.config import Config, current_config
@@ -67,6 +67,10 @@ def _check_definition(document: dict[str, Any]) -> None:
                 )
             except ValidationFailed as exc:
                 problems.append(exc)
+    try:
+        capabilities.check_unique(document.get("capabilities"))
+    except ValidationFailed as exc:
+        problems.append(exc)
     runtime = document.get("runtime")
     if isinstance(runtime, dict):
         problems.extend(_check_runtime(runtime, cfg))
@@ -268,7 +272,7 @@ def _add_version(
     version: str,
     changelog: str | None = None,
 ) -> AgentVersion:
-    agent.capabilities = definition["capabilities"]
+    agent.capabilities = capabilities.names(definition["capabilities"])
     return add_version(
         session,
         AgentVersion.agent_id,

@@ -86,14 +86,15 @@ _INSERT_INTO = """
     INSERT INTO executions (id, org_id, agent_id, version_id, agent_name, agent_version, status,
                             priority, input, attempt, max_attempts, queue, waiting_for, flow_key,
                             rate_key, gated, rerun_of, traceparent, created_by_token_id,
-                            created_by_token_name)
+                            created_by_token_name, assigned_by)
     SELECT %(id)s, {org_id}, a.id, %(version_id)s, a.name, %(version)s, 'queued', %(priority)s,
            %(input)s, 0, %(max_attempts)s, %(queue)s::text, """
 _INSERT_VALUES = (
     WAITING_FOR_SQL.format(rank="1")
     + """,
            %(flow_key)s, %(rate_key)s, %(hold)s::text IS NOT NULL, %(rerun_of)s,
-           %(traceparent)s::text, %(created_by_token_id)s, %(created_by_token_name)s::text"""
+           %(traceparent)s::text, %(created_by_token_id)s, %(created_by_token_name)s::text,
+           %(assigned_by)s::jsonb"""
 )
 _INSERT_SQL = (
     _INSERT_INTO.format(org_id="a.org_id")
@@ -142,11 +143,13 @@ def insert(
     created_by: dict[str, Any] = SYSTEM,
     audited: audit.Prepared | None = None,
     public: bool = False,
+    assigned_by: dict[str, Any] | None = None,
 ) -> Any:
     """Insert a queued execution; a row of (queued_at, waiting_for), or None when the agent was
     archived or (unless pinned) its current version changed since `spec` was read. `rerun_of`:
     the execution it reruns; `audited`: the audit event the same statement writes. `public`:
-    the agent may be another organization's, if it is public (None when it no longer is)."""
+    the agent may be another organization's, if it is public (None when it no longer is).
+    `assigned_by`: how POST /api/v1/executions chose the agent."""
     if public:
         assert audited is not None, "a run through the catalog is an audited submit"
         statement = _INSERT_PUBLIC_AUDITED_SQL
@@ -174,6 +177,7 @@ def insert(
                     "window": entry.window,
                     "rerun_of": rerun_of,
                     "traceparent": traceparent,
+                    "assigned_by": None if assigned_by is None else Jsonb(assigned_by),
                     **created_by,
                     **(audited.params if audited else {}),
                 },

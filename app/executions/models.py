@@ -195,6 +195,9 @@ class Execution(CreatedBy, Base):
     resumes: Mapped[int] = mapped_column(Integer, server_default="0")
     wake_at: Mapped[dt.datetime | None]
     awaiting: Mapped[list[uuid.UUID] | None] = mapped_column(ARRAY(Uuid))
+    # How POST /api/v1/executions chose the agent: {"capability", "candidates"} (None when the
+    # submit named the agent).
+    assigned_by: Mapped[dict[str, Any] | None]
 
 
 # The ids of an execution's children, oldest first: one probe of

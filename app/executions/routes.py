@@ -3,8 +3,9 @@ from flask.views import MethodView
 
 from app.chains import progress
 from app.durable import children
-from app.executions import cancels, events, logs, reruns, services
+from app.executions import assignment, cancels, events, logs, reruns, services
 from app.executions.schemas import (
+    AssignedSubmitSchema,
     AttemptSchema,
     BatchSchema,
     BatchSubmitSchema,
@@ -131,6 +132,50 @@ class Executions(MethodView):
         )
         pagination_parameters.item_count = total
         return [services.present(item) for item in items]
+
+    @blp.doc(operationId="submitExecutionByCapability")
+    @blp.arguments(AssignedSubmitSchema())
+    @blp.response(202, ExecutionSchema())
+    @blp.alt_response(
+        409,
+        description="no agent of the organization has the capability (with the provider and "
+        "chain asked for), or the one chosen has a full concurrency key with on_limit reject: "
+        "nothing stored",
+    )
+    @blp.alt_response(
+        422,
+        description="every agent with the capability refuses the input: `errors` keyed by "
+        "agent name, each its input_schema's errors; nothing stored",
+    )
+    @blp.alt_response(429, description=QUOTA_REFUSED, headers=QUOTA_HEADERS)
+    def post(self, data):
+        """Run an input on whichever agent has the capability, the least loaded
+
+        Among the organization's agents with the capability (and the provider and chain, when
+        given) whose input_schema accepts the input, the one with the fewest executions queued
+        and running runs it; equal loads take turns. The execution's `assigned_by` says who
+        was considered. Made with an execution's own token, the new execution is that
+        execution's child (as on submitExecution), without `assigned_by`."""
+        principal = current_principal()
+        if principal.execution_id is not None:
+            agent, _ = assignment.choose(
+                principal,
+                data["capability"],
+                data["input"],
+                provider=data.get("provider"),
+                chain=data.get("chain"),
+            )
+            child_id = children.start_over_api(principal, agent, data["input"], None)
+            return services.present(services.get(request_session(), principal, child_id))
+        return assignment.submit_by_capability(
+            principal,
+            data["capability"],
+            data["input"],
+            provider=data.get("provider"),
+            chain=data.get("chain"),
+            priority=data["priority"],
+            traceparent=_traceparent(),
+        )
 
 
 @blp.route("/executions/<execution_id>")

@@ -23,6 +23,44 @@ class SubmitSchema(Schema):
     documents = documents_field()
 
 
+class AssignedSubmitSchema(Schema):
+    capability = fields.String(
+        required=True,
+        validate=validate.Length(min=1, max=63),
+        metadata={"description": "run on one of the organization's agents that has it"},
+    )
+    input = fields.Dict(
+        required=True,
+        metadata={"description": "checked against each candidate's input_schema"},
+    )
+    provider = fields.String(
+        validate=validate.Length(min=1, max=63),
+        metadata={"description": "only agents whose capability names this provider"},
+    )
+    chain = fields.String(
+        validate=validate.Length(min=1, max=63),
+        metadata={"description": "only agents whose capability names this chain"},
+    )
+    priority = priority_field("0..9, higher runs first")
+
+
+class AssignmentCandidateSchema(Schema):
+    agent = fields.String()
+    load = fields.Integer(metadata={"description": "its executions queued and running"})
+
+
+class AssignmentSchema(Schema):
+    capability = fields.String()
+    candidates = fields.List(
+        fields.Nested(AssignmentCandidateSchema),
+        metadata={
+            "description": "the agents that had the capability (and the provider and chain "
+            "asked for) and accepted the input, in the order they were considered: the least "
+            "loaded first, equal loads by who was last given work longest ago; the first ran it"
+        },
+    )
+
+
 class BatchItemSchema(Schema):
     input = fields.Dict(required=True, metadata={"description": "checked against input_schema"})
     priority = priority_field("0..9, higher runs first")
@@ -123,6 +161,14 @@ class ExecutionSchema(Schema):
         },
     )
     created_by = created_by_field()
+    assigned_by = fields.Nested(
+        AssignmentSchema,
+        allow_none=True,
+        metadata={
+            "description": "how POST /api/v1/executions chose the agent by capability and "
+            "load; null when the submit named the agent"
+        },
+    )
     documents = fields.List(
         fields.Nested(AttachedDocumentSchema),
         metadata={

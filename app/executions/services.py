@@ -55,10 +55,12 @@ def submit(
     rerun_of: uuid.UUID | None = None,
     traceparent: str | None = None,
     documents: list[uuid.UUID] | None = None,
+    assigned_by: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Store and queue one execution (a rerun names the execution it reruns in `rerun_of`; a
     CatalogRef, another organization's public agent: the execution is the caller's).
-    `documents`: the organization's documents to hand it, linked in the same transaction."""
+    `documents`: the organization's documents to hand it, linked in the same transaction.
+    `assigned_by`: how app/executions/assignment.py chose the agent."""
     principal.require("executions:submit")
     execution_id = uuid.uuid4()
     released = gates.Released()
@@ -82,8 +84,9 @@ def submit(
                 rerun_of=rerun_of,
                 traceparent=traceparent,
                 created_by=created_by,
-                audited=audit.prepare(actor, _submitted(execution_id, spec, rerun_of)),
+                audited=audit.prepare(actor, _submitted(execution_id, spec, rerun_of, assigned_by)),
                 public=isinstance(ref, CatalogRef),
+                assigned_by=assigned_by,
             )
 
         if entry.hold is None:
@@ -104,11 +107,7 @@ def submit(
         # lacks. Inside a keyed request's transaction the commit comes later, and so does the
         # publish.
         db.after_commit(dispatcher.submit, execution_id, spec, priority)
-    elif waiting_for != "queue":
-        let_out = {out.execution_id for out in released.let_out}
-        waiting_for = (
-            None if execution_id in let_out else released.reasons.get(execution_id, waiting_for)
-        )
+    waiting_for = _after_release(execution_id, waiting_for, released)
     gates.publish_after_commit(released.let_out)
     accepted = _accepted(
         principal,
@@ -123,7 +122,19 @@ def submit(
         traceparent,
     )
     accepted["documents"] = handed.get(execution_id, [])
+    accepted["assigned_by"] = assigned_by
     return accepted
+
+
+def _after_release(
+    execution_id: uuid.UUID, waiting_for: str | None, released: gates.Released
+) -> str | None:
+    """What a held submit waits for once the release in its own transaction had its say."""
+    if waiting_for in (None, "queue"):
+        return waiting_for
+    if execution_id in {out.execution_id for out in released.let_out}:
+        return None
+    return released.reasons.get(execution_id, waiting_for)
 
 
 def _accepted(
@@ -167,8 +178,19 @@ def _accepted(
 
 
 def _submitted(
-    execution_id: uuid.UUID, spec: VersionSpec, rerun_of: uuid.UUID | None
+    execution_id: uuid.UUID,
+    spec: VersionSpec,
+    rerun_of: uuid.UUID | None,
+    assigned_by: dict[str, Any] | None = None,
 ) -> audit.Change:
+    if assigned_by is not None:
+        return audit.Change(
+            "execution.submit",
+            "execution",
+            execution_id,
+            spec.agent_name,
+            [{"op": "add", "path": "/assigned_by", "value": assigned_by}],
+        )
     if rerun_of is None:
         return audit.Change("execution.submit", "execution", execution_id, spec.agent_name)
     return audit.Change(
@@ -358,6 +380,7 @@ def present(row: Mapping[str, Any] | Execution) -> dict[str, Any]:
         "created_by": audit.shown_created_by(
             get("created_by_token_id"), get("created_by_token_name")
         ),
+        "assigned_by": get("assigned_by"),
     }
 
 

@@ -34,6 +34,23 @@ def test_run_returns_the_output_or_raises_execution_failed(runyard):
     assert runyard.executions.wait(queued["id"], timeout=30)["output"]["echo"] == {"n": 1}
 
 
+def test_submit_by_capability_runs_on_an_agent_that_has_it(runyard, base_url, live_org):
+    python_agent(runyard, "echo", "echo", capabilities=[{"name": "text.echo", "chains": ["a"]}])
+    python_agent(runyard, "other", "echo", capabilities=["text.other"])
+    execution = runyard.executions.submit_by_capability("text.echo", {"x": 1}, chain="a")
+    assert execution["agent_name"] == "echo"
+    assert execution["assigned_by"]["candidates"][0]["agent"] == "echo"
+    assert runyard.executions.wait(execution["id"], timeout=30)["output"]["echo"] == {"x": 1}
+    with pytest.raises(runyard_client.Conflict):
+        runyard.executions.submit_by_capability("text.echo", {}, chain="b")
+
+    async def through_async():
+        async with runyard_client.AsyncRunyard(base_url, live_org.token) as client:
+            return await client.executions.submit_by_capability("text.other", {"y": 2})
+
+    assert asyncio.run(through_async())["agent_name"] == "other"
+
+
 def test_send_event_starts_an_event_trigger_once_per_id(runyard):
     python_agent(runyard, "echo", "echo")
     trigger = runyard.call(

@@ -114,6 +114,8 @@ AGENT = {
     "name": "echo",
     "runtime": {"type": "python", "entrypoint": "tests.agents:echo"},
     "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}},
+    # POST /api/v1/executions assigns by it.
+    "capabilities": ["nlp"],
 }
 
 

@@ -146,6 +146,7 @@ def valid_bodies(world) -> dict[Route, dict]:
         Route("/api/v1/agents/<ref>", "PATCH"): {"description": "changed"},
         Route("/api/v1/agents/<ref>/executions", "POST"): {"input": {}},
         Route("/api/v1/agents/<ref>/executions/batch", "POST"): {"items": [{"input": {}}]},
+        Route("/api/v1/executions", "POST"): {"capability": "nlp", "input": {}},
         Route("/api/v1/chains", "POST"): {
             "name": "fresh-chain",
             "steps": [{"name": "one", "agent": world.agent["name"]}],

@@ -40,6 +40,8 @@ AGENT_DEFINITION = [
     (r"/runtime/headers/.+", r"set by the http runtime itself"),
     # A URL's host and port, parsed.
     (r"/runtime/url", r"not a usable URL|needs a host name"),
+    # Across two forms: a capability's name given as a string and as an object's `name`.
+    (r"/capabilities/\d+", r"is named twice"),
     # Across two fields: the http call's timeout may not exceed the agent's.
     (r"/runtime/timeout_seconds", r"at most the agent's"),
     # input_schema and output_schema must be valid JSON Schemas (against the metaschema).

@@ -168,6 +168,21 @@ class AsyncExecutions:
             body["priority"] = priority
         return await self._c.call("POST", f"/agents/{agent}/executions", json=body, creates=True)
 
+    async def submit_by_capability(
+        self,
+        capability: str,
+        input: dict[str, Any],
+        *,
+        provider: str | None = None,
+        chain: str | None = None,
+        priority: int | None = None,
+    ) -> Execution:
+        """As Runyard's: the least loaded agent with the capability runs `input`."""
+        body = {"capability": capability, "input": input, "provider": provider, "chain": chain}
+        body["priority"] = priority
+        body = {key: value for key, value in body.items() if value is not None}
+        return await self._c.call("POST", "/executions", json=body, creates=True)
+
     async def submit_batch(
         self, agent: str, inputs: list[dict[str, Any]], *, version: str | None = None
     ) -> list[str]:

@@ -243,6 +243,23 @@ class Executions:
             body["documents"] = list(documents)
         return self._c.call("POST", f"/agents/{agent}/executions", json=body, creates=True)
 
+    def submit_by_capability(
+        self,
+        capability: str,
+        input: dict[str, Any],
+        *,
+        provider: str | None = None,
+        chain: str | None = None,
+        priority: int | None = None,
+    ) -> Execution:
+        """Run `input` on the least loaded of the organization's agents that have the
+        capability (and the provider and chain) and accept the input; `assigned_by` says who
+        was considered."""
+        body = {"capability": capability, "input": input, "provider": provider, "chain": chain}
+        body["priority"] = priority
+        body = {key: value for key, value in body.items() if value is not None}
+        return self._c.call("POST", "/executions", json=body, creates=True)
+
     def submit_batch(
         self, agent: str, inputs: list[dict[str, Any]], *, version: str | None = None
     ) -> list[str]:

@@ -70,6 +70,18 @@ class Document(TypedDict, total=False):
     created_at: str
 
 
+class AssignmentCandidate(TypedDict):
+    agent: str
+    load: int
+
+
+class Assignment(TypedDict):
+    """How POST /executions chose the agent by capability and load."""
+
+    capability: str
+    candidates: list[AssignmentCandidate]
+
+
 class Execution(TypedDict, total=False):
     id: str
     agent_id: str
@@ -94,6 +106,7 @@ class Execution(TypedDict, total=False):
     created_by: CreatedBy | None
     parent_execution_id: str | None
     children: list[str]
+    assigned_by: Assignment | None
     # Where an execution is shown as GET /executions/{id} shows it; absent from lists.
     documents: list[AttachedDocument]
 
