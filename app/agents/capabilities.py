@@ -58,7 +58,9 @@ def check_unique(capabilities: Any) -> None:
     seen: set[str] = set()
     errors: dict[str, list[str]] = {}
     for index, capability in enumerate(capabilities):
-        name = capability if isinstance(capability, str) else capability.get("name")
+        name = capability.get("name") if isinstance(capability, dict) else capability
+        if not isinstance(name, str):
+            continue  # malformed: schemas/agent.json reports it
         if name in seen:
             errors[f"/capabilities/{index}"] = [f"{name!r} is named twice"]
         seen.add(name)

@@ -76,6 +76,8 @@ def test_a_malformed_capability_is_422_by_pointer(client, org):
         ([{"providers": ["stripe"]}], "/capabilities/0"),
         ([{"name": "x", "unknown": 1}], "/capabilities/0"),
         (["nlp", {"name": "nlp", "chains": ["base"]}], "/capabilities/1"),
+        # Neither a name nor an object: the schema says so (no duplicate check trips on it).
+        ([["nlp"], 4, {"name": ["x"]}, {"name": {"a": 1}}], "/capabilities/0"),
     ]
     for capabilities, pointer in cases:
         response = client.post(
