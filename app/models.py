@@ -21,11 +21,13 @@ from app.stats.models import (
     SubmissionTotal,
 )
 from app.triggers.models import Trigger, TriggerDelivery
+from app.wallets.models import AgentWallet, Decision
 
 metadata = Base.metadata
 
 __all__ = [
     "Agent",
+    "AgentWallet",
     "AgentState",
     "AgentStatsRollup",
     "AgentVersion",
@@ -33,6 +35,7 @@ __all__ = [
     "Chain",
     "ChainExecution",
     "ChainVersion",
+    "Decision",
     "Document",
     "Event",
     "Execution",
