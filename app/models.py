@@ -27,10 +27,10 @@ metadata = Base.metadata
 
 __all__ = [
     "Agent",
-    "AgentWallet",
     "AgentState",
     "AgentStatsRollup",
     "AgentVersion",
+    "AgentWallet",
     "ApiToken",
     "Chain",
     "ChainExecution",

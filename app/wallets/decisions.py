@@ -129,7 +129,15 @@ def list_decisions(
     )
 
 
-def get(session: Session, principal: Principal, decision_id: uuid.UUID) -> DecisionRow:
+def _id(ref: str | uuid.UUID) -> uuid.UUID:
+    try:
+        return ref if isinstance(ref, uuid.UUID) else uuid.UUID(ref)
+    except ValueError:
+        raise NotFound(f"no decision {str(ref)[:80]!r}", hint=LIST_HINT) from None
+
+
+def get(session: Session, principal: Principal, ref: str | uuid.UUID) -> DecisionRow:
+    decision_id = _id(ref)
     found = session.scalar(
         select(DecisionRow).where(
             DecisionRow.id == decision_id, DecisionRow.org_id == principal.org_id
@@ -157,13 +165,12 @@ _ANSWER = text(
 UNFINISHED = ("queued", "running", "waiting")
 
 
-def answer(
-    session: Session, principal: Principal, decision_id: uuid.UUID, approve: bool
-) -> Decision:
+def answer(session: Session, principal: Principal, ref: str | uuid.UUID, approve: bool) -> Decision:
     """Approve (status `queued`) or reject (`rejected`) a decision awaiting approval, and wake
     the execution waiting for the answer (commits, then publishes it); 409 for any other
     decision."""
     principal.require("decisions:answer")
+    decision_id = _id(ref)
     conn = session.connection()
     row = conn.execute(_LOCKED, {"id": decision_id, "org_id": principal.org_id}).first()
     if row is None:

@@ -71,7 +71,7 @@ class Decisions(MethodView):
         return [decisions.present(item) for item in items]
 
 
-@blp.route("/<uuid:decision_id>")
+@blp.route("/<decision_id>")
 class DecisionById(MethodView):
     @blp.doc(operationId="getDecision")
     @blp.response(200, DecisionSchema())
@@ -88,7 +88,7 @@ ANSWER_RESPONSES = {
 }
 
 
-@blp.route("/<uuid:decision_id>/approve")
+@blp.route("/<decision_id>/approve")
 class ApproveDecision(MethodView):
     @blp.doc(operationId="approveDecision")
     @blp.response(200, DecisionSchema())
@@ -102,7 +102,7 @@ class ApproveDecision(MethodView):
         return decision.as_dict()
 
 
-@blp.route("/<uuid:decision_id>/reject")
+@blp.route("/<decision_id>/reject")
 class RejectDecision(MethodView):
     @blp.doc(operationId="rejectDecision")
     @blp.response(200, DecisionSchema())
