@@ -336,7 +336,7 @@ def update(
                 errors={
                     "/version": [
                         "only given with a change to the runtime, schemas, limits, retry, "
-                        "queue, capabilities, config, concurrency, rate_limit or wallet_policy"
+                        "queue, capabilities, config, wallet_policy, concurrency or rate_limit"
                     ]
                 },
             )
