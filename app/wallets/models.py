@@ -30,7 +30,6 @@ DECISION_STATUSES = (
 )
 # What counts against `max_per_day`: everything allowed or still to be answered.
 SPENDING_STATUSES = ("awaiting_approval", "queued", "sent", "mined")
-FINAL_STATUSES = ("refused", "rejected", "mined", "errored")
 
 
 class AgentWallet(CreatedBy, Base):
