@@ -105,12 +105,14 @@ _SPENT_TODAY = f"""
     WHERE agent_id = %s AND currency = %s AND status IN {SPENDING_STATUSES!r}
       AND created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
 """
+# clock_timestamp(): decisions in the order they were made, even within one transaction.
 _INSERT = f"""
     INSERT INTO decisions (id, org_id, agent_id, agent_name, execution_id, step_key, kind, chain,
-                           to_address, amount, currency, reason, policy_check, status, error)
-    VALUES (%(id)s, %(org_id)s, %(agent_id)s, %(agent_name)s, %(execution_id)s, %(key)s, 'transfer',
-            %(chain)s, %(to)s, %(amount)s, %(currency)s, %(reason)s, %(policy_check)s,
-            %(status)s, %(error)s)
+                           to_address, amount, currency, reason, policy_check, status, error,
+                           created_at, updated_at)
+    VALUES (%(id)s, %(org_id)s, %(agent_id)s, %(agent_name)s, %(execution_id)s, %(key)s,
+            'transfer', %(chain)s, %(to)s, %(amount)s, %(currency)s, %(reason)s, %(policy_check)s,
+            %(status)s, %(error)s, clock_timestamp(), clock_timestamp())
     RETURNING {COLUMNS}
 """
 
