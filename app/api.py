@@ -105,6 +105,8 @@ def _register_blueprints(api: http.RunyardApi) -> None:
     from app.stats.routes import blp as stats_blp
     from app.triggers.routes import blp as triggers_blp
     from app.triggers.routes import hooks as hooks_blp
+    from app.wallets.routes import blp as decisions_blp
+    from app.wallets.routes import wallets as wallets_blp
 
     for blueprint in (
         orgs_blp,
@@ -124,6 +126,8 @@ def _register_blueprints(api: http.RunyardApi) -> None:
         catalog_blp,
         state_blp,
         documents_blp,
+        wallets_blp,
+        decisions_blp,
     ):
         api.register_blueprint(blueprint)
 

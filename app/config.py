@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from app.wallet_settings import DOCUMENTED as WALLET_SETTINGS
+from app.wallet_settings import WalletSettings
 
 
 def _int(name: str, default: int) -> int:
@@ -160,6 +163,8 @@ class Config:
     # every worker.
     max_document_mb: int = 20
     documents_path: Path | None = None
+    # Agents' wallets and transfers (app/wallets): RUNYARD_WALLET_*.
+    wallet: WalletSettings = field(default_factory=WalletSettings)
 
     @classmethod
     def from_env(cls) -> Config:
@@ -236,6 +241,7 @@ class Config:
             **_console_settings(cls),
             **_agents_together_settings(cls),
             **_document_settings(cls),
+            wallet=WalletSettings.from_env(),
         )
 
     @property
@@ -564,6 +570,7 @@ DOCUMENTED_SETTINGS: tuple[tuple[str, str, str], ...] = (
         "http://127.0.0.1:RUNYARD_FLOWER_PORT",
         "where the console's Workers page links to Flower",
     ),
+    *WALLET_SETTINGS,
 )
 
 

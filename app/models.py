@@ -21,6 +21,7 @@ from app.stats.models import (
     SubmissionTotal,
 )
 from app.triggers.models import Trigger, TriggerDelivery
+from app.wallets.models import AgentWallet, Decision
 
 metadata = Base.metadata
 
@@ -29,10 +30,12 @@ __all__ = [
     "AgentState",
     "AgentStatsRollup",
     "AgentVersion",
+    "AgentWallet",
     "ApiToken",
     "Chain",
     "ChainExecution",
     "ChainVersion",
+    "Decision",
     "Document",
     "Event",
     "Execution",

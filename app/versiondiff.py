@@ -16,7 +16,7 @@ from typing import Any
 
 import jsonpatch
 
-from app.agents import capabilities
+from app.agents import capabilities, wallet_policy
 from app.errors import json_pointer
 
 BREAKING_RULES = (
@@ -30,7 +30,10 @@ BREAKING_RULES = (
     "reason about (`$ref`, `$defs`, `allOf`, `anyOf`, `oneOf`, `not`, `if`/`then`/`else`, "
     "`patternProperties`, `prefixItems`, ...); for agents also a runtime `type` change, a "
     "lower `timeout_seconds`, a lower `limits` value (memory_mb, cpu_seconds, "
-    "max_output_bytes, max_log_lines), fewer `retry.max_retries`, and a capability removed"
+    "max_output_bytes, max_log_lines), fewer `retry.max_retries`, a capability removed, and a "
+    "`wallet_policy` removed or tightened (a lower `max_per_transaction` or `max_per_day`, "
+    "another `currency`, a chain dropped, `recipients` added or narrowed, a new or lower "
+    "`approval_over`); a loosened policy is not breaking (see `changes`)"
 )
 
 LOWER_BOUNDS = ("minimum", "exclusiveMinimum", "minLength", "minItems", "minProperties")
@@ -219,6 +222,10 @@ def agent_breaks(old: dict[str, Any], new: dict[str, Any]) -> list[Break]:
         breaks.append(_break(["retry", "max_retries"], f"fewer retries: {was} -> {now}"))
     for reason in capabilities.removed(old["capabilities"], new["capabilities"]):
         breaks.append(_break(["capabilities"], reason))
+    for pointer, reason in wallet_policy.tightened(
+        old.get("wallet_policy"), new.get("wallet_policy")
+    ):
+        breaks.append({"path": pointer, "reason": reason})
     return breaks
 
 

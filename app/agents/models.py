@@ -100,6 +100,8 @@ class AgentVersion(CreatedBy, Base):
     # {"limit", "period_seconds", "key"?}, or None.
     concurrency: Mapped[dict[str, Any] | None]
     rate_limit: Mapped[dict[str, Any] | None]
+    # What its transfers may spend (app/agents/wallet_policy.py); None: every transfer refused.
+    wallet_policy: Mapped[dict[str, Any] | None]
     # What the version changed, in its author's words (PATCH `changelog`).
     changelog: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = now_column()

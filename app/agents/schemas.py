@@ -79,6 +79,11 @@ RATE_LIMIT = (
     "replaced whole by a PATCH (null removes it)"
 )
 
+WALLET_POLICY = (
+    "versioned (a change makes a new version) and replaced whole by a PATCH (null removes it: "
+    "every transfer is then refused)"
+)
+
 
 CHANGELOG_MAX = 4000
 
@@ -148,6 +153,9 @@ class AgentDefinitionFields(Schema):
     )
     rate_limit = fields.Nested(
         RateLimitSchema, allow_none=True, metadata={"description": RATE_LIMIT}
+    )
+    wallet_policy = fields.Dict(
+        allow_none=True, metadata=rule("agent", "wallet_policy", description=WALLET_POLICY)
     )
     visibility = fields.String(
         validate=validate.OneOf(VISIBILITIES),
@@ -226,6 +234,9 @@ class AgentVersionSchema(Schema):
     )
     rate_limit = fields.Nested(
         RateLimitSchema, allow_none=True, metadata={"description": RATE_LIMIT}
+    )
+    wallet_policy = fields.Dict(
+        allow_none=True, metadata=rule("agent", "wallet_policy", description=WALLET_POLICY)
     )
     changelog = fields.String(allow_none=True)
     created_at = fields.DateTime()

@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import jsonschemas
-from app.agents import capabilities, flow
+from app.agents import capabilities, flow, wallet_policy
 from app.agents.models import Agent, AgentVersion
 from app.audit import services as audit
 from app.config import Config, current_config
@@ -43,6 +43,7 @@ VERSIONED_FIELDS = (
     "config",
     "concurrency",
     "rate_limit",
+    "wallet_policy",
 )
 
 
@@ -69,6 +70,10 @@ def _check_definition(document: dict[str, Any]) -> None:
                 problems.append(exc)
     try:
         capabilities.check_unique(document.get("capabilities"))
+    except ValidationFailed as exc:
+        problems.append(exc)
+    try:
+        wallet_policy.check(document)
     except ValidationFailed as exc:
         problems.append(exc)
     runtime = document.get("runtime")
@@ -254,6 +259,7 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> Agen
         "capabilities": data.get("capabilities", []),
         "config": data.get("config", {}),
         **{field: flow.normalized(field, data.get(field)) for field in flow.FIELDS},
+        "wallet_policy": data.get("wallet_policy"),
     }
     _add_version(session, principal, agent, definition, data.get("version", FIRST_VERSION))
     audit.record(
@@ -330,7 +336,7 @@ def update(
                 errors={
                     "/version": [
                         "only given with a change to the runtime, schemas, limits, retry, "
-                        "queue, capabilities, config, concurrency or rate_limit"
+                        "queue, capabilities, config, wallet_policy, concurrency or rate_limit"
                     ]
                 },
             )

@@ -2,6 +2,7 @@
 starting the targets of event triggers, all in one transaction.
 
     accept(session, principal, name, data, event_id=None) -> the 202 answer (commits)
+    emit(conn, org_id, name, data, created_by) -> Emitted   (Runyard's own events)
     list_events(...), get(...), present(event)
     release_dedupe_keys(conn, batch), delete_expired(conn, days, batch)   (beat's housekeeping)
 
@@ -25,6 +26,7 @@ import datetime as dt
 import hashlib
 import json
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, or_, select, text
@@ -43,6 +45,9 @@ MAX_DATA_BYTES = 256 * 1024
 MAX_ID_CHARS = 200
 DEDUPE_WINDOW = dt.timedelta(hours=24)
 LIST_HINT = "GET /api/v1/events lists the organization's events, newest first"
+# Names of the events Runyard sends itself (`runyard.decision`: app/wallets); a client's
+# POST /api/v1/events may not use them, so that none can pass for an approval.
+INTERNAL_PREFIX = "runyard."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +131,7 @@ CLAIM_TRIES = 5
 
 
 def _claim(
-    conn: Connection, principal: Principal, row: dict[str, Any]
+    conn: Connection, org_id: uuid.UUID, row: dict[str, Any]
 ) -> dt.datetime | dict[str, Any]:
     """Insert the event: its received_at; or the first event's answer when it is a duplicate."""
     window = f"{int(DEDUPE_WINDOW.total_seconds())} seconds"
@@ -135,9 +140,7 @@ def _claim(
         if inserted is not None:
             return inserted
         first = (
-            conn.execute(
-                _FIRST, {"org_id": principal.org_id, "key": row["dedupe_key"], "window": window}
-            )
+            conn.execute(_FIRST, {"org_id": org_id, "key": row["dedupe_key"], "window": window})
             .mappings()
             .first()
         )
@@ -179,6 +182,33 @@ def _publish_resumed(woken: list) -> None:
         waits.publish_resumed(conn, woken)
 
 
+def _deliver(conn: Connection, org_id: uuid.UUID, row: dict[str, Any], data: dict[str, Any]):
+    """Store the event and do what it does, in the caller's transaction: its received_at (or
+    the first event's answer for a duplicate), the rows it woke and what it started."""
+    claimed = _claim(conn, org_id, row)
+    if isinstance(claimed, dict):
+        return claimed, [], None
+    woken = waits.resume_for_event(conn, org_id, row["id"], row["name"], data, claimed)
+    event = {**row, "data": data, "received_at": claimed}
+    fired = fire_for_event(conn, org_id, event)
+    conn.execute(
+        _DELIVERED,
+        {
+            "id": row["id"],
+            "resumed": list(waits.resumed_ids(woken)),
+            "started": json.dumps(json.loads(json.dumps(fired.started, default=str))),
+        },
+    )
+    return claimed, woken, fired
+
+
+def _publish_after_commit(woken: list, fired: Any) -> None:
+    # After the commit (at the request's, under an Idempotency-Key): never for a rollback.
+    if woken:
+        db.after_commit(_publish_resumed, woken)
+    runs.publish_after_commit(fired.launched)
+
+
 def accept(
     session: Session,
     principal: Principal,
@@ -192,6 +222,13 @@ def accept(
     nothing and answers the first event's id with `duplicate: true`."""
     principal.require("executions:submit")
     _check(name, event_id)
+    if name.startswith(INTERNAL_PREFIX):
+        raise ValidationFailed(
+            f"event names starting with {INTERNAL_PREFIX!r} are Runyard's own",
+            errors={"/name": [f"must not start with {INTERNAL_PREFIX!r}"]},
+            hint="choose another name; Runyard sends those events itself (a decision's "
+            "approval, for one)",
+        )
     data_text = _serialized(data)
     conn = session.connection()
     event_pk = uuid.uuid4()
@@ -205,18 +242,11 @@ def accept(
         "token_id": principal.token_id,
         "token_name": principal.token_name,
     }
-    claimed = _claim(conn, principal, row)
-    if isinstance(claimed, dict):
-        return claimed
-    received_at = claimed
-    woken = waits.resume_for_event(conn, principal.org_id, event_pk, name, data, received_at)
+    received_at, woken, fired = _deliver(conn, principal.org_id, row, data)
+    if fired is None:
+        return received_at
     resumed = waits.resumed_ids(woken)
-    event = {**row, "data": data, "received_at": received_at}
-    fired = fire_for_event(conn, principal.org_id, event)
     started = json.loads(json.dumps(fired.started, default=str))
-    conn.execute(
-        _DELIVERED, {"id": event_pk, "resumed": list(resumed), "started": json.dumps(started)}
-    )
     audit.record(
         conn,
         audit.Actor.of(principal),
@@ -229,10 +259,7 @@ def accept(
         ),
     )
     session.commit()
-    # After the commit (at the request's, under an Idempotency-Key): never for a rollback.
-    if woken:
-        db.after_commit(_publish_resumed, woken)
-    runs.publish_after_commit(fired.launched)
+    _publish_after_commit(woken, fired)
     return {
         "id": event_pk,
         "event_id": row["event_id"],
@@ -242,6 +269,47 @@ def accept(
         "started": fired.started,
         "duplicate": False,
     }
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """What an event Runyard sent did: publish it once the caller's transaction committed."""
+
+    woken: list
+    fired: Any
+
+    @property
+    def resumed(self) -> list[uuid.UUID]:
+        return waits.resumed_ids(self.woken)
+
+    def publish_after_commit(self) -> None:
+        _publish_after_commit(self.woken, self.fired)
+
+
+def emit(
+    conn: Connection,
+    org_id: uuid.UUID,
+    name: str,
+    data: dict[str, Any],
+    created_by: dict[str, Any],
+) -> Emitted:
+    """An event Runyard sends itself (a name under INTERNAL_PREFIX), in the caller's
+    transaction, by the same path as POST /api/v1/events: stored, resuming the waits it
+    matches and starting the event triggers' targets. The caller writes the audit event of
+    the change that sent it, commits, then calls `publish_after_commit` on the answer."""
+    event_pk = uuid.uuid4()
+    row = {
+        "id": event_pk,
+        "org_id": org_id,
+        "event_id": str(event_pk),
+        "name": name,
+        "data": _serialized(data),
+        "dedupe_key": None,
+        "token_id": created_by["token_id"],
+        "token_name": created_by["token_name"],
+    }
+    _received_at, woken, fired = _deliver(conn, org_id, row, data)
+    return Emitted(woken, fired)
 
 
 # ---------------------------------------------------------------------------------------------

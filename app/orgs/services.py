@@ -45,6 +45,9 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "tokens": frozenset({"admin"}),
     # Listing an agent in the catalog opens it to every organization.
     "agents:publish": frozenset({"admin"}),
+    # An agent's wallet moves money; an answer to a decision awaiting approval lets it.
+    "wallets:write": frozenset({"admin"}),
+    "decisions:answer": frozenset({"admin"}),
 }
 
 

@@ -31,6 +31,8 @@ MIRRORS = {
     "EventStarted": "EventStarted",
     "EventAccepted": "EventAccepted",
     "SentEvent": "Event",
+    "Wallet": "Wallet",
+    "Decision": "Decision",
 }
 PYTHON_TYPES = {
     "string": str,

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from app.wallets import transfers
 from tests.app.test_triggers_api import signed
+from tests.app.wallets_helpers import CUSTOMER, fake_engine, paying_agent, running_execution
 
 ERROR_KEYS = {"code", "status", "message", "errors", "hint"}
 PUBLIC_PREFIXES = ("/api/v1/openapi.json", "/api/v1/docs", "/api/v1/swagger-ui")
@@ -79,6 +81,8 @@ class World:
     # An event sent to POST /api/v1/events (with a sender's id).
     sent_event: dict
     document: dict
+    # Two decisions awaiting approval (the agent "payer"'s): one to approve, one to reject.
+    decisions: dict
 
     def values_for(self, route: Route, by: str = "name") -> dict[str, str]:
         """Path values naming this world's objects (by name or by id where a route takes
@@ -104,6 +108,11 @@ class World:
             # organization has no such agent (a 404), as for any object of ours it names.
             "catalog": {"org": self.org_name, "agent": self.agent["name"]},
             "documents": {"document_id": self.document["id"]},
+            "decisions": {
+                "decision_id": str(
+                    self.decisions["reject" if route.rule.endswith("/reject") else "approve"].id
+                )
+            },
         }
         return by_segment[route.rule.removeprefix("/api/v1").split("/")[1]]
 
@@ -205,6 +214,15 @@ def build_world(client, org) -> World:
         202,
     )
     document = _created(upload_document(client, org), 201)
+    # An agent with a wallet and a policy, whose transfers over approval_over await an answer
+    # (the world's own agent, echo, has no wallet: POST .../wallet makes one).
+    paying_agent(client, org)
+    decisions = {
+        answer: transfers.decide(
+            running_execution(client, org), 1, "refund", "base", CUSTOMER, "75", answer
+        )
+        for answer in ("approve", "reject")
+    }
     return World(
         agent,
         execution,
@@ -219,6 +237,7 @@ def build_world(client, org) -> World:
         org.name,
         sent_event,
         document,
+        decisions,
     )
 
 
@@ -230,6 +249,13 @@ def upload_document(client, org, headers=None):
         data=b"some notes\n",
         headers={**(headers or org.headers), "Content-Type": "text/plain"},
     )
+
+
+@pytest.fixture(autouse=True)
+def wallet_service():
+    """A fake wallet service for every hostile test: wallets are made, never a 502."""
+    with fake_engine() as engine:
+        yield engine
 
 
 @pytest.fixture

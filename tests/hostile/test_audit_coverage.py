@@ -29,6 +29,8 @@ ACTIONS = [
     Route("/api/v1/schedules/<ref>/resume", "POST"),
     Route("/api/v1/schedules/<ref>/trigger", "POST"),
     Route("/api/v1/notifications/<notification_id>/deliveries/<event_id>/redeliver", "POST"),
+    Route("/api/v1/decisions/<decision_id>/approve", "POST"),
+    Route("/api/v1/decisions/<decision_id>/reject", "POST"),
 ]
 # Their body is a file, not JSON.
 UPLOADS = [Route("/api/v1/documents", "POST")]

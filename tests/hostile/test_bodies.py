@@ -30,6 +30,8 @@ BODYLESS = {
     Route("/api/v1/schedules/<ref>/resume", "POST"),
     Route("/api/v1/schedules/<ref>/trigger", "POST"),
     Route("/api/v1/notifications/<notification_id>/deliveries/<event_id>/redeliver", "POST"),
+    Route("/api/v1/decisions/<decision_id>/approve", "POST"),
+    Route("/api/v1/decisions/<decision_id>/reject", "POST"),
 }
 HOOK = Route("/hooks/<trigger_id>", "POST")
 # The body's `id` is the sender's id of the event (its dedupe key), not a Runyard id.
@@ -147,6 +149,7 @@ def valid_bodies(world) -> dict[Route, dict]:
         Route("/api/v1/agents/<ref>/executions", "POST"): {"input": {}},
         Route("/api/v1/agents/<ref>/executions/batch", "POST"): {"items": [{"input": {}}]},
         Route("/api/v1/executions", "POST"): {"capability": "nlp", "input": {}},
+        Route("/api/v1/agents/<ref>/wallet", "POST"): {"label": "echo's"},
         Route("/api/v1/chains", "POST"): {
             "name": "fresh-chain",
             "steps": [{"name": "one", "agent": world.agent["name"]}],

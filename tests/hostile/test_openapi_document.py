@@ -42,6 +42,8 @@ AGENT_DEFINITION = [
     (r"/runtime/url", r"not a usable URL|needs a host name"),
     # Across two forms: a capability's name given as a string and as an object's `name`.
     (r"/capabilities/\d+", r"is named twice"),
+    # A wallet_policy's amounts: above 0 (the pattern allows "0"), and in order.
+    (r"/wallet_policy/(max_per_transaction|max_per_day|approval_over)", r"above 0|at most max_"),
     # Across two fields: the http call's timeout may not exceed the agent's.
     (r"/runtime/timeout_seconds", r"at most the agent's"),
     # input_schema and output_schema must be valid JSON Schemas (against the metaschema).

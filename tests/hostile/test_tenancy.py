@@ -29,6 +29,7 @@ BODIES = {
     Route("/api/v1/secrets/<name>", "PUT"): {"value": "theirs now"},
     Route("/api/v1/catalog/<org>/<agent>/executions", "POST"): {"input": {}},
     Route("/api/v1/agents/<ref>/state/<key>", "PUT"): {"value": "theirs now"},
+    Route("/api/v1/agents/<ref>/wallet", "POST"): {},
 }
 # Routes that name an object by a name of the caller's own namespace and make it when missing:
 # another organization's token makes its own object (200), never touching ours.
@@ -92,6 +93,11 @@ OBJECT_ROUTES = {
     Route("/api/v1/documents/<document_id>", "GET"),
     Route("/api/v1/documents/<document_id>", "DELETE"),
     Route("/api/v1/documents/<document_id>/content", "GET"),
+    Route("/api/v1/agents/<ref>/wallet", "GET"),
+    Route("/api/v1/agents/<ref>/wallet", "POST"),
+    Route("/api/v1/decisions/<decision_id>", "GET"),
+    Route("/api/v1/decisions/<decision_id>/approve", "POST"),
+    Route("/api/v1/decisions/<decision_id>/reject", "POST"),
 }
 
 
@@ -121,6 +127,7 @@ def snapshot(client, org, world) -> dict[str, object]:
         "/api/v1/secrets",
         "/api/v1/events",
         "/api/v1/documents",
+        "/api/v1/decisions",
     ):
         seen[path] = client.get(path, headers=org.headers).get_json()
     return seen
@@ -169,6 +176,7 @@ def test_another_organizations_lists_show_nothing_of_ours(app, client, org, othe
         world.token["id"],
         world.sent_event["id"],
         world.document["id"],
+        *(str(decision.id) for decision in world.decisions.values()),
     ]
     lists = [route for route in api_routes(app) if route.method == "GET" and not route.arguments]
     assert len(lists) >= 8

@@ -18,6 +18,7 @@ from runyard_client.types import (
     Agent,
     Chain,
     ChainExecution,
+    Decision,
     Document,
     Event,
     EventAccepted,
@@ -29,6 +30,7 @@ from runyard_client.types import (
     SentEvent,
     StateEntry,
     StateKey,
+    Wallet,
 )
 
 PAGE_SIZE = 100
@@ -59,6 +61,8 @@ class Runyard:
         self.schedules = Schedules(self)
         self.state = State(self)
         self.documents = Documents(self)
+        self.wallets = Wallets(self)
+        self.decisions = Decisions(self)
 
     def close(self) -> None:
         self._http.close()
@@ -474,3 +478,37 @@ class Documents:
     def delete(self, document_id: str) -> None:
         """409 (Conflict) while an execution that has not finished uses it."""
         self._c.call("DELETE", f"/documents/{document_id}")
+
+
+class Wallets:
+    """Agents' wallets: one per agent, made by the wallet service (admin)."""
+
+    def __init__(self, client: Runyard) -> None:
+        self._c = client
+
+    def create(self, agent: str, *, label: str | None = None) -> Wallet:
+        body = {} if label is None else {"label": label}
+        return self._c.call("POST", f"/agents/{agent}/wallet", json=body, creates=True)
+
+    def get(self, agent: str) -> Wallet:
+        return self._c.call("GET", f"/agents/{agent}/wallet")
+
+
+class Decisions:
+    """The transfers agents asked for; approve or reject those awaiting approval (admin)."""
+
+    def __init__(self, client: Runyard) -> None:
+        self._c = client
+
+    def list(self, **filters: Any) -> Iterator[Decision]:
+        """Newest first; filters `agent`, `execution_id`, `status`."""
+        return self._c.pages("/decisions", filters)
+
+    def get(self, decision_id: str) -> Decision:
+        return self._c.call("GET", f"/decisions/{decision_id}")
+
+    def approve(self, decision_id: str) -> Decision:
+        return self._c.call("POST", f"/decisions/{decision_id}/approve")
+
+    def reject(self, decision_id: str) -> Decision:
+        return self._c.call("POST", f"/decisions/{decision_id}/reject")

@@ -37,6 +37,7 @@ class Agent(TypedDict, total=False):
     config: dict[str, Any]
     concurrency: dict[str, Any] | None
     rate_limit: dict[str, Any] | None
+    wallet_policy: dict[str, Any] | None
     current_version: str
     visibility: Literal["private", "public"]
     catalog_runs: int
@@ -269,3 +270,39 @@ class SentEvent(TypedDict, total=False):
     resumed: list[str]
     started: list[EventStarted]
     created_by: CreatedBy | None
+
+
+class Wallet(TypedDict, total=False):
+    """An agent's wallet, made by the wallet service."""
+
+    address: str
+    label: str | None
+    provider: str
+    created_at: str
+
+
+DecisionStatus = Literal[
+    "refused", "awaiting_approval", "rejected", "queued", "sent", "mined", "errored"
+]
+
+
+class Decision(TypedDict, total=False):
+    """A transfer an agent asked for: how its policy judged it, and what became of it."""
+
+    id: str
+    agent: str
+    execution_id: str | None
+    kind: str
+    chain: str
+    to: str
+    amount: str
+    currency: str
+    reason: str | None
+    policy_check: dict[str, Any]
+    status: DecisionStatus
+    queue_id: str | None
+    transaction_hash: str | None
+    error: str | None
+    approved_by: CreatedBy | None
+    created_at: str
+    updated_at: str
