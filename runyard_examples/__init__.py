@@ -1,6 +1,6 @@
 """Example agents that `runyard up` loads into the `default` organization: the `script` agents
-below, and the `python` agents of runyard_examples.text and runyard_examples.durable (durable
-agents: children, event waits, state), which declare themselves with
+below, and the `python` agents of runyard_examples.text, runyard_examples.durable (durable
+agents: children, event waits, state) and runyard_examples.payments, which declare themselves with
 `@runyard_client.agent`. examples/agents/ holds all of them as manifests
 (`runyard agents apply -f examples/agents`)."""
 
@@ -95,6 +95,6 @@ SCRIPT_AGENTS: list[dict[str, Any]] = [
 
 # Everything `runyard up` loads: the python agents as they declare themselves, then the scripts.
 AGENTS: list[dict[str, Any]] = [
-    *discover("runyard_examples.text", "runyard_examples.durable"),
+    *discover("runyard_examples.text", "runyard_examples.durable", "runyard_examples.payments"),
     *SCRIPT_AGENTS,
 ]

@@ -279,3 +279,16 @@ def retries_a_step(payload, ctx):
             continue
     ctx.sleep(1)
     return {"value": value, "after": ctx.step("after", lambda: "done")}
+
+
+def pays(payload, ctx):
+    """ctx.wallet.transfer as the input says; a refusal is the output, not a failure."""
+    from workers.context import TransferRefused
+
+    try:
+        paid = ctx.wallet.transfer(
+            payload["chain"], payload["to"], payload["amount"], payload.get("reason", "test")
+        )
+    except TransferRefused as refused:
+        return {"refused": refused.reason, "decision": refused.decision.get("id")}
+    return {"paid": paid, "address": ctx.wallet.address}

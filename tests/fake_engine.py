@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,6 +55,9 @@ class FakeEngine:
         self.failure: tuple[int, str] | None = None
         # A status the next polls answer instead of stepping (errored, cancelled).
         self.final_status: str | None = None
+        # Seconds a transfer's answer is held back after the transfer was queued: a caller
+        # killed meanwhile has had its transfer accepted without hearing so.
+        self.transfer_answer_delay = 0.0
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
@@ -136,6 +140,8 @@ class FakeEngine:
                 with engine._lock:
                     engine.calls.append(call)
                     status, body = engine._answer(call)
+                if call.path.endswith("/transfer") and engine.transfer_answer_delay:
+                    time.sleep(engine.transfer_answer_delay)
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

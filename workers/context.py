@@ -17,9 +17,21 @@ from app import storable
 from app.errors import StateConflict
 from app.executions.spec import LEVELS
 from workers.context_documents import Document, DocumentSource, HandedDocuments, HandedFiles
+from workers.context_wallet import TransferRefused, Wallet, WalletGateway
 
-# Agents import the exceptions of durable calls from here: ChildFailed, StateConflict.
-__all__ = ["ChildFailed", "Context", "Nondeterministic", "StateConflict", "Suspended"]
+# Agents import the exceptions of durable calls from here: ChildFailed, StateConflict,
+# TransferRefused.
+__all__ = [
+    "ChildFailed",
+    "Context",
+    "Nondeterministic",
+    "StateConflict",
+    "Suspended",
+    "TransferRefused",
+]
+
+# How long a transfer above approval_over waits for an admin before it is refused.
+APPROVAL_TIMEOUT_SECONDS = 7 * 24 * 3600
 
 
 class LogLines(Protocol):
@@ -173,6 +185,7 @@ class Context:
         state: Any = None,
         issue_token: Callable[[], str] | None = None,
         documents: DocumentSource | None = None,
+        wallet: WalletGateway | None = None,
     ) -> None:
         self.execution_id = str(execution_id)
         self.attempt = attempt
@@ -192,6 +205,8 @@ class Context:
         self._token: str | None = None
         # Read on first use only (workers/context_documents.py).
         self._documents = HandedDocuments(documents)
+        # ctx.wallet.address, ctx.wallet.transfer (workers/context_wallet.py).
+        self.wallet = Wallet(self._calls, wallet, APPROVAL_TIMEOUT_SECONDS)
 
     def cancelled(self) -> bool:
         """True once a cancel was asked; asks the database at most every CANCEL_CHECK_SECONDS."""
@@ -309,6 +324,9 @@ class Context:
             return {"nondeterministic": str(exc)}, None
         except ChildFailed as exc:
             return {"raise": "ChildFailed", "message": str(exc), "child": exc.as_dict()}, None
+        except TransferRefused as exc:
+            refused = {"raise": "TransferRefused", "message": exc.reason, "decision": exc.decision}
+            return refused, None
         except Exception as exc:
             kind = type(exc).__name__
             if kind not in ("TypeError", "StateConflict"):
@@ -326,6 +344,10 @@ class Context:
             return calls.abandon(*args)
         if op in ("start", "wait", "sleep", "sleep_until", "wait_for_event"):
             return getattr(calls, op)(*args)
+        if op == "wallet.transfer":
+            return self.wallet.transfer(*args)
+        if op == "wallet.address":
+            return self.wallet.address
         if op.startswith("state.") and self.state is not None:
             method = op.removeprefix("state.")
             if method in ("get", "entry", "set", "delete"):

@@ -29,6 +29,7 @@ from workers.lease import lease_keeper
 from workers.logbuffer import LogBuffer
 from workers.progress import ProgressReporter
 from workers.runtimes import Outcome, Runtime, runtime_for
+from workers.wallet_gateway import DatabaseWallet
 from workers.watchdog import watchdog
 
 log = logging.getLogger(__name__)
@@ -90,21 +91,7 @@ def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
         redactor=redactor,
     )
     progress = ProgressReporter(database, claimed, redactor)
-    ctx = Context(
-        execution_id=execution_id,
-        attempt=claimed.attempt,
-        agent={"name": spec.agent_name, "version": spec.version},
-        config=resolved.config,
-        log=AgentLog(buffer),
-        check_cancel=CancelCheck(database, execution_id),
-        progress=progress,
-        traceparent=claimed.traceparent,
-        durable=Journal(database, claimed),
-        # The execution's organization: a catalog run keeps its own state, apart from the owner's.
-        state=AgentState(database.connection, claimed.org_id, spec.agent_id),
-        issue_token=lambda: _issue_token(database, claimed),
-        documents=DocumentLoader(database, execution_id),
-    )
+    ctx = _context(database, claimed, spec, resolved.config, buffer, progress)
     try:
         if unresolved is not None:
             outcome = unresolved
@@ -144,6 +131,33 @@ def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
             "record the outcome",
             lambda conn: _settle(conn, claimed, spec, outcome, buffer),
         )
+
+
+def _context(
+    database: AttemptDatabase,
+    claimed: Claim,
+    spec: VersionSpec,
+    config: dict[str, Any],
+    buffer: LogBuffer,
+    progress: ProgressReporter,
+) -> Context:
+    """The agent's `ctx`: its log, progress, durable calls, state, documents and wallet."""
+    return Context(
+        execution_id=claimed.execution_id,
+        attempt=claimed.attempt,
+        agent={"name": spec.agent_name, "version": spec.version},
+        config=config,
+        log=AgentLog(buffer),
+        check_cancel=CancelCheck(database, claimed.execution_id),
+        progress=progress,
+        traceparent=claimed.traceparent,
+        durable=Journal(database, claimed),
+        # The execution's organization: a catalog run keeps its own state, apart from the owner's.
+        state=AgentState(database.connection, claimed.org_id, spec.agent_id),
+        issue_token=lambda: _issue_token(database, claimed),
+        documents=DocumentLoader(database, claimed.execution_id),
+        wallet=DatabaseWallet(database, claimed.execution_id, claimed.attempt, spec.agent_id),
+    )
 
 
 def _with_secrets(

@@ -111,6 +111,15 @@ class StateConflict(Exception):
     """ctx.state.set with an expected_version that is not the key's version."""
 
 
+class TransferRefused(Exception):
+    """ctx.wallet.transfer was refused or rejected: nothing left the wallet."""
+
+    def __init__(self, reason, decision=None):
+        super().__init__(reason)
+        self.reason = reason
+        self.decision = decision or {}
+
+
 ERRORS = {"StateConflict": StateConflict, "TypeError": TypeError, "ValueError": ValueError}
 
 
@@ -135,6 +144,8 @@ class Calls:
             raise Nondeterministic(reply["nondeterministic"])
         if reply.get("raise") == "ChildFailed":
             raise ChildFailed(reply["message"], reply["child"])
+        if reply.get("raise") == "TransferRefused":
+            raise TransferRefused(reply["message"], reply.get("decision"))
         raise ERRORS.get(reply.get("raise"), RuntimeError)(reply.get("message"))
 
 
@@ -157,6 +168,22 @@ class State:
         return self._call("state.delete", key)
 
 
+class Wallet:
+    """ctx.wallet, answered by the worker (workers/context_wallet.py runs the transfer)."""
+
+    def __init__(self, call):
+        self._call = call
+
+    @property
+    def address(self):
+        return self._call("wallet.address")
+
+    def transfer(self, chain, to, amount, reason):
+        if isinstance(amount, float):
+            raise TypeError("ctx.wallet.transfer(amount): pass a decimal string, not float")
+        return self._call("wallet.transfer", chain, to, str(amount), reason)
+
+
 class Ctx:
     """The `ctx` of main(input, ctx): the execution, the agent's config, a log, progress, the
     trace context, whether a cancel was asked for, and the durable calls."""
@@ -172,6 +199,7 @@ class Ctx:
         self._send = send
         self._call = call
         self.state = State(call)
+        self.wallet = Wallet(call)
 
     def step(self, name, fn, *args):
         found, seq, result = self._call("step.begin", name)
@@ -276,6 +304,7 @@ def run_script(request: dict, ctx: Ctx, send):
         "__name__": "runyard_script",
         "ChildFailed": ChildFailed,
         "StateConflict": StateConflict,
+        "TransferRefused": TransferRefused,
     }
     try:
         exec(compile(request["source"], "<agent script>", "exec"), namespace)

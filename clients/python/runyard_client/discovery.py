@@ -31,6 +31,7 @@ def agent(
     config: dict[str, Any] | None = None,
     concurrency: dict[str, Any] | None = None,
     rate_limit: dict[str, Any] | None = None,
+    wallet_policy: dict[str, Any] | None = None,
 ) -> Callable[[F], F]:
     """Declare the decorated `function(input, ctx)` as an agent. The function is returned as it
     is: the worker calls it exactly as if it were not decorated."""
@@ -52,6 +53,7 @@ def agent(
             "config": config,
             "concurrency": concurrency,
             "rate_limit": rate_limit,
+            "wallet_policy": wallet_policy,
         }
         definition = {
             "name": name or function.__name__.replace("_", "-"),
