@@ -76,6 +76,9 @@ def pytest_configure(config: pytest.Config) -> None:
         _embedded.append(redis)
         redis_url = redis.start()
     redis_url = _claim_redis_database(redis_url)
+    broker_url = os.environ.get("RUNYARD_BROKER_URL")
+    if broker_url and broker_url.startswith("amqp://"):
+        os.environ["RUNYARD_BROKER_URL"] = _claim_rabbitmq_vhost(broker_url)
     os.environ.update(
         {
             "DATABASE_URL": database_url,
@@ -131,6 +134,33 @@ def _claim_redis_database(redis_url: str) -> str:
 _claimed_redis: list[str] = []
 
 
+def rabbitmqctl(*args: str) -> str:
+    """The machine's RabbitMQ, as root: `rabbitmqctl` must be on PATH where tests run on it."""
+    done = subprocess.run(
+        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    if done.returncode != 0:
+        raise pytest.UsageError(f"rabbitmqctl {' '.join(args)} failed:\n{done.stderr}")
+    return done.stdout
+
+
+def _claim_rabbitmq_vhost(broker_url: str) -> str:
+    """RabbitMQ's counterpart of the Redis database number: a vhost of this run's own, made
+    here and deleted at the end (queues, messages and the sweeper's marker queue with it), so
+    parallel runs never share queues. The URL's user gets every permission on it."""
+    parts = urlsplit(broker_url)
+    vhost = f"runyard_test_{RUN_ID}"
+    with contextlib.suppress(pytest.UsageError):
+        rabbitmqctl("delete_vhost", vhost)  # left by a crashed run of the same pid
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, parts.username or "guest", ".*", ".*", ".*")
+    _claimed_vhosts.append(vhost)
+    return urlunsplit(parts._replace(path=f"/{vhost}"))
+
+
+_claimed_vhosts: list[str] = []
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     from app.db import db
     from app.executions import events
@@ -146,6 +176,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         with contextlib.suppress(redis_client.RedisError):
             client = redis_client.Redis.from_url(url)
             client.flushdb()
+    for vhost in _claimed_vhosts:
+        with contextlib.suppress(pytest.UsageError, OSError, subprocess.SubprocessError):
+            rabbitmqctl("delete_vhost", vhost)
     for server in reversed(_embedded):
         server.stop()
 

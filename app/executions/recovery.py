@@ -3,7 +3,7 @@
 The sweeper requeues (and publishes) or fails executions whose lease ran out, publishes rows
 committed but never published, publishes every queued row again after the broker lost its data
 or restarted, and gives back messages a dead worker took but never claimed. Kept apart from
-the hot path. The broker's side (kombu's Redis keys, the sweeper's marker) is app/broker.py's,
+the hot path. The broker's side (kombu's Redis keys, the sweeper's marker) is app/broker's,
 the SQL is app/executions/leases.py's; what a swept chain step means for its chain is the
 caller's (`ChainHooks`, given by workers/maintenance.py): executions know nothing of chains.
 """
@@ -75,7 +75,7 @@ def sweep(budget_seconds: float | None = None, *, chains: ChainHooks | None = No
     budget = max(1.0, cfg.sweep_interval_seconds if budget_seconds is None else budget_seconds)
     deadline = time.monotonic() + budget
     report = SweepReport()
-    watch = BrokerWatch.for_broker(cfg.broker_url)
+    watch = BrokerWatch.for_broker(cfg.broker_url, cfg.redis_url)
     ended_steps = _end_expired_leases(report, watch)
     try:
         with watch.exclusive(budget + LOCK_MARGIN_SECONDS) if watch else _no_lock() as held:
@@ -86,8 +86,11 @@ def sweep(budget_seconds: float | None = None, *, chains: ChainHooks | None = No
                     _recover_from_broker_reset(
                         watch, report, deadline, cfg.chain_stall_seconds, chains
                     )
-                    _restore_stranded(report, cfg.dispatch_grace_seconds)
-                    _republish_vanished(report, cfg.dispatch_grace_seconds)
+                    # RabbitMQ gives a dead consumer's messages back by itself, and takes a
+                    # message in one step: nothing stranded or vanished to look for there.
+                    if watch.reads_messages:
+                        _restore_stranded(report, cfg.dispatch_grace_seconds)
+                        _republish_vanished(report, cfg.dispatch_grace_seconds)
                 _republish_undispatched(report, deadline, cfg.dispatch_grace_seconds)
     except broker.BrokerError:
         # Nothing can be published without the broker; the rows wait, safe, for the next sweep.
