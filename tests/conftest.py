@@ -32,6 +32,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from tests.brokers import add_vhost, delete_vhost, ensure_rabbitmq_running
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = f"{os.getpid()}"
 TEST_AGENT_MODULES = "runyard_examples,tests.agents"
@@ -78,7 +80,10 @@ def pytest_configure(config: pytest.Config) -> None:
     redis_url = _claim_redis_database(redis_url)
     broker_url = os.environ.get("RUNYARD_BROKER_URL")
     if broker_url and broker_url.startswith("amqp://"):
-        os.environ["RUNYARD_BROKER_URL"] = _claim_rabbitmq_vhost(broker_url)
+        # RabbitMQ's counterpart of the Redis database number: a vhost of this run's own.
+        vhost = f"runyard_test_{RUN_ID}"
+        os.environ["RUNYARD_BROKER_URL"] = add_vhost(broker_url, vhost)
+        _claimed_vhosts.append(vhost)
     os.environ.update(
         {
             "DATABASE_URL": database_url,
@@ -134,30 +139,6 @@ def _claim_redis_database(redis_url: str) -> str:
 _claimed_redis: list[str] = []
 
 
-def rabbitmqctl(*args: str) -> str:
-    """The machine's RabbitMQ, as root: `rabbitmqctl` must be on PATH where tests run on it."""
-    done = subprocess.run(
-        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    if done.returncode != 0:
-        raise pytest.UsageError(f"rabbitmqctl {' '.join(args)} failed:\n{done.stderr}")
-    return done.stdout
-
-
-def _claim_rabbitmq_vhost(broker_url: str) -> str:
-    """RabbitMQ's counterpart of the Redis database number: a vhost of this run's own, made
-    here and deleted at the end (queues, messages and the sweeper's marker queue with it), so
-    parallel runs never share queues. The URL's user gets every permission on it."""
-    parts = urlsplit(broker_url)
-    vhost = f"runyard_test_{RUN_ID}"
-    with contextlib.suppress(pytest.UsageError):
-        rabbitmqctl("delete_vhost", vhost)  # left by a crashed run of the same pid
-    rabbitmqctl("add_vhost", vhost)
-    rabbitmqctl("set_permissions", "-p", vhost, parts.username or "guest", ".*", ".*", ".*")
-    _claimed_vhosts.append(vhost)
-    return urlunsplit(parts._replace(path=f"/{vhost}"))
-
-
 _claimed_vhosts: list[str] = []
 
 
@@ -176,9 +157,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         with contextlib.suppress(redis_client.RedisError):
             client = redis_client.Redis.from_url(url)
             client.flushdb()
+    if _claimed_vhosts:
+        # A broker fault test that failed between stop_app and start_app: the machine's
+        # RabbitMQ is left running whatever happened.
+        ensure_rabbitmq_running()
     for vhost in _claimed_vhosts:
-        with contextlib.suppress(pytest.UsageError, OSError, subprocess.SubprocessError):
-            rabbitmqctl("delete_vhost", vhost)
+        delete_vhost(vhost)
     for server in reversed(_embedded):
         server.stop()
 

@@ -17,7 +17,6 @@ Functions here raise the transport's errors; the callers decide what a broker ou
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import functools
 import json
 import time

@@ -10,7 +10,6 @@ import redis
 
 from app.config import current_config
 
-
 # Refill by the server's clock (one clock for every API process), then take `n` if there are.
 _TAKE_TOKENS = """
 local rate, burst, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
