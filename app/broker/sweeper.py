@@ -2,11 +2,11 @@
 queue holds, read from kombu's Redis keys; and BrokerWatch, which notices a broker that lost its
 data or restarted, and keeps the sweepers' lock and recovery state.
 
-On Redis all of it lives in the broker's own database. On RabbitMQ there is nothing to read
-(RabbitMQ gives a dead consumer's unacknowledged messages back by itself, and takes a message in
-one step) and the marker is a durable queue holding one persistent message; the lock and the
-recovery state live in REDIS_URL's Redis, which Runyard needs anyway (chords' result backend,
-token buckets).
+On Redis all of it lives in the broker's own database. On RabbitMQ nothing taken by a worker
+needs giving back (RabbitMQ gives a dead consumer's unacknowledged messages back by itself), the
+messages waiting in a queue are read and given back, and the marker is a durable queue holding
+one persistent message; the lock and the recovery state live in REDIS_URL's Redis, which Runyard
+needs anyway (chords' result backend, token buckets).
 """
 
 from __future__ import annotations
@@ -82,7 +82,10 @@ def _taken_run_messages(
 
 def message_ids_held(queues: set[str], scan_limit: int) -> tuple[set[str], set[str]]:
     """(the task ids of every message in `queues` or taken by a worker, the queues holding more
-    than `scan_limit` messages, which were not read)."""
+    than `scan_limit` messages, which were not read). On RabbitMQ, the messages waiting in the
+    queues only: what its consumers hold cannot be read."""
+    if is_amqp(celery_app.conf.broker_url):
+        return _ids_waiting_in_rabbitmq(queues, min(scan_limit, AMQP_SCAN_LIMIT))
     with _redis_channel() as channel:
         client = channel.client
         present = _message_ids(client.hvals(channel.unacked_key))
@@ -94,6 +97,41 @@ def message_ids_held(queues: set[str], scan_limit: int) -> tuple[set[str], set[s
                 continue
             for key in keys:
                 present |= _message_ids(client.lrange(key, 0, -1), queued=True)
+    return present, unread
+
+
+# RabbitMQ has no peek: each message is fetched (basic.get, one round trip) and given back.
+AMQP_SCAN_LIMIT = 5_000
+
+
+def _ids_waiting_in_rabbitmq(queues: set[str], scan_limit: int) -> tuple[set[str], set[str]]:
+    """Read every message waiting in the queues without acknowledging it, on a channel of its
+    own: closing the channel gives them back to their queue, in their place (redelivered set,
+    which Celery ignores). While read they are held from the workers for a moment."""
+    present: set[str] = set()
+    unread: set[str] = set()
+    with celery_app.connection_or_acquire() as connection:
+        connection.ensure_connection(max_retries=1)
+        for queue in queues:
+            channel = connection.channel()
+            try:
+                try:
+                    waiting = channel.queue_declare(queue, passive=True)[1]
+                except amqp.exceptions.NotFound:
+                    continue  # no queue, no message (the failed declare closed the channel)
+                if waiting > scan_limit:
+                    unread.add(queue)
+                    continue
+                for _ in range(waiting):
+                    message = channel.basic_get(queue, no_ack=False)
+                    if message is None:
+                        break
+                    task_id = (message.headers or {}).get("id")
+                    if task_id:
+                        present.add(task_id)
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
     return present, unread
 
 

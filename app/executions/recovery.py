@@ -86,11 +86,13 @@ def sweep(budget_seconds: float | None = None, *, chains: ChainHooks | None = No
                     _recover_from_broker_reset(
                         watch, report, deadline, cfg.chain_stall_seconds, chains
                     )
-                    # RabbitMQ gives a dead consumer's messages back by itself, and takes a
-                    # message in one step: nothing stranded or vanished to look for there.
+                    # RabbitMQ gives a dead consumer's messages back by itself: nothing
+                    # stranded in a worker to give back there.
                     if watch.reads_messages:
                         _restore_stranded(report, cfg.dispatch_grace_seconds)
-                        _republish_vanished(report, cfg.dispatch_grace_seconds)
+                    _republish_vanished(
+                        report, cfg.dispatch_grace_seconds, retries=watch.reads_messages
+                    )
                 _republish_undispatched(report, deadline, cfg.dispatch_grace_seconds)
     except broker.BrokerError:
         # Nothing can be published without the broker; the rows wait, safe, for the next sweep.
@@ -202,17 +204,23 @@ def _restore_stranded(report: SweepReport, grace_seconds: float) -> None:
 VANISHED_SCAN_LIMIT = 20_000
 
 
-def _republish_vanished(report: SweepReport, grace_seconds: float) -> None:
+def _republish_vanished(report: SweepReport, grace_seconds: float, *, retries: bool) -> None:
     """Publish again a queued row whose message is nowhere in the broker.
 
-    kombu's Redis transport takes a message in two steps: BRPOP from the queue, then HSET into
-    `unacked`. A worker killed between the two (a window of microseconds, hit once in a few
-    thousand kills) takes the message out of Redis for good, and its row stays `queued` and
-    stamped. So the rows published at least a dispatch grace ago and still queued are looked for
-    in their queues and in `unacked`; those found nowhere are published again. A duplicate (one
-    taken in that same window by a live worker) is dropped by the claim."""
+    Rows let out by a gate (or a durable wake-up) are stamped in the transaction that lets them
+    out and published once it commits: a process killed in between, or a publish that failed
+    because the broker was down, leaves a row `queued` and stamped with no message. On Redis
+    besides, kombu takes a message in two steps (BRPOP from the queue, then HSET into `unacked`)
+    and a worker killed between the two takes it out of Redis for good. So the rows published
+    at least a dispatch grace ago and still queued are looked for in their queues (and in
+    `unacked` on Redis); those found nowhere are published again. A duplicate (one taken in that
+    same window by a live worker) is dropped by the claim.
+
+    Without `retries` (RabbitMQ, whose consumers' unacknowledged messages cannot be read) rows
+    already attempted are left out: a retry's countdown message sits in a live worker until due,
+    and publishing it again would start the retry before its backoff."""
     with db.hot() as conn:
-        rows = leases.stale_queued(conn, grace_seconds, SWEEP_BATCH)
+        rows = leases.stale_queued(conn, grace_seconds, SWEEP_BATCH, retries=retries)
         if not rows:
             return
         waiting = _dispatches(conn, rows)

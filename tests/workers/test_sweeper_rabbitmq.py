@@ -9,10 +9,13 @@ import uuid
 
 import pytest
 import redis
+from sqlalchemy import text
 
 from app.broker import LOCK_KEY, MARKER_QUEUE, BrokerWatch, celery_app
 from app.config import current_config
-from app.executions import recovery
+from app.db import db
+from app.executions import dispatch, recovery
+from app.executions.versions import specs
 from tests.brokers import on_rabbitmq
 from tests.workers.test_sweeper import QUEUE, agent_id, insert_queued  # noqa: F401 (fixture)
 
@@ -109,3 +112,32 @@ def test_a_sweep_that_finds_the_lock_held_in_redis_publishes_nothing(agent_id, s
     assert report.skipped and report.republished == 0 and report.broker_reset is None
     assert take_messages(QUEUE) == []
     assert recovery.sweep().broker_reset
+
+
+def test_queued_rows_whose_message_vanished_are_published_again_on_rabbitmq(
+    agent_id,  # noqa: F811
+    settled,
+):
+    """Rows stamped when a gate let them out, whose publisher died (or met the broker down)
+    before publishing: queued and stamped long ago, no message. The messages waiting in the
+    queue are read and given back; a retry (attempt 1) is left alone, its countdown message
+    possibly held by a live worker where it cannot be read."""
+    ids = insert_queued(agent_id, 6, dispatched=True)
+    with db.hot() as conn:
+        conn.execute(
+            text(
+                "UPDATE executions SET dispatched_at = now() - interval '5 minutes', "
+                "attempt = CASE WHEN id = :retry THEN 1 ELSE 0 END WHERE id = ANY(:ids)"
+            ),
+            {"ids": ids, "retry": ids[-1]},
+        )
+        version_id = conn.execute(
+            text("SELECT version_id FROM executions WHERE id = :id"), {"id": ids[0]}
+        ).scalar()
+        spec = specs.get(conn, version_id)
+    waiting = ids[:2]
+    dispatch.publish_many([dispatch.Dispatch(execution_id, spec, 5) for execution_id in waiting])
+    report = recovery.sweep()
+    assert report.vanished == 3, report
+    assert recovery.sweep().vanished == 0, "found in the queue now, given back by the read"
+    assert sorted(take_messages(QUEUE)) == sorted(ids[:-1]), "each row's message once"
