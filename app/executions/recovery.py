@@ -34,7 +34,7 @@ class SweepReport:
     republished: int = 0
     requeued: int = 0
     lost: int = 0
-    # Set when the broker's Redis lost its data or restarted since the last sweep.
+    # Set when the broker lost its data (or, Redis, restarted) since the last sweep.
     broker_reset: str | None = None
     # Queued rows published again because the broker may have lost their messages.
     recovered: int = 0
@@ -303,11 +303,11 @@ def _no_lock() -> Iterator[bool]:
 class DatabaseOutages:
     """Since when the sweeper has found the database unreachable, until a sweep reaches it.
 
-    Kept in the broker's Redis when the broker is Redis (BrokerWatch): every beat shares it (a
-    sweep that failed in one is known to the next, wherever it runs) and a beat restarted after
-    the outage still knows. Kept in this process's memory as well, for brokers other than Redis
-    and for a Redis that cannot be reached: a sweeper running in one process (beat) needs
-    nothing more. Either one saying "away" is enough: an extension too many costs the attempts
+    Kept in BrokerWatch's Redis (the broker's, or REDIS_URL's with RabbitMQ): every beat shares
+    it (a sweep that failed in one is known to the next, wherever it runs) and a beat restarted
+    after the outage still knows. Kept in this process's memory as well, for other brokers and
+    for a Redis that cannot be reached: a sweeper running in one process (beat) needs nothing
+    more. Either one saying "away" is enough: an extension too many costs the attempts
     of dead workers one lease of delay, an extension missed costs healthy attempts their outcome.
 
     Measured from the sweeper's failures rather than from the gap since its last success: the
