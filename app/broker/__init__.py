@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -211,9 +213,10 @@ def send_runs_in_bulk(messages: list[RunMessage]) -> None:
 
 
 class _Confirms:
-    """RabbitMQ's answers to the messages published on one channel in confirm mode: delivery
-    tags 1, 2, ... in publish order; an ack or nack may cover every tag up to its own
-    (`multiple`); a mandatory message no queue took comes back (basic.return) before its ack."""
+    """RabbitMQ's answers to the messages of one bulk publish on a channel in confirm mode: the
+    channel's delivery tags count its publishes, 1, 2, ...; an ack or nack may cover every tag
+    up to its own (`multiple`); a mandatory message no queue took comes back (basic.return)
+    before its ack."""
 
     def __init__(self) -> None:
         self.outstanding: set[int] = set()
@@ -233,26 +236,32 @@ class _Confirms:
         self.refused.append(f"no queue took a message for {routing_key!r}")
 
 
-def _publish_confirmed(connection: Any, groups: dict[tuple, list[RunMessage]]) -> None:
-    """Publish every group on a channel of its own, then wait once for RabbitMQ to confirm them
-    all: a confirmed persistent message is on disk in a durable queue, so the caller may stamp
-    its row dispatched. One round trip for the batch, not one per message (py-amqp's
-    confirm_publish waits after each). Raises when anything was refused or not confirmed in
-    time: the rows stay unstamped and the sweeper publishes them again (the claim drops a
-    duplicate)."""
-    channel = connection.channel()
-    try:
-        channel.confirm_select()
-        confirms = _Confirms()
-        channel.events["basic_ack"].add(confirms.ack)
-        channel.events["basic_nack"].add(confirms.nack)
-        channel.events["basic_return"].add(confirms.returned)
-        tag = 0
+class _ConfirmedPublisher:
+    """A channel in confirm mode kept beside a pooled connection's own, with the queues it
+    declared: a bulk publish of one message costs one round trip (the confirm), not the seven
+    a channel opened, confirm-selected, declared on and closed each time cost (measured: 7 ms
+    a lone submit against 2.4 ms for send_task's confirmed publish). Any error drops it: the
+    next one opens afresh and declares again (a broker that lost its data lost its queues)."""
+
+    def __init__(self, connection: Any) -> None:
+        self.pid = os.getpid()
+        self.channel = connection.channel()
+        self.channel.confirm_select()
+        self.declared: set[str] = set()
+        self.sent = 0
+        self.confirms = _Confirms()
+        self.channel.events["basic_ack"].add(lambda *args: self.confirms.ack(*args))
+        self.channel.events["basic_nack"].add(lambda *args: self.confirms.nack(*args))
+        self.channel.events["basic_return"].add(lambda *args: self.confirms.returned(*args))
+
+    def publish(self, connection: Any, groups: dict[tuple, list[RunMessage]]) -> None:
+        channel, confirms = self.channel, _Confirms()
+        self.confirms = confirms
         for (queue_name, priority, soft_limit, hard_limit), members in groups.items():
             queue = celery_app.amqp.queues[queue_name]
-            # Declared on every bulk publish (one round trip a queue): a broker that lost its
-            # data lost its queues, and kombu's per-connection cache would not declare again.
-            queue(channel).declare()
+            if queue.name not in self.declared:
+                queue(channel).declare()
+                self.declared.add(queue.name)
             for body, headers, properties in _envelopes(queue, soft_limit, hard_limit, members):
                 message = channel.prepare_message(
                     body,
@@ -264,22 +273,43 @@ def _publish_confirmed(connection: Any, groups: dict[tuple, list[RunMessage]]) -
                 )
                 # Not basic_publish: with confirm_publish it would wait for each message.
                 channel._basic_publish(message, exchange="", routing_key=queue.name, mandatory=True)
-                tag += 1
-                confirms.outstanding.add(tag)
+                self.sent += 1
+                confirms.outstanding.add(self.sent)
         deadline = time.monotonic() + CONFIRM_TIMEOUT_SECONDS
         while confirms.outstanding:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(
-                    f"RabbitMQ confirmed {tag - len(confirms.outstanding)} of {tag} messages "
+                    f"RabbitMQ did not confirm {len(confirms.outstanding)} messages "
                     f"within {CONFIRM_TIMEOUT_SECONDS:.0f}s"
                 )
             connection.drain_events(timeout=remaining)
         if confirms.refused:
             raise RuntimeError("RabbitMQ refused messages: " + "; ".join(confirms.refused[:5]))
-    finally:
+
+
+# One publisher per pooled connection (py-amqp's), for as long as the connection lives.
+_publishers: weakref.WeakKeyDictionary[Any, _ConfirmedPublisher] = weakref.WeakKeyDictionary()
+
+
+def _publish_confirmed(connection: Any, groups: dict[tuple, list[RunMessage]]) -> None:
+    """Publish every group on the connection's confirm channel, then wait once for RabbitMQ to
+    confirm them all: a confirmed persistent message is on disk in a durable queue, so the
+    caller may stamp its row dispatched. One round trip for the batch, not one per message
+    (py-amqp's confirm_publish waits after each). Raises when anything was refused or not
+    confirmed in time: the rows stay unstamped and the sweeper publishes them again (the claim
+    drops a duplicate)."""
+    raw = connection.connection
+    publisher = _publishers.get(raw)
+    if publisher is None or publisher.pid != os.getpid() or not publisher.channel.is_open:
+        publisher = _publishers[raw] = _ConfirmedPublisher(connection)
+    try:
+        publisher.publish(connection, groups)
+    except BaseException:
+        _publishers.pop(raw, None)
         with contextlib.suppress(Exception):
-            channel.close()
+            publisher.channel.close()
+        raise
 
 
 def _envelopes(

@@ -55,3 +55,16 @@ def test_a_queue_declared_without_priorities_is_refused_with_what_to_do(queue):
         assert "PRECONDITION_FAILED" in str(refused.value)
         assert "rabbitmqctl delete_queue" in str(refused.value)
     assert queue_depth(queue) == 0
+
+
+def test_a_queue_deleted_under_the_publisher_refuses_then_is_declared_again(queue):
+    """The confirm channel remembers what it declared; a queue deleted meanwhile (by hand, or a
+    broker that lost its data) returns the mandatory message: the publish raises (its rows stay
+    the sweeper's) and the next one declares the queue again."""
+    broker.send_runs_in_bulk(messages(queue, 1))
+    with celery_app.connection_for_write() as connection:
+        connection.channel().queue_delete(queue)
+    with pytest.raises(RuntimeError, match="no queue took"):
+        broker.send_runs_in_bulk(messages(queue, 1))
+    broker.send_runs_in_bulk(messages(queue, 2))
+    assert queue_depth(queue) == 2
