@@ -24,6 +24,8 @@ accept_content = ["json"]
 event_serializer = "json"
 
 # A message is acknowledged after its task ran, and given back if the pool process dies.
+# On RabbitMQ, a delivery unacknowledged past the server's consumer_timeout (30 minutes by
+# default) closes the worker's channel: raise it above RUNYARD_MAX_TIMEOUT_SECONDS (README).
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
@@ -46,6 +48,26 @@ broker_transport_options = {
     "socket_timeout": 30,
 }
 result_backend_transport_options = {"visibility_timeout": _cfg.max_timeout_seconds + 3600}
+
+if broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
+    # RabbitMQ (README, "Choosing a broker"). Classic durable queues, not quorum queues: quorum
+    # queues have no message priorities in RabbitMQ 3.10 (and only two levels from 3.12), and
+    # the API's 0..9 must hold. Every queue Celery declares, those task_create_missing_queues
+    # makes included, carries x-max-priority=9: RabbitMQ serves the highest first
+    # (app/broker: the API's priority goes out as is). A queue that exists without it cannot be
+    # declared again (PRECONDITION_FAILED: app/broker.QueueMismatch says what to do).
+    task_queue_max_priority = 9
+    # A message sent without a priority (notifications) is served first, as on Redis, where no
+    # priority is kombu's 0, the most urgent.
+    task_default_priority = 9
+    # Persistent messages (Celery's default delivery mode, set again here as the promise it
+    # is) in durable queues, and every publish waits for RabbitMQ's confirm (py-amqp's
+    # confirm_publish): a publish that returned is on disk, so the row it stamps `dispatched`
+    # is safe across a broker crash. The bulk publish (app/broker:_publish_confirmed) waits
+    # once per batch instead of once a message.
+    task_default_delivery_mode = "persistent"
+    # (py-amqp ignores the Redis options above.)
+    broker_transport_options["confirm_publish"] = True
 
 # Task events cost the worker about 0.7 ms of CPU per execution (measured by bench/throughput.py);
 # Flower switches them on in the workers it watches, so they are paid only while someone looks.

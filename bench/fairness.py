@@ -83,7 +83,7 @@ AGENT_MODULES = "runyard_examples,bench.plain_fairness"
 TERMINAL = ("succeeded", "failed", "timed_out", "cancelled")
 TARGET_P99 = 1.0  # seconds: B's p99 queue wait with flow control on
 POLL_SECONDS = 0.1
-# The sweeper's marker in the broker's Redis (app/broker.py MARKER_KEY): its first sweep sets it,
+# The sweeper's marker in the broker's Redis (app/broker MARKER_KEY): its first sweep sets it,
 # and republishes every queued row once (it cannot tell a new Redis from a flushed one). The
 # bench waits for that sweep before A submits, so A's backlog is not published twice.
 MARKER_KEY = "runyard:broker-marker"

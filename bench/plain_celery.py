@@ -1,10 +1,12 @@
 """Plain Celery, the baseline of bench/throughput.py: a no-op task on the same broker settings.
 
-`celery -A bench.plain_celery worker ...` (from the repository root). The broker and result
-backend are REDIS_URL; the settings mirror celeryconfig.py where they shape the cost of a message
-(JSON, acks_late, reject on worker lost, prefetch 1, the Redis transport options) but, unlike
-Runyard, store every result in the Redis result backend: that is how plain Celery hands a result
-back, and the benchmark waits for it.
+`celery -A bench.plain_celery worker ...` (from the repository root). The broker is
+BENCH_BROKER_URL when set (bench/throughput.py --broker-url: RabbitMQ, with Celery's defaults
+there: no priorities, no publisher confirms), else REDIS_URL; the result backend is REDIS_URL.
+The settings mirror celeryconfig.py where they shape the cost of a message (JSON, acks_late,
+reject on worker lost, prefetch 1, the Redis transport options) but, unlike Runyard, store every
+result in the Redis result backend: that is how plain Celery hands a result back, and the
+benchmark waits for it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/13")
 # Same visibility timeout as celeryconfig.py with the default RUNYARD_MAX_TIMEOUT_SECONDS.
 VISIBILITY_TIMEOUT = 86400 + 3600
 
-app = Celery("plain", broker=REDIS_URL, backend=REDIS_URL)
+app = Celery("plain", broker=os.environ.get("BENCH_BROKER_URL") or REDIS_URL, backend=REDIS_URL)
 app.conf.update(
     task_serializer="json",
     result_serializer="json",

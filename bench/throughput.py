@@ -10,7 +10,7 @@ Phase 1, Runyard: `runyard api` (gunicorn) and `celery -A workers worker`; clien
 (--threads, or its other name --client-threads) POST /api/v1/agents/noop/executions over
 keep-alive HTTP connections (with --batch-size N, N items a request to .../executions/batch);
 done when every execution is `succeeded` in PostgreSQL. Phase 2, plain Celery: `celery -A
-bench.plain_celery worker` with the same pool, concurrency and Redis; as many client threads
+bench.plain_celery worker` with the same pool, concurrency and broker; as many client threads
 call apply_async on a no-op task, one task a call whatever --batch-size says (that is how plain
 Celery submits); done when every result is in the Redis result backend. The phases run one
 after the other, each after a warm-up that is not counted. Rate = N / (first submit -> last
@@ -30,7 +30,8 @@ time goes to waits (round trips, prefetch 1), not CPU.
 Servers: DATABASE_URL set -> a fresh database `runyard_bench` on that server (dropped at the end
 unless --keep-db); unset -> embedded PostgreSQL under .runyard/bench-pg. REDIS_URL set -> its
 server with database --redis-db or the next one no test run or benchmark holds (FLUSHDB before
-each phase); unset -> embedded Redis. Every
+each phase); unset -> embedded Redis. --broker-url amqp://... -> both phases publish to that
+RabbitMQ instead (a vhost of the benchmark's own), results still in Redis. Every
 process it starts runs in its own session and is killed with its process group at exit.
 """
 
@@ -352,6 +353,25 @@ def flushdb(redis_url: str, claim: bool = True) -> None:
     client.close()
 
 
+BENCH_VHOST = "runyard_bench"
+
+
+def rabbitmq_vhost(broker_url: str) -> str:
+    """A fresh vhost BENCH_VHOST on the RabbitMQ of `broker_url` (made again: queues and
+    messages of a former phase go), the URL pointing at it. `rabbitmqctl` as root, on the
+    machine that runs the broker."""
+    parts = urlsplit(broker_url)
+    subprocess.run(["rabbitmqctl", "delete_vhost", BENCH_VHOST], capture_output=True, check=False)
+    for argv in (
+        ["add_vhost", BENCH_VHOST],
+        ["set_permissions", "-p", BENCH_VHOST, parts.username or "guest", ".*", ".*", ".*"],
+    ):
+        done = subprocess.run(["rabbitmqctl", *argv], capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise BenchError(f"rabbitmqctl {' '.join(argv)}: {done.stderr.strip()}")
+    return urlunsplit(parts._replace(path=f"/{BENCH_VHOST}"))
+
+
 def create_org(database_url: str) -> tuple[str, str]:
     from app.db import db
     from app.migrate import upgrade
@@ -656,7 +676,7 @@ def phase_runyard(
 
 
 def phase_plain(
-    args, children: Children, env: dict[str, str], redis_url: str
+    args, children: Children, env: dict[str, str], redis_url: str, broker_url: str
 ) -> tuple[float, CpuUsage]:
     import redis
     from celery.backends.redis import RedisBackend
@@ -668,7 +688,7 @@ def phase_plain(
     from bench.plain_celery import app as plain_app
     from bench.plain_celery import noop
 
-    plain_app.conf.broker_url = redis_url
+    plain_app.conf.broker_url = broker_url
     plain_app.conf.result_backend = redis_url
 
     deadline = time.monotonic() + args.timeout
@@ -799,6 +819,12 @@ def main(argv: list[str] | None = None) -> int:
         help="submit through the batch endpoint, this many items per request (0: one by one)",
     )
     parser.add_argument("--redis-db", type=int, default=13, help="Redis database when REDIS_URL")
+    parser.add_argument(
+        "--broker-url",
+        help="amqp://user:password@host:5672/ : both phases on this RabbitMQ, in a vhost of "
+        f"the benchmark's own ({BENCH_VHOST}, made again before each phase); Redis stays the "
+        "result backend (default: the Redis is the broker too)",
+    )
     parser.add_argument("--keep-db", action="store_true", help=f"leave the {DATABASE} database")
     parser.add_argument(
         "--only", choices=["runyard", "plain"], help="run one phase (for profiling)"
@@ -841,6 +867,15 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("RUNYARD_BROKER_URL", "RUNYARD_RESULT_BACKEND"):
             env.pop(name, None)
         os.environ["REDIS_URL"] = redis_url
+        broker_url = redis_url
+        if args.broker_url:
+            broker_url = rabbitmq_vhost(args.broker_url)
+            # Runyard's broker, and plain Celery's (bench/plain_celery.py).
+            env["RUNYARD_BROKER_URL"] = env["BENCH_BROKER_URL"] = broker_url
+            cleanups.append(
+                lambda: subprocess.run(["rabbitmqctl", "delete_vhost", BENCH_VHOST], check=False)
+            )
+            log(f"broker: RabbitMQ, vhost {BENCH_VHOST}")
 
         phases = [
             (
@@ -848,13 +883,19 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: phase_runyard(args, children, env, database_url),
                 ["api", "runyard-worker"],
             ),
-            ("plain", lambda: phase_plain(args, children, env, redis_url), ["plain-worker"]),
+            (
+                "plain",
+                lambda: phase_plain(args, children, env, redis_url, broker_url),
+                ["plain-worker"],
+            ),
         ]
         for name, run, procs in phases:
             if args.only and args.only != name:
                 continue
             log(f"phase {name}:")
             flushdb(redis_url)
+            if args.broker_url:
+                rabbitmq_vhost(args.broker_url)
             try:
                 rates[name] = run()
             except BenchError as exc:

@@ -32,6 +32,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from tests.brokers import add_vhost, delete_vhost, ensure_rabbitmq_running
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = f"{os.getpid()}"
 TEST_AGENT_MODULES = "runyard_examples,tests.agents"
@@ -76,6 +78,12 @@ def pytest_configure(config: pytest.Config) -> None:
         _embedded.append(redis)
         redis_url = redis.start()
     redis_url = _claim_redis_database(redis_url)
+    broker_url = os.environ.get("RUNYARD_BROKER_URL")
+    if broker_url and broker_url.startswith("amqp://"):
+        # RabbitMQ's counterpart of the Redis database number: a vhost of this run's own.
+        vhost = f"runyard_test_{RUN_ID}"
+        os.environ["RUNYARD_BROKER_URL"] = add_vhost(broker_url, vhost)
+        _claimed_vhosts.append(vhost)
     os.environ.update(
         {
             "DATABASE_URL": database_url,
@@ -131,6 +139,9 @@ def _claim_redis_database(redis_url: str) -> str:
 _claimed_redis: list[str] = []
 
 
+_claimed_vhosts: list[str] = []
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     from app.db import db
     from app.executions import events
@@ -146,6 +157,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         with contextlib.suppress(redis_client.RedisError):
             client = redis_client.Redis.from_url(url)
             client.flushdb()
+    if _claimed_vhosts:
+        # A broker fault test that failed between stop_app and start_app: the machine's
+        # RabbitMQ is left running whatever happened.
+        ensure_rabbitmq_running()
+    for vhost in _claimed_vhosts:
+        delete_vhost(vhost)
     for server in reversed(_embedded):
         server.stop()
 

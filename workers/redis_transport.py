@@ -26,7 +26,7 @@ class Channel(redis.Channel):
         # unrecoverable error" that stops the whole worker. As a connection error it is what
         # Celery ignores while it reconnects; the messages stay in `unacked`, where the
         # sweeper gives them back (app/executions/recovery.py:_restore_stranded, through
-        # app/broker.py:restore_taken).
+        # app/broker/sweeper.py:restore_taken).
         if self.connection.client is None:
             raise redis_errors.ConnectionError("the broker connection is closed")
         return super()._connparams(asynchronous=asynchronous)
@@ -44,7 +44,7 @@ class Channel(redis.Channel):
         self, queue: str, priority: int, messages: list[tuple[str, dict, dict]]
     ) -> None:
         """Many messages to one queue with a single LPUSH (Runyard's bulk publish of scheduled
-        executions, app/broker.py:send_runs_in_bulk). Each (body, headers, properties)
+        executions, app/broker:send_runs_in_bulk). Each (body, headers, properties)
         becomes the envelope basic_publish writes, built by kombu's own prepare_message and
         _inplace_augment_message; only Producer.publish's per-message layers are skipped."""
         payloads = []

@@ -42,7 +42,7 @@ _STALE_QUEUED = text(
     """
     SELECT id, version_id, priority FROM executions
     WHERE status = 'queued' AND dispatched_at < now() - make_interval(secs => :grace)
-      AND waiting_for IS NULL
+      AND waiting_for IS NULL AND (:retries OR attempt = 0)
     ORDER BY queued_at, id LIMIT :batch
     """
 )
@@ -129,9 +129,14 @@ def undispatched(conn: Connection, grace_seconds: float, batch: int) -> list[Any
     return conn.execute(_UNDISPATCHED, {"grace": grace_seconds, "batch": batch}).all()
 
 
-def stale_queued(conn: Connection, grace_seconds: float, batch: int) -> list[Any]:
-    """Queued rows published over a grace ago: (id, version_id, priority)."""
-    return conn.execute(_STALE_QUEUED, {"grace": grace_seconds, "batch": batch}).all()
+def stale_queued(
+    conn: Connection, grace_seconds: float, batch: int, *, retries: bool = True
+) -> list[Any]:
+    """Queued rows published over a grace ago: (id, version_id, priority); without `retries`,
+    only those never attempted."""
+    return conn.execute(
+        _STALE_QUEUED, {"grace": grace_seconds, "batch": batch, "retries": retries}
+    ).all()
 
 
 def queued_since_reset(

@@ -3,7 +3,7 @@
 The sweeper requeues (and publishes) or fails executions whose lease ran out, publishes rows
 committed but never published, publishes every queued row again after the broker lost its data
 or restarted, and gives back messages a dead worker took but never claimed. Kept apart from
-the hot path. The broker's side (kombu's Redis keys, the sweeper's marker) is app/broker.py's,
+the hot path. The broker's side (kombu's Redis keys, the sweeper's marker) is app/broker's,
 the SQL is app/executions/leases.py's; what a swept chain step means for its chain is the
 caller's (`ChainHooks`, given by workers/maintenance.py): executions know nothing of chains.
 """
@@ -34,7 +34,7 @@ class SweepReport:
     republished: int = 0
     requeued: int = 0
     lost: int = 0
-    # Set when the broker's Redis lost its data or restarted since the last sweep.
+    # Set when the broker lost its data (or, Redis, restarted) since the last sweep.
     broker_reset: str | None = None
     # Queued rows published again because the broker may have lost their messages.
     recovered: int = 0
@@ -75,7 +75,7 @@ def sweep(budget_seconds: float | None = None, *, chains: ChainHooks | None = No
     budget = max(1.0, cfg.sweep_interval_seconds if budget_seconds is None else budget_seconds)
     deadline = time.monotonic() + budget
     report = SweepReport()
-    watch = BrokerWatch.for_broker(cfg.broker_url)
+    watch = BrokerWatch.for_broker(cfg.broker_url, cfg.redis_url)
     ended_steps = _end_expired_leases(report, watch)
     try:
         with watch.exclusive(budget + LOCK_MARGIN_SECONDS) if watch else _no_lock() as held:
@@ -86,8 +86,13 @@ def sweep(budget_seconds: float | None = None, *, chains: ChainHooks | None = No
                     _recover_from_broker_reset(
                         watch, report, deadline, cfg.chain_stall_seconds, chains
                     )
-                    _restore_stranded(report, cfg.dispatch_grace_seconds)
-                    _republish_vanished(report, cfg.dispatch_grace_seconds)
+                    # RabbitMQ gives a dead consumer's messages back by itself: nothing
+                    # stranded in a worker to give back there.
+                    if watch.reads_messages:
+                        _restore_stranded(report, cfg.dispatch_grace_seconds)
+                    _republish_vanished(
+                        report, cfg.dispatch_grace_seconds, retries=watch.reads_messages
+                    )
                 _republish_undispatched(report, deadline, cfg.dispatch_grace_seconds)
     except broker.BrokerError:
         # Nothing can be published without the broker; the rows wait, safe, for the next sweep.
@@ -199,17 +204,23 @@ def _restore_stranded(report: SweepReport, grace_seconds: float) -> None:
 VANISHED_SCAN_LIMIT = 20_000
 
 
-def _republish_vanished(report: SweepReport, grace_seconds: float) -> None:
+def _republish_vanished(report: SweepReport, grace_seconds: float, *, retries: bool) -> None:
     """Publish again a queued row whose message is nowhere in the broker.
 
-    kombu's Redis transport takes a message in two steps: BRPOP from the queue, then HSET into
-    `unacked`. A worker killed between the two (a window of microseconds, hit once in a few
-    thousand kills) takes the message out of Redis for good, and its row stays `queued` and
-    stamped. So the rows published at least a dispatch grace ago and still queued are looked for
-    in their queues and in `unacked`; those found nowhere are published again. A duplicate (one
-    taken in that same window by a live worker) is dropped by the claim."""
+    Rows let out by a gate (or a durable wake-up) are stamped in the transaction that lets them
+    out and published once it commits: a process killed in between, or a publish that failed
+    because the broker was down, leaves a row `queued` and stamped with no message. On Redis
+    besides, kombu takes a message in two steps (BRPOP from the queue, then HSET into `unacked`)
+    and a worker killed between the two takes it out of Redis for good. So the rows published
+    at least a dispatch grace ago and still queued are looked for in their queues (and in
+    `unacked` on Redis); those found nowhere are published again. A duplicate (one taken in that
+    same window by a live worker) is dropped by the claim.
+
+    Without `retries` (RabbitMQ, whose consumers' unacknowledged messages cannot be read) rows
+    already attempted are left out: a retry's countdown message sits in a live worker until due,
+    and publishing it again would start the retry before its backoff."""
     with db.hot() as conn:
-        rows = leases.stale_queued(conn, grace_seconds, SWEEP_BATCH)
+        rows = leases.stale_queued(conn, grace_seconds, SWEEP_BATCH, retries=retries)
         if not rows:
             return
         waiting = _dispatches(conn, rows)
@@ -292,11 +303,11 @@ def _no_lock() -> Iterator[bool]:
 class DatabaseOutages:
     """Since when the sweeper has found the database unreachable, until a sweep reaches it.
 
-    Kept in the broker's Redis when the broker is Redis (BrokerWatch): every beat shares it (a
-    sweep that failed in one is known to the next, wherever it runs) and a beat restarted after
-    the outage still knows. Kept in this process's memory as well, for brokers other than Redis
-    and for a Redis that cannot be reached: a sweeper running in one process (beat) needs
-    nothing more. Either one saying "away" is enough: an extension too many costs the attempts
+    Kept in BrokerWatch's Redis (the broker's, or REDIS_URL's with RabbitMQ): every beat shares
+    it (a sweep that failed in one is known to the next, wherever it runs) and a beat restarted
+    after the outage still knows. Kept in this process's memory as well, for other brokers and
+    for a Redis that cannot be reached: a sweeper running in one process (beat) needs nothing
+    more. Either one saying "away" is enough: an extension too many costs the attempts
     of dead workers one lease of delay, an extension missed costs healthy attempts their outcome.
 
     Measured from the sweeper's failures rather than from the gap since its last success: the

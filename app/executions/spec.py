@@ -96,7 +96,7 @@ class VersionSpec:
 
     @property
     def org_label(self) -> str:
-        """How Flower and the logs name its organization (app/broker.py)."""
+        """How Flower and the logs name its organization (app/broker)."""
         return self.org_name or str(self.org_id)
 
     @property

@@ -79,7 +79,7 @@ def workers_from(replies: Replies, answered_at: dict[str, dt.datetime]) -> list[
                 active_executions=sum(
                     1
                     for task in active
-                    # "name" is the message's shadow name (app/broker.py), "type" the task.
+                    # "name" is the message's shadow name (app/broker), "type" the task.
                     if isinstance(task, dict) and task.get("type") == broker.RUN_TASK
                 ),
                 last_heartbeat=answered_at.get(name) or utcnow(),

@@ -1,6 +1,9 @@
 """A private Runyard for the storage fault tests: its own PostgreSQL and Redis, which the tests
 stop, restart and flush, with an API, a worker and a beat (running the sweeper every second)
-pointed at them. The shared test servers are never touched.
+pointed at them. The shared test servers are never touched, but for RabbitMQ: when the run's
+broker is RabbitMQ (`make test-rabbitmq`), the stack's broker is a vhost of its own on the
+machine's RabbitMQ (its Redis still holds the result backend and the sweepers' lock), and
+stopping the broker stops the machine's RabbitMQ application, started again in a `finally`.
 
 Each test module opens one stack (`private_stack`) for its tests.
 """
@@ -27,8 +30,9 @@ import pytest
 
 from app.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from app.migrate import upgrade
+from tests import brokers
 from tests.beat import BeatProcess
-from tests.conftest import ROOT, celery_worker
+from tests.conftest import ROOT, RUN_ID, celery_worker
 from tests.faults.harness import LEDGER_AGENT, install_audit, psycopg_dsn
 
 # Short enough that every recovery in these tests is quick, long enough to be realistic.
@@ -74,6 +78,49 @@ class Api:
         return self.call("POST", f"/api/v1/agents/{agent}/executions", {"input": payload})
 
 
+class RedisBroker:
+    """The stack's own redis-server as its broker."""
+
+    name = "redis"
+
+    def __init__(self, server: EmbeddedRedis) -> None:
+        self.server = server
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def start(self) -> None:
+        self.server.start()
+
+    def lose_data(self) -> None:
+        import redis
+
+        redis.Redis.from_url(self.server.url).flushall()
+
+
+class RabbitBroker:
+    """A vhost of the stack's own on the machine's RabbitMQ as its broker."""
+
+    name = "rabbitmq"
+
+    def __init__(self, vhost: str) -> None:
+        self.vhost = vhost
+        self.url = brokers.add_vhost(os.environ["RUNYARD_BROKER_URL"], vhost)
+
+    def stop(self) -> None:
+        brokers.stop_rabbitmq()
+
+    def start(self) -> None:
+        brokers.ensure_rabbitmq_running()
+
+    def lose_data(self) -> None:
+        """What a node reset does to this stack: every queue, message and binding gone."""
+        brokers.add_vhost(self.url, self.vhost)
+
+    def close(self) -> None:
+        brokers.delete_vhost(self.vhost)
+
+
 @dataclass
 class Stack:
     directory: Path
@@ -83,6 +130,7 @@ class Stack:
     api: Api
     env: dict[str, str]
     worker_log: Path
+    broker: RedisBroker | RabbitBroker
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     @property
@@ -152,6 +200,7 @@ def private_stack(
     postgres = EmbeddedPostgres(pg_dir / "pgdata")
     redis_server = EmbeddedRedis(directory / "redis", free_port())
     database_url = postgres.start()
+    rabbit = RabbitBroker(f"runyard_test_{RUN_ID}_{name}") if brokers.on_rabbitmq() else None
     try:
         upgrade(database_url)
         install_audit(database_url)
@@ -159,6 +208,7 @@ def private_stack(
         env = {
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
+            "RUNYARD_BROKER_URL": rabbit.url if rabbit else redis_url,
             **STACK_SETTINGS,
             **(settings or {}),
         }
@@ -194,13 +244,23 @@ def private_stack(
                 try:
                     beat.wait_ready()
                     yield Stack(
-                        directory, postgres, database_url, redis_server, api, env, worker_log
+                        directory,
+                        postgres,
+                        database_url,
+                        redis_server,
+                        api,
+                        env,
+                        worker_log,
+                        rabbit or RedisBroker(redis_server),
                     )
                 finally:
                     beat.stop()
         finally:
             _stop(api_process)
     finally:
+        if rabbit:
+            brokers.ensure_rabbitmq_running()
+            rabbit.close()
         redis_server.stop()
         postgres.stop()
         shutil.rmtree(pg_dir, ignore_errors=True)

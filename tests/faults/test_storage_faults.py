@@ -1,5 +1,5 @@
-"""Storage faults under load: Redis restarted or flushed, PostgreSQL restarted mid-run or down
-for longer than a lease.
+"""Storage faults under load: the broker (Redis or RabbitMQ) restarted or losing its data,
+PostgreSQL restarted mid-run or down for longer than a lease.
 
 Each test submits ledger executions to a private stack (tests/faults/private.py), breaks one of
 its servers, waits for every execution to end, and counts what was lost or done twice.
@@ -59,22 +59,29 @@ def missing_log_lines(stack, ids, lines: int) -> dict:
     }
 
 
-def test_redis_restarted_with_its_data(stack):
+def test_broker_restarted_with_its_data(stack):
+    """Redis: redis-server stopped and started again on its data. RabbitMQ: its application
+    stopped and started (`rabbitmqctl stop_app` / `start_app`), durable queues kept."""
     wait_until_healthy(stack)
-    broker = redis.Redis.from_url(stack.redis.url)
-    run_id = broker.info("server")["run_id"]
-    broker.set("storage-fault-canary", "kept")
+    on_redis = stack.broker.name == "redis"
+    if on_redis:
+        broker = redis.Redis.from_url(stack.redis.url)
+        run_id = broker.info("server")["run_id"]
+        broker.set("storage-fault-canary", "kept")
     ids = stack.submit_ledger(200, seconds=0.05)
     injected = time.monotonic()
-    stack.redis.stop()
-    open_at_fault = stack.count(ids, OPEN)
-    time.sleep(1)
-    stack.start_redis()
-    assert broker.get("storage-fault-canary") == b"kept", "the restart kept the data"
-    assert broker.info("server")["run_id"] != run_id
+    try:
+        stack.broker.stop()
+        open_at_fault = stack.count(ids, OPEN)
+        time.sleep(1)
+    finally:
+        stack.broker.start()
+    if on_redis:
+        assert broker.get("storage-fault-canary") == b"kept", "the restart kept the data"
+        assert broker.info("server")["run_id"] != run_id
     wait_until_ended(stack.database_url, ids, timeout=60)
     report = tally(
-        "redis restarted with its data",
+        f"{stack.broker.name} restarted with its data",
         stack.database_url,
         ids,
         stack.ledger,
@@ -88,9 +95,10 @@ def test_redis_restarted_with_its_data(stack):
     assert "Unrecoverable error" not in stack.worker_log.read_text()
 
 
-def test_redis_flushed_with_executions_queued_and_dispatched(stack):
+def test_broker_lost_its_data_with_executions_queued_and_dispatched(stack):
+    """Redis: FLUSHALL. RabbitMQ: the stack's vhost deleted and made again, as a node reset
+    loses every queue and message (and the sweeper's marker queue)."""
     wait_until_healthy(stack)
-    broker = redis.Redis.from_url(stack.redis.url)
     ids = stack.submit_ledger(200, seconds=0.1)
     # Up to the fair window (RUNYARD_FAIR_WINDOW, 32) waits published in the broker, topped up
     # as the workers claim; the count after the flush may find a few taken meanwhile.
@@ -99,12 +107,12 @@ def test_redis_flushed_with_executions_queued_and_dispatched(stack):
         timeout=15,
     )
     injected = time.monotonic()
-    broker.flushall()
+    stack.broker.lose_data()
     dispatched_at_fault = stack.count(ids, "status = 'queued' AND dispatched_at IS NOT NULL")
     running_at_fault = stack.count(ids, "status = 'running'")
     wait_until_ended(stack.database_url, ids, timeout=60)
     report = tally(
-        "redis flushed (FLUSHALL)",
+        f"{stack.broker.name} lost its data (FLUSHALL, or a vhost deleted)",
         stack.database_url,
         ids,
         stack.ledger,

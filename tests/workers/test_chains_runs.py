@@ -14,8 +14,10 @@ import pytest
 import redis
 from sqlalchemy import text
 
+from app.broker import MARKER_QUEUE, celery_app
 from app.chains import launch, progress
 from app.db import db
+from tests.brokers import on_rabbitmq, queue_depth
 from tests.conftest import REDIS_CLAIM_KEY, ROOT, RUN_ID, wait_until
 from workers import maintenance
 
@@ -412,8 +414,25 @@ def test_a_step_retries_by_its_agents_policy_inside_a_parallel_group(live_client
     assert len(rows) == 4 and body["output"] == {"value": 4}
 
 
-def _bindings(client: redis.Redis) -> dict[bytes, set[bytes]]:
-    return {key: client.smembers(key) for key in client.scan_iter("_kombu.binding.*")}
+def lose_broker_data(held: str) -> None:
+    """What a broker that lost its data does to the run: every queued message goes, the next
+    step's (waiting in `held`) with them. Redis: the run's own database flushed, its routing
+    put back for the session worker's remote control. RabbitMQ: the held queue purged and the
+    sweeper's marker queue deleted (the run's vhost itself stays, for the session worker)."""
+    if on_rabbitmq():
+        with celery_app.connection_for_write() as connection:
+            channel = connection.channel()
+            channel.queue_purge(held)
+            channel.queue_delete(MARKER_QUEUE)
+        return
+    url = os.environ["REDIS_URL"]
+    assert not url.endswith("/0"), "this test flushes the run's own Redis database, never 0"
+    broker = redis.Redis.from_url(url)
+    bindings = {key: broker.smembers(key) for key in broker.scan_iter("_kombu.binding.*")}
+    broker.flushdb()
+    broker.set(REDIS_CLAIM_KEY, RUN_ID, ex=3600)
+    for key, members in bindings.items():
+        broker.sadd(key, *members)
 
 
 @contextlib.contextmanager
@@ -471,17 +490,9 @@ def test_a_chain_finishes_after_the_broker_lost_its_next_message(live_client, li
             {"name": "last", "agent": "adder"},
         ],
     )
-    url = os.environ["REDIS_URL"]
-    assert not url.endswith("/0"), "this test flushes the run's own Redis database, never 0"
-    broker = redis.Redis.from_url(url)
     ce = run(live_client, live_org, {"value": 1})
-    wait_until(lambda: any(broker.scan_iter(f"{held}*")), timeout=15)
-    bindings = _bindings(broker)
-    # The run's own database: every queued message goes, the next step's with them.
-    broker.flushdb()
-    broker.set(REDIS_CLAIM_KEY, RUN_ID, ex=3600)
-    for key, members in bindings.items():
-        broker.sadd(key, *members)  # the session worker's routing (remote control) stays usable
+    wait_until(lambda: queue_depth(held) > 0, timeout=15)
+    lose_broker_data(held)
     with worker_on(held, tmp_path / "held-worker.log"):
         time.sleep(0.5)
         body = read(live_client, live_org, ce)
@@ -561,17 +572,10 @@ def test_the_sweep_that_notices_a_broker_data_loss_resumes_chains_at_once(
         live_org,
         [{"name": "first", "agent": "adder"}, {"name": "next", "agent": "held-adder"}],
     )
-    url = os.environ["REDIS_URL"]
-    assert not url.endswith("/0"), "this test flushes the run's own Redis database, never 0"
-    broker = redis.Redis.from_url(url)
     maintenance.sweep()  # the marker is set: the loss below is the one to notice
     ce = run(live_client, live_org, {"value": 1})
-    wait_until(lambda: any(broker.scan_iter(f"{held}*")), timeout=15)
-    bindings = _bindings(broker)
-    broker.flushdb()
-    broker.set(REDIS_CLAIM_KEY, RUN_ID, ex=3600)
-    for key, members in bindings.items():
-        broker.sadd(key, *members)
+    wait_until(lambda: queue_depth(held) > 0, timeout=15)
+    lose_broker_data(held)
     with worker_on(held, tmp_path / "held-worker.log"):
         report = maintenance.sweep()
         assert report.broker_reset and report.chains_resumed >= 1, report

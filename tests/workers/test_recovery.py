@@ -4,7 +4,6 @@ import contextlib
 import uuid
 
 import pytest
-import redis
 from sqlalchemy import text
 
 from app.broker import DATABASE_AWAY_KEY, BrokerWatch
@@ -241,7 +240,13 @@ def expired_running(live_client, live_org):
         "status = 'running', attempt = 1, output = NULL, lease_until = now() - interval '1 minute'",
     )
     yield execution_id
-    recovery.outages.forget(BrokerWatch.for_broker(current_config().broker_url))
+    recovery.outages.forget(watch())
+
+
+def watch() -> BrokerWatch:
+    """The sweepers' watch: its Redis is the broker's, or REDIS_URL's on RabbitMQ."""
+    cfg = current_config()
+    return BrokerWatch.for_broker(cfg.broker_url, cfg.redis_url)
 
 
 def lease_left(execution_id) -> float:
@@ -256,7 +261,7 @@ def lease_left(execution_id) -> float:
 def test_the_sweep_after_the_database_was_away_extends_running_leases_and_expires_none(
     live_client, live_org, expired_running
 ):
-    broker = redis.Redis.from_url(current_config().broker_url)
+    broker = watch().client
     with database_unreachable(), pytest.raises(DATABASE_ERRORS):
         recovery.sweep()
     assert broker.get(DATABASE_AWAY_KEY), "every beat's next sweep knows of the outage"
@@ -274,7 +279,7 @@ def test_the_sweep_after_the_database_was_away_extends_running_leases_and_expire
 
 @pytest.mark.worker
 def test_an_outage_is_remembered_in_the_process_when_the_broker_forgot_it(expired_running):
-    broker = redis.Redis.from_url(current_config().broker_url)
+    broker = watch().client
     with database_unreachable(), pytest.raises(DATABASE_ERRORS):
         recovery.sweep()
     broker.delete(DATABASE_AWAY_KEY)  # as a flushed (or unreachable) broker would

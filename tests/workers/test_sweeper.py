@@ -19,10 +19,13 @@ from app.db import db
 from app.executions import dispatch, recovery
 from app.executions.versions import specs
 from tests.beat import BeatProcess
+from tests.brokers import redis_broker_only
 
 QUEUE = f"sweeper-test-{uuid.uuid4().hex[:8]}"
 
-pytestmark = pytest.mark.worker
+# Kombu's Redis keys and the marker key in the broker's Redis; on RabbitMQ the same recovery is
+# tested by tests/workers/test_sweeper_rabbitmq.py.
+pytestmark = [pytest.mark.worker, redis_broker_only]
 
 
 @pytest.fixture
@@ -135,7 +138,7 @@ def test_recovery_cut_short_by_its_budget_goes_on_at_the_next_sweep(agent_id, br
     settle_marker()
     ids = insert_queued(agent_id, 5, dispatched=True)
     broker.delete(MARKER_KEY)
-    watch = BrokerWatch.for_broker(current_config().broker_url)
+    watch = BrokerWatch.for_broker(current_config().broker_url, current_config().redis_url)
     report = recovery.SweepReport()
     # A budget already spent: the loss is noticed and recorded, nothing is published yet.
     recovery._recover_from_broker_reset(watch, report, deadline=0, chain_stall_seconds=60)
@@ -176,9 +179,14 @@ def test_a_sweep_that_finds_the_lock_held_publishes_nothing(agent_id, broker):
     assert recovery.sweep().broker_reset
 
 
-def test_only_redis_brokers_are_watched():
-    assert BrokerWatch.for_broker("amqp://guest:guest@127.0.0.1:5672//") is None
-    assert BrokerWatch.for_broker("redis://127.0.0.1:6379/3") is not None
+def test_redis_and_rabbitmq_brokers_are_watched():
+    redis_url = "redis://127.0.0.1:6379/4"
+    on_redis = BrokerWatch.for_broker("redis://127.0.0.1:6379/3", redis_url)
+    assert on_redis.reads_messages and on_redis.client.connection_pool.connection_kwargs["db"] == 3
+    on_rabbitmq = BrokerWatch.for_broker("amqp://guest:guest@127.0.0.1:5672//", redis_url)
+    assert not on_rabbitmq.reads_messages
+    assert on_rabbitmq.client.connection_pool.connection_kwargs["db"] == 4
+    assert BrokerWatch.for_broker("memory://", redis_url) is None
 
 
 def test_beat_runs_the_sweeper_itself_whatever_the_workers_do(agent_id, broker, tmp_path):

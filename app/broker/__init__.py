@@ -1,10 +1,15 @@
-"""The one module of app/ that speaks Celery, kombu and Redis.
+"""The one package of app/ that speaks Celery, kombu, py-amqp and Redis.
 
 The Celery app lives here (`workers/__init__.py` re-exports it for `celery -A workers`), and so
 does everything the layers above ask of the broker: send one execution's message (with a
-countdown), many in bulk, a chain's canvas; ping the broker and inspect the workers; and the
-sweeper's reads of kombu's Redis keys (what a worker took, what a queue holds) and its marker
-keys (BrokerWatch). A kombu upgrade that moves those internals breaks this module only.
+countdown), many in bulk, a chain's canvas; ping the broker and inspect the workers. Beside it:
+the sweeper's side of the broker (app/broker/sweeper.py: kombu's Redis keys, the marker that
+notices a broker that lost its data) and the shared token buckets (app/broker/buckets.py).
+A kombu upgrade that moves those internals breaks this package only.
+
+Two brokers, equal for everything Runyard promises (README, "Choosing a broker"): Redis (kombu's
+Redis transport, workers.redis_transport) and RabbitMQ (`amqp://`, py-amqp). Where they differ
+(priority order, bulk publish, publisher confirms) the branch is here.
 
 Functions here raise the transport's errors; the callers decide what a broker outage means.
 """
@@ -12,18 +17,20 @@ Functions here raise the transport's errors; the callers decide what a broker ou
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import functools
 import json
+import os
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import redis
+import amqp
 from celery import Celery, chain, group
+from kombu.entity import DELIVERY_MODES
 
 from app.config import current_config
 
@@ -40,9 +47,44 @@ _NO_RESULT = {"ignore_result": True}
 _SEND_RETRY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2}
 
 
+AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
+
+
+def is_amqp(broker_url: str) -> bool:
+    return broker_url.startswith(AMQP_SCHEMES)
+
+
+_AMQP = is_amqp(celery_app.conf.broker_url)
+# A bulk publish waits this long at most for RabbitMQ to confirm every message it sent.
+CONFIRM_TIMEOUT_SECONDS = 10.0
+
+
 def _broker_priority(priority: int) -> int:
-    # Redis serves the lowest priority number first; the API's 9 is the most urgent.
-    return 9 - priority
+    # The API's 9 is the most urgent. RabbitMQ serves the highest number first (queues declared
+    # with x-max-priority, celeryconfig.py); kombu's Redis transport the lowest.
+    return priority if _AMQP else 9 - priority
+
+
+class QueueMismatch(RuntimeError):
+    """RabbitMQ refused to declare a queue: it exists with other arguments."""
+
+
+@contextlib.contextmanager
+def _explained() -> Iterator[None]:
+    """A queue declared before by another version (without x-max-priority, or a quorum queue)
+    cannot be declared again with other arguments: RabbitMQ closes the channel with
+    PRECONDITION_FAILED. Nothing is lost (the rows stay unstamped for the sweeper), but every
+    publish fails until an operator acts: say what to do."""
+    try:
+        yield
+    except amqp.exceptions.PreconditionFailed as error:
+        raise QueueMismatch(
+            f"RabbitMQ refused a queue declaration: {error}. Runyard declares classic durable "
+            "queues with x-max-priority=9; a queue declared otherwise (by an older Runyard, or "
+            "as a quorum queue) must be drained and deleted (`rabbitmqctl delete_queue NAME "
+            "-p VHOST`) or moved aside; submits wait in PostgreSQL meanwhile and are published "
+            "by the sweeper once the declaration succeeds"
+        ) from error
 
 
 # What Flower, `celery inspect` and the workers' logs show of a message: Celery's protocol 2
@@ -88,6 +130,13 @@ class RunMessage:
 
 def send_run(message: RunMessage, *, countdown: float | None = None, producer: Any = None) -> None:
     shadow, argsrepr = message.labels()
+    with _explained():
+        _send_run(message, shadow, argsrepr, countdown, producer)
+
+
+def _send_run(
+    message: RunMessage, shadow: str, argsrepr: str, countdown: float | None, producer: Any
+) -> None:
     celery_app.send_task(
         RUN_TASK,
         args=[str(message.execution_id)],
@@ -122,14 +171,22 @@ def send_runs_in_bulk(messages: list[RunMessage]) -> None:
     """Send run messages, one or thousands at once (submits, a minute's schedules): the
     messages send_run makes, built faster. Celery builds the task message once per process and
     time limits, and each execution gets a copy carrying its own id. On Redis
-    (workers.redis_transport) each queue and priority then goes out as one LPUSH; other brokers
-    get kombu's producer, message by message. What send_task repeats per message (routing,
-    signals, the repr of the arguments) and Producer.publish's layers were most of the cost of
-    publishing 10,000 (bench/schedules.py: about 4 s with send_task, under 0.5 s this way)."""
+    (workers.redis_transport) each queue and priority then goes out as one LPUSH; on RabbitMQ
+    every message goes out on one channel and the call returns once the broker confirmed them
+    all (_publish_confirmed); other brokers get kombu's producer, message by message. What
+    send_task repeats per message (routing, signals, the repr of the arguments) and
+    Producer.publish's layers were most of the cost of publishing 10,000 (bench/schedules.py:
+    about 4 s with send_task, under 0.5 s this way)."""
     groups: dict[tuple[str, int, float, float], list[RunMessage]] = {}
     for message in messages:
         key = (message.queue, message.priority, message.soft_time_limit, message.time_limit)
         groups.setdefault(key, []).append(message)
+    if _AMQP:
+        # A pooled connection: the handshake is paid once per process, not per batch.
+        with celery_app.connection_or_acquire() as connection, _explained():
+            connection.ensure_connection(max_retries=_SEND_RETRY["max_retries"])
+            _publish_confirmed(connection, groups)
+        return
     with celery_app.producer_or_acquire() as producer, producer.batch():
         for (queue_name, priority, soft_limit, hard_limit), members in groups.items():
             queue = celery_app.amqp.queues[queue_name]
@@ -155,12 +212,114 @@ def send_runs_in_bulk(messages: list[RunMessage]) -> None:
                 )
 
 
+class _Confirms:
+    """RabbitMQ's answers to the messages of one bulk publish on a channel in confirm mode: the
+    channel's delivery tags count its publishes, 1, 2, ...; an ack or nack may cover every tag
+    up to its own (`multiple`); a mandatory message no queue took comes back (basic.return)
+    before its ack."""
+
+    def __init__(self) -> None:
+        self.outstanding: set[int] = set()
+        self.refused: list[str] = []
+
+    def ack(self, tag: int, multiple: bool) -> None:
+        if multiple:
+            self.outstanding = {pending for pending in self.outstanding if pending > tag}
+        else:
+            self.outstanding.discard(tag)
+
+    def nack(self, tag: int, multiple: bool) -> None:
+        self.refused.append(f"nacked up to {tag}" if multiple else f"nacked {tag}")
+        self.ack(tag, multiple)
+
+    def returned(self, _exchange: str, routing_key: str, *_rest: Any) -> None:
+        self.refused.append(f"no queue took a message for {routing_key!r}")
+
+
+class _ConfirmedPublisher:
+    """A channel in confirm mode kept beside a pooled connection's own, with the queues it
+    declared: a bulk publish of one message costs one round trip (the confirm), not the seven
+    a channel opened, confirm-selected, declared on and closed each time cost (measured: 7 ms
+    a lone submit against 2.4 ms for send_task's confirmed publish). Any error drops it: the
+    next one opens afresh and declares again (a broker that lost its data lost its queues)."""
+
+    def __init__(self, connection: Any) -> None:
+        self.pid = os.getpid()
+        self.channel = connection.channel()
+        self.channel.confirm_select()
+        self.declared: set[str] = set()
+        self.sent = 0
+        self.confirms = _Confirms()
+        self.channel.events["basic_ack"].add(lambda *args: self.confirms.ack(*args))
+        self.channel.events["basic_nack"].add(lambda *args: self.confirms.nack(*args))
+        self.channel.events["basic_return"].add(lambda *args: self.confirms.returned(*args))
+
+    def publish(self, connection: Any, groups: dict[tuple, list[RunMessage]]) -> None:
+        channel, confirms = self.channel, _Confirms()
+        self.confirms = confirms
+        for (queue_name, priority, soft_limit, hard_limit), members in groups.items():
+            queue = celery_app.amqp.queues[queue_name]
+            if queue.name not in self.declared:
+                queue(channel).declare()
+                self.declared.add(queue.name)
+            for body, headers, properties in _envelopes(queue, soft_limit, hard_limit, members):
+                message = channel.prepare_message(
+                    body,
+                    _broker_priority(priority),
+                    "application/json",
+                    "utf-8",
+                    headers,
+                    properties,
+                )
+                # Not basic_publish: with confirm_publish it would wait for each message.
+                channel._basic_publish(message, exchange="", routing_key=queue.name, mandatory=True)
+                self.sent += 1
+                confirms.outstanding.add(self.sent)
+        deadline = time.monotonic() + CONFIRM_TIMEOUT_SECONDS
+        while confirms.outstanding:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"RabbitMQ did not confirm {len(confirms.outstanding)} messages "
+                    f"within {CONFIRM_TIMEOUT_SECONDS:.0f}s"
+                )
+            connection.drain_events(timeout=remaining)
+        if confirms.refused:
+            raise RuntimeError("RabbitMQ refused messages: " + "; ".join(confirms.refused[:5]))
+
+
+# One publisher per pooled connection (py-amqp's), for as long as the connection lives.
+_publishers: weakref.WeakKeyDictionary[Any, _ConfirmedPublisher] = weakref.WeakKeyDictionary()
+
+
+def _publish_confirmed(connection: Any, groups: dict[tuple, list[RunMessage]]) -> None:
+    """Publish every group on the connection's confirm channel, then wait once for RabbitMQ to
+    confirm them all: a confirmed persistent message is on disk in a durable queue, so the
+    caller may stamp its row dispatched. One round trip for the batch, not one per message
+    (py-amqp's confirm_publish waits after each). Raises when anything was refused or not
+    confirmed in time: the rows stay unstamped and the sweeper publishes them again (the claim
+    drops a duplicate)."""
+    raw = connection.connection
+    publisher = _publishers.get(raw)
+    if publisher is None or publisher.pid != os.getpid() or not publisher.channel.is_open:
+        publisher = _publishers[raw] = _ConfirmedPublisher(connection)
+    try:
+        publisher.publish(connection, groups)
+    except BaseException:
+        _publishers.pop(raw, None)
+        with contextlib.suppress(Exception):
+            publisher.channel.close()
+        raise
+
+
 def _envelopes(
     queue: Any, soft_limit: float, hard_limit: float, members: list[RunMessage]
 ) -> list[tuple[str, dict, dict]]:
     """(body, headers, properties) of each message: one task message, copied per id."""
     headers, properties, body = _task_message(soft_limit, hard_limit)
     delivery_mode = queue.exchange.delivery_mode or celery_app.conf.task_default_delivery_mode
+    # The number on the wire, as Producer.publish sets it ("persistent" is 2).
+    delivery_mode = DELIVERY_MODES.get(delivery_mode, delivery_mode)
     envelopes = []
     for message in members:
         task_id = str(message.execution_id)
@@ -309,249 +468,32 @@ def inspect_workers(
 
 
 # ---------------------------------------------------------------------------------------------
-# The sweeper's reads of kombu's Redis keys
+# The sweeper's side of the broker and the shared token buckets, under the names callers use
+# (imported last: both use the Celery app above).
 
+from app.broker.buckets import Bucket, take_tokens  # noqa: E402
+from app.broker.sweeper import (  # noqa: E402
+    DATABASE_AWAY_KEY,
+    LOCK_KEY,
+    MARKER_KEY,
+    MARKER_QUEUE,
+    RECOVERY_KEY,
+    BrokerError,
+    BrokerWatch,
+    message_ids_held,
+    restore_taken,
+)
 
-@contextlib.contextmanager
-def _redis_channel() -> Iterator[Any]:
-    with celery_app.connection_for_write() as connection:
-        yield connection.default_channel
-
-
-def restore_taken(
-    still_queued: Callable[[list[uuid.UUID]], set[uuid.UUID]], cutoff: float, page_size: int
-) -> int:
-    """Give back to its queue every run message taken before `cutoff` (or due before it, for a
-    countdown message) whose execution `still_queued` names; the number given back.
-
-    Restored with kombu's own `restore_by_tag` (what the visibility timeout does), one
-    transaction per message, so a message is either still held or back in its queue, never
-    both or neither."""
-    restored_in_all = 0
-    with _redis_channel() as channel:
-        client = channel.client
-        offset = 0
-        while True:
-            tags = client.zrangebyscore(
-                channel.unacked_index_key, "-inf", cutoff, start=offset, num=page_size
-            )
-            if not tags:
-                return restored_in_all
-            taken = _taken_run_messages(channel, client, tags, cutoff)
-            stranded = still_queued(list(taken)) if taken else set()
-            for execution_id in stranded:
-                channel.qos.restore_by_tag(taken[execution_id], client=client)
-            restored = len(stranded)
-            restored_in_all += restored
-            # A restored message leaves the index: the next page starts that much earlier.
-            offset += len(tags) - restored
-
-
-def _taken_run_messages(
-    channel: Any, client: redis.Redis, tags: list[bytes], cutoff: float
-) -> dict[uuid.UUID, bytes]:
-    """execution id -> the delivery tag of its run message taken before `cutoff`."""
-    taken: dict[uuid.UUID, bytes] = {}
-    for tag, raw in zip(tags, client.hmget(channel.unacked_key, tags), strict=True):
-        if raw is None:
-            continue  # acknowledged meanwhile
-        headers = json.loads(raw)[0].get("headers") or {}
-        if headers.get("task") != RUN_TASK:
-            continue  # chain steps: the chains' resume check recovers those
-        eta = headers.get("eta")
-        if eta and dt.datetime.fromisoformat(eta).timestamp() > cutoff:
-            continue
-        with contextlib.suppress(KeyError, ValueError, TypeError):
-            taken[uuid.UUID(headers["id"])] = tag
-    return taken
-
-
-def message_ids_held(queues: set[str], scan_limit: int) -> tuple[set[str], set[str]]:
-    """(the task ids of every message in `queues` or taken by a worker, the queues holding more
-    than `scan_limit` messages, which were not read)."""
-    with _redis_channel() as channel:
-        client = channel.client
-        present = _message_ids(client.hvals(channel.unacked_key))
-        unread: set[str] = set()
-        for queue in queues:
-            keys = [channel._q_for_pri(queue, step) for step in channel.priority_steps]
-            if sum(client.llen(key) for key in keys) > scan_limit:
-                unread.add(queue)
-                continue
-            for key in keys:
-                present |= _message_ids(client.lrange(key, 0, -1), queued=True)
-    return present, unread
-
-
-def _message_ids(raw_messages: list[bytes], *, queued: bool = False) -> set[str]:
-    """Task ids of raw kombu messages: as queued (the message), or as in `unacked` (a list
-    holding the message first)."""
-    ids = set()
-    for raw in raw_messages:
-        message = json.loads(raw)
-        headers = (message if queued else message[0]).get("headers") or {}
-        if "id" in headers:
-            ids.add(headers["id"])
-    return ids
-
-
-# ---------------------------------------------------------------------------------------------
-# The sweeper's own keys in the broker's Redis
-
-
-BrokerError = redis.RedisError
-
-# Keys the sweeper keeps in the broker's Redis database.
-MARKER_KEY = "runyard:broker-marker"
-RECOVERY_KEY = "runyard:sweeper:recovery"
-LOCK_KEY = "runyard:sweeper:lock"
-DATABASE_AWAY_KEY = "runyard:sweeper:database-away-since"
-
-# Compare the marker with the server's run_id and, when they differ, set it and open a recovery,
-# as one atomic step: of two sweeps (two beats) only one sees the change.
-_CHECK_MARKER = """
-local old = redis.call('GET', KEYS[1])
-if old == ARGV[1] then return old end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[2], ARGV[2])
-return old or ''
-"""
-
-
-class BrokerWatch:
-    """Notices that the broker's Redis may have lost messages, and keeps the recovery's place.
-
-    Celery messages exist only in the broker. A Redis flushed, or restarted without its data
-    (or whose last second of appendonly writes died with it), drops the messages of rows that
-    are `queued` and already stamped `dispatched_at`: nothing else would publish them again. A
-    Redis restarted *with* its data strands messages too: those the workers had reserved sit in
-    kombu's `unacked` hash until the visibility timeout, hours away (above the longest agent
-    timeout).
-
-    So each sweep compares a marker key in the broker's Redis database with the server's
-    `run_id` (new at every start of redis-server) and, in the same Lua call, sets it when they
-    differ. A missing marker (data lost) or another run_id (a restart) opens a recovery: every
-    row queued until that moment is published again, in (queued_at, id) order across as many
-    sweeps as it takes, and chains are resumed without their stall grace for the next
-    RUNYARD_CHAIN_STALL_SECONDS. Duplicate messages are harmless: the claim takes a queued row
-    once and drops the rest (a retry waiting out its backoff may start early).
-
-    - The first sweep ever finds no marker: it cannot tell a new Redis from a flushed one and
-      republishes the queued rows once.
-    - Two beats: sweeps take turns on a lock in the same Redis, and the compare-and-set is
-      atomic, so one recovery opens per reset.
-    - Brokers other than `redis://` / `rediss://` are not watched: RabbitMQ keeps persistent
-      messages in durable queues across restarts, and gives back unacknowledged ones at once.
-    - Running executions are unaffected: their workers finish and record them, and the ack of a
-      message the new Redis never held deletes nothing and raises nothing.
-    - The marker must not be evicted: a Celery broker needs `maxmemory-policy noeviction`.
-
-    It also keeps, for DatabaseOutages (app/executions/leases.py), since when the sweepers have
-    found the database away: every beat shares it, and a beat restarted after the outage knows.
-    """
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.client = client
-
-    @classmethod
-    def for_broker(cls, broker_url: str) -> BrokerWatch | None:
-        if not broker_url.startswith(("redis://", "rediss://")):
-            return None
-        return cls(redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5))
-
-    @contextlib.contextmanager
-    def exclusive(self, seconds: float) -> Iterator[bool]:
-        """Whether this sweep holds the sweepers' lock (free again after `seconds` at most)."""
-        lock = self.client.lock(LOCK_KEY, timeout=seconds, blocking=False)
-        held = lock.acquire()
-        try:
-            yield held
-        finally:
-            if held:
-                # Gone already if Redis lost its data meanwhile.
-                with contextlib.suppress(redis.exceptions.LockError, redis.RedisError):
-                    lock.release()
-
-    def check(self, chains_for_seconds: float) -> str | None:
-        """None, or what happened to the broker since the last sweep."""
-        run_id = self.client.info("server")["run_id"]
-        recovery = json.dumps({"chains_until": time.time() + chains_for_seconds})
-        old = self.client.eval(_CHECK_MARKER, 2, MARKER_KEY, RECOVERY_KEY, run_id, recovery)
-        old = old.decode() if isinstance(old, bytes) else old
-        if old == run_id:
-            return None
-        if old:
-            return "restarted"
-        return "lost its data (or this is the first sweep)"
-
-    def recovery(self) -> dict[str, Any] | None:
-        raw = self.client.get(RECOVERY_KEY)
-        return json.loads(raw) if raw else None
-
-    def save(self, state: dict[str, Any]) -> None:
-        self.client.set(RECOVERY_KEY, json.dumps(state))
-
-    def forget_recovery(self) -> None:
-        self.client.delete(RECOVERY_KEY)
-
-    # Best effort: a Redis that cannot be reached leaves the process's own memory to count.
-
-    def note_database_away(self, since: float) -> None:
-        with contextlib.suppress(redis.RedisError):
-            self.client.set(DATABASE_AWAY_KEY, since, nx=True)
-
-    def database_away_since(self) -> float | None:
-        with contextlib.suppress(redis.RedisError, ValueError):
-            stored = self.client.get(DATABASE_AWAY_KEY)
-            if stored is not None:
-                return float(stored)
-        return None
-
-    def forget_database_away(self) -> None:
-        with contextlib.suppress(redis.RedisError):
-            self.client.delete(DATABASE_AWAY_KEY)
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared token buckets (app/flow: an organization's submit rate over every API process)
-
-
-# Refill by the server's clock (one clock for every API process), then take `n` if there are.
-_TAKE_TOKENS = """
-local rate, burst, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens = tonumber(state[1]) or burst
-local at = tonumber(state[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
-local taken = 0
-if tokens >= n then
-  tokens = tokens - n
-  taken = 1
-end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
-redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
-return {taken, tostring(tokens)}
-"""
-
-
-@dataclass(frozen=True)
-class Bucket:
-    taken: bool
-    # Tokens left after this call (fractional while refilling).
-    tokens: float
-
-
-@functools.cache
-def _bucket_client(url: str) -> redis.Redis:
-    # redis-py's pool notices a fork and reconnects: one client per process and URL.
-    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-
-
-def take_tokens(key: str, rate: float, burst: int, n: int = 1) -> Bucket:
-    """Take `n` tokens from the bucket `key` (refilled at `rate` a second up to `burst`), in the
-    Redis every API process shares (REDIS_URL); raises BrokerError when it cannot be reached."""
-    client = _bucket_client(current_config().redis_url)
-    taken, tokens = client.eval(_TAKE_TOKENS, 1, f"runyard:bucket:{key}", rate, burst, n)
-    return Bucket(bool(taken), float(tokens))
+__all__ = [
+    "DATABASE_AWAY_KEY",
+    "LOCK_KEY",
+    "MARKER_KEY",
+    "MARKER_QUEUE",
+    "RECOVERY_KEY",
+    "BrokerError",
+    "BrokerWatch",
+    "Bucket",
+    "message_ids_held",
+    "restore_taken",
+    "take_tokens",
+]
