@@ -29,7 +29,8 @@ CPU per item (ms) over the measured window, from /proc: the API (gunicorn's sess
 workers' main processes and pool processes (summed over hosts), PostgreSQL (this database's
 backends plus the server's own processes; other databases' backends go to `other`), Redis,
 RabbitMQ (beam.smp), the socat forwarders (the price of namespaces on one machine: a real
-network costs the kernel instead), this client, and everything else on the machine (`other`:
+network costs the kernel instead), this client, kernel threads (softirq network work among
+them), and every other process on the machine (`other`:
 other test runs share this machine and its servers; Redis and RabbitMQ cannot be split per
 client, so their figures include whatever else used them meanwhile; the load average is printed
 before each phase). The capacity lines divide a core's 1000 ms by the PostgreSQL and broker ms
@@ -74,7 +75,6 @@ from bench.throughput import (  # noqa: E402 - after the sys.path fix above
     BenchError,
     Children,
     HttpSubmit,
-    create_org,
     flushdb,
     free_port,
     libpq_url,
@@ -100,8 +100,10 @@ GROUPS = (
     "rabbitmq",
     "socat",
     "client",
+    "kernel",
     "other",
 )
+PF_KTHREAD = 0x00200000
 RABBITMQ_PROCESSES = ("beam.smp", "erl_child_setup", "inet_gethost", "epmd")
 # A backend's title: "postgres: [cluster: ]user database host(port) activity".
 BACKEND_TITLE = re.compile(r"^postgres: (?:\S+: )?\S+ (\S+) (?:\S+\(\d+\)|\[local\])")
@@ -117,8 +119,8 @@ def loadavg() -> str:
 
 
 def snapshot() -> dict:
-    """pid -> (comm, session, cpu seconds, the database of a PostgreSQL backend), and the
-    machine's busy seconds."""
+    """pid -> (comm, session, cpu seconds, the database of a PostgreSQL backend or "kernel
+    thread"), and the machine's busy seconds."""
     procs = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -135,6 +137,8 @@ def snapshot() -> dict:
             continue  # gone meanwhile
         fields = raw[raw.rindex(")") + 2 :].split()
         cpu = (int(fields[11]) + int(fields[12])) / TICK
+        if int(fields[6]) & PF_KTHREAD:
+            database = "kernel thread"
         procs[int(entry)] = (comm, int(fields[3]), cpu, database)
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
@@ -147,6 +151,8 @@ def group_of(pid: int, proc: tuple, api: int, workers: set[int]) -> str:
         return "api"
     if session in workers:
         return "worker main" if pid == session else "worker pool"
+    if database == "kernel thread":
+        return "kernel"
     if comm == "postgres":
         return "postgres" if database in ("", DATABASE) else "other"
     if comm.startswith("redis-server"):
@@ -304,6 +310,21 @@ class Bench:
         return env
 
 
+def create_org(database_url: str, name: str) -> tuple[str, str]:
+    """An organization of the phase's own (each phase counts its executions by organization)."""
+    from app.db import db
+    from app.orgs import services
+
+    db.configure(database_url)
+    try:
+        with db.session() as session:
+            org, token = services.create_org(session, name)
+            session.commit()
+            return str(org.id), token
+    finally:
+        db.dispose()
+
+
 def create_agent(port: int, token: str) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     definition = {"name": AGENT, "runtime": {"type": "python", "entrypoint": ENTRYPOINT}}
@@ -353,7 +374,7 @@ def phase_runyard(bench: Bench, fleet: netns.Fleet, broker: Broker, plain_app) -
     args, children = bench.args, bench.children
     row = Row(broker.name, len(fleet.hosts), "runyard")
     deadline = time.monotonic() + args.timeout
-    org_id, token = create_org(bench.database_url)
+    org_id, token = create_org(bench.database_url, f"bench-{broker.name}-{len(fleet.hosts)}")
     env = bench.env(broker.url)
     port = free_port()
     api = children.start("api", [BIN / "runyard", "api", "--port", str(port)], env).pid
@@ -485,7 +506,7 @@ def tables(rows: list[Row]) -> list[str]:
         load = ", ".join(r.load for r in (ours, theirs) if r)
         lines.append(f"{broker:<9} {hosts:>5} {shown[0]} {shown[1]} {ratio}  {load}")
     lines += ["", "cpu ms per item, by process group over the measured window:"]
-    heads = "".join(f"{g[:11]:>12}" for g in GROUPS)
+    heads = "".join(f"{g.replace('worker ', 'w-'):>9}" for g in GROUPS)
     lines.append(
         f"{'broker':<9}{'hosts':>5} {'system':<13}{heads}{'machine':>9}{'busy':>6}  busiest"
     )
@@ -494,7 +515,7 @@ def tables(rows: list[Row]) -> list[str]:
         if row.cpu is None:
             lines.append(f"{label}FAILED: {row.error}")
             continue
-        cells = "".join(f"{row.cpu.per_item[g]:12.2f}" for g in GROUPS)
+        cells = "".join(f"{row.cpu.per_item[g]:9.2f}" for g in GROUPS)
         who, percent = row.cpu.busiest
         lines.append(
             f"{label}{cells}{row.cpu.machine_ms:9.2f}{row.cpu.busy_percent:5.0f}%  "
@@ -590,6 +611,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from app.migrate import upgrade
+
     args = parse_args(argv)
     reason = netns.unavailable_reason()
     if reason:
@@ -613,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
             f"-P prefork -c {args.concurrency} per host, {os.cpu_count()} CPUs; logs in {LOG_DIR}"
         )
         database_url = setup_database(cleanups, args.keep_db, database=DATABASE)
+        upgrade(database_url)
         redis_url = setup_redis(cleanups, args.redis_db)
         os.environ["REDIS_URL"] = redis_url
         bench = Bench(args, children, database_url, redis_url)
