@@ -33,8 +33,9 @@ network costs the kernel instead), this client, kernel threads (softirq network 
 them), and every other process on the machine (`other`:
 other test runs share this machine and its servers; Redis and RabbitMQ cannot be split per
 client, so their figures include whatever else used them meanwhile; the load average is printed
-before each phase). The capacity lines divide a core's 1000 ms by the PostgreSQL and broker ms
-per execution: the rate one core of each would sustain if nothing else limited it.
+before each phase); `own` sums every group but `other`. The capacity lines divide a core's
+1000 ms by the ms per execution of PostgreSQL, the brokers, the API and the workers (the rate
+one core of each would sustain if nothing else limited it), and the machine's cores by `own`.
 
 Servers: DATABASE_URL (a fresh database `runyard_bench_hosts`, dropped at the end unless
 --keep-db) and REDIS_URL (a database number of its own, as bench/throughput.py claims it) must
@@ -493,6 +494,11 @@ def phase_plain(bench: Bench, fleet: netns.Fleet, broker: Broker, plain_app) -> 
 # Tables
 
 
+def own_ms(cpu: Cpu) -> float:
+    """CPU ms per item of the processes the phase ran on (every group but `other`)."""
+    return sum(ms for group, ms in cpu.per_item.items() if group != "other")
+
+
 def tables(rows: list[Row]) -> list[str]:
     lines = ["", "throughput (items/s, first submit -> last end):"]
     lines.append(f"{'broker':<9} {'hosts':>5} {'runyard':>8} {'plain':>8} {'ratio':>6}  load")
@@ -508,7 +514,8 @@ def tables(rows: list[Row]) -> list[str]:
     lines += ["", "cpu ms per item, by process group over the measured window:"]
     heads = "".join(f"{g.replace('worker ', 'w-'):>9}" for g in GROUPS)
     lines.append(
-        f"{'broker':<9}{'hosts':>5} {'system':<13}{heads}{'machine':>9}{'busy':>6}  busiest"
+        f"{'broker':<9}{'hosts':>5} {'system':<13}{heads}{'own':>7}{'machine':>9}{'busy':>6}  "
+        "busiest"
     )
     for row in rows:
         label = f"{row.broker:<9}{row.hosts:>5} {row.system:<13}"
@@ -518,22 +525,32 @@ def tables(rows: list[Row]) -> list[str]:
         cells = "".join(f"{row.cpu.per_item[g]:9.2f}" for g in GROUPS)
         who, percent = row.cpu.busiest
         lines.append(
-            f"{label}{cells}{row.cpu.machine_ms:9.2f}{row.cpu.busy_percent:5.0f}%  "
-            f"{who} {percent:.0f}% of a core"
+            f"{label}{cells}{own_ms(row.cpu):7.2f}{row.cpu.machine_ms:9.2f}"
+            f"{row.cpu.busy_percent:5.0f}%  {who} {percent:.0f}% of a core"
         )
-    lines += ["", "capacity: one core's 1000 ms over the ms per execution (runyard rows):"]
+    return lines + capacity(rows)
+
+
+def capacity(rows: list[Row]) -> list[str]:
+    cores = os.cpu_count() or 1
+    lines = [
+        "",
+        "capacity: one core's 1000 ms over the ms per execution of each (runyard rows), and "
+        f"the {cores} cores over `own`:",
+    ]
     for row in rows:
         if row.system != "runyard" or row.cpu is None:
             continue
         cpu = row.cpu.per_item
-        broker_ms = cpu["redis"] + cpu["rabbitmq"]
-        worker_ms = cpu["worker main"] + cpu["worker pool"]
-        lines.append(
-            f"{row.broker:<9}{row.hosts:>5}  postgres {1000 / max(cpu['postgres'], 1e-3):6.0f}/s "
-            f"per core, broker (redis+rabbitmq) {1000 / max(broker_ms, 1e-3):6.0f}/s, "
-            f"api {1000 / max(cpu['api'], 1e-3):5.0f}/s, "
-            f"workers {1000 / max(worker_ms, 1e-3):5.0f}/s per core"
-        )
+        rates = {
+            "postgres": cpu["postgres"],
+            "broker (redis+rabbitmq)": cpu["redis"] + cpu["rabbitmq"],
+            "api": cpu["api"],
+            "workers": cpu["worker main"] + cpu["worker pool"],
+        }
+        shown = ", ".join(f"{name} {1000 / max(ms, 1e-3):.0f}/s" for name, ms in rates.items())
+        alone = cores * 1000 / max(own_ms(row.cpu), 1e-3)
+        lines.append(f"{row.broker:<9}{row.hosts:>5}  {shown}; {cores} cores alone {alone:.0f}/s")
     return lines
 
 
