@@ -59,6 +59,8 @@ def claimed_by(hosts, database_url, ids) -> dict[uuid.UUID, tuple[str, int, int 
 
 
 def test_executions_spread_over_three_hosts(app, live_org, hosts, tmp_path, database_url):
+    """24 short executions on the queue all hosts serve: every host's worker claimed some (the
+    worker recorded at claim); none lost, none run twice."""
     client = app.test_client()
     agent = ledger_agent(client, live_org, hosts.queue)
     ledger = tmp_path / "ledger.txt"
