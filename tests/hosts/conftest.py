@@ -11,8 +11,10 @@ with RUNYARD_REQUIRE_HOSTS=1 (CI) that is a failure instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -85,6 +87,10 @@ class WorkerHosts:
         self.start_workers([h for h in self.hosts if self.workers[h.index].poll() is not None])
 
     def stop(self) -> None:
+        # Every warm shutdown at once, then each waited for (and killed past the timeout).
+        for process in self.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
         for process in self.workers.values():
             netns.stop_process(process, timeout=10)
 
