@@ -135,7 +135,10 @@ def hosts(worker_hosts) -> WorkerHosts:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    # The fault suite's summary lists every report too when it runs in the same session.
+    # When the fault suite runs in the same session, its summary lists these reports too.
+    faults = Path(__file__).parent.parent / "faults" / "conftest.py"
+    if any(getattr(p, "__file__", None) == str(faults) for p in config.pluginmanager.get_plugins()):
+        return
     mine = [report for report in REPORTS if report.name.startswith("hosts:")]
     if mine:
         terminalreporter.section("worker hosts: executions lost and duplicated")
