@@ -124,8 +124,21 @@ def worker_hosts(app, database_url, tmp_path_factory) -> Iterator[WorkerHosts]:
                 yield fleet_workers
             finally:
                 fleet_workers.stop()
+                if config.broker_url.startswith("amqp"):
+                    delete_queues([fleet_workers.queue, *map(fleet_workers.own_queue, fleet.hosts)])
     finally:
         remove_audit(database_url)
+
+
+def delete_queues(names: list[str]) -> None:
+    """RabbitMQ keeps a queue after its last consumer (a Redis database is flushed at the end
+    of the run instead)."""
+    from app.broker import celery_app
+
+    with celery_app.connection_for_write() as connection:
+        for name in names:
+            with contextlib.suppress(Exception):
+                connection.default_channel.queue_delete(name)
 
 
 @pytest.fixture
