@@ -45,7 +45,8 @@ RABBITMQ_TESTS := \
 	tests/test_flower.py \
 	tests/faults/test_worker_faults.py \
 	tests/faults/test_outages.py \
-	tests/faults/test_storage_faults.py
+	tests/faults/test_storage_faults.py \
+	tests/hosts
 
 test-rabbitmq: $(STAMP)
 	RUNYARD_BROKER_URL=$(RABBITMQ_URL) $(BIN)/pytest $(RABBITMQ_TESTS); \

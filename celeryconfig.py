@@ -68,6 +68,12 @@ if broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
     task_default_delivery_mode = "persistent"
     # (py-amqp ignores the Redis options above.)
     broker_transport_options["confirm_publish"] = True
+    # A worker's remote-control (pidbox) queue is not exclusive to one connection: a worker whose
+    # host was cut off reconnects while RabbitMQ still holds its old connection (until the
+    # heartbeat times it out), and an exclusive queue would refuse the new one (RESOURCE_LOCKED)
+    # and stop the worker instead of letting it serve again (tests/hosts). It is still deleted
+    # once no worker consumes it.
+    control_queue_exclusive = False
 
 # Task events cost the worker about 0.7 ms of CPU per execution (measured by bench/throughput.py);
 # Flower switches them on in the workers it watches, so they are paid only while someone looks.
