@@ -19,7 +19,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from tests.brokers import add_vhost, delete_vhost, ensure_rabbitmq_running
+from tests.hosts.netns import celery_worker_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = f"{os.getpid()}"
@@ -257,27 +257,9 @@ def celery_worker(
     """A real Celery worker subprocess (prefork), ready when this yields; stopped (warm, then
     killed with its whole group) when the block ends. `env` overrides the test environment
     (another broker or database, shorter leases)."""
-    celery = Path(sys.executable).parent / "celery"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            [
-                str(celery),
-                "-A",
-                "workers",
-                "worker",
-                "-P",
-                "prefork",
-                "-c",
-                str(concurrency),
-                "-Q",
-                queues,
-                "--without-gossip",
-                "--without-mingle",
-                "-l",
-                "INFO",
-                "-n",
-                f"{name}-{RUN_ID}@%h",
-            ],
+            celery_worker_argv("workers", queues, concurrency, f"{name}-{RUN_ID}@%h"),
             cwd=ROOT,
             # tests.agents must be importable in the pool processes.
             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},

@@ -4,15 +4,13 @@ killed after the service accepted a transfer never pays twice."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from app.config import current_config, use_config
-from tests.app.wallets_helpers import CURRENCIES, CUSTOMER, POLICY, STRANGER
+from tests.app.wallets_helpers import CURRENCIES, CUSTOMER, POLICY, STRANGER, fake_engine
 from tests.conftest import celery_worker, wait_for, wait_until
 from tests.fake_engine import TOKEN, FakeEngine
 from tests.faults.workers_fixtures import SHORT_LEASES, kill_worker, own_queue, sweeping_beat
@@ -23,15 +21,8 @@ pytestmark = pytest.mark.worker
 @pytest.fixture(scope="module")
 def engine(app) -> Iterator[FakeEngine]:
     """The fake wallet service, and the in-process API's settings pointing at it."""
-    fake = FakeEngine()
-    saved = current_config()
-    wallet = dataclasses.replace(saved.wallet, engine_url=fake.url, currencies=CURRENCIES)
-    use_config(dataclasses.replace(saved, wallet=wallet))
-    try:
+    with fake_engine() as fake:
         yield fake
-    finally:
-        use_config(saved)
-        fake.stop()
 
 
 def wallet_env(engine: FakeEngine) -> dict[str, str]:
