@@ -8,7 +8,9 @@ organization's active executions, not the agent's history. Agents of equal load 
 the one whose last execution was queued longest ago goes first (one probe of
 ix_executions_org_id_agent_id_queued_at each). Two assignments at the same instant may read the
 same loads and pick the same agent: the loads are a guide, not a reservation, and no limit
-rests on them (an agent's concurrency limit still holds).
+rests on them (an agent's concurrency limit still holds). An agent whose capability has
+authority `observe` is not a candidate when its version holds a wallet_policy: its runs could
+move money.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from app.orgs.services import Principal
 _CANDIDATES_SQL = text(
     """
     SELECT a.id, a.name, a.current_version_id, v.capabilities,
+           -- A definition without one stores JSON null.
+           coalesce(jsonb_typeof(v.wallet_policy) = 'object', false) AS moves_money,
            (SELECT count(*) FROM executions e
             WHERE e.org_id = a.org_id AND e.status IN ('queued', 'running')
               AND e.agent_id = a.id) AS load,
@@ -79,11 +83,7 @@ def choose(
         rows = conn.execute(
             _CANDIDATES_SQL, {"org_id": principal.org_id, "capability": capability}
         ).all()
-        offering = [
-            row
-            for row in rows
-            if capabilities.offers(capabilities.find(row.capabilities, capability), provider, chain)
-        ]
+        offering = [row for row in rows if _may_run(row, capability, provider, chain)]
         if not offering:
             raise Conflict(
                 _nobody(capability, provider, chain, had_name=bool(rows)),
@@ -110,6 +110,16 @@ def choose(
         "capability": capability,
         "candidates": [{"agent": row.name, "load": row.load} for row in accepting],
     }
+
+
+def _may_run(row: Any, capability: str, provider: str | None, chain: str | None) -> bool:
+    """Whether a candidate's capability offers the provider and chain asked for. An agent whose
+    capability has authority `observe` is never assigned a run that moves money: one with a
+    wallet_policy (its runs may transfer) is left out."""
+    found = capabilities.find(row.capabilities, capability)
+    if found is None or (found["authority"] == "observe" and row.moves_money):
+        return False
+    return capabilities.offers(found, provider, chain)
 
 
 def _nobody(capability: str, provider: str | None, chain: str | None, *, had_name: bool) -> str:

@@ -256,3 +256,26 @@ def test_the_submit_audit_event_records_the_assignment(client, org):
     assert events[0]["changes"] == [
         {"op": "add", "path": "/assigned_by", "value": body["assigned_by"]}
     ]
+
+
+def test_an_observing_agent_that_could_move_money_is_never_assigned(client, org, connection):
+    policy = {
+        "max_per_transaction": "10",
+        "max_per_day": "10",
+        "currency": "USDC",
+        "chains": ["base"],
+    }
+    observer = {"name": "payments.refund", "authority": "observe"}
+    body = {**agent_body("refund-observer", [observer]), "wallet_policy": policy}
+    assert client.post("/api/v1/agents", json=body, headers=org.headers).status_code == 201
+    assert assign(client, org).status_code == 409
+    # Observing without a wallet_policy moves no money: it may be assigned.
+    make_agent(client, org, "refund-reader", [observer])
+    make_agent(client, org, "refund-payer", ["payments.refund"])
+    add_queued(connection, org, "refund-payer", 1, minutes_ago=1)
+    body = assign(client, org).get_json()
+    assert body["agent_name"] == "refund-reader", body
+    assert [c["agent"] for c in body["assigned_by"]["candidates"]] == [
+        "refund-reader",
+        "refund-payer",
+    ]
