@@ -17,7 +17,7 @@ from app import storable
 from app.errors import StateConflict
 from app.executions.spec import LEVELS
 from workers.context_documents import Document, DocumentSource, HandedDocuments, HandedFiles
-from workers.context_wallet import TransferRefused, Wallet, WalletGateway
+from workers.context_wallet import TransferRefused, Wallet, WalletGateway, WalletUnavailable
 
 # Agents import the exceptions of durable calls from here: ChildFailed, StateConflict,
 # TransferRefused.
@@ -28,6 +28,7 @@ __all__ = [
     "StateConflict",
     "Suspended",
     "TransferRefused",
+    "WalletUnavailable",
 ]
 
 # How long a transfer above approval_over waits for an admin before it is refused.

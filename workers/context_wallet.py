@@ -26,6 +26,12 @@ DECISION_EVENT = "runyard.decision"
 FINAL_STATUSES = ("mined", "errored")
 FIRST_POLL_SECONDS = 1.0
 MAX_POLL_SECONDS = 60.0
+# Polls of a sent transaction's status (1, 2, 4 ... 60 s apart: about two hours); one still not
+# final after them is returned as it stands.
+MAX_POLLS = 128
+# Tries of a call the wallet service did not answer (the same pauses: about 15 minutes) before
+# the transfer gives up with WalletUnavailable.
+SERVICE_TRIES = 20
 
 
 class TransferRefused(Exception):
@@ -38,6 +44,25 @@ class TransferRefused(Exception):
         self.decision = decision or {}
 
 
+class WalletUnavailable(RuntimeError):
+    """The wallet service did not answer for SERVICE_TRIES tries. The decision stays as it is
+    (`queued`, maybe sent): calling transfer again would make a new decision and could pay
+    twice; an operator looks at `decision_id` instead."""
+
+    def __init__(self, decision_id: str, message: str) -> None:
+        super().__init__(
+            f"the wallet service did not answer for decision {decision_id} ({message}); it may "
+            "or may not have queued the transfer: look at the decision "
+            f"(GET /api/v1/decisions/{decision_id}) before paying again"
+        )
+        self.decision_id = decision_id
+
+
+class ServiceUnanswered(RuntimeError):
+    """One call the wallet service failed or did not answer (the gateway raises it; the
+    transfer records it and asks again after a pause)."""
+
+
 class WalletGateway(Protocol):
     """The database and the wallet service behind ctx.wallet (workers/wallet_gateway.py)."""
 
@@ -48,6 +73,8 @@ class WalletGateway(Protocol):
     def send(self, decision_id: str) -> dict: ...
 
     def refresh(self, decision_id: str) -> dict: ...
+
+    def expire(self, decision_id: str, reason: str) -> dict: ...
 
 
 class StepCalls(Protocol):
@@ -106,7 +133,8 @@ class Wallet:
     def transfer(self, chain: str, to: str, amount: Any, reason: str) -> dict[str, Any]:
         """Send `amount` of the policy's currency to `to` on `chain`, if the agent's
         wallet_policy allows it: `{"decision_id", "queue_id", "status"}` once the transaction
-        is mined or errored. TransferRefused when refused or rejected."""
+        is mined or errored (or as it stands after MAX_POLLS polls). TransferRefused when
+        refused or rejected; WalletUnavailable when the wallet service did not answer."""
         for name, value in (("chain", chain), ("to", to), ("reason", reason)):
             if not isinstance(value, str) or not value:
                 raise TypeError(f"ctx.wallet.transfer({name}): a non-empty string")
@@ -120,14 +148,17 @@ class Wallet:
         if decision["status"] in ("refused", "rejected"):
             raise TransferRefused(_refusal(decision), decision)
         decision_id = decision["id"]
-        decision = self._step("wallet.send", lambda _seq: wallets.send(decision_id))
+        decision = self._patiently("wallet.send", lambda: wallets.send(decision_id), decision_id)
         pause = FIRST_POLL_SECONDS
-        while decision["status"] not in FINAL_STATUSES:
-            decision = self._step("wallet.status", lambda _seq: wallets.refresh(decision_id))
+        for poll in range(MAX_POLLS):
             if decision["status"] in FINAL_STATUSES:
                 break
-            self._calls().sleep(pause)
-            pause = min(pause * 2, MAX_POLL_SECONDS)
+            if poll:
+                self._calls().sleep(pause)
+                pause = min(pause * 2, MAX_POLL_SECONDS)
+            decision = self._patiently(
+                "wallet.status", lambda: wallets.refresh(decision_id), decision_id
+            )
         return {
             "decision_id": decision_id,
             "queue_id": decision.get("queue_id"),
@@ -145,14 +176,31 @@ class Wallet:
             self._approval_timeout,
             self._approval_timeout,
         )
-        if resolved is None:
-            return {
-                **decision,
-                "status": "refused",
-                "error": f"no approval within {self._approval_timeout:.0f}s",
-            }
         decision_id = decision["id"]
+        if resolved is None:
+            # Refused for good (a late approval is a 409), unless an admin answered just now.
+            reason = f"no approval within {self._approval_timeout:.0f}s"
+            return self._step(
+                "wallet.expire", lambda _seq: self._wallets().expire(decision_id, reason)
+            )
         return self._step("wallet.approval", lambda _seq: self._wallets().refresh(decision_id))
+
+    def _patiently(
+        self, name: str, call: Callable[[], dict[str, Any]], decision_id: str
+    ) -> dict[str, Any]:
+        """`call()` as a recorded step, asked again after durable sleeps while the wallet
+        service does not answer. A failure is recorded too (`{"unavailable": ...}`), so a
+        replay makes the same calls in the same order; the decision and its idempotency key
+        stay the same, so asking again never pays twice."""
+        pause = FIRST_POLL_SECONDS
+        for attempt in range(SERVICE_TRIES):
+            answer = self._step(name, lambda _seq: _or_unavailable(call))
+            if "unavailable" not in answer:
+                return answer
+            if attempt + 1 < SERVICE_TRIES:
+                self._calls().sleep(pause)
+                pause = min(pause * 2, MAX_POLL_SECONDS)
+        raise WalletUnavailable(decision_id, answer["unavailable"])
 
     def _step(self, name: str, make: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
         calls = self._calls()
@@ -165,6 +213,13 @@ class Wallet:
             calls.abandon(seq)
             raise
         return calls.step_record(seq, name, value)
+
+
+def _or_unavailable(call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return call()
+    except ServiceUnanswered as exc:
+        return {"unavailable": str(exc)}
 
 
 def _refusal(decision: dict[str, Any]) -> str:

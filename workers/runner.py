@@ -156,7 +156,9 @@ def _context(
         state=AgentState(database.connection, claimed.org_id, spec.agent_id),
         issue_token=lambda: _issue_token(database, claimed),
         documents=DocumentLoader(database, claimed.execution_id),
-        wallet=DatabaseWallet(database, claimed.execution_id, claimed.attempt, spec.agent_id),
+        wallet=DatabaseWallet(
+            database, claimed.execution_id, claimed.attempt, claimed.org_id, spec.agent_id
+        ),
     )
 
 

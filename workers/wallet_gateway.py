@@ -4,18 +4,23 @@ calls of app/wallets/transfers.py, each answered as the JSON the execution's jou
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import text
 
 from app.errors import ValidationFailed
 from app.wallets import transfers
+from app.wallets.engine import WalletServiceFailed
 from workers.attempt import AttemptDatabase
+from workers.context_wallet import ServiceUnanswered
 
-_ADDRESS = text("SELECT address FROM agent_wallets WHERE agent_id = :agent_id")
+# The execution's organization's: a catalog run of another organization's agent has none.
+_ADDRESS = text("SELECT address FROM agent_wallets WHERE agent_id = :agent_id AND org_id = :org_id")
 
 
 def _journal_form(decision: transfers.Decision) -> dict[str, Any]:
@@ -31,16 +36,23 @@ class DatabaseWallet:
     """The WalletGateway of one attempt."""
 
     def __init__(
-        self, database: AttemptDatabase, execution_id: uuid.UUID, attempt: int, agent_id: Any
+        self,
+        database: AttemptDatabase,
+        execution_id: uuid.UUID,
+        attempt: int,
+        org_id: Any,
+        agent_id: Any,
     ) -> None:
         self._database = database
         self._execution_id = execution_id
         self._attempt = attempt
+        self._org_id = org_id
         self._agent_id = agent_id
 
     def address(self) -> str | None:
         with self._database.connection() as conn:
-            return conn.execute(_ADDRESS, {"agent_id": self._agent_id}).scalar()
+            params = {"agent_id": self._agent_id, "org_id": self._org_id}
+            return conn.execute(_ADDRESS, params).scalar()
 
     def decide(self, key: str, chain: str, to: str, amount: str, reason: str) -> dict[str, Any]:
         try:
@@ -54,8 +66,25 @@ class DatabaseWallet:
             raise ValueError(f"ctx.wallet.transfer: {exc.message} ({problems})") from exc
         return _journal_form(decision)
 
+    # An execution moves its own decisions only (the id comes from its journal, which its own
+    # code could have written).
+
     def send(self, decision_id: str) -> dict[str, Any]:
-        return _journal_form(transfers.send(uuid.UUID(decision_id)))
+        with _service_answers():
+            return _journal_form(transfers.send(uuid.UUID(decision_id), self._execution_id))
 
     def refresh(self, decision_id: str) -> dict[str, Any]:
-        return _journal_form(transfers.refresh(uuid.UUID(decision_id)))
+        with _service_answers():
+            return _journal_form(transfers.refresh(uuid.UUID(decision_id), self._execution_id))
+
+    def expire(self, decision_id: str, reason: str) -> dict[str, Any]:
+        return _journal_form(transfers.expire(uuid.UUID(decision_id), self._execution_id, reason))
+
+
+@contextlib.contextmanager
+def _service_answers() -> Iterator[None]:
+    """The wallet service's failures as the one error ctx.wallet tries again after a pause."""
+    try:
+        yield
+    except WalletServiceFailed as exc:
+        raise ServiceUnanswered(exc.message) from exc

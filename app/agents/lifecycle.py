@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app import versiondiff
-from app.agents import capabilities, services
+from app.agents import capabilities, services, wallet_policy
 from app.agents.models import Agent, AgentVersion
 from app.audit import services as audit
 from app.errors import Conflict
@@ -26,6 +26,8 @@ def rollback(session: Session, principal: Principal, ref: str, version: str) -> 
     if agent.archived_at is not None:
         raise Conflict(f"agent {agent.name!r} is archived", hint="archived agents cannot change")
     row = find_version(session, AgentVersion.agent_id, agent, version, "agent")
+    if row.wallet_policy != services.current_version(session, agent).wallet_policy:
+        wallet_policy.require_admin(principal)
     before = services.audited_state(session, agent)
     make_current(agent, row)
     # Copied from the current version for the capability filter (app/agents/models.py).

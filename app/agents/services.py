@@ -229,6 +229,8 @@ def create(session: Session, principal: Principal, data: dict[str, Any]) -> Agen
     principal.require("agents:write")
     _check_visibility(principal, None, data)
     _check_definition(data)
+    if data.get("wallet_policy") is not None:
+        wallet_policy.require_admin(principal)
     secret_store.check_references(session, principal.org_id, data.get("config"), data["runtime"])
     _check_http_timeout(data["runtime"], data.get("timeout_seconds", 300))
     agent = Agent(
@@ -326,6 +328,8 @@ def update(
     definition = {field: getattr(current, field) for field in VERSIONED_FIELDS}
     changed = {field: _stored(field, data[field]) for field in VERSIONED_FIELDS if field in data}
     changed = {field: value for field, value in changed.items() if definition[field] != value}
+    if "wallet_policy" in changed:
+        wallet_policy.require_admin(principal)
     merged = {**definition, **changed}
     _check_http_timeout(merged["runtime"], merged["timeout_seconds"])
     if not changed:

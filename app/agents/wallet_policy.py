@@ -114,3 +114,10 @@ def tightened(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[tu
     if now is not None and (was is None or Decimal(now) < Decimal(was)):
         found.append((f"{at}/approval_over", f"more transfers wait for approval: {was} -> {now}"))
     return found
+
+
+def require_admin(principal: Any) -> None:
+    """Only an admin sets or changes a wallet_policy (create, a new version, a rollback to a
+    version with another one): it bounds what the agent spends, as only an admin makes its
+    wallet and answers its approvals."""
+    principal.require("wallets:write")

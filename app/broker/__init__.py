@@ -22,7 +22,6 @@ import json
 import os
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -288,8 +287,10 @@ class _ConfirmedPublisher:
             raise RuntimeError("RabbitMQ refused messages: " + "; ".join(confirms.refused[:5]))
 
 
-# One publisher per pooled connection (py-amqp's), for as long as the connection lives.
-_publishers: weakref.WeakKeyDictionary[Any, _ConfirmedPublisher] = weakref.WeakKeyDictionary()
+# One publisher per pooled connection (py-amqp's), kept as an attribute of the connection so it
+# goes with it (a mapping keyed by the connection would keep it alive: the publisher's channel
+# refers to its connection).
+_PUBLISHER = "_runyard_confirmed_publisher"
 
 
 def _publish_confirmed(connection: Any, groups: dict[tuple, list[RunMessage]]) -> None:
@@ -300,13 +301,14 @@ def _publish_confirmed(connection: Any, groups: dict[tuple, list[RunMessage]]) -
     confirmed in time: the rows stay unstamped and the sweeper publishes them again (the claim
     drops a duplicate)."""
     raw = connection.connection
-    publisher = _publishers.get(raw)
+    publisher = getattr(raw, _PUBLISHER, None)
     if publisher is None or publisher.pid != os.getpid() or not publisher.channel.is_open:
-        publisher = _publishers[raw] = _ConfirmedPublisher(connection)
+        publisher = _ConfirmedPublisher(connection)
+        setattr(raw, _PUBLISHER, publisher)
     try:
         publisher.publish(connection, groups)
     except BaseException:
-        _publishers.pop(raw, None)
+        setattr(raw, _PUBLISHER, None)
         with contextlib.suppress(Exception):
             publisher.channel.close()
         raise

@@ -100,8 +100,11 @@ def message_ids_held(queues: set[str], scan_limit: int) -> tuple[set[str], set[s
     return present, unread
 
 
-# RabbitMQ has no peek: each message is fetched (basic.get, one round trip) and given back.
-AMQP_SCAN_LIMIT = 5_000
+# RabbitMQ has no peek: each message is fetched (basic.get, one round trip) and given back, and
+# while read the head of the queue is held from the workers (they are served what is behind it).
+# A small bound keeps that to a moment per sweep; a deeper queue is read once it has drained
+# below it (a message missing from a long queue is not late yet).
+AMQP_SCAN_LIMIT = 500
 
 
 def _ids_waiting_in_rabbitmq(queues: set[str], scan_limit: int) -> tuple[set[str], set[str]]:
@@ -247,7 +250,11 @@ class BrokerWatch:
         if self.amqp_marker:
             if _marker_queue_held():
                 return None
+            # The recovery first, the marker after: a sweep that dies in between leaves the
+            # marker missing, and the next one opens the recovery again (harmless), never a
+            # marker back without its recovery.
             self.client.set(RECOVERY_KEY, recovery)
+            _put_marker_back()
             return "lost its data (or this is the first sweep)"
         run_id = self.client.info("server")["run_id"]
         old = self.client.eval(_CHECK_MARKER, 2, MARKER_KEY, RECOVERY_KEY, run_id, recovery)
@@ -296,19 +303,27 @@ MARKER_QUEUE = "runyard.broker-marker"
 
 
 def _marker_queue_held() -> bool:
-    """Whether RabbitMQ still holds the marker; when not, put it back (for the next sweep)."""
+    """Whether RabbitMQ still holds the marker message."""
     with celery_app.connection_or_acquire() as connection:
         connection.ensure_connection(max_retries=1)
         channel = connection.channel()
         try:
-            try:
-                _name, messages, _consumers = channel.queue_declare(MARKER_QUEUE, passive=True)
-            except amqp.exceptions.NotFound:
-                # A failed passive declare closes the channel.
-                channel = connection.channel()
-                messages = 0
-            if messages:
-                return True
+            _name, messages, _consumers = channel.queue_declare(MARKER_QUEUE, passive=True)
+            return messages > 0
+        except amqp.exceptions.NotFound:
+            return False
+        finally:
+            # A failed passive declare closed the channel already.
+            with contextlib.suppress(Exception):
+                channel.close()
+
+
+def _put_marker_back() -> None:
+    """The marker queue and its one persistent message, for the next sweeps to find."""
+    with celery_app.connection_or_acquire() as connection:
+        connection.ensure_connection(max_retries=1)
+        channel = connection.channel()
+        try:
             channel.queue_declare(MARKER_QUEUE, durable=True, auto_delete=False)
             channel.basic_publish_confirm(
                 amqp.Message(b"runyard broker marker", delivery_mode=2),
@@ -316,7 +331,6 @@ def _marker_queue_held() -> bool:
                 routing_key=MARKER_QUEUE,
                 mandatory=True,
             )
-            return False
         finally:
             with contextlib.suppress(Exception):
                 channel.close()

@@ -42,7 +42,8 @@ _STALE_QUEUED = text(
     """
     SELECT id, version_id, priority FROM executions
     WHERE status = 'queued' AND dispatched_at < now() - make_interval(secs => :grace)
-      AND waiting_for IS NULL AND (:retries OR attempt = 0)
+      -- A resumed durable run keeps its attempt but has no countdown: its message is readable.
+      AND waiting_for IS NULL AND (:retries OR attempt = 0 OR resuming)
     ORDER BY queued_at, id LIMIT :batch
     """
 )

@@ -217,8 +217,9 @@ def _republish_vanished(report: SweepReport, grace_seconds: float, *, retries: b
     same window by a live worker) is dropped by the claim.
 
     Without `retries` (RabbitMQ, whose consumers' unacknowledged messages cannot be read) rows
-    already attempted are left out: a retry's countdown message sits in a live worker until due,
-    and publishing it again would start the retry before its backoff."""
+    already attempted are left out, but for resumed durable runs (no countdown on theirs): a
+    retry's countdown message sits in a live worker until due, and publishing it again would
+    start the retry before its backoff."""
     with db.hot() as conn:
         rows = leases.stale_queued(conn, grace_seconds, SWEEP_BATCH, retries=retries)
         if not rows:

@@ -77,6 +77,8 @@ class Decision(Base):
     policy_check: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(24))
     queue_id: Mapped[str | None] = mapped_column(Text)
+    # The first send's start (app/wallets/transfers.py: not sent again past the service's 24 h).
+    send_started_at: Mapped[dt.datetime | None]
     transaction_hash: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     # The admin token that answered a decision awaiting approval: {"token_id", "token_name"}.

@@ -35,7 +35,7 @@ class AgentWallet(MethodView):
     @wallets.response(201, WalletSchema())
     @wallets.alt_response(403, description="the role may not make wallets (admin may)")
     @wallets.alt_response(404, description="no such agent in your organization")
-    @wallets.alt_response(409, description="the agent has a wallet already")
+    @wallets.alt_response(409, description="the agent has a wallet already, or is archived")
     @wallets.alt_response(502, description=SERVICE_FAILED)
     def post(self, data, ref):
         """Make the agent's wallet at the wallet service and store it (one per agent)"""

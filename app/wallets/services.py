@@ -33,6 +33,8 @@ def create(session: Session, principal: Principal, ref: str, label: str | None) 
     WalletServiceFailed (502) when the service fails."""
     principal.require("wallets:write")
     agent = agents.resolve(session, principal, ref)
+    if agent.archived_at is not None:
+        raise Conflict(f"agent {agent.name!r} is archived", hint="archived agents cannot change")
     # Two requests at once would both make a wallet at the service: one at a time per agent
     # (held across the call, which RUNYARD_WALLET_ENGINE_TIMEOUT_SECONDS bounds).
     session.execute(_LOCK, {"key": f"runyard:wallet-create:{agent.id}"})

@@ -96,7 +96,9 @@ _RUN = """
            v.wallet_policy, v.version, w.address
     FROM executions e
     JOIN agent_versions v ON v.id = e.version_id
-    LEFT JOIN agent_wallets w ON w.agent_id = e.agent_id
+    -- The execution's organization's wallet: a catalog run of another organization's agent has
+    -- none, and is refused (it never spends the owner's wallet).
+    LEFT JOIN agent_wallets w ON w.agent_id = e.agent_id AND w.org_id = e.org_id
     WHERE e.id = %s
 """
 _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
@@ -282,7 +284,14 @@ _AT_MOST = {True: "<=", False: ">"}
 _FOR_SEND = f"""
     SELECT {", ".join("d." + column for column in COLUMNS.split(", "))}, d.org_id, w.address
     FROM decisions d
-    LEFT JOIN agent_wallets w ON w.agent_id = d.agent_id WHERE d.id = %s
+    LEFT JOIN agent_wallets w ON w.agent_id = d.agent_id AND w.org_id = d.org_id
+    WHERE d.id = %(id)s AND (%(execution_id)s::uuid IS NULL OR d.execution_id = %(execution_id)s)
+"""
+# Engine keeps an idempotency key 24 hours: a send begun longer ago than this that recorded no
+# queueId might have been queued, and a second send could queue the transfer again.
+_SEND_STARTED = """
+    UPDATE decisions SET send_started_at = coalesce(send_started_at, now())
+    WHERE id = %s RETURNING send_started_at < now() - interval '23 hours'
 """
 _SENT = f"""
     UPDATE decisions SET queue_id = %(queue_id)s, updated_at = now()
@@ -290,23 +299,38 @@ _SENT = f"""
 """
 
 
-def _read(conn: Connection, decision_id: uuid.UUID) -> tuple[Decision, uuid.UUID, str | None]:
-    row = driver(conn).execute(_FOR_SEND, (decision_id,)).fetchone()
+def _read(
+    conn: Connection, decision_id: uuid.UUID, execution_id: uuid.UUID | None = None
+) -> tuple[Decision, uuid.UUID, str | None]:
+    """The decision, its organization and its wallet's address; with `execution_id`, only
+    that execution's decision (an agent moves its own decisions only)."""
+    params = {"id": decision_id, "execution_id": execution_id}
+    row = driver(conn).execute(_FOR_SEND, params).fetchone()
     if row is None:
         raise NotFound(f"no decision {decision_id}")
     return decided(row[:-2]), row[-2], row[-1]
 
 
-def send(decision_id: uuid.UUID) -> Decision:
+def send(decision_id: uuid.UUID, execution_id: uuid.UUID | None = None) -> Decision:
     """Ask the wallet service to make a `queued` decision's transfer, once: records its
     queue_id (the status stays `queued` until `refresh` sees it sent). Any other decision,
     or one already sent, is returned as it is. Raises WalletServiceFailed when the service
-    fails or cannot be reached: nothing is recorded, and a later call may try again."""
+    fails or cannot be reached: nothing is recorded, and a later call may try again, within
+    the 23 hours after the first try (the service's idempotency key lasts 24). `execution_id`:
+    the execution whose decision it must be."""
     with db.begin() as conn:
-        decision, org_id, address = _read(conn, decision_id)
+        decision, org_id, address = _read(conn, decision_id, execution_id)
         if decision.status != "queued" or decision.queue_id is not None:
             return decision
         token = access_token(conn, org_id)
+        if driver(conn).execute(_SEND_STARTED, (decision_id,)).fetchone()[0]:
+            raise engine.WalletServiceFailed(
+                f"decision {decision_id} is not sent again: its first send began over 23 hours "
+                "ago and recorded no queueId, and the wallet service keeps an idempotency key "
+                "for 24 hours only",
+                hint=f"look at the wallet service for idempotency key {service_key(decision_id)}"
+                " before paying this by hand",
+            )
     currency_address = current_config().wallet.currency_address(decision.chain, decision.currency)
     if address is None or currency_address is None:
         raise engine.WalletServiceFailed(
@@ -366,12 +390,13 @@ def followed(answer: dict[str, Any]) -> tuple[str, str | None]:
     return found, None
 
 
-def refresh(decision_id: uuid.UUID) -> Decision:
+def refresh(decision_id: uuid.UUID, execution_id: uuid.UUID | None = None) -> Decision:
     """Follow a sent decision's transaction at the wallet service: records `sent`, `mined` or
     `errored` (a cancelled or reverted transaction is `errored`) and the transaction hash.
-    A decision not sent yet, or already final, is returned as it is."""
+    A decision not sent yet, or already final, is returned as it is. `execution_id`: the
+    execution whose decision it must be."""
     with db.begin() as conn:
-        decision, org_id, _address = _read(conn, decision_id)
+        decision, org_id, _address = _read(conn, decision_id, execution_id)
         if decision.status not in ("queued", "sent") or decision.queue_id is None:
             return decision
         token = access_token(conn, org_id)
@@ -403,3 +428,34 @@ def refresh(decision_id: uuid.UUID) -> Decision:
             ),
         )
         return decided(row)
+
+
+_EXPIRED = f"""
+    UPDATE decisions SET status = 'refused', error = %(error)s, updated_at = now()
+    WHERE id = %(id)s AND execution_id = %(execution_id)s AND status = 'awaiting_approval'
+    RETURNING {COLUMNS}, org_id
+"""
+
+
+def expire(decision_id: uuid.UUID, execution_id: uuid.UUID, reason: str) -> Decision:
+    """A decision its execution stopped waiting for (no approval in time): `refused`, so it no
+    longer counts against max_per_day and a late approval is a 409. One an admin answered
+    meanwhile is returned as it is: the answer won, and the caller goes on with it."""
+    with db.begin() as conn:
+        params = {"id": decision_id, "execution_id": execution_id, "error": reason}
+        row = driver(conn).execute(_EXPIRED, params).fetchone()
+        if row is None:
+            return _read(conn, decision_id, execution_id)[0]
+        decision = decided(row[:-1])
+        audit.record(
+            conn,
+            _actor(row[-1], execution_id, decision.agent),
+            audit.Change(
+                "decision.expire",
+                "decision",
+                decision.id,
+                decision.agent,
+                [{"op": "replace", "path": "/status", "value": "refused"}],
+            ),
+        )
+        return decision

@@ -74,6 +74,9 @@ def upgrade() -> None:
         sa.Column("policy_check", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
         sa.Column("status", sa.String(length=24), nullable=False),
         sa.Column("queue_id", sa.Text(), nullable=True),
+        # When the first send to the wallet service began: the service keeps an idempotency
+        # key 24 hours, so a send not recorded by then is not tried again (app/wallets).
+        sa.Column("send_started_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("transaction_hash", sa.Text(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("approved_by", postgresql.JSONB(astext_type=sa.Text()), nullable=True),

@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from app.durable import waits
 from app.durable.journal import Fenced
-from app.errors import ValidationFailed
+from app.errors import NotFound, ValidationFailed
 from app.wallets import transfers
 from app.wallets.engine import WalletServiceFailed
 from tests.app.wallets_helpers import (
@@ -27,6 +27,7 @@ from tests.app.wallets_helpers import (
     paying_agent,
     running_execution,
 )
+from tests.conftest import bearer, make_token
 from tests.fake_engine import TOKEN
 
 
@@ -428,3 +429,96 @@ def test_decisions_outlive_their_executions(client, org, engine, connection):
     connection.execute(text("DELETE FROM executions WHERE id = :id"), {"id": execution_id})
     shown = ok(client.get(f"/api/v1/decisions/{decision.id}", headers=org.headers), 200)
     assert shown["execution_id"] is None and shown["status"] == "queued"
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by review: whose wallet, whose decision, how long a send may be tried, who sets a policy
+
+
+def test_a_catalog_run_never_spends_the_owners_wallet(client, org, other_org, engine, connection):
+    """A public paying agent run by another organization: the run is that organization's, it
+    has no wallet of its own for the agent, so its transfer is refused and nobody is paid."""
+    paying_agent(client, org, visibility="public")
+    run = client.post(
+        f"/api/v1/catalog/{org.name}/payer/executions",
+        json={"input": {}},
+        headers=other_org.headers,
+    )
+    execution_id = ok(run, 202)["id"]
+    connection.execute(
+        text("UPDATE executions SET status = 'running', attempt = 1 WHERE id = :id"),
+        {"id": execution_id},
+    )
+    decision = transfers.decide(
+        uuid.UUID(execution_id), 1, "k", "base", CUSTOMER, "5", "catalog run"
+    )
+    assert decision.status == "refused" and not decision.policy_check["rules"]["wallet"]["passed"]
+    assert transfers.send(decision.id).queue_id is None
+    assert not engine.transfers()
+
+
+def test_an_execution_moves_only_its_own_decisions(client, org, engine):
+    paying_agent(client, org)
+    decision = transfers.decide(running_execution(client, org), 1, "k", "base", CUSTOMER, "5", None)
+    other = running_execution(client, org)
+    with pytest.raises(NotFound):
+        transfers.send(decision.id, other)
+    with pytest.raises(NotFound):
+        transfers.refresh(decision.id, other)
+    assert not engine.transfers()
+
+
+def test_a_send_begun_over_23_hours_ago_is_not_tried_again(client, org, engine, connection):
+    """The service keeps an idempotency key 24 hours: past that a second send could pay twice."""
+    paying_agent(client, org)
+    decision = transfers.decide(running_execution(client, org), 1, "k", "base", CUSTOMER, "5", None)
+    connection.execute(
+        text("UPDATE decisions SET send_started_at = now() - interval '24 hours' WHERE id = :id"),
+        {"id": decision.id},
+    )
+    with pytest.raises(WalletServiceFailed, match="not sent again"):
+        transfers.send(decision.id)
+    assert not engine.transfers()
+
+
+def test_an_approval_that_never_came_refuses_the_decision_for_good(client, org, engine):
+    paying_agent(client, org)
+    execution_id = running_execution(client, org)
+    waiting = transfers.decide(execution_id, 1, "k", "base", CUSTOMER, "60", None)
+    assert waiting.status == "awaiting_approval"
+    expired = transfers.expire(waiting.id, execution_id, "no approval within 604800s")
+    assert expired.status == "refused" and expired.error == "no approval within 604800s"
+    late = client.post(f"/api/v1/decisions/{waiting.id}/approve", headers=org.headers)
+    assert late.status_code == 409
+    # An answer that came first wins: expire returns it as it is.
+    answered = transfers.decide(execution_id, 1, "k2", "base", CUSTOMER, "55", None)
+    ok(client.post(f"/api/v1/decisions/{answered.id}/approve", headers=org.headers), 200)
+    assert transfers.expire(answered.id, execution_id, "too late").status == "queued"
+
+
+def test_only_an_admin_sets_or_changes_a_wallet_policy(client, org, engine):
+    developer = bearer(make_token(org, "developer"))
+    body = {**PAYER, "name": "dev-payer"}
+    assert client.post("/api/v1/agents", json=body, headers=developer).status_code == 403
+    without = {key: value for key, value in body.items() if key != "wallet_policy"}
+    assert client.post("/api/v1/agents", json=without, headers=developer).status_code == 201
+    policy = {**PAYER["wallet_policy"], "max_per_day": "1000000"}
+    loosened = client.patch(
+        "/api/v1/agents/dev-payer", json={"wallet_policy": policy}, headers=developer
+    )
+    assert loosened.status_code == 403
+    ok(
+        client.patch(
+            "/api/v1/agents/dev-payer", json={"wallet_policy": policy}, headers=org.headers
+        ),
+        200,
+    )
+    # Other changes stay a developer's; a rollback across policies is an admin's.
+    ok(
+        client.patch("/api/v1/agents/dev-payer", json={"timeout_seconds": 99}, headers=developer),
+        200,
+    )
+    back = client.post(
+        "/api/v1/agents/dev-payer/rollback", json={"version": "1.0.0"}, headers=developer
+    )
+    assert back.status_code == 403

@@ -18,6 +18,7 @@ owner dies (PR_SET_PDEATHSIG), so a killed run leaves none listening.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import fcntl
@@ -294,6 +295,8 @@ class Fleet:
         self.hosts: list[Host] = []
 
     def __enter__(self) -> Fleet:
+        # A run ended by SIGTERM or a timeout (no `with` exit) still removes its hosts.
+        atexit.register(self.close)
         try:
             with _allocation_lock():
                 remove_stale()
@@ -314,6 +317,7 @@ class Fleet:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+        atexit.unregister(self.close)
 
     def close(self) -> None:
         for host in reversed(self.hosts):

@@ -121,15 +121,18 @@ def test_queued_rows_whose_message_vanished_are_published_again_on_rabbitmq(
     """Rows stamped when a gate let them out, whose publisher died (or met the broker down)
     before publishing: queued and stamped long ago, no message. The messages waiting in the
     queue are read and given back; a retry (attempt 1) is left alone, its countdown message
-    possibly held by a live worker where it cannot be read."""
-    ids = insert_queued(agent_id, 6, dispatched=True)
+    possibly held by a live worker where it cannot be read; a resumed durable run (attempt 1,
+    `resuming`, whose wake-up's publish was lost) is published again."""
+    ids = insert_queued(agent_id, 7, dispatched=True)
+    resumed, retry = ids[-2], ids[-1]
     with db.hot() as conn:
         conn.execute(
             text(
                 "UPDATE executions SET dispatched_at = now() - interval '5 minutes', "
-                "attempt = CASE WHEN id = :retry THEN 1 ELSE 0 END WHERE id = ANY(:ids)"
+                "attempt = CASE WHEN id IN (:retry, :resumed) THEN 1 ELSE 0 END, "
+                "resuming = (id = :resumed) WHERE id = ANY(:ids)"
             ),
-            {"ids": ids, "retry": ids[-1]},
+            {"ids": ids, "retry": retry, "resumed": resumed},
         )
         version_id = conn.execute(
             text("SELECT version_id FROM executions WHERE id = :id"), {"id": ids[0]}
@@ -138,6 +141,6 @@ def test_queued_rows_whose_message_vanished_are_published_again_on_rabbitmq(
     waiting = ids[:2]
     dispatch.publish_many([dispatch.Dispatch(execution_id, spec, 5) for execution_id in waiting])
     report = recovery.sweep()
-    assert report.vanished == 3, report
+    assert report.vanished == 4, report
     assert recovery.sweep().vanished == 0, "found in the queue now, given back by the read"
     assert sorted(take_messages(QUEUE)) == sorted(ids[:-1]), "each row's message once"

@@ -285,3 +285,29 @@ def test_the_example_refund_agent_pays_waits_for_approval_and_is_refused(
             {k: v for k, v in call.headers.items() if k.startswith("x-")},
             call.body,
         )
+
+
+def test_a_wallet_service_down_mid_transfer_is_waited_out_and_pays_once(
+    live_client, live_org, engine, fleet
+):
+    """The service fails the send, then a status poll: the transfer records each failure, sleeps
+    and asks again with the same decision and key, so it neither fails the run nor pays twice."""
+    payer(live_client, live_org, fleet)
+    before = len(engine.transfers())
+    engine.fail_with(503, "engine restarting")
+    try:
+        execution_id = pay(live_client, live_org, "7")
+        wait_until(lambda: len(engine.transfers()) >= before + 2, timeout=30)
+    finally:
+        engine.failure = None
+    done = wait_for(live_client, live_org, execution_id, timeout=60)
+    assert done["status"] == "succeeded" and done["output"]["paid"]["status"] == "mined", done
+    calls = engine.transfers()[before:]
+    assert len(calls) >= 3 and len({call.headers["x-idempotency-key"] for call in calls}) == 1
+    (decision,) = decisions_of(live_client, live_org, execution_id)
+    assert len([q for q in engine.transactions if q == decision["queue_id"]]) == 1
+    journal = live_client.get(
+        f"/api/v1/executions/{execution_id}/journal", headers=live_org.headers
+    ).get_json()
+    sends = [entry["result"] for entry in journal if entry["name"] == "wallet.send"]
+    assert "engine restarting" in sends[0]["unavailable"] and sends[-1]["queue_id"]
