@@ -76,6 +76,7 @@ def test_sync_registers_the_declared_agents_once(cli):
     assert {c["name"]: c["action"] for c in first} == {
         "document-word-count": "created",
         "refund-approval": "created",
+        "refund-order": "created",
         "summarize-ticket": "created",
         "summarize-tickets": "created",
         "ticket-digest": "created",

@@ -20,7 +20,7 @@ from tests.hostile.conftest import World, build_world
 from tests.hostile.test_openapi_fuzz import bounded, end_the_executions, strategy_for
 
 METHODS = ("get", "put", "post", "patch", "delete")
-MAX_EXAMPLES = 50
+MAX_EXAMPLES = 30
 IDEMPOTENCY_KEY = "Idempotency-Key"
 
 # What the server refuses for reasons a JSON Schema cannot state: per operation, the JSON
