@@ -24,7 +24,7 @@ from schemathesis.specs.openapi.checks import (
 from tests.hostile.conftest import Route, World, build_world
 
 # Bounded and deterministic: the same examples on every run (50 per operation: over 95
-# operations, about a minute and a half of the suite).
+# operations, about a minute of the suite).
 MAX_EXAMPLES = 50
 # Answers every operation may give without listing them one by one: the token (the spec's
 # description says every route takes one) and what the edge says about a body.
