@@ -149,16 +149,24 @@ def test_recovery_cut_short_by_its_budget_goes_on_at_the_next_sweep(agent_id, br
     assert set(ids) <= set(queued_messages(broker))
 
 
-def test_two_sweeps_at_once_recover_once(agent_id, broker):
-    settle_marker()
-    ids = insert_queued(agent_id, 50, dispatched=True)
-    broker.delete(MARKER_KEY)
-    reports = []
-    sweeps = [threading.Thread(target=lambda: reports.append(recovery.sweep())) for _ in range(2)]
+def sweeps_at_once(count: int) -> list[recovery.SweepReport]:
+    """The reports of `count` sweeps started together (as beats on several hosts would)."""
+    reports: list[recovery.SweepReport] = []
+    sweeps = [
+        threading.Thread(target=lambda: reports.append(recovery.sweep())) for _ in range(count)
+    ]
     for thread in sweeps:
         thread.start()
     for thread in sweeps:
         thread.join()
+    return reports
+
+
+def test_two_sweeps_at_once_recover_once(agent_id, broker):
+    settle_marker()
+    ids = insert_queued(agent_id, 50, dispatched=True)
+    broker.delete(MARKER_KEY)
+    reports = sweeps_at_once(2)
     assert sum(1 for report in reports if report.broker_reset) == 1, reports
     assert sorted(queued_messages(broker)) == sorted(ids)
 

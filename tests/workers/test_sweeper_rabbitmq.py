@@ -4,7 +4,6 @@ recovery as on Redis publishes every queued row again; the lock lives in REDIS_U
 The agent routes to a queue no worker serves; the tests take its messages out to read them.
 """
 
-import threading
 import uuid
 
 import pytest
@@ -17,7 +16,12 @@ from app.db import db
 from app.executions import dispatch, recovery
 from app.executions.versions import specs
 from tests.brokers import on_rabbitmq
-from tests.workers.test_sweeper import QUEUE, agent_id, insert_queued  # noqa: F401 (fixture)
+from tests.workers.test_sweeper import (  # noqa: F401 (agent_id: a fixture)
+    QUEUE,
+    agent_id,
+    insert_queued,
+    sweeps_at_once,
+)
 
 pytestmark = [
     pytest.mark.worker,
@@ -90,12 +94,7 @@ def test_an_emptied_marker_queue_opens_a_recovery_too(agent_id, settled):  # noq
 def test_two_sweeps_at_once_recover_once_on_rabbitmq(agent_id, settled):  # noqa: F811
     ids = insert_queued(agent_id, 50, dispatched=True)
     delete_queue(MARKER_QUEUE)
-    reports = []
-    sweeps = [threading.Thread(target=lambda: reports.append(recovery.sweep())) for _ in range(2)]
-    for thread in sweeps:
-        thread.start()
-    for thread in sweeps:
-        thread.join()
+    reports = sweeps_at_once(2)
     assert sum(1 for report in reports if report.broker_reset) == 1, reports
     assert sorted(take_messages(QUEUE)) == sorted(ids)
 
