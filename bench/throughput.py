@@ -2,7 +2,7 @@
 """End-to-end throughput: Runyard executions per second against plain Celery on the same machine.
 
     .venv/bin/python bench/throughput.py [--count 3000] [--threads 8] [--concurrency 2]
-                                         [--batch-size 100]
+                                         [--batch-size 100] [--rounds 5]
     # the batch endpoint, 100 items a request from 4 client threads:
     .venv/bin/python bench/throughput.py --batch-size 100 --client-threads 4
 
@@ -15,7 +15,9 @@ call apply_async on a no-op task, one task a call whatever --batch-size says (th
 Celery submits); done when every result is in the Redis result backend. The phases run one
 after the other, each after a warm-up that is not counted. Rate = N / (first submit -> last
 result stored, taken from the stored timestamps: executions.finished_at and the result's
-date_done). It prints both rates and their ratio.
+date_done). It prints both rates and their ratio. With --rounds N the two phases run N times,
+alternating, and it prints every round's ratio and reports the round with the median ratio: on
+a shared virtual machine one run's plain Celery rate can be twice the next one's.
 
 It also prints the CPU each process group spent per execution during the measured window
 (from /proc: the API's and worker's process sessions, every `postgres` and `redis-server`
@@ -381,7 +383,8 @@ def create_org(database_url: str) -> tuple[str, str]:
     db.configure(database_url)
     try:
         with db.session() as session:
-            org, token = services.create_org(session, "bench")
+            # One organization a round (--rounds): each round starts with an empty queue.
+            org, token = services.create_org(session, f"bench-{os.urandom(4).hex()}")
             session.commit()
             return str(org.id), token
     finally:
@@ -685,6 +688,8 @@ def phase_plain(
     # (what apply_async does by default for a later .get()); the worker still stores and
     # publishes every result. Runyard's API does not subscribe either.
     RedisBackend.on_task_call = lambda self, producer, task_id: None
+    import kombu.pools
+
     from bench.plain_celery import app as plain_app
     from bench.plain_celery import noop
 
@@ -759,6 +764,10 @@ def phase_plain(
         client.close()
         with contextlib.suppress(Exception):
             plain_app.pool.force_close_all()
+        # The next round (--rounds) builds its pools again: these are closed for good.
+        plain_app._pool = None
+        plain_app.amqp._producer_pool = None
+        kombu.pools.reset()
     end = last if batch.t0 < last <= seen + 1 else seen
     return report_phase(
         "plain celery",
@@ -802,6 +811,31 @@ def gap_report(runyard: tuple[float, CpuUsage], plain: tuple[float, CpuUsage]) -
     ]
 
 
+def median_round(
+    rounds: list[dict[str, tuple[float, CpuUsage] | None]],
+) -> dict[str, tuple[float, CpuUsage] | None]:
+    """Print each round's rates and ratio; the round whose ratio is the median (the lower of
+    the two middle ones for an even count), or the last round when a phase failed."""
+    complete = []
+    for number, rates in enumerate(rounds, 1):
+        runyard, plain = rates["runyard"], rates["plain"]
+        if runyard and plain:
+            complete.append((runyard[0] / plain[0], number, rates))
+            log(
+                f"round {number}: runyard {runyard[0]:.1f}/s, plain celery {plain[0]:.1f}/s, "
+                f"ratio {runyard[0] / plain[0]:.2f}"
+            )
+        else:
+            log(f"round {number}: incomplete")
+    if not complete:
+        return rounds[-1]
+    complete.sort(key=lambda item: item[0])
+    _, number, rates = complete[(len(complete) - 1) // 2]
+    ratios = ", ".join(f"{item[0]:.2f}" for item in complete)
+    log(f"ratios, lowest first: {ratios}; the median round ({number}) below")
+    return rates
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -827,11 +861,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep-db", action="store_true", help=f"leave the {DATABASE} database")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the phases this many times, alternating, and report the round with the "
+        "median ratio (on a virtual machine whose neighbours take CPU at will, one round's "
+        "rates can be half of the next one's)",
+    )
+    parser.add_argument(
         "--only", choices=["runyard", "plain"], help="run one phase (for profiling)"
     )
     args = parser.parse_args(argv)
-    if args.count < 1 or args.threads < 1 or args.concurrency < 1:
-        parser.error("--count, --threads and --concurrency must be positive")
+    if args.count < 1 or args.threads < 1 or args.concurrency < 1 or args.rounds < 1:
+        parser.error("--count, --threads, --concurrency and --rounds must be positive")
     if args.batch_size and (args.batch_size > 1000 or args.count % args.batch_size):
         parser.error("--batch-size must be 1..1000 and divide --count")
 
@@ -845,7 +887,6 @@ def main(argv: list[str] | None = None) -> int:
 
     cleanups: list[Callable[[], None]] = []
     children = Children()
-    rates: dict[str, tuple[float, CpuUsage] | None] = {"runyard": None, "plain": None}
     started = time.monotonic()
     status = 0
     try:
@@ -889,23 +930,29 @@ def main(argv: list[str] | None = None) -> int:
                 ["plain-worker"],
             ),
         ]
-        for name, run, procs in phases:
-            if args.only and args.only != name:
-                continue
-            log(f"phase {name}:")
-            flushdb(redis_url)
-            if args.broker_url:
-                rabbitmq_vhost(args.broker_url)
-            try:
-                rates[name] = run()
-            except BenchError as exc:
-                log(f"  {name} FAILED: {exc}")
-                status = 1
-            finally:
-                for proc in reversed(procs):
-                    children.stop(proc)
+        rounds: list[dict[str, tuple[float, CpuUsage] | None]] = []
+        for round_number in range(1, args.rounds + 1):
+            rates = {"runyard": None, "plain": None}
+            rounds.append(rates)
+            for name, run, procs in phases:
+                if args.only and args.only != name:
+                    continue
+                log(f"phase {name}" + (f", round {round_number}:" if args.rounds > 1 else ":"))
+                flushdb(redis_url)
+                if args.broker_url:
+                    rabbitmq_vhost(args.broker_url)
+                try:
+                    rates[name] = run()
+                except BenchError as exc:
+                    log(f"  {name} FAILED: {exc}")
+                    status = 1
+                finally:
+                    for proc in reversed(procs):
+                        children.stop(proc)
 
         log("")
+        if args.rounds > 1:
+            rates = median_round(rounds)
         runyard, plain = rates["runyard"], rates["plain"]
         log(f"runyard:      {f'{runyard[0]:.1f}/s' if runyard else 'n/a'}")
         log(f"plain celery: {f'{plain[0]:.1f}/s' if plain else 'n/a'}")

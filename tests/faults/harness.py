@@ -131,9 +131,13 @@ def tally(
                 (ids,),
             ).fetchall()
         )
+    # This fault's executions only: the ledger file is the stack's, shared by its tests.
+    counted = {str(execution_id) for execution_id in ids}
     runs = (
         collections.Counter(
-            line.split()[0] for line in ledger_path.read_text().splitlines() if line.strip()
+            line.split()[0]
+            for line in ledger_path.read_text().splitlines()
+            if line.strip() and line.split()[0] in counted
         )
         if ledger_path.exists()
         else collections.Counter()

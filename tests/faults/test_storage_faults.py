@@ -1,11 +1,13 @@
 """Storage faults under load: the broker (Redis or RabbitMQ) restarted or losing its data,
-PostgreSQL restarted mid-run or down for longer than a lease.
+PostgreSQL restarted mid-run, crashed mid-run or down for longer than a lease.
 
 Each test submits ledger executions to a private stack (tests/faults/private.py), breaks one of
 its servers, waits for every execution to end, and counts what was lost or done twice.
 """
 
 import collections
+import os
+import signal
 import time
 
 import pytest
@@ -145,6 +147,54 @@ def restart_postgres(stack, name: str, ids, down_seconds: float, **details):
         workers_killed=False,
         **details,
     )
+
+
+def crash_postgres(stack, name: str, ids, down_seconds: float, **details):
+    """Crash the private PostgreSQL (SIGQUIT to the postmaster: an immediate shutdown, no
+    checkpoint, and what the log had not flushed is gone, as in a power cut), start it again
+    after `down_seconds` (crash recovery), wait for every execution to end and count."""
+    postmaster = int((stack.postgres.data_dir / "postmaster.pid").read_text().split()[0])
+    injected = time.monotonic()
+    os.kill(postmaster, signal.SIGQUIT)
+
+    def gone() -> bool:
+        try:
+            os.kill(postmaster, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_until(gone, timeout=20)
+    stack.postgres.stop()  # forgets the crashed server: there is nothing left to stop
+    time.sleep(down_seconds)
+    stack.start_postgres()
+    wait_until_ended(stack.database_url, ids, timeout=90)
+    # An agent may run again (a claim the crash undid): at least once, as for a killed worker.
+    return tally(
+        name,
+        stack.database_url,
+        ids,
+        stack.ledger,
+        time.monotonic() - injected,
+        workers_killed=True,
+        **details,
+    )
+
+
+def test_postgresql_crashed_mid_run(stack):
+    """Claims and the let-outs they make commit without waiting for the disk
+    (app/executions/store.py: ASYNC_COMMIT), so a crash can undo them while the agents run:
+    such an attempt's finish is fenced out and the row is published again. Nothing is lost and
+    no outcome is committed twice."""
+    wait_until_healthy(stack)
+    ids = stack.submit_ledger(60, seconds=0.5)
+    wait_until(lambda: stack.count(ids, "status = 'succeeded'") >= 3, timeout=20)
+    running_at_fault = stack.count(ids, "status = 'running'")
+    report = crash_postgres(
+        stack, "postgresql crashed mid-run", ids, 2, running_at_fault=running_at_fault
+    )
+    assert running_at_fault > 0, "no execution was running at the fault"
+    assert report.lost == 0 and report.duplicated == 0, report
 
 
 def test_postgresql_restarted_mid_run(stack):
