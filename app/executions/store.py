@@ -105,7 +105,8 @@ _CLAIM_SQL = (
     + ASYNC_COMMIT
 )
 
-_LET_OUT_SQL = """
+_LET_OUT_SQL = (
+    """
     UPDATE executions SET waiting_for = NULL, dispatched_at = now()
     WHERE id = ANY(ARRAY(
         SELECT id FROM executions
@@ -113,7 +114,9 @@ _LET_OUT_SQL = """
           AND waiting_for = 'queue'
         ORDER BY priority DESC, queued_at
         LIMIT %(count)s FOR UPDATE SKIP LOCKED))
-    RETURNING id, version_id, priority, queued_at, """ + ASYNC_COMMIT
+    RETURNING id, version_id, priority, queued_at, """
+    + ASYNC_COMMIT
+)
 
 
 @dataclass(frozen=True)
