@@ -133,29 +133,15 @@ def test_broker_lost_its_data_with_executions_queued_and_dispatched(stack):
 def restart_postgres(stack, name: str, ids, down_seconds: float, **details):
     """Stop the private PostgreSQL for `down_seconds`, start it again, wait for every execution
     to end and count what the outage cost."""
-    injected = time.monotonic()
-    stack.postgres.stop()
-    time.sleep(down_seconds)
-    stack.start_postgres()
-    wait_until_ended(stack.database_url, ids, timeout=90)
-    return tally(
-        name,
-        stack.database_url,
-        ids,
-        stack.ledger,
-        time.monotonic() - injected,
-        workers_killed=False,
-        **details,
-    )
+    return _postgres_outage(stack, stack.postgres.stop, name, ids, down_seconds, False, details)
 
 
 def crash_postgres(stack, name: str, ids, down_seconds: float, **details):
     """Crash the private PostgreSQL (SIGQUIT to the postmaster: an immediate shutdown, no
     checkpoint, and what the log had not flushed is gone, as in a power cut), start it again
-    after `down_seconds` (crash recovery), wait for every execution to end and count."""
+    after `down_seconds` (crash recovery), wait for every execution to end and count. An agent
+    may run again (a claim the crash undid): at least once, as for a killed worker."""
     postmaster = int((stack.postgres.data_dir / "postmaster.pid").read_text().split()[0])
-    injected = time.monotonic()
-    os.kill(postmaster, signal.SIGQUIT)
 
     def gone() -> bool:
         try:
@@ -164,21 +150,38 @@ def crash_postgres(stack, name: str, ids, down_seconds: float, **details):
             return True
         return False
 
-    wait_until(gone, timeout=20)
-    stack.postgres.stop()  # forgets the crashed server: there is nothing left to stop
+    def crash() -> None:
+        os.kill(postmaster, signal.SIGQUIT)
+        wait_until(gone, timeout=20)
+        stack.postgres.stop()  # forgets the crashed server: there is nothing left to stop
+
+    return _postgres_outage(stack, crash, name, ids, down_seconds, True, details)
+
+
+def _postgres_outage(stack, stop, name, ids, down_seconds: float, workers_killed: bool, details):
+    injected = time.monotonic()
+    stop()
     time.sleep(down_seconds)
     stack.start_postgres()
     wait_until_ended(stack.database_url, ids, timeout=90)
-    # An agent may run again (a claim the crash undid): at least once, as for a killed worker.
     return tally(
         name,
         stack.database_url,
         ids,
         stack.ledger,
         time.monotonic() - injected,
-        workers_killed=True,
+        workers_killed=workers_killed,
         **details,
     )
+
+
+def ledger_under_way(stack) -> tuple[list, int, int]:
+    """60 ledger executions of 0.5 s, a few of them done: their ids, how many run, how many
+    wait."""
+    wait_until_healthy(stack)
+    ids = stack.submit_ledger(60, seconds=0.5)
+    wait_until(lambda: stack.count(ids, "status = 'succeeded'") >= 3, timeout=20)
+    return ids, stack.count(ids, "status = 'running'"), stack.count(ids, "status = 'queued'")
 
 
 def test_postgresql_crashed_mid_run(stack):
@@ -186,10 +189,7 @@ def test_postgresql_crashed_mid_run(stack):
     (app/executions/store.py: ASYNC_COMMIT), so a crash can undo them while the agents run:
     such an attempt's finish is fenced out and the row is published again. Nothing is lost and
     no outcome is committed twice."""
-    wait_until_healthy(stack)
-    ids = stack.submit_ledger(60, seconds=0.5)
-    wait_until(lambda: stack.count(ids, "status = 'succeeded'") >= 3, timeout=20)
-    running_at_fault = stack.count(ids, "status = 'running'")
+    ids, running_at_fault, _queued = ledger_under_way(stack)
     report = crash_postgres(
         stack, "postgresql crashed mid-run", ids, 2, running_at_fault=running_at_fault
     )
@@ -198,11 +198,7 @@ def test_postgresql_crashed_mid_run(stack):
 
 
 def test_postgresql_restarted_mid_run(stack):
-    wait_until_healthy(stack)
-    ids = stack.submit_ledger(60, seconds=0.5)
-    wait_until(lambda: stack.count(ids, "status = 'succeeded'") >= 3, timeout=20)
-    running_at_fault = stack.count(ids, "status = 'running'")
-    queued_at_fault = stack.count(ids, "status = 'queued'")
+    ids, running_at_fault, queued_at_fault = ledger_under_way(stack)
     # Down long enough for running agents to finish while the database is away.
     report = restart_postgres(
         stack,
