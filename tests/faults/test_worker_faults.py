@@ -328,14 +328,17 @@ def test_sigkill_of_a_worker_holding_a_retry_in_its_backoff(
         headers=live_org.headers,
     )
     assert response.status_code == 201, response.get_json()
-    response = live_client.post(
-        "/api/v1/agents/flaky-retried/executions",
-        json={"input": {"succeed_on": 2}},
-        headers=live_org.headers,
-    )
-    ids = [uuid.UUID(response.get_json()["id"])]
     with sweeping_beat(tmp_path) as beat:
         with short_lease_worker(tmp_path, "holding", queue, concurrency=1) as holding:
+            # Submitted once the worker is up, not before: a worker slow to be seen ready (a
+            # loaded machine) could otherwise run attempt 1 and the whole backoff before the
+            # loop below starts watching.
+            response = live_client.post(
+                "/api/v1/agents/flaky-retried/executions",
+                json={"input": {"succeed_on": 2}},
+                headers=live_org.headers,
+            )
+            ids = [uuid.UUID(response.get_json()["id"])]
             deadline = time.monotonic() + 20
             # Attempt 1 failed and was put back, and its worker took the countdown message.
             while not (
