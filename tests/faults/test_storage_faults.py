@@ -176,10 +176,10 @@ def _postgres_outage(stack, stop, name, ids, down_seconds: float, workers_killed
 
 
 def ledger_under_way(stack) -> tuple[list, int, int]:
-    """60 ledger executions of 0.5 s, a few of them done: their ids, how many run, how many
+    """40 ledger executions of 0.5 s, a few of them done: their ids, how many run, how many
     wait."""
     wait_until_healthy(stack)
-    ids = stack.submit_ledger(60, seconds=0.5)
+    ids = stack.submit_ledger(40, seconds=0.5)
     wait_until(lambda: stack.count(ids, "status = 'succeeded'") >= 3, timeout=20)
     return ids, stack.count(ids, "status = 'running'"), stack.count(ids, "status = 'queued'")
 
