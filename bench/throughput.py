@@ -814,8 +814,10 @@ def gap_report(runyard: tuple[float, CpuUsage], plain: tuple[float, CpuUsage]) -
 def median_round(
     rounds: list[dict[str, tuple[float, CpuUsage] | None]],
 ) -> dict[str, tuple[float, CpuUsage] | None]:
-    """Print each round's rates and ratio; the round whose ratio is the median (the lower of
-    the two middle ones for an even count), or the last round when a phase failed."""
+    """Print each round's rates and ratio; the round whose ratio is the median among the
+    rounds with both phases (the lower of the two middle ones for an even count), or the last
+    round when none has both. Each round has an organization of its own in one database: the
+    executions table grows by --count + --warmup rows a round."""
     complete = []
     for number, rates in enumerate(rounds, 1):
         runyard, plain = rates["runyard"], rates["plain"]
@@ -951,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
                         children.stop(proc)
 
         log("")
-        if args.rounds > 1:
+        if args.rounds > 1 and not args.only:
             rates = median_round(rounds)
         runyard, plain = rates["runyard"], rates["plain"]
         log(f"runyard:      {f'{runyard[0]:.1f}/s' if runyard else 'n/a'}")

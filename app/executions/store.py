@@ -44,16 +44,6 @@ def notify_if_watched(row: str = "executions") -> str:
 # Claim, renew, finish (the worker side)
 
 
-# The claim and the let-out it makes commit without waiting for the WAL flush (ASYNC_COMMIT):
-# what they write can be rebuilt, and the flush is a third of a short execution's cost (an
-# fsync per statement, bench/throughput.py). Only a PostgreSQL crash (not a restart: a clean
-# shutdown flushes) can undo them, and only until the next synchronous commit of the server,
-# at the latest the attempt's own finish, flushes the log in order. An undone claim leaves the
-# row `queued`: the attempt's finish is fenced out and the sweeper publishes the row again
-# (at least once, nothing lost); an undone let-out leaves its rows held, their messages are
-# dropped by the claim, and a later claim or the flow tick lets them out again.
-ASYNC_COMMIT = "set_config('synchronous_commit', 'off', true)"
-
 # The claim also makes room in the fair window: the message it took left the broker. When the
 # organization holds executions back on the queue, the claim reads its window's size
 # (RUNYARD_FAIR_WINDOW times its weight) and its unclaimed messages there; once those are down
@@ -101,12 +91,9 @@ _CLAIM_SQL = (
                              WHERE o.id = executions.org_id)) unclaimed) END,
               """
     + notify_if_watched()
-    + ", "
-    + ASYNC_COMMIT
 )
 
-_LET_OUT_SQL = (
-    """
+_LET_OUT_SQL = """
     UPDATE executions SET waiting_for = NULL, dispatched_at = now()
     WHERE id = ANY(ARRAY(
         SELECT id FROM executions
@@ -114,9 +101,8 @@ _LET_OUT_SQL = (
           AND waiting_for = 'queue'
         ORDER BY priority DESC, queued_at
         LIMIT %(count)s FOR UPDATE SKIP LOCKED))
-    RETURNING id, version_id, priority, queued_at, """
-    + ASYNC_COMMIT
-)
+    RETURNING id, version_id, priority, queued_at
+"""
 
 
 @dataclass(frozen=True)
@@ -148,7 +134,7 @@ def claim(
     ).fetchone()
     if row is None:
         return None, []
-    *fields, queue, window_size, unclaimed, _notified, _async = row
+    *fields, queue, window_size, unclaimed, _notified = row
     claimed = Claim(execution_id, *fields)
     if window_size is None or unclaimed * 2 > window_size:
         return claimed, []
