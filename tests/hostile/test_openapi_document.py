@@ -21,7 +21,7 @@ from tests.hostile.test_openapi_fuzz import bounded, end_the_executions, strateg
 
 METHODS = ("get", "put", "post", "patch", "delete")
 # The server-accepts check, per operation (about 20 seconds of the suite).
-MAX_EXAMPLES = 20
+MAX_EXAMPLES = 15
 IDEMPOTENCY_KEY = "Idempotency-Key"
 
 # What the server refuses for reasons a JSON Schema cannot state: per operation, the JSON
