@@ -822,10 +822,11 @@ def median_round(
     for number, rates in enumerate(rounds, 1):
         runyard, plain = rates["runyard"], rates["plain"]
         if runyard and plain:
-            complete.append((runyard[0] / plain[0], number, rates))
+            ratio = runyard[0] / plain[0]
+            complete.append((ratio, number, rates))
             log(
                 f"round {number}: runyard {runyard[0]:.1f}/s, plain celery {plain[0]:.1f}/s, "
-                f"ratio {runyard[0] / plain[0]:.2f}"
+                f"ratio {ratio:.2f}"
             )
         else:
             log(f"round {number}: incomplete")

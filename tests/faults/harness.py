@@ -133,14 +133,9 @@ def tally(
         )
     # This fault's executions only: the ledger file is the stack's, shared by its tests.
     counted = {str(execution_id) for execution_id in ids}
-    runs = (
-        collections.Counter(
-            line.split()[0]
-            for line in ledger_path.read_text().splitlines()
-            if line.strip() and line.split()[0] in counted
-        )
-        if ledger_path.exists()
-        else collections.Counter()
+    lines = ledger_path.read_text().splitlines() if ledger_path.exists() else []
+    runs = collections.Counter(
+        first[0] for first in (line.split()[:1] for line in lines) if first and first[0] in counted
     )
     lost = sum(1 for execution_id in ids if statuses.get(execution_id) != "succeeded")
     committed_twice = sum(count - 1 for count in writes.values() if count > 1)
