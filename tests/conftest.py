@@ -295,6 +295,26 @@ def worker(app, tmp_path_factory) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def unserved_queue(prefix: str) -> Iterator[str]:
+    """The name of a broker queue no worker of the suite serves, deleted at the end with the
+    messages left in it. Committed executions meant to stay queued go there: on `default`,
+    the session's worker would claim them."""
+    from app.broker import celery_app
+
+    name = f"{prefix}-{RUN_ID}-{uuid.uuid4().hex[:6]}"
+    try:
+        yield name
+    finally:
+        # The queue as Celery made it when it first published there, declared again: kombu's
+        # Redis channel deletes only the bindings it knows, and a new connection knows none.
+        queue = celery_app.amqp.queues[name]
+        with celery_app.connection_for_write() as connection:
+            bound = queue.bind(connection.default_channel)
+            bound.declare()
+            bound.delete()
+
+
+@contextlib.contextmanager
 def _committed_org(prefix: str) -> Iterator[Org]:
     from app.db import db
 

@@ -6,15 +6,12 @@ rejection, and the internal event that resumes the waiting execution."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import text
 
-from app.broker import celery_app
 from app.durable import waits
 from app.durable.journal import Fenced
 from app.errors import NotFound, ValidationFailed
@@ -30,18 +27,8 @@ from tests.app.wallets_helpers import (
     paying_agent,
     running_execution,
 )
-from tests.conftest import bearer, make_token
+from tests.conftest import bearer, make_token, unserved_queue
 from tests.fake_engine import TOKEN
-
-
-@contextlib.contextmanager
-def deleted_afterwards(queue: str) -> Iterator[None]:
-    """The broker's queue `queue` is deleted at the end, with the messages no worker took."""
-    try:
-        yield
-    finally:
-        with celery_app.connection_for_write() as connection:
-            connection.default_channel.queue_delete(queue)
 
 
 @pytest.fixture
@@ -281,9 +268,8 @@ def test_concurrent_decides_of_one_agent_never_pass_the_daily_limit(app, live_or
     """Ten executions of one agent decide at once: the queued ones sum to at most max_per_day."""
     client = app.test_client()
     # Committed executions on `default` would be the session worker's to claim and finish
-    # before they decide (a fenced decide): they go to a queue no worker serves.
-    queue = f"wallets-unserved-{uuid.uuid4().hex[:8]}"
-    with fake_engine() as engine, deleted_afterwards(queue):
+    # before they decide (a fenced decide).
+    with fake_engine() as engine, unserved_queue("wallets") as queue:
         policy = {"max_per_transaction": "40", "max_per_day": "100", "currency": "USDC"}
         paying_agent(client, live_org, queue=queue, wallet_policy={**policy, "chains": ["base"]})
         executions = [running_execution(client, live_org) for _ in range(10)]

@@ -7,13 +7,14 @@ it appears.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from app.wallets import transfers
 from tests.app.test_triggers_api import signed
 from tests.app.wallets_helpers import CUSTOMER, fake_engine, paying_agent, running_execution
+from tests.conftest import unserved_queue
 
 ERROR_KEYS = {"code", "status", "message", "errors", "hint"}
 PUBLIC_PREFIXES = ("/api/v1/openapi.json", "/api/v1/docs", "/api/v1/swagger-ui")
@@ -133,9 +134,13 @@ def _created(response, code: int) -> dict:
     return response.get_json()
 
 
-def build_world(client, org) -> World:
+def build_world(client, org, queue: str) -> World:
+    """One object of every kind in `org`; its agents' executions go to `queue`, which no worker
+    serves (tests.conftest.unserved_queue): they stay queued until a test ends them."""
     headers = org.headers
-    agent = _created(client.post("/api/v1/agents", json=AGENT, headers=headers), 201)
+    agent = _created(
+        client.post("/api/v1/agents", json={**AGENT, "queue": queue}, headers=headers), 201
+    )
     # A second version, so version routes have one that is not the first.
     _created(client.patch("/api/v1/agents/echo", json={"config": {"v": 2}}, headers=headers), 200)
     execution = _created(
@@ -181,7 +186,7 @@ def build_world(client, org) -> World:
     # Its agent's queue has no worker: it is still queued when the cancel comes.
     _created(
         client.post(
-            "/api/v1/agents", json={**AGENT, "name": "parked", "queue": "parked"}, headers=headers
+            "/api/v1/agents", json={**AGENT, "name": "parked", "queue": queue}, headers=headers
         ),
         201,
     )
@@ -216,7 +221,12 @@ def build_world(client, org) -> World:
     document = _created(upload_document(client, org), 201)
     # An agent with a wallet and a policy, whose transfers over approval_over await an answer
     # (the world's own agent, echo, has no wallet: POST .../wallet makes one).
-    paying_agent(client, org)
+    # Here, not at the top: this conftest loads before pytest_configure picks the run's Redis
+    # database when tests/hostile is named on the command line, and app.wallets imports the
+    # Celery app, which would keep the Redis URL of the environment.
+    from app.wallets import transfers
+
+    paying_agent(client, org, queue=queue)
     decisions = {
         answer: transfers.decide(
             running_execution(client, org), 1, "refund", "base", CUSTOMER, "75", answer
@@ -259,8 +269,17 @@ def wallet_service():
 
 
 @pytest.fixture
-def world(client, org) -> World:
-    return build_world(client, org)
+def world(client, org) -> Iterator[World]:
+    with unserved_queue("hostile-world") as queue:
+        yield build_world(client, org, queue)
+
+
+@pytest.fixture
+def live_world(app, live_org) -> Iterator[World]:
+    """The world in a committed organization, for requests the app makes in transactions of
+    its own (the OpenAPI fuzz): on `default`, the session's worker would run its executions."""
+    with unserved_queue("hostile-world") as queue:
+        yield build_world(app.test_client(), live_org, queue)
 
 
 def hook_headers(world: World, body: bytes) -> dict[str, str]:

@@ -16,7 +16,7 @@ from hypothesis import given
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.hostile.conftest import World, build_world
+from tests.hostile.conftest import World
 from tests.hostile.test_openapi_fuzz import bounded, end_the_executions, strategy_for
 
 METHODS = ("get", "put", "post", "patch", "delete")
@@ -190,12 +190,11 @@ def takes_data(operation) -> bool:
 
 
 @pytest.mark.timeout(300)
-def test_what_the_document_allows_the_server_accepts(app, live_org):
+def test_what_the_document_allows_the_server_accepts(app, live_org, live_world):
     loaded = schemathesis.openapi.from_wsgi("/api/v1/openapi.json", app)
     # U+0000 is refused in every string (app/storable.py: PostgreSQL cannot store it), which
     # JSON Schema could only say with a pattern on every string of the document.
     loaded.config.generation.update(allow_x00=False)
-    world = build_world(app.test_client(), live_org)
     operations = [result.ok() for result in loaded.get_all_operations()]
     operations = [operation for operation in operations if takes_data(operation)]
     # Archiving and deleting last (the world's objects stay for the others), the streams after
@@ -208,9 +207,9 @@ def test_what_the_document_allows_the_server_accepts(app, live_org):
     failures = []
     for index, operation in enumerate(operations):
         if index == streams_from:
-            end_the_executions(app.test_client(), world, live_org.headers)
+            end_the_executions(app.test_client(), live_world, live_org.headers)
         try:
-            accept(operation, world, live_org.headers, ran)
+            accept(operation, live_world, live_org.headers, ran)
         except (Exception, BaseExceptionGroup) as exc:
             failures.append(f"{operation.label}: {exc}")
     assert not failures, "\n\n".join(failures)
