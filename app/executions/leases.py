@@ -48,6 +48,13 @@ _STALE_QUEUED = text(
     """
 )
 
+# An expired attempt that goes on in a new attempt: a lost worker may have done part of the work,
+# so only where the agent's retry policy says `lost` is safe to retry (`e` the execution, `v`
+# its version).
+_RETRIES_LOST = """(
+    e.attempt < e.max_attempts AND e.cancel_requested_at IS NULL
+    AND coalesce(v.retry -> 'retry_on' ? 'lost', false))"""
+
 _EXPIRED_REQUEUE = text(
     """
     WITH ended AS (
@@ -57,11 +64,9 @@ _EXPIRED_REQUEUE = text(
             waiting_for = CASE WHEN e.rate_key IS NOT NULL THEN 'agent_rate_limit' END
         FROM agent_versions v
         WHERE v.id = e.version_id
-          AND e.status = 'running' AND e.lease_until < now() AND e.attempt < e.max_attempts
-          AND e.cancel_requested_at IS NULL
-          -- A lost worker may have done part of the work: run it again only where the agent's
-          -- retry policy says `lost` is safe to retry.
-          AND v.retry -> 'retry_on' ? 'lost'
+          AND e.status = 'running' AND e.lease_until < now() AND """
+    + _RETRIES_LOST
+    + """
         RETURNING e.id, e.attempt, e.error, e.worker, e.started_at, e.resource_usage,
                   e.version_id, e.priority, e.waiting_for
     ), recorded AS (
@@ -78,16 +83,23 @@ _EXTEND_RUNNING_LEASES = text(
     """
 )
 
+# The expired attempts the requeue leaves, and only those: the two run as separate statements,
+# each with its own now(), and a lease that runs out between them belongs to the next sweep's
+# requeue, not to this end (else a retryable attempt would end `lost` "on the last attempt").
 _EXPIRED_LOST = text(
     """
     WITH ended AS (
-        UPDATE executions
-        SET status = CASE WHEN cancel_requested_at IS NULL THEN 'failed' ELSE 'cancelled' END,
+        UPDATE executions e
+        SET status = CASE WHEN e.cancel_requested_at IS NULL THEN 'failed' ELSE 'cancelled' END,
             finished_at = now(), lease_until = NULL,
-            error = CASE WHEN cancel_requested_at IS NULL THEN :lost ELSE :cancelled END
-        WHERE status = 'running' AND lease_until < now()
-        RETURNING id, attempt, status, error, worker, started_at, resource_usage,
-                  chain_execution_id, org_id, agent_id
+            error = CASE WHEN e.cancel_requested_at IS NULL THEN :lost ELSE :cancelled END
+        FROM agent_versions v
+        WHERE v.id = e.version_id AND e.status = 'running' AND e.lease_until < now()
+          AND NOT """
+    + _RETRIES_LOST
+    + """
+        RETURNING e.id, e.attempt, e.status, e.error, e.worker, e.started_at, e.resource_usage,
+                  e.chain_execution_id, e.org_id, e.agent_id
     ), recorded AS (
     """
     + RECORD_ATTEMPT.format(status="status")
