@@ -76,9 +76,9 @@ class Beats:
         self.directory = directory
         self.running: list[BeatProcess] = []
 
-    def start(self, count: int = 1) -> list[BeatProcess]:
+    def start(self, count: int = 1, env: dict[str, str] | None = None) -> list[BeatProcess]:
         started = [
-            BeatProcess(self.directory, f"beat-{len(self.running) + i}") for i in range(count)
+            BeatProcess(self.directory, f"beat-{len(self.running) + i}", env) for i in range(count)
         ]
         self.running.extend(started)
         for beat in started:
