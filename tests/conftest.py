@@ -19,6 +19,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -63,7 +64,18 @@ def _drop_database(database_url: str) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from app import config as app_config
     from app.embedded import EmbeddedPostgres, EmbeddedRedis
+
+    # A conftest under tests/ named on the command line loads before this hook. Had it imported
+    # the Celery app or read the settings, they would keep the environment's servers while the
+    # workers get the run's own (tests/hostile/test_worker.py published where none listened).
+    if "celeryconfig" in sys.modules or app_config._current is not None:
+        raise pytest.UsageError(
+            "a conftest read Runyard's settings or imported the Celery app at its import, "
+            "before pytest_configure picked this run's servers: import app.broker, "
+            "app.wallets and the like inside the fixtures and functions that use them"
+        )
 
     server_url = os.environ.get("DATABASE_URL")
     if server_url:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from sqlalchemy import text
 
 from tests.app.test_triggers_api import signed
 from tests.app.wallets_helpers import CUSTOMER, fake_engine, paying_agent, running_execution
@@ -135,8 +136,9 @@ def _created(response, code: int) -> dict:
 
 
 def build_world(client, org, queue: str) -> World:
-    """One object of every kind in `org`; its agents' executions go to `queue`, which no worker
-    serves (tests.conftest.unserved_queue): they stay queued until a test ends them."""
+    """One object of every kind in `org`. Its agents' executions go to `queue`, which no worker
+    serves (tests.conftest.unserved_queue): they stay as the world leaves them (queued, or the
+    payer's two set `running` by hand for their decisions) until a test ends them."""
     headers = org.headers
     agent = _created(
         client.post("/api/v1/agents", json={**AGENT, "queue": queue}, headers=headers), 201
@@ -270,16 +272,38 @@ def wallet_service():
 
 @pytest.fixture
 def world(client, org) -> Iterator[World]:
+    """The world inside the test's transaction (rolled back after)."""
     with unserved_queue("hostile-world") as queue:
         yield build_world(client, org, queue)
 
 
 @pytest.fixture
 def live_world(app, live_org) -> Iterator[World]:
-    """The world in a committed organization, for requests the app makes in transactions of
-    its own (the OpenAPI fuzz): on `default`, the session's worker would run its executions."""
+    """The world in a committed organization, for the OpenAPI fuzz and the document check,
+    whose requests commit in transactions of their own. Its execution and chain execution are
+    ended (finish_world), so the rerun routes reach past their 409."""
     with unserved_queue("hostile-world") as queue:
-        yield build_world(app.test_client(), live_org, queue)
+        world = build_world(app.test_client(), live_org, queue)
+        finish_world(world)
+        yield world
+
+
+def finish_world(world) -> None:
+    """Reruns take finished originals only: end the world's execution and chain execution as a
+    worker would have (no worker runs here)."""
+    from app.db import db
+
+    with db.hot() as conn:
+        conn.execute(
+            text("UPDATE executions SET status = 'failed', finished_at = now() WHERE id = :id"),
+            {"id": world.execution["id"]},
+        )
+        conn.execute(
+            text(
+                "UPDATE chain_executions SET status = 'failed', finished_at = now() WHERE id = :id"
+            ),
+            {"id": world.chain_execution["id"]},
+        )
 
 
 def hook_headers(world: World, body: bytes) -> dict[str, str]:

@@ -9,8 +9,8 @@ from sqlalchemy import text
 
 from app.audit import services as audit
 from app.db import db
-from tests.hostile.conftest import Route, app_routes, fill, upload_document
-from tests.hostile.test_bodies import HOOK, RAW, finish_world, valid_bodies
+from tests.hostile.conftest import Route, app_routes, fill, finish_world, upload_document
+from tests.hostile.test_bodies import HOOK, RAW, valid_bodies
 
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 # Acts on the world's queued execution and chain execution, before they are finished.

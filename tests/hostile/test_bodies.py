@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from sqlalchemy import text
 
 from tests.app.test_triggers_api import signed
 from tests.hostile.conftest import (
@@ -14,6 +13,7 @@ from tests.hostile.conftest import (
     app_routes,
     assert_error_shape,
     fill,
+    finish_world,
     hook_headers,
 )
 
@@ -180,24 +180,6 @@ def valid_bodies(world) -> dict[Route, dict]:
         Route("/api/v1/agents/<ref>/state/<key>", "PUT"): {"value": {"page": 2}},
         Route("/api/v1/events", "POST"): {"name": "order.paid", "data": {"n": 1}},
     }
-
-
-def finish_world(world) -> None:
-    """Reruns take finished originals only: end the world's execution and chain execution as a
-    worker would have (no worker runs here)."""
-    from app.db import db
-
-    with db.hot() as conn:
-        conn.execute(
-            text("UPDATE executions SET status = 'failed', finished_at = now() WHERE id = :id"),
-            {"id": world.execution["id"]},
-        )
-        conn.execute(
-            text(
-                "UPDATE chain_executions SET status = 'failed', finished_at = now() WHERE id = :id"
-            ),
-            {"id": world.chain_execution["id"]},
-        )
 
 
 def _schema_fields(spec: dict, schema: dict) -> set[str]:

@@ -75,10 +75,15 @@ def pay(client, org, amount: str, to: str = CUSTOMER, agent: str = "payer") -> s
     return response.get_json()["id"]
 
 
-def outcome(done: dict) -> str:
-    """What a failed assertion on an ended execution shows (pytest cuts a dict short)."""
-    keys = ("status", "attempts", "error", "output")
-    return json.dumps({key: done.get(key) for key in keys}, default=str)
+def ending(client, org, done: dict) -> str:
+    """What a failed assertion shows of an ended execution (pytest cuts a dict short): its
+    status, error and output, its earlier attempts, and its log, where an agent's traceback
+    goes."""
+    path = f"/api/v1/executions/{done['id']}"
+    shown = {key: done.get(key) for key in ("status", "attempts", "error", "output")}
+    shown["earlier_attempts"] = client.get(f"{path}/attempts", headers=org.headers).get_json()
+    shown["log"] = client.get(f"{path}/logs", headers=org.headers).get_json()
+    return json.dumps(shown, default=str)
 
 
 def decisions_of(client, org, execution_id: str) -> list[dict]:
@@ -96,7 +101,7 @@ def test_a_transfer_within_policy_reaches_the_service_once_and_is_followed_to_mi
     before = len(engine.transfers())
     execution_id = pay(live_client, live_org, "20.50")
     done = wait_for(live_client, live_org, execution_id, timeout=60)
-    assert done["status"] == "succeeded", outcome(done)
+    assert done["status"] == "succeeded", ending(live_client, live_org, done)
     paid = done["output"]["paid"]
     assert paid["status"] == "mined" and paid["queue_id"]
     assert done["output"]["address"] == wallet["address"]
@@ -128,7 +133,7 @@ def test_refusals_never_reach_the_service(live_client, live_org, engine, fleet):
     stranger = pay(live_client, live_org, "5", to=STRANGER)
     for execution_id, says in ((over, "max_per_transaction"), (stranger, "recipient")):
         done = wait_for(live_client, live_org, execution_id, timeout=30)
-        assert done["status"] == "succeeded", outcome(done)
+        assert done["status"] == "succeeded", ending(live_client, live_org, done)
         assert says in done["output"]["refused"], done["output"]
         (decision,) = decisions_of(live_client, live_org, execution_id)
         assert decision["status"] == "refused" and decision["error"] in done["output"]["refused"]
@@ -185,13 +190,15 @@ def test_a_worker_killed_after_the_service_accepted_the_transfer_pays_once(
             done = wait_for(live_client, live_org, execution_id, timeout=60)
     finally:
         engine.transfer_answer_delay = 0.0
-    logs = "".join(
+    workers_lines = "".join(
         line
         for name in ("doomed", "heir")
-        for line in (tmp_path / f"{name}.log").read_text().splitlines(keepends=True)
+        for line in (tmp_path / f"{name}.log").read_text(errors="replace").splitlines(keepends=True)
         if execution_id in line
     )
-    assert done["status"] == "succeeded" and done["attempts"] == 2, f"{outcome(done)}\n{logs}"
+    assert done["status"] == "succeeded" and done["attempts"] == 2, (
+        f"{ending(live_client, live_org, done)}\n{workers_lines}"
+    )
     assert done["output"]["paid"]["status"] == "mined"
     calls = engine.transfers()[before:]
     keys = {call.headers["x-idempotency-key"] for call in calls}
@@ -313,8 +320,8 @@ def test_a_wallet_service_down_mid_transfer_is_waited_out_and_pays_once(
     finally:
         engine.failure = None
     done = wait_for(live_client, live_org, execution_id, timeout=60)
-    assert done["status"] == "succeeded" and done["output"]["paid"]["status"] == "mined", outcome(
-        done
+    assert done["status"] == "succeeded" and done["output"]["paid"]["status"] == "mined", ending(
+        live_client, live_org, done
     )
     calls = engine.transfers()[before:]
     assert len(calls) >= 3 and len({call.headers["x-idempotency-key"] for call in calls}) == 1
