@@ -85,14 +85,15 @@ _EXTEND_RUNNING_LEASES = text(
 
 # The expired attempts the requeue leaves, and only those: the two run as separate statements,
 # each with its own now(), and a lease that runs out between them belongs to the next sweep's
-# requeue, not to this end (else a retryable attempt would end `lost` "on the last attempt").
+# requeue, not to this end (else a retryable attempt would end `lost`).
 _EXPIRED_LOST = text(
     """
     WITH ended AS (
         UPDATE executions e
         SET status = CASE WHEN e.cancel_requested_at IS NULL THEN 'failed' ELSE 'cancelled' END,
             finished_at = now(), lease_until = NULL,
-            error = CASE WHEN e.cancel_requested_at IS NULL THEN :lost ELSE :cancelled END
+            error = CASE WHEN e.cancel_requested_at IS NOT NULL THEN :cancelled
+                         WHEN e.attempt < e.max_attempts THEN :not_retried ELSE :lost END
         FROM agent_versions v
         WHERE v.id = e.version_id AND e.status = 'running' AND e.lease_until < now()
           AND NOT """
@@ -107,7 +108,11 @@ _EXPIRED_LOST = text(
     # Their notification events (app/outbox.py), delivered by beat's poll.
     + outbox.execution_fanout("ended", "'execution.' || ended.status")
     + ") SELECT id, chain_execution_id FROM ended"
-).bindparams(bindparam("lost", type_=JSONB), bindparam("cancelled", type_=JSONB))
+).bindparams(
+    bindparam("lost", type_=JSONB),
+    bindparam("not_retried", type_=JSONB),
+    bindparam("cancelled", type_=JSONB),
+)
 
 
 def requeue_expired(conn: Connection) -> list[Any]:
@@ -127,6 +132,10 @@ def fail_expired(conn: Connection) -> list[Any]:
         _EXPIRED_LOST,
         {
             "lost": error_body("lost", "the worker's lease expired on the last attempt"),
+            "not_retried": error_body(
+                "lost",
+                "the worker's lease expired, and the agent's retry policy does not list `lost`",
+            ),
             "cancelled": error_body("cancelled", "cancelled while its worker was lost"),
         },
     ).all()
