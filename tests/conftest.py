@@ -306,6 +306,11 @@ def worker(app, tmp_path_factory) -> Iterator[Path]:
         yield log_path
 
 
+def own_queue(prefix: str) -> str:
+    """A queue name of this run's own: no other worker of the session serves it."""
+    return f"{prefix}-{RUN_ID}-{uuid.uuid4().hex[:6]}"
+
+
 @contextlib.contextmanager
 def unserved_queue(prefix: str) -> Iterator[str]:
     """The name of a broker queue no worker of the suite serves, deleted at the end with the
@@ -313,7 +318,7 @@ def unserved_queue(prefix: str) -> Iterator[str]:
     the session's worker would claim them."""
     from app.broker import celery_app
 
-    name = f"{prefix}-{RUN_ID}-{uuid.uuid4().hex[:6]}"
+    name = own_queue(prefix)
     try:
         yield name
     finally:

@@ -11,11 +11,10 @@ import pytest
 import redis
 
 from tests.beat import BeatProcess
-from tests.conftest import wait_for, wait_until
+from tests.conftest import own_queue, wait_for, wait_until
 from tests.faults.workers_fixtures import (
     SHORT_LEASES,
     kill_worker,
-    own_queue,
     rows,
     short_lease_worker,
     sweeping_beat,

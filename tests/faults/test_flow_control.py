@@ -35,7 +35,7 @@ from app.config import current_config, use_config
 from app.db import db
 from app.flow import services as flow_limits
 from tests.beat import BeatProcess
-from tests.conftest import RUN_ID, celery_worker, wait_until
+from tests.conftest import RUN_ID, celery_worker, own_queue, wait_until
 from tests.faults.harness import REPORTS, FaultReport, wait_until_ended
 from tests.faults.private import Stack, private_stack, wait_until_healthy
 from tests.faults.workers_fixtures import (
@@ -44,7 +44,6 @@ from tests.faults.workers_fixtures import (
     SWEEP_INTERVAL_SECONDS,
     connect,
     kill_worker,
-    own_queue,
     rows,
     wait_until_running,
 )

@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from tests.brokers import on_rabbitmq, queue_depth
+from tests.conftest import own_queue
 from tests.faults.harness import (
     LEDGER_AGENT,
     install_audit,
@@ -31,7 +32,6 @@ from tests.faults.workers_fixtures import (
     children,
     connect,
     kill_worker,
-    own_queue,
     rows,
     short_lease_worker,
     sweeping_beat,

@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 
 from tests.beat import BeatProcess
-from tests.conftest import RUN_ID, celery_worker
+from tests.conftest import celery_worker
 from tests.faults.harness import psycopg_dsn
 
 LEASE_SECONDS = 5.0
@@ -26,11 +26,6 @@ SHORT_LEASES = {
     "RUNYARD_SWEEP_INTERVAL_SECONDS": str(SWEEP_INTERVAL_SECONDS),
     "RUNYARD_DISPATCH_GRACE_SECONDS": "1",
 }
-
-
-def own_queue(prefix: str) -> str:
-    """A queue no other worker of the session serves."""
-    return f"{prefix}-{RUN_ID}-{uuid.uuid4().hex[:6]}"
 
 
 @contextlib.contextmanager

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from app.config import current_config
-from tests.conftest import ROOT, RUN_ID
+from tests.conftest import ROOT, RUN_ID, own_queue
 from tests.faults.harness import REPORTS, install_audit, remove_audit
-from tests.faults.workers_fixtures import SHORT_LEASES, own_queue, sweeping_beat
+from tests.faults.workers_fixtures import SHORT_LEASES, sweeping_beat
 from tests.hosts import netns
 
 HOSTS = 3

@@ -10,13 +10,12 @@ import pytest
 from sqlalchemy import text
 
 from app.executions import store
-from tests.conftest import wait_until
+from tests.conftest import own_queue, wait_until
 from tests.faults.harness import LEDGER_AGENT, wait_until_ended
 from tests.faults.workers_fixtures import (
     LEASE_SECONDS,
     SWEEP_INTERVAL_SECONDS,
     children,
-    own_queue,
     rows,
     short_lease_worker,
     sweeping_beat,

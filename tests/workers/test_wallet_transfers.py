@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.app.wallets_helpers import CURRENCIES, CUSTOMER, POLICY, STRANGER, fake_engine
-from tests.conftest import celery_worker, wait_for, wait_until
+from tests.conftest import celery_worker, own_queue, wait_for, wait_until
 from tests.fake_engine import TOKEN, FakeEngine
-from tests.faults.workers_fixtures import SHORT_LEASES, kill_worker, own_queue, sweeping_beat
+from tests.faults.workers_fixtures import SHORT_LEASES, kill_worker, sweeping_beat
 
 pytestmark = pytest.mark.worker
 
@@ -84,6 +84,16 @@ def ending(client, org, done: dict) -> str:
     shown["earlier_attempts"] = client.get(f"{path}/attempts", headers=org.headers).get_json()
     shown["log"] = client.get(f"{path}/logs", headers=org.headers).get_json()
     return json.dumps(shown, default=str)
+
+
+def lines_naming(execution_id: str, logs: list[Path]) -> str:
+    """The lines of the workers' logs that name the execution."""
+    return "".join(
+        line
+        for log in logs
+        for line in log.read_text(errors="replace").splitlines(keepends=True)
+        if execution_id in line
+    )
 
 
 def decisions_of(client, org, execution_id: str) -> list[dict]:
@@ -190,14 +200,9 @@ def test_a_worker_killed_after_the_service_accepted_the_transfer_pays_once(
             done = wait_for(live_client, live_org, execution_id, timeout=60)
     finally:
         engine.transfer_answer_delay = 0.0
-    workers_lines = "".join(
-        line
-        for name in ("doomed", "heir")
-        for line in (tmp_path / f"{name}.log").read_text(errors="replace").splitlines(keepends=True)
-        if execution_id in line
-    )
     assert done["status"] == "succeeded" and done["attempts"] == 2, (
-        f"{ending(live_client, live_org, done)}\n{workers_lines}"
+        f"{ending(live_client, live_org, done)}\n"
+        + lines_naming(execution_id, [tmp_path / "doomed.log", tmp_path / "heir.log"])
     )
     assert done["output"]["paid"]["status"] == "mined"
     calls = engine.transfers()[before:]
