@@ -27,7 +27,8 @@ MAX_PAUSE_SECONDS = 5.0
 class AttemptDatabase:
     """Used by the thread that runs the attempt only (as its connection always was)."""
 
-    def __init__(self, claimed_on: Connection) -> None:
+    def __init__(self, claimed_on: Connection | None) -> None:
+        # None: a fresh pooled connection for each block (an outcome recorded after the task).
         self._held: Connection | None = claimed_on
         self._pause = FIRST_PAUSE_SECONDS
         self._away_until = 0.0

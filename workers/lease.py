@@ -19,8 +19,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from app.config import current_config
@@ -50,9 +48,8 @@ class LeaseKeeper:
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    @contextmanager
-    def holding(self, claimed: Claim) -> Iterator[None]:
-        """Keep the claimed attempt's lease fresh until the block ends (after its outcome is
+    def hold(self, claimed: Claim) -> None:
+        """Keep the claimed attempt's lease fresh until `release` (after its outcome is
         recorded: a lease must not run out between the agent's return and the finish)."""
         with self._changed:
             if self._thread is None:
@@ -60,11 +57,10 @@ class LeaseKeeper:
                 self._thread.start()
             self._held[claimed.execution_id] = Held(claimed, time.monotonic())
             self._changed.notify()
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._held.pop(claimed.execution_id, None)
+
+    def release(self, claimed: Claim) -> None:
+        with self._changed:
+            self._held.pop(claimed.execution_id, None)
 
     def settling(self, claimed: Claim) -> None:
         """The agent is done and the runner writes its outcome: the lease is still renewed

@@ -27,6 +27,7 @@ from workers.documents import DocumentLoader
 from workers.durable import Journal
 from workers.lease import lease_keeper
 from workers.logbuffer import LogBuffer
+from workers.outcomes import outcome_writer
 from workers.progress import ProgressReporter
 from workers.runtimes import Outcome, Runtime, runtime_for
 from workers.wallet_gateway import DatabaseWallet
@@ -41,14 +42,18 @@ MAX_SETTLE_PAUSE_SECONDS = 5.0
 # How long a finished attempt keeps trying to record its outcome while PostgreSQL is away: a
 # restart, a failover or a short network cut, well past the lease. The sweeper extends every
 # running lease once the database answers again after an outage (recovery.py), so the row is
-# still this attempt's when the outcome comes. Past this the task's retry takes over, and the
-# claim it makes drops the outcome: the lease's expiry then reruns or fails the execution.
-# Celery's time limits of the task (the agent's timeout_seconds and a grace) still apply and
-# come first for an agent that ended close to its timeout.
+# still this attempt's when the outcome comes. Past this the outcome is given up (logged), and
+# the lease's expiry reruns or fails the execution. The process's next task waits for it before
+# its claim (workers/outcomes.py), and that task's Celery time limits (its agent's
+# timeout_seconds and a grace) come first for a short timeout: the process is replaced, and
+# the lease decides the same.
 SETTLE_PATIENCE_SECONDS = 600.0
 
 
 def run_execution(execution_id: uuid.UUID, worker: str) -> None:
+    # The previous attempt's outcome (recorded in the background: workers/outcomes.py) is
+    # committed before this one claims.
+    outcome_writer.wait()
     cfg = current_config()
     with db.hot() as conn:
         claimed, let_out = store.claim(
@@ -61,11 +66,23 @@ def run_execution(execution_id: uuid.UUID, worker: str) -> None:
                 "execution %s is not queued (duplicate or cancelled message): skipped", execution_id
             )
             return
-        with lease_keeper.holding(claimed):
-            _run_claimed(AttemptDatabase(conn), claimed, cfg)
+        lease_keeper.hold(claimed)
+        try:
+            spec, outcome, buffer = _run_claimed(AttemptDatabase(conn), claimed, cfg)
+        except BaseException:
+            lease_keeper.release(claimed)
+            raise
+    lease_keeper.settling(claimed)
+    outcome_writer.record(
+        lambda: _record(claimed, spec, outcome, buffer), then=lambda: lease_keeper.release(claimed)
+    )
 
 
-def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
+def _run_claimed(
+    database: AttemptDatabase, claimed: Claim, cfg
+) -> tuple[VersionSpec, Outcome, LogBuffer]:
+    """Run the claimed attempt: its spec, its outcome, and its log buffer (with the lines a
+    flush could not write, which the outcome's record writes first)."""
     execution_id = claimed.execution_id
     try:
         with database.connection() as conn:
@@ -117,13 +134,18 @@ def _run_claimed(database: AttemptDatabase, claimed: Claim, cfg) -> None:
         )
     if redactor is not None:
         redactor.outcome(outcome)
-    lease_keeper.settling(claimed)
+    return spec, outcome, buffer
+
+
+def _record(claimed: Claim, spec: VersionSpec, outcome: Outcome, buffer: LogBuffer) -> None:
+    """Record the outcome, on a pooled connection of its own (the attempt's went back to the
+    pool with the task)."""
+    database = AttemptDatabase(None)
     try:
         with database.connection() as conn:
             _settle(conn, claimed, spec, outcome, buffer)
     except DATABASE_ERRORS:
-        # The agent's work is done: retrying the task would find the row `running` and drop
-        # the outcome, and the sweeper would run the work a second time. Keep the outcome
+        # The agent's work is done: the sweeper would run it a second time. Keep the outcome
         # (and the log lines not yet written) and write them once the database answers.
         _once_the_database_answers(
             database,

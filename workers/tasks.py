@@ -5,12 +5,13 @@ from __future__ import annotations
 import uuid
 
 from celery import Task
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from app.broker import NOTIFY_TASK, RUN_TASK
 from app.config import current_config
 from app.db import db
 from workers import app, notify
+from workers.outcomes import outcome_writer
 from workers.runner import DATABASE_ERRORS
 from workers.runner import run_execution as run
 
@@ -30,6 +31,13 @@ def _fresh_engine_after_fork(**_kwargs) -> None:
     # A forked pool process must not share the parent's sockets.
     db.dispose()
     db.configure(current_config().require_database())
+    outcome_writer.enable()
+
+
+@worker_process_shutdown.connect
+def _last_outcome_before_exit(**_kwargs) -> None:
+    # A warm shutdown or max_tasks_per_child: the outcome in flight commits before the exit.
+    outcome_writer.wait()
 
 
 @app.task(

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from tests.brokers import on_rabbitmq, queue_depth
-from tests.conftest import own_queue
+from tests.conftest import an_execution_update_waits_on_a_row_lock, own_queue, wait_until
 from tests.faults.harness import (
     LEDGER_AGENT,
     install_audit,
@@ -210,6 +210,31 @@ def test_sigterm_lets_the_running_execution_finish_once(
     assert set(attempts_of(database_url, ids).values()) == {1}
 
 
+def test_sigterm_waits_for_an_outcome_still_being_recorded(
+    live_client, live_org, ledger_agent, tmp_path, database_url
+):
+    """A pool process records an outcome after its task returned (workers/outcomes.py): a warm
+    shutdown that comes meanwhile lets it commit before the process exits. The test holds the
+    execution's row locked so that the finish waits, and stops the worker then: the pool process
+    stays until the finish has its answer. (The finish would commit even from a process gone
+    meanwhile, as it reached PostgreSQL; an outcome still waiting for the database to answer
+    would not.)"""
+    name, queue = ledger_agent
+    ledger = tmp_path / "ledger.txt"
+    with short_lease_worker(tmp_path, "stopped", queue, concurrency=1) as stopped:
+        [pool_process] = children(stopped.pid)
+        [execution] = submit(live_client, live_org, name, ledger, count=1, seconds=0.5)
+        wait_until_running(database_url, [execution])
+        with connect(database_url) as locker, locker.transaction():
+            locker.execute("SELECT 1 FROM executions WHERE id = %s FOR UPDATE", (execution,))
+            wait_until(an_execution_update_waits_on_a_row_lock, timeout=20)
+            stopped.send_signal(signal.SIGTERM)
+            time.sleep(1.5)
+            assert children(stopped.pid) == [pool_process], "it exited, its outcome in flight"
+        assert stopped.wait(timeout=20) == 0
+    assert rows(database_url, [execution], "status, attempt")[execution] == ("succeeded", 1)
+
+
 def test_sigterm_then_sigkill_when_the_execution_outlives_the_stop_timeout(
     live_client, live_org, ledger_agent, tmp_path, database_url
 ):
@@ -340,9 +365,12 @@ def test_sigkill_of_a_worker_holding_a_retry_in_its_backoff(
             )
             ids = [uuid.UUID(response.get_json()["id"])]
             deadline = time.monotonic() + 20
-            # Attempt 1 failed and was put back, and its worker took the countdown message.
+            # Attempt 1 failed and was put back, its countdown message was published and
+            # stamped (the stamp follows the publish: killed between them, the row would be
+            # published again as never dispatched, not restored), and its worker took it.
             while not (
-                rows(database_url, ids, "status, attempt")[ids[0]] == ("queued", 1)
+                rows(database_url, ids, "status, attempt, dispatched_at IS NOT NULL")[ids[0]]
+                == ("queued", 1, True)
                 and holds_countdown(ids[0], queue)
             ):
                 if time.monotonic() > deadline:
