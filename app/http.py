@@ -22,7 +22,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 
 from app import storable
 from app.audit import services as audit
-from app.db import db
+from app.db import DATABASE_ERRORS, db
 from app.errors import (
     QuotaExceeded,
     RunyardError,
@@ -492,7 +492,13 @@ def request_session():
 def close_request_session(_exc: BaseException | None = None) -> None:
     session = g.pop("session", None)
     if session is not None:
-        session.close()
+        try:
+            session.close()
+        except DATABASE_ERRORS:
+            # The connection died under the request (PostgreSQL restarted or stopped): the pool
+            # discards it. Raised from a teardown, this skipped the request's other teardowns
+            # and left its thread answering 503 to every later request.
+            log.warning("the request's database connection was lost", exc_info=True)
 
 
 PAGINATION_KEYS = (

@@ -1,9 +1,11 @@
 """The database as one attempt sees it, from its claim to its outcome.
 
-The claim's connection serves every statement of the attempt: one checkout per execution on the
-hot path. A PostgreSQL restart (or a failover) kills it, and every later statement on it would
-fail one by one, so after the first database error the attempt takes a fresh pooled connection
-for each statement instead (and a dead pool is dropped at once: `db.drop_if_dead`).
+The claim's connection serves every statement of the attempt until the agent returns; the
+outcome is recorded on a checkout of its own (workers/outcomes.py), often of the same
+connection: two checkouts per execution on the hot path. A PostgreSQL restart (or a failover)
+kills a connection, and every later statement on it would fail one by one, so after the first
+database error the attempt takes a fresh pooled connection for each statement instead (and a
+dead pool is dropped at once: `db.drop_if_dead`).
 
 Log flushes and cancel checks are best effort while the database is away (LogBuffer.flush, the
 runner's cancel check): after a failure they hold off for a pause that doubles up to
@@ -25,7 +27,8 @@ MAX_PAUSE_SECONDS = 5.0
 
 
 class AttemptDatabase:
-    """Used by the thread that runs the attempt only (as its connection always was)."""
+    """Used by one thread at a time: the one that runs the attempt, then the one that records
+    its outcome (a fresh AttemptDatabase of its own)."""
 
     def __init__(self, claimed_on: Connection | None) -> None:
         # None: a fresh pooled connection for each block (an outcome recorded after the task).

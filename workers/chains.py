@@ -17,7 +17,7 @@ from app.chains.plans import step_execution_id
 from workers import app
 from workers.runner import DATABASE_ERRORS, run_execution
 from workers.settle import in_canvas
-from workers.tasks import DatabaseTask
+from workers.tasks import DatabaseTask, after_the_last_outcome
 
 
 @app.task(
@@ -30,6 +30,7 @@ from workers.tasks import DatabaseTask
     max_retries=None,
 )
 def run_step(self, chain_execution_id: str, chain_version_id: str, stage: int, index: int) -> None:
+    after_the_last_outcome(self)
     chain_execution = uuid.UUID(chain_execution_id)
     chain_version = uuid.UUID(chain_version_id)
     start = steps.start_step(chain_execution, chain_version, stage, index)
@@ -37,7 +38,9 @@ def run_step(self, chain_execution_id: str, chain_version_id: str, stage: int, i
     if start.execution_id is not None:
         in_canvas.execution_id, in_canvas.status = start.execution_id, None
         try:
-            run_execution(start.execution_id, worker=self.request.hostname or "worker")
+            # Inline: this task moves the canvas on from the outcome (in_canvas), and the next
+            # step's task must find it committed.
+            run_execution(start.execution_id, worker=self.request.hostname or "worker", inline=True)
         finally:
             status, in_canvas.execution_id = in_canvas.status, None
     proceed = False

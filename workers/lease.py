@@ -60,7 +60,11 @@ class LeaseKeeper:
 
     def release(self, claimed: Claim) -> None:
         with self._changed:
-            self._held.pop(claimed.execution_id, None)
+            held = self._held.get(claimed.execution_id)
+            # This claim's, not a later one of the same execution (a resumed durable execution
+            # goes on in the same attempt): a release that comes late must not drop it.
+            if held is not None and held.claimed is claimed:
+                del self._held[claimed.execution_id]
 
     def settling(self, claimed: Claim) -> None:
         """The agent is done and the runner writes its outcome: the lease is still renewed

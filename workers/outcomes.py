@@ -14,12 +14,14 @@ the row `running` and the claim drops it; a lease no longer renewed is taken bac
 (a retry, or `lost`), exactly as when the process died during an inline finish. The lease keeps
 being renewed until the outcome is recorded (the runner releases it from here).
 
-At most one outcome is in flight per process: the next attempt waits for it before its claim,
-so a process holds one database connection at a time for its attempts, and the finish of one
-attempt is committed before the next one starts (what frees a concurrency slot or the fair
-window stays in order). The pool process drains it before it exits (worker_process_shutdown:
-a warm shutdown, max_tasks_per_child). Only prefork pool processes work this way
-(`enable()`, from worker_process_init); a solo or threads pool records outcomes inline.
+At most one outcome is in flight per process: the next run or chain-step task waits for it
+before its first statement (workers/tasks.py:after_the_last_outcome), so the finish of one
+attempt is committed before the next one claims (what frees a concurrency slot or the fair
+window stays in order), and the pool process drains it before it exits
+(worker_process_shutdown: a warm shutdown, max_tasks_per_child). A chain step records its
+outcome inline: its canvas task decides from it whether the canvas goes on. Only prefork pool
+processes work this way (`enable()`, from worker_process_init in a pool's child); a solo or
+threads pool records outcomes inline.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +49,41 @@ class OutcomeWriter:
     def enable(self) -> None:
         self._enabled = True
 
-    def record(self, write: Callable[[], None], then: Callable[[], None]) -> None:
+    def record(
+        self, write: Callable[[], None], then: Callable[[], None], *, inline: bool = False
+    ) -> None:
         """Run `write` (it records an outcome, and handles the database being away itself),
-        then `then`, whatever `write` raised: in the background where enabled, else now."""
-        if not self._enabled:
-            try:
+        then `then`, whatever `write` raised: in the background where enabled, else (or when
+        `inline`) now. `then` runs also when the write or the wait before it raises or is
+        interrupted (a Celery soft time limit); the runner guards the call itself too."""
+        try:
+            self.wait()
+            if inline or not self._enabled:
                 write()
-            finally:
-                then()
-            return
-        self.wait()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="runyard-outcome")
-        self._pending = self._executor.submit(self._run, write, then)
+            else:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="runyard-outcome")
+                self._pending = self._executor.submit(self._run, write, then)
+                return
+        except BaseException:
+            then()
+            raise
+        then()
 
-    def wait(self) -> None:
-        """Until the outcome in flight, if any, is recorded (or given up: see _run)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until the outcome in flight, if any, is recorded (or given up: see _run), for up to
+        `timeout` seconds; whether none is in flight now. Kept in flight if the wait times out
+        or is interrupted: the next wait (the process's exit) waits again."""
+        pending = self._pending
+        if pending is None:
+            return True
+        try:
+            pending.result(timeout)
+        except FutureTimeout:
+            return False
+        if self._pending is pending:
+            self._pending = None
+        return True
 
     @staticmethod
     def _run(write: Callable[[], None], then: Callable[[], None]) -> None:

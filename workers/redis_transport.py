@@ -14,8 +14,8 @@ message (prefetch 1): see `BatchedAckQoS`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from time import time
@@ -49,6 +49,9 @@ class BatchedAckQoS(redis.QoS):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._acked: list = []
+        # Acks may come from a pool's threads while the event loop takes them to write.
+        self._acked_lock = threading.Lock()
+        self._flush_failed_at = 0.0
 
     def append(self, message, delivery_tag) -> None:
         delivery = message.delivery_info
@@ -65,7 +68,7 @@ class BatchedAckQoS(redis.QoS):
                 )
                 pipe.execute()
         except Exception:
-            self._acked[:0] = acked  # written by the next round trip that succeeds
+            self._give_back(acked)  # written by the next round trip that succeeds
             raise
         virtual.QoS.append(self, message, delivery_tag)
 
@@ -75,7 +78,8 @@ class BatchedAckQoS(redis.QoS):
         if not getattr(self.channel.connection.cycle, "flushes_acks", False):
             super().ack(delivery_tag)
             return
-        self._acked.append(delivery_tag)
+        with self._acked_lock:
+            self._acked.append(delivery_tag)
         virtual.QoS.ack(self, delivery_tag)
 
     def flush_acks(self) -> None:
@@ -87,13 +91,27 @@ class BatchedAckQoS(redis.QoS):
                 self._remove(pipe, acked)
                 pipe.execute()
         except Exception:
-            self._acked[:0] = acked
+            self._give_back(acked)
             raise
 
+    def flush_acks_from_timer(self) -> None:
+        """The event loop's flush: a broker that refuses (away, read-only after a failover)
+        keeps the acks pending for the next try, and is logged once a minute at most."""
+        try:
+            self.flush_acks()
+        except Exception:
+            if time() - self._flush_failed_at > 60:
+                self._flush_failed_at = time()
+                log.warning("could not write acknowledgements; trying again", exc_info=True)
+
     def _take_acked(self) -> list:
-        # One swap: acks may come from a pool's threads while the event loop flushes.
-        acked, self._acked = self._acked, []
+        with self._acked_lock:
+            acked, self._acked = self._acked, []
         return acked
+
+    def _give_back(self, acked: list) -> None:
+        with self._acked_lock:
+            self._acked[:0] = acked
 
     def _remove(self, pipe, tags: list) -> None:
         pipe.zrem(self.unacked_index_key, *tags)
@@ -146,10 +164,13 @@ class Channel(redis.Channel):
                 # LPUSH a b c leaves a rightmost: consumers (BRPOP) still take them in order.
                 client.lpush(key, *payloads)
 
-    def flush_acks(self) -> None:
+    def flush_acks(self, from_timer: bool = False) -> None:
         qos = self._qos
         if isinstance(qos, BatchedAckQoS):
-            qos.flush_acks()
+            if from_timer:
+                qos.flush_acks_from_timer()
+            else:
+                qos.flush_acks()
 
     def close(self) -> None:
         if not self.closed:
@@ -173,7 +194,7 @@ class Transport(redis.Transport):
     def register_with_event_loop(self, connection, loop) -> None:
         super().register_with_event_loop(connection, loop)
         cycle = self.cycle
-        # Registered again after a reconnect, like kombu's own timers: cancel the old one.
+        # As kombu does for its own timers: an entry left from an earlier registration goes.
         old = getattr(cycle, "_ack_flush_tref", None)
         if old is not None:
             old.cancel()
@@ -182,6 +203,4 @@ class Transport(redis.Transport):
 
     def _flush_acks(self) -> None:
         for channel in list(self.cycle._channels):
-            # A broker away for a moment: the acks stay pending and go with the next try.
-            with contextlib.suppress(*self.connection_errors):
-                channel.flush_acks()
+            channel.flush_acks(from_timer=True)

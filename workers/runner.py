@@ -43,38 +43,59 @@ MAX_SETTLE_PAUSE_SECONDS = 5.0
 # restart, a failover or a short network cut, well past the lease. The sweeper extends every
 # running lease once the database answers again after an outage (recovery.py), so the row is
 # still this attempt's when the outcome comes. Past this the outcome is given up (logged), and
-# the lease's expiry reruns or fails the execution. The process's next task waits for it before
-# its claim (workers/outcomes.py), and that task's Celery time limits (its agent's
-# timeout_seconds and a grace) come first for a short timeout: the process is replaced, and
-# the lease decides the same.
+# the lease's expiry reruns or fails the execution. Meanwhile the process's next task waits for
+# it before its claim (workers/tasks.py:after_the_last_outcome), for a moment: past it that
+# task is retried a second later (Celery's retry: a copy of its message), and the outcome stays
+# in flight.
 SETTLE_PATIENCE_SECONDS = 600.0
 
 
-def run_execution(execution_id: uuid.UUID, worker: str) -> None:
-    # The previous attempt's outcome (recorded in the background: workers/outcomes.py) is
-    # committed before this one claims.
-    outcome_writer.wait()
+def run_execution(execution_id: uuid.UUID, worker: str, *, inline: bool = False) -> None:
+    """Claim, run, and hand the outcome to the process's outcome writer (workers/outcomes.py;
+    `inline`: recorded before this returns). The caller waited for the previous outcome."""
     cfg = current_config()
-    with db.hot() as conn:
-        claimed, let_out = store.claim(
-            conn, execution_id, worker, cfg.lease_seconds, cfg.fair_window
-        )
-        if let_out:  # the claim made room in the fair window: the executions held back go out
-            gates.publish(conn, let_out)
-        if claimed is None:
-            log.info(
-                "execution %s is not queued (duplicate or cancelled message): skipped", execution_id
+    claimed: Claim | None = None
+    ran: tuple[VersionSpec, Outcome, LogBuffer] | None = None
+    try:
+        with db.hot() as conn:
+            claimed, let_out = store.claim(
+                conn, execution_id, worker, cfg.lease_seconds, cfg.fair_window
             )
-            return
-        lease_keeper.hold(claimed)
-        try:
-            spec, outcome, buffer = _run_claimed(AttemptDatabase(conn), claimed, cfg)
-        except BaseException:
-            lease_keeper.release(claimed)
-            raise
+            if let_out:  # the claim made room in the fair window: those held back go out
+                gates.publish(conn, let_out)
+            if claimed is None:
+                log.info(
+                    "execution %s is not queued (duplicate or cancelled message): skipped",
+                    execution_id,
+                )
+                return
+            lease_keeper.hold(claimed)
+            ran = _run_claimed(AttemptDatabase(conn), claimed, cfg)
+    finally:
+        # Whatever ends the block (a soft time limit lands at any line), a held lease is
+        # released, with the outcome recorded first when there is one.
+        if claimed is not None:
+            try:
+                _hand_over(claimed, ran, inline)
+            except BaseException:
+                lease_keeper.release(claimed)  # a second release of the same claim is a no-op
+                raise
+
+
+def _hand_over(
+    claimed: Claim, ran: tuple[VersionSpec, Outcome, LogBuffer] | None, inline: bool
+) -> None:
+    if ran is None:
+        # The attempt broke off (the database away: the task retries, and the lease, no
+        # longer renewed, brings the row back).
+        lease_keeper.release(claimed)
+        return
+    spec, outcome, buffer = ran
     lease_keeper.settling(claimed)
     outcome_writer.record(
-        lambda: _record(claimed, spec, outcome, buffer), then=lambda: lease_keeper.release(claimed)
+        lambda: _record(claimed, spec, outcome, buffer),
+        then=lambda: lease_keeper.release(claimed),
+        inline=inline,
     )
 
 

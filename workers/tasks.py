@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import uuid
 
+from billiard.process import current_process
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from app.broker import NOTIFY_TASK, RUN_TASK
@@ -14,6 +16,9 @@ from workers import app, notify
 from workers.outcomes import outcome_writer
 from workers.runner import DATABASE_ERRORS
 from workers.runner import run_execution as run
+
+# How long a task waits for the outcome its process still records before it retries instead.
+OUTCOME_WAIT_SECONDS = 0.25
 
 
 class DatabaseTask(Task):
@@ -31,7 +36,25 @@ def _fresh_engine_after_fork(**_kwargs) -> None:
     # A forked pool process must not share the parent's sockets.
     db.dispose()
     db.configure(current_config().require_database())
-    outcome_writer.enable()
+    # A prefork pool's child only: a solo pool sends this signal in the worker's own process,
+    # and never worker_process_shutdown, which drains the writer.
+    if current_process().name != "MainProcess":
+        outcome_writer.enable()
+
+
+def after_the_last_outcome(task: Task) -> None:
+    """Before a task's first statement: the outcome this process still records is committed
+    (workers/outcomes.py), usually within a millisecond. The task's time limits count from its
+    start, and are its agent's timeout: one that would wait longer than
+    OUTCOME_WAIT_SECONDS (the database slow or away), or whose soft limit runs out meanwhile,
+    is retried instead, nothing claimed (its message acknowledged and a copy published, as
+    Celery's retries do), and its agent starts later with its whole timeout."""
+    try:
+        if outcome_writer.wait(OUTCOME_WAIT_SECONDS):
+            return
+    except SoftTimeLimitExceeded:
+        pass
+    raise task.retry(countdown=min(1 + task.request.retries, 30))
 
 
 @worker_process_shutdown.connect
@@ -54,6 +77,7 @@ def _last_outcome_before_exit(**_kwargs) -> None:
     max_retries=None,
 )
 def run_execution(self, execution_id: str) -> None:
+    after_the_last_outcome(self)
     run(uuid.UUID(execution_id), worker=self.request.hostname or "worker")
 
 

@@ -5,6 +5,7 @@ and the warm shutdown in tests/faults/test_worker_faults.py."""
 
 from __future__ import annotations
 
+import signal
 import threading
 
 import pytest
@@ -69,3 +70,40 @@ def test_a_failed_background_write_is_logged_and_still_releases(caplog):
     assert released.is_set()
     assert "an outcome could not be recorded" in caplog.text
     assert "RuntimeError: no database" in caplog.text
+
+
+def test_an_interrupted_wait_keeps_the_outcome_in_flight():
+    """Celery's soft time limit is a signal whose handler raises, at any line: one that lands
+    in a wait leaves the outcome in flight, for the next wait (the process's exit) to wait for."""
+    writer = OutcomeWriter()
+    writer.enable()
+    release = threading.Event()
+    written = []
+    writer.record(lambda: (release.wait(10), written.append(True)), lambda: None)
+
+    class SoftLimit(Exception):
+        pass
+
+    def on_alarm(_signum, _frame):
+        raise SoftLimit
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(SoftLimit):
+            writer.wait()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert writer._pending is not None, "still in flight"
+    release.set()
+    writer.wait()
+    assert written == [True]
+
+
+def test_inline_is_asked_for_a_chain_step_even_where_enabled():
+    writer = OutcomeWriter()
+    writer.enable()
+    calls = []
+    writer.record(lambda: calls.append(threading.get_ident()), lambda: None, inline=True)
+    assert calls == [threading.get_ident()]
