@@ -6,7 +6,7 @@ acknowledge the message, take the next one from the broker and pass it over: abo
 on a busy 2-core machine (bench/throughput.py, py-spy). The finish (one UPDATE and its commit,
 about 1 ms there) was one more round trip on that same serial path; here it overlaps the
 hand-over. bench/throughput.py --batch-size 100 measured Runyard at 430 to 510 executions/s with
-the finish inline and 535 to 557/s with it here (plain Celery 700 to 820/s in the same runs).
+the finish inline and 520 to 557/s with it here (plain Celery 700 to 830/s in the same runs).
 
 Acknowledging before the outcome commits loses nothing: once an attempt is claimed, its row and
 its lease decide what happens if the process dies, not the message. A redelivered message finds
