@@ -164,20 +164,12 @@ class Channel(redis.Channel):
                 # LPUSH a b c leaves a rightmost: consumers (BRPOP) still take them in order.
                 client.lpush(key, *payloads)
 
-    def flush_acks(self, from_timer: bool = False) -> None:
-        qos = self._qos
-        if isinstance(qos, BatchedAckQoS):
-            if from_timer:
-                qos.flush_acks_from_timer()
-            else:
-                qos.flush_acks()
-
     def close(self) -> None:
-        if not self.closed:
+        if not self.closed and isinstance(self._qos, BatchedAckQoS):
             # The acknowledgements not written yet go before the connection does; a broker
             # that cannot take them gives those messages back later (see BatchedAckQoS).
             try:
-                self.flush_acks()
+                self._qos.flush_acks()
             except Exception:
                 log.warning("could not write the last acknowledgements", exc_info=True)
         super().close()
@@ -203,4 +195,5 @@ class Transport(redis.Transport):
 
     def _flush_acks(self) -> None:
         for channel in list(self.cycle._channels):
-            channel.flush_acks(from_timer=True)
+            if isinstance(channel._qos, BatchedAckQoS):
+                channel._qos.flush_acks_from_timer()
