@@ -55,6 +55,8 @@ def take(connection: Connection, queue: str, count: int) -> list:
             producer.publish({"n": n}, routing_key=queue, serializer="json")
     messages = [connection.default_channel.basic_get(queue) for _ in range(count)]
     assert all(messages), "every message published was taken"
+    # In an event loop the records go without waiting for Redis's reply: wait for it here.
+    connection.default_channel.qos.settle()
     return messages
 
 
@@ -149,3 +151,47 @@ def test_a_workers_finished_executions_leave_nothing_held(live_client, live_org)
     while still_held() and time.monotonic() < deadline:
         time.sleep(redis_transport.ACK_FLUSH_SECONDS / 5)
     assert still_held() == set()
+
+
+def test_a_record_redis_refuses_is_logged_and_its_acks_written_by_the_next(queue, caplog):
+    """In an event loop a delivery's record goes without waiting for Redis's reply, which is
+    read before the next write: a refusal is then logged, naming the delivery left unrecorded,
+    and the acks the refused write carried go with the next one."""
+    index_key = f"{queue}:unacked_index"
+    with Connection(
+        current_config().broker_url,
+        transport="workers.redis_transport:Transport",
+        transport_options={"unacked_key": f"{queue}:unacked", "unacked_index_key": index_key},
+    ) as connection:
+        hub = Hub()
+        try:
+            connection.transport.register_with_event_loop(connection.connection, hub)
+            client = redis.Redis.from_url(current_config().broker_url)
+            qos = connection.default_channel.qos
+            (first,) = take(connection, queue, 1)
+            assert client.hexists(f"{queue}:unacked", first.delivery_tag)
+
+            first.ack()
+            client.delete(index_key)
+            client.set(index_key, "not a sorted set")  # ZREM and ZADD are refused now
+            Queue(queue, channel=connection.default_channel).declare()
+            with connection.Producer() as producer:
+                producer.publish({"n": 1}, routing_key=queue, serializer="json")
+            second = connection.default_channel.basic_get(queue)
+            assert second is not None, "taken: the refusal is not known yet"
+
+            with (
+                caplog.at_level("WARNING", logger="workers.redis_transport"),
+                pytest.raises(redis.ResponseError),
+            ):
+                qos.settle()
+            assert second.delivery_tag in caplog.text
+            assert "not record" in caplog.text
+
+            client.delete(index_key)
+            qos.flush_acks()
+            assert not client.hexists(f"{queue}:unacked", first.delivery_tag), (
+                "the refused write's ack went with the next one"
+            )
+        finally:
+            hub.close()
