@@ -88,11 +88,13 @@ class BatchedAckQoS(redis.QoS):
         virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag, requeue=False) -> None:
-        self.settle()  # kombu's reject reads and writes `unacked` on another connection
+        # Kombu's reject reads and writes `unacked` on another connection. A refusal of an
+        # earlier write is that write's (logged), not this reject's: it goes on.
+        self._writes.settle(raise_refused=False)
         super().reject(delivery_tag, requeue=requeue)
 
     def restore_unacked(self, client=None) -> None:
-        self.settle()
+        self._writes.settle(raise_refused=False)
         super().restore_unacked(client)
 
     def flush_acks(self) -> None:
@@ -103,8 +105,8 @@ class BatchedAckQoS(redis.QoS):
         self.settle()
 
     def settle(self) -> None:
-        """Wait for the replies of the writes sent: Redis has applied them (those it refused
-        are logged, and their acks kept for the next write)."""
+        """Wait for the replies of the writes sent: Redis has applied them. A refused one
+        raises (after it was logged, and its acks kept for a later write)."""
         self._writes.settle()
 
     def flush_acks_from_timer(self) -> None:
@@ -141,40 +143,49 @@ class UnansweredWrites:
     for Redis's reply: the worker's main process hands the message to a pool process at once,
     and reads the replies before its next write (they came in meanwhile, as a rule).
 
-    What it risks: a write Redis refuses is known one write later. Its acks are kept for the
-    next write; its delivery is then not recorded in `unacked`, which is logged: should the
-    worker die before the claim, the sweeper republishes the execution
-    (app/executions/recovery.py:_republish_vanished). Stock kombu has the same kind of window
-    between taking a message (BRPOP) and recording it. Every other QoS operation that reads
-    `unacked` on another connection (a reject, a restore) settles these writes first."""
+    Each write is a MULTI/EXEC transaction, as kombu's pipeline is: no extra round trip.
+
+    What it risks: a write Redis refuses is known at the next write or the event loop's flush
+    (ACK_FLUSH_SECONDS). Its acks are kept for a later write; its delivery is then not
+    recorded in `unacked`, which is logged: should the worker die before the claim, the
+    sweeper republishes the execution (app/executions/recovery.py:_republish_vanished).
+    Stock kombu has the same kind of window between taking a message (BRPOP) and recording
+    it. A reject and a restore of what this worker holds settle these writes first: they
+    read `unacked` on another connection. (Kombu's restore of messages past the visibility
+    timeout, hours old, needs no such wait.)"""
 
     def __init__(self, qos: BatchedAckQoS) -> None:
         self._qos = qos
         self._connection = None
+        self._pool = None  # the connection's: it goes back there when dropped
         self._lock = threading.Lock()
         # The last write sent: its command count, its acks, its delivery tag.
         self._unanswered: tuple[int, list, str | None] | None = None
 
     def send(self, commands: list[tuple], acked: list, delivery_tag: str | None) -> None:
         with self._lock:
-            # A refused earlier write has given back its acks (this write carries them) and
-            # dropped the connection (this write opens another).
+            # A refused earlier write has given back its acks (for a later write to carry)
+            # and dropped its connection (this write takes another).
             self._read_replies()
             try:
                 connection = self._connection
                 if connection is None:
-                    connection = self._connection = self._qos.channel.pool.get_connection()
-                connection.send_packed_command(connection.pack_commands(commands))
+                    self._pool = self._qos.channel.pool
+                    connection = self._connection = self._pool.get_connection()
+                connection.send_packed_command(
+                    connection.pack_commands([("MULTI",), *commands, ("EXEC",)])
+                )
             except Exception:
                 self._drop()
                 self._qos._give_back(acked)
                 raise
-            self._unanswered = (len(commands), acked, delivery_tag)
+            # MULTI, one QUEUED per command, EXEC.
+            self._unanswered = (len(commands) + 2, acked, delivery_tag)
 
-    def settle(self) -> None:
+    def settle(self, raise_refused: bool = True) -> None:
         with self._lock:
             refused = self._read_replies()
-        if refused is not None:
+        if refused is not None and raise_refused:
             raise refused
 
     def drop(self) -> None:
@@ -188,7 +199,11 @@ class UnansweredWrites:
         self._unanswered = None
         try:
             for _ in range(count):
-                self._connection.read_response()
+                reply = self._connection.read_response()
+            # EXEC's: a command Redis refused when it ran (a wrong type) is an error in it.
+            for result in reply:
+                if isinstance(result, Exception):
+                    raise result
         except Exception as exc:
             self._drop()
             self._qos._give_back(acked)
@@ -207,6 +222,8 @@ class UnansweredWrites:
         self._unanswered = None
         if connection is not None:
             connection.disconnect()
+            # Back to its pool, or the pool counts it in use for good (max_connections).
+            self._pool.release(connection)
 
 
 class Channel(redis.Channel):
