@@ -280,8 +280,7 @@ class Channel(redis.Channel):
                 self._qos.flush_acks()
             except Exception:
                 log.warning("could not write the last acknowledgements", exc_info=True)
-            self._qos.drop_connection()
-        super().close()
+        super().close()  # kombu's close disconnects the pools: _disconnect_pools drops ours
 
     def _disconnect_pools(self) -> None:
         # After a fork or a lost connection the pool is rebuilt: the client must follow it.
